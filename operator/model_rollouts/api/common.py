@@ -1,0 +1,182 @@
+"""Types shared by ModelRollout and ModelExperiment (pydantic v2; the CRD schemas are generated from them)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+GROUP = "mlrollouts.io"
+VERSION = "v1alpha1"
+
+# Go/Kubernetes duration syntax, so CEL's duration() can check bounds at apply time.
+DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN, max_length=32)]
+# DNS-1123 label: every name that ends up inside PromQL or an API path is one, so it cannot inject.
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+PromQL = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+def parse_duration(value: str) -> float:
+    """Seconds in a Go-style duration such as ``90s``, ``5m``, ``1h30m`` or ``500ms``."""
+    if not re.fullmatch(DURATION_PATTERN, value):
+        raise ValueError(f"invalid duration {value!r}: use a number and a unit of ms, s, m or h, e.g. 30s")
+    return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+
+
+def format_duration(seconds: float) -> str:
+    """A whole-second Go duration (``0s`` minimum) for PromQL range selectors."""
+    return f"{max(1, int(round(seconds)))}s"
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+class Model(BaseModel):
+    """Base: camelCase field names as in Kubernetes, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SecretKeyRef(Model):
+    name: Name
+    key: str = Field(default="token", min_length=1, max_length=253)
+
+
+class PrometheusConfig(Model):
+    address: str = Field(
+        min_length=1, max_length=2048, pattern=r"^https?://",
+        description="Base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090.",
+    )
+    timeout: Duration = Field(default="5s", description="Per-query timeout.")
+    bearerTokenSecret: SecretKeyRef | None = Field(
+        default=None, description="Optional Secret (same namespace) holding a bearer token for the API.")
+    insecureSkipVerify: bool = False
+
+
+class GatewayAPIRouting(Model):
+    httpRoute: Name = Field(description="HTTPRoute whose backendRefs weights the operator sets.")
+    ruleIndex: int = Field(default=0, ge=0, le=63, description="Which rule of the HTTPRoute to weight.")
+
+
+class IstioRouting(Model):
+    virtualService: Name
+    routeName: str | None = None
+
+
+class ReplicaRouting(Model):
+    totalReplicas: int = Field(ge=1, le=1000)
+
+
+class KServeRouting(Model):
+    inferenceService: Name
+
+
+class TrafficRouting(Model):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("[has(self.gatewayAPI), has(self.istio), has(self.replicas), has(self.kserve)]"
+                    ".filter(x, x).size() == 1",
+                    "trafficRouting: set exactly one of gatewayAPI, istio, replicas, kserve"),
+            ]
+        },
+    )
+    gatewayAPI: GatewayAPIRouting | None = None
+    istio: IstioRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
+    replicas: ReplicaRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
+    kserve: KServeRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
+
+
+class Guardrail(Model):
+    """A metric that must stay within bounds at every analysis interval."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.min) || has(self.max)", "guardrail: set min, max or both"),
+                cel("!has(self.min) || !has(self.max) || self.min <= self.max",
+                    "guardrail: min must not exceed max"),
+            ]
+        },
+    )
+    name: Name
+    query: PromQL = Field(description="PromQL template; placeholders {{ variant }}, {{ service }}, "
+                                      "{{ namespace }}, {{ deployment }}, {{ window }}.")
+    min: float | None = None
+    max: float | None = None
+    failureLimit: int = Field(default=1, ge=1, le=100,
+                              description="Consecutive breaching measurements that fail the analysis.")
+
+
+class Condition(Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    lastTransitionTime: datetime
+    observedGeneration: int = 0
+
+
+class Measurement(Model):
+    """One evaluated metric with the numbers behind its verdict."""
+
+    name: str
+    kind: Literal["guardrail", "comparison"]
+    variant: str | None = None
+    outcome: Literal["value", "noData", "error", "nan"]
+    value: float | None = None
+    threshold: str | None = None
+    verdict: Literal["pass", "fail", "inconclusive", "noData", "error"]
+    message: str
+    details: dict[str, float] | None = None
+
+
+class HistoryEntry(Model):
+    time: datetime
+    event: str
+    phase: str
+    weight: int | None = None
+    step: int | None = None
+    reason: str
+    message: str
+    values: dict[str, float] | None = None
+
+
+def set_condition(conditions: list[Condition], cond_type: str, status: Literal["True", "False", "Unknown"],
+                  reason: str, message: str, now: datetime, generation: int) -> list[Condition]:
+    """Kubernetes-style upsert: lastTransitionTime moves only when status changes."""
+    out: list[Condition] = []
+    found = False
+    for c in conditions:
+        if c.type == cond_type:
+            found = True
+            ltt = c.lastTransitionTime if c.status == status else now
+            out.append(Condition(type=cond_type, status=status, reason=reason, message=message,
+                                 lastTransitionTime=ltt, observedGeneration=generation))
+        else:
+            out.append(c)
+    if not found:
+        out.append(Condition(type=cond_type, status=status, reason=reason, message=message,
+                             lastTransitionTime=now, observedGeneration=generation))
+    return out
+
+
+def get_condition(conditions: list[Condition], cond_type: str) -> Condition | None:
+    return next((c for c in conditions if c.type == cond_type), None)
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict for the API server (datetimes as RFC 3339, no nulls)."""
+    return model.model_dump(mode="json", exclude_none=True, by_alias=True)
