@@ -266,6 +266,9 @@ class ModelState:
 class ModelRequestHandler(BaseHTTPRequestHandler):
     server: ModelHTTPServer
     protocol_version = "HTTP/1.1"  # keep-alive; every response carries Content-Length
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK add ~40 ms to every keep-alive request.
+    disable_nagle_algorithm = True
     timeout = IDLE_CONNECTION_TIMEOUT_S
     server_version = "model-rollouts-test-modelserver/1"
 

@@ -65,6 +65,12 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
+def _with_kopf_state(schema: dict[str, Any]) -> dict[str, Any]:
+    """Kopf keeps its handler progress in status.kopf instead of annotations on the user's object."""
+    schema.setdefault("properties", {})["kopf"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    return schema
+
+
 def crd(kind: str, plural: str, short: str, spec_model: type[BaseModel], status_model: type[BaseModel],
         columns: list[dict[str, Any]], description: str) -> dict[str, Any]:
     return {
@@ -91,7 +97,7 @@ def crd(kind: str, plural: str, short: str, spec_model: type[BaseModel], status_
                         "kind": {"type": "string"},
                         "metadata": {"type": "object"},
                         "spec": openapi_schema(spec_model),
-                        "status": openapi_schema(status_model),
+                        "status": _with_kopf_state(openapi_schema(status_model)),
                     },
                 }},
             }],

@@ -1,0 +1,45 @@
+"""Guardrail evaluation (pure): a measurement against min/max bounds, with failure counting."""
+
+from __future__ import annotations
+
+from model_rollouts.api.common import Guardrail, Measurement
+from model_rollouts.metrics.provider import Result
+
+
+def threshold_text(g: Guardrail) -> str:
+    parts = []
+    if g.min is not None:
+        parts.append(f">= {g.min:g}")
+    if g.max is not None:
+        parts.append(f"<= {g.max:g}")
+    return " and ".join(parts)
+
+
+def evaluate(g: Guardrail, result: Result, variant: str) -> Measurement:
+    """One guardrail measurement. Only a finite value inside the bounds passes."""
+    thr = threshold_text(g)
+    if result.outcome == "error":
+        return Measurement(name=g.name, kind="guardrail", variant=variant, outcome="error", threshold=thr,
+                           verdict="error", message=f"{g.name}: measurement failed: {result.message}")
+    if result.outcome in ("noData", "nan") or result.value is None:
+        why = "no data" if result.outcome == "noData" else f"not a number ({result.message})"
+        return Measurement(name=g.name, kind="guardrail", variant=variant, outcome=result.outcome,
+                           threshold=thr, verdict="noData", message=f"{g.name}: {why}")
+    v = result.value
+    breached = (g.min is not None and v < g.min) or (g.max is not None and v > g.max)
+    verdict = "fail" if breached else "pass"
+    return Measurement(name=g.name, kind="guardrail", variant=variant, outcome="value", value=v, threshold=thr,
+                       verdict=verdict,
+                       message=f"{g.name} = {v:.4g} ({'breaches' if breached else 'within'} {thr})")
+
+
+def update_failures(previous: dict[str, int], measurements: list[Measurement], key_prefix: str = "") -> dict[str, int]:
+    """Consecutive-breach counters: a fail adds one, a pass resets, no data or an error leaves it."""
+    out = dict(previous)
+    for m in measurements:
+        key = f"{key_prefix}{m.name}"
+        if m.verdict == "fail":
+            out[key] = out.get(key, 0) + 1
+        elif m.verdict == "pass":
+            out[key] = 0
+    return out

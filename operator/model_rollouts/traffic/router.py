@@ -1,0 +1,28 @@
+"""The traffic-router interface. One file per implementation; only weights are ever written."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class RouterError(Exception):
+    """The router's target cannot be used; ``field`` names the spec field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class TrafficRouter(Protocol):
+    def check(self, services: list[str]) -> None:
+        """Raise RouterError unless every service can be weighted by this router."""
+        ...
+
+    def get_weights(self) -> dict[str, int]:
+        """Current weight per service, as the data plane sees it."""
+        ...
+
+    def set_weights(self, weights: dict[str, int]) -> None:
+        """Set the weight of each given service, touching nothing else."""
+        ...

@@ -1,0 +1,179 @@
+"""The whole local stack in one object: control plane, CRDs, model servers, Prometheus, traffic, operator.
+
+Used by the integration tests and by ``make demo``. Everything listens on 127.0.0.1 and is
+stopped by :meth:`Stack.close`, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.harness.cluster import ControlPlane, gateway_api_crds, install_crds, kubectl_apply, project_crds
+from tests.harness.loadgen import LoadGenerator
+from tests.harness.modelserver import ModelServerProcess
+from tests.harness.procs import REPO, free_port, spawn, stop_proc
+from tests.harness.prom import Prometheus, Target
+
+GROUP, VERSION = "mlrollouts.io", "v1alpha1"
+
+
+def httproute(name: str, namespace: str, weights: dict[str, int]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "parentRefs": [{"name": "gateway"}],
+            "rules": [{"backendRefs": [{"name": svc, "port": 80, "weight": w} for svc, w in weights.items()]}],
+        },
+    }
+
+
+@dataclass
+class Stack:
+    """``variants`` maps a Service name to its model server's settings (error_rate, positive_rate, ...)."""
+
+    variants: dict[str, dict[str, float]]
+    namespace: str = "ml"
+    route: str = "model"
+    initial_weights: dict[str, int] | None = None
+    rps: float = 40.0
+    max_seconds: float = 900.0
+    controller_manager: bool = False
+    cluster: ControlPlane = field(default_factory=ControlPlane)
+    servers: dict[str, ModelServerProcess] = field(default_factory=dict)
+    prom: Prometheus | None = None
+    loadgen: LoadGenerator | None = None
+    operator: subprocess.Popen[bytes] | None = None
+    operator_metrics_port: int = 0
+    workdir: Path | None = None
+    api: Any = None
+
+    def start(self) -> Stack:
+        try:
+            self.cluster.controller_manager = self.controller_manager
+            self.cluster.start()
+            self.workdir = self.cluster.workdir
+            self.api = self.cluster.api_client()
+            install_crds(self.api, gateway_api_crds() + project_crds())
+            from kubernetes import client
+
+            client.CoreV1Api(self.api).create_namespace(client.V1Namespace(metadata={"name": self.namespace}))
+            for svc, params in self.variants.items():
+                self.servers[svc] = ModelServerProcess(variant=svc, **params).start()  # type: ignore[arg-type]
+            self.operator_metrics_port = free_port()
+            targets = [Target("model", f"127.0.0.1:{s.port}", {"service": svc, "namespace": self.namespace})
+                       for svc, s in self.servers.items()]
+            targets.append(Target("model-rollouts", f"127.0.0.1:{self.operator_metrics_port}"))
+            assert self.workdir is not None
+            self.prom = Prometheus(targets, workdir=self.workdir / "prometheus").start()
+            weights = self.initial_weights or {svc: (100 if i == 0 else 0) for i, svc in enumerate(self.variants)}
+            kubectl_apply(self.api, [httproute(self.route, self.namespace, weights)])
+            self.loadgen = LoadGenerator(api=self.api, namespace=self.namespace, httproute=self.route,
+                                         backends={svc: s.url for svc, s in self.servers.items()},
+                                         rps=self.rps, max_seconds=self.max_seconds,
+                                         max_requests=int(self.rps * self.max_seconds) + 1)
+            self.loadgen.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # -- operator process -------------------------------------------------------------------------
+    def start_operator(self) -> None:
+        assert self.workdir is not None
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.operator = spawn([sys.executable, "-m", "model_rollouts.main", "--namespace", self.namespace,
+                               "--metrics-port", str(self.operator_metrics_port), "--metrics-address", "127.0.0.1",
+                               "--liveness", ""], self.workdir / "operator.log", env=env, cwd=REPO)
+
+    def stop_operator(self, kill: bool = False) -> None:
+        if self.operator is None:
+            return
+        if kill:
+            self.operator.kill()
+            self.operator.wait(timeout=10)
+        else:
+            stop_proc(self.operator, grace=10)
+        self.operator = None
+
+    def operator_log(self) -> str:
+        log = (self.workdir or Path("/nonexistent")) / "operator.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    # -- objects ----------------------------------------------------------------------------------
+    def apply(self, doc: dict[str, Any]) -> None:
+        doc.setdefault("metadata", {}).setdefault("namespace", self.namespace)
+        kubectl_apply(self.api, [doc])
+
+    def get(self, plural: str, name: str) -> dict[str, Any]:
+        from kubernetes import client
+
+        obj: dict[str, Any] = client.CustomObjectsApi(self.api).get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, plural, name)
+        return obj
+
+    def annotate(self, plural: str, name: str, annotations: dict[str, str]) -> None:
+        from kubernetes import client
+
+        client.CustomObjectsApi(self.api).patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, plural, name, {"metadata": {"annotations": annotations}})
+
+    def route_weights(self) -> dict[str, int]:
+        from kubernetes import client
+
+        route = client.CustomObjectsApi(self.api).get_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", self.namespace, "httproutes", self.route)
+        return {r["name"]: int(r.get("weight", 1)) for r in route["spec"]["rules"][0]["backendRefs"]}
+
+    def wait_for(self, plural: str, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float,
+                 on_poll: Callable[[dict[str, Any]], None] | None = None, poll: float = 0.5) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        obj: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                obj = self.get(plural, name)
+            except Exception:  # noqa: BLE001 - not created yet
+                obj = {}
+            if on_poll and obj:
+                on_poll(obj)
+            if obj and predicate(obj):
+                return obj
+            time.sleep(poll)
+        raise TimeoutError(f"{plural}/{name} did not reach the expected state in {timeout:.0f}s; "
+                           f"status={obj.get('status')}\n--- operator log tail ---\n"
+                           + "\n".join(self.operator_log().splitlines()[-40:]))
+
+    def close(self) -> None:
+        self.stop_operator()
+        if self.loadgen is not None:
+            self.loadgen.stop()
+        for s in self.servers.values():
+            s.stop()
+        if self.prom is not None:
+            self.prom.close()
+        self.cluster.stop()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WeightRecorder:
+    """Records every distinct candidate weight the API server shows, in order."""
+
+    def __init__(self, stack: Stack, service: str) -> None:
+        self.stack, self.service, self.seen = stack, service, []  # type: ignore[var-annotated]
+
+    def poll(self, _obj: dict[str, Any] | None = None) -> None:
+        w = self.stack.route_weights().get(self.service)
+        if w is not None and (not self.seen or self.seen[-1] != w):
+            self.seen.append(w)
