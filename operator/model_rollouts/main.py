@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    from model_rollouts.handlers import experiment, rollout  # noqa: F401  (registers the handlers)
+    from model_rollouts.handlers import rollout  # noqa: F401  (registers the handlers)
 
     kopf.run(standalone=True, namespaces=args.namespace or None, clusterwide=not args.namespace,
              liveness_endpoint=args.liveness or None)

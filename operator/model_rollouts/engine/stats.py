@@ -49,7 +49,7 @@ MIN_SAMPLES_PER_ARM = 20
 #: against the sample cap needed for 80% power at the MDE.
 SEQUENTIAL_SLOPE = 1.25
 #: Beyond the cap the boundary jumps up by this much and rises with a steeper slope, so that the
-#: guarantee survives monitoring that continues past ``max_samples`` (it costs < 1e-4 of alpha).
+#: guarantee survives monitoring that continues past ``max_samples`` (it costs ~0.6% of alpha).
 POST_CAP_JUMP = 1.0
 POST_CAP_SLOPE = 2.0
 #: Siegmund's correction for discrete monitoring of a Brownian boundary: rho = -zeta(1/2)/sqrt(2*pi).
