@@ -101,9 +101,7 @@ def _proportion_variance(successes: np.ndarray, trials: np.ndarray) -> np.ndarra
     return np.where((p > 0) & (p < 1), p * (1 - p), q * (1 - q))
 
 
-def ours_events(
-    s_c: np.ndarray, s_t: np.ndarray, n_per_arm: np.ndarray, cap: float, alpha: float
-) -> Events:
+def ours_events(s_c: np.ndarray, s_t: np.ndarray, n_per_arm: np.ndarray, cap: float, alpha: float) -> Events:
     """Vectorised ``compare_proportions(method='sequential', max_samples=cap)`` on cumulative counts.
 
     ``s_c``/``s_t``: cumulative successes, shape (experiments, looks); ``n_per_arm``: cumulative trials
@@ -120,6 +118,19 @@ def ours_events(
     return Events(_first_true(passes), _first_true(fails))
 
 
+def msprt_events(s_c: np.ndarray, s_t: np.ndarray, n_per_arm: np.ndarray, alpha: float, tau: float) -> Events:
+    """Vectorised ``compare_proportions(method='sequential', mde=tau)``: uncapped normal-mixture SPRT."""
+    n = n_per_arm[None, :].astype(np.float64)
+    var = _proportion_variance(s_c, n) / n + _proportion_variance(s_t, n) / n
+    diff = (s_t - s_c) / n
+    ok = (n >= MIN_SAMPLES_PER_ARM) & (var > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        half = np.sqrt(var * (var + tau**2) / tau**2 * (2 * np.log(1 / alpha) + np.log1p(tau**2 / var)))
+    passes = ok & (diff - half > 0)
+    fails = ok & (diff + half < 0)
+    return Events(_first_true(passes), _first_true(fails))
+
+
 def naive_events(s_c: np.ndarray, s_t: np.ndarray, n_per_arm: np.ndarray, alpha: float) -> Events:
     n = n_per_arm[None, :].astype(np.float64)
     se = np.sqrt(_proportion_variance(s_c, n) / n + _proportion_variance(s_t, n) / n)
@@ -131,7 +142,9 @@ def naive_events(s_c: np.ndarray, s_t: np.ndarray, n_per_arm: np.ndarray, alpha:
 def threshold_events(win_t: np.ndarray, n_look: int, baseline: float, tol: float, failures: int) -> Events:
     """``win_t``: candidate successes in each look's interval, shape (experiments, looks)."""
     rate = win_t / n_look
-    return Events(_first_count(rate > baseline + tol, failures), _first_count(rate < baseline - tol, failures))
+    return Events(
+        _first_count(rate > baseline + tol, failures), _first_count(rate < baseline - tol, failures)
+    )
 
 
 def mannwhitney_events(bucket_c: np.ndarray, bucket_t: np.ndarray, alpha: float) -> Events:
@@ -144,7 +157,9 @@ def mannwhitney_events(bucket_c: np.ndarray, bucket_t: np.ndarray, alpha: float)
     return Events(_first_true(significant & higher), _first_true(significant & ~higher))
 
 
-def _simulate(rng: np.random.Generator, cfg: Settings, n_bucket: int, p_c: float, p_t: float) -> tuple[Any, ...]:
+def _simulate(
+    rng: np.random.Generator, cfg: Settings, n_bucket: int, p_c: float, p_t: float
+) -> tuple[Any, ...]:
     shape = (cfg.experiments, cfg.looks, cfg.sub_buckets)
     bucket_c = rng.binomial(n_bucket, p_c, size=shape)
     bucket_t = rng.binomial(n_bucket, p_t, size=shape)
@@ -180,6 +195,7 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
                 "naive": naive_events(cum_c, cum_t, n_per_arm, cfg.alpha),
                 "threshold": threshold_events(win_t, n_look, cfg.baseline, tol, cfg.failure_threshold),
                 "mannwhitney": mannwhitney_events(bucket_c, bucket_t, cfg.mannwhitney_alpha),
+                "ours_uncapped_msprt": msprt_events(cum_c, cum_t, n_per_arm, cfg.alpha, cfg.mde),
             }
         if name in ("null", "harm", "drift"):
             rows = {
@@ -194,18 +210,17 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
             tradeoff[name] = rows
 
     def decided(ev: Events) -> np.ndarray:
-        return np.minimum(ev.first_pass, ev.first_fail) != NEVER
+        return np.asarray(np.minimum(ev.first_pass, ev.first_fail) != NEVER)
 
     def passed(ev: Events) -> np.ndarray:
-        return (ev.first_pass != NEVER) & (ev.first_pass < ev.first_fail)
+        return np.asarray((ev.first_pass != NEVER) & (ev.first_pass < ev.first_fail))
 
     def expected_n(ev: Events) -> float:
         stop = np.minimum(np.minimum(ev.first_pass, ev.first_fail), cfg.looks - 1)
         return float(np.mean((stop + 1) * n_look))
 
-    results: dict[str, Any] = {}
-    for m in METHODS:
-        results[m] = {
+    def metrics(m: str) -> dict[str, float]:
+        return {
             "type1_error": float(np.mean(decided(events["null"][m]))),
             "power_at_mde": float(np.mean(passed(events["mde"][m]))),
             "en_ratio_1x": expected_n(events["mde"][m]) / n_fixed,
@@ -213,6 +228,8 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
             "false_rollback_rate": float(np.mean(events["null"][m].first_fail != NEVER)),
             "miss_rate": float(np.mean(events["harm"][m].first_fail == NEVER)),
         }
+
+    results: dict[str, Any] = {m: metrics(m) for m in METHODS}
     mcse = math.sqrt(cfg.alpha * (1 - cfg.alpha) / cfg.experiments)
     results["settings"] = {
         "experiments_per_cell": cfg.experiments,
@@ -232,6 +249,8 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
         "failure_threshold": cfg.failure_threshold,
         "mannwhitney_alpha": cfg.mannwhitney_alpha,
         "type1_target": cfg.alpha + 2 * mcse,
+        # the same sequential test without a planned cap (what the product runs when max_samples is None)
+        "ours_uncapped_msprt": metrics("ours_uncapped_msprt"),
         "harm_tradeoff": {
             row: {
                 "false_rollback_rate": float(np.mean(tradeoff["null"][row].first_fail != NEVER)),
@@ -256,6 +275,9 @@ def format_table(results: dict[str, Any]) -> str:
     ]
     for m in METHODS:
         lines.append(f"{m:<12}" + "".join(f"{results[m][k]:>21.4f}" for k in METRICS))
+    extra = s["ours_uncapped_msprt"]
+    lines.append(f"{'(mSPRT)':<12}" + "".join(f"{extra[k]:>21.4f}" for k in METRICS))
+    lines.append("(mSPRT) = ours without max_samples: normal-mixture SPRT with tau = MDE; not a target row")
     lines += [
         "",
         f"type-I target for ours: <= {s['type1_target']:.4f} (alpha + 2 Monte-Carlo SE)",

@@ -83,8 +83,14 @@ def test_non_inferiority_pass_and_fail_use_the_margin() -> None:
     r = compare_proportions(c, slightly, method="fixedHorizon", test="nonInferiority", margin=0.03)
     assert r.verdict == "inconclusive" and r.ci_high < 0
     # lower-is-better orientation: margin is on the high side
-    r = compare_proportions(c, ProportionData(5010, 10000), method="fixedHorizon", better="lower",
-                            test="nonInferiority", margin=0.03)
+    r = compare_proportions(
+        c,
+        ProportionData(5010, 10000),
+        method="fixedHorizon",
+        better="lower",
+        test="nonInferiority",
+        margin=0.03,
+    )
     assert r.verdict == "pass" and r.ci_high < 0.03
 
 
@@ -222,9 +228,15 @@ def test_no_data_is_inconclusive(method: str) -> None:
         (lambda: MeanData(10, float("nan"), 10), "total"),
         (lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), alpha=0), "alpha"),
         (lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), alpha=1.5), "alpha"),
-        (lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), alpha=float("nan")), "alpha"),
+        (
+            lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), alpha=float("nan")),
+            "alpha",
+        ),
         (lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), margin=-0.1), "margin"),
-        (lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), max_samples=0), "max_samples"),
+        (
+            lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), max_samples=0),
+            "max_samples",
+        ),
         (lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), mde=-1), "mde"),
         (lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), method="x"), "method"),  # type: ignore[arg-type]
         (lambda: compare_proportions(ProportionData(1, 10), ProportionData(1, 10), better="up"), "better"),  # type: ignore[arg-type]
@@ -318,7 +330,9 @@ def test_probability_to_be_best() -> None:
     low = probability_to_be_best(arms, better="lower")
     assert low[2] > low[0] > low[1]
     assert probability_to_be_best([]) == []
-    assert probability_to_be_best([ProportionData(0, 0), ProportionData(0, 0)]) == pytest.approx([0.5, 0.5], abs=0.02)
+    assert probability_to_be_best([ProportionData(0, 0), ProportionData(0, 0)]) == pytest.approx(
+        [0.5, 0.5], abs=0.02
+    )
 
 
 # --------------------------------------------------------------------------- benchmark smoke test
@@ -343,16 +357,19 @@ def test_bench_vectorised_ours_matches_compare_proportions() -> None:
     n = n_look * np.arange(1, looks + 1)
     s_c = np.cumsum(rng.binomial(n_look, 0.1, (40, looks)), axis=1)
     s_t = np.cumsum(rng.binomial(n_look, 0.125, (40, looks)), axis=1)
-    ev = bench_stats.ours_events(s_c, s_t, n, cap, 0.05)
-    for e in range(40):
-        verdicts = [
-            compare_proportions(
-                ProportionData(float(s_c[e, k]), float(n[k])),
-                ProportionData(float(s_t[e, k]), float(n[k])),
-                max_samples=cap,
-            ).verdict
-            for k in range(looks)
-        ]
-        first_pass = next((k for k, v in enumerate(verdicts) if v == "pass"), bench_stats.NEVER)
-        first_fail = next((k for k, v in enumerate(verdicts) if v == "fail"), bench_stats.NEVER)
-        assert (first_pass, first_fail) == (ev.first_pass[e], ev.first_fail[e])
+    for kwargs, ev in (
+        ({"max_samples": cap}, bench_stats.ours_events(s_c, s_t, n, cap, 0.05)),
+        ({"mde": 0.01}, bench_stats.msprt_events(s_c, s_t, n, 0.05, 0.01)),
+    ):
+        for e in range(40):
+            verdicts = [
+                compare_proportions(
+                    ProportionData(float(s_c[e, k]), float(n[k])),
+                    ProportionData(float(s_t[e, k]), float(n[k])),
+                    **kwargs,  # type: ignore[arg-type]
+                ).verdict
+                for k in range(looks)
+            ]
+            first_pass = next((k for k, v in enumerate(verdicts) if v == "pass"), bench_stats.NEVER)
+            first_fail = next((k for k, v in enumerate(verdicts) if v == "fail"), bench_stats.NEVER)
+            assert (first_pass, first_fail) == (ev.first_pass[e], ev.first_fail[e])

@@ -76,7 +76,8 @@ def _check_int(x: object, name: str, low: int, high: int) -> None:
 
 
 def _feasible_step(cur: np.ndarray, min_weight: int, max_step: int) -> int:
-    """Smallest step >= max_step for which the box [max(min, cur - step), min(100, cur + step)] meets sum 100."""
+    """Smallest step >= max_step for which the box [max(min, cur - step), min(100, cur + step)]
+    contains a split summing to 100."""
     for step in range(max_step, TOTAL + 1):
         lo = np.maximum(min_weight, cur - step)
         hi = np.minimum(TOTAL, cur + step)

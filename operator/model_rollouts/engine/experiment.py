@@ -137,7 +137,9 @@ def validate(spec: ModelExperimentSpec) -> str | None:
         for i, v in enumerate(spec.variants):
             value = getattr(v, attr)
             if value in seen:
-                return f"spec.variants[{i}].{attr}: {value!r} is used by another variant; {attr}s must be unique"
+                return (
+                    f"spec.variants[{i}].{attr}: {value!r} is used by another variant; {attr}s must be unique"
+                )
             seen.add(value)
     if any(v.weight is not None for v in spec.variants):
         total = sum(v.weight or 0 for v in spec.variants)
@@ -155,18 +157,26 @@ def validate(spec: ModelExperimentSpec) -> str | None:
             return f"spec.primaryMetric.{f}: a {pm.type} metric needs the {', '.join(needed)} queries"
     sr = spec.stoppingRules
     if sr.maxSamplesPerVariant is not None and sr.maxSamplesPerVariant < sr.minSamplesPerVariant:
-        return (f"spec.stoppingRules.maxSamplesPerVariant: {sr.maxSamplesPerVariant} is below "
-                f"minSamplesPerVariant {sr.minSamplesPerVariant}")
+        return (
+            f"spec.stoppingRules.maxSamplesPerVariant: {sr.maxSamplesPerVariant} is below "
+            f"minSamplesPerVariant {sr.minSamplesPerVariant}"
+        )
     if spec.allocation.strategy == "thompson":
         if pm.type != "proportion":
-            return ("spec.allocation.strategy: thompson sampling needs a proportion primary metric "
-                    f"(spec.primaryMetric.type is {pm.type})")
+            return (
+                "spec.allocation.strategy: thompson sampling needs a proportion primary metric "
+                f"(spec.primaryMetric.type is {pm.type})"
+            )
         if spec.allocation.minWeight * len(spec.variants) > 100:
-            return (f"spec.allocation.minWeight: {spec.allocation.minWeight} x {len(spec.variants)} variants "
-                    "exceeds 100")
+            return (
+                f"spec.allocation.minWeight: {spec.allocation.minWeight} x {len(spec.variants)} variants "
+                "exceeds 100"
+            )
     if spec.successCriteria.method == "bayesian" and pm.type != "proportion" and len(spec.variants) > 2:
-        return ("spec.successCriteria.method: bayesian with a mean metric supports two variants only "
-                "(probability to be best is computed for proportions)")
+        return (
+            "spec.successCriteria.method: bayesian with a mean metric supports two variants only "
+            "(probability to be best is computed for proportions)"
+        )
     for f in ("interval", "window"):
         if parse_duration(getattr(spec.analysis, f)) <= 0:
             return f"spec.analysis.{f}: must be above 0"
@@ -194,8 +204,11 @@ def fixed_weights(spec: ModelExperimentSpec, active: set[str] | None = None) -> 
 
 def needs_measurement(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> bool:
     """Metrics are read only for a started, not finished experiment of the same variants."""
-    return (status.startedAt is not None and status.phase not in (*TERMINAL_PHASES, "Invalid", "Pending")
-            and [v.name for v in status.variants] == [v.name for v in spec.variants])
+    return (
+        status.startedAt is not None
+        and status.phase not in (*TERMINAL_PHASES, "Invalid", "Pending")
+        and [v.name for v in status.variants] == [v.name for v in spec.variants]
+    )
 
 
 def service_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, int]:
@@ -218,13 +231,21 @@ def invalid(status: ModelExperimentStatus, message: str, now: datetime, generati
     s.message = message
     s.observedGeneration = generation
     s.conditions = set_condition(s.conditions, "Valid", "False", "InvalidSpec", message, now, generation)
-    s.conditions = set_condition(s.conditions, "Progressing", "False", "InvalidSpec", message, now, generation)
+    s.conditions = set_condition(
+        s.conditions, "Progressing", "False", "InvalidSpec", message, now, generation
+    )
     return Decision(s, actions)
 
 
-def reconcile(spec: ModelExperimentSpec, status: ModelExperimentStatus, *, now: datetime, generation: int,
-              annotations: dict[str, str] | None = None,
-              observations: Observations | None = None) -> Decision:
+def reconcile(
+    spec: ModelExperimentSpec,
+    status: ModelExperimentStatus,
+    *,
+    now: datetime,
+    generation: int,
+    annotations: dict[str, str] | None = None,
+    observations: Observations | None = None,
+) -> Decision:
     problem = validate(spec)
     if problem:
         return invalid(status, problem, now, generation)
@@ -255,15 +276,27 @@ def reconcile(spec: ModelExperimentSpec, status: ModelExperimentStatus, *, now: 
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != _handled(s, ANNOTATION_ABORT):
         _mark_handled(s, now, ANNOTATION_ABORT, abort)
-        return _finish(spec, s, actions, now, generation, "Aborted", "aborted", None, "AbortRequested",
-                       f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to the control",
-                       to_control=True)
+        return _finish(
+            spec,
+            s,
+            actions,
+            now,
+            generation,
+            "Aborted",
+            "aborted",
+            None,
+            "AbortRequested",
+            f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to the control",
+            to_control=True,
+        )
     resume = ann.get(ANNOTATION_RESUME)
     if resume and resume != _handled(s, ANNOTATION_RESUME):
         _mark_handled(s, now, ANNOTATION_RESUME, resume)
         if _srm_held(s):
-            msg = (f"resumed by annotation {ANNOTATION_RESUME}={resume} after a sample-ratio mismatch; "
-                   "the SRM check restarts from the current counts")
+            msg = (
+                f"resumed by annotation {ANNOTATION_RESUME}={resume} after a sample-ratio mismatch; "
+                "the SRM check restarts from the current counts"
+            )
             s.conditions = set_condition(s.conditions, SRM_REASON, "False", "Resumed", msg, now, generation)
             _split_changed(s, now, "SRM check restarted on resume")
             s.phase = "Running"
@@ -287,8 +320,10 @@ def reconcile(spec: ModelExperimentSpec, status: ModelExperimentStatus, *, now: 
     if _srm_held(s):
         s.phase = "Paused"
         cond = get_condition(s.conditions, SRM_REASON)
-        s.message = (f"paused: {cond.message if cond else 'sample-ratio mismatch'}; set annotation "
-                     f"{ANNOTATION_RESUME}=<token> to resume")
+        s.message = (
+            f"paused: {cond.message if cond else 'sample-ratio mismatch'}; set annotation "
+            f"{ANNOTATION_RESUME}=<token> to resume"
+        )
         _conditions(s, now, generation, SRM_REASON)
         return Decision(s, actions)
     if s.phase == "Paused":
@@ -303,23 +338,48 @@ def reconcile(spec: ModelExperimentSpec, status: ModelExperimentStatus, *, now: 
 # --------------------------------------------------------------------------- start and finish
 
 
-def _start(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], ann: dict[str, str],
-           now: datetime, generation: int) -> Decision:
+def _start(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    ann: dict[str, str],
+    now: datetime,
+    generation: int,
+) -> Decision:
     restart = s.startedAt is not None
     weights = fixed_weights(spec)
     ctrl = control_of(spec).name
     split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
-    msg = (f"variants changed: restarting the experiment with {split}" if restart
-           else f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}")
+    msg = (
+        f"variants changed: restarting the experiment with {split}"
+        if restart
+        else f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}"
+    )
     history, conditions = s.history, s.conditions
     s = ModelExperimentStatus(
-        phase="Running", message=msg, observedGeneration=generation, startedAt=now,
+        phase="Running",
+        message=msg,
+        observedGeneration=generation,
+        startedAt=now,
         variants=[VariantStatus(name=v.name, weight=weights[v.name]) for v in spec.variants],
-        conditions=conditions, history=history)
-    s.conditions = set_condition(s.conditions, SRM_REASON, "Unknown", "NotChecked", "no samples yet", now,
-                                 generation)
-    actions += [SetWeights(_by_service(spec, weights)), Event("Normal", "Restarted" if restart else "Started", msg)]
-    _history(s, now, "Started", "Restarted" if restart else "Started", msg, {k: float(w) for k, w in weights.items()})
+        conditions=conditions,
+        history=history,
+    )
+    s.conditions = set_condition(
+        s.conditions, SRM_REASON, "Unknown", "NotChecked", "no samples yet", now, generation
+    )
+    actions += [
+        SetWeights(_by_service(spec, weights)),
+        Event("Normal", "Restarted" if restart else "Started", msg),
+    ]
+    _history(
+        s,
+        now,
+        "Started",
+        "Restarted" if restart else "Started",
+        msg,
+        {k: float(w) for k, w in weights.items()},
+    )
     # Annotations present before the experiment started were meant for an earlier one.
     for key in (ANNOTATION_ABORT, ANNOTATION_RESUME):
         if ann.get(key) and ann[key] != _handled(s, key):
@@ -329,10 +389,21 @@ def _start(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Ac
     return Decision(s, actions)
 
 
-def _finish(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], now: datetime,
-            generation: int, phase: str, decision: str, winner: str | None, reason: str, message: str,
-            values: dict[str, float] | None = None, to_control: bool = False,
-            move: bool = True) -> Decision:
+def _finish(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    now: datetime,
+    generation: int,
+    phase: str,
+    decision: str,
+    winner: str | None,
+    reason: str,
+    message: str,
+    values: dict[str, float] | None = None,
+    to_control: bool = False,
+    move: bool = True,
+) -> Decision:
     """Enter a terminal phase. Traffic: all to the winner, or to the control, or (move=False) unchanged."""
     ctrl = control_of(spec).name
     target = winner if winner is not None else (ctrl if to_control else None)
@@ -355,8 +426,14 @@ def _finish(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[A
 # --------------------------------------------------------------------------- analysis
 
 
-def _analyse(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], obs: Observations,
-             now: datetime, generation: int) -> Decision | None:
+def _analyse(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    obs: Observations,
+    now: datetime,
+    generation: int,
+) -> Decision | None:
     """One analysis: guardrails, SRM, decision, allocation. Returns a Decision when the experiment ends."""
     s.lastAnalysisTime = now
     ctrl = control_of(spec).name
@@ -370,11 +447,19 @@ def _analyse(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[
             data[v.name] = o.primary
             vs.n = _n(o.primary)
         elif vs.active:
-            p = o.problem if o is not None and o.problem is not None else Result("error", message="not measured")
-            what = "measurement failed" if p.outcome == "error" else ("no data" if p.outcome == "noData"
-                                                                        else "not a number")
-            problems.append(f"{spec.primaryMetric.name} of {v.name}: {what}"
-                            + (f" ({p.message})" if p.message else ""))
+            p = (
+                o.problem
+                if o is not None and o.problem is not None
+                else Result("error", message="not measured")
+            )
+            what = (
+                "measurement failed"
+                if p.outcome == "error"
+                else ("no data" if p.outcome == "noData" else "not a number")
+            )
+            problems.append(
+                f"{spec.primaryMetric.name} of {v.name}: {what}" + (f" ({p.message})" if p.message else "")
+            )
 
     # 1. Guardrails per active variant.
     measurements: list[Measurement] = []
@@ -384,22 +469,37 @@ def _analyse(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[
         o = obs.variants.get(v.name)
         ms = []
         for g in spec.guardrails:
-            r = (o.guardrails.get(g.name) if o is not None else None) or Result("error", message="not measured")
+            r = (o.guardrails.get(g.name) if o is not None else None) or Result(
+                "error", message="not measured"
+            )
             m = evaluate(g, r, v.name)
             m = m.model_copy(update={"message": f"{v.name}: {m.message}"})
             if m.verdict == "noData" and spec.analysis.noData == "fail":
-                m = m.model_copy(update={"verdict": "fail", "message": f"{m.message} (analysis.noData is fail)"})
+                m = m.model_copy(
+                    update={"verdict": "fail", "message": f"{m.message} (analysis.noData is fail)"}
+                )
             ms.append(m)
         s.guardrailFailures = update_failures(s.guardrailFailures, ms, key_prefix=f"{v.name}/")
         measurements += ms
     guard_problems = [m for m in measurements if m.verdict in ("noData", "error")]
     breaches = [m for m in measurements if m.verdict == "fail"]
     s.conditions = set_condition(
-        s.conditions, "Healthy", "False" if breaches else ("Unknown" if guard_problems else "True"),
-        "GuardrailBreached" if breaches else (
-            "MeasurementError" if any(m.verdict == "error" for m in guard_problems) else
-            "NoData" if guard_problems else "AnalysisPassing"),
-        "; ".join(m.message for m in measurements) or "no guardrails configured", now, generation)
+        s.conditions,
+        "Healthy",
+        "False" if breaches else ("Unknown" if guard_problems else "True"),
+        "GuardrailBreached"
+        if breaches
+        else (
+            "MeasurementError"
+            if any(m.verdict == "error" for m in guard_problems)
+            else "NoData"
+            if guard_problems
+            else "AnalysisPassing"
+        ),
+        "; ".join(m.message for m in measurements) or "no guardrails configured",
+        now,
+        generation,
+    )
 
     failed: dict[str, list[str]] = {}
     for v in spec.variants:
@@ -408,18 +508,31 @@ def _analyse(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[
             if by_name[v.name].active and count >= g.failureLimit:
                 m = next(m for m in measurements if m.variant == v.name and m.name == g.name)
                 failed.setdefault(v.name, []).append(
-                    f"{m.message}; {count} consecutive breach(es) reached failureLimit {g.failureLimit}")
+                    f"{m.message}; {count} consecutive breach(es) reached failureLimit {g.failureLimit}"
+                )
     gvalues = {f"{m.variant}/{m.name}": m.value for m in measurements if m.value is not None}
     if ctrl in failed:
         why = f"the control {ctrl} breaches its guardrails: " + "; ".join(failed[ctrl])
         if spec.onFailure == "rollback":
             s.lastAnalysis = measurements
-            for v in s.variants:
-                v.active = v.name == ctrl
-            return _finish(spec, s, actions, now, generation, "RolledBack", "rolledBack", None, "GuardrailFailed",
-                           f"{why}: no variant is safe, all traffic to the control (onFailure rollback)",
-                           gvalues, to_control=True)
-        if not any(h.reason == "ControlGuardrailFailed" and h.time == now for h in s.history):
+            for vst in s.variants:
+                vst.active = vst.name == ctrl
+            return _finish(
+                spec,
+                s,
+                actions,
+                now,
+                generation,
+                "RolledBack",
+                "rolledBack",
+                None,
+                "GuardrailFailed",
+                f"{why}: no variant is safe, all traffic to the control (onFailure rollback)",
+                gvalues,
+                to_control=True,
+            )
+        first = any(s.guardrailFailures.get(f"{ctrl}/{g.name}", 0) == g.failureLimit for g in spec.guardrails)
+        if first:  # warn when the limit is reached, not at every breaching analysis after it
             msg = f"{why}; onFailure is keep: traffic unchanged"
             actions.append(Event("Warning", "ControlGuardrailFailed", msg))
             _history(s, now, "GuardrailFailed", "ControlGuardrailFailed", msg, gvalues)
@@ -436,15 +549,40 @@ def _analyse(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[
         active = {v.name for v in s.variants if v.active}
         if not active - {ctrl}:
             s.lastAnalysis = measurements
-            return _finish(spec, s, actions, now, generation, "RolledBack", "rolledBack", None, "GuardrailFailed",
-                           "every non-control variant was dropped by its guardrails: all traffic to the control",
-                           gvalues, to_control=True)
+            return _finish(
+                spec,
+                s,
+                actions,
+                now,
+                generation,
+                "RolledBack",
+                "rolledBack",
+                None,
+                "GuardrailFailed",
+                "every non-control variant was dropped by its guardrails: all traffic to the control",
+                gvalues,
+                to_control=True,
+            )
         if spec.allocation.strategy == "fixed":
-            _set_weights(spec, s, actions, now, fixed_weights(spec, active),
-                         f"redistributed after dropping {', '.join(dropped)}", event=False)
+            _set_weights(
+                spec,
+                s,
+                actions,
+                now,
+                fixed_weights(spec, active),
+                f"redistributed after dropping {', '.join(dropped)}",
+                event=False,
+            )
         else:
-            _set_weights(spec, s, actions, now, _thompson(spec, s, data, generation, now, force=True),
-                         f"bandit excludes {', '.join(dropped)}", event=False)
+            _set_weights(
+                spec,
+                s,
+                actions,
+                now,
+                _thompson(spec, s, data, generation, now),
+                f"bandit excludes {', '.join(dropped)}",
+                event=False,
+            )
 
     active_names = [v.name for v in spec.variants if by_name[v.name].active]
     paused = spec.paused or _srm_held(s)
@@ -471,18 +609,31 @@ def _analyse(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[
     if spec.allocation.strategy == "thompson":
         new = _thompson(spec, s, data, generation, now)
         if new != _weights(s):
+            analysis = s.message
             _set_weights(spec, s, actions, now, new, "thompson sampling update", event=False, record=False)
+            s.message = f"{analysis}; {s.message}"
     return None
 
 
-def _srm(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], active: list[str],
-         now: datetime, generation: int) -> None:
+def _srm(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    active: list[str],
+    now: datetime,
+    generation: int,
+) -> None:
     if spec.allocation.strategy != "fixed":
         s.srmPValue = None
         s.conditions = set_condition(
-            s.conditions, SRM_REASON, "Unknown", "NotCheckedForThompson",
+            s.conditions,
+            SRM_REASON,
+            "Unknown",
+            "NotCheckedForThompson",
             "SRM is checked for fixed allocation only: under thompson the weights change every interval",
-            now, generation)
+            now,
+            generation,
+        )
         return
     if _srm_held(s):
         return
@@ -491,12 +642,19 @@ def _srm(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Acti
     counts = [max(0.0, by_name[n].n - base.get(n, 0.0)) for n in active]
     weights = [float(by_name[n].weight) for n in active]
     need = max(SRM_MIN_SAMPLES, spec.stoppingRules.minSamplesPerVariant / 2)
-    detail = ", ".join(f"{n} {c:.0f} at weight {w:.0f}" for n, c, w in zip(active, counts, weights, strict=True))
+    detail = ", ".join(
+        f"{n} {c:.0f} at weight {w:.0f}" for n, c, w in zip(active, counts, weights, strict=True)
+    )
     if min(counts, default=0) < need:
         s.conditions = set_condition(
-            s.conditions, SRM_REASON, "Unknown", "NotEnoughSamples",
+            s.conditions,
+            SRM_REASON,
+            "Unknown",
+            "NotEnoughSamples",
             f"waiting for {need:.0f} samples per active variant since the split last changed ({detail})",
-            now, generation)
+            now,
+            generation,
+        )
         return
     p = stats.srm_test(counts, weights)
     s.srmPValue = p
@@ -508,12 +666,20 @@ def _srm(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Acti
         values = {"pValue": p, **{f"n/{n}": c for n, c in zip(active, counts, strict=True)}}
         _history(s, now, "Paused", SRM_REASON, msg, values)
     else:
-        s.conditions = set_condition(s.conditions, SRM_REASON, "False", "SplitMatches",
-                                     f"p = {p:.3g} >= srmAlpha {alpha:g}; samples {detail}", now, generation)
+        s.conditions = set_condition(
+            s.conditions,
+            SRM_REASON,
+            "False",
+            "SplitMatches",
+            f"p = {p:.3g} >= srmAlpha {alpha:g}; samples {detail}",
+            now,
+            generation,
+        )
 
 
-def _compare_all(spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data],
-                 active: list[str]) -> list[Measurement]:
+def _compare_all(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data], active: list[str]
+) -> list[Measurement]:
     """Compare every active variant with the control; fill per-variant status; return measurements."""
     sc, pm = spec.successCriteria, spec.primaryMetric
     ctrl = control_of(spec).name
@@ -525,23 +691,30 @@ def _compare_all(spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict
     treatments = [n for n in active if n != ctrl]
     results: dict[str, stats.Comparison] = {}
     for n in treatments:
-        kwargs = {"alpha": sc.alpha, "method": sc.method, "better": pm.better,
-                  "mde": sc.minimumDetectableEffect,
-                  "max_samples": spec.stoppingRules.maxSamplesPerVariant if sc.method == "sequential" else None,
-                  "labels": (ctrl, n)}
+        kwargs = {
+            "alpha": sc.alpha,
+            "method": sc.method,
+            "better": pm.better,
+            "mde": sc.minimumDetectableEffect,
+            "max_samples": spec.stoppingRules.maxSamplesPerVariant if sc.method == "sequential" else None,
+            "labels": (ctrl, n),
+        }
         d = data[n]
         if isinstance(cdata, stats.ProportionData) and isinstance(d, stats.ProportionData):
             results[n] = stats.compare_proportions(cdata, d, **kwargs)  # type: ignore[arg-type]
         elif isinstance(cdata, stats.MeanData) and isinstance(d, stats.MeanData):
             results[n] = stats.compare_means(cdata, d, **kwargs)  # type: ignore[arg-type]
     frequentist = sc.method != "bayesian"
-    adjusted = dict(zip(treatments, stats.holm([results[n].p_value for n in treatments]), strict=True)) \
-        if frequentist else {}
+    adjusted = (
+        dict(zip(treatments, stats.holm([results[n].p_value for n in treatments]), strict=True))
+        if frequentist
+        else {}
+    )
     ptb: dict[str, float] = {}
-    props = [data[n] for n in active]
-    if all(isinstance(d, stats.ProportionData) for d in props):
-        ptb = dict(zip(active, stats.probability_to_be_best(
-            props, better=pm.better, seed=int(sum(_n(d) for d in props)) % 2**32), strict=True))  # type: ignore[arg-type]
+    props = [d for n in active if isinstance(d := data[n], stats.ProportionData)]
+    if len(props) == len(active):
+        seed = int(sum(d.trials for d in props)) % 2**32
+        ptb = dict(zip(active, stats.probability_to_be_best(props, better=pm.better, seed=seed), strict=True))
     for n, p in ptb.items():
         by_name[n].probabilityToBeBest = p
     out: list[Measurement] = []
@@ -553,7 +726,7 @@ def _compare_all(spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict
         better = _in_better_direction(r.difference, pm.better)
         if frequentist:
             adj = adjusted[n]
-            verdict = ("better" if better else "worse") if adj <= sc.alpha else "inconclusive"
+            verdict = ("better" if better else "worse") if adj < sc.alpha else "inconclusive"
             note = f"; Holm-adjusted p = {adj:.3g} (alpha {sc.alpha:g}, {len(treatments)} comparison(s))"
         else:
             p_best = ptb.get(n)
@@ -561,24 +734,42 @@ def _compare_all(spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict
             note = f"; P(best) = {p_best:.3g}" if p_best is not None else ""
         vs.verdict = verdict
         vs.reason = r.reason + note
-        details = {"control": r.control_estimate, "variant": r.treatment_estimate, "controlN": r.control_n,
-                   "variantN": r.treatment_n, "difference": r.difference, "ciLow": r.ci_low, "ciHigh": r.ci_high,
-                   "pValue": r.p_value, "alpha": sc.alpha}
+        details = {
+            "control": r.control_estimate,
+            "variant": r.treatment_estimate,
+            "controlN": r.control_n,
+            "variantN": r.treatment_n,
+            "difference": r.difference,
+            "ciLow": r.ci_low,
+            "ciHigh": r.ci_high,
+            "pValue": r.p_value,
+            "alpha": sc.alpha,
+        }
         if n in adjusted:
             details["adjustedPValue"] = adjusted[n]
         if n in ptb:
             details["probabilityToBeBest"] = ptb[n]
-        out.append(Measurement(
-            name=pm.name, kind="comparison", variant=n, outcome="value", value=r.difference,
-            threshold=f"{sc.method}, alpha {sc.alpha:g}, better {pm.better}, mde {sc.minimumDetectableEffect:g}",
-            verdict={"better": "pass", "worse": "fail"}.get(verdict, "inconclusive"),  # type: ignore[arg-type]
-            message=f"{pm.name} {n} vs {ctrl}: {vs.reason}",
-            details={k: v for k, v in details.items() if math.isfinite(v)}))
+        out.append(
+            Measurement(
+                name=pm.name,
+                kind="comparison",
+                variant=n,
+                outcome="value",
+                value=r.difference,
+                threshold=(
+                    f"{sc.method}, alpha {sc.alpha:g}, better {pm.better}, mde {sc.minimumDetectableEffect:g}"
+                ),
+                verdict="pass" if verdict == "better" else "fail" if verdict == "worse" else "inconclusive",
+                message=f"{pm.name} {n} vs {ctrl}: {vs.reason}",
+                details={k: v for k, v in details.items() if math.isfinite(v)},
+            )
+        )
     return out
 
 
-def _sample_size(spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data],
-                 active: list[str]) -> None:
+def _sample_size(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data], active: list[str]
+) -> None:
     """Planned samples per variant for the MDE (alpha split over the comparisons, conservatively)."""
     sc = spec.successCriteria
     ctrl = control_of(spec).name
@@ -594,11 +785,16 @@ def _sample_size(spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict
             delta = mde if spec.primaryMetric.better == "higher" else -mde
             if not 0 < base + delta < 1:
                 delta = -delta
-            fn = stats.sample_size_sequential_proportions if sc.method == "sequential" \
+            fn = (
+                stats.sample_size_sequential_proportions
+                if sc.method == "sequential"
                 else stats.sample_size_proportions
+            )
             s.sampleSizePerVariant = fn(base, delta, alpha=alpha, power=sc.power)
         elif isinstance(cdata, stats.MeanData):
-            means = [d for n, d in data.items() if n in active and isinstance(d, stats.MeanData) and d.count >= 2]
+            means = [
+                d for n, d in data.items() if n in active and isinstance(d, stats.MeanData) and d.count >= 2
+            ]
             dof = sum(d.count - 1 for d in means)
             if dof < stats.MIN_SAMPLES_PER_ARM:
                 return
@@ -611,8 +807,15 @@ def _sample_size(spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict
         return
 
 
-def _decide(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], data: dict[str, Data],
-            active: list[str], now: datetime, generation: int) -> Decision | None:
+def _decide(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    data: dict[str, Data],
+    active: list[str],
+    now: datetime,
+    generation: int,
+) -> Decision | None:
     sc, sr, pm = spec.successCriteria, spec.stoppingRules, spec.primaryMetric
     ctrl = control_of(spec).name
     by_name = {v.name: v for v in s.variants}
@@ -633,32 +836,84 @@ def _decide(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[A
         winner = _winner(spec, s, treatments)
         if winner is not None:
             w = by_name[winner]
-            stat = (f"P(best) = {w.probabilityToBeBest:.3g} >= {sc.probabilityToBeBest:g}"
-                    if sc.method == "bayesian" else
-                    f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}")
-            detail = (f"{winner} {pm.name} = {w.estimate:.4g} vs control {ctrl} {by_name[ctrl].estimate:.4g} "
-                      f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
-                      f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {samples})")
+            stat = (
+                f"P(best) = {w.probabilityToBeBest:.3g} >= {sc.probabilityToBeBest:g}"
+                if sc.method == "bayesian"
+                else f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}"
+            )
+            detail = (
+                f"{winner} {pm.name} = {w.estimate:.4g} vs control {ctrl} {by_name[ctrl].estimate:.4g} "
+                f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
+                f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {samples})"
+            )
             if spec.onSuccess == "promoteWinner":
-                return _finish(spec, s, actions, now, generation, "Concluded", "promoted", winner, "WinnerPromoted",
-                               f"winner {winner}: {detail}; all traffic to {winner}", values)
-            return _finish(spec, s, actions, now, generation, "Concluded", "winnerKept", winner, "WinnerFound",
-                           f"winner {winner}: {detail}; onSuccess is keep: traffic unchanged", values, move=False)
+                return _finish(
+                    spec,
+                    s,
+                    actions,
+                    now,
+                    generation,
+                    "Concluded",
+                    "promoted",
+                    winner,
+                    "WinnerPromoted",
+                    f"winner {winner}: {detail}; all traffic to {winner}",
+                    values,
+                )
+            return _finish(
+                spec,
+                s,
+                actions,
+                now,
+                generation,
+                "Concluded",
+                "winnerKept",
+                winner,
+                "WinnerFound",
+                f"winner {winner}: {detail}; onSuccess is keep: traffic unchanged",
+                values,
+                move=False,
+            )
         futile = _futile(spec, s, treatments)
         if futile:
-            return _null(spec, s, actions, now, generation, "futile", "Futile",
-                         f"futile: no variant can beat the control {ctrl} by the MDE "
-                         f"{sc.minimumDetectableEffect:g} ({futile}; {samples})", values)
-        if at_cap or timed_out:
-            why = (f"every active variant reached maxSamplesPerVariant {sr.maxSamplesPerVariant}" if at_cap
-                   else f"maxDuration {sr.maxDuration} elapsed")
-            return _null(spec, s, actions, now, generation, "noWinner", "NoWinner",
-                         f"no winner: {why} without a significant improvement over the control {ctrl} "
-                         f"({_summary(s, treatments)}; {samples})", values)
+            return _null(
+                spec,
+                s,
+                actions,
+                now,
+                generation,
+                "futile",
+                "Futile",
+                f"futile: no variant can beat the control {ctrl} by the MDE "
+                f"{sc.minimumDetectableEffect:g} ({futile}; {samples})",
+                values,
+            )
+        one_look = sc.method == "fixedHorizon" and least >= need
+        if at_cap or timed_out or one_look:
+            why = (
+                f"every active variant reached maxSamplesPerVariant {sr.maxSamplesPerVariant}"
+                if at_cap
+                else f"maxDuration {sr.maxDuration} elapsed"
+                if timed_out
+                else f"the fixed-horizon test at its planned {need} samples per variant ended"
+            )
+            return _null(
+                spec,
+                s,
+                actions,
+                now,
+                generation,
+                "noWinner",
+                "NoWinner",
+                f"no winner: {why} without a significant improvement over the control {ctrl} "
+                f"({_summary(s, treatments)}; {samples})",
+                values,
+            )
         s.message = f"analysing: no decision yet ({_summary(s, treatments)}; {samples})"
         return None
-    s.message = (f"collecting samples: {samples}; a decision needs {need} per variant"
-                 + (" (planned sample size of the fixed-horizon test)" if need > sr.minSamplesPerVariant else ""))
+    s.message = f"collecting samples: {samples}; a decision needs {need} per variant" + (
+        " (planned sample size of the fixed-horizon test)" if need > sr.minSamplesPerVariant else ""
+    )
     return None
 
 
@@ -666,10 +921,17 @@ def _winner(spec: ModelExperimentSpec, s: ModelExperimentStatus, treatments: lis
     sc, pm = spec.successCriteria, spec.primaryMetric
     by_name = {v.name: v for v in s.variants}
     if sc.method == "bayesian":
-        cands = [n for n in treatments if by_name[n].verdict != "worse" and (
-            (by_name[n].probabilityToBeBest or 0.0) >= sc.probabilityToBeBest
-            if by_name[n].probabilityToBeBest is not None else by_name[n].verdict == "better"
-            and (1.0 - (by_name[n].pValue or 1.0)) >= sc.probabilityToBeBest)]
+        # Proportions: probability to be best among all active variants. Means (two variants): the
+        # posterior probability of beating the control, 1 - pValue.
+        c_est = by_name[control_of(spec).name].estimate or 0.0
+        cands = []
+        for n in treatments:
+            v = by_name[n]
+            ptb = v.probabilityToBeBest
+            if ptb is None:
+                ptb = 1.0 - (v.pValue if v.pValue is not None else 1.0)
+            if _in_better_direction((v.estimate or 0.0) - c_est, pm.better) and ptb >= sc.probabilityToBeBest:
+                cands.append(n)
     else:
         cands = [n for n in treatments if by_name[n].verdict == "better"]
     if not cands:
@@ -696,14 +958,36 @@ def _futile(spec: ModelExperimentSpec, s: ModelExperimentStatus, treatments: lis
     return ", ".join(parts)
 
 
-def _null(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], now: datetime,
-          generation: int, decision: str, reason: str, message: str, values: dict[str, float]) -> Decision:
+def _null(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    now: datetime,
+    generation: int,
+    decision: str,
+    reason: str,
+    message: str,
+    values: dict[str, float],
+) -> Decision:
     if spec.onSuccess == "promoteWinner":
         message += "; all traffic to the control"
     else:
         message += "; onSuccess is keep: traffic unchanged"
-    return _finish(spec, s, actions, now, generation, "Concluded", decision, None, reason, message, values,
-                   to_control=True, move=spec.onSuccess == "promoteWinner")
+    return _finish(
+        spec,
+        s,
+        actions,
+        now,
+        generation,
+        "Concluded",
+        decision,
+        None,
+        reason,
+        message,
+        values,
+        to_control=True,
+        move=spec.onSuccess == "promoteWinner",
+    )
 
 
 def _summary(s: ModelExperimentStatus, treatments: list[str]) -> str:
@@ -725,23 +1009,38 @@ def _decision_values(s: ModelExperimentStatus, active: list[str]) -> dict[str, f
         if v.name not in active:
             continue
         out[f"{v.name}/n"] = v.n
-        for key, val in (("estimate", v.estimate), ("ciLow", v.ciLow), ("ciHigh", v.ciHigh),
-                         ("adjustedPValue", v.adjustedPValue), ("probabilityToBeBest", v.probabilityToBeBest)):
+        for key, val in (
+            ("estimate", v.estimate),
+            ("ciLow", v.ciLow),
+            ("ciHigh", v.ciHigh),
+            ("adjustedPValue", v.adjustedPValue),
+            ("probabilityToBeBest", v.probabilityToBeBest),
+        ):
             if val is not None and math.isfinite(val):
                 out[f"{v.name}/{key}"] = val
     return out
 
 
-def _thompson(spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data], generation: int,
-              now: datetime, force: bool = False) -> dict[str, int]:
+def _thompson(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data], generation: int, now: datetime
+) -> dict[str, int]:
     """Bandit weights; seeded from the generation and the analysis time, so the engine stays pure."""
     excluded = [v.name for v in s.variants if not v.active]
-    arms = {v.name: (data[v.name] if isinstance(data.get(v.name), stats.ProportionData)
-                     else stats.ProportionData(0.0, 0.0)) for v in spec.variants}
+    arms: dict[str, stats.ProportionData] = {}
+    for v in spec.variants:
+        d = data.get(v.name)
+        arms[v.name] = d if isinstance(d, stats.ProportionData) else stats.ProportionData(0.0, 0.0)
     seed = (generation * 1_000_003 + int(now.timestamp())) % 2**32
     alloc = spec.allocation
-    return bandit.thompson_weights(arms, _weights(s), min_weight=alloc.minWeight, max_step=alloc.maxStep,
-                                   excluded=excluded, better=spec.primaryMetric.better, seed=seed)  # type: ignore[arg-type]
+    return bandit.thompson_weights(
+        arms,
+        _weights(s),
+        min_weight=alloc.minWeight,
+        max_step=alloc.maxStep,
+        excluded=excluded,
+        better=spec.primaryMetric.better,
+        seed=seed,
+    )
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -769,8 +1068,16 @@ def _by_service(spec: ModelExperimentSpec, weights: dict[str, int]) -> dict[str,
     return {v.service: weights.get(v.name, 0) for v in spec.variants}
 
 
-def _set_weights(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], now: datetime,
-                 weights: dict[str, int], why: str, event: bool = True, record: bool = True) -> None:
+def _set_weights(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    now: datetime,
+    weights: dict[str, int],
+    why: str,
+    event: bool = True,
+    record: bool = True,
+) -> None:
     old = _weights(s)
     if weights == old:
         return
@@ -784,7 +1091,8 @@ def _set_weights(spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: l
         actions.append(Event("Normal", "WeightsChanged", msg))
     if record:
         _history(s, now, "WeightsChanged", "WeightsChanged", msg, {k: float(w) for k, w in weights.items()})
-    _split_changed(s, now, why)
+    if spec.allocation.strategy == "fixed":  # SRM runs for fixed allocation only
+        _split_changed(s, now, why)
 
 
 def _split_changed(s: ModelExperimentStatus, now: datetime, why: str, zero: bool = False) -> None:
@@ -803,7 +1111,7 @@ def _handled(s: ModelExperimentStatus, key: str) -> str | None:
     if entry is None:
         return None
     prefix = f"{key}="
-    return entry.message[len(prefix):] if entry.message.startswith(prefix) else None
+    return entry.message[len(prefix) :] if entry.message.startswith(prefix) else None
 
 
 def _mark_handled(s: ModelExperimentStatus, now: datetime, key: str, value: str) -> None:
@@ -820,10 +1128,19 @@ def _progress_reason(s: ModelExperimentStatus) -> str | None:
     return c.reason if c is not None else None
 
 
-def _history(s: ModelExperimentStatus, now: datetime, event: str, reason: str, message: str,
-             values: dict[str, float] | None = None) -> None:
-    s.history.append(HistoryEntry(time=now, event=event, phase=s.phase, reason=reason, message=message,
-                                  values=values or None))
+def _history(
+    s: ModelExperimentStatus,
+    now: datetime,
+    event: str,
+    reason: str,
+    message: str,
+    values: dict[str, float] | None = None,
+) -> None:
+    s.history.append(
+        HistoryEntry(
+            time=now, event=event, phase=s.phase, reason=reason, message=message, values=values or None
+        )
+    )
     if len(s.history) <= HISTORY_LIMIT:
         return
     # Keep the newest HISTORY_LIMIT entries, plus the newest state-carrying entry of each kind.
@@ -842,10 +1159,10 @@ def _history(s: ModelExperimentStatus, now: datetime, event: str, reason: str, m
 def _conditions(s: ModelExperimentStatus, now: datetime, generation: int, reason: str) -> None:
     c: list[Condition] = s.conditions
     done = s.phase in TERMINAL_PHASES
-    c = set_condition(c, "Progressing", "False" if done or s.phase == "Paused" else "True", reason, s.message,
-                      now, generation)
-    c = set_condition(c, "Completed", "True" if done else "False", s.phase if done else reason, s.message,
-                      now, generation)
+    c = set_condition(c, "Progressing", "False" if done else "True", reason, s.message, now, generation)
+    c = set_condition(
+        c, "Completed", "True" if done else "False", s.phase if done else reason, s.message, now, generation
+    )
     if s.phase == "RolledBack":
         c = set_condition(c, "Healthy", "False", reason, s.message, now, generation)
     s.conditions = c

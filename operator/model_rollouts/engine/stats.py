@@ -154,7 +154,13 @@ def _check_alpha(alpha: float, name: str = "alpha") -> None:
 
 
 def _check_options(
-    alpha: float, method: str, better: str, test: str, margin: float, mde: float | None, max_samples: float | None
+    alpha: float,
+    method: str,
+    better: str,
+    test: str,
+    margin: float,
+    mde: float | None,
+    max_samples: float | None,
 ) -> None:
     _check_alpha(alpha)
     if method not in ("sequential", "fixedHorizon", "bayesian"):
@@ -256,7 +262,9 @@ def sequential_inflation(alpha: float = 0.05, power: float = 0.8, looks: int | N
         a += SIEGMUND_RHO / math.sqrt(looks)
     drift_fixed = float(stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power))
     return float(
-        optimize.brentq(lambda r: _continuous_power(a, drift_fixed * math.sqrt(r)) - power, 0.2, 50.0, xtol=1e-10)
+        optimize.brentq(
+            lambda r: _continuous_power(a, drift_fixed * math.sqrt(r)) - power, 0.2, 50.0, xtol=1e-10
+        )
     )
 
 
@@ -294,7 +302,7 @@ def _n_fixed_means(sd: float, mde: float, alpha: float, power: float) -> float:
 
 
 def _ceil(x: float) -> int:
-    return int(math.ceil(x - 1e-9))
+    return math.ceil(x - 1e-9)
 
 
 def sample_size_proportions(baseline: float, mde: float, *, alpha: float = 0.05, power: float = 0.8) -> int:
@@ -314,7 +322,9 @@ def sample_size_sequential_proportions(
     baseline: float, mde: float, *, alpha: float = 0.05, power: float = 0.8, looks: int | None = None
 ) -> int:
     """Per-arm sample cap (``max_samples``) giving the sequential test ``power`` at the MDE."""
-    return _ceil(_n_fixed_proportions(baseline, mde, alpha, power) * sequential_inflation(alpha, power, looks))
+    return _ceil(
+        _n_fixed_proportions(baseline, mde, alpha, power) * sequential_inflation(alpha, power, looks)
+    )
 
 
 def sample_size_sequential_means(
@@ -391,7 +401,9 @@ def compare_proportions(
         df=None,
         bounded=True,
     )
-    bayes: tuple[ProportionData, ProportionData] | None = (control, treatment) if method == "bayesian" else None
+    bayes: tuple[ProportionData, ProportionData] | None = (
+        (control, treatment) if method == "bayesian" else None
+    )
     return _compare(summary, alpha, method, better, test, margin, mde, max_samples, labels, bayes)
 
 
@@ -621,9 +633,7 @@ def probability_to_be_best(
         if not isinstance(arm, ProportionData):
             raise ValueError("arms must be ProportionData")
     rng = np.random.default_rng(seed)
-    samples = np.column_stack(
-        [rng.beta(1 + a.successes, 1 + a.trials - a.successes, draws) for a in arms]
-    )
+    samples = np.column_stack([rng.beta(1 + a.successes, 1 + a.trials - a.successes, draws) for a in arms])
     best = np.argmax(samples, axis=1) if better == "higher" else np.argmin(samples, axis=1)
     counts = np.bincount(best, minlength=len(arms))
     return [float(c) / draws for c in counts]

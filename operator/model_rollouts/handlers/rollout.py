@@ -28,6 +28,7 @@ from model_rollouts.metrics.provider import MetricProvider, Result, TemplateErro
 from model_rollouts.traffic.router import RouterError
 
 KIND = "ModelRollout"
+logger = logging.getLogger("model_rollouts.rollout")
 PHASES = ("Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid")
 ANNOTATIONS = (ANNOTATION_PROMOTE, ANNOTATION_ABORT, ANNOTATION_RESUME)
 
@@ -94,8 +95,8 @@ def _comparison_data(c: Comparison, provider: MetricProvider,
 class RolloutController:
     """Runs one ModelRollout: a tick at every analysis interval, and at once on a spec or annotation change."""
 
-    def __init__(self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
-        self.namespace, self.name, self.logger = namespace, name, logger
+    def __init__(self, namespace: str, name: str) -> None:
+        self.namespace, self.name = namespace, name
         self._last_key: tuple[Any, ...] | None = None
         self._last_tick = 0.0
 
@@ -161,36 +162,38 @@ class RolloutController:
             if isinstance(a, engine.Event):
                 common.post_event(obj, a.type, a.reason, a.message)
                 telemetry.DECISIONS.labels(KIND, self.namespace, self.name, a.reason).inc()
-                log = self.logger.warning if a.type == "Warning" else self.logger.info
-                log("%s: %s", a.reason, a.message)
+                log = logger.warning if a.type == "Warning" else logger.info
+                log("%s/%s %s: %s", self.namespace, self.name, a.reason, a.message)
         telemetry.set_phase(KIND, self.namespace, self.name, s.phase, PHASES)
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-def rollout_daemon(stopped: kopf.DaemonStopped, namespace: str, name: str, logger: logging.Logger,
-                   **_: Any) -> None:
-    ctl = RolloutController(namespace, name, logger)
-    while not stopped:
-        try:
-            obj = common.get_object(PLURAL, namespace, name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return
-            if ctl.due(obj):
-                ctl.tick(obj)
-        except Exception as e:  # noqa: BLE001 - a daemon must survive anything and try again
-            logger.exception("tick failed: %s", e)
-            ctl._last_key = None
-        stopped.wait(0.5)
+_controllers: dict[str, RolloutController] = {}
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False)
+def rollout_timer(namespace: str, name: str, uid: str, **_: Any) -> None:
+    """Wakes often but cheaply; the controller ticks at the analysis interval or on a change."""
+    ctl = _controllers.setdefault(uid, RolloutController(namespace, name))
+    try:
+        obj = common.get_object(PLURAL, namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return
+        if ctl.due(obj):
+            ctl.tick(obj)
+    except Exception as e:  # noqa: BLE001 - keep going; the next wake-up tries again
+        logger.exception("%s/%s tick failed: %s", namespace, name, e)
+        ctl._last_key = None
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def rollout_deleted(spec: dict[str, Any], namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+def rollout_deleted(spec: dict[str, Any], namespace: str, name: str, uid: str, **_: Any) -> None:
     """Finalizer: all traffic back to stable before the ModelRollout goes away."""
+    _controllers.pop(uid, None)
     telemetry.forget(KIND, namespace, name, PHASES, ["stable", "candidate"])
     try:
         s = ModelRolloutSpec.model_validate(spec)
         router = common.make_router(s.trafficRouting, namespace)
         router.set_weights({s.stable.service: 100, s.candidate.service: 0})
-        logger.info("deleted: all traffic back to stable %s", s.stable.service)
+        logger.info("%s/%s deleted: all traffic back to stable %s", namespace, name, s.stable.service)
     except (ValidationError, RouterError) as e:
-        logger.warning("deleted without restoring weights: %s", e)
+        logger.warning("%s/%s deleted without restoring weights: %s", namespace, name, e)

@@ -1,0 +1,232 @@
+"""Thin Kopf handlers for ModelExperiment: read, measure, ask the engine, apply, write status."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from model_rollouts import telemetry
+from model_rollouts.api.common import GROUP, VERSION, dump, format_duration, parse_duration
+from model_rollouts.api.experiment import (
+    PLURAL,
+    TERMINAL_PHASES,
+    ModelExperimentSpec,
+    ModelExperimentStatus,
+    PrimaryMetric,
+    Variant,
+)
+from model_rollouts.engine import experiment as engine
+from model_rollouts.engine import stats
+from model_rollouts.handlers import common
+from model_rollouts.metrics.provider import MetricProvider, Result, TemplateError, check_template, render
+from model_rollouts.traffic.router import RouterError, TrafficRouter
+
+KIND = "ModelExperiment"
+PHASES = ("Pending", "Running", "Paused", "Concluded", "RolledBack", "Aborted", "Invalid")
+ANNOTATIONS = (engine.ANNOTATION_ABORT, engine.ANNOTATION_RESUME)
+_PRIMARY_FIELDS = {"proportion": ("successes", "trials"), "mean": ("count", "sum", "sumSquares")}
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+def _placeholders(v: Variant, namespace: str, window: str) -> dict[str, str]:
+    return {
+        "variant": v.name,
+        "service": v.service,
+        "deployment": v.service,
+        "namespace": namespace,
+        "window": window,
+    }
+
+
+def _check_templates(spec: ModelExperimentSpec) -> None:
+    for i, g in enumerate(spec.guardrails):
+        try:
+            check_template(g.query)
+        except TemplateError as e:
+            raise RouterError(f"spec.guardrails[{i}].query", str(e)) from e
+    for f in ("successes", "trials", "sum", "count", "sumSquares"):
+        q = getattr(spec.primaryMetric, f)
+        if q:
+            try:
+                check_template(q)
+            except TemplateError as e:
+                raise RouterError(f"spec.primaryMetric.{f}", str(e)) from e
+
+
+def measure(
+    spec: ModelExperimentSpec, status: ModelExperimentStatus, provider: MetricProvider, namespace: str
+) -> engine.Observations:
+    """Primary metric of every variant, cumulative since the experiment started; guardrails of active ones."""
+    now = common.now()
+    since = format_duration((now - (status.startedAt or now)).total_seconds())
+    active = {v.name for v in status.variants if v.active}
+    out: dict[str, engine.VariantObservation] = {}
+    for v in spec.variants:
+        primary, problem = _primary(spec.primaryMetric, provider, _placeholders(v, namespace, since))
+        guardrails: dict[str, Result] = {}
+        if v.name in active:
+            values = _placeholders(v, namespace, spec.analysis.window)
+            guardrails = {g.name: provider.query(render(g.query, values)) for g in spec.guardrails}
+        out[v.name] = engine.VariantObservation(primary=primary, problem=problem, guardrails=guardrails)
+    return engine.Observations(variants=out)
+
+
+def _primary(
+    pm: PrimaryMetric, provider: MetricProvider, values: dict[str, str]
+) -> tuple[engine.Data | None, Result | None]:
+    nums: list[float] = []
+    for f in _PRIMARY_FIELDS[pm.type]:
+        r = provider.query(render(getattr(pm, f), values))
+        if r.outcome == "noData":  # a counter that never moved reads as zero events
+            r = Result("value", 0.0)
+        if not r.ok or r.value is None:
+            return None, Result(r.outcome, message=f"{f}: {r.message or r.outcome}")
+        nums.append(max(0.0, r.value))
+    if pm.type == "proportion":
+        successes, trials = nums
+        return stats.ProportionData(min(successes, trials), trials), None
+    count, total, squares = nums
+    if count <= 0:
+        return stats.MeanData(0.0, 0.0, 0.0), None
+    # increase() extrapolates each counter on its own: keep the sums consistent with one sample.
+    return stats.MeanData(count, total, max(squares, total * total / count)), None
+
+
+class ExperimentController:
+    """Runs one ModelExperiment: ticks every analysis interval, and at once on a spec or annotation change."""
+
+    def __init__(self, namespace: str, name: str, logger: Logger) -> None:
+        self.namespace, self.name, self.logger = namespace, name, logger
+        self._last_key: tuple[Any, ...] | None = None
+        self._last_tick = 0.0
+
+    def due(self, obj: dict[str, Any]) -> bool:
+        meta = obj["metadata"]
+        key = (meta.get("generation"), tuple((meta.get("annotations") or {}).get(a) for a in ANNOTATIONS))
+        if key != self._last_key:
+            self._last_key = key
+            return True
+        try:
+            interval = parse_duration(obj["spec"]["analysis"]["interval"])
+        except (KeyError, TypeError, ValueError):
+            interval = 30.0
+        phase = (obj.get("status") or {}).get("phase")
+        if phase in TERMINAL_PHASES:
+            interval = max(interval, 60.0)  # only re-assert weights
+        return time.monotonic() - self._last_tick >= interval
+
+    def tick(self, obj: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        self._last_tick = t0
+        meta = obj["metadata"]
+        generation = int(meta.get("generation") or 0)
+        status = ModelExperimentStatus.model_validate(
+            {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
+        )
+        now = common.now()
+        try:
+            spec = ModelExperimentSpec.model_validate(obj["spec"])
+        except ValidationError as e:
+            return self._apply(
+                obj, engine.invalid(status, common.validation_message(e), now, generation), None, None
+            )
+        problem = engine.validate(spec)
+        if problem:
+            return self._apply(obj, engine.invalid(status, problem, now, generation), None, None)
+        try:
+            _check_templates(spec)
+            router = common.make_router(spec.trafficRouting, self.namespace)
+            router.check([v.service for v in spec.variants])
+            provider = common.make_provider(spec.analysis.prometheus, self.namespace)
+        except RouterError as e:
+            return self._apply(obj, engine.invalid(status, str(e), now, generation), None, None)
+        observations = None
+        if engine.needs_measurement(spec, status):
+            observations = measure(spec, status, provider, self.namespace)
+            errors = sum(
+                1
+                for o in observations.variants.values()
+                for r in [*o.guardrails.values(), *([o.problem] if o.problem else [])]
+                if r.outcome == "error"
+            )
+            if errors:
+                telemetry.MEASUREMENT_ERRORS.labels(KIND, self.namespace, self.name).inc(errors)
+        decision = engine.reconcile(
+            spec,
+            status,
+            now=now,
+            generation=generation,
+            annotations=meta.get("annotations") or {},
+            observations=observations,
+        )
+        self._apply(obj, decision, spec, router)
+        telemetry.ANALYSIS_SECONDS.labels(KIND).observe(time.monotonic() - t0)
+
+    def _apply(
+        self,
+        obj: dict[str, Any],
+        decision: engine.Decision,
+        spec: ModelExperimentSpec | None,
+        router: TrafficRouter | None,
+    ) -> None:
+        s = decision.status
+        if not common.write_status(PLURAL, obj, dump(s)):
+            self._last_key = None  # conflict: read again and redo at the next wake-up
+            return
+        # Status is the record; the router is made to match it (also re-asserted in terminal phases).
+        if spec is not None and router is not None and s.variants and s.phase not in ("Invalid", "Pending"):
+            want = engine.service_weights(spec, s)
+            current = router.get_weights()
+            if any(current.get(svc) != w for svc, w in want.items()):
+                router.set_weights(want)
+            for v in s.variants:
+                telemetry.WEIGHT.labels(KIND, self.namespace, self.name, v.name).set(v.weight)
+        for a in decision.actions:
+            if isinstance(a, engine.Event):
+                common.post_event(obj, a.type, a.reason, a.message)
+                telemetry.DECISIONS.labels(KIND, self.namespace, self.name, a.reason).inc()
+                log = self.logger.warning if a.type == "Warning" else self.logger.info
+                log("%s: %s", a.reason, a.message)
+        telemetry.set_phase(KIND, self.namespace, self.name, s.phase, PHASES)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+def experiment_daemon(
+    stopped: kopf.DaemonStopped, namespace: str | None, name: str, logger: Logger, **_: Any
+) -> None:
+    ctl = ExperimentController(namespace or "default", name, logger)
+    while not stopped:
+        try:
+            obj = common.get_object(PLURAL, ctl.namespace, name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return
+            if ctl.due(obj):
+                ctl.tick(obj)
+        except Exception as e:  # a daemon must survive anything and try again
+            logger.exception("tick failed: %s", e)
+            ctl._last_key = None
+        stopped.wait(0.5)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def experiment_deleted(spec: Any, namespace: str | None, name: str, logger: Logger, **_: Any) -> None:
+    """Finalizer: all traffic to the control before the ModelExperiment goes away."""
+    ns = namespace or "default"
+    variants = [v.get("name", "") for v in (dict(spec).get("variants") or []) if isinstance(v, dict)]
+    telemetry.forget(KIND, ns, name, PHASES, variants)
+    try:
+        s = ModelExperimentSpec.model_validate(dict(spec))
+        controls = [v for v in s.variants if v.control]
+        if len(controls) != 1:
+            logger.warning("deleted without restoring weights: spec.variants has %d controls", len(controls))
+            return
+        router = common.make_router(s.trafficRouting, ns)
+        router.set_weights({v.service: (100 if v.control else 0) for v in s.variants})
+        logger.info("deleted: all traffic to the control %s", controls[0].service)
+    except (ValidationError, RouterError) as e:
+        logger.warning("deleted without restoring weights: %s", e)
