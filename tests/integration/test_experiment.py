@@ -114,18 +114,21 @@ def fresh(stack: Stack) -> Iterator[Stack]:
     yield stack
     stack.loadgen.set_skew({})
     co = client.CustomObjectsApi(stack.api)
-    for obj in co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, PLURAL)[
-        "items"
-    ]:
+    for obj in _experiments(stack):
         co.delete_namespaced_custom_object(
             "mlrollouts.io", "v1alpha1", stack.namespace, PLURAL, obj["metadata"]["name"]
         )
     deadline = time.monotonic() + 30
-    while (
-        time.monotonic() < deadline
-        and co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, PLURAL)["items"]
-    ):
+    while time.monotonic() < deadline and _experiments(stack):
         time.sleep(0.5)
+
+
+def _experiments(stack: Stack) -> list[dict[str, Any]]:
+    got: dict[str, Any] = client.CustomObjectsApi(stack.api).list_namespaced_custom_object(  # type: ignore[assignment]
+        "mlrollouts.io", "v1alpha1", stack.namespace, PLURAL
+    )
+    items: list[dict[str, Any]] = got["items"]
+    return items
 
 
 def start_split(stack: Stack, weights: dict[str, int]) -> None:
@@ -152,7 +155,7 @@ def event_reasons(stack: Stack, name: str) -> set[str]:
         .list_namespaced_event(stack.namespace, field_selector=f"involvedObject.name={name}")
         .items
     )
-    return {e.reason for e in evs}
+    return {str(e.reason) for e in evs}
 
 
 def test_better_variant_is_promoted_with_the_numbers(fresh: Stack) -> None:

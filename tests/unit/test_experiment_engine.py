@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,7 +48,7 @@ def make_spec(n: int = 2, **over: Any) -> ModelExperimentSpec:
 
 
 def obs(
-    data: dict[str, ProportionData | MeanData | Result], errors: dict[str, float] | None = None
+    data: Mapping[str, ProportionData | MeanData | Result], errors: dict[str, float] | None = None
 ) -> Observations:
     errors = errors or {}
     out = {}
@@ -340,7 +341,7 @@ def test_mean_metric_sample_size_from_pooled_sd() -> None:
     assert d.status.sampleSizePerVariant is None
     # mean 1, sd 0.5 in each arm: sum of squares = n * (sd^2 + mean^2)
     data = {n: MeanData(100, 100.0, 100 * 1.25) for n in ("control", "v1")}
-    d = step(spec, d, 5, obs(data))  # type: ignore[arg-type]
+    d = step(spec, d, 5, obs(data))
     assert d.status.sampleSizePerVariant is not None and 350 < d.status.sampleSizePerVariant < 450
     assert d.status.phase == "Running"
 

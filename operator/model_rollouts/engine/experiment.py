@@ -842,7 +842,7 @@ def _decide(
                 else f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}"
             )
             detail = (
-                f"{winner} {pm.name} = {w.estimate:.4g} vs control {ctrl} {by_name[ctrl].estimate:.4g} "
+                f"{winner} {pm.name} = {w.estimate:.4g} vs {ctrl} (control) {by_name[ctrl].estimate:.4g} "
                 f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
                 f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {samples})"
             )

@@ -1,0 +1,73 @@
+# Model Rollouts: `make demo` and `make test` work on a fresh machine (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv system-deps kube-bins setup crds crds-check lint test test-unit test-integration \
+        demo bench-stats bench-rollback cluster-up cluster-down clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the package and dev tools
+
+system-deps: ## Debian packages: prometheus, openssl (installed when run as root)
+	@command -v go >/dev/null || { echo "Go >= 1.25 is needed to build the Kubernetes test binaries (or set KUBEBUILDER_ASSETS)"; exit 1; }
+	@missing=""; for c in prometheus openssl; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    pkgs="$$missing"; \
+	    echo "installing Debian packages:$$pkgs"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
+	  else echo "missing:$$missing; install them (Debian: apt-get install prometheus openssl)"; exit 1; fi; \
+	fi
+
+kube-bins: ## build kube-apiserver, kube-controller-manager, kubectl once into .cache (or use KUBEBUILDER_ASSETS)
+	@if [ -n "$$KUBEBUILDER_ASSETS" ] && [ -x "$$KUBEBUILDER_ASSETS/kube-apiserver" ]; then \
+	  echo "using KUBEBUILDER_ASSETS=$$KUBEBUILDER_ASSETS"; bash hack/build-kube.sh --crds-only >/dev/null; \
+	else bash hack/build-kube.sh >/dev/null; fi
+
+setup: venv system-deps kube-bins
+
+crds: venv ## regenerate crds/ from the pydantic models
+	$(PY) -m model_rollouts.api.crdgen --out crds
+
+lint: venv ## ruff and mypy
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/mypy
+
+test: setup lint ## the whole suite: unit, API, integration on the real local stack
+	$(PY) -m pytest -q --durations=15
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q -s tests/integration
+
+demo: setup ## real control plane + Prometheus + model servers + traffic: one rollout promoted, one rolled back
+	$(PY) -m tests.harness.demo
+
+bench-stats: venv ## simulated error rates and sample sizes of the statistics, vs naive/threshold/Mann-Whitney
+	$(PY) -m tests.bench.bench_stats
+
+bench-rollback: setup ## breach-to-weight-0 latency on the real stack (5 runs, 5s interval)
+	$(PY) -m tests.bench.bench_rollback
+
+cluster-up: setup ## start a local control plane; prints the KUBECONFIG path
+	@$(PY) -m tests.harness.cluster up
+
+cluster-down: ## stop it
+	@$(PY) -m tests.harness.cluster down
+
+clean:
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
