@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    from model_rollouts.handlers import rollout  # noqa: F401  (registers the handlers)
+    from model_rollouts.handlers import experiment, rollout  # noqa: F401  (registers the handlers)
 
     kopf.run(standalone=True, namespaces=args.namespace or None, clusterwide=not args.namespace,
              liveness_endpoint=args.liveness or None)

@@ -64,7 +64,8 @@ class Narrator:
         print(line, flush=True)
         self.timeline.append(line)
 
-    def watch(self, until: tuple[str, ...], timeout: float) -> dict[str, Any]:
+    def watch(self, until: tuple[str, ...], timeout: float, generation: int = 1) -> dict[str, Any]:
+        """Narrate until a phase in ``until`` is reached for ``generation`` of the spec."""
         deadline = time.monotonic() + timeout
         obj: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -80,7 +81,7 @@ class Narrator:
                 self.say(f"    why: {st.get('message')}")
                 if metrics:
                     self.say(f"    metrics: {metrics}")
-            if st.get("phase") in until:
+            if st.get("phase") in until and st.get("observedGeneration", 0) >= generation:
                 return obj
             time.sleep(0.5)
         raise TimeoutError(f"rollout did not reach {until} in {timeout:.0f}s: {obj.get('status')}")
@@ -107,7 +108,8 @@ def main() -> int:
         doc = rollout_doc(stack.prom.url, V2, V3, "3.0.0")
         stack.apply(doc)
         t2 = time.monotonic()
-        second = n.watch(("RolledBack", "Promoted", "Aborted"), 180)
+        generation = stack.get("modelrollouts", "fraud-scorer")["metadata"]["generation"]
+        second = n.watch(("RolledBack", "Promoted", "Aborted"), 180, generation)
         d2 = time.monotonic() - t2
         n.say(f"==> rollout 2 ended {second['status']['phase']} after {d2:.0f}s")
 

@@ -29,6 +29,7 @@ from model_rollouts.api.rollout import (
     ModelRolloutStatus,
 )
 from model_rollouts.engine import stats
+from model_rollouts.engine.actions import Event
 from model_rollouts.engine.guardrails import evaluate, update_failures
 from model_rollouts.metrics.provider import Result
 
@@ -53,13 +54,6 @@ class Observations:
 @dataclass(frozen=True)
 class SetWeight:
     weight: int  # candidate percentage; stable gets the rest
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 Action = SetWeight | Event
