@@ -100,16 +100,57 @@ def _openssl(*args: str, cwd: Path) -> None:
 def make_pki(d: Path) -> None:
     """CA, a serving certificate for 127.0.0.1/localhost, and the service-account key pair."""
     d.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "30", "-subj", "/CN=model-rollouts-test-ca", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=model-rollouts-test-ca",
+        cwd=d,
+    )
     (d / "san.ext").write_text(
         "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc\n"
         "extendedKeyUsage=serverAuth,clientAuth\n"
     )
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=kube-apiserver", cwd=d)
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "30", "-extfile", "san.ext", cwd=d)
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=kube-apiserver",
+        cwd=d,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "30",
+        "-extfile",
+        "san.ext",
+        cwd=d,
+    )
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
 
@@ -165,14 +206,27 @@ class ControlPlane:
         client, peer = free_port(), free_port()
         self.etcd_url = f"http://{LOOPBACK}:{client}"
         log = wd / "etcd.log"
-        self._procs["etcd"] = spawn([
-            str(etcd), "--name", "default", "--data-dir", str(wd / "etcd"),
-            "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
-            "--listen-peer-urls", f"http://{LOOPBACK}:{peer}",
-            "--initial-advertise-peer-urls", f"http://{LOOPBACK}:{peer}",
-            "--initial-cluster", f"default=http://{LOOPBACK}:{peer}",
-            "--unsafe-no-fsync",
-        ], log)
+        self._procs["etcd"] = spawn(
+            [
+                str(etcd),
+                "--name",
+                "default",
+                "--data-dir",
+                str(wd / "etcd"),
+                "--listen-client-urls",
+                self.etcd_url,
+                "--advertise-client-urls",
+                self.etcd_url,
+                "--listen-peer-urls",
+                f"http://{LOOPBACK}:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://{LOOPBACK}:{peer}",
+                "--initial-cluster",
+                f"default=http://{LOOPBACK}:{peer}",
+                "--unsafe-no-fsync",
+            ],
+            log,
+        )
         self.pids["etcd"] = self._procs["etcd"].pid
 
     def _start_apiserver(self, binary: Path, wd: Path, timeout: float) -> None:
@@ -180,29 +234,37 @@ class ControlPlane:
         port = free_port()
         self.server = f"https://{LOOPBACK}:{port}"
         log = wd / "kube-apiserver.log"
-        self._procs["kube-apiserver"] = spawn([
-            str(binary),
-            f"--advertise-address={LOOPBACK}", f"--bind-address={LOOPBACK}", f"--secure-port={port}",
-            f"--etcd-servers={self.etcd_url}",
-            f"--cert-dir={pki}",
-            f"--tls-cert-file={pki / 'server.crt'}", f"--tls-private-key-file={pki / 'server.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}", f"--token-auth-file={pki / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
-            f"--service-account-issuer={self.server}",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--allow-privileged=true",
-            "--profiling=false",
-        ], log)
+        self._procs["kube-apiserver"] = spawn(
+            [
+                str(binary),
+                f"--advertise-address={LOOPBACK}",
+                f"--bind-address={LOOPBACK}",
+                f"--secure-port={port}",
+                f"--etcd-servers={self.etcd_url}",
+                f"--cert-dir={pki}",
+                f"--tls-cert-file={pki / 'server.crt'}",
+                f"--tls-private-key-file={pki / 'server.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--token-auth-file={pki / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-issuer={self.server}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ],
+            log,
+        )
         self.pids["kube-apiserver"] = self._procs["kube-apiserver"].pid
         self.kubeconfig = wd / "kubeconfig"
         write_kubeconfig(self.kubeconfig, self.server, pki / "ca.crt", self.token)
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
 
         def ready() -> bool:
-            req = urllib.request.Request(self.server + "/readyz",
-                                         headers={"Authorization": f"Bearer {self.token}"})
+            req = urllib.request.Request(
+                self.server + "/readyz", headers={"Authorization": f"Bearer {self.token}"}
+            )
             with urllib.request.urlopen(req, context=ctx, timeout=2) as r:
                 return bool(r.status == 200)
 
@@ -212,19 +274,30 @@ class ControlPlane:
         pki = wd / "pki"
         port = free_port()
         log = wd / "kube-controller-manager.log"
-        self._procs["kube-controller-manager"] = spawn([
-            str(binary), f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
-            f"--bind-address={LOOPBACK}", f"--secure-port={port}",
-            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-            "--use-service-account-credentials=true",
-            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-            "--leader-elect=false", "--controllers=*",
-        ], log)
+        self._procs["kube-controller-manager"] = spawn(
+            [
+                str(binary),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                f"--bind-address={LOOPBACK}",
+                f"--secure-port={port}",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--use-service-account-credentials=true",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                "--leader-elect=false",
+                "--controllers=*",
+            ],
+            log,
+        )
         self.pids["kube-controller-manager"] = self._procs["kube-controller-manager"].pid
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE  # self-signed serving cert of the controller-manager's own health port
+        ctx.verify_mode = (
+            ssl.CERT_NONE
+        )  # self-signed serving cert of the controller-manager's own health port
 
         def healthy() -> bool:
             with urllib.request.urlopen(f"https://{LOOPBACK}:{port}/healthz", context=ctx, timeout=2) as r:
@@ -279,8 +352,12 @@ def install_crds(api, paths: list[Path], timeout: float = 30.0) -> None:  # type
     import yaml
     from kubernetes import client
 
-    docs = [d for p in paths for d in yaml.safe_load_all(p.read_text()) if d and d.get("kind") ==
-            "CustomResourceDefinition"]
+    docs = [
+        d
+        for p in paths
+        for d in yaml.safe_load_all(p.read_text())
+        if d and d.get("kind") == "CustomResourceDefinition"
+    ]
     kubectl_apply(api, docs)
     ext = client.ApiextensionsV1Api(api)
 
@@ -298,8 +375,11 @@ def install_crds(api, paths: list[Path], timeout: float = 30.0) -> None:  # type
 
 
 def _cli() -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.harness.cluster", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.harness.cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--no-controller-manager", action="store_true")
     args = parser.parse_args()

@@ -21,10 +21,14 @@ from tests.harness.stack import Stack
 
 NS, ROUTE = "ml", "fraud-scorer"
 V1, V2, V3 = "fraud-scorer-v1", "fraud-scorer-v2", "fraud-scorer-v3"
-ERROR_RATE = ('sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
-              'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))')
-P95 = ('histogram_quantile(0.95, sum by (le) (rate(model_request_duration_seconds_bucket'
-       '{service="{{ service }}"}[{{ window }}])))')
+ERROR_RATE = (
+    'sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
+    'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))'
+)
+P95 = (
+    "histogram_quantile(0.95, sum by (le) (rate(model_request_duration_seconds_bucket"
+    '{service="{{ service }}"}[{{ window }}])))'
+)
 DRIFT = 'max(model_drift_score{service="{{ service }}"})'
 POSITIVE = 'sum(increase(model_feedback_total{service="{{ service }}",feedback="positive"}[{{ window }}]))'
 FEEDBACK = 'sum(increase(model_feedback_total{service="{{ service }}"}[{{ window }}]))'
@@ -32,23 +36,39 @@ FEEDBACK = 'sum(increase(model_feedback_total{service="{{ service }}"}[{{ window
 
 def rollout_doc(prom: str, stable: str, candidate: str, version: str) -> dict[str, Any]:
     return {
-        "apiVersion": "mlrollouts.io/v1alpha1", "kind": "ModelRollout",
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelRollout",
         "metadata": {"name": "fraud-scorer", "namespace": NS},
         "spec": {
-            "stable": {"service": stable}, "candidate": {"service": candidate, "modelVersion": version},
+            "stable": {"service": stable},
+            "candidate": {"service": candidate, "modelVersion": version},
             "trafficRouting": {"gatewayAPI": {"httpRoute": ROUTE}},
             "maxWeightStep": 25,
-            "steps": [{"setWeight": 10}, {"pause": {"duration": "10s"}}, {"setWeight": 50},
-                      {"analysis": {"duration": "10s"}}, {"setWeight": 100}],
+            "steps": [
+                {"setWeight": 10},
+                {"pause": {"duration": "10s"}},
+                {"setWeight": 50},
+                {"analysis": {"duration": "10s"}},
+                {"setWeight": 100},
+            ],
             "analysis": {
-                "interval": "5s", "window": "15s", "prometheus": {"address": prom, "timeout": "2s"},
+                "interval": "5s",
+                "window": "15s",
+                "prometheus": {"address": prom, "timeout": "2s"},
                 "guardrails": [
                     {"name": "error-rate", "query": ERROR_RATE, "max": 0.02, "failureLimit": 1},
                     {"name": "latency-p95", "query": P95, "max": 0.25, "failureLimit": 2},
                     {"name": "drift", "query": DRIFT, "max": 0.3, "failureLimit": 2},
                 ],
-                "comparisons": [{"name": "positive-feedback", "successes": POSITIVE, "trials": FEEDBACK,
-                                 "test": "nonInferiority", "margin": 0.05}],
+                "comparisons": [
+                    {
+                        "name": "positive-feedback",
+                        "successes": POSITIVE,
+                        "trials": FEEDBACK,
+                        "test": "nonInferiority",
+                        "margin": 0.05,
+                    }
+                ],
             },
         },
     }
@@ -72,8 +92,12 @@ class Narrator:
             obj = self.stack.get("modelrollouts", "fraud-scorer")
             st = obj.get("status") or {}
             weights = self.stack.route_weights()
-            metrics = ", ".join(f"{m['name']}={m['value']:.3g}" if m.get("value") is not None
-                                else f"{m['name']}={m['verdict']}" for m in st.get("lastAnalysis", []))
+            metrics = ", ".join(
+                f"{m['name']}={m['value']:.3g}"
+                if m.get("value") is not None
+                else f"{m['name']}={m['verdict']}"
+                for m in st.get("lastAnalysis", [])
+            )
             state = f"{st.get('phase')} step={st.get('currentStep')} weight={st.get('weight')}"
             if state + st.get("message", "") != self.last:
                 self.last = state + st.get("message", "")
@@ -88,14 +112,26 @@ class Narrator:
 
 
 def main() -> int:
-    print("Model Rollouts demo: starting a real local stack (kube-apiserver, etcd, Prometheus, "
-          "3 model servers, traffic at 40 rps)...", flush=True)
+    print(
+        "Model Rollouts demo: starting a real local stack (kube-apiserver, etcd, Prometheus, "
+        "3 model servers, traffic at 40 rps)...",
+        flush=True,
+    )
     variants = {V1: {"positive_rate": 0.6}, V2: {"positive_rate": 0.62}, V3: {"error_rate": 0.08}}
-    with Stack(variants=variants, namespace=NS, route=ROUTE, rps=40, max_seconds=600,
-               initial_weights={V1: 100, V2: 0, V3: 0}) as stack:
+    with Stack(
+        variants=variants,
+        namespace=NS,
+        route=ROUTE,
+        rps=40,
+        max_seconds=600,
+        initial_weights={V1: 100, V2: 0, V3: 0},
+    ) as stack:
         assert stack.prom is not None
         n = Narrator(stack)
-        n.say(f"control plane {stack.cluster.server}, Prometheus {stack.prom.url}, kubeconfig {stack.cluster.kubeconfig}")
+        n.say(
+            f"control plane {stack.cluster.server}, Prometheus {stack.prom.url}, "
+            f"kubeconfig {stack.cluster.kubeconfig}"
+        )
         stack.start_operator()
         n.say("operator started; applying ModelRollout fraud-scorer: v1 -> v2 (a better model)")
         stack.apply(rollout_doc(stack.prom.url, V1, V2, "2.0.0"))
@@ -115,8 +151,10 @@ def main() -> int:
 
         print("\n================ summary ================")
         print(f"rollout 1 (v1 -> v2): {first['status']['phase']:<10} in {d1:4.0f}s")
-        print(f"rollout 2 (v2 -> v3): {second['status']['phase']:<10} in {d2:4.0f}s  "
-              f"reason: {second['status']['message']}")
+        print(
+            f"rollout 2 (v2 -> v3): {second['status']['phase']:<10} in {d2:4.0f}s  "
+            f"reason: {second['status']['message']}"
+        )
         print(f"final HTTPRoute weights: {stack.route_weights()}")
         print("history of the last rollout (from status.history):")
         for h in second["status"]["history"][-8:]:

@@ -22,8 +22,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
-               log: Path | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
     """Poll ``check`` until true; raise with the tail of ``log`` if it times out or ``proc`` dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -32,7 +37,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subpr
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - anything short of success means "not ready yet"
+        except Exception:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s:\n{tail(log)}")
@@ -44,13 +49,21 @@ def tail(log: Path | None, lines: int = 25) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     """Start a process in its own session, output to ``log``; stopped later with :func:`stop_pid`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
 
 
 def pid_alive(pid: int) -> bool:

@@ -27,7 +27,9 @@ class Target:
 
 
 def find_prometheus() -> Path:
-    found = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+    found = shutil.which("prometheus") or (
+        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
+    )
     if not found:
         raise MissingComponent("prometheus not found on PATH: `apt-get install prometheus` (Debian package)")
     return Path(found)
@@ -76,11 +78,18 @@ class Prometheus:
         cfg = self.workdir / "prometheus.yml"
         cfg.write_text(render_config(self.targets, self.scrape_interval))
         log = self.workdir / "prometheus.log"
-        self._proc = spawn([
-            str(binary), f"--config.file={cfg}", f"--storage.tsdb.path={self.workdir / 'data'}",
-            f"--web.listen-address={LOOPBACK}:{self.port}", "--web.enable-lifecycle",
-            "--storage.tsdb.retention.time=1d", "--log.level=warn",
-        ], log)
+        self._proc = spawn(
+            [
+                str(binary),
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address={LOOPBACK}:{self.port}",
+                "--web.enable-lifecycle",
+                "--storage.tsdb.retention.time=1d",
+                "--log.level=warn",
+            ],
+            log,
+        )
 
         def ready() -> bool:
             with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:

@@ -26,11 +26,14 @@ GROUP, VERSION = "mlrollouts.io", "v1alpha1"
 
 def httproute(name: str, namespace: str, weights: dict[str, int]) -> dict[str, Any]:
     return {
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "parentRefs": [{"name": "gateway"}],
-            "rules": [{"backendRefs": [{"name": svc, "port": 80, "weight": w} for svc, w in weights.items()]}],
+            "rules": [
+                {"backendRefs": [{"name": svc, "port": 80, "weight": w} for svc, w in weights.items()]}
+            ],
         },
     }
 
@@ -52,6 +55,7 @@ class Stack:
     loadgen: LoadGenerator | None = None
     operator: subprocess.Popen[bytes] | None = None
     operator_metrics_port: int = 0
+    operator_kubeconfig: Path = Path()
     workdir: Path | None = None
     api: Any = None
 
@@ -65,33 +69,86 @@ class Stack:
             from kubernetes import client
 
             client.CoreV1Api(self.api).create_namespace(client.V1Namespace(metadata={"name": self.namespace}))
+            self.operator_kubeconfig = self._service_account_kubeconfig()
             for svc, params in self.variants.items():
                 self.servers[svc] = ModelServerProcess(variant=svc, **params).start()  # type: ignore[arg-type]
             self.operator_metrics_port = free_port()
-            targets = [Target("model", f"127.0.0.1:{s.port}", {"service": svc, "namespace": self.namespace})
-                       for svc, s in self.servers.items()]
+            targets = [
+                Target("model", f"127.0.0.1:{s.port}", {"service": svc, "namespace": self.namespace})
+                for svc, s in self.servers.items()
+            ]
             targets.append(Target("model-rollouts", f"127.0.0.1:{self.operator_metrics_port}"))
             assert self.workdir is not None
             self.prom = Prometheus(targets, workdir=self.workdir / "prometheus").start()
-            weights = self.initial_weights or {svc: (100 if i == 0 else 0) for i, svc in enumerate(self.variants)}
+            weights = self.initial_weights or {
+                svc: (100 if i == 0 else 0) for i, svc in enumerate(self.variants)
+            }
             kubectl_apply(self.api, [httproute(self.route, self.namespace, weights)])
-            self.loadgen = LoadGenerator(api=self.api, namespace=self.namespace, httproute=self.route,
-                                         backends={svc: s.url for svc, s in self.servers.items()},
-                                         rps=self.rps, max_seconds=self.max_seconds,
-                                         max_requests=int(self.rps * self.max_seconds) + 1)
+            self.loadgen = LoadGenerator(
+                api=self.api,
+                namespace=self.namespace,
+                httproute=self.route,
+                backends={svc: s.url for svc, s in self.servers.items()},
+                rps=self.rps,
+                max_seconds=self.max_seconds,
+                max_requests=int(self.rps * self.max_seconds) + 1,
+            )
             self.loadgen.start()
         except BaseException:
             self.close()
             raise
         return self
 
+    def _service_account_kubeconfig(self) -> Path:
+        """Apply manifests/rbac.yaml and run the operator with its ServiceAccount token, so RBAC is tested."""
+        import yaml
+        from kubernetes import client
+
+        from tests.harness.cluster import write_kubeconfig
+
+        docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text()) if d]
+        kubectl_apply(self.api, docs)
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]
+        token = (
+            client.CoreV1Api(self.api)
+            .create_namespaced_service_account_token(
+                sa["name"],
+                sa["namespace"],
+                client.AuthenticationV1TokenRequest(
+                    spec=client.V1TokenRequestSpec(
+                        audiences=[self.cluster.server], expiration_seconds=4 * 3600
+                    )
+                ),
+            )
+            .status.token
+        )
+        assert self.workdir is not None
+        path = self.workdir / "operator.kubeconfig"
+        write_kubeconfig(path, self.cluster.server, self.workdir / "pki" / "ca.crt", token)
+        return path
+
     # -- operator process -------------------------------------------------------------------------
     def start_operator(self) -> None:
         assert self.workdir is not None
-        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
-        self.operator = spawn([sys.executable, "-m", "model_rollouts.main", "--namespace", self.namespace,
-                               "--metrics-port", str(self.operator_metrics_port), "--metrics-address", "127.0.0.1",
-                               "--liveness", ""], self.workdir / "operator.log", env=env, cwd=REPO)
+        env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.operator = spawn(
+            [
+                sys.executable,
+                "-m",
+                "model_rollouts.main",
+                "--namespace",
+                self.namespace,
+                "--metrics-port",
+                str(self.operator_metrics_port),
+                "--metrics-address",
+                "127.0.0.1",
+                "--liveness",
+                "",
+            ],
+            self.workdir / "operator.log",
+            env=env,
+            cwd=REPO,
+        )
 
     def stop_operator(self, kill: bool = False) -> None:
         if self.operator is None:
@@ -116,39 +173,51 @@ class Stack:
         from kubernetes import client
 
         obj: dict[str, Any] = client.CustomObjectsApi(self.api).get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, plural, name)
+            GROUP, VERSION, self.namespace, plural, name
+        )
         return obj
 
     def annotate(self, plural: str, name: str, annotations: dict[str, str]) -> None:
         from kubernetes import client
 
         client.CustomObjectsApi(self.api).patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, plural, name, {"metadata": {"annotations": annotations}})
+            GROUP, VERSION, self.namespace, plural, name, {"metadata": {"annotations": annotations}}
+        )
 
     def route_weights(self) -> dict[str, int]:
         from kubernetes import client
 
         route = client.CustomObjectsApi(self.api).get_namespaced_custom_object(
-            "gateway.networking.k8s.io", "v1", self.namespace, "httproutes", self.route)
+            "gateway.networking.k8s.io", "v1", self.namespace, "httproutes", self.route
+        )
         return {r["name"]: int(r.get("weight", 1)) for r in route["spec"]["rules"][0]["backendRefs"]}
 
-    def wait_for(self, plural: str, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float,
-                 on_poll: Callable[[dict[str, Any]], None] | None = None, poll: float = 0.5) -> dict[str, Any]:
+    def wait_for(
+        self,
+        plural: str,
+        name: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+        poll: float = 0.5,
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         obj: dict[str, Any] = {}
         while time.monotonic() < deadline:
             try:
                 obj = self.get(plural, name)
-            except Exception:  # noqa: BLE001 - not created yet
+            except Exception:
                 obj = {}
             if on_poll and obj:
                 on_poll(obj)
             if obj and predicate(obj):
                 return obj
             time.sleep(poll)
-        raise TimeoutError(f"{plural}/{name} did not reach the expected state in {timeout:.0f}s; "
-                           f"status={obj.get('status')}\n--- operator log tail ---\n"
-                           + "\n".join(self.operator_log().splitlines()[-40:]))
+        raise TimeoutError(
+            f"{plural}/{name} did not reach the expected state in {timeout:.0f}s; "
+            f"status={obj.get('status')}\n--- operator log tail ---\n"
+            + "\n".join(self.operator_log().splitlines()[-40:])
+        )
 
     def close(self) -> None:
         self.stop_operator()

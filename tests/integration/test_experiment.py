@@ -7,8 +7,6 @@ feedback (positive with each server's ``positive_rate``), so the loop operator -
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +14,6 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tests.harness.procs import REPO, spawn
 from tests.harness.stack import Stack, httproute
 
 pytestmark = pytest.mark.integration
@@ -59,36 +56,6 @@ def experiment(name: str, prom: str, services: list[str], **extra: Any) -> dict[
     }
 
 
-# The operator, with the ModelExperiment handlers registered even if model_rollouts.main does not import
-# them (the import in main() is a no-op when they are already registered).
-_OPERATOR = (
-    "import sys, model_rollouts.handlers.experiment; from model_rollouts.main import main; main(sys.argv[1:])"
-)
-
-
-def start_operator(stack: Stack) -> None:
-    assert stack.workdir is not None
-    env = {**os.environ, "KUBECONFIG": str(stack.cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
-    stack.operator = spawn(
-        [
-            sys.executable,
-            "-c",
-            _OPERATOR,
-            "--namespace",
-            stack.namespace,
-            "--metrics-port",
-            str(stack.operator_metrics_port),
-            "--metrics-address",
-            "127.0.0.1",
-            "--liveness",
-            "",
-        ],
-        stack.workdir / "operator.log",
-        env=env,
-        cwd=REPO,
-    )
-
-
 @pytest.fixture(scope="module")
 def stack(real_components: None) -> Iterator[Stack]:
     with Stack(
@@ -98,7 +65,7 @@ def stack(real_components: None) -> Iterator[Stack]:
         max_seconds=1500,
         initial_weights={A: 34, B: 33, C: 33},
     ) as s:
-        start_operator(s)
+        s.start_operator()
         yield s
 
 
@@ -110,7 +77,7 @@ def fresh(stack: Stack) -> Iterator[Stack]:
     assert stack.loadgen is not None
     stack.loadgen.set_skew({})
     if stack.operator is None:
-        start_operator(stack)
+        stack.start_operator()
     yield stack
     stack.loadgen.set_skew({})
     co = client.CustomObjectsApi(stack.api)

@@ -14,28 +14,54 @@ from kubernetes.client.exceptions import ApiException
 from tests.harness.stack import Stack, WeightRecorder, httproute
 
 STABLE, CANDIDATE = "fraud-v1", "fraud-v2"
-ERROR_RATE = ('sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
-              'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))')
+ERROR_RATE = (
+    'sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
+    'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))'
+)
 POSITIVE = 'sum(increase(model_feedback_total{service="{{ service }}",feedback="positive"}[{{ window }}]))'
 FEEDBACK = 'sum(increase(model_feedback_total{service="{{ service }}"}[{{ window }}]))'
 
 
 def rollout(name: str, prom: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    analysis = {"interval": "5s", "window": "10s", "prometheus": {"address": prom, "timeout": "2s"},
-                "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 1}],
-                "comparisons": [{"name": "positive-feedback", "successes": POSITIVE, "trials": FEEDBACK,
-                                 "test": "nonInferiority", "margin": 0.1}]}
+    analysis = {
+        "interval": "5s",
+        "window": "10s",
+        "prometheus": {"address": prom, "timeout": "2s"},
+        "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 1}],
+        "comparisons": [
+            {
+                "name": "positive-feedback",
+                "successes": POSITIVE,
+                "trials": FEEDBACK,
+                "test": "nonInferiority",
+                "margin": 0.1,
+            }
+        ],
+    }
     analysis.update(extra.pop("analysis", {}))
-    return {"apiVersion": "mlrollouts.io/v1alpha1", "kind": "ModelRollout", "metadata": {"name": name},
-            "spec": {"stable": {"service": STABLE}, "candidate": {"service": CANDIDATE, "modelVersion": "2.0"},
-                     "trafficRouting": {"gatewayAPI": {"httpRoute": "fraud"}}, "steps": steps,
-                     "analysis": analysis, **extra}}
+    return {
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelRollout",
+        "metadata": {"name": name},
+        "spec": {
+            "stable": {"service": STABLE},
+            "candidate": {"service": CANDIDATE, "modelVersion": "2.0"},
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "fraud"}},
+            "steps": steps,
+            "analysis": analysis,
+            **extra,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
 def stack(real_components: None) -> Iterator[Stack]:
-    with Stack(variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}}, route="fraud",
-               rps=50, max_seconds=1200) as s:
+    with Stack(
+        variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
+        route="fraud",
+        rps=50,
+        max_seconds=1200,
+    ) as s:
         s.start_operator()
         yield s
 
@@ -49,13 +75,19 @@ def fresh(stack: Stack) -> Iterator[Stack]:
     stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
     yield stack
     co = client.CustomObjectsApi(stack.api)
-    for obj in co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace,
-                                                "modelrollouts")["items"]:
-        co.delete_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts",
-                                           obj["metadata"]["name"])
+    for obj in co.list_namespaced_custom_object(
+        "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts"
+    )["items"]:
+        co.delete_namespaced_custom_object(
+            "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", obj["metadata"]["name"]
+        )
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and co.list_namespaced_custom_object(
-            "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts")["items"]:
+    while (
+        time.monotonic() < deadline
+        and co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts")[
+            "items"
+        ]
+    ):
         time.sleep(0.5)
 
 
@@ -66,9 +98,19 @@ def phase(obj: dict[str, Any]) -> str | None:
 def test_good_candidate_is_promoted_with_weights_in_step_order(fresh: Stack) -> None:
     assert fresh.prom is not None
     rec = WeightRecorder(fresh, CANDIDATE)
-    fresh.apply(rollout("good", fresh.prom.url, [{"setWeight": 20}, {"pause": {"duration": "5s"}},
-                                                 {"setWeight": 50}, {"analysis": {"duration": "5s"}},
-                                                 {"setWeight": 100}]))
+    fresh.apply(
+        rollout(
+            "good",
+            fresh.prom.url,
+            [
+                {"setWeight": 20},
+                {"pause": {"duration": "5s"}},
+                {"setWeight": 50},
+                {"analysis": {"duration": "5s"}},
+                {"setWeight": 100},
+            ],
+        )
+    )
     obj = fresh.wait_for("modelrollouts", "good", lambda o: phase(o) == "Promoted", 150, on_poll=rec.poll)
     rec.poll()
     assert rec.seen == [0, 20, 50, 100]
@@ -80,18 +122,25 @@ def test_good_candidate_is_promoted_with_weights_in_step_order(fresh: Stack) -> 
     assert guard["verdict"] == "pass" and guard["value"] <= 0.05
     comp = next(m for m in st["lastAnalysis"] if m["name"] == "positive-feedback")
     assert comp["verdict"] in ("pass", "inconclusive") and "pValue" in comp["details"]
-    events = client.CoreV1Api(fresh.api).list_namespaced_event(
-        fresh.namespace, field_selector="involvedObject.name=good").items
+    events = (
+        client.CoreV1Api(fresh.api)
+        .list_namespaced_event(fresh.namespace, field_selector="involvedObject.name=good")
+        .items
+    )
     assert {"WeightChanged", "Promoted"} <= {e.reason for e in events}
 
 
 def test_guardrail_breach_rolls_back_to_weight_zero(fresh: Stack) -> None:
     assert fresh.prom is not None
     rec = WeightRecorder(fresh, CANDIDATE)
-    fresh.apply(rollout("bad", fresh.prom.url, [{"setWeight": 30}, {"pause": {"duration": "10m"}},
-                                                {"setWeight": 100}]))
-    fresh.wait_for("modelrollouts", "bad", lambda o: (o.get("status") or {}).get("weight") == 30, 60,
-                   on_poll=rec.poll)
+    fresh.apply(
+        rollout(
+            "bad", fresh.prom.url, [{"setWeight": 30}, {"pause": {"duration": "10m"}}, {"setWeight": 100}]
+        )
+    )
+    fresh.wait_for(
+        "modelrollouts", "bad", lambda o: (o.get("status") or {}).get("weight") == 30, 60, on_poll=rec.poll
+    )
     time.sleep(6)  # one healthy analysis at 30%
     fresh.servers[CANDIDATE].set(error_rate=0.5)
     breach_at = _wait_breach_visible(fresh, CANDIDATE, 0.05)
@@ -121,10 +170,16 @@ def _wait_breach_visible(stack: Stack, service: str, limit: float, timeout: floa
 def test_no_data_holds_and_progress_resumes_when_prometheus_returns(fresh: Stack) -> None:
     assert fresh.prom is not None
     rec = WeightRecorder(fresh, CANDIDATE)
-    fresh.apply(rollout("nodata", fresh.prom.url, [{"setWeight": 20}, {"pause": {"duration": "5s"}},
-                                                   {"setWeight": 60}, {"setWeight": 100}]))
-    fresh.wait_for("modelrollouts", "nodata", lambda o: (o.get("status") or {}).get("weight") == 20, 60,
-                   on_poll=rec.poll)
+    fresh.apply(
+        rollout(
+            "nodata",
+            fresh.prom.url,
+            [{"setWeight": 20}, {"pause": {"duration": "5s"}}, {"setWeight": 60}, {"setWeight": 100}],
+        )
+    )
+    fresh.wait_for(
+        "modelrollouts", "nodata", lambda o: (o.get("status") or {}).get("weight") == 20, 60, on_poll=rec.poll
+    )
     fresh.prom.stop()
     try:
         t_end = time.monotonic() + 25
@@ -157,10 +212,22 @@ def test_operator_sigkill_resumes_from_status_without_repeating_steps(fresh: Sta
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     try:
-        fresh.apply(rollout("restart", fresh.prom.url,
-                            [{"setWeight": 20}, {"pause": {"duration": "5s"}}, {"setWeight": 40},
-                             {"pause": {"duration": "5s"}}, {"setWeight": 60}, {"pause": {"duration": "5s"}},
-                             {"setWeight": 80}, {"setWeight": 100}]))
+        fresh.apply(
+            rollout(
+                "restart",
+                fresh.prom.url,
+                [
+                    {"setWeight": 20},
+                    {"pause": {"duration": "5s"}},
+                    {"setWeight": 40},
+                    {"pause": {"duration": "5s"}},
+                    {"setWeight": 60},
+                    {"pause": {"duration": "5s"}},
+                    {"setWeight": 80},
+                    {"setWeight": 100},
+                ],
+            )
+        )
         fresh.wait_for("modelrollouts", "restart", lambda o: (o.get("status") or {}).get("weight") == 40, 90)
         step_before = fresh.get("modelrollouts", "restart")["status"]["currentStep"]
         fresh.stop_operator(kill=True)
@@ -194,21 +261,40 @@ def test_impossible_spec_is_invalid_and_traffic_untouched(fresh: Stack) -> None:
 INVALID: list[tuple[str, Any, str]] = [
     ("weight over 100", lambda d: d["spec"]["steps"].__setitem__(0, {"setWeight": 101}), "setWeight"),
     ("negative weight", lambda d: d["spec"]["steps"].__setitem__(0, {"setWeight": -5}), "setWeight"),
-    ("bad duration", lambda d: d["spec"]["steps"].__setitem__(0, {"pause": {"duration": "5 minutes"}}),
-     "duration"),
+    (
+        "bad duration",
+        lambda d: d["spec"]["steps"].__setitem__(0, {"pause": {"duration": "5 minutes"}}),
+        "duration",
+    ),
     ("interval under 5s", lambda d: d["spec"]["analysis"].__setitem__("interval", "2s"), "interval"),
     ("no steps", lambda d: d["spec"].__setitem__("steps", []), "steps"),
-    ("stable equals candidate", lambda d: d["spec"]["candidate"].__setitem__("service", STABLE),
-     "candidate.service"),
-    ("two routers", lambda d: d["spec"]["trafficRouting"].__setitem__("istio", {"virtualService": "vs"}),
-     "trafficRouting"),
+    (
+        "stable equals candidate",
+        lambda d: d["spec"]["candidate"].__setitem__("service", STABLE),
+        "candidate.service",
+    ),
+    (
+        "two routers",
+        lambda d: d["spec"]["trafficRouting"].__setitem__("istio", {"virtualService": "vs"}),
+        "trafficRouting",
+    ),
     ("no router", lambda d: d["spec"].__setitem__("trafficRouting", {}), "trafficRouting"),
-    ("negative failureLimit", lambda d: d["spec"]["analysis"]["guardrails"][0].__setitem__("failureLimit", -1),
-     "failureLimit"),
-    ("step with two actions", lambda d: d["spec"]["steps"].__setitem__(0, {"setWeight": 5, "pause": {}}),
-     "steps[0]"),
+    (
+        "negative failureLimit",
+        lambda d: d["spec"]["analysis"]["guardrails"][0].__setitem__("failureLimit", -1),
+        "failureLimit",
+    ),
+    (
+        "step with two actions",
+        lambda d: d["spec"]["steps"].__setitem__(0, {"setWeight": 5, "pause": {}}),
+        "steps[0]",
+    ),
     ("negative maxWeightStep", lambda d: d["spec"].__setitem__("maxWeightStep", -10), "maxWeightStep"),
-    ("guardrail without bounds", lambda d: d["spec"]["analysis"]["guardrails"][0].pop("max"), "guardrails[0]"),
+    (
+        "guardrail without bounds",
+        lambda d: d["spec"]["analysis"]["guardrails"][0].pop("max"),
+        "guardrails[0]",
+    ),
 ]
 
 
@@ -219,8 +305,9 @@ def test_invalid_manifests_are_rejected_on_apply_naming_the_field(stack: Stack) 
         doc["metadata"]["namespace"] = stack.namespace
         mutate(doc)
         with pytest.raises(ApiException) as e:
-            co.create_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", doc)
+            co.create_namespaced_custom_object(
+                "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", doc
+            )
         assert e.value.status == 422, (label, e.value.body)
         assert field in e.value.body, (label, e.value.body)
     assert len(INVALID) >= 8
-

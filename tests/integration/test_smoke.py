@@ -16,8 +16,14 @@ V1, V2 = "smoke-v1", "smoke-v2"
 
 @pytest.fixture(scope="module")
 def stack(real_components: None) -> Iterator[Stack]:
-    with Stack(variants={V1: {}, V2: {}}, route="smoke", initial_weights={V1: 80, V2: 20}, rps=60,
-               controller_manager=True, max_seconds=300) as s:
+    with Stack(
+        variants={V1: {}, V2: {}},
+        route="smoke",
+        initial_weights={V1: 80, V2: 20},
+        rps=60,
+        controller_manager=True,
+        max_seconds=300,
+    ) as s:
         yield s
 
 
@@ -28,14 +34,22 @@ def test_apiserver_is_real_and_recent(stack: Stack) -> None:
 
 
 def test_crd_schema_rejects_invalid_object_with_422(stack: Stack) -> None:
-    bad = {"apiVersion": "mlrollouts.io/v1alpha1", "kind": "ModelRollout",
-           "metadata": {"name": "bad", "namespace": stack.namespace},
-           "spec": {"stable": {"service": "a"}, "candidate": {"service": "b"},
-                    "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
-                    "steps": [{"setWeight": 150}], "analysis": {"prometheus": {"address": "http://p:9090"}}}}
+    bad = {
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelRollout",
+        "metadata": {"name": "bad", "namespace": stack.namespace},
+        "spec": {
+            "stable": {"service": "a"},
+            "candidate": {"service": "b"},
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+            "steps": [{"setWeight": 150}],
+            "analysis": {"prometheus": {"address": "http://p:9090"}},
+        },
+    }
     with pytest.raises(ApiException) as e:
         client.CustomObjectsApi(stack.api).create_namespaced_custom_object(
-            "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", bad)
+            "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", bad
+        )
     assert e.value.status == 422
     assert "spec.steps[0].setWeight" in e.value.body
 
@@ -45,10 +59,14 @@ def test_controller_manager_creates_replicasets(stack: Stack) -> None:
     dep = client.V1Deployment(
         metadata=client.V1ObjectMeta(name="smoke-model"),
         spec=client.V1DeploymentSpec(
-            replicas=1, selector=client.V1LabelSelector(match_labels={"app": "smoke"}),
+            replicas=1,
+            selector=client.V1LabelSelector(match_labels={"app": "smoke"}),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels={"app": "smoke"}),
-                spec=client.V1PodSpec(containers=[client.V1Container(name="m", image="model:1")]))))
+                spec=client.V1PodSpec(containers=[client.V1Container(name="m", image="model:1")]),
+            ),
+        ),
+    )
     apps.create_namespaced_deployment(stack.namespace, dep)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -62,18 +80,28 @@ def test_controller_manager_creates_replicasets(stack: Stack) -> None:
 def test_traffic_generator_sees_httproute_patch(stack: Stack) -> None:
     assert stack.loadgen is not None
     co = client.CustomObjectsApi(stack.api)
-    co.patch_namespaced_custom_object("gateway.networking.k8s.io", "v1", stack.namespace, "httproutes",
-                                      stack.route, [{"op": "replace", "path": "/spec/rules/0/backendRefs/1/weight",
-                                                     "value": 35}],
-                                      _content_type="application/json-patch+json")
+    co.patch_namespaced_custom_object(
+        "gateway.networking.k8s.io",
+        "v1",
+        stack.namespace,
+        "httproutes",
+        stack.route,
+        [{"op": "replace", "path": "/spec/rules/0/backendRefs/1/weight", "value": 35}],
+        _content_type="application/json-patch+json",
+    )
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and stack.loadgen.weights.get(V2) != 35:
         time.sleep(0.1)
     assert stack.loadgen.weights.get(V2) == 35
-    co.patch_namespaced_custom_object("gateway.networking.k8s.io", "v1", stack.namespace, "httproutes",
-                                      stack.route, [{"op": "replace", "path": "/spec/rules/0/backendRefs/1/weight",
-                                                     "value": 20}],
-                                      _content_type="application/json-patch+json")
+    co.patch_namespaced_custom_object(
+        "gateway.networking.k8s.io",
+        "v1",
+        stack.namespace,
+        "httproutes",
+        stack.route,
+        [{"op": "replace", "path": "/spec/rules/0/backendRefs/1/weight", "value": 20}],
+        _content_type="application/json-patch+json",
+    )
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and stack.loadgen.weights.get(V2) != 20:
         time.sleep(0.1)

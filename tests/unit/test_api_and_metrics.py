@@ -26,9 +26,17 @@ def test_crd_schema_is_structural_and_carries_cel_rules() -> None:
     text = str(spec)
     assert "$ref" not in text and "anyOf" not in text
     assert spec["properties"]["steps"]["minItems"] == 1
-    assert any("duration(self.interval)" in r["rule"]
-               for r in spec["properties"]["analysis"]["x-kubernetes-validations"])
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Weight", "Age", "Message"]
+    assert any(
+        "duration(self.interval)" in r["rule"]
+        for r in spec["properties"]["analysis"]["x-kubernetes-validations"]
+    )
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Step",
+        "Weight",
+        "Age",
+        "Message",
+    ]
     assert crdgen.all_crds()["modelexperiments.yaml"]["spec"]["names"]["shortNames"] == ["mexp"]
 
 
@@ -39,33 +47,47 @@ def test_durations(text: str, seconds: float) -> None:
 
 def test_bad_duration_is_rejected_by_the_model_naming_the_field() -> None:
     with pytest.raises(ValidationError) as e:
-        ModelRolloutSpec.model_validate({
-            "stable": {"service": "a"}, "candidate": {"service": "b"},
-            "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}}, "steps": [{"pause": {"duration": "soon"}}],
-            "analysis": {"prometheus": {"address": "http://p"}}})
+        ModelRolloutSpec.model_validate(
+            {
+                "stable": {"service": "a"},
+                "candidate": {"service": "b"},
+                "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+                "steps": [{"pause": {"duration": "soon"}}],
+                "analysis": {"prometheus": {"address": "http://p"}},
+            }
+        )
     assert "steps.0.pause.duration" in str(e.value)
     assert format_duration(12.4) == "12s" and format_duration(0) == "1s"
 
 
 def test_render_fills_placeholders_and_refuses_injection() -> None:
     q = 'rate(x{service="{{ service }}",ns="{{namespace}}"}[{{ window }}])'
-    assert render(q, {"service": "fraud-v2", "namespace": "ml", "window": "30s"}) == \
-        'rate(x{service="fraud-v2",ns="ml"}[30s])'
+    assert (
+        render(q, {"service": "fraud-v2", "namespace": "ml", "window": "30s"})
+        == 'rate(x{service="fraud-v2",ns="ml"}[30s])'
+    )
     with pytest.raises(TemplateError, match="unsafe"):
         render(q, {"service": 'x"} or vector(1) #', "namespace": "ml", "window": "30s"})
     with pytest.raises(TemplateError, match="unknown placeholder"):
         check_template("up{job='{{ job }}'}")
 
 
-@pytest.mark.parametrize(("data", "outcome", "value"), [
-    ([{"metric": {}, "value": [1, "0.25"]}], "value", 0.25),
-    ([], "noData", None),
-    ([{"metric": {}, "value": [1, "NaN"]}], "nan", None),
-    ([{"metric": {}, "value": [1, "+Inf"]}], "nan", None),
-    ([{"metric": {"a": "1"}, "value": [1, "1"]}, {"metric": {"a": "2"}, "value": [1, "2"]}], "error", None),
-    ([1.0, "3"], "value", 3.0),
-    ("garbage", "error", None),
-])
+@pytest.mark.parametrize(
+    ("data", "outcome", "value"),
+    [
+        ([{"metric": {}, "value": [1, "0.25"]}], "value", 0.25),
+        ([], "noData", None),
+        ([{"metric": {}, "value": [1, "NaN"]}], "nan", None),
+        ([{"metric": {}, "value": [1, "+Inf"]}], "nan", None),
+        (
+            [{"metric": {"a": "1"}, "value": [1, "1"]}, {"metric": {"a": "2"}, "value": [1, "2"]}],
+            "error",
+            None,
+        ),
+        ([1.0, "3"], "value", 3.0),
+        ("garbage", "error", None),
+    ],
+)
 def test_prometheus_outcomes_are_distinct(data: object, outcome: str, value: float | None) -> None:
     r = interpret(data)
     assert r.outcome == outcome and r.value == value

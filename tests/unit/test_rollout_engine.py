@@ -22,12 +22,22 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def spec(steps: list[dict[str, Any]], **extra: Any) -> ModelRolloutSpec:
-    analysis = {"interval": "10s", "prometheus": {"address": "http://prom:9090"},
-                "guardrails": [{"name": "errors", "query": "q", "max": 0.05, "failureLimit": 2}]}
+    analysis = {
+        "interval": "10s",
+        "prometheus": {"address": "http://prom:9090"},
+        "guardrails": [{"name": "errors", "query": "q", "max": 0.05, "failureLimit": 2}],
+    }
     analysis.update(extra.pop("analysis", {}))
-    return ModelRolloutSpec.model_validate({
-        "stable": {"service": "v1"}, "candidate": {"service": "v2"},
-        "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}}, "steps": steps, "analysis": analysis, **extra})
+    return ModelRolloutSpec.model_validate(
+        {
+            "stable": {"service": "v1"},
+            "candidate": {"service": "v2"},
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+            "steps": steps,
+            "analysis": analysis,
+            **extra,
+        }
+    )
 
 
 def ok(value: float = 0.01) -> eng.Observations:
@@ -65,13 +75,15 @@ def run_until_done(d: Driver, limit: int = 50, **kw: Any) -> ModelRolloutStatus:
 
 
 def test_healthy_rollout_walks_the_steps_in_order_and_promotes() -> None:
-    d = Driver(spec([{"setWeight": 10}, {"pause": {"duration": "30s"}}, {"setWeight": 50}, {"setWeight": 100}]))
+    d = Driver(
+        spec([{"setWeight": 10}, {"pause": {"duration": "30s"}}, {"setWeight": 50}, {"setWeight": 100}])
+    )
     st = run_until_done(d)
     assert st.phase == "Promoted" and st.weight == 100
     assert d.weights == [0, 10, 50, 100]
     conds = {c.type: c.status for c in st.conditions}
     assert conds == {"Valid": "True", "Progressing": "False", "Completed": "True", "Healthy": "True"}
-    assert [h.event for h in st.history][0] == "Started" and st.history[-1].event == "Promoted"
+    assert st.history[0].event == "Started" and st.history[-1].event == "Promoted"
 
 
 def test_timed_pause_is_respected() -> None:
@@ -199,12 +211,21 @@ def test_invalid_touches_no_traffic() -> None:
 def _comparison_obs(stable: tuple[float, float], cand: tuple[float, float]) -> eng.Observations:
     return eng.Observations(
         guardrails={"errors": Result("value", 0.0)},
-        comparisons={"fb": eng.ComparisonData(stable=ProportionData(*stable), candidate=ProportionData(*cand))})
+        comparisons={
+            "fb": eng.ComparisonData(stable=ProportionData(*stable), candidate=ProportionData(*cand))
+        },
+    )
 
 
 def test_comparison_showing_harm_rolls_back() -> None:
-    s = spec([{"setWeight": 50}, {"pause": {}}], analysis={"comparisons": [
-        {"name": "fb", "successes": "s", "trials": "t", "test": "nonInferiority", "margin": 0.01}]})
+    s = spec(
+        [{"setWeight": 50}, {"pause": {}}],
+        analysis={
+            "comparisons": [
+                {"name": "fb", "successes": "s", "trials": "t", "test": "nonInferiority", "margin": 0.01}
+            ]
+        },
+    )
     d = Driver(s)
     d.tick()
     st = d.tick(_comparison_obs((6000, 10000), (4000, 10000)))
@@ -212,9 +233,21 @@ def test_comparison_showing_harm_rolls_back() -> None:
 
 
 def test_required_comparison_blocks_promotion_until_it_passes() -> None:
-    s = spec([{"setWeight": 50}], analysis={"comparisons": [
-        {"name": "fb", "successes": "s", "trials": "t", "test": "nonInferiority", "margin": 0.05,
-         "requiredToPromote": True}]})
+    s = spec(
+        [{"setWeight": 50}],
+        analysis={
+            "comparisons": [
+                {
+                    "name": "fb",
+                    "successes": "s",
+                    "trials": "t",
+                    "test": "nonInferiority",
+                    "margin": 0.05,
+                    "requiredToPromote": True,
+                }
+            ]
+        },
+    )
     d = Driver(s)
     d.tick()
     for _ in range(4):

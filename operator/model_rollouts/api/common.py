@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.json_schema import JsonDict
 
 GROUP = "mlrollouts.io"
 VERSION = "v1alpha1"
@@ -31,11 +32,12 @@ def parse_duration(value: str) -> float:
 
 def format_duration(seconds: float) -> str:
     """A whole-second Go duration (``0s`` minimum) for PromQL range selectors."""
-    return f"{max(1, int(round(seconds)))}s"
+    return f"{max(1, round(seconds))}s"
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    out = {"rule": rule, "message": message}
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
+    """One x-kubernetes-validations rule, checked by the API server at apply time."""
+    out: JsonDict = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
     return out
@@ -54,12 +56,15 @@ class SecretKeyRef(Model):
 
 class PrometheusConfig(Model):
     address: str = Field(
-        min_length=1, max_length=2048, pattern=r"^https?://",
+        min_length=1,
+        max_length=2048,
+        pattern=r"^https?://",
         description="Base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090.",
     )
     timeout: Duration = Field(default="5s", description="Per-query timeout.")
     bearerTokenSecret: SecretKeyRef | None = Field(
-        default=None, description="Optional Secret (same namespace) holding a bearer token for the API.")
+        default=None, description="Optional Secret (same namespace) holding a bearer token for the API."
+    )
     insecureSkipVerify: bool = False
 
 
@@ -86,9 +91,11 @@ class TrafficRouting(Model):
         extra="forbid",
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("[has(self.gatewayAPI), has(self.istio), has(self.replicas), has(self.kserve)]"
+                cel(
+                    "[has(self.gatewayAPI), has(self.istio), has(self.replicas), has(self.kserve)]"
                     ".filter(x, x).size() == 1",
-                    "trafficRouting: set exactly one of gatewayAPI, istio, replicas, kserve"),
+                    "trafficRouting: set exactly one of gatewayAPI, istio, replicas, kserve",
+                ),
             ]
         },
     )
@@ -106,18 +113,23 @@ class Guardrail(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel("has(self.min) || has(self.max)", "guardrail: set min, max or both"),
-                cel("!has(self.min) || !has(self.max) || self.min <= self.max",
-                    "guardrail: min must not exceed max"),
+                cel(
+                    "!has(self.min) || !has(self.max) || self.min <= self.max",
+                    "guardrail: min must not exceed max",
+                ),
             ]
         },
     )
     name: Name
-    query: PromQL = Field(description="PromQL template; placeholders {{ variant }}, {{ service }}, "
-                                      "{{ namespace }}, {{ deployment }}, {{ window }}.")
+    query: PromQL = Field(
+        description="PromQL template; placeholders {{ variant }}, {{ service }}, "
+        "{{ namespace }}, {{ deployment }}, {{ window }}."
+    )
     min: float | None = None
     max: float | None = None
-    failureLimit: int = Field(default=1, ge=1, le=100,
-                              description="Consecutive breaching measurements that fail the analysis.")
+    failureLimit: int = Field(
+        default=1, ge=1, le=100, description="Consecutive breaching measurements that fail the analysis."
+    )
 
 
 class Condition(Model):
@@ -154,8 +166,15 @@ class HistoryEntry(Model):
     values: dict[str, float] | None = None
 
 
-def set_condition(conditions: list[Condition], cond_type: str, status: Literal["True", "False", "Unknown"],
-                  reason: str, message: str, now: datetime, generation: int) -> list[Condition]:
+def set_condition(
+    conditions: list[Condition],
+    cond_type: str,
+    status: Literal["True", "False", "Unknown"],
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int,
+) -> list[Condition]:
     """Kubernetes-style upsert: lastTransitionTime moves only when status changes."""
     out: list[Condition] = []
     found = False
@@ -163,13 +182,29 @@ def set_condition(conditions: list[Condition], cond_type: str, status: Literal["
         if c.type == cond_type:
             found = True
             ltt = c.lastTransitionTime if c.status == status else now
-            out.append(Condition(type=cond_type, status=status, reason=reason, message=message,
-                                 lastTransitionTime=ltt, observedGeneration=generation))
+            out.append(
+                Condition(
+                    type=cond_type,
+                    status=status,
+                    reason=reason,
+                    message=message,
+                    lastTransitionTime=ltt,
+                    observedGeneration=generation,
+                )
+            )
         else:
             out.append(c)
     if not found:
-        out.append(Condition(type=cond_type, status=status, reason=reason, message=message,
-                             lastTransitionTime=now, observedGeneration=generation))
+        out.append(
+            Condition(
+                type=cond_type,
+                status=status,
+                reason=reason,
+                message=message,
+                lastTransitionTime=now,
+                observedGeneration=generation,
+            )
+        )
     return out
 
 

@@ -67,40 +67,60 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def _with_kopf_state(schema: dict[str, Any]) -> dict[str, Any]:
     """Kopf keeps its handler progress in status.kopf instead of annotations on the user's object."""
-    schema.setdefault("properties", {})["kopf"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    schema.setdefault("properties", {})["kopf"] = {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
     return schema
 
 
-def crd(kind: str, plural: str, short: str, spec_model: type[BaseModel], status_model: type[BaseModel],
-        columns: list[dict[str, Any]], description: str) -> dict[str, Any]:
+def crd(
+    kind: str,
+    plural: str,
+    short: str,
+    spec_model: type[BaseModel],
+    status_model: type[BaseModel],
+    columns: list[dict[str, Any]],
+    description: str,
+) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural,
-                      "singular": kind.lower(), "shortNames": [short], "categories": ["mlrollouts"]},
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
+                "categories": ["mlrollouts"],
+            },
             "scope": "Namespaced",
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": columns,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": description,
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": openapi_schema(spec_model),
-                        "status": _with_kopf_state(openapi_schema(status_model)),
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": description,
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": openapi_schema(spec_model),
+                                "status": _with_kopf_state(openapi_schema(status_model)),
+                            },
+                        }
                     },
-                }},
-            }],
+                }
+            ],
         },
     }
 
@@ -108,13 +128,24 @@ def crd(kind: str, plural: str, short: str, spec_model: type[BaseModel], status_
 def all_crds() -> dict[str, dict[str, Any]]:
     return {
         f"{rollout.PLURAL}.yaml": crd(
-            rollout.KIND, rollout.PLURAL, "mro", rollout.ModelRolloutSpec, rollout.ModelRolloutStatus,
-            rollout.PRINTER_COLUMNS, "A progressive canary of a new model version, promoted or rolled back "
-            "by guardrails and always-valid statistical comparisons."),
+            rollout.KIND,
+            rollout.PLURAL,
+            "mro",
+            rollout.ModelRolloutSpec,
+            rollout.ModelRolloutStatus,
+            rollout.PRINTER_COLUMNS,
+            "A progressive canary of a new model version, promoted or rolled back "
+            "by guardrails and always-valid statistical comparisons.",
+        ),
         f"{experiment.PLURAL}.yaml": crd(
-            experiment.KIND, experiment.PLURAL, "mexp", experiment.ModelExperimentSpec,
-            experiment.ModelExperimentStatus, experiment.PRINTER_COLUMNS,
-            "A controlled A/B/n or bandit experiment between model variants."),
+            experiment.KIND,
+            experiment.PLURAL,
+            "mexp",
+            experiment.ModelExperimentSpec,
+            experiment.ModelExperimentStatus,
+            experiment.PRINTER_COLUMNS,
+            "A controlled A/B/n or bandit experiment between model variants.",
+        ),
     }
 
 

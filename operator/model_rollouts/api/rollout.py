@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -15,8 +15,8 @@ from model_rollouts.api.common import (
     Measurement,
     Model,
     Name,
-    PromQL,
     PrometheusConfig,
+    PromQL,
     TrafficRouting,
     cel,
 )
@@ -36,7 +36,9 @@ TERMINAL_PHASES = ("Promoted", "RolledBack", "Aborted")
 
 class VariantRef(Model):
     service: Name = Field(description="Service named in the HTTPRoute backendRefs.")
-    deployment: Name | None = Field(default=None, description="Deployment serving this variant (informational).")
+    deployment: Name | None = Field(
+        default=None, description="Deployment serving this variant (informational)."
+    )
     modelVersion: str | None = Field(default=None, max_length=128)
 
 
@@ -53,8 +55,10 @@ class Step(Model):
         extra="forbid",
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("[has(self.setWeight), has(self.pause), has(self.analysis)].filter(x, x).size() == 1",
-                    "each step sets exactly one of setWeight, pause, analysis"),
+                cel(
+                    "[has(self.setWeight), has(self.pause), has(self.analysis)].filter(x, x).size() == 1",
+                    "each step sets exactly one of setWeight, pause, analysis",
+                ),
             ]
         },
     )
@@ -70,10 +74,14 @@ class Comparison(Model):
         extra="forbid",
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("self.type != 'proportion' || (has(self.successes) && has(self.trials))",
-                    "a proportion comparison needs successes and trials queries"),
-                cel("self.type != 'mean' || (has(self.sum) && has(self.count) && has(self.sumSquares))",
-                    "a mean comparison needs sum, count and sumSquares queries"),
+                cel(
+                    "self.type != 'proportion' || (has(self.successes) && has(self.trials))",
+                    "a proportion comparison needs successes and trials queries",
+                ),
+                cel(
+                    "self.type != 'mean' || (has(self.sum) && has(self.count) && has(self.sumSquares))",
+                    "a mean comparison needs sum, count and sumSquares queries",
+                ),
             ]
         },
     )
@@ -88,7 +96,8 @@ class Comparison(Model):
     test: Literal["nonInferiority", "superiority"] = "nonInferiority"
     margin: float = Field(default=0.0, ge=0, description="Absolute non-inferiority margin.")
     requiredToPromote: bool = Field(
-        default=False, description="Hold before promotion until this comparison passes.")
+        default=False, description="Hold before promotion until this comparison passes."
+    )
 
 
 class Analysis(Model):
@@ -96,8 +105,11 @@ class Analysis(Model):
         extra="forbid",
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("duration(self.interval) >= duration('5s')", "analysis.interval must be at least 5s",
-                    ".interval"),
+                cel(
+                    "duration(self.interval) >= duration('5s')",
+                    "analysis.interval must be at least 5s",
+                    ".interval",
+                ),
             ]
         },
     )
@@ -107,7 +119,8 @@ class Analysis(Model):
     guardrails: list[Guardrail] = Field(default_factory=list, max_length=20)
     comparisons: list[Comparison] = Field(default_factory=list, max_length=10)
     noData: Literal["hold", "fail"] = Field(
-        default="hold", description="hold: never advance or promote without data. fail: roll back.")
+        default="hold", description="hold: never advance or promote without data. fail: roll back."
+    )
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise error rate of the comparisons.")
 
 
@@ -116,8 +129,11 @@ class ModelRolloutSpec(Model):
         extra="forbid",
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("self.stable.service != self.candidate.service",
-                    "candidate.service must differ from stable.service", ".candidate.service"),
+                cel(
+                    "self.stable.service != self.candidate.service",
+                    "candidate.service must differ from stable.service",
+                    ".candidate.service",
+                ),
             ]
         },
     )
@@ -126,8 +142,9 @@ class ModelRolloutSpec(Model):
     trafficRouting: TrafficRouting
     steps: list[Step] = Field(min_length=1, max_length=100)
     analysis: Analysis
-    maxWeightStep: int | None = Field(default=None, ge=1, le=100,
-                                      description="Split larger weight jumps into steps of at most this.")
+    maxWeightStep: int | None = Field(
+        default=None, ge=1, le=100, description="Split larger weight jumps into steps of at most this."
+    )
     paused: bool = False
 
 
@@ -162,7 +179,7 @@ class ModelRollout(Model):
     status: ModelRolloutStatus = Field(default_factory=ModelRolloutStatus)
 
 
-PRINTER_COLUMNS = [
+PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.currentStep"},
     {"name": "Weight", "type": "integer", "jsonPath": ".status.weight"},

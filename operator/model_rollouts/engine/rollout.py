@@ -73,8 +73,11 @@ def revision_of(spec: ModelRolloutSpec) -> str:
 
 def needs_measurement(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> bool:
     """Metrics are read only while the candidate gets traffic in an active rollout."""
-    return status.phase not in (*TERMINAL_PHASES, "Invalid") and status.weight > 0 and \
-        status.revision == revision_of(spec)
+    return (
+        status.phase not in (*TERMINAL_PHASES, "Invalid")
+        and status.weight > 0
+        and status.revision == revision_of(spec)
+    )
 
 
 def invalid(status: ModelRolloutStatus, message: str, now: datetime, generation: int) -> Decision:
@@ -88,12 +91,21 @@ def invalid(status: ModelRolloutStatus, message: str, now: datetime, generation:
     s.message = message
     s.observedGeneration = generation
     s.conditions = set_condition(s.conditions, "Valid", "False", "InvalidSpec", message, now, generation)
-    s.conditions = set_condition(s.conditions, "Progressing", "False", "InvalidSpec", message, now, generation)
+    s.conditions = set_condition(
+        s.conditions, "Progressing", "False", "InvalidSpec", message, now, generation
+    )
     return Decision(s, actions)
 
 
-def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: datetime, generation: int,
-              annotations: dict[str, str] | None = None, observations: Observations | None = None) -> Decision:
+def reconcile(
+    spec: ModelRolloutSpec,
+    status: ModelRolloutStatus,
+    *,
+    now: datetime,
+    generation: int,
+    annotations: dict[str, str] | None = None,
+    observations: Observations | None = None,
+) -> Decision:
     s = status.model_copy(deep=True)
     actions: list[Action] = []
     ann = annotations or {}
@@ -103,13 +115,23 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
     rev = revision_of(spec)
     if s.revision != rev:
         reason = "Started" if s.revision is None else "NewRevision"
-        msg = (f"rolling out {_variant(spec.candidate)} over {_variant(spec.stable)}"
-               if reason == "Started" else
-               f"candidate or stable changed (revision {s.revision} -> {rev}): restarting from weight 0")
+        msg = (
+            f"rolling out {_variant(spec.candidate)} over {_variant(spec.stable)}"
+            if reason == "Started"
+            else f"candidate or stable changed (revision {s.revision} -> {rev}): restarting from weight 0"
+        )
         old_handled = s.handled
-        s = ModelRolloutStatus(revision=rev, revisionStartedAt=now, stepStartedAt=now, phase="Progressing",
-                               message=msg, observedGeneration=generation, conditions=s.conditions,
-                               history=s.history, handled=old_handled)
+        s = ModelRolloutStatus(
+            revision=rev,
+            revisionStartedAt=now,
+            stepStartedAt=now,
+            phase="Progressing",
+            message=msg,
+            observedGeneration=generation,
+            conditions=s.conditions,
+            history=s.history,
+            handled=old_handled,
+        )
         actions += [SetWeight(0), Event("Normal", reason, msg)]
         _history(s, now, reason, reason, msg)
         # Annotations present before this revision started were meant for an earlier one.
@@ -131,13 +153,29 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != s.handled.abort:
         s.handled.abort = abort
-        return _finish(s, actions, now, generation, "Aborted", 0, "AbortRequested",
-                       f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to stable")
+        return _finish(
+            s,
+            actions,
+            now,
+            generation,
+            "Aborted",
+            0,
+            "AbortRequested",
+            f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to stable",
+        )
     promote = ann.get(ANNOTATION_PROMOTE)
     if promote and promote != s.handled.promote:
         s.handled.promote = promote
-        return _finish(s, actions, now, generation, "Promoted", 100, "PromoteRequested",
-                       f"promoted by annotation {ANNOTATION_PROMOTE}={promote}: skipping remaining steps")
+        return _finish(
+            s,
+            actions,
+            now,
+            generation,
+            "Promoted",
+            100,
+            "PromoteRequested",
+            f"promoted by annotation {ANNOTATION_PROMOTE}={promote}: skipping remaining steps",
+        )
 
     # Measurements: guardrails at every interval, comparisons against stable.
     gate_ok = True
@@ -146,31 +184,66 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
         s.lastAnalysisTime = now
         results = _analyse(spec, observations)
         s.lastAnalysis = results
-        s.guardrailFailures = update_failures(s.guardrailFailures, [m for m in results if m.kind == "guardrail"])
+        s.guardrailFailures = update_failures(
+            s.guardrailFailures, [m for m in results if m.kind == "guardrail"]
+        )
         for g in spec.analysis.guardrails:
             if s.guardrailFailures.get(g.name, 0) >= g.failureLimit:
                 m = next(m for m in results if m.name == g.name and m.kind == "guardrail")
-                return _finish(s, actions, now, generation, "RolledBack", 0, "GuardrailFailed",
-                               f"guardrail {m.message}; {s.guardrailFailures[g.name]} consecutive breach(es) "
-                               f"reached failureLimit {g.failureLimit}", _values(results))
+                return _finish(
+                    s,
+                    actions,
+                    now,
+                    generation,
+                    "RolledBack",
+                    0,
+                    "GuardrailFailed",
+                    f"guardrail {m.message}; {s.guardrailFailures[g.name]} consecutive breach(es) "
+                    f"reached failureLimit {g.failureLimit}",
+                    _values(results),
+                )
         for m in results:
             if m.kind == "comparison" and m.verdict == "fail":
-                return _finish(s, actions, now, generation, "RolledBack", 0, "ComparisonFailed",
-                               f"candidate is worse than stable: {m.message}", _values(results))
+                return _finish(
+                    s,
+                    actions,
+                    now,
+                    generation,
+                    "RolledBack",
+                    0,
+                    "ComparisonFailed",
+                    f"candidate is worse than stable: {m.message}",
+                    _values(results),
+                )
         missing = [m for m in results if m.verdict in ("noData", "error")]
         if missing and spec.analysis.noData == "fail" and any(m.verdict == "noData" for m in missing):
             m = next(m for m in missing if m.verdict == "noData")
-            return _finish(s, actions, now, generation, "RolledBack", 0, "NoData",
-                           f"{m.message} and analysis.noData is fail", _values(results))
+            return _finish(
+                s,
+                actions,
+                now,
+                generation,
+                "RolledBack",
+                0,
+                "NoData",
+                f"{m.message} and analysis.noData is fail",
+                _values(results),
+            )
         if missing:
             gate_ok = False
             hold_reasons += [m.message for m in missing]
         healthy = not missing
         s.conditions = set_condition(
-            s.conditions, "Healthy", "True" if healthy else "Unknown",
-            "AnalysisPassing" if healthy else ("MeasurementError" if any(m.verdict == "error" for m in missing)
-                                               else "NoData"),
-            "; ".join(m.message for m in results) or "no guardrails configured", now, generation)
+            s.conditions,
+            "Healthy",
+            "True" if healthy else "Unknown",
+            "AnalysisPassing"
+            if healthy
+            else ("MeasurementError" if any(m.verdict == "error" for m in missing) else "NoData"),
+            "; ".join(m.message for m in results) or "no guardrails configured",
+            now,
+            generation,
+        )
     elif s.weight > 0:
         gate_ok = False
         hold_reasons.append("waiting for the first analysis at this weight")
@@ -193,14 +266,27 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
         if s.currentStep >= len(spec.steps):
             blocking = _required_not_passed(spec.analysis.comparisons, s.lastAnalysis)
             if not gate_ok or blocking:
-                why = "; ".join(hold_reasons + [f"{b} has not passed yet (requiredToPromote)" for b in blocking])
+                why = "; ".join(
+                    hold_reasons + [f"{b} has not passed yet (requiredToPromote)" for b in blocking]
+                )
                 s.message = f"holding before promotion at weight {s.weight}: {why}"
                 break
             if s.weight != 100:
-                _set_weight(s, actions, now, 100, "all steps done: full traffic to candidate before promotion")
+                _set_weight(
+                    s, actions, now, 100, "all steps done: full traffic to candidate before promotion"
+                )
                 break
-            return _finish(s, actions, now, generation, "Promoted", 100, "AnalysisPassed",
-                           "all steps completed with passing analysis", _values(s.lastAnalysis))
+            return _finish(
+                s,
+                actions,
+                now,
+                generation,
+                "Promoted",
+                100,
+                "AnalysisPassed",
+                "all steps completed with passing analysis",
+                _values(s.lastAnalysis),
+            )
         step = spec.steps[s.currentStep]
         if step.setWeight is not None:
             target = step.setWeight
@@ -213,8 +299,14 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
             nxt = target
             if spec.maxWeightStep and abs(target - s.weight) > spec.maxWeightStep:
                 nxt = s.weight + spec.maxWeightStep * (1 if target > s.weight else -1)
-            _set_weight(s, actions, now, nxt, f"step {s.currentStep}: setWeight {target}" +
-                        (f" (split by maxWeightStep {spec.maxWeightStep})" if nxt != target else ""))
+            _set_weight(
+                s,
+                actions,
+                now,
+                nxt,
+                f"step {s.currentStep}: setWeight {target}"
+                + (f" (split by maxWeightStep {spec.maxWeightStep})" if nxt != target else ""),
+            )
             s.stepWeight = nxt if nxt != target else None
             if nxt == target:
                 _advance(s, now)
@@ -225,8 +317,12 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
             resume = ann.get(ANNOTATION_RESUME)
             if resume and resume != s.handled.resume:
                 s.handled.resume = resume
-                actions.append(Event("Normal", "Resumed", f"resumed by annotation {ANNOTATION_RESUME}={resume}"))
-                _history(s, now, "Resumed", "ResumeRequested", f"manual gate at step {s.currentStep} released")
+                actions.append(
+                    Event("Normal", "Resumed", f"resumed by annotation {ANNOTATION_RESUME}={resume}")
+                )
+                _history(
+                    s, now, "Resumed", "ResumeRequested", f"manual gate at step {s.currentStep} released"
+                )
                 s.phase = "Progressing"
                 _advance(s, now)
                 continue
@@ -234,8 +330,10 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
                 actions.append(Event("Normal", "Paused", f"manual gate at step {s.currentStep}"))
                 _history(s, now, "Paused", "ManualGate", f"waiting at step {s.currentStep} for a resume")
             s.phase = "Paused"
-            s.message = (f"waiting at step {s.currentStep} (weight {s.weight}) for "
-                         f"`kubectl annotate mro ... {ANNOTATION_RESUME}=<token>`")
+            s.message = (
+                f"waiting at step {s.currentStep} (weight {s.weight}) for "
+                f"`kubectl annotate mro ... {ANNOTATION_RESUME}=<token>`"
+            )
             break
         duration = parse_duration((step.pause.duration if step.pause else step.analysis.duration) or "0s")  # type: ignore[union-attr]
         started = s.stepStartedAt or now
@@ -247,7 +345,9 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
                 s.message += f" ({'; '.join(hold_reasons)})"
             break
         if not gate_ok and s.weight > 0:
-            s.message = f"holding at weight {s.weight} after {kind} step {s.currentStep}: {'; '.join(hold_reasons)}"
+            s.message = (
+                f"holding at weight {s.weight} after {kind} step {s.currentStep}: {'; '.join(hold_reasons)}"
+            )
             break
         _advance(s, now)
 
@@ -257,8 +357,10 @@ def reconcile(spec: ModelRolloutSpec, status: ModelRolloutStatus, *, now: dateti
 
 
 def _analyse(spec: ModelRolloutSpec, obs: Observations) -> list[Measurement]:
-    out = [evaluate(g, obs.guardrails.get(g.name, Result("error", message="not measured")), "candidate")
-           for g in spec.analysis.guardrails]
+    out = [
+        evaluate(g, obs.guardrails.get(g.name, Result("error", message="not measured")), "candidate")
+        for g in spec.analysis.guardrails
+    ]
     m = len(spec.analysis.comparisons)
     for c in spec.analysis.comparisons:
         out.append(_compare(c, obs.comparisons.get(c.name), spec.analysis.alpha / max(m, 1)))
@@ -269,23 +371,55 @@ def _compare(c: Comparison, data: ComparisonData | None, alpha: float) -> Measur
     if data is None or data.problem is not None or data.stable is None or data.candidate is None:
         problem = data.problem if data and data.problem else Result("error", message="not measured")
         verdict = "error" if problem.outcome == "error" else "noData"
-        return Measurement(name=c.name, kind="comparison", variant="candidate", outcome=problem.outcome,
-                           verdict=verdict, message=f"{c.name}: {problem.message or problem.outcome}")
-    kwargs = {"alpha": alpha, "method": "sequential", "better": c.better,
-              "test": "nonInferiority" if c.test == "nonInferiority" else "superiority", "margin": c.margin}
+        return Measurement(
+            name=c.name,
+            kind="comparison",
+            variant="candidate",
+            outcome=problem.outcome,
+            verdict=verdict,
+            message=f"{c.name}: {problem.message or problem.outcome}",
+        )
+    kwargs = {
+        "alpha": alpha,
+        "method": "sequential",
+        "better": c.better,
+        "test": "nonInferiority" if c.test == "nonInferiority" else "superiority",
+        "margin": c.margin,
+    }
     if isinstance(data.stable, stats.ProportionData) and isinstance(data.candidate, stats.ProportionData):
         r = stats.compare_proportions(data.stable, data.candidate, **kwargs)  # type: ignore[arg-type]
     elif isinstance(data.stable, stats.MeanData) and isinstance(data.candidate, stats.MeanData):
         r = stats.compare_means(data.stable, data.candidate, **kwargs)  # type: ignore[arg-type]
     else:
-        return Measurement(name=c.name, kind="comparison", outcome="error", verdict="error",
-                           message=f"{c.name}: stable and candidate data differ in type")
-    details = {"stable": r.control_estimate, "candidate": r.treatment_estimate, "stableN": r.control_n,
-               "candidateN": r.treatment_n, "difference": r.difference, "ciLow": r.ci_low, "ciHigh": r.ci_high,
-               "pValue": r.p_value, "alpha": alpha}
-    return Measurement(name=c.name, kind="comparison", variant="candidate", outcome="value",
-                       value=r.difference, threshold=f"{c.test} margin {c.margin:g}, alpha {alpha:.4g}",
-                       verdict=r.verdict, message=f"{c.name}: {r.reason}", details=details)
+        return Measurement(
+            name=c.name,
+            kind="comparison",
+            outcome="error",
+            verdict="error",
+            message=f"{c.name}: stable and candidate data differ in type",
+        )
+    details = {
+        "stable": r.control_estimate,
+        "candidate": r.treatment_estimate,
+        "stableN": r.control_n,
+        "candidateN": r.treatment_n,
+        "difference": r.difference,
+        "ciLow": r.ci_low,
+        "ciHigh": r.ci_high,
+        "pValue": r.p_value,
+        "alpha": alpha,
+    }
+    return Measurement(
+        name=c.name,
+        kind="comparison",
+        variant="candidate",
+        outcome="value",
+        value=r.difference,
+        threshold=f"{c.test} margin {c.margin:g}, alpha {alpha:.4g}",
+        verdict=r.verdict,
+        message=f"{c.name}: {r.reason}",
+        details=details,
+    )
 
 
 def _required_not_passed(comparisons: list[Comparison], last: list[Measurement]) -> list[str]:
@@ -317,8 +451,17 @@ def _set_weight(s: ModelRolloutStatus, actions: list[Action], now: datetime, wei
     _history(s, now, "WeightChanged", "StepAdvanced", msg)
 
 
-def _finish(s: ModelRolloutStatus, actions: list[Action], now: datetime, generation: int, phase: str,
-            weight: int, reason: str, message: str, values: dict[str, float] | None = None) -> Decision:
+def _finish(
+    s: ModelRolloutStatus,
+    actions: list[Action],
+    now: datetime,
+    generation: int,
+    phase: str,
+    weight: int,
+    reason: str,
+    message: str,
+    values: dict[str, float] | None = None,
+) -> Decision:
     s.phase = phase  # type: ignore[assignment]
     s.weight = weight
     s.stepWeight = None
@@ -329,10 +472,26 @@ def _finish(s: ModelRolloutStatus, actions: list[Action], now: datetime, generat
     return Decision(s, actions)
 
 
-def _history(s: ModelRolloutStatus, now: datetime, event: str, reason: str, message: str,
-             values: dict[str, float] | None = None) -> None:
-    s.history.append(HistoryEntry(time=now, event=event, phase=s.phase, weight=s.weight, step=s.currentStep,
-                                  reason=reason, message=message, values=values or None))
+def _history(
+    s: ModelRolloutStatus,
+    now: datetime,
+    event: str,
+    reason: str,
+    message: str,
+    values: dict[str, float] | None = None,
+) -> None:
+    s.history.append(
+        HistoryEntry(
+            time=now,
+            event=event,
+            phase=s.phase,
+            weight=s.weight,
+            step=s.currentStep,
+            reason=reason,
+            message=message,
+            values=values or None,
+        )
+    )
     del s.history[:-HISTORY_LIMIT]
 
 

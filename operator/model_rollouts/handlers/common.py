@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
+import logging
 import threading
+import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from model_rollouts import telemetry
 from model_rollouts.api.common import GROUP, VERSION, PrometheusConfig, TrafficRouting, parse_duration
+from model_rollouts.engine.actions import Event
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
 from model_rollouts.traffic.router import RouterError, TrafficRouter
@@ -39,8 +44,12 @@ def now() -> dt.datetime:
 
 def get_object(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        obj: dict[str, Any] = client.CustomObjectsApi(api()).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, plural, name)
+        obj = cast(
+            dict[str, Any],
+            client.CustomObjectsApi(api()).get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name
+            ),
+        )
         return obj
     except ApiException as e:
         if e.status == 404:
@@ -53,12 +62,20 @@ def write_status(plural: str, obj: dict[str, Any], status: dict[str, Any]) -> bo
     kopf_state = (obj.get("status") or {}).get("kopf")
     if kopf_state is not None:
         status = {**status, "kopf": kopf_state}
-    body = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": {
-        "name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"],
-        "resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
+    body = {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "metadata": {
+            "name": obj["metadata"]["name"],
+            "namespace": obj["metadata"]["namespace"],
+            "resourceVersion": obj["metadata"]["resourceVersion"],
+        },
+        "status": status,
+    }
     try:
         client.CustomObjectsApi(api()).replace_namespaced_custom_object_status(
-            GROUP, VERSION, obj["metadata"]["namespace"], plural, obj["metadata"]["name"], body)
+            GROUP, VERSION, obj["metadata"]["namespace"], plural, obj["metadata"]["name"], body
+        )
     except ApiException as e:
         if e.status in (404, 409):
             return False
@@ -70,17 +87,29 @@ def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) 
     meta = obj["metadata"]
     ts = dt.datetime.now(dt.UTC)
     ev = client.CoreV1Event(
-        metadata=client.V1ObjectMeta(name=f"{meta['name']}.{uuid.uuid4().hex[:12]}", namespace=meta["namespace"]),
-        involved_object=client.V1ObjectReference(api_version=obj["apiVersion"], kind=obj["kind"],
-                                                 name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid"),
-                                                 resource_version=meta.get("resourceVersion")),
-        reason=reason, message=message[:1024], type=event_type, first_timestamp=ts, last_timestamp=ts, count=1,
-        source=client.V1EventSource(component="model-rollouts"), reporting_component="model-rollouts",
-        reporting_instance="model-rollouts")
-    try:
+        metadata=client.V1ObjectMeta(
+            name=f"{meta['name']}.{uuid.uuid4().hex[:12]}", namespace=meta["namespace"]
+        ),
+        involved_object=client.V1ObjectReference(
+            api_version=obj["apiVersion"],
+            kind=obj["kind"],
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta.get("uid"),
+            resource_version=meta.get("resourceVersion"),
+        ),
+        reason=reason,
+        message=message[:1024],
+        type=event_type,
+        first_timestamp=ts,
+        last_timestamp=ts,
+        count=1,
+        source=client.V1EventSource(component="model-rollouts"),
+        reporting_component="model-rollouts",
+        reporting_instance="model-rollouts",
+    )
+    with contextlib.suppress(ApiException):  # Events are best effort; status holds the record.
         client.CoreV1Api(api()).create_namespaced_event(meta["namespace"], ev)
-    except ApiException:
-        pass  # Events are best effort; status holds the record.
 
 
 def make_router(routing: TrafficRouting, namespace: str) -> TrafficRouter:
@@ -88,8 +117,10 @@ def make_router(routing: TrafficRouting, namespace: str) -> TrafficRouter:
         return GatewayAPIRouter(api(), namespace, routing.gatewayAPI.httpRoute, routing.gatewayAPI.ruleIndex)
     for field in ("istio", "replicas", "kserve"):
         if getattr(routing, field) is not None:
-            raise RouterError(f"spec.trafficRouting.{field}",
-                              "this router is not implemented in this version; use gatewayAPI")
+            raise RouterError(
+                f"spec.trafficRouting.{field}",
+                "this router is not implemented in this version; use gatewayAPI",
+            )
     raise RouterError("spec.trafficRouting", "set exactly one router")
 
 
@@ -100,15 +131,22 @@ def make_provider(cfg: PrometheusConfig, namespace: str) -> PrometheusProvider:
         try:
             secret = client.CoreV1Api(api()).read_namespaced_secret(ref.name, namespace)
         except ApiException as e:
-            raise RouterError("spec.analysis.prometheus.bearerTokenSecret",
-                              f"Secret {namespace}/{ref.name} cannot be read ({e.status})") from e
+            raise RouterError(
+                "spec.analysis.prometheus.bearerTokenSecret",
+                f"Secret {namespace}/{ref.name} cannot be read ({e.status})",
+            ) from e
         data = (secret.data or {}).get(ref.key)
         if data is None:
-            raise RouterError("spec.analysis.prometheus.bearerTokenSecret.key",
-                              f"Secret {ref.name} has no key {ref.key!r}")
+            raise RouterError(
+                "spec.analysis.prometheus.bearerTokenSecret.key", f"Secret {ref.name} has no key {ref.key!r}"
+            )
         token = base64.b64decode(data).decode().strip()
-    return PrometheusProvider(cfg.address, timeout_s=max(1, int(parse_duration(cfg.timeout))), token=token,
-                              verify_tls=not cfg.insecureSkipVerify)
+    return PrometheusProvider(
+        cfg.address,
+        timeout_s=max(1, int(parse_duration(cfg.timeout))),
+        token=token,
+        verify_tls=not cfg.insecureSkipVerify,
+    )
 
 
 def validation_message(err: ValidationError) -> str:
@@ -118,3 +156,70 @@ def validation_message(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         parts.append(f"spec.{loc}: {e['msg']}")
     return "; ".join(parts)
+
+
+class Controller:
+    """Per-object loop state shared by the resource handlers.
+
+    Kopf calls :func:`wake` every half second; a tick (measure, decide, apply) runs at the
+    analysis interval, or at once when the spec (generation) or an action annotation changes.
+    All decision state lives in the object's status, so this holds only timing.
+    """
+
+    kind = ""
+    plural = ""
+    phases: tuple[str, ...] = ()
+    terminal: tuple[str, ...] = ()
+    annotations: tuple[str, ...] = ()
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self.namespace, self.name = namespace, name
+        self.logger = logging.getLogger(f"model_rollouts.{self.kind.lower()}")
+        self._last_key: tuple[Any, ...] | None = None
+        self._last_tick = 0.0
+
+    def due(self, obj: dict[str, Any]) -> bool:
+        meta = obj["metadata"]
+        key = (
+            meta.get("generation"),
+            tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
+        )
+        if key != self._last_key:
+            self._last_key = key
+            return True
+        try:
+            interval = parse_duration(obj["spec"]["analysis"]["interval"])
+        except (KeyError, TypeError, ValueError):
+            interval = 30.0
+        if (obj.get("status") or {}).get("phase") in self.terminal:
+            interval = max(interval, 60.0)  # only re-assert weights
+        return time.monotonic() - self._last_tick >= interval
+
+    def tick(self, obj: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        try:
+            obj = get_object(self.plural, self.namespace, self.name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return
+            if self.due(obj):
+                self._last_tick = time.monotonic()
+                self.tick(obj)
+        except Exception:
+            self.logger.exception("%s/%s: tick failed; retrying", self.namespace, self.name)
+            self._last_key = None
+
+    def write(self, obj: dict[str, Any], status: dict[str, Any]) -> bool:
+        if write_status(self.plural, obj, status):
+            return True
+        self._last_key = None  # conflict: read again and redo at the next wake-up
+        return False
+
+    def emit(self, obj: dict[str, Any], events: list[Event], phase: str) -> None:
+        for e in events:
+            post_event(obj, e.type, e.reason, e.message)
+            telemetry.DECISIONS.labels(self.kind, self.namespace, self.name, e.reason).inc()
+            log = self.logger.warning if e.type == "Warning" else self.logger.info
+            log("%s/%s %s: %s", self.namespace, self.name, e.reason, e.message)
+        telemetry.set_phase(self.kind, self.namespace, self.name, phase, self.phases)

@@ -10,7 +10,7 @@ import kopf
 from pydantic import ValidationError
 
 from model_rollouts import telemetry
-from model_rollouts.api.common import GROUP, VERSION, dump, format_duration, parse_duration
+from model_rollouts.api.common import GROUP, VERSION, dump, format_duration
 from model_rollouts.api.experiment import (
     PLURAL,
     TERMINAL_PHASES,
@@ -21,6 +21,7 @@ from model_rollouts.api.experiment import (
 )
 from model_rollouts.engine import experiment as engine
 from model_rollouts.engine import stats
+from model_rollouts.engine.actions import Event
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, TemplateError, check_template, render
 from model_rollouts.traffic.router import RouterError, TrafficRouter
@@ -30,7 +31,7 @@ PHASES = ("Pending", "Running", "Paused", "Concluded", "RolledBack", "Aborted", 
 ANNOTATIONS = (engine.ANNOTATION_ABORT, engine.ANNOTATION_RESUME)
 _PRIMARY_FIELDS = {"proportion": ("successes", "trials"), "mean": ("count", "sum", "sumSquares")}
 
-Logger = logging.Logger | logging.LoggerAdapter[Any]
+logger = logging.getLogger("model_rollouts.modelexperiment")
 
 
 def _placeholders(v: Variant, namespace: str, window: str) -> dict[str, str]:
@@ -97,32 +98,12 @@ def _primary(
     return stats.MeanData(count, total, max(squares, total * total / count)), None
 
 
-class ExperimentController:
-    """Runs one ModelExperiment: ticks every analysis interval, and at once on a spec or annotation change."""
-
-    def __init__(self, namespace: str, name: str, logger: Logger) -> None:
-        self.namespace, self.name, self.logger = namespace, name, logger
-        self._last_key: tuple[Any, ...] | None = None
-        self._last_tick = 0.0
-
-    def due(self, obj: dict[str, Any]) -> bool:
-        meta = obj["metadata"]
-        key = (meta.get("generation"), tuple((meta.get("annotations") or {}).get(a) for a in ANNOTATIONS))
-        if key != self._last_key:
-            self._last_key = key
-            return True
-        try:
-            interval = parse_duration(obj["spec"]["analysis"]["interval"])
-        except (KeyError, TypeError, ValueError):
-            interval = 30.0
-        phase = (obj.get("status") or {}).get("phase")
-        if phase in TERMINAL_PHASES:
-            interval = max(interval, 60.0)  # only re-assert weights
-        return time.monotonic() - self._last_tick >= interval
+class ExperimentController(common.Controller):
+    kind, plural, phases, annotations = KIND, PLURAL, PHASES, ANNOTATIONS
+    terminal = TERMINAL_PHASES
 
     def tick(self, obj: dict[str, Any]) -> None:
         t0 = time.monotonic()
-        self._last_tick = t0
         meta = obj["metadata"]
         generation = int(meta.get("generation") or 0)
         status = ModelExperimentStatus.model_validate(
@@ -175,8 +156,7 @@ class ExperimentController:
         router: TrafficRouter | None,
     ) -> None:
         s = decision.status
-        if not common.write_status(PLURAL, obj, dump(s)):
-            self._last_key = None  # conflict: read again and redo at the next wake-up
+        if not self.write(obj, dump(s)):
             return
         # Status is the record; the router is made to match it (also re-asserted in terminal phases).
         if spec is not None and router is not None and s.variants and s.phase not in ("Invalid", "Pending"):
@@ -186,36 +166,21 @@ class ExperimentController:
                 router.set_weights(want)
             for v in s.variants:
                 telemetry.WEIGHT.labels(KIND, self.namespace, self.name, v.name).set(v.weight)
-        for a in decision.actions:
-            if isinstance(a, engine.Event):
-                common.post_event(obj, a.type, a.reason, a.message)
-                telemetry.DECISIONS.labels(KIND, self.namespace, self.name, a.reason).inc()
-                log = self.logger.warning if a.type == "Warning" else self.logger.info
-                log("%s: %s", a.reason, a.message)
-        telemetry.set_phase(KIND, self.namespace, self.name, s.phase, PHASES)
+        self.emit(obj, [a for a in decision.actions if isinstance(a, Event)], s.phase)
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-def experiment_daemon(
-    stopped: kopf.DaemonStopped, namespace: str | None, name: str, logger: Logger, **_: Any
-) -> None:
-    ctl = ExperimentController(namespace or "default", name, logger)
-    while not stopped:
-        try:
-            obj = common.get_object(PLURAL, ctl.namespace, name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return
-            if ctl.due(obj):
-                ctl.tick(obj)
-        except Exception as e:  # a daemon must survive anything and try again
-            logger.exception("tick failed: %s", e)
-            ctl._last_key = None
-        stopped.wait(0.5)
+_controllers: dict[str, ExperimentController] = {}
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False)
+def experiment_timer(namespace: str | None, name: str, uid: str, **_: Any) -> None:
+    _controllers.setdefault(uid, ExperimentController(namespace or "default", name)).wake()
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def experiment_deleted(spec: Any, namespace: str | None, name: str, logger: Logger, **_: Any) -> None:
+def experiment_deleted(spec: kopf.Spec, namespace: str | None, name: str, uid: str, **_: Any) -> None:
     """Finalizer: all traffic to the control before the ModelExperiment goes away."""
+    _controllers.pop(uid, None)
     ns = namespace or "default"
     variants = [v.get("name", "") for v in (dict(spec).get("variants") or []) if isinstance(v, dict)]
     telemetry.forget(KIND, ns, name, PHASES, variants)

@@ -5,18 +5,24 @@ from __future__ import annotations
 import math
 
 import requests
-from urllib3.util.retry import Retry
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
 
 from model_rollouts.metrics.provider import Result
 
 
 class PrometheusProvider:
-    def __init__(self, address: str, *, timeout_s: int = 5, token: str | None = None,
-                 verify_tls: bool = True) -> None:
+    def __init__(
+        self, address: str, *, timeout_s: int = 5, token: str | None = None, verify_tls: bool = True
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        self._client = PrometheusConnect(url=address.rstrip("/"), headers=headers, disable_ssl=not verify_tls,
-                                         retry=Retry(total=0), timeout=timeout_s)
+        self._client = PrometheusConnect(
+            url=address.rstrip("/"),
+            headers=headers,
+            disable_ssl=not verify_tls,
+            retry=Retry(total=0),
+            timeout=timeout_s,
+        )
         self.address = address
 
     def query(self, promql: str) -> Result:
@@ -35,7 +41,9 @@ def interpret(data: object) -> Result:
         return Result("noData", message="the query returned no series")
     if isinstance(data[0], dict):  # instant vector
         if len(data) > 1:
-            return Result("error", message=f"the query returned {len(data)} series; aggregate it to one (sum)")
+            return Result(
+                "error", message=f"the query returned {len(data)} series; aggregate it to one (sum)"
+            )
         sample = data[0].get("value")
     elif len(data) == 2:  # scalar: [timestamp, "value"]
         sample = data

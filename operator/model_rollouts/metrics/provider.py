@@ -57,7 +57,9 @@ def check_template(template: str) -> None:
     """Raise TemplateError if the template uses a placeholder outside the fixed set."""
     for m in _PLACEHOLDER.finditer(template):
         if m.group(1) not in PLACEHOLDERS:
-            raise TemplateError(f"unknown placeholder {{{{ {m.group(1)} }}}}; allowed: {', '.join(PLACEHOLDERS)}")
+            raise TemplateError(
+                f"unknown placeholder {{{{ {m.group(1)} }}}}; allowed: {', '.join(PLACEHOLDERS)}"
+            )
 
 
 class MetricProvider(Protocol):

@@ -7,7 +7,7 @@ backendRefs makes the patch fail (422) instead of weighting the wrong backend.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -27,8 +27,10 @@ class GatewayAPIRouter:
 
     def _route(self) -> dict[str, Any]:
         try:
-            route: dict[str, Any] = self._co.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, self.name)
+            route = cast(
+                dict[str, Any],
+                self._co.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name),
+            )
         except ApiException as e:
             if e.status == 404:
                 raise RouterError(FIELD, f"HTTPRoute {self.namespace}/{self.name} not found") from e
@@ -38,8 +40,10 @@ class GatewayAPIRouter:
     def _refs(self, route: dict[str, Any]) -> list[dict[str, Any]]:
         rules = route.get("spec", {}).get("rules") or []
         if self.rule_index >= len(rules):
-            raise RouterError("spec.trafficRouting.gatewayAPI.ruleIndex",
-                              f"HTTPRoute {self.name} has {len(rules)} rule(s); index {self.rule_index} is missing")
+            raise RouterError(
+                "spec.trafficRouting.gatewayAPI.ruleIndex",
+                f"HTTPRoute {self.name} has {len(rules)} rule(s); index {self.rule_index} is missing",
+            )
         refs: list[dict[str, Any]] = rules[self.rule_index].get("backendRefs") or []
         return refs
 
@@ -47,8 +51,11 @@ class GatewayAPIRouter:
         names = [r.get("name") for r in self._refs(self._route())]
         missing = [s for s in services if s not in names]
         if missing:
-            raise RouterError(FIELD, f"HTTPRoute {self.name} rule {self.rule_index} has no backendRef for "
-                                     f"service(s) {', '.join(missing)} (has: {', '.join(map(str, names))})")
+            raise RouterError(
+                FIELD,
+                f"HTTPRoute {self.name} rule {self.rule_index} has no backendRef for "
+                f"service(s) {', '.join(missing)} (has: {', '.join(map(str, names))})",
+            )
 
     def get_weights(self) -> dict[str, int]:
         # A backendRef without weight gets 1 per the Gateway API spec.
@@ -65,7 +72,16 @@ class GatewayAPIRouter:
                 ops.append({"op": "add", "path": f"{base}/{i}/weight", "value": int(weights[name])})
         unknown = set(weights) - {r.get("name") for r in refs}
         if unknown:
-            raise RouterError(FIELD, f"HTTPRoute {self.name} has no backendRef for {', '.join(sorted(unknown))}")
+            raise RouterError(
+                FIELD, f"HTTPRoute {self.name} has no backendRef for {', '.join(sorted(unknown))}"
+            )
         if ops:
-            self._co.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name, ops,
-                                                  _content_type="application/json-patch+json")
+            self._co.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                ops,
+                _content_type="application/json-patch+json",
+            )
