@@ -19,20 +19,31 @@ from tests.harness.stack import Stack, httproute
 
 STABLE, CANDIDATE = "bench-v1", "bench-v2"
 WINDOW = "10s"
-QUERY = ('sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
-         'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))')
+QUERY = (
+    'sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
+    'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))'
+)
 LIMIT = 0.05
 
 
 def doc(name: str, prom: str, interval: int) -> dict:  # type: ignore[type-arg]
-    return {"apiVersion": "mlrollouts.io/v1alpha1", "kind": "ModelRollout", "metadata": {"name": name},
-            "spec": {"stable": {"service": STABLE}, "candidate": {"service": CANDIDATE},
-                     "trafficRouting": {"gatewayAPI": {"httpRoute": "bench"}},
-                     "steps": [{"setWeight": 50}, {"pause": {}}],
-                     "analysis": {"interval": f"{interval}s", "window": WINDOW,
-                                  "prometheus": {"address": prom, "timeout": "2s"},
-                                  "guardrails": [{"name": "error-rate", "query": QUERY, "max": LIMIT,
-                                                  "failureLimit": 1}]}}}
+    return {
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelRollout",
+        "metadata": {"name": name},
+        "spec": {
+            "stable": {"service": STABLE},
+            "candidate": {"service": CANDIDATE},
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "bench"}},
+            "steps": [{"setWeight": 50}, {"pause": {}}],
+            "analysis": {
+                "interval": f"{interval}s",
+                "window": WINDOW,
+                "prometheus": {"address": prom, "timeout": "2s"},
+                "guardrails": [{"name": "error-rate", "query": QUERY, "max": LIMIT, "failureLimit": 1}],
+            },
+        },
+    }
 
 
 def one_run(stack: Stack, i: int, interval: int) -> float:
@@ -43,8 +54,13 @@ def one_run(stack: Stack, i: int, interval: int) -> float:
     time.sleep(WINDOW_S + 1)  # let the previous run's errors leave the rate window
     stack.apply(doc(name, stack.prom.url, interval))
     stack.wait_for("modelrollouts", name, lambda o: (o.get("status") or {}).get("weight") == 50, 60, poll=0.2)
-    stack.wait_for("modelrollouts", name, lambda o: any(
-        m.get("verdict") == "pass" for m in (o.get("status") or {}).get("lastAnalysis", [])), 60, poll=0.2)
+    stack.wait_for(
+        "modelrollouts",
+        name,
+        lambda o: any(m.get("verdict") == "pass" for m in (o.get("status") or {}).get("lastAnalysis", [])),
+        60,
+        poll=0.2,
+    )
     stack.servers[CANDIDATE].set(error_rate=0.5)
     q = QUERY.replace("{{ service }}", CANDIDATE).replace("{{ window }}", WINDOW)
     deadline = time.monotonic() + 60
@@ -62,7 +78,8 @@ def one_run(stack: Stack, i: int, interval: int) -> float:
     if visible is None or zero is None:
         raise RuntimeError(f"run {i}: breach visible={visible} weight0={zero}")
     client.CustomObjectsApi(stack.api).delete_namespaced_custom_object(
-        "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", name)
+        "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", name
+    )
     return max(0.0, zero - visible)
 
 
@@ -75,7 +92,9 @@ def main() -> int:
     parser.add_argument("--interval", type=int, default=5)
     args = parser.parse_args()
     latencies = []
-    with Stack(variants={STABLE: {}, CANDIDATE: {}}, route="bench", rps=50, max_seconds=60 + 45 * args.runs) as s:
+    with Stack(
+        variants={STABLE: {}, CANDIDATE: {}}, route="bench", rps=50, max_seconds=60 + 45 * args.runs
+    ) as s:
         s.start_operator()
         for i in range(args.runs):
             lat = one_run(s, i, args.interval)
@@ -83,10 +102,20 @@ def main() -> int:
             print(f"run {i + 1}/{args.runs}: breach visible -> candidate weight 0 in {lat:.2f}s", flush=True)
     med, mx = statistics.median(latencies), max(latencies)
     target = args.interval + 2
-    print(f"median {med:.2f}s, max {mx:.2f}s; target median <= interval + 2s = {target}s: "
-          f"{'met' if med <= target else 'NOT met'}")
-    print(json.dumps({"runs": len(latencies), "interval_s": args.interval, "median_s": round(med, 2),
-                      "max_s": round(mx, 2)}))
+    print(
+        f"median {med:.2f}s, max {mx:.2f}s; target median <= interval + 2s = {target}s: "
+        f"{'met' if med <= target else 'NOT met'}"
+    )
+    print(
+        json.dumps(
+            {
+                "runs": len(latencies),
+                "interval_s": args.interval,
+                "median_s": round(med, 2),
+                "max_s": round(mx, 2),
+            }
+        )
+    )
     return 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from model_rollouts.api.common import get_condition
+from model_rollouts.api.common import dump, get_condition
 from model_rollouts.api.experiment import ModelExperimentSpec, ModelExperimentStatus
 from model_rollouts.engine import experiment as engine
 from model_rollouts.engine.experiment import (
@@ -18,7 +19,9 @@ from model_rollouts.engine.experiment import (
     SetWeights,
     VariantObservation,
     fixed_weights,
+    needs_measurement,
     reconcile,
+    revision_of,
 )
 from model_rollouts.engine.stats import MeanData, ProportionData
 from model_rollouts.metrics.provider import Result
@@ -393,14 +396,16 @@ def test_thompson_weights_respect_min_weight_and_sum_to_100() -> None:
     assert weights(again) == weights(step(spec, d, 30, obs(data)))
 
 
-def test_history_is_bounded_and_keeps_state_entries() -> None:
-    spec = make_spec(2, allocation={"strategy": "thompson", "minWeight": 5, "maxStep": 1})
-    d = start(spec, annotations={engine.ANNOTATION_RESUME: "x"})
-    data = {"control": ProportionData(10, 100), "v1": ProportionData(90, 100)}
-    for i in range(1, 80):
-        d = step(spec, d, 5 * i, obs(data), annotations={engine.ANNOTATION_RESUME: "x"})
-    assert len(d.status.history) <= engine.HISTORY_LIMIT + 2
-    assert any(h.event == "AnnotationHandled" for h in d.status.history)
+def test_history_is_bounded_and_holds_no_state() -> None:
+    spec, paused = make_spec(2), make_spec(2, paused=True)
+    ann = {engine.ANNOTATION_ABORT: "x"}
+    d = start(spec, annotations=ann)
+    data = {"control": ProportionData(10, 100), "v1": ProportionData(9, 100)}
+    for i in range(1, 81):  # every toggle of spec.paused adds an entry
+        d = step(paused if i % 2 else spec, d, 5 * i, obs(data), annotations=ann)
+    assert len(d.status.history) == engine.HISTORY_LIMIT
+    assert d.status.history[0].event != "Started"  # trimmed
+    assert d.status.phase == "Running" and d.status.handled.abort == "x"
 
 
 def test_bayesian_winner_needs_probability_to_be_best() -> None:
@@ -457,4 +462,148 @@ def test_changing_the_variants_restarts_the_experiment() -> None:
     d = start(spec)
     d = step(make_spec(3), d, 5, None)
     assert d.status.startedAt == T0 + timedelta(seconds=5)
-    assert weights(d) == {"control": 34, "v1": 33, "v2": 33} and "Restarted" in events(d)
+    assert weights(d) == {"control": 34, "v1": 33, "v2": 33} and "NewRevision" in events(d)
+
+
+# --------------------------------------------------------------------------- state lives in status
+
+
+def roundtrip(d: Decision, history: bool = True) -> ModelExperimentStatus:
+    """The status as the API server stores it (JSON, no nulls), optionally with no history left."""
+    doc = json.loads(json.dumps(dump(d.status)))
+    if not history:
+        doc["history"] = []
+    return ModelExperimentStatus.model_validate(doc)
+
+
+def test_restart_from_stored_status_resumes_identically() -> None:
+    spec = make_spec(3, stoppingRules={"minSamplesPerVariant": 400, "futility": False})
+    old = {engine.ANNOTATION_ABORT: "old", engine.ANNOTATION_RESUME: "r0"}
+    resumed = {**old, engine.ANNOTATION_RESUME: "r1"}
+
+    def counts(c: int, v1: int, v2: int) -> dict[str, ProportionData]:
+        return {n: ProportionData(0.3 * t, t) for n, t in (("control", c), ("v1", v1), ("v2", v2))}
+
+    # (seconds, observations, annotations): SRM pause, an old resume value, a new one, a drop, aborts.
+    steps: list[tuple[float, Observations | None, dict[str, str]]] = [
+        (5, obs(counts(1000, 500, 500)), old),
+        (10, obs(counts(2000, 1000, 1000)), old),
+        (15, obs(counts(2100, 1100, 1100)), resumed),
+        (20, obs(counts(2200, 1200, 1200), {"v2": 0.3}), resumed),
+        (25, obs(counts(2300, 1300, 1300), {"v2": 0.3}), resumed),
+        (30, obs(counts(2500, 1500, 1300)), resumed),
+        (35, None, resumed),
+        (40, None, {**resumed, engine.ANNOTATION_ABORT: "now"}),
+    ]
+    run = [start(spec, annotations=old)]
+    for sec, o, ann in steps:
+        run.append(step(spec, run[-1], sec, o, annotations=ann))
+    phases = [d.status.phase for d in run]
+    assert phases == ["Running", "Paused", "Paused", "Running", "Running", "Running", "Running", "Running",
+                      "Aborted"]  # fmt: skip
+    assert "Resumed" in events(run[3]) and "VariantDropped" in events(run[5])
+    assert run[5].status.srmBaseline == {"control": 2300, "v1": 1300, "v2": 1300}
+    assert run[5].status.srmSince == T0 + timedelta(seconds=25)
+    assert run[3].status.handled.resume == "r1" and run[-1].status.handled.abort == "now"
+
+    def without_history(d: Decision) -> dict[str, Any]:
+        return d.status.model_dump(exclude={"history"})
+
+    for i in range(len(steps)):
+        for history in (True, False):
+            d = Decision(roundtrip(run[i], history), [])
+            for j, (sec, o, ann) in enumerate(steps[i:], start=i + 1):
+                d = step(spec, d, sec, o, annotations=ann)
+                assert d.actions == run[j].actions, (i, history, j)
+                assert without_history(d) == without_history(run[j]), (i, history, j)
+
+
+def test_srm_baseline_is_what_keeps_a_resumed_experiment_running() -> None:
+    spec = make_spec(2, stoppingRules={"minSamplesPerVariant": 400, "futility": False})
+    d = start(spec)
+    d = step(spec, d, 5, obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)}))
+    d = step(spec, d, 10, obs({"control": ProportionData(330, 1100), "v1": ProportionData(180, 600)}),
+             annotations={engine.ANNOTATION_RESUME: "go"})  # fmt: skip
+    assert d.status.phase == "Running" and d.status.srmBaseline == {"control": 1000, "v1": 500}
+    later = obs({"control": ProportionData(390, 1300), "v1": ProportionData(240, 800)})
+    kept = step(spec, Decision(roundtrip(d, history=False), []), 15, later)
+    assert kept.status.phase == "Running"
+    # Counted from the start instead, the same samples are still skewed: the field carries the state.
+    lost = roundtrip(d).model_copy(update={"srmBaseline": {}})
+    assert step(spec, Decision(lost, []), 15, later).status.phase == "Paused"
+
+
+def test_a_new_revision_restarts_from_scratch() -> None:
+    spec = make_spec(2, stoppingRules={"futility": False})
+    d = start(spec)
+    rev = d.status.revision
+    assert rev == revision_of(spec) and needs_measurement(spec, d.status)
+    d = step(
+        spec, d, 5, obs({"control": ProportionData(30, 100), "v1": ProportionData(40, 100)}, {"v1": 0.3})
+    )
+    assert d.status.guardrailFailures and d.status.variants[0].n == 100
+    # Weights, guardrails and stopping rules are not part of the revision.
+    same = make_spec(
+        2,
+        variants=[
+            {"name": "control", "service": "svc-a", "control": True, "weight": 70},
+            {"name": "v1", "service": "svc-b", "weight": 30},
+        ],
+        guardrails=[],
+        stoppingRules={"minSamplesPerVariant": 500},
+    )
+    assert revision_of(same) == rev
+    # A new service for a variant (same names) or a new primary metric query is a new revision.
+    moved = make_spec(
+        2,
+        variants=[
+            {"name": "control", "service": "svc-a", "control": True},
+            {"name": "v1", "service": "svc-z"},
+        ],
+        stoppingRules={"futility": False},
+    )
+    requery = make_spec(
+        2, primaryMetric={"name": "ctr", "type": "proportion", "successes": "s2", "trials": "t"}
+    )
+    assert len({rev, revision_of(moved), revision_of(requery)}) == 3
+    assert not needs_measurement(moved, d.status)
+    ann = {engine.ANNOTATION_ABORT: "during-change"}
+    d = step(moved, d, 10, None, annotations=ann)
+    s = d.status
+    assert (
+        s.revision == revision_of(moved)
+        and s.phase == "Running"
+        and s.startedAt == T0 + timedelta(seconds=10)
+    )
+    assert "NewRevision" in events(d) and s.history[-1].reason == "NewRevision"
+    assert set_weights(d) == [{"svc-a": 50, "svc-z": 50}]
+    assert all(v.n == 0 and v.active for v in s.variants) and not s.guardrailFailures
+    assert s.srmBaseline == {"control": 0, "v1": 0} and s.srmSince == s.startedAt
+    # The abort annotation present when the new revision started is recorded, not acted on.
+    assert s.handled.abort == "during-change"
+    d = step(moved, d, 15, None, annotations=ann)
+    assert d.status.phase == "Running" and "NewRevision" not in events(d)
+    # A concluded experiment also restarts for a new revision.
+    done = step(moved, d, 20, None, annotations={engine.ANNOTATION_ABORT: "stop"})
+    assert done.status.phase == "Aborted"
+    again = step(spec, done, 25, None, annotations={engine.ANNOTATION_ABORT: "stop"})
+    assert again.status.phase == "Running" and again.status.revision == rev and again.status.decision is None
+
+
+def test_resume_annotation_present_at_start_is_ignored() -> None:
+    spec = make_spec(2, stoppingRules={"minSamplesPerVariant": 400, "futility": False})
+    ann = {engine.ANNOTATION_RESUME: "before"}
+    d = start(spec, annotations=ann)
+    assert d.status.handled.resume == "before" and d.status.handled.abort is None
+    d = step(spec, d, 5, obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)}),
+             annotations=ann)  # fmt: skip
+    assert d.status.phase == "Paused"
+    d = step(spec, d, 10, obs({"control": ProportionData(330, 1100), "v1": ProportionData(180, 600)}),
+             annotations=ann)  # fmt: skip
+    assert d.status.phase == "Paused" and "Resumed" not in events(d)
+
+
+def test_status_without_the_new_fields_still_parses() -> None:
+    legacy = {"phase": "Running", "startedAt": "2025-01-01T00:00:00Z", "variants": [{"name": "control"}]}
+    s = ModelExperimentStatus.model_validate(legacy)
+    assert s.revision is None and s.handled.abort is None and s.srmBaseline == {} and s.srmSince is None

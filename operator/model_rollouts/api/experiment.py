@@ -15,8 +15,8 @@ from model_rollouts.api.common import (
     Measurement,
     Model,
     Name,
-    PromQL,
     PrometheusConfig,
+    PromQL,
     TrafficRouting,
     cel,
 )
@@ -32,32 +32,45 @@ class Variant(Model):
     name: Name
     service: Name = Field(description="Service named in the HTTPRoute backendRefs.")
     control: bool = Field(default=False, description="Exactly one variant is the control.")
-    weight: int | None = Field(default=None, ge=0, le=100,
-                               description="Fixed allocation weight; default: an equal split.")
+    weight: int | None = Field(
+        default=None, ge=0, le=100, description="Fixed allocation weight; default: an equal split."
+    )
 
 
 class Allocation(Model):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"x-kubernetes-validations": [
-            cel("self.strategy != 'thompson' || self.minWeight <= 50",
-                "allocation.minWeight must be at most 50 for thompson"),
-        ]},
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.strategy != 'thompson' || self.minWeight <= 50",
+                    "allocation.minWeight must be at most 50 for thompson",
+                ),
+            ]
+        },
     )
     strategy: Literal["fixed", "thompson"] = "fixed"
-    minWeight: int = Field(default=5, ge=0, le=100, description="Thompson: the least weight of an active arm.")
+    minWeight: int = Field(
+        default=5, ge=0, le=100, description="Thompson: the least weight of an active arm."
+    )
     maxStep: int = Field(default=10, ge=1, le=100, description="Thompson: largest weight change per update.")
 
 
 class PrimaryMetric(Model):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"x-kubernetes-validations": [
-            cel("self.type != 'proportion' || (has(self.successes) && has(self.trials))",
-                "a proportion metric needs successes and trials queries"),
-            cel("self.type != 'mean' || (has(self.sum) && has(self.count) && has(self.sumSquares))",
-                "a mean metric needs sum, count and sumSquares queries"),
-        ]},
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.type != 'proportion' || (has(self.successes) && has(self.trials))",
+                    "a proportion metric needs successes and trials queries",
+                ),
+                cel(
+                    "self.type != 'mean' || (has(self.sum) && has(self.count) && has(self.sumSquares))",
+                    "a mean metric needs sum, count and sumSquares queries",
+                ),
+            ]
+        },
     )
     name: Name
     type: Literal["proportion", "mean"] = "proportion"
@@ -80,24 +93,40 @@ class SuccessCriteria(Model):
 class StoppingRules(Model):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"x-kubernetes-validations": [
-            cel("!has(self.maxSamplesPerVariant) || self.maxSamplesPerVariant >= self.minSamplesPerVariant",
-                "stoppingRules.maxSamplesPerVariant must be >= minSamplesPerVariant", ".maxSamplesPerVariant"),
-        ]},
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.maxSamplesPerVariant) || "
+                    "self.maxSamplesPerVariant >= self.minSamplesPerVariant",
+                    "stoppingRules.maxSamplesPerVariant must be >= minSamplesPerVariant",
+                    ".maxSamplesPerVariant",
+                ),
+            ]
+        },
     )
     maxDuration: Duration = "168h"
     minSamplesPerVariant: int = Field(default=100, ge=1)
     maxSamplesPerVariant: int | None = Field(default=None, ge=1)
-    futility: bool = Field(default=True, description="Stop early when the effect is shown to be below the MDE.")
-    srmAlpha: float = Field(default=0.001, gt=0, lt=0.5, description="Pause when the SRM p-value falls below.")
+    futility: bool = Field(
+        default=True, description="Stop early when the effect is shown to be below the MDE."
+    )
+    srmAlpha: float = Field(
+        default=0.001, gt=0, lt=0.5, description="Pause when the SRM p-value falls below."
+    )
 
 
 class ExperimentAnalysis(Model):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"x-kubernetes-validations": [
-            cel("duration(self.interval) >= duration('5s')", "analysis.interval must be at least 5s", ".interval"),
-        ]},
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "duration(self.interval) >= duration('5s')",
+                    "analysis.interval must be at least 5s",
+                    ".interval",
+                ),
+            ]
+        },
     )
     interval: Duration = "30s"
     window: Duration = "1m"
@@ -108,17 +137,31 @@ class ExperimentAnalysis(Model):
 class ModelExperimentSpec(Model):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"x-kubernetes-validations": [
-            cel("self.variants.filter(v, v.control).size() == 1", "exactly one variant must be the control",
-                ".variants"),
-            cel("self.variants.all(a, self.variants.exists_one(b, b.name == a.name))",
-                "variant names must be unique", ".variants"),
-            cel("self.variants.all(a, self.variants.exists_one(b, b.service == a.service))",
-                "variant services must be unique", ".variants"),
-            cel("!self.variants.exists(v, has(v.weight)) || "
-                "self.variants.map(v, has(v.weight) ? v.weight : 0).sum() == 100",
-                "variant weights must sum to 100 when set", ".variants"),
-        ]},
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.variants.filter(v, v.control).size() == 1",
+                    "exactly one variant must be the control",
+                    ".variants",
+                ),
+                cel(
+                    "self.variants.all(a, self.variants.exists_one(b, b.name == a.name))",
+                    "variant names must be unique",
+                    ".variants",
+                ),
+                cel(
+                    "self.variants.all(a, self.variants.exists_one(b, b.service == a.service))",
+                    "variant services must be unique",
+                    ".variants",
+                ),
+                cel(
+                    "!self.variants.exists(v, has(v.weight)) || "
+                    "self.variants.map(v, has(v.weight) ? v.weight : 0).sum() == 100",
+                    "variant weights must sum to 100 when set",
+                    ".variants",
+                ),
+            ]
+        },
     )
     variants: list[Variant] = Field(min_length=2, max_length=10)
     trafficRouting: TrafficRouting
@@ -148,10 +191,22 @@ class VariantStatus(Model):
     reason: str | None = None
 
 
+class Handled(Model):
+    """The annotation values already acted on (each new value acts once)."""
+
+    abort: str | None = None
+    resume: str | None = None
+
+
 class ModelExperimentStatus(Model):
     phase: ExperimentPhase = "Pending"
     message: str = ""
     observedGeneration: int = 0
+    revision: str | None = Field(
+        default=None,
+        description="Hash of the variants (names, services, control) and the primary metric; "
+        "a change restarts the experiment.",
+    )
     startedAt: datetime | None = None
     lastAnalysisTime: datetime | None = None
     variants: list[VariantStatus] = Field(default_factory=list)
@@ -164,6 +219,12 @@ class ModelExperimentStatus(Model):
     lastAnalysis: list[Measurement] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
+    handled: Handled = Field(default_factory=Handled)
+    srmBaseline: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per variant, its sample count when the split last changed; SRM counts samples since.",
+    )
+    srmSince: datetime | None = Field(default=None, description="When the split last changed.")
 
 
 class ModelExperiment(Model):

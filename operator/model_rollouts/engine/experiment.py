@@ -30,13 +30,18 @@ Rules, in the order they are applied at each analysis:
    when there is none (decision ``noWinner`` or ``futile``): a null result is not a failure, so the
    phase is Concluded. ``onSuccess: keep`` concludes without moving traffic.
 
-The status model has no field for annotation values already acted on, nor for the sample counts at
-the last split change, so both are kept in history entries that trimming never removes (the latest
-``AnnotationHandled`` entry per annotation and the latest ``SplitChanged`` entry).
+State lives in status fields, so a restart of the operator resumes exactly where it stood:
+``revision`` (what is being compared: a change restarts the experiment from scratch, like a new
+rollout revision), ``handled`` (the annotation values already acted on; values present when an
+experiment or a new revision starts are recorded and not acted on) and ``srmBaseline``/``srmSince``
+(the sample counts when the split last changed). ``history`` is a bounded, purely informational log:
+nothing is ever read back from it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,6 +50,7 @@ from model_rollouts.api.common import (
     Condition,
     HistoryEntry,
     Measurement,
+    dump,
     get_condition,
     parse_duration,
     set_condition,
@@ -57,6 +63,7 @@ from model_rollouts.api.experiment import (
     VariantStatus,
 )
 from model_rollouts.engine import bandit, stats
+from model_rollouts.engine.actions import Event
 from model_rollouts.engine.guardrails import evaluate, update_failures
 from model_rollouts.metrics.provider import Result
 
@@ -69,10 +76,6 @@ HISTORY_LIMIT = 30
 SRM_MIN_SAMPLES = 20
 #: Reasons on the Progressing condition.
 SRM_REASON = "SampleRatioMismatch"
-
-# History events that carry state and are therefore never trimmed (the latest of each kind).
-_HANDLED = "AnnotationHandled"
-_SPLIT = "SplitChanged"
 
 Data = stats.ProportionData | stats.MeanData
 
@@ -99,13 +102,6 @@ class Observations:
 @dataclass(frozen=True)
 class SetWeights:
     weights: dict[str, int]  # per variant Service; sums to 100
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 Action = SetWeights | Event
@@ -202,11 +198,23 @@ def fixed_weights(spec: ModelExperimentSpec, active: set[str] | None = None) -> 
     return out
 
 
+def revision_of(spec: ModelExperimentSpec) -> str:
+    """What is compared: the variants (names, services, which is the control) and the primary metric.
+
+    A change restarts the experiment from scratch. Weights, guardrails and stopping rules are not part
+    of it: they change how the experiment runs, not what its samples mean.
+    """
+    variants = [{"name": v.name, "service": v.service, "control": v.control} for v in spec.variants]
+    body = json.dumps({"variants": variants, "primaryMetric": dump(spec.primaryMetric)}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:10]
+
+
 def needs_measurement(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> bool:
-    """Metrics are read only for a started, not finished experiment of the same variants."""
+    """Metrics are read only for a started, not finished experiment of the current revision."""
     return (
         status.startedAt is not None
         and status.phase not in (*TERMINAL_PHASES, "Invalid", "Pending")
+        and status.revision == revision_of(spec)
         and [v.name for v in status.variants] == [v.name for v in spec.variants]
     )
 
@@ -255,15 +263,16 @@ def reconcile(
     s.observedGeneration = generation
     s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
 
+    rev = revision_of(spec)
     names = [v.name for v in spec.variants]
-    if s.startedAt is None or [v.name for v in s.variants] != names:
+    if s.startedAt is None or s.revision != rev or [v.name for v in s.variants] != names:
         if s.startedAt is None and spec.paused:
             if s.phase != "Paused":
                 _history(s, now, "Paused", "SpecPaused", "created paused: not started")
             s.phase, s.message = "Paused", "paused by spec.paused before it started: no traffic moved"
             _conditions(s, now, generation, "SpecPaused")
             return Decision(s, actions)
-        return _start(spec, s, actions, ann, now, generation)
+        return _start(spec, s, actions, ann, rev, now, generation)
 
     if s.phase in TERMINAL_PHASES:
         _conditions(s, now, generation, s.phase)
@@ -274,8 +283,8 @@ def reconcile(
 
     # User actions, by annotation: each new value acts once.
     abort = ann.get(ANNOTATION_ABORT)
-    if abort and abort != _handled(s, ANNOTATION_ABORT):
-        _mark_handled(s, now, ANNOTATION_ABORT, abort)
+    if abort and abort != s.handled.abort:
+        s.handled.abort = abort
         return _finish(
             spec,
             s,
@@ -290,15 +299,15 @@ def reconcile(
             to_control=True,
         )
     resume = ann.get(ANNOTATION_RESUME)
-    if resume and resume != _handled(s, ANNOTATION_RESUME):
-        _mark_handled(s, now, ANNOTATION_RESUME, resume)
+    if resume and resume != s.handled.resume:
+        s.handled.resume = resume
         if _srm_held(s):
             msg = (
                 f"resumed by annotation {ANNOTATION_RESUME}={resume} after a sample-ratio mismatch; "
                 "the SRM check restarts from the current counts"
             )
             s.conditions = set_condition(s.conditions, SRM_REASON, "False", "Resumed", msg, now, generation)
-            _split_changed(s, now, "SRM check restarted on resume")
+            _split_changed(s, now)
             s.phase = "Running"
             actions.append(Event("Normal", "Resumed", msg))
             _history(s, now, "Resumed", "ResumeRequested", msg)
@@ -343,48 +352,46 @@ def _start(
     s: ModelExperimentStatus,
     actions: list[Action],
     ann: dict[str, str],
+    rev: str,
     now: datetime,
     generation: int,
 ) -> Decision:
-    restart = s.startedAt is not None
+    """Start (or, for a new revision, restart from scratch): fresh counts, the configured split."""
+    reason = "Started" if s.startedAt is None else "NewRevision"
     weights = fixed_weights(spec)
     ctrl = control_of(spec).name
     split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
     msg = (
-        f"variants changed: restarting the experiment with {split}"
-        if restart
-        else f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}"
+        f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}"
+        if reason == "Started"
+        else f"variants or primary metric changed (revision {s.revision or 'unrecorded'} -> {rev}): "
+        f"restarting the experiment from scratch with {split}"
     )
-    history, conditions = s.history, s.conditions
+    # Annotations present when this revision starts were meant for an earlier one: recorded, not acted on.
+    handled = s.handled.model_copy(
+        update={
+            "abort": ann.get(ANNOTATION_ABORT, s.handled.abort),
+            "resume": ann.get(ANNOTATION_RESUME, s.handled.resume),
+        }
+    )
     s = ModelExperimentStatus(
         phase="Running",
         message=msg,
         observedGeneration=generation,
+        revision=rev,
         startedAt=now,
         variants=[VariantStatus(name=v.name, weight=weights[v.name]) for v in spec.variants],
-        conditions=conditions,
-        history=history,
+        conditions=s.conditions,
+        history=s.history,
+        handled=handled,
+        srmBaseline={v.name: 0.0 for v in spec.variants},
+        srmSince=now,
     )
     s.conditions = set_condition(
         s.conditions, SRM_REASON, "Unknown", "NotChecked", "no samples yet", now, generation
     )
-    actions += [
-        SetWeights(_by_service(spec, weights)),
-        Event("Normal", "Restarted" if restart else "Started", msg),
-    ]
-    _history(
-        s,
-        now,
-        "Started",
-        "Restarted" if restart else "Started",
-        msg,
-        {k: float(w) for k, w in weights.items()},
-    )
-    # Annotations present before the experiment started were meant for an earlier one.
-    for key in (ANNOTATION_ABORT, ANNOTATION_RESUME):
-        if ann.get(key) and ann[key] != _handled(s, key):
-            _mark_handled(s, now, key, ann[key])
-    _split_changed(s, now, "experiment started", zero=True)
+    actions += [SetWeights(_by_service(spec, weights)), Event("Normal", reason, msg)]
+    _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
     _conditions(s, now, generation, "Running")
     return Decision(s, actions)
 
@@ -637,7 +644,7 @@ def _srm(
         return
     if _srm_held(s):
         return
-    base = _split_baseline(s)
+    base = s.srmBaseline
     by_name = {v.name: v for v in s.variants}
     counts = [max(0.0, by_name[n].n - base.get(n, 0.0)) for n in active]
     weights = [float(by_name[n].weight) for n in active]
@@ -1092,30 +1099,13 @@ def _set_weights(
     if record:
         _history(s, now, "WeightsChanged", "WeightsChanged", msg, {k: float(w) for k, w in weights.items()})
     if spec.allocation.strategy == "fixed":  # SRM runs for fixed allocation only
-        _split_changed(s, now, why)
+        _split_changed(s, now)
 
 
-def _split_changed(s: ModelExperimentStatus, now: datetime, why: str, zero: bool = False) -> None:
+def _split_changed(s: ModelExperimentStatus, now: datetime) -> None:
     """Remember the sample counts at which the split changed: SRM counts the samples after it."""
-    counts = {v.name: (0.0 if zero else v.n) for v in s.variants}
-    _history(s, now, _SPLIT, "SplitChanged", f"SRM baseline: {why}", counts)
-
-
-def _split_baseline(s: ModelExperimentStatus) -> dict[str, float]:
-    entry = next((h for h in reversed(s.history) if h.event == _SPLIT), None)
-    return dict(entry.values or {}) if entry is not None else {}
-
-
-def _handled(s: ModelExperimentStatus, key: str) -> str | None:
-    entry = next((h for h in reversed(s.history) if h.event == _HANDLED and h.reason == key), None)
-    if entry is None:
-        return None
-    prefix = f"{key}="
-    return entry.message[len(prefix) :] if entry.message.startswith(prefix) else None
-
-
-def _mark_handled(s: ModelExperimentStatus, now: datetime, key: str, value: str) -> None:
-    _history(s, now, _HANDLED, key, f"{key}={value}")
+    s.srmBaseline = {v.name: v.n for v in s.variants}
+    s.srmSince = now
 
 
 def _srm_held(s: ModelExperimentStatus) -> bool:
@@ -1141,19 +1131,8 @@ def _history(
             time=now, event=event, phase=s.phase, reason=reason, message=message, values=values or None
         )
     )
-    if len(s.history) <= HISTORY_LIMIT:
-        return
-    # Keep the newest HISTORY_LIMIT entries, plus the newest state-carrying entry of each kind.
-    keep: set[int] = set(range(len(s.history) - HISTORY_LIMIT, len(s.history)))
-    seen: set[tuple[str, str]] = set()
-    for i in range(len(s.history) - 1, -1, -1):
-        h = s.history[i]
-        if h.event in (_HANDLED, _SPLIT):
-            key = (h.event, h.reason if h.event == _HANDLED else "")
-            if key not in seen:
-                seen.add(key)
-                keep.add(i)
-    s.history = [h for i, h in enumerate(s.history) if i in keep]
+    # Informational only (nothing reads it back), so the oldest entries can simply go.
+    del s.history[:-HISTORY_LIMIT]
 
 
 def _conditions(s: ModelExperimentStatus, now: datetime, generation: int, reason: str) -> None:

@@ -19,21 +19,44 @@ def evaluate(g: Guardrail, result: Result, variant: str) -> Measurement:
     """One guardrail measurement. Only a finite value inside the bounds passes."""
     thr = threshold_text(g)
     if result.outcome == "error":
-        return Measurement(name=g.name, kind="guardrail", variant=variant, outcome="error", threshold=thr,
-                           verdict="error", message=f"{g.name}: measurement failed: {result.message}")
+        return Measurement(
+            name=g.name,
+            kind="guardrail",
+            variant=variant,
+            outcome="error",
+            threshold=thr,
+            verdict="error",
+            message=f"{g.name}: measurement failed: {result.message}",
+        )
     if result.outcome in ("noData", "nan") or result.value is None:
         why = "no data" if result.outcome == "noData" else f"not a number ({result.message})"
-        return Measurement(name=g.name, kind="guardrail", variant=variant, outcome=result.outcome,
-                           threshold=thr, verdict="noData", message=f"{g.name}: {why}")
+        return Measurement(
+            name=g.name,
+            kind="guardrail",
+            variant=variant,
+            outcome=result.outcome,
+            threshold=thr,
+            verdict="noData",
+            message=f"{g.name}: {why}",
+        )
     v = result.value
     breached = (g.min is not None and v < g.min) or (g.max is not None and v > g.max)
     verdict = "fail" if breached else "pass"
-    return Measurement(name=g.name, kind="guardrail", variant=variant, outcome="value", value=v, threshold=thr,
-                       verdict=verdict,
-                       message=f"{g.name} = {v:.4g} ({'breaches' if breached else 'within'} {thr})")
+    return Measurement(
+        name=g.name,
+        kind="guardrail",
+        variant=variant,
+        outcome="value",
+        value=v,
+        threshold=thr,
+        verdict=verdict,
+        message=f"{g.name} = {v:.4g} ({'breaches' if breached else 'within'} {thr})",
+    )
 
 
-def update_failures(previous: dict[str, int], measurements: list[Measurement], key_prefix: str = "") -> dict[str, int]:
+def update_failures(
+    previous: dict[str, int], measurements: list[Measurement], key_prefix: str = ""
+) -> dict[str, int]:
     """Consecutive-breach counters: a fail adds one, a pass resets, no data or an error leaves it."""
     out = dict(previous)
     for m in measurements:
