@@ -31,6 +31,7 @@ MEASUREMENT_ERRORS = Counter(
     ["kind", "namespace", "name"],
 )
 
+
 def set_phase(kind: str, namespace: str, name: str, phase: str, all_phases: tuple[str, ...]) -> None:
     for p in all_phases:
         PHASE.labels(kind, namespace, name, p).set(1 if p == phase else 0)
