@@ -311,3 +311,18 @@ def test_invalid_manifests_are_rejected_on_apply_naming_the_field(stack: Stack) 
         assert e.value.status == 422, (label, e.value.body)
         assert field in e.value.body, (label, e.value.body)
     assert len(INVALID) >= 8
+
+
+def test_bearer_token_secret_is_read_and_a_missing_one_is_named(fresh: Stack) -> None:
+    assert fresh.prom is not None
+    doc = rollout("token", fresh.prom.url, [{"setWeight": 20}, {"setWeight": 100}])
+    doc["spec"]["analysis"]["prometheus"]["bearerTokenSecret"] = {"name": "prom-token", "key": "token"}
+    fresh.apply(doc)
+    obj = fresh.wait_for("modelrollouts", "token", lambda o: phase(o) == "Invalid", 30)
+    assert "spec.analysis.prometheus.bearerTokenSecret" in obj["status"]["message"]
+    assert fresh.route_weights()[CANDIDATE] == 0
+    client.CoreV1Api(fresh.api).create_namespaced_secret(
+        fresh.namespace,
+        client.V1Secret(metadata=client.V1ObjectMeta(name="prom-token"), string_data={"token": "abc"}),
+    )
+    fresh.wait_for("modelrollouts", "token", lambda o: phase(o) == "Promoted", 90)

@@ -100,3 +100,43 @@ def test_unreachable_prometheus_is_an_error_not_no_data() -> None:
 
     r = PrometheusProvider(f"http://127.0.0.1:{free_port()}", timeout_s=1).query("up")
     assert r.outcome == "error" and not r.ok and "Connection" in r.message
+
+
+def test_bearer_token_and_query_reach_the_prometheus_api() -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    from model_rollouts.metrics.prometheus import PrometheusProvider
+
+    seen: dict[str, str] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen["auth"] = self.headers.get("Authorization", "")
+            seen["query"] = parse_qs(urlsplit(self.path).query)["query"][0]
+            body = json.dumps(
+                {
+                    "status": "success",
+                    "data": {"resultType": "vector", "result": [{"metric": {}, "value": [1, "0.5"]}]},
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p = PrometheusProvider(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=2, token="s3cret")
+        r = p.query("sum(up)")
+    finally:
+        server.shutdown()
+    assert r.outcome == "value" and r.value == 0.5
+    assert seen == {"auth": "Bearer s3cret", "query": "sum(up)"}
