@@ -19,6 +19,7 @@ from model_rollouts import telemetry
 from model_rollouts.api.common import GROUP, VERSION, PrometheusConfig, TrafficRouting, parse_duration
 from model_rollouts.engine.actions import Event
 from model_rollouts.metrics.prometheus import PrometheusProvider
+from model_rollouts.metrics.provider import TemplateError, check_template
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
 from model_rollouts.traffic.router import RouterError, TrafficRouter
 
@@ -147,6 +148,16 @@ def make_provider(cfg: PrometheusConfig, namespace: str) -> PrometheusProvider:
         token=token,
         verify_tls=not cfg.insecureSkipVerify,
     )
+
+
+def check_queries(queries: list[tuple[str, str | None]]) -> None:
+    """RouterError naming the field of the first query template with a placeholder outside the fixed set."""
+    for field, query in queries:
+        if query:
+            try:
+                check_template(query)
+            except TemplateError as e:
+                raise RouterError(field, str(e)) from e
 
 
 def validation_message(err: ValidationError) -> str:

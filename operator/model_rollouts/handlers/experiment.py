@@ -23,7 +23,7 @@ from model_rollouts.engine import experiment as engine
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
 from model_rollouts.handlers import common
-from model_rollouts.metrics.provider import MetricProvider, Result, TemplateError, check_template, render
+from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.traffic.router import RouterError, TrafficRouter
 
 KIND = "ModelExperiment"
@@ -44,19 +44,16 @@ def _placeholders(v: Variant, namespace: str, window: str) -> dict[str, str]:
     }
 
 
-def _check_templates(spec: ModelExperimentSpec) -> None:
-    for i, g in enumerate(spec.guardrails):
-        try:
-            check_template(g.query)
-        except TemplateError as e:
-            raise RouterError(f"spec.guardrails[{i}].query", str(e)) from e
-    for f in ("successes", "trials", "sum", "count", "sumSquares"):
-        q = getattr(spec.primaryMetric, f)
-        if q:
-            try:
-                check_template(q)
-            except TemplateError as e:
-                raise RouterError(f"spec.primaryMetric.{f}", str(e)) from e
+def _queries(spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = [
+        (f"spec.guardrails[{i}].query", g.query) for i, g in enumerate(spec.guardrails)
+    ]
+    out += [
+        (f"spec.primaryMetric.{f}", getattr(spec.primaryMetric, f))
+        for fs in _PRIMARY_FIELDS.values()
+        for f in fs
+    ]
+    return out
 
 
 def measure(
@@ -120,7 +117,7 @@ class ExperimentController(common.Controller):
         if problem:
             return self._apply(obj, engine.invalid(status, problem, now, generation), None, None)
         try:
-            _check_templates(spec)
+            common.check_queries(_queries(spec))
             router = common.make_router(spec.trafficRouting, self.namespace)
             router.check([v.service for v in spec.variants])
             provider = common.make_provider(spec.analysis.prometheus, self.namespace)

@@ -26,13 +26,14 @@ from model_rollouts.engine import rollout as engine
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
 from model_rollouts.handlers import common
-from model_rollouts.metrics.provider import MetricProvider, Result, TemplateError, check_template, render
+from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.traffic.router import RouterError, TrafficRouter
 
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
 PHASES = ("Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid")
 ANNOTATIONS = (ANNOTATION_PROMOTE, ANNOTATION_ABORT, ANNOTATION_RESUME)
+QUERY_FIELDS = ("successes", "trials", "sum", "count", "sumSquares")
 
 
 def _placeholders(v: VariantRef, role: str, namespace: str, window: str) -> dict[str, str]:
@@ -45,20 +46,13 @@ def _placeholders(v: VariantRef, role: str, namespace: str, window: str) -> dict
     }
 
 
-def _check_templates(spec: ModelRolloutSpec) -> None:
-    for i, g in enumerate(spec.analysis.guardrails):
-        try:
-            check_template(g.query)
-        except TemplateError as e:
-            raise RouterError(f"spec.analysis.guardrails[{i}].query", str(e)) from e
+def _queries(spec: ModelRolloutSpec) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = [
+        (f"spec.analysis.guardrails[{i}].query", g.query) for i, g in enumerate(spec.analysis.guardrails)
+    ]
     for i, c in enumerate(spec.analysis.comparisons):
-        for f in ("successes", "trials", "sum", "count", "sumSquares"):
-            q = getattr(c, f)
-            if q:
-                try:
-                    check_template(q)
-                except TemplateError as e:
-                    raise RouterError(f"spec.analysis.comparisons[{i}].{f}", str(e)) from e
+        out += [(f"spec.analysis.comparisons[{i}].{f}", getattr(c, f)) for f in QUERY_FIELDS]
+    return out
 
 
 def measure(
@@ -127,7 +121,7 @@ class RolloutController(common.Controller):
         except ValidationError as e:
             return self._apply(obj, engine.invalid(status, common.validation_message(e), now, generation))
         try:
-            _check_templates(spec)
+            common.check_queries(_queries(spec))
             router = common.make_router(spec.trafficRouting, self.namespace)
             router.check([spec.stable.service, spec.candidate.service])
             provider = common.make_provider(spec.analysis.prometheus, self.namespace)
