@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -257,3 +258,28 @@ def test_required_comparison_blocks_promotion_until_it_passes() -> None:
     for _ in range(3):
         st = d.tick(_comparison_obs((60000, 100000), (60200, 100000)))
     assert st.phase == "Promoted"
+
+
+def test_mean_comparison_without_data_writes_only_finite_numbers() -> None:
+    from model_rollouts.engine.stats import MeanData
+
+    s = spec(
+        [{"setWeight": 50}, {"pause": {}}],
+        analysis={
+            "comparisons": [{"name": "reward", "type": "mean", "sum": "s", "count": "c", "sumSquares": "q"}]
+        },
+    )
+    d = Driver(s)
+    d.tick()
+    st = d.tick(
+        eng.Observations(
+            guardrails={"errors": Result("value", 0.0)},
+            comparisons={"reward": eng.ComparisonData(stable=MeanData(0, 0, 0), candidate=MeanData(0, 0, 0))},
+        )
+    )
+    m = next(m for m in st.lastAnalysis if m.name == "reward")
+    assert m.verdict == "inconclusive" and st.phase == "Paused"
+    from model_rollouts.api.common import dump
+
+    written = next(x for x in dump(st)["lastAnalysis"] if x["name"] == "reward")
+    assert all(math.isfinite(v) for v in written.get("details", {}).values()), written  # JSON has no inf

@@ -728,7 +728,10 @@ def _compare_all(
     for n in treatments:
         r = results[n]
         vs = by_name[n]
-        vs.estimate, vs.ciLow, vs.ciHigh, vs.pValue = r.treatment_estimate, r.ci_low, r.ci_high, r.p_value
+        vs.estimate, vs.pValue = r.treatment_estimate, r.p_value
+        # Status is JSON: an unbounded end (too little data for a mean) is left unset, not written as inf.
+        vs.ciLow = r.ci_low if math.isfinite(r.ci_low) else None
+        vs.ciHigh = r.ci_high if math.isfinite(r.ci_high) else None
         vs.adjustedPValue = adjusted.get(n)
         better = _in_better_direction(r.difference, pm.better)
         if frequentist:

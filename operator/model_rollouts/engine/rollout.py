@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -409,12 +410,14 @@ def _compare(c: Comparison, data: ComparisonData | None, alpha: float) -> Measur
         "pValue": r.p_value,
         "alpha": alpha,
     }
+    # Status is JSON: an unbounded interval end (no data yet for a mean) is left out, not written as inf.
+    details = {k: v for k, v in details.items() if math.isfinite(v)}
     return Measurement(
         name=c.name,
         kind="comparison",
         variant="candidate",
         outcome="value",
-        value=r.difference,
+        value=r.difference if math.isfinite(r.difference) else None,
         threshold=f"{c.test} margin {c.margin:g}, alpha {alpha:.4g}",
         verdict=r.verdict,
         message=f"{c.name}: {r.reason}",
