@@ -30,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.harness import procs
 from tests.harness.procs import LOOPBACK, REPO, free_port, spawn, stop_pid, stop_proc, wait_until
 
 KUBE_VERSION = "v1.36.3"
@@ -399,6 +400,7 @@ def _cli() -> int:
         print(json.loads(state.read_text())["kubeconfig"])
         return 1
     shutil.rmtree(STATE_DIR, ignore_errors=True)
+    procs.DIE_WITH_PARENT = False  # these processes outlive this command, until `make cluster-down`
     cp = ControlPlane(workdir=STATE_DIR, controller_manager=not args.no_controller_manager)
     t0 = time.monotonic()
     cp.start()
