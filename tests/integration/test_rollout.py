@@ -128,6 +128,13 @@ def test_good_candidate_is_promoted_with_weights_in_step_order(fresh: Stack) -> 
         .items
     )
     assert {"WeightChanged", "Promoted"} <= {e.reason for e in events}
+    # The operator's own metrics, scraped by the same Prometheus.
+    time.sleep(2)
+    weight = fresh.prom.query('mlrollouts_weight{kind="ModelRollout",name="good",variant="candidate"}')
+    promoted = fresh.prom.query('mlrollouts_phase{kind="ModelRollout",name="good",phase="Promoted"}')
+    changes = fresh.prom.query('mlrollouts_decisions_total{name="good",decision="WeightChanged"}')
+    assert float(weight[0]["value"][1]) == 100 and float(promoted[0]["value"][1]) == 1
+    assert float(changes[0]["value"][1]) == 3
 
 
 def test_guardrail_breach_rolls_back_to_weight_zero(fresh: Stack) -> None:

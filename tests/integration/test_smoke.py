@@ -119,3 +119,25 @@ def test_prometheus_sees_the_80_20_split(stack: Stack) -> None:
     share = rates[V2] / (rates[V1] + rates[V2])
     print(f"\nper-variant request rates {rates}; candidate share {share:.3f} (want 0.20 +- 0.05)")
     assert abs(share - 0.20) <= 0.05
+
+
+def test_every_harness_process_listens_on_loopback_only(stack: Stack) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("ss") is None:
+        pytest.skip("`ss` (iproute2) is not installed, cannot list listening sockets")
+    assert stack.prom is not None and stack.prom._proc is not None
+    pids = {*stack.cluster.pids.values(), stack.prom._proc.pid, *(s.pid for s in stack.servers.values())}
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    seen: dict[int, list[str]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        for pid in map(int, re.findall(r"pid=(\d+)", line)):
+            if pid in pids:
+                seen.setdefault(pid, []).append(fields[3])
+    print(f"\nlistening sockets of harness processes: {seen}")
+    assert set(seen) == pids, f"some harness processes listen nowhere: {pids - set(seen)}"
+    bad = [addr for addrs in seen.values() for addr in addrs if not addr.startswith("127.0.0.1:")]
+    assert not bad, f"listening beyond loopback: {bad}"
