@@ -17,9 +17,10 @@ from pydantic import ValidationError
 
 from model_rollouts import telemetry
 from model_rollouts.api.common import GROUP, VERSION, PrometheusConfig, TrafficRouting, parse_duration
+from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
 from model_rollouts.metrics.prometheus import PrometheusProvider
-from model_rollouts.metrics.provider import TemplateError, check_template
+from model_rollouts.metrics.provider import MetricProvider, Result, TemplateError, check_template, render
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
 from model_rollouts.traffic.router import RouterError, TrafficRouter
 
@@ -158,6 +159,35 @@ def check_queries(queries: list[tuple[str, str | None]]) -> None:
                 check_template(query)
             except TemplateError as e:
                 raise RouterError(field, str(e)) from e
+
+
+METRIC_FIELDS = {"proportion": ("successes", "trials"), "mean": ("count", "sum", "sumSquares")}
+
+
+def read_counts(
+    metric: Any, provider: MetricProvider, values: dict[str, str]
+) -> tuple[stats.ProportionData | stats.MeanData | None, Result | None]:
+    """Cumulative counts of a proportion (successes, trials) or mean (count, sum, sumSquares) metric.
+
+    ``metric`` is a rollout comparison or an experiment's primary metric (same query fields).
+    Returns the data, or the measurement problem (error or NaN) that prevented reading it.
+    """
+    nums: list[float] = []
+    for f in METRIC_FIELDS[metric.type]:
+        r = provider.query(render(getattr(metric, f), values))
+        if r.outcome == "noData":  # a counter that never moved reads as zero events
+            r = Result("value", 0.0)
+        if not r.ok or r.value is None:
+            return None, Result(r.outcome, message=f"{f}: {r.message or r.outcome}")
+        nums.append(max(0.0, r.value))
+    if metric.type == "proportion":
+        successes, trials = nums
+        return stats.ProportionData(min(successes, trials), trials), None
+    count, total, squares = nums
+    if count <= 0:
+        return stats.MeanData(0.0, 0.0, 0.0), None
+    # increase() extrapolates each counter on its own: keep the sums consistent with one sample.
+    return stats.MeanData(count, total, max(squares, total * total / count)), None
 
 
 def validation_message(err: ValidationError) -> str:

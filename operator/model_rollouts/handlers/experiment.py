@@ -16,11 +16,9 @@ from model_rollouts.api.experiment import (
     TERMINAL_PHASES,
     ModelExperimentSpec,
     ModelExperimentStatus,
-    PrimaryMetric,
     Variant,
 )
 from model_rollouts.engine import experiment as engine
-from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, render
@@ -29,7 +27,6 @@ from model_rollouts.traffic.router import RouterError, TrafficRouter
 KIND = "ModelExperiment"
 PHASES = ("Pending", "Running", "Paused", "Concluded", "RolledBack", "Aborted", "Invalid")
 ANNOTATIONS = (engine.ANNOTATION_ABORT, engine.ANNOTATION_RESUME)
-_PRIMARY_FIELDS = {"proportion": ("successes", "trials"), "mean": ("count", "sum", "sumSquares")}
 
 logger = logging.getLogger("model_rollouts.modelexperiment")
 
@@ -50,7 +47,7 @@ def _queries(spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
     ]
     out += [
         (f"spec.primaryMetric.{f}", getattr(spec.primaryMetric, f))
-        for fs in _PRIMARY_FIELDS.values()
+        for fs in common.METRIC_FIELDS.values()
         for f in fs
     ]
     return out
@@ -65,34 +62,15 @@ def measure(
     active = {v.name for v in status.variants if v.active}
     out: dict[str, engine.VariantObservation] = {}
     for v in spec.variants:
-        primary, problem = _primary(spec.primaryMetric, provider, _placeholders(v, namespace, since))
+        primary, problem = common.read_counts(
+            spec.primaryMetric, provider, _placeholders(v, namespace, since)
+        )
         guardrails: dict[str, Result] = {}
         if v.name in active:
             values = _placeholders(v, namespace, spec.analysis.window)
             guardrails = {g.name: provider.query(render(g.query, values)) for g in spec.guardrails}
         out[v.name] = engine.VariantObservation(primary=primary, problem=problem, guardrails=guardrails)
     return engine.Observations(variants=out)
-
-
-def _primary(
-    pm: PrimaryMetric, provider: MetricProvider, values: dict[str, str]
-) -> tuple[engine.Data | None, Result | None]:
-    nums: list[float] = []
-    for f in _PRIMARY_FIELDS[pm.type]:
-        r = provider.query(render(getattr(pm, f), values))
-        if r.outcome == "noData":  # a counter that never moved reads as zero events
-            r = Result("value", 0.0)
-        if not r.ok or r.value is None:
-            return None, Result(r.outcome, message=f"{f}: {r.message or r.outcome}")
-        nums.append(max(0.0, r.value))
-    if pm.type == "proportion":
-        successes, trials = nums
-        return stats.ProportionData(min(successes, trials), trials), None
-    count, total, squares = nums
-    if count <= 0:
-        return stats.MeanData(0.0, 0.0, 0.0), None
-    # increase() extrapolates each counter on its own: keep the sums consistent with one sample.
-    return stats.MeanData(count, total, max(squares, total * total / count)), None
 
 
 class ExperimentController(common.Controller):

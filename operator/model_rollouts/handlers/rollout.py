@@ -23,7 +23,6 @@ from model_rollouts.api.rollout import (
     VariantRef,
 )
 from model_rollouts.engine import rollout as engine
-from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, render
@@ -33,7 +32,6 @@ KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
 PHASES = ("Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid")
 ANNOTATIONS = (ANNOTATION_PROMOTE, ANNOTATION_ABORT, ANNOTATION_RESUME)
-QUERY_FIELDS = ("successes", "trials", "sum", "count", "sumSquares")
 
 
 def _placeholders(v: VariantRef, role: str, namespace: str, window: str) -> dict[str, str]:
@@ -51,7 +49,11 @@ def _queries(spec: ModelRolloutSpec) -> list[tuple[str, str | None]]:
         (f"spec.analysis.guardrails[{i}].query", g.query) for i, g in enumerate(spec.analysis.guardrails)
     ]
     for i, c in enumerate(spec.analysis.comparisons):
-        out += [(f"spec.analysis.comparisons[{i}].{f}", getattr(c, f)) for f in QUERY_FIELDS]
+        out += [
+            (f"spec.analysis.comparisons[{i}].{f}", getattr(c, f))
+            for fs in common.METRIC_FIELDS.values()
+            for f in fs
+        ]
     return out
 
 
@@ -80,28 +82,13 @@ def measure(
 def _comparison_data(
     c: Comparison, provider: MetricProvider, values: dict[str, dict[str, str]]
 ) -> engine.ComparisonData:
-    fields = ("successes", "trials") if c.type == "proportion" else ("count", "sum", "sumSquares")
-    got: dict[str, list[float]] = {}
-    for role in ("stable", "candidate"):
-        nums = []
-        for f in fields:
-            r = provider.query(render(getattr(c, f), values[role]))
-            if r.outcome == "noData":  # a counter that never moved reads as zero events
-                r = Result("value", 0.0)
-            if not r.ok or r.value is None:
-                return engine.ComparisonData(problem=Result(r.outcome, message=f"{role} {f}: {r.message}"))
-            nums.append(max(0.0, r.value))
-        got[role] = nums
-    if c.type == "proportion":
-        s, t = got["stable"], got["candidate"]
-        return engine.ComparisonData(
-            stable=stats.ProportionData(min(s[0], s[1]), s[1]),
-            candidate=stats.ProportionData(min(t[0], t[1]), t[1]),
-        )
-    s, t = got["stable"], got["candidate"]
-    return engine.ComparisonData(
-        stable=stats.MeanData(s[0], s[1], s[2]), candidate=stats.MeanData(t[0], t[1], t[2])
-    )
+    stable, problem = common.read_counts(c, provider, values["stable"])
+    if problem is None:
+        candidate, problem = common.read_counts(c, provider, values["candidate"])
+        if problem is None:
+            return engine.ComparisonData(stable=stable, candidate=candidate)
+        return engine.ComparisonData(problem=Result(problem.outcome, message=f"candidate {problem.message}"))
+    return engine.ComparisonData(problem=Result(problem.outcome, message=f"stable {problem.message}"))
 
 
 class RolloutController(common.Controller):
