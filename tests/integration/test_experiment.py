@@ -27,6 +27,7 @@ ERROR_RATE = (
 )
 POSITIVE = 'sum(increase(model_feedback_total{service="{{ service }}",feedback="positive"}[{{ window }}]))'
 FEEDBACK = 'sum(increase(model_feedback_total{service="{{ service }}"}[{{ window }}]))'
+REQUESTS = 'sum(increase(model_requests_total{service="{{ service }}"}[{{ window }}]))'
 
 
 def experiment(name: str, prom: str, services: list[str], **extra: Any) -> dict[str, Any]:
@@ -212,7 +213,15 @@ def test_skewed_split_pauses_for_sample_ratio_mismatch(fresh: Stack) -> None:
     fresh.loadgen.set_skew({B: 2.0})
     time.sleep(1)
     t0 = time.monotonic()
-    fresh.apply(experiment("srm", fresh.prom.url, [A, B], stoppingRules={"minSamplesPerVariant": 200}))
+    fresh.apply(
+        experiment(
+            "srm",
+            fresh.prom.url,
+            [A, B],
+            stoppingRules={"minSamplesPerVariant": 200},
+            analysis={"requests": REQUESTS},
+        )
+    )
     obj = fresh.wait_for(PLURAL, "srm", lambda o: status(o).get("phase") in ("Paused", "Concluded"), 90)
     st = status(obj)
     print(f"\nSRM pause after {time.monotonic() - t0:.1f}s: {st['message']}")
@@ -221,6 +230,8 @@ def test_skewed_split_pauses_for_sample_ratio_mismatch(fresh: Stack) -> None:
     srm = conditions(obj)["SampleRatioMismatch"]
     assert srm["status"] == "True" and "p = " in srm["message"]
     assert st["srmPValue"] < 0.001
+    counted = {v["name"]: v.get("requests") for v in st["variants"]}
+    assert counted["b"] > 1.5 * counted["a"], counted  # the real request counts from Prometheus
     assert fresh.route_weights() == {A: 50, B: 50, C: 0}
     assert "SampleRatioMismatch" in event_reasons(fresh, "srm")
     time.sleep(6)  # paused: no decision and no weight change at the next analysis

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -607,3 +608,25 @@ def test_status_without_the_new_fields_still_parses() -> None:
     legacy = {"phase": "Running", "startedAt": "2025-01-01T00:00:00Z", "variants": [{"name": "control"}]}
     s = ModelExperimentStatus.model_validate(legacy)
     assert s.revision is None and s.handled.abort is None and s.srmBaseline == {} and s.srmSince is None
+
+
+def _with_requests(o: Observations, requests: dict[str, float]) -> Observations:
+    return Observations(variants={n: replace(v, requests=requests[n]) for n, v in o.variants.items()})
+
+
+def test_srm_counts_requests_when_a_requests_query_is_set() -> None:
+    spec = make_spec(
+        2,
+        analysis={"requests": "sum(increase(requests[{{ window }}]))"},
+        stoppingRules={"minSamplesPerVariant": 400, "futility": False},
+    )
+    d = start(spec)
+    # Feedback (the primary metric's trials) is balanced, but the requests are 2:1: the split is off.
+    balanced = obs({"control": ProportionData(300, 1000), "v1": ProportionData(300, 1000)})
+    d = step(spec, d, 5, _with_requests(balanced, {"control": 2000, "v1": 1000}))
+    assert d.status.phase == "Paused" and "2000" in d.status.message
+    # And the other way round: skewed feedback with balanced requests is no mismatch.
+    d = start(spec)
+    skewed = obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)})
+    d = step(spec, d, 5, _with_requests(skewed, {"control": 1500, "v1": 1500}))
+    assert d.status.phase == "Running" and d.status.srmPValue is not None and d.status.srmPValue > 0.5

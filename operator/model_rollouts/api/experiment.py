@@ -132,6 +132,11 @@ class ExperimentAnalysis(Model):
     window: Duration = "1m"
     prometheus: PrometheusConfig
     noData: Literal["hold", "fail"] = "hold"
+    requests: PromQL | None = Field(
+        default=None,
+        description="Requests served by a variant over {{ window }} (= time since start); the SRM check "
+        "compares these counts with the weights. Default: the primary metric's trials (or count).",
+    )
 
 
 class ModelExperimentSpec(Model):
@@ -181,6 +186,7 @@ class VariantStatus(Model):
     weight: int = 0
     active: bool = True
     n: float = 0
+    requests: float | None = Field(default=None, description="Traffic count used by the SRM check.")
     estimate: float | None = None
     ciLow: float | None = None
     ciHigh: float | None = None

@@ -92,6 +92,7 @@ class VariantObservation:
     primary: Data | None = None
     problem: Result | None = None
     guardrails: dict[str, Result] = field(default_factory=dict)
+    requests: float | None = None  # from analysis.requests, when set and measured
 
 
 @dataclass(frozen=True)
@@ -450,6 +451,8 @@ def _analyse(
     for v in spec.variants:
         o = obs.variants.get(v.name)
         vs = by_name[v.name]
+        if o is not None and o.requests is not None:
+            vs.requests = o.requests
         if o is not None and o.primary is not None and o.problem is None:
             data[v.name] = o.primary
             vs.n = _n(o.primary)
@@ -646,7 +649,7 @@ def _srm(
         return
     base = s.srmBaseline
     by_name = {v.name: v for v in s.variants}
-    counts = [max(0.0, by_name[n].n - base.get(n, 0.0)) for n in active]
+    counts = [max(0.0, _traffic(by_name[n]) - base.get(n, 0.0)) for n in active]
     weights = [float(by_name[n].weight) for n in active]
     need = max(SRM_MIN_SAMPLES, spec.stoppingRules.minSamplesPerVariant / 2)
     detail = ", ".join(
@@ -1107,8 +1110,13 @@ def _set_weights(
 
 def _split_changed(s: ModelExperimentStatus, now: datetime) -> None:
     """Remember the sample counts at which the split changed: SRM counts the samples after it."""
-    s.srmBaseline = {v.name: v.n for v in s.variants}
+    s.srmBaseline = {v.name: _traffic(v) for v in s.variants}
     s.srmSince = now
+
+
+def _traffic(v: VariantStatus) -> float:
+    """What SRM counts: measured requests when analysis.requests is set, else primary-metric samples."""
+    return v.requests if v.requests is not None else v.n
 
 
 def _srm_held(s: ModelExperimentStatus) -> bool:

@@ -45,6 +45,7 @@ def _queries(spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = [
         (f"spec.guardrails[{i}].query", g.query) for i, g in enumerate(spec.guardrails)
     ]
+    out.append(("spec.analysis.requests", spec.analysis.requests))
     out += [
         (f"spec.primaryMetric.{f}", getattr(spec.primaryMetric, f))
         for fs in common.METRIC_FIELDS.values()
@@ -69,7 +70,14 @@ def measure(
         if v.name in active:
             values = _placeholders(v, namespace, spec.analysis.window)
             guardrails = {g.name: provider.query(render(g.query, values)) for g in spec.guardrails}
-        out[v.name] = engine.VariantObservation(primary=primary, problem=problem, guardrails=guardrails)
+        requests = None
+        if spec.analysis.requests:
+            r = provider.query(render(spec.analysis.requests, _placeholders(v, namespace, since)))
+            # No series yet means no requests yet; an error or NaN leaves the last count in status.
+            requests = 0.0 if r.outcome == "noData" else (r.value if r.ok else None)
+        out[v.name] = engine.VariantObservation(
+            primary=primary, problem=problem, guardrails=guardrails, requests=requests
+        )
     return engine.Observations(variants=out)
 
 
