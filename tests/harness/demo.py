@@ -155,7 +155,7 @@ def main() -> int:
             f"rollout 2 (v2 -> v3): {second['status']['phase']:<10} in {d2:4.0f}s  "
             f"reason: {second['status']['message']}"
         )
-        print(f"final HTTPRoute weights: {stack.route_weights()}")
+        print(f"final HTTPRoute weights: {stack.wait_route({V2: 100, V3: 0})}")
         print("history of the last rollout (from status.history):")
         for h in second["status"]["history"][-8:]:
             print(f"  {h['time']} {h['event']:<14} weight={h.get('weight')!s:<4} {h['message'][:110]}")

@@ -192,6 +192,19 @@ class Stack:
         )
         return {r["name"]: int(r.get("weight", 1)) for r in route["spec"]["rules"][0]["backendRefs"]}
 
+    def wait_route(self, expected: dict[str, int], timeout: float = 10.0) -> dict[str, int]:
+        """Wait until the HTTPRoute shows ``expected`` weights (the operator writes status, then weights)."""
+        deadline = time.monotonic() + timeout
+        weights = self.route_weights()
+        while any(weights.get(k) != v for k, v in expected.items()):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"HTTPRoute weights {weights}, expected {expected} within {timeout:.0f}s"
+                )
+            time.sleep(0.1)
+            weights = self.route_weights()
+        return weights
+
     def wait_for(
         self,
         plural: str,

@@ -142,7 +142,7 @@ def test_better_variant_is_promoted_with_the_numbers(fresh: Stack) -> None:
     st = status(obj)
     assert st["phase"] == "Concluded", st
     assert st["decision"] == "promoted" and st["winner"] == "c", st
-    assert fresh.route_weights() == {A: 0, B: 0, C: 100}
+    fresh.wait_route({A: 0, B: 0, C: 100})
     v = variants(obj)
     assert v["c"]["weight"] == 100 and v["c"]["adjustedPValue"] < 0.05
     assert v["c"]["ciLow"] > 0 and v["c"]["n"] >= 150 and v["c"]["probabilityToBeBest"] > 0.95
@@ -179,7 +179,7 @@ def test_null_result_concludes_without_promoting(fresh: Stack) -> None:
     print(f"\nnull result concluded after {time.monotonic() - t0:.1f}s: {st['decision']}: {st['message']}")
     assert st["decision"] in ("noWinner", "futile"), st
     assert st.get("winner") is None and not promoted
-    assert fresh.route_weights() == {A: 100, B: 0, C: 0}
+    fresh.wait_route({A: 100, B: 0, C: 0})
     assert all(v["n"] >= 100 for v in variants(obj).values())
 
 
@@ -194,7 +194,7 @@ def test_guardrail_breach_drops_the_variant(fresh: Stack) -> None:
     obj = fresh.wait_for(PLURAL, "guard", lambda o: variants(o).get("c", {}).get("active") is False, 90)
     print(f"\nvariant c dropped after {time.monotonic() - t0:.1f}s: {variants(obj)['c'].get('reason')}")
     assert status(obj)["phase"] == "Running", status(obj)
-    weights = fresh.route_weights()
+    weights = fresh.wait_route({C: 0})
     assert weights[C] == 0 and weights[A] + weights[B] == 100 and weights[A] >= 50
     v = variants(obj)
     assert v["c"]["weight"] == 0 and "error-rate" in v["c"]["reason"]

@@ -112,9 +112,9 @@ def test_good_candidate_is_promoted_with_weights_in_step_order(fresh: Stack) -> 
         )
     )
     obj = fresh.wait_for("modelrollouts", "good", lambda o: phase(o) == "Promoted", 150, on_poll=rec.poll)
+    fresh.wait_route({STABLE: 0, CANDIDATE: 100})
     rec.poll()
     assert rec.seen == [0, 20, 50, 100]
-    assert fresh.route_weights() == {STABLE: 0, CANDIDATE: 100}
     st = obj["status"]
     assert {c["type"]: c["status"] for c in st["conditions"]}["Completed"] == "True"
     assert st["observedGeneration"] == obj["metadata"]["generation"]
@@ -152,6 +152,7 @@ def test_guardrail_breach_rolls_back_to_weight_zero(fresh: Stack) -> None:
     fresh.servers[CANDIDATE].set(error_rate=0.5)
     breach_at = _wait_breach_visible(fresh, CANDIDATE, 0.05)
     obj = fresh.wait_for("modelrollouts", "bad", lambda o: phase(o) == "RolledBack", 60, on_poll=rec.poll)
+    fresh.wait_route({STABLE: 100, CANDIDATE: 0})
     zero_at = time.monotonic()
     rec.poll()
     print(f"\nbreach visible in Prometheus -> candidate weight 0: {zero_at - breach_at:.1f}s (interval 5s)")
@@ -202,6 +203,7 @@ def test_no_data_holds_and_progress_resumes_when_prometheus_returns(fresh: Stack
     finally:
         fresh.prom.start()
     fresh.wait_for("modelrollouts", "nodata", lambda o: phase(o) == "Promoted", 120, on_poll=rec.poll)
+    fresh.wait_route({CANDIDATE: 100})
     rec.poll()
     assert rec.seen == [0, 20, 60, 100]
 
@@ -245,6 +247,7 @@ def test_operator_sigkill_resumes_from_status_without_repeating_steps(fresh: Sta
     finally:
         stop.set()
         t.join()
+    fresh.wait_route({CANDIDATE: 100})
     rec.poll()
     changes = [h["weight"] for h in obj["status"]["history"] if h["event"] == "WeightChanged"]
     assert rec.seen == [0, 20, 40, 60, 80, 100]
@@ -333,3 +336,23 @@ def test_bearer_token_secret_is_read_and_a_missing_one_is_named(fresh: Stack) ->
         client.V1Secret(metadata=client.V1ObjectMeta(name="prom-token"), string_data={"token": "abc"}),
     )
     fresh.wait_for("modelrollouts", "token", lambda o: phase(o) == "Promoted", 90)
+
+
+def test_deleting_a_rollout_sends_all_traffic_back_to_stable(fresh: Stack) -> None:
+    assert fresh.prom is not None
+    fresh.apply(rollout("gone", fresh.prom.url, [{"setWeight": 40}, {"pause": {}}]))
+    fresh.wait_for("modelrollouts", "gone", lambda o: (o.get("status") or {}).get("weight") == 40, 60)
+    fresh.wait_route({STABLE: 60, CANDIDATE: 40})
+    co = client.CustomObjectsApi(fresh.api)
+    co.delete_namespaced_custom_object("mlrollouts.io", "v1alpha1", fresh.namespace, "modelrollouts", "gone")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            fresh.get("modelrollouts", "gone")
+        except ApiException as e:
+            assert e.status == 404
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the finalizer was not removed within 20s")
+    assert fresh.route_weights() == {STABLE: 100, CANDIDATE: 0}
