@@ -233,12 +233,6 @@ class ModelExperimentStatus(Model):
     srmSince: datetime | None = Field(default=None, description="When the split last changed.")
 
 
-class ModelExperiment(Model):
-    model_config = ConfigDict(extra="ignore")
-    spec: ModelExperimentSpec
-    status: ModelExperimentStatus = Field(default_factory=ModelExperimentStatus)
-
-
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Winner", "type": "string", "jsonPath": ".status.winner"},

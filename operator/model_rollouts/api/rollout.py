@@ -170,13 +170,6 @@ class ModelRolloutStatus(Model):
     conditions: list[Condition] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
     handled: Handled = Field(default_factory=Handled)
-    trafficPaused: bool = False
-
-
-class ModelRollout(Model):
-    model_config = ConfigDict(extra="ignore")
-    spec: ModelRolloutSpec
-    status: ModelRolloutStatus = Field(default_factory=ModelRolloutStatus)
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
