@@ -166,6 +166,16 @@ class HistoryEntry(Model):
     values: dict[str, float] | None = None
 
 
+class ResourceStatus(Model):
+    """What every status of ours has; subclasses narrow ``phase`` to their own phases."""
+
+    phase: str = "Pending"
+    message: str = ""
+    observedGeneration: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+    history: list[HistoryEntry] = Field(default_factory=list)
+
+
 def set_condition(
     conditions: list[Condition],
     cond_type: str,

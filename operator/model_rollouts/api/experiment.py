@@ -8,15 +8,14 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from model_rollouts.api.common import (
-    Condition,
     Duration,
     Guardrail,
-    HistoryEntry,
     Measurement,
     Model,
     Name,
     PrometheusConfig,
     PromQL,
+    ResourceStatus,
     TrafficRouting,
     cel,
 )
@@ -204,10 +203,8 @@ class Handled(Model):
     resume: str | None = None
 
 
-class ModelExperimentStatus(Model):
+class ModelExperimentStatus(ResourceStatus):
     phase: ExperimentPhase = "Pending"
-    message: str = ""
-    observedGeneration: int = 0
     revision: str | None = Field(
         default=None,
         description="Hash of the variants (names, services, control) and the primary metric; "
@@ -223,8 +220,6 @@ class ModelExperimentStatus(Model):
     winner: str | None = None
     guardrailFailures: dict[str, int] = Field(default_factory=dict)
     lastAnalysis: list[Measurement] = Field(default_factory=list)
-    conditions: list[Condition] = Field(default_factory=list)
-    history: list[HistoryEntry] = Field(default_factory=list)
     handled: Handled = Field(default_factory=Handled)
     srmBaseline: dict[str, float] = Field(
         default_factory=dict,

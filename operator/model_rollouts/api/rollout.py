@@ -8,15 +8,14 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from model_rollouts.api.common import (
-    Condition,
     Duration,
     Guardrail,
-    HistoryEntry,
     Measurement,
     Model,
     Name,
     PrometheusConfig,
     PromQL,
+    ResourceStatus,
     TrafficRouting,
     cel,
 )
@@ -154,10 +153,8 @@ class Handled(Model):
     resume: str | None = None
 
 
-class ModelRolloutStatus(Model):
+class ModelRolloutStatus(ResourceStatus):
     phase: Phase = "Pending"
-    message: str = ""
-    observedGeneration: int = 0
     revision: str | None = None
     revisionStartedAt: datetime | None = None
     currentStep: int = 0
@@ -167,8 +164,6 @@ class ModelRolloutStatus(Model):
     lastAnalysisTime: datetime | None = None
     guardrailFailures: dict[str, int] = Field(default_factory=dict)
     lastAnalysis: list[Measurement] = Field(default_factory=list)
-    conditions: list[Condition] = Field(default_factory=list)
-    history: list[HistoryEntry] = Field(default_factory=list)
     handled: Handled = Field(default_factory=Handled)
 
 

@@ -48,7 +48,6 @@ from datetime import datetime
 
 from model_rollouts.api.common import (
     Condition,
-    HistoryEntry,
     Measurement,
     dump,
     get_condition,
@@ -63,6 +62,7 @@ from model_rollouts.api.experiment import (
     VariantStatus,
 )
 from model_rollouts.engine import bandit, stats
+from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
 from model_rollouts.engine.guardrails import evaluate, update_failures
 from model_rollouts.metrics.provider import Result
@@ -71,7 +71,7 @@ from model_rollouts.metrics.provider import Result
 ANNOTATION_ABORT = "mlrollouts.io/abort"
 ANNOTATION_RESUME = "mlrollouts.io/resume"
 
-HISTORY_LIMIT = 30
+HISTORY_LIMIT = status_.HISTORY_LIMIT
 #: SRM is never tested before each active variant has this many samples since the split changed.
 SRM_MIN_SAMPLES = 20
 #: Reasons on the Progressing condition.
@@ -231,19 +231,8 @@ def service_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) ->
 
 def invalid(status: ModelExperimentStatus, message: str, now: datetime, generation: int) -> Decision:
     """Valid=False: the spec cannot be acted on; traffic is left exactly as it is."""
-    s = status.model_copy(deep=True)
-    actions: list[Action] = []
-    if s.phase != "Invalid" or s.message != message:
-        actions.append(Event("Warning", "InvalidSpec", message))
-        _history(s, now, "Invalid", "InvalidSpec", message)
-    s.phase = "Invalid"
-    s.message = message
-    s.observedGeneration = generation
-    s.conditions = set_condition(s.conditions, "Valid", "False", "InvalidSpec", message, now, generation)
-    s.conditions = set_condition(
-        s.conditions, "Progressing", "False", "InvalidSpec", message, now, generation
-    )
-    return Decision(s, actions)
+    s, events = status_.invalid(status, message, now, generation)
+    return Decision(s, list(events))
 
 
 def reconcile(
@@ -1129,21 +1118,7 @@ def _progress_reason(s: ModelExperimentStatus) -> str | None:
     return c.reason if c is not None else None
 
 
-def _history(
-    s: ModelExperimentStatus,
-    now: datetime,
-    event: str,
-    reason: str,
-    message: str,
-    values: dict[str, float] | None = None,
-) -> None:
-    s.history.append(
-        HistoryEntry(
-            time=now, event=event, phase=s.phase, reason=reason, message=message, values=values or None
-        )
-    )
-    # Informational only (nothing reads it back), so the oldest entries can simply go.
-    del s.history[:-HISTORY_LIMIT]
+_history = status_.record
 
 
 def _conditions(s: ModelExperimentStatus, now: datetime, generation: int, reason: str) -> None:

@@ -14,7 +14,6 @@ from datetime import datetime
 
 from model_rollouts.api.common import (
     Condition,
-    HistoryEntry,
     Measurement,
     dump,
     parse_duration,
@@ -30,11 +29,10 @@ from model_rollouts.api.rollout import (
     ModelRolloutStatus,
 )
 from model_rollouts.engine import stats
+from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
 from model_rollouts.engine.guardrails import evaluate, update_failures
 from model_rollouts.metrics.provider import Result
-
-HISTORY_LIMIT = 30
 
 
 @dataclass(frozen=True)
@@ -83,19 +81,8 @@ def needs_measurement(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> boo
 
 def invalid(status: ModelRolloutStatus, message: str, now: datetime, generation: int) -> Decision:
     """Valid=False: the spec cannot be acted on; traffic is left exactly as it is."""
-    s = status.model_copy(deep=True)
-    actions: list[Action] = []
-    if s.phase != "Invalid" or s.message != message:
-        actions.append(Event("Warning", "InvalidSpec", message))
-        _history(s, now, "Invalid", "InvalidSpec", message)
-    s.phase = "Invalid"
-    s.message = message
-    s.observedGeneration = generation
-    s.conditions = set_condition(s.conditions, "Valid", "False", "InvalidSpec", message, now, generation)
-    s.conditions = set_condition(
-        s.conditions, "Progressing", "False", "InvalidSpec", message, now, generation
-    )
-    return Decision(s, actions)
+    s, events = status_.invalid(status, message, now, generation)
+    return Decision(s, list(events))
 
 
 def reconcile(
@@ -483,19 +470,7 @@ def _history(
     message: str,
     values: dict[str, float] | None = None,
 ) -> None:
-    s.history.append(
-        HistoryEntry(
-            time=now,
-            event=event,
-            phase=s.phase,
-            weight=s.weight,
-            step=s.currentStep,
-            reason=reason,
-            message=message,
-            values=values or None,
-        )
-    )
-    del s.history[:-HISTORY_LIMIT]
+    status_.record(s, now, event, reason, message, values, weight=s.weight, step=s.currentStep)
 
 
 def _conditions(s: ModelRolloutStatus, now: datetime, generation: int, reason: str | None = None) -> None:
