@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from kubernetes import client, config
@@ -16,7 +17,15 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from model_rollouts import telemetry
-from model_rollouts.api.common import GROUP, VERSION, PrometheusConfig, TrafficRouting, parse_duration
+from model_rollouts.api.common import (
+    GROUP,
+    VERSION,
+    PrometheusConfig,
+    ResourceStatus,
+    TrafficRouting,
+    dump,
+    parse_duration,
+)
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
 from model_rollouts.metrics.prometheus import PrometheusProvider
@@ -202,9 +211,10 @@ def validation_message(err: ValidationError) -> str:
 class Controller:
     """Per-object loop state shared by the resource handlers.
 
-    Kopf calls :func:`wake` every half second; a tick (measure, decide, apply) runs at the
-    analysis interval, or at once when the spec (generation) or an action annotation changes.
-    All decision state lives in the object's status, so this holds only timing.
+    Kopf calls :func:`wake` every half second with the object as its watch last saw it; only when
+    a tick is due (the analysis interval passed, or the generation or an action annotation changed)
+    is the object read fresh and a tick (measure, decide, apply) run. All decision state lives in
+    the object's status, so this holds only timing.
     """
 
     kind = ""
@@ -219,7 +229,7 @@ class Controller:
         self._last_key: tuple[Any, ...] | None = None
         self._last_tick = 0.0
 
-    def due(self, obj: dict[str, Any]) -> bool:
+    def due(self, obj: Mapping[str, Any]) -> bool:
         meta = obj["metadata"]
         key = (
             meta.get("generation"),
@@ -239,28 +249,46 @@ class Controller:
     def tick(self, obj: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def wake(self) -> None:
+    def wake(self, seen: Mapping[str, Any]) -> None:
         try:
+            if seen["metadata"].get("deletionTimestamp") or not self.due(seen):
+                return
             obj = get_object(self.plural, self.namespace, self.name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return
-            if self.due(obj):
-                self._last_tick = time.monotonic()
-                self.tick(obj)
+            self._last_tick = time.monotonic()
+            self.tick(obj)
         except Exception:
             self.logger.exception("%s/%s: tick failed; retrying", self.namespace, self.name)
             self._last_key = None
 
-    def write(self, obj: dict[str, Any], status: dict[str, Any]) -> bool:
-        if write_status(self.plural, obj, status):
-            return True
-        self._last_key = None  # conflict: read again and redo at the next wake-up
-        return False
+    def apply(
+        self,
+        obj: dict[str, Any],
+        status: ResourceStatus,
+        actions: Iterable[object],
+        router: TrafficRouter | None = None,
+        weights: dict[str, int] | None = None,
+        labels: dict[str, int] | None = None,
+    ) -> None:
+        """Status first (the record), then make the route match it, then Events.
 
-    def emit(self, obj: dict[str, Any], events: list[Event], phase: str) -> None:
-        for e in events:
+        ``weights`` are per Service for the router; ``labels`` the same weights per variant label for
+        the operator's own metrics. A conflict on the status write skips the rest: the next wake-up
+        reads the object again and decides afresh.
+        """
+        if not write_status(self.plural, obj, dump(status)):
+            self._last_key = None
+            return
+        if router is not None and weights is not None:
+            router.set_weights(weights)  # patches only weights that differ
+            for label, w in (labels or {}).items():
+                telemetry.WEIGHT.labels(self.kind, self.namespace, self.name, label).set(w)
+        for e in actions:
+            if not isinstance(e, Event):
+                continue
             post_event(obj, e.type, e.reason, e.message)
             telemetry.DECISIONS.labels(self.kind, self.namespace, self.name, e.reason).inc()
             log = self.logger.warning if e.type == "Warning" else self.logger.info
             log("%s/%s %s: %s", self.namespace, self.name, e.reason, e.message)
-        telemetry.set_phase(self.kind, self.namespace, self.name, phase, self.phases)
+        telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)

@@ -10,7 +10,7 @@ import kopf
 from pydantic import ValidationError
 
 from model_rollouts import telemetry
-from model_rollouts.api.common import GROUP, VERSION, dump, format_duration
+from model_rollouts.api.common import GROUP, VERSION, format_duration
 from model_rollouts.api.experiment import (
     PLURAL,
     TERMINAL_PHASES,
@@ -19,7 +19,6 @@ from model_rollouts.api.experiment import (
     Variant,
 )
 from model_rollouts.engine import experiment as engine
-from model_rollouts.engine.actions import Event
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.traffic.router import RouterError, TrafficRouter
@@ -139,25 +138,20 @@ class ExperimentController(common.Controller):
         router: TrafficRouter | None,
     ) -> None:
         s = decision.status
-        if not self.write(obj, dump(s)):
-            return
-        # Status is the record; the router is made to match it (also re-asserted in terminal phases).
-        if spec is not None and router is not None and s.variants and s.phase not in ("Invalid", "Pending"):
-            want = engine.service_weights(spec, s)
-            current = router.get_weights()
-            if any(current.get(svc) != w for svc, w in want.items()):
-                router.set_weights(want)
-            for v in s.variants:
-                telemetry.WEIGHT.labels(KIND, self.namespace, self.name, v.name).set(v.weight)
-        self.emit(obj, [a for a in decision.actions if isinstance(a, Event)], s.phase)
+        # The route follows status (also re-asserted in terminal phases), once there are weights.
+        weights = None
+        if spec is not None and s.variants and s.phase not in ("Invalid", "Pending"):
+            weights = engine.service_weights(spec, s)
+        labels = {v.name: v.weight for v in s.variants} if weights is not None else None
+        self.apply(obj, s, decision.actions, router, weights, labels)
 
 
 _controllers: dict[str, ExperimentController] = {}
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False)
-def experiment_timer(namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    _controllers.setdefault(uid, ExperimentController(namespace or "default", name)).wake()
+def experiment_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
+    _controllers.setdefault(uid, ExperimentController(namespace or "default", name)).wake(body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -10,7 +10,7 @@ import kopf
 from pydantic import ValidationError
 
 from model_rollouts import telemetry
-from model_rollouts.api.common import GROUP, VERSION, dump, format_duration
+from model_rollouts.api.common import GROUP, VERSION, format_duration
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
@@ -23,7 +23,6 @@ from model_rollouts.api.rollout import (
     VariantRef,
 )
 from model_rollouts.engine import rollout as engine
-from model_rollouts.engine.actions import Event
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.traffic.router import RouterError, TrafficRouter
@@ -138,26 +137,20 @@ class RolloutController(common.Controller):
         spec: ModelRolloutSpec | None = None,
         router: TrafficRouter | None = None,
     ) -> None:
-        """Status first (the record), then make the route match it, then Events."""
         s = decision.status
-        if not self.write(obj, dump(s)):
-            return
-        if spec is not None and router is not None:
-            want = {spec.stable.service: 100 - s.weight, spec.candidate.service: s.weight}
-            current = router.get_weights()
-            if any(current.get(svc) != w for svc, w in want.items()):
-                router.set_weights(want)
-            telemetry.WEIGHT.labels(KIND, self.namespace, self.name, "stable").set(100 - s.weight)
-            telemetry.WEIGHT.labels(KIND, self.namespace, self.name, "candidate").set(s.weight)
-        self.emit(obj, [a for a in decision.actions if isinstance(a, Event)], s.phase)
+        labels = {"stable": 100 - s.weight, "candidate": s.weight}
+        weights = None
+        if spec is not None:
+            weights = {spec.stable.service: labels["stable"], spec.candidate.service: labels["candidate"]}
+        self.apply(obj, s, decision.actions, router, weights, labels)
 
 
 _controllers: dict[str, RolloutController] = {}
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False)
-def rollout_timer(namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    _controllers.setdefault(uid, RolloutController(namespace or "default", name)).wake()
+def rollout_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
+    _controllers.setdefault(uid, RolloutController(namespace or "default", name)).wake(body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -24,5 +24,5 @@ class TrafficRouter(Protocol):
         ...
 
     def set_weights(self, weights: dict[str, int]) -> None:
-        """Set the weight of each given service, touching nothing else."""
+        """Set the weight of each given service, touching nothing else; no write if already so."""
         ...
