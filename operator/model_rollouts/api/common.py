@@ -132,6 +132,57 @@ class Guardrail(Model):
     )
 
 
+class CountMetric(Model):
+    """A metric read as cumulative counts: a proportion (successes of trials) or a mean (n, Σx, Σx²)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.type != 'proportion' || (has(self.successes) && has(self.trials))",
+                    "a proportion metric needs successes and trials queries",
+                ),
+                cel(
+                    "self.type != 'mean' || (has(self.sum) && has(self.count) && has(self.sumSquares))",
+                    "a mean metric needs sum, count and sumSquares queries",
+                ),
+            ]
+        },
+    )
+    name: Name
+    type: Literal["proportion", "mean"] = "proportion"
+    successes: PromQL | None = None
+    trials: PromQL | None = None
+    sum: PromQL | None = None
+    count: PromQL | None = None
+    sumSquares: PromQL | None = None
+    better: Literal["higher", "lower"] = "higher"
+
+
+class AnalysisBase(Model):
+    """When and where metrics are measured."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "duration(self.interval) >= duration('5s')",
+                    "analysis.interval must be at least 5s",
+                    ".interval",
+                ),
+            ]
+        },
+    )
+    interval: Duration = Field(default="30s", description="How often metrics are measured (>= 5s).")
+    window: Duration = Field(default="1m", description="Value of {{ window }} in guardrail queries.")
+    prometheus: PrometheusConfig
+    noData: Literal["hold", "fail"] = Field(
+        default="hold", description="hold: never advance, promote or decide without data. fail: roll back."
+    )
+
+
 class Condition(Model):
     type: str
     status: Literal["True", "False", "Unknown"]

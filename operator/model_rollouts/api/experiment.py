@@ -8,12 +8,13 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from model_rollouts.api.common import (
+    AnalysisBase,
+    CountMetric,
     Duration,
     Guardrail,
     Measurement,
     Model,
     Name,
-    PrometheusConfig,
     PromQL,
     ResourceStatus,
     TrafficRouting,
@@ -55,30 +56,8 @@ class Allocation(Model):
     maxStep: int = Field(default=10, ge=1, le=100, description="Thompson: largest weight change per update.")
 
 
-class PrimaryMetric(Model):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.type != 'proportion' || (has(self.successes) && has(self.trials))",
-                    "a proportion metric needs successes and trials queries",
-                ),
-                cel(
-                    "self.type != 'mean' || (has(self.sum) && has(self.count) && has(self.sumSquares))",
-                    "a mean metric needs sum, count and sumSquares queries",
-                ),
-            ]
-        },
-    )
-    name: Name
-    type: Literal["proportion", "mean"] = "proportion"
-    successes: PromQL | None = None
-    trials: PromQL | None = None
-    sum: PromQL | None = None
-    count: PromQL | None = None
-    sumSquares: PromQL | None = None
-    better: Literal["higher", "lower"] = "higher"
+class PrimaryMetric(CountMetric):
+    """The metric the experiment is decided on, per variant, cumulative since the start."""
 
 
 class SuccessCriteria(Model):
@@ -114,23 +93,7 @@ class StoppingRules(Model):
     )
 
 
-class ExperimentAnalysis(Model):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "duration(self.interval) >= duration('5s')",
-                    "analysis.interval must be at least 5s",
-                    ".interval",
-                ),
-            ]
-        },
-    )
-    interval: Duration = "30s"
-    window: Duration = "1m"
-    prometheus: PrometheusConfig
-    noData: Literal["hold", "fail"] = "hold"
+class ExperimentAnalysis(AnalysisBase):
     requests: PromQL | None = Field(
         default=None,
         description="Requests served by a variant over {{ window }} (= time since start); the SRM check "

@@ -8,13 +8,13 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from model_rollouts.api.common import (
+    AnalysisBase,
+    CountMetric,
     Duration,
     Guardrail,
     Measurement,
     Model,
     Name,
-    PrometheusConfig,
-    PromQL,
     ResourceStatus,
     TrafficRouting,
     cel,
@@ -66,32 +66,9 @@ class Step(Model):
     analysis: AnalysisStep | None = None
 
 
-class Comparison(Model):
+class Comparison(CountMetric):
     """Candidate vs stable on one metric, tested with an always-valid sequential test."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.type != 'proportion' || (has(self.successes) && has(self.trials))",
-                    "a proportion comparison needs successes and trials queries",
-                ),
-                cel(
-                    "self.type != 'mean' || (has(self.sum) && has(self.count) && has(self.sumSquares))",
-                    "a mean comparison needs sum, count and sumSquares queries",
-                ),
-            ]
-        },
-    )
-    name: Name
-    type: Literal["proportion", "mean"] = "proportion"
-    successes: PromQL | None = None
-    trials: PromQL | None = None
-    sum: PromQL | None = None
-    count: PromQL | None = None
-    sumSquares: PromQL | None = None
-    better: Literal["higher", "lower"] = "higher"
     test: Literal["nonInferiority", "superiority"] = "nonInferiority"
     margin: float = Field(default=0.0, ge=0, description="Absolute non-inferiority margin.")
     requiredToPromote: bool = Field(
@@ -99,27 +76,9 @@ class Comparison(Model):
     )
 
 
-class Analysis(Model):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "duration(self.interval) >= duration('5s')",
-                    "analysis.interval must be at least 5s",
-                    ".interval",
-                ),
-            ]
-        },
-    )
-    interval: Duration = Field(default="30s", description="How often metrics are measured (>= 5s).")
-    window: Duration = Field(default="1m", description="Value of {{ window }} in guardrail queries.")
-    prometheus: PrometheusConfig
+class Analysis(AnalysisBase):
     guardrails: list[Guardrail] = Field(default_factory=list, max_length=20)
     comparisons: list[Comparison] = Field(default_factory=list, max_length=10)
-    noData: Literal["hold", "fail"] = Field(
-        default="hold", description="hold: never advance or promote without data. fail: roll back."
-    )
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise error rate of the comparisons.")
 
 
