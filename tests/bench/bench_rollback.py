@@ -15,14 +15,12 @@ import time
 
 from kubernetes import client
 
+from model_rollouts.metrics.provider import render
+from tests.harness.queries import ERROR_RATE
 from tests.harness.stack import Stack, httproute
 
 STABLE, CANDIDATE = "bench-v1", "bench-v2"
 WINDOW = "10s"
-QUERY = (
-    'sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
-    'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))'
-)
 LIMIT = 0.05
 
 
@@ -40,7 +38,7 @@ def doc(name: str, prom: str, interval: int) -> dict:  # type: ignore[type-arg]
                 "interval": f"{interval}s",
                 "window": WINDOW,
                 "prometheus": {"address": prom, "timeout": "2s"},
-                "guardrails": [{"name": "error-rate", "query": QUERY, "max": LIMIT, "failureLimit": 1}],
+                "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": LIMIT, "failureLimit": 1}],
             },
         },
     }
@@ -62,7 +60,7 @@ def one_run(stack: Stack, i: int, interval: int) -> float:
         poll=0.2,
     )
     stack.servers[CANDIDATE].set(error_rate=0.5)
-    q = QUERY.replace("{{ service }}", CANDIDATE).replace("{{ window }}", WINDOW)
+    q = render(ERROR_RATE, {"service": CANDIDATE, "window": WINDOW})
     deadline = time.monotonic() + 60
     visible = None
     zero = None

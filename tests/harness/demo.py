@@ -17,21 +17,11 @@ import sys
 import time
 from typing import Any
 
+from tests.harness.queries import DRIFT, ERROR_RATE, FEEDBACK, P95_LATENCY, POSITIVE
 from tests.harness.stack import Stack
 
 NS, ROUTE = "ml", "fraud-scorer"
 V1, V2, V3 = "fraud-scorer-v1", "fraud-scorer-v2", "fraud-scorer-v3"
-ERROR_RATE = (
-    'sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
-    'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))'
-)
-P95 = (
-    "histogram_quantile(0.95, sum by (le) (rate(model_request_duration_seconds_bucket"
-    '{service="{{ service }}"}[{{ window }}])))'
-)
-DRIFT = 'max(model_drift_score{service="{{ service }}"})'
-POSITIVE = 'sum(increase(model_feedback_total{service="{{ service }}",feedback="positive"}[{{ window }}]))'
-FEEDBACK = 'sum(increase(model_feedback_total{service="{{ service }}"}[{{ window }}]))'
 
 
 def rollout_doc(prom: str, stable: str, candidate: str, version: str) -> dict[str, Any]:
@@ -57,7 +47,7 @@ def rollout_doc(prom: str, stable: str, candidate: str, version: str) -> dict[st
                 "prometheus": {"address": prom, "timeout": "2s"},
                 "guardrails": [
                     {"name": "error-rate", "query": ERROR_RATE, "max": 0.02, "failureLimit": 1},
-                    {"name": "latency-p95", "query": P95, "max": 0.25, "failureLimit": 2},
+                    {"name": "latency-p95", "query": P95_LATENCY, "max": 0.25, "failureLimit": 2},
                     {"name": "drift", "query": DRIFT, "max": 0.3, "failureLimit": 2},
                 ],
                 "comparisons": [

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE, REQUESTS
 from tests.harness.stack import Stack, httproute
 
 pytestmark = pytest.mark.integration
@@ -21,13 +22,6 @@ pytestmark = pytest.mark.integration
 A, B, C = "rec-a", "rec-b", "rec-c"
 ROUTE = "recsys"
 PLURAL = "modelexperiments"
-ERROR_RATE = (
-    'sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
-    'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))'
-)
-POSITIVE = 'sum(increase(model_feedback_total{service="{{ service }}",feedback="positive"}[{{ window }}]))'
-FEEDBACK = 'sum(increase(model_feedback_total{service="{{ service }}"}[{{ window }}]))'
-REQUESTS = 'sum(increase(model_requests_total{service="{{ service }}"}[{{ window }}]))'
 
 
 def experiment(name: str, prom: str, services: list[str], **extra: Any) -> dict[str, Any]:

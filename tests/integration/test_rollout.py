@@ -11,15 +11,11 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from model_rollouts.metrics.provider import render
+from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE
 from tests.harness.stack import Stack, WeightRecorder, httproute
 
 STABLE, CANDIDATE = "fraud-v1", "fraud-v2"
-ERROR_RATE = (
-    'sum(rate(model_requests_total{service="{{ service }}",code="500"}[{{ window }}])) / '
-    'sum(rate(model_requests_total{service="{{ service }}"}[{{ window }}]))'
-)
-POSITIVE = 'sum(increase(model_feedback_total{service="{{ service }}",feedback="positive"}[{{ window }}]))'
-FEEDBACK = 'sum(increase(model_feedback_total{service="{{ service }}"}[{{ window }}]))'
 
 
 def rollout(name: str, prom: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -165,7 +161,7 @@ def test_guardrail_breach_rolls_back_to_weight_zero(fresh: Stack) -> None:
 
 def _wait_breach_visible(stack: Stack, service: str, limit: float, timeout: float = 60) -> float:
     assert stack.prom is not None
-    q = ERROR_RATE.replace("{{ service }}", service).replace("{{ window }}", "10s")
+    q = render(ERROR_RATE, {"service": service, "window": "10s"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         res = stack.prom.query(q)

@@ -237,36 +237,18 @@ def set_condition(
     generation: int,
 ) -> list[Condition]:
     """Kubernetes-style upsert: lastTransitionTime moves only when status changes."""
-    out: list[Condition] = []
-    found = False
-    for c in conditions:
-        if c.type == cond_type:
-            found = True
-            ltt = c.lastTransitionTime if c.status == status else now
-            out.append(
-                Condition(
-                    type=cond_type,
-                    status=status,
-                    reason=reason,
-                    message=message,
-                    lastTransitionTime=ltt,
-                    observedGeneration=generation,
-                )
-            )
-        else:
-            out.append(c)
-    if not found:
-        out.append(
-            Condition(
-                type=cond_type,
-                status=status,
-                reason=reason,
-                message=message,
-                lastTransitionTime=now,
-                observedGeneration=generation,
-            )
-        )
-    return out
+    old = get_condition(conditions, cond_type)
+    new = Condition(
+        type=cond_type,
+        status=status,
+        reason=reason,
+        message=message,
+        lastTransitionTime=old.lastTransitionTime if old is not None and old.status == status else now,
+        observedGeneration=generation,
+    )
+    if old is None:
+        return [*conditions, new]
+    return [new if c.type == cond_type else c for c in conditions]
 
 
 def get_condition(conditions: list[Condition], cond_type: str) -> Condition | None:
