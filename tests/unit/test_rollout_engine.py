@@ -203,9 +203,13 @@ def test_restart_from_status_continues_exactly() -> None:
 
 
 def test_invalid_touches_no_traffic() -> None:
-    dec = eng.invalid(ModelRolloutStatus(), "spec.trafficRouting.gatewayAPI.httpRoute: not found", T0, 3)
-    assert dec.status.phase == "Invalid" and not any(isinstance(a, eng.SetWeight) for a in dec.actions)
-    valid = {c.type: c for c in dec.status.conditions}["Valid"]
+    from model_rollouts.engine.status import invalid
+
+    status, actions = invalid(
+        ModelRolloutStatus(), "spec.trafficRouting.gatewayAPI.httpRoute: not found", T0, 3
+    )
+    assert status.phase == "Invalid" and not any(isinstance(a, eng.SetWeight) for a in actions)
+    valid = {c.type: c for c in status.conditions}["Valid"]
     assert valid.status == "False" and "httpRoute" in valid.message and valid.observedGeneration == 3
 
 

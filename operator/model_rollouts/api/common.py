@@ -183,6 +183,13 @@ class AnalysisBase(Model):
     )
 
 
+class ResourceSpec(Model):
+    """What every spec of ours has; subclasses narrow ``analysis`` to their own analysis."""
+
+    trafficRouting: TrafficRouting
+    analysis: AnalysisBase
+
+
 class Condition(Model):
     type: str
     status: Literal["True", "False", "Unknown"]

@@ -16,6 +16,7 @@ from model_rollouts.api.common import (
     Model,
     Name,
     PromQL,
+    ResourceSpec,
     ResourceStatus,
     TrafficRouting,
     cel,
@@ -101,7 +102,7 @@ class ExperimentAnalysis(AnalysisBase):
     )
 
 
-class ModelExperimentSpec(Model):
+class ModelExperimentSpec(ResourceSpec):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={

@@ -15,6 +15,7 @@ from model_rollouts.api.common import (
     Measurement,
     Model,
     Name,
+    ResourceSpec,
     ResourceStatus,
     TrafficRouting,
     cel,
@@ -82,7 +83,7 @@ class Analysis(AnalysisBase):
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise error rate of the comparisons.")
 
 
-class ModelRolloutSpec(Model):
+class ModelRolloutSpec(ResourceSpec):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={

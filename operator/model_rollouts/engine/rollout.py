@@ -79,12 +79,6 @@ def needs_measurement(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> boo
     )
 
 
-def invalid(status: ModelRolloutStatus, message: str, now: datetime, generation: int) -> Decision:
-    """Valid=False: the spec cannot be acted on; traffic is left exactly as it is."""
-    s, events = status_.invalid(status, message, now, generation)
-    return Decision(s, list(events))
-
-
 def reconcile(
     spec: ModelRolloutSpec,
     status: ModelRolloutStatus,

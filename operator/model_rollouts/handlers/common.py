@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -21,6 +21,7 @@ from model_rollouts.api.common import (
     GROUP,
     VERSION,
     PrometheusConfig,
+    ResourceSpec,
     ResourceStatus,
     TrafficRouting,
     dump,
@@ -28,6 +29,7 @@ from model_rollouts.api.common import (
 )
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
+from model_rollouts.engine.status import invalid as invalid_status
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import MetricProvider, Result, TemplateError, check_template, render
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
@@ -208,8 +210,12 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class Controller:
-    """Per-object loop state shared by the resource handlers.
+SpecT = TypeVar("SpecT", bound=ResourceSpec)
+StatusT = TypeVar("StatusT", bound=ResourceStatus)
+
+
+class Controller(Generic[SpecT, StatusT]):
+    """Per-object loop shared by the resource handlers; subclasses supply the kind-specific hooks.
 
     Kopf calls :func:`wake` every half second with the object as its watch last saw it; only when
     a tick is due (the analysis interval passed, or the generation or an action annotation changed)
@@ -246,8 +252,71 @@ class Controller:
             interval = max(interval, 60.0)  # only re-assert weights
         return time.monotonic() - self._last_tick >= interval
 
-    def tick(self, obj: dict[str, Any]) -> None:
+    spec_model: type[SpecT]
+    status_model: type[StatusT]
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def problem(self, spec: SpecT) -> str | None:
+        """A semantic problem the schema cannot express, naming the field; None if there is none."""
+        return None
+
+    def queries(self, spec: SpecT) -> list[tuple[str, str | None]]:
+        """(field, PromQL template) pairs to check for unknown placeholders."""
         raise NotImplementedError
+
+    def services(self, spec: SpecT) -> list[str]:
+        """The Services the router must be able to weight."""
+        raise NotImplementedError
+
+    def decide(
+        self,
+        spec: SpecT,
+        status: StatusT,
+        provider: MetricProvider,
+        now: dt.datetime,
+        generation: int,
+        annotations: dict[str, str],
+    ) -> tuple[StatusT, list[object]]:
+        """Measure if the engine needs it, then ask the engine: the new status and its actions."""
+        raise NotImplementedError
+
+    def weights(self, spec: SpecT, status: StatusT) -> tuple[dict[str, int], dict[str, int]] | None:
+        """(weights per Service, the same per variant label) that the route must show, or None."""
+        raise NotImplementedError
+
+    # -- the tick -----------------------------------------------------------------------------------
+    def tick(self, obj: dict[str, Any]) -> None:
+        """Validate, measure, decide, apply. An unusable spec gives Valid=False and no traffic change."""
+        t0 = time.monotonic()
+        meta = obj["metadata"]
+        generation = int(meta.get("generation") or 0)
+        status = self.status_model.model_validate(
+            {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
+        )
+        now_ = now()
+        try:
+            spec = self.spec_model.model_validate(obj["spec"])
+        except ValidationError as e:
+            return self.apply(obj, *invalid_status(status, validation_message(e), now_, generation))
+        problem = self.problem(spec)
+        if problem:
+            return self.apply(obj, *invalid_status(status, problem, now_, generation))
+        try:
+            check_queries(self.queries(spec))
+            router = make_router(spec.trafficRouting, self.namespace)
+            router.check(self.services(spec))
+            provider = make_provider(spec.analysis.prometheus, self.namespace)
+        except RouterError as e:
+            return self.apply(obj, *invalid_status(status, str(e), now_, generation))
+        new, actions = self.decide(spec, status, provider, now_, generation, meta.get("annotations") or {})
+        route = self.weights(spec, new)
+        self.apply(obj, new, actions, router, *(route or (None, None)))
+        telemetry.ANALYSIS_SECONDS.labels(self.kind).observe(time.monotonic() - t0)
+
+    def count_errors(self, results: Iterable[Result]) -> None:
+        errors = sum(1 for r in results if r.outcome == "error")
+        if errors:
+            telemetry.MEASUREMENT_ERRORS.labels(self.kind, self.namespace, self.name).inc(errors)
 
     def wake(self, seen: Mapping[str, Any]) -> None:
         try:

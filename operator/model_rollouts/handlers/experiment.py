@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+from datetime import datetime
 from typing import Any
 
 import kopf
@@ -21,7 +21,7 @@ from model_rollouts.api.experiment import (
 from model_rollouts.engine import experiment as engine
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, render
-from model_rollouts.traffic.router import RouterError, TrafficRouter
+from model_rollouts.traffic.router import RouterError
 
 KIND = "ModelExperiment"
 PHASES = ("Pending", "Running", "Paused", "Concluded", "RolledBack", "Aborted", "Invalid")
@@ -80,70 +80,49 @@ def measure(
     return engine.Observations(variants=out)
 
 
-class ExperimentController(common.Controller):
+class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimentStatus]):
     kind, plural, phases, annotations = KIND, PLURAL, PHASES, ANNOTATIONS
     terminal = TERMINAL_PHASES
+    spec_model, status_model = ModelExperimentSpec, ModelExperimentStatus
 
-    def tick(self, obj: dict[str, Any]) -> None:
-        t0 = time.monotonic()
-        meta = obj["metadata"]
-        generation = int(meta.get("generation") or 0)
-        status = ModelExperimentStatus.model_validate(
-            {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
-        )
-        now = common.now()
-        try:
-            spec = ModelExperimentSpec.model_validate(obj["spec"])
-        except ValidationError as e:
-            return self._apply(
-                obj, engine.invalid(status, common.validation_message(e), now, generation), None, None
-            )
-        problem = engine.validate(spec)
-        if problem:
-            return self._apply(obj, engine.invalid(status, problem, now, generation), None, None)
-        try:
-            common.check_queries(_queries(spec))
-            router = common.make_router(spec.trafficRouting, self.namespace)
-            router.check([v.service for v in spec.variants])
-            provider = common.make_provider(spec.analysis.prometheus, self.namespace)
-        except RouterError as e:
-            return self._apply(obj, engine.invalid(status, str(e), now, generation), None, None)
+    def problem(self, spec: ModelExperimentSpec) -> str | None:
+        return engine.validate(spec)
+
+    def queries(self, spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
+        return _queries(spec)
+
+    def services(self, spec: ModelExperimentSpec) -> list[str]:
+        return [v.service for v in spec.variants]
+
+    def decide(
+        self,
+        spec: ModelExperimentSpec,
+        status: ModelExperimentStatus,
+        provider: MetricProvider,
+        now: datetime,
+        generation: int,
+        annotations: dict[str, str],
+    ) -> tuple[ModelExperimentStatus, list[object]]:
         observations = None
         if engine.needs_measurement(spec, status):
             observations = measure(spec, status, provider, self.namespace)
-            errors = sum(
-                1
+            self.count_errors(
+                r
                 for o in observations.variants.values()
                 for r in [*o.guardrails.values(), *([o.problem] if o.problem else [])]
-                if r.outcome == "error"
             )
-            if errors:
-                telemetry.MEASUREMENT_ERRORS.labels(KIND, self.namespace, self.name).inc(errors)
-        decision = engine.reconcile(
-            spec,
-            status,
-            now=now,
-            generation=generation,
-            annotations=meta.get("annotations") or {},
-            observations=observations,
+        d = engine.reconcile(
+            spec, status, now=now, generation=generation, annotations=annotations, observations=observations
         )
-        self._apply(obj, decision, spec, router)
-        telemetry.ANALYSIS_SECONDS.labels(KIND).observe(time.monotonic() - t0)
+        return d.status, list(d.actions)
 
-    def _apply(
-        self,
-        obj: dict[str, Any],
-        decision: engine.Decision,
-        spec: ModelExperimentSpec | None,
-        router: TrafficRouter | None,
-    ) -> None:
-        s = decision.status
-        # The route follows status (also re-asserted in terminal phases), once there are weights.
-        weights = None
-        if spec is not None and s.variants and s.phase not in ("Invalid", "Pending"):
-            weights = engine.service_weights(spec, s)
-        labels = {v.name: v.weight for v in s.variants} if weights is not None else None
-        self.apply(obj, s, decision.actions, router, weights, labels)
+    def weights(
+        self, spec: ModelExperimentSpec, status: ModelExperimentStatus
+    ) -> tuple[dict[str, int], dict[str, int]] | None:
+        """The route follows status (also re-asserted in terminal phases), once there are weights."""
+        if not status.variants or status.phase in ("Invalid", "Pending"):
+            return None
+        return engine.service_weights(spec, status), {v.name: v.weight for v in status.variants}
 
 
 _controllers: dict[str, ExperimentController] = {}

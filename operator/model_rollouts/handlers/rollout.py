@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+from datetime import datetime
 from typing import Any
 
 import kopf
@@ -25,7 +25,7 @@ from model_rollouts.api.rollout import (
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, render
-from model_rollouts.traffic.router import RouterError, TrafficRouter
+from model_rollouts.traffic.router import RouterError
 
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
@@ -90,59 +90,40 @@ def _comparison_data(
     return engine.ComparisonData(problem=Result(problem.outcome, message=f"stable {problem.message}"))
 
 
-class RolloutController(common.Controller):
+class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus]):
     kind, plural, phases, annotations = KIND, PLURAL, PHASES, ANNOTATIONS
     terminal = TERMINAL_PHASES
+    spec_model, status_model = ModelRolloutSpec, ModelRolloutStatus
 
-    def tick(self, obj: dict[str, Any]) -> None:
-        t0 = time.monotonic()
-        meta = obj["metadata"]
-        generation = int(meta.get("generation") or 0)
-        status = ModelRolloutStatus.model_validate(
-            {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
-        )
-        now = common.now()
-        try:
-            spec = ModelRolloutSpec.model_validate(obj["spec"])
-        except ValidationError as e:
-            return self._apply(obj, engine.invalid(status, common.validation_message(e), now, generation))
-        try:
-            common.check_queries(_queries(spec))
-            router = common.make_router(spec.trafficRouting, self.namespace)
-            router.check([spec.stable.service, spec.candidate.service])
-            provider = common.make_provider(spec.analysis.prometheus, self.namespace)
-        except RouterError as e:
-            return self._apply(obj, engine.invalid(status, str(e), now, generation))
+    def queries(self, spec: ModelRolloutSpec) -> list[tuple[str, str | None]]:
+        return _queries(spec)
+
+    def services(self, spec: ModelRolloutSpec) -> list[str]:
+        return [spec.stable.service, spec.candidate.service]
+
+    def decide(
+        self,
+        spec: ModelRolloutSpec,
+        status: ModelRolloutStatus,
+        provider: MetricProvider,
+        now: datetime,
+        generation: int,
+        annotations: dict[str, str],
+    ) -> tuple[ModelRolloutStatus, list[object]]:
         observations = None
         if engine.needs_measurement(spec, status):
             observations = measure(spec, status, provider, self.namespace)
-            errors = sum(1 for r in observations.guardrails.values() if r.outcome == "error")
-            if errors:
-                telemetry.MEASUREMENT_ERRORS.labels(KIND, self.namespace, self.name).inc(errors)
-        decision = engine.reconcile(
-            spec,
-            status,
-            now=now,
-            generation=generation,
-            annotations=meta.get("annotations") or {},
-            observations=observations,
+            self.count_errors(observations.guardrails.values())
+        d = engine.reconcile(
+            spec, status, now=now, generation=generation, annotations=annotations, observations=observations
         )
-        self._apply(obj, decision, spec, router)
-        telemetry.ANALYSIS_SECONDS.labels(KIND).observe(time.monotonic() - t0)
+        return d.status, list(d.actions)
 
-    def _apply(
-        self,
-        obj: dict[str, Any],
-        decision: engine.Decision,
-        spec: ModelRolloutSpec | None = None,
-        router: TrafficRouter | None = None,
-    ) -> None:
-        s = decision.status
-        labels = {"stable": 100 - s.weight, "candidate": s.weight}
-        weights = None
-        if spec is not None:
-            weights = {spec.stable.service: labels["stable"], spec.candidate.service: labels["candidate"]}
-        self.apply(obj, s, decision.actions, router, weights, labels)
+    def weights(
+        self, spec: ModelRolloutSpec, status: ModelRolloutStatus
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        w = status.weight
+        return {spec.stable.service: 100 - w, spec.candidate.service: w}, {"stable": 100 - w, "candidate": w}
 
 
 _controllers: dict[str, RolloutController] = {}
