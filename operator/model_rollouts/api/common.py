@@ -35,6 +35,11 @@ def format_duration(seconds: float) -> str:
     return f"{max(1, round(seconds))}s"
 
 
+def list_map(key: str = "name") -> JsonDict:
+    """Schema extra for a list whose items are unique by ``key`` (the API server rejects duplicates)."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]}
+
+
 def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     """One x-kubernetes-validations rule, checked by the API server at apply time."""
     out: JsonDict = {"rule": rule, "message": message}
@@ -181,6 +186,18 @@ class AnalysisBase(Model):
     noData: Literal["hold", "fail"] = Field(
         default="hold", description="hold: never advance, promote or decide without data. fail: roll back."
     )
+    errorLimit: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="Consecutive analyses with a failed measurement (Prometheus unreachable, timeout, "
+        "bad query) before onErrorLimit applies. No data is governed by noData, not by this.",
+    )
+    onErrorLimit: Literal["rollback", "hold"] = Field(
+        default="rollback",
+        description="rollback: all traffic back to stable/control when errorLimit is reached. "
+        "hold: keep the weights, set Healthy=False (reason ErrorLimitReached) and keep trying.",
+    )
 
 
 class ResourceSpec(Model):
@@ -230,6 +247,18 @@ class ResourceStatus(Model):
     phase: str = "Pending"
     message: str = ""
     observedGeneration: int = 0
+    lastAnalysisTime: datetime | None = Field(
+        default=None, description="When metrics were last measured; the next analysis is due one interval later."
+    )
+    consecutiveErrors: int = Field(
+        default=0, description="Consecutive analyses with a failed measurement (see analysis.errorLimit)."
+    )
+    reconcileErrors: int = Field(
+        default=0, description="Consecutive failed attempts to apply a decision (route write, API error)."
+    )
+    lastReconcileErrorTime: datetime | None = Field(
+        default=None, description="When applying a decision last failed; retries back off exponentially."
+    )
     conditions: list[Condition] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
 

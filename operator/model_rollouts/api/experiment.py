@@ -175,7 +175,6 @@ class ModelExperimentStatus(ResourceStatus):
         "a change restarts the experiment.",
     )
     startedAt: datetime | None = None
-    lastAnalysisTime: datetime | None = None
     variants: list[VariantStatus] = Field(default_factory=list)
     srmPValue: float | None = None
     sampleSizePerVariant: int | None = None

@@ -121,7 +121,6 @@ class ModelRolloutStatus(ResourceStatus):
     stepStartedAt: datetime | None = None
     stepWeight: int | None = Field(default=None, description="Intermediate weight while a jump is split.")
     weight: int = 0
-    lastAnalysisTime: datetime | None = None
     guardrailFailures: dict[str, int] = Field(default_factory=dict)
     lastAnalysis: list[Measurement] = Field(default_factory=list)
     handled: Handled = Field(default_factory=Handled)

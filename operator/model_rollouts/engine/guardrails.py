@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from model_rollouts.api.common import Guardrail, Measurement
 from model_rollouts.metrics.provider import Result
 
@@ -66,3 +68,37 @@ def update_failures(
         elif m.verdict == "pass":
             out[key] = 0
     return out
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What the measurements of one analysis allow, the same for both kinds.
+
+    ``noData`` has one meaning everywhere: a measurement with no data or NaN is never a pass and
+    never zero. Under ``noData: hold`` it holds (nothing advances, promotes or is decided); under
+    ``noData: fail`` it fails at once (``fail`` is that measurement). A failed measurement
+    (``error``: provider unreachable, timeout, bad query) always holds and counts toward
+    ``errorLimit``; it never fails by itself.
+    """
+
+    fail: Measurement | None
+    missing: tuple[Measurement, ...]
+    error: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.fail is None and not self.missing
+
+    def reasons(self) -> list[str]:
+        return [m.message for m in self.missing]
+
+
+def gate(measurements: list[Measurement], no_data: str) -> Gate:
+    missing = tuple(m for m in measurements if m.verdict in ("noData", "error"))
+    fail = next((m for m in missing if m.verdict == "noData"), None) if no_data == "fail" else None
+    return Gate(fail=fail, missing=missing, error=any(m.verdict == "error" for m in missing))
+
+
+def consecutive_errors(previous: int, g: Gate) -> int:
+    """Analyses in a row with a failed measurement; any analysis without one resets the count."""
+    return previous + 1 if g.error else 0
