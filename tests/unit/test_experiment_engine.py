@@ -69,6 +69,13 @@ def start(spec: ModelExperimentSpec, **kw: Any) -> Decision:
     return reconcile(spec, ModelExperimentStatus(), now=T0, generation=1, **kw)
 
 
+def started(spec: ModelExperimentSpec, **kw: Any) -> Decision:
+    """Started, and one analysis done with no samples yet: the SRM count starts there (at T0 + 5s)."""
+    d = start(spec, **kw)
+    zero = {v.name: ProportionData(0, 0) for v in spec.variants}
+    return step(spec, d, 5, obs(zero), **kw)
+
+
 def step(
     spec: ModelExperimentSpec, d: Decision, seconds: float, o: Observations | None, **kw: Any
 ) -> Decision:
@@ -186,8 +193,8 @@ def test_control_breach_rolls_back_to_control() -> None:
 
 def test_srm_pauses_on_a_skewed_split_and_resume_restarts_the_check() -> None:
     spec = make_spec(2, stoppingRules={"minSamplesPerVariant": 400, "futility": False})
-    d = start(spec)
-    d = step(spec, d, 5, obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)}))
+    d = started(spec)
+    d = step(spec, d, 10, obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)}))
     assert d.status.phase == "Paused"
     assert d.status.srmPValue is not None and d.status.srmPValue < 1e-6
     cond = get_condition(d.status.conditions, "SampleRatioMismatch")
@@ -195,37 +202,34 @@ def test_srm_pauses_on_a_skewed_split_and_resume_restarts_the_check() -> None:
     assert "SampleRatioMismatch" in events(d) and "p = " in d.status.message
     assert set_weights(d) == []
     # Still paused at the next analysis (weights unchanged) until the resume annotation.
-    d = step(spec, d, 10, obs({"control": ProportionData(600, 2000), "v1": ProportionData(300, 1000)}))
+    d = step(spec, d, 15, obs({"control": ProportionData(600, 2000), "v1": ProportionData(300, 1000)}))
     assert d.status.phase == "Paused" and set_weights(d) == []
     ann = {engine.ANNOTATION_RESUME: "1"}
     d = step(
         spec,
         d,
-        15,
+        20,
         obs({"control": ProportionData(630, 2100), "v1": ProportionData(330, 1100)}),
         annotations=ann,
     )
-    assert d.status.phase == "Running"
-    # The same annotation value does not act twice; the SRM count restarted at the resume.
-    d = step(
-        spec,
-        d,
-        20,
-        obs({"control": ProportionData(660, 2200), "v1": ProportionData(360, 1200)}),
-        annotations=ann,
-    )
-    assert d.status.phase == "Running"
+    assert d.status.phase == "Running" and d.status.srmBaseline == {}
+    # The same annotation value does not act twice; the SRM count restarts at the next analysis.
+    for sec, c, v1 in ((25, 2200, 1200), (30, 2300, 1300)):
+        o = obs({"control": ProportionData(c * 0.3, c), "v1": ProportionData(v1 * 0.3, v1)})
+        d = step(spec, d, sec, o, annotations=ann)
+        assert d.status.phase == "Running"
+    assert d.status.srmBaseline == {"control": 2200, "v1": 1200}
 
 
 def test_no_srm_on_matched_counts() -> None:
     spec = make_spec(3, stoppingRules={"futility": False})
-    d = start(spec)
+    d = started(spec)
     data = {
         "control": ProportionData(100, 1020),
         "v1": ProportionData(100, 990),
         "v2": ProportionData(100, 1000),
     }
-    d = step(spec, d, 5, obs(data))
+    d = step(spec, d, 10, obs(data))
     assert d.status.phase == "Running"
     assert d.status.srmPValue is not None and d.status.srmPValue > 0.1
     cond = get_condition(d.status.conditions, "SampleRatioMismatch")
@@ -485,27 +489,30 @@ def test_restart_from_stored_status_resumes_identically() -> None:
     def counts(c: int, v1: int, v2: int) -> dict[str, ProportionData]:
         return {n: ProportionData(0.3 * t, t) for n, t in (("control", c), ("v1", v1), ("v2", v2))}
 
-    # (seconds, observations, annotations): SRM pause, an old resume value, a new one, a drop, aborts.
+    # (seconds, observations, annotations): the SRM count starts, SRM pause, an old resume value, a new
+    # one, a drop (the count restarts after it), aborts.
     steps: list[tuple[float, Observations | None, dict[str, str]]] = [
-        (5, obs(counts(1000, 500, 500)), old),
-        (10, obs(counts(2000, 1000, 1000)), old),
-        (15, obs(counts(2100, 1100, 1100)), resumed),
-        (20, obs(counts(2200, 1200, 1200), {"v2": 0.3}), resumed),
-        (25, obs(counts(2300, 1300, 1300), {"v2": 0.3}), resumed),
-        (30, obs(counts(2500, 1500, 1300)), resumed),
-        (35, None, resumed),
-        (40, None, {**resumed, engine.ANNOTATION_ABORT: "now"}),
+        (5, obs(counts(0, 0, 0)), old),
+        (10, obs(counts(1000, 500, 500)), old),
+        (15, obs(counts(2000, 1000, 1000)), old),
+        (20, obs(counts(2100, 1100, 1100)), resumed),
+        (25, obs(counts(2200, 1200, 1200), {"v2": 0.3}), resumed),
+        (30, obs(counts(2300, 1300, 1300), {"v2": 0.3}), resumed),
+        (35, obs(counts(2500, 1500, 1300)), resumed),
+        (40, None, resumed),
+        (45, None, {**resumed, engine.ANNOTATION_ABORT: "now"}),
     ]
     run = [start(spec, annotations=old)]
     for sec, o, ann in steps:
         run.append(step(spec, run[-1], sec, o, annotations=ann))
     phases = [d.status.phase for d in run]
-    assert phases == ["Running", "Paused", "Paused", "Running", "Running", "Running", "Running", "Running",
-                      "Aborted"]  # fmt: skip
-    assert "Resumed" in events(run[3]) and "VariantDropped" in events(run[5])
-    assert run[5].status.srmBaseline == {"control": 2300, "v1": 1300, "v2": 1300}
-    assert run[5].status.srmSince == T0 + timedelta(seconds=25)
-    assert run[3].status.handled.resume == "r1" and run[-1].status.handled.abort == "now"
+    assert phases == ["Running", "Running", "Paused", "Paused", "Running", "Running", "Running", "Running",
+                      "Running", "Aborted"]  # fmt: skip
+    assert "Resumed" in events(run[4]) and "VariantDropped" in events(run[6])
+    assert run[6].status.srmBaseline == {} and run[6].status.srmSince == T0 + timedelta(seconds=30)
+    assert run[7].status.srmBaseline == {"control": 2500, "v1": 1500, "v2": 1300}
+    assert run[7].status.srmSince == T0 + timedelta(seconds=35)
+    assert run[4].status.handled.resume == "r1" and run[-1].status.handled.abort == "now"
 
     def without_history(d: Decision) -> dict[str, Any]:
         return d.status.model_dump(exclude={"history"})
@@ -521,17 +528,19 @@ def test_restart_from_stored_status_resumes_identically() -> None:
 
 def test_srm_baseline_is_what_keeps_a_resumed_experiment_running() -> None:
     spec = make_spec(2, stoppingRules={"minSamplesPerVariant": 400, "futility": False})
-    d = start(spec)
-    d = step(spec, d, 5, obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)}))
-    d = step(spec, d, 10, obs({"control": ProportionData(330, 1100), "v1": ProportionData(180, 600)}),
+    d = started(spec)
+    d = step(spec, d, 10, obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)}))
+    assert d.status.phase == "Paused"
+    d = step(spec, d, 15, obs({"control": ProportionData(330, 1100), "v1": ProportionData(180, 600)}),
              annotations={engine.ANNOTATION_RESUME: "go"})  # fmt: skip
-    assert d.status.phase == "Running" and d.status.srmBaseline == {"control": 1000, "v1": 500}
-    later = obs({"control": ProportionData(390, 1300), "v1": ProportionData(240, 800)})
-    kept = step(spec, Decision(roundtrip(d, history=False), []), 15, later)
-    assert kept.status.phase == "Running"
+    d = step(spec, d, 20, obs({"control": ProportionData(360, 1200), "v1": ProportionData(210, 700)}))
+    assert d.status.phase == "Running" and d.status.srmBaseline == {"control": 1200, "v1": 700}
+    later = obs({"control": ProportionData(480, 1600), "v1": ProportionData(330, 1100)})
+    kept = step(spec, Decision(roundtrip(d, history=False), []), 25, later)
+    assert kept.status.phase == "Running" and kept.status.srmPValue is not None
     # Counted from the start instead, the same samples are still skewed: the field carries the state.
-    lost = roundtrip(d).model_copy(update={"srmBaseline": {}})
-    assert step(spec, Decision(lost, []), 15, later).status.phase == "Paused"
+    lost = roundtrip(d).model_copy(update={"srmBaseline": {"control": 0.0, "v1": 0.0}})
+    assert step(spec, Decision(lost, []), 25, later).status.phase == "Paused"
 
 
 def test_a_new_revision_restarts_from_scratch() -> None:
@@ -543,17 +552,17 @@ def test_a_new_revision_restarts_from_scratch() -> None:
         spec, d, 5, obs({"control": ProportionData(30, 100), "v1": ProportionData(40, 100)}, {"v1": 0.3})
     )
     assert d.status.guardrailFailures and d.status.variants[0].n == 100
-    # Weights, guardrails and stopping rules are not part of the revision.
-    same = make_spec(
+    # Guardrails and stopping rules are not part of the revision; fixed weights are.
+    same = make_spec(2, guardrails=[], stoppingRules={"minSamplesPerVariant": 500})
+    assert revision_of(same) == rev
+    weighted = make_spec(
         2,
         variants=[
             {"name": "control", "service": "svc-a", "control": True, "weight": 70},
             {"name": "v1", "service": "svc-b", "weight": 30},
         ],
-        guardrails=[],
-        stoppingRules={"minSamplesPerVariant": 500},
     )
-    assert revision_of(same) == rev
+    assert revision_of(weighted) != rev
     # A new service for a variant (same names) or a new primary metric query is a new revision.
     moved = make_spec(
         2,
@@ -577,9 +586,10 @@ def test_a_new_revision_restarts_from_scratch() -> None:
         and s.startedAt == T0 + timedelta(seconds=10)
     )
     assert "NewRevision" in events(d) and s.history[-1].reason == "NewRevision"
-    assert set_weights(d) == [{"svc-a": 50, "svc-z": 50}]
+    # The variant's old Service is set to 0 in the same write: the route sums to 100.
+    assert set_weights(d) == [{"svc-b": 0, "svc-a": 50, "svc-z": 50}] and s.retiredServices == ["svc-b"]
     assert all(v.n == 0 and v.active for v in s.variants) and not s.guardrailFailures
-    assert s.srmBaseline == {"control": 0, "v1": 0} and s.srmSince == s.startedAt
+    assert s.srmBaseline == {} and s.srmSince == s.startedAt
     # The abort annotation present when the new revision started is recorded, not acted on.
     assert s.handled.abort == "during-change"
     d = step(moved, d, 15, None, annotations=ann)
@@ -594,12 +604,12 @@ def test_a_new_revision_restarts_from_scratch() -> None:
 def test_resume_annotation_present_at_start_is_ignored() -> None:
     spec = make_spec(2, stoppingRules={"minSamplesPerVariant": 400, "futility": False})
     ann = {engine.ANNOTATION_RESUME: "before"}
-    d = start(spec, annotations=ann)
+    d = started(spec, annotations=ann)
     assert d.status.handled.resume == "before" and d.status.handled.abort is None
-    d = step(spec, d, 5, obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)}),
+    d = step(spec, d, 10, obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)}),
              annotations=ann)  # fmt: skip
     assert d.status.phase == "Paused"
-    d = step(spec, d, 10, obs({"control": ProportionData(330, 1100), "v1": ProportionData(180, 600)}),
+    d = step(spec, d, 15, obs({"control": ProportionData(330, 1100), "v1": ProportionData(180, 600)}),
              annotations=ann)  # fmt: skip
     assert d.status.phase == "Paused" and "Resumed" not in events(d)
 
@@ -620,13 +630,13 @@ def test_srm_counts_requests_when_a_requests_query_is_set() -> None:
         analysis={"requests": "sum(increase(requests[{{ window }}]))"},
         stoppingRules={"minSamplesPerVariant": 400, "futility": False},
     )
-    d = start(spec)
+    d = started(spec)
     # Feedback (the primary metric's trials) is balanced, but the requests are 2:1: the split is off.
     balanced = obs({"control": ProportionData(300, 1000), "v1": ProportionData(300, 1000)})
-    d = step(spec, d, 5, _with_requests(balanced, {"control": 2000, "v1": 1000}))
+    d = step(spec, d, 10, _with_requests(balanced, {"control": 2000, "v1": 1000}))
     assert d.status.phase == "Paused" and "2000" in d.status.message
     # And the other way round: skewed feedback with balanced requests is no mismatch.
-    d = start(spec)
+    d = started(spec)
     skewed = obs({"control": ProportionData(300, 1000), "v1": ProportionData(150, 500)})
-    d = step(spec, d, 5, _with_requests(skewed, {"control": 1500, "v1": 1500}))
+    d = step(spec, d, 10, _with_requests(skewed, {"control": 1500, "v1": 1500}))
     assert d.status.phase == "Running" and d.status.srmPValue is not None and d.status.srmPValue > 0.5

@@ -20,6 +20,7 @@ from model_rollouts.api.common import (
     ResourceStatus,
     TrafficRouting,
     cel,
+    list_map,
 )
 
 KIND = "ModelExperiment"
@@ -34,7 +35,11 @@ class Variant(Model):
     service: Name = Field(description="Service named in the HTTPRoute backendRefs.")
     control: bool = Field(default=False, description="Exactly one variant is the control.")
     weight: int | None = Field(
-        default=None, ge=0, le=100, description="Fixed allocation weight; default: an equal split."
+        default=None,
+        ge=1,
+        le=100,
+        description="Fixed allocation weight, 1..100 (a variant with no traffic could never be decided); "
+        "set on every variant or on none (default: an equal split).",
     )
 
 
@@ -75,6 +80,12 @@ class StoppingRules(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
+                    "duration(self.maxDuration) > duration('0s')",
+                    "stoppingRules.maxDuration must be above 0 (an experiment that must stop at once can "
+                    "never decide)",
+                    ".maxDuration",
+                ),
+                cel(
                     "!has(self.maxSamplesPerVariant) || "
                     "self.maxSamplesPerVariant >= self.minSamplesPerVariant",
                     "stoppingRules.maxSamplesPerVariant must be >= minSamplesPerVariant",
@@ -100,6 +111,16 @@ class ExperimentAnalysis(AnalysisBase):
         description="Requests served by a variant over {{ window }} (= time since start); the SRM check "
         "compares these counts with the weights. Default: the primary metric's trials (or count).",
     )
+    noDataTimeout: Duration = Field(
+        default="10m",
+        description="How long an active variant may go without data (every analysis of it has a no-data "
+        "or NaN measurement) before onNoDataTimeout applies.",
+    )
+    onNoDataTimeout: Literal["drop", "hold"] = Field(
+        default="drop",
+        description="drop: after noDataTimeout a variant without data is dropped to weight 0 like a "
+        "breaching one (the control: onFailure applies). hold: keep holding the whole experiment.",
+    )
 
 
 class ModelExperimentSpec(ResourceSpec):
@@ -123,19 +144,31 @@ class ModelExperimentSpec(ResourceSpec):
                     ".variants",
                 ),
                 cel(
+                    "!self.variants.exists(v, has(v.weight)) || self.variants.all(v, has(v.weight))",
+                    "set a weight on every variant or on none (a variant without one would get no traffic)",
+                    ".variants",
+                ),
+                cel(
                     "!self.variants.exists(v, has(v.weight)) || "
                     "self.variants.map(v, has(v.weight) ? v.weight : 0).sum() == 100",
                     "variant weights must sum to 100 when set",
                     ".variants",
                 ),
+                cel(
+                    "self.primaryMetric.type != 'proportion' || "
+                    "self.successCriteria.minimumDetectableEffect < 1.0",
+                    "successCriteria.minimumDetectableEffect must be below 1 for a proportion metric "
+                    "(an absolute difference of two rates cannot reach 1)",
+                    ".successCriteria.minimumDetectableEffect",
+                ),
             ]
         },
     )
-    variants: list[Variant] = Field(min_length=2, max_length=10)
+    variants: list[Variant] = Field(min_length=2, max_length=10, json_schema_extra=list_map())
     trafficRouting: TrafficRouting
     allocation: Allocation = Field(default_factory=Allocation)
     primaryMetric: PrimaryMetric
-    guardrails: list[Guardrail] = Field(default_factory=list, max_length=20)
+    guardrails: list[Guardrail] = Field(default_factory=list, max_length=20, json_schema_extra=list_map())
     successCriteria: SuccessCriteria
     stoppingRules: StoppingRules = Field(default_factory=StoppingRules)
     analysis: ExperimentAnalysis
@@ -146,6 +179,7 @@ class ModelExperimentSpec(ResourceSpec):
 
 class VariantStatus(Model):
     name: str
+    service: str | None = Field(default=None, description="The variant's Service when it started.")
     weight: int = 0
     active: bool = True
     n: float = 0
@@ -158,6 +192,9 @@ class VariantStatus(Model):
     probabilityToBeBest: float | None = None
     verdict: str | None = None
     reason: str | None = None
+    noDataSince: datetime | None = Field(
+        default=None, description="Since when every analysis of this variant had a no-data measurement."
+    )
 
 
 class Handled(Model):
@@ -165,6 +202,19 @@ class Handled(Model):
 
     abort: str | None = None
     resume: str | None = None
+    retry: str | None = None
+
+
+class Confirmation(Model):
+    """Thompson allocation: the fixed-split phase that confirms the bandit's leader on fresh samples."""
+
+    variant: str = Field(description="The leader being confirmed against the control.")
+    since: datetime
+    baseline: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="Per variant, its cumulative counts (successes, trials) when the confirmation started; "
+        "the confirmation test uses only the samples after them.",
+    )
 
 
 class ModelExperimentStatus(ResourceStatus):
@@ -188,7 +238,19 @@ class ModelExperimentStatus(ResourceStatus):
         default_factory=dict,
         description="Per variant, its sample count when the split last changed; SRM counts samples since.",
     )
-    srmSince: datetime | None = Field(default=None, description="When the split last changed.")
+    srmSince: datetime | None = Field(
+        default=None,
+        description="With srmBaseline: when the SRM count started. Without it: when the split last changed "
+        "(the count starts at the first analysis after that, once the new split is in effect).",
+    )
+    retiredServices: list[str] = Field(
+        default_factory=list,
+        description="Services of variants removed from the spec (or whose service changed): the route "
+        "write that starts the new revision sets them to 0; cleared at the next analysis tick.",
+    )
+    confirmation: Confirmation | None = Field(
+        default=None, description="Thompson allocation: the confirmation phase, once the bandit has a leader."
+    )
 
 
 PRINTER_COLUMNS = [

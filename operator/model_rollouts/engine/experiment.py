@@ -1,41 +1,66 @@
 """The ModelExperiment state machine: a pure function (spec, status, observations, now) -> (status, actions).
 
 No I/O happens here. The handler measures every variant's primary metric (cumulative since the
-experiment started) and guardrails, calls :func:`reconcile`, then applies the actions (weights per
-Service, Events) and writes the returned status. Every transition is explained in status.
+experiment started) and guardrails only when :func:`analysis_due` says so, calls :func:`reconcile`,
+then applies the result: the route first (the weights :func:`route_weights` gives for the new
+status), then the status, then Events. Every transition is explained in status.
+
+Pacing lives in status: an analysis is due at ``(lastAnalysisTime or startedAt) + interval``.
+A restart, retry, conflict or second replica never adds an analysis, and observations handed in
+before that time are ignored.
 
 Rules, in the order they are applied at each analysis:
 
 1. Guardrails run per active variant, also while paused (they protect users, not the experiment).
-   A non-control variant reaching ``failureLimit`` consecutive breaches is dropped: weight 0,
+   A variant *fails* when a guardrail reaches ``failureLimit`` consecutive breaches, when a
+   measurement has no data under ``analysis.noData: fail`` (at once, not counted toward
+   ``failureLimit``), or when it has had no data for ``analysis.noDataTimeout`` (default 10m)
+   under ``onNoDataTimeout: drop`` (the default). A failing non-control variant is dropped: weight 0,
    ``active: false``; its weight goes to the other active variants (fixed: proportionally to their
-   configured weights; thompson: the bandit excludes it). A breaching control leaves no safe
-   variant: with ``onFailure: rollback`` the experiment is RolledBack with all traffic to the control;
-   with ``keep`` it only warns. With ``analysis.noData: fail`` a guardrail that cannot be measured
-   counts as a breach.
-2. Sample-ratio mismatch (fixed allocation only: under thompson the weights move every interval, so
-   the expected split is not one set of weights): Pearson chi-square of the samples each active
-   variant received since the split last changed, against the weights in force. Checked once every
-   active variant has ``max(SRM_MIN_SAMPLES, minSamplesPerVariant / 2)`` such samples; below
+   weights, which keeps every pair's ratio and so the pooled comparisons honest; thompson: the
+   bandit excludes it). A failing control leaves no safe variant: with ``onFailure: rollback`` the
+   experiment is RolledBack with all traffic to the control; with ``keep`` it only warns.
+2. The shared gate (:func:`model_rollouts.engine.guardrails.gate`): no data, NaN and failed
+   measurements never pass and are never zero. Any of them on an active variant holds the analysis
+   (no SRM check, no decision, no allocation change). Failed measurements count toward
+   ``analysis.errorLimit`` consecutive analyses; reaching it applies ``onErrorLimit`` (rollback:
+   RolledBack, all traffic to the control; hold: ``Healthy=False``, reason ErrorLimitReached).
+3. Sample-ratio mismatch, for fixed splits (fixed allocation, or a Thompson confirmation phase):
+   the counts each active variant received since the split came into effect, against the weights in
+   force. Counting starts at the first analysis *after* the split was written (so the start-up
+   transient, e.g. from a route that still sent 100% to the control, is not counted) and restarts
+   whenever the split changes. The test is anytime-valid (see :func:`_srm_p_value`); below
    ``stoppingRules.srmAlpha`` the experiment pauses (weights unchanged) until the
-   ``mlrollouts.io/resume`` annotation is set, which also restarts the SRM count.
-3. The decision, once every active variant has ``minSamplesPerVariant`` samples (fixedHorizon: the
+   ``mlrollouts.io/resume`` annotation is set, which also restarts the count.
+4. The decision, once every active variant has ``minSamplesPerVariant`` samples (fixedHorizon: the
    planned sample size, since that test is valid at one look only): every active non-control variant
    is compared with the control, p-values are Holm-adjusted across variants (frequentist methods);
    the winner is the best variant that is significantly better (bayesian: probability to be best of
    at least ``successCriteria.probabilityToBeBest``). Futility (sequential/bayesian intervals that
    exclude an improvement of the MDE for every variant) and the sample cap or ``maxDuration`` stop
    the experiment without a winner. Without a winner no variant is ever promoted.
-4. Conclusion: ``onSuccess: promoteWinner`` sends all traffic to the winner, or back to the control
+   Under Thompson allocation the bandit's data are pooled over changing weights, which misleads
+   under a drift common to all arms (Simpson's paradox). So the bandit phase never declares a
+   winner: its leader enters a *confirmation* phase, a fixed 50/50 split between the leader and the
+   control, and wins only if the test on the confirmation's own samples says so.
+5. Conclusion: ``onSuccess: promoteWinner`` sends all traffic to the winner, or back to the control
    when there is none (decision ``noWinner`` or ``futile``): a null result is not a failure, so the
    phase is Concluded. ``onSuccess: keep`` concludes without moving traffic.
 
+Terminal is terminal: Concluded, RolledBack and Aborted are left only by a new revision or a new
+value of the ``mlrollouts.io/retry`` annotation. A problem found after the end (an invalid spec, a
+missing route) is a condition, never a phase, and never moves traffic.
+
+The revision is what is compared: the variants (names, services, control, fixed weights) and the
+primary metric. A change restarts the experiment from scratch (a weight edit too: samples pooled
+across two splits would mislead under drift). Services of variants that left the spec are set to 0
+in the same route write (``status.retiredServices``), so the route always sums to 100.
+
 State lives in status fields, so a restart of the operator resumes exactly where it stood:
-``revision`` (what is being compared: a change restarts the experiment from scratch, like a new
-rollout revision), ``handled`` (the annotation values already acted on; values present when an
-experiment or a new revision starts are recorded and not acted on) and ``srmBaseline``/``srmSince``
-(the sample counts when the split last changed). ``history`` is a bounded, purely informational log:
-nothing is ever read back from it.
+``revision``, ``handled`` (the annotation values already acted on; values present when an
+experiment or a new revision starts are recorded and not acted on), ``srmBaseline``/``srmSince``,
+``confirmation``, ``lastAnalysisTime``, ``consecutiveErrors`` and each variant's ``noDataSince``.
+``history`` is a bounded, purely informational log: nothing is ever read back from it.
 """
 
 from __future__ import annotations
@@ -43,8 +68,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import ValidationError
 
 from model_rollouts.api.common import (
     Condition,
@@ -56,6 +85,7 @@ from model_rollouts.api.common import (
 )
 from model_rollouts.api.experiment import (
     TERMINAL_PHASES,
+    Confirmation,
     ModelExperimentSpec,
     ModelExperimentStatus,
     Variant,
@@ -64,18 +94,21 @@ from model_rollouts.api.experiment import (
 from model_rollouts.engine import bandit, stats
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
-from model_rollouts.engine.guardrails import evaluate, update_failures
+from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
 from model_rollouts.metrics.provider import Result
 
 # The same annotations as ModelRollout (the kubectl plugin sets them on either kind).
 ANNOTATION_ABORT = "mlrollouts.io/abort"
 ANNOTATION_RESUME = "mlrollouts.io/resume"
+ANNOTATION_RETRY = "mlrollouts.io/retry"
 
 HISTORY_LIMIT = status_.HISTORY_LIMIT
 #: SRM is never tested before each active variant has this many samples since the split changed.
 SRM_MIN_SAMPLES = 20
 #: Reasons on the Progressing condition.
 SRM_REASON = "SampleRatioMismatch"
+#: The split of a Thompson confirmation phase: leader and control, 50/50.
+CONFIRMATION_WEIGHT = 50
 
 Data = stats.ProportionData | stats.MeanData
 
@@ -85,8 +118,8 @@ class VariantObservation:
     """What was measured for one variant at one analysis.
 
     ``primary``: the primary metric's sums, cumulative since ``status.startedAt`` (its trials/count is
-    also the traffic count for SRM); or ``problem``: why it could not be measured (``noData`` or
-    ``error`` outcome). ``guardrails``: one Result per guardrail name, for active variants.
+    also the traffic count for SRM); or ``problem``: why it could not be measured (``noData``,
+    ``nan`` or ``error`` outcome). ``guardrails``: one Result per guardrail name, for active variants.
     """
 
     primary: Data | None = None
@@ -102,7 +135,7 @@ class Observations:
 
 @dataclass(frozen=True)
 class SetWeights:
-    weights: dict[str, int]  # per variant Service; sums to 100
+    weights: dict[str, int]  # per variant Service; sums to 100 (retired Services: 0)
 
 
 Action = SetWeights | Event
@@ -124,7 +157,8 @@ def control_of(spec: ModelExperimentSpec) -> Variant:
 def validate(spec: ModelExperimentSpec) -> str | None:
     """What the CRD's CEL rules check, for when they were not applied, plus what only we can judge.
 
-    Returns a message naming the field, or None.
+    Every rule here names a spec that could never decide or could not be run. Returns a message
+    naming the field, or None.
     """
     controls = [i for i, v in enumerate(spec.variants) if v.control]
     if len(controls) != 1:
@@ -138,25 +172,46 @@ def validate(spec: ModelExperimentSpec) -> str | None:
                     f"spec.variants[{i}].{attr}: {value!r} is used by another variant; {attr}s must be unique"
                 )
             seen.add(value)
+    seen = set()
+    for i, g in enumerate(spec.guardrails):
+        if g.name in seen:
+            return f"spec.guardrails[{i}].name: {g.name!r} is used by another guardrail; names must be unique"
+        seen.add(g.name)
     if any(v.weight is not None for v in spec.variants):
+        for i, v in enumerate(spec.variants):
+            if v.weight is None or v.weight <= 0:
+                return (
+                    f"spec.variants[{i}].weight: {v.name} would get no traffic and the experiment could "
+                    "never decide; give every variant a weight above 0, or none for an equal split"
+                )
         total = sum(v.weight or 0 for v in spec.variants)
         if total != 100:
             return f"spec.variants[].weight: weights must sum to 100 when set (they sum to {total})"
-        ci = controls[0]
-        if not spec.variants[ci].weight:
-            return f"spec.variants[{ci}].weight: the control needs a weight above 0 to be compared with"
-        if not any(v.weight for v in spec.variants if not v.control):
-            return "spec.variants[].weight: at least one non-control variant needs a weight above 0"
     pm = spec.primaryMetric
     needed = ("successes", "trials") if pm.type == "proportion" else ("sum", "count", "sumSquares")
     for f in needed:
         if not getattr(pm, f):
             return f"spec.primaryMetric.{f}: a {pm.type} metric needs the {', '.join(needed)} queries"
+    mde = spec.successCriteria.minimumDetectableEffect
+    if pm.type == "proportion" and not 0 < mde < 1:
+        return (
+            f"spec.successCriteria.minimumDetectableEffect: {mde:g} is outside (0, 1), the range of a "
+            "difference of two rates: the experiment could never decide"
+        )
     sr = spec.stoppingRules
     if sr.maxSamplesPerVariant is not None and sr.maxSamplesPerVariant < sr.minSamplesPerVariant:
         return (
             f"spec.stoppingRules.maxSamplesPerVariant: {sr.maxSamplesPerVariant} is below "
             f"minSamplesPerVariant {sr.minSamplesPerVariant}"
+        )
+    max_duration = parse_duration(sr.maxDuration)
+    if max_duration <= 0:
+        return "spec.stoppingRules.maxDuration: must be above 0 (the experiment could never decide)"
+    interval = parse_duration(spec.analysis.interval)
+    if max_duration < interval:
+        return (
+            f"spec.stoppingRules.maxDuration: {sr.maxDuration} is shorter than one analysis interval "
+            f"({spec.analysis.interval}): the experiment could never decide"
         )
     if spec.allocation.strategy == "thompson":
         if pm.type != "proportion":
@@ -174,7 +229,7 @@ def validate(spec: ModelExperimentSpec) -> str | None:
             "spec.successCriteria.method: bayesian with a mean metric supports two variants only "
             "(probability to be best is computed for proportions)"
         )
-    for f in ("interval", "window"):
+    for f in ("interval", "window", "noDataTimeout"):
         if parse_duration(getattr(spec.analysis, f)) <= 0:
             return f"spec.analysis.{f}: must be above 0"
     return None
@@ -200,12 +255,19 @@ def fixed_weights(spec: ModelExperimentSpec, active: set[str] | None = None) -> 
 
 
 def revision_of(spec: ModelExperimentSpec) -> str:
-    """What is compared: the variants (names, services, which is the control) and the primary metric.
+    """What is compared: the variants (names, services, control, fixed weights) and the primary metric.
 
-    A change restarts the experiment from scratch. Weights, guardrails and stopping rules are not part
-    of it: they change how the experiment runs, not what its samples mean.
+    A change restarts the experiment from scratch. Guardrails and stopping rules are not part of it:
+    they change how the experiment runs, not what its samples mean. Fixed weights are (a sample pooled
+    across two splits misleads under drift); an unset weight is left out, so revisions of specs
+    without weights are what they were before weights counted.
     """
-    variants = [{"name": v.name, "service": v.service, "control": v.control} for v in spec.variants]
+    variants: list[dict[str, Any]] = []
+    for v in spec.variants:
+        item: dict[str, Any] = {"name": v.name, "service": v.service, "control": v.control}
+        if v.weight is not None:
+            item["weight"] = v.weight
+        variants.append(item)
     body = json.dumps({"variants": variants, "primaryMetric": dump(spec.primaryMetric)}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:10]
 
@@ -220,17 +282,128 @@ def needs_measurement(spec: ModelExperimentSpec, status: ModelExperimentStatus) 
     )
 
 
+def next_analysis(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> datetime | None:
+    """When the next analysis is due (from status alone), or None when none is wanted."""
+    if not needs_measurement(spec, status):
+        return None
+    last = status.lastAnalysisTime or status.startedAt
+    assert last is not None  # needs_measurement: started
+    return last + timedelta(seconds=parse_duration(spec.analysis.interval))
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def next_due(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> datetime | None:
+    """When the engine next wants a tick: the next analysis, at once (EPOCH) when something is to
+    start (a new experiment, a new revision, a retry), or None (finished, or paused before the start)."""
+    rev = revision_of(spec)
+    if status.phase in TERMINAL_PHASES:
+        return EPOCH if status.revision != rev else None
+    if status.startedAt is None:
+        return None if spec.paused else EPOCH
+    if status.phase == "Invalid" or status.revision != rev:
+        return EPOCH
+    return next_analysis(spec, status)
+
+
+def analysis_due(spec: ModelExperimentSpec, status: ModelExperimentStatus, now: datetime) -> bool:
+    """Measure now? Only for a running experiment, and only one interval after the last analysis
+    (or the start): pacing lives in status, so restarts, retries and replicas add no analysis."""
+    due = next_analysis(spec, status)
+    return due is not None and now >= due
+
+
+def _services(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, str]:
+    """Variant name -> Service: as recorded in status when it started, else from the spec."""
+    out = {v.name: v.service for v in spec.variants}
+    for v in status.variants:
+        if v.service:
+            out[v.name] = v.service
+    return out
+
+
+def route_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, int] | None:
+    """The weights per Service the route must carry for this status (retired Services at 0), or None
+    when this status asks for none (not started, Invalid)."""
+    if not status.variants or status.startedAt is None or status.phase in ("Invalid", "Pending"):
+        return None
+    names = _services(spec, status)
+    out = dict.fromkeys(status.retiredServices, 0)
+    for v in status.variants:
+        if v.name in names:
+            out[names[v.name]] = v.weight
+    return out
+
+
 def service_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, int]:
     """The status weights per Service (what the router should show)."""
-    by_name = {v.name: v.weight for v in status.variants}
-    return {v.service: by_name.get(v.name, 0) for v in spec.variants}
+    return route_weights(spec, status) or {}
+
+
+def _to_control(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, int]:
+    names = _services(spec, status)
+    control = control_of(spec).name
+    if control not in {v.name for v in status.variants}:
+        return {v.service: 100 if v.control else 0 for v in spec.variants}
+    out = dict.fromkeys(status.retiredServices, 0)
+    for v in status.variants:
+        if v.name in names:
+            out[names[v.name]] = 100 if v.name == control else 0
+    return out
+
+
+def deletion_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, int] | None:
+    """What the route gets when the object is deleted: all traffic to the control while the experiment
+    runs (or is paused or invalid after it started); nothing after the end, so traffic stays on the
+    winner (or wherever the end left it)."""
+    if status.startedAt is None or not status.variants or status.phase in (*TERMINAL_PHASES, "Pending"):
+        return None
+    return _to_control(spec, status)
+
+
+def guard_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, int] | None:
+    """After RolledBack or Aborted, no variant but the control gets traffic again in this revision:
+    the weights a slow guard re-asserts if the route drifts. After Concluded the operator lets go."""
+    if status.phase not in ("RolledBack", "Aborted") or not status.variants:
+        return None
+    return _to_control(spec, status)
+
+
+def services_to_weight(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> list[str]:
+    """Every Service the next route write can touch: the spec's, plus those of variants that left the
+    spec while still carrying traffic (they are set to 0 in the same write)."""
+    out = [v.service for v in spec.variants]
+    for v in status.variants:
+        if v.service and v.service not in out and v.weight > 0:
+            out.append(v.service)
+    return out
+
+
+def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
+    """Does the object need the fast timer? Yes unless it is finished, its revision unchanged and no
+    new retry annotation is waiting (a finished object costs nothing but a slow guard)."""
+    if status.get("phase") not in TERMINAL_PHASES:
+        return True
+    retry = annotations.get(ANNOTATION_RETRY)
+    if retry and retry != (status.get("handled") or {}).get("retry"):
+        return True
+    try:
+        parsed = ModelExperimentSpec.model_validate(dict(spec))
+    except ValidationError:
+        return False
+    return revision_of(parsed) != status.get("revision")
 
 
 # --------------------------------------------------------------------------- entry points
 
 
 def invalid(status: ModelExperimentStatus, message: str, now: datetime, generation: int) -> Decision:
-    """Valid=False: the spec cannot be acted on; traffic is left exactly as it is."""
+    """Valid=False: the spec cannot be acted on; traffic is left exactly as it is.
+
+    A finished experiment keeps its phase (a problem after the end is a condition, not a phase)."""
+    if status.phase in TERMINAL_PHASES:
+        return _finished(status, message, {}, now, generation)
     s, events = status_.invalid(status, message, now, generation)
     return Decision(s, list(events))
 
@@ -244,16 +417,25 @@ def reconcile(
     annotations: dict[str, str] | None = None,
     observations: Observations | None = None,
 ) -> Decision:
+    ann = annotations or {}
     problem = validate(spec)
+    rev = revision_of(spec)
+    if status.phase in TERMINAL_PHASES:
+        retry = ann.get(ANNOTATION_RETRY)
+        wants_retry = bool(retry) and retry != status.handled.retry
+        if problem or (status.revision == rev and not wants_retry):
+            return _finished(status, problem, ann, now, generation)
+        reason = "NewRevision" if status.revision != rev else "Retried"
+        return _start(spec, status.model_copy(deep=True), [], ann, rev, now, generation, reason)
     if problem:
         return invalid(status, problem, now, generation)
     s = status.model_copy(deep=True)
     actions: list[Action] = []
-    ann = annotations or {}
     s.observedGeneration = generation
     s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
+    # The route write that made this status current carried the 0s of retired Services.
+    s.retiredServices = []
 
-    rev = revision_of(spec)
     names = [v.name for v in spec.variants]
     if s.startedAt is None or s.revision != rev or [v.name for v in s.variants] != names:
         if s.startedAt is None and spec.paused:
@@ -262,14 +444,17 @@ def reconcile(
             s.phase, s.message = "Paused", "paused by spec.paused before it started: no traffic moved"
             _conditions(s, now, generation, "SpecPaused")
             return Decision(s, actions)
-        return _start(spec, s, actions, ann, rev, now, generation)
+        reason = "Started" if s.startedAt is None else "NewRevision"
+        return _start(spec, s, actions, ann, rev, now, generation, reason)
 
-    if s.phase in TERMINAL_PHASES:
-        _conditions(s, now, generation, s.phase)
-        return Decision(s, actions)
     if s.phase == "Invalid":
         s.phase = "Running"
         _history(s, now, "Valid", "SpecValid", "spec is valid again; resuming")
+
+    # A retry annotation acts only on a finished experiment; on a running one it is recorded.
+    retry = ann.get(ANNOTATION_RETRY)
+    if retry and retry != s.handled.retry:
+        s.handled.retry = retry
 
     # User actions, by annotation: each new value acts once.
     abort = ann.get(ANNOTATION_ABORT)
@@ -294,7 +479,7 @@ def reconcile(
         if _srm_held(s):
             msg = (
                 f"resumed by annotation {ANNOTATION_RESUME}={resume} after a sample-ratio mismatch; "
-                "the SRM check restarts from the current counts"
+                "the SRM count restarts at the next analysis"
             )
             s.conditions = set_condition(s.conditions, SRM_REASON, "False", "Resumed", msg, now, generation)
             _split_changed(s, now)
@@ -302,7 +487,7 @@ def reconcile(
             actions.append(Event("Normal", "Resumed", msg))
             _history(s, now, "Resumed", "ResumeRequested", msg)
 
-    if observations is not None:
+    if observations is not None and analysis_due(spec, s, now):
         done = _analyse(spec, s, actions, observations, now, generation)
         if done is not None:
             return done
@@ -334,6 +519,33 @@ def reconcile(
     return Decision(s, actions)
 
 
+def _finished(
+    status: ModelExperimentStatus, problem: str | None, ann: dict[str, str], now: datetime, generation: int
+) -> Decision:
+    """A finished experiment stays finished: no traffic moves; a problem is a condition only."""
+    s = status.model_copy(deep=True)
+    actions: list[Action] = []
+    s.observedGeneration = generation
+    s.retiredServices = []
+    old = get_condition(s.conditions, "Valid")
+    if problem:
+        msg = f"{problem} (the experiment has finished: phase and traffic are left as they are)"
+        if old is None or old.status != "False" or old.message != msg:
+            actions.append(Event("Warning", "InvalidSpec", msg))
+        s.conditions = set_condition(s.conditions, "Valid", "False", "InvalidSpec", msg, now, generation)
+        retry = ann.get(ANNOTATION_RETRY)
+        if retry and retry != s.handled.retry:
+            s.handled.retry = retry
+            actions.append(
+                Event("Warning", "RetryRejected", f"{ANNOTATION_RETRY}={retry} not acted on: {problem}")
+            )
+    else:
+        s.conditions = set_condition(
+            s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation
+        )
+    return Decision(s, actions)
+
+
 # --------------------------------------------------------------------------- start and finish
 
 
@@ -345,23 +557,41 @@ def _start(
     rev: str,
     now: datetime,
     generation: int,
+    reason: str,
 ) -> Decision:
-    """Start (or, for a new revision, restart from scratch): fresh counts, the configured split."""
-    reason = "Started" if s.startedAt is None else "NewRevision"
+    """Start (or, for a new revision or a retry, restart from scratch): fresh counts, the configured split.
+
+    Services of the previous status that the new spec no longer has are set to 0 in the same route
+    write (``retiredServices``), so the route always sums to 100.
+    """
     weights = fixed_weights(spec)
     ctrl = control_of(spec).name
     split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
-    msg = (
-        f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}"
-        if reason == "Started"
-        else f"variants or primary metric changed (revision {s.revision or 'unrecorded'} -> {rev}): "
-        f"restarting the experiment from scratch with {split}"
+    spec_services = {v.service for v in spec.variants}
+    retired = sorted(
+        {v.service for v in s.variants if v.service and v.service not in spec_services and v.weight > 0}
     )
+    before = ", ".join(f"{v.name} {v.weight}%" for v in s.variants)
+    if reason == "Started":
+        msg = f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}"
+    elif reason == "Retried":
+        msg = (
+            f"retried by annotation {ANNOTATION_RETRY}={ann.get(ANNOTATION_RETRY)} after {s.phase}: "
+            f"restarting the experiment from scratch with {split}"
+        )
+    else:
+        msg = (
+            f"variants, their weights or the primary metric changed (revision {s.revision or 'unrecorded'} "
+            f"-> {rev}; was {before or 'nothing'}): restarting the experiment from scratch with {split}"
+        )
+    if retired:
+        msg += f"; removed Service(s) {', '.join(retired)} set to 0"
     # Annotations present when this revision starts were meant for an earlier one: recorded, not acted on.
     handled = s.handled.model_copy(
         update={
             "abort": ann.get(ANNOTATION_ABORT, s.handled.abort),
             "resume": ann.get(ANNOTATION_RESUME, s.handled.resume),
+            "retry": ann.get(ANNOTATION_RETRY, s.handled.retry),
         }
     )
     s = ModelExperimentStatus(
@@ -370,17 +600,32 @@ def _start(
         observedGeneration=generation,
         revision=rev,
         startedAt=now,
-        variants=[VariantStatus(name=v.name, weight=weights[v.name]) for v in spec.variants],
+        variants=[
+            VariantStatus(name=v.name, service=v.service, weight=weights[v.name]) for v in spec.variants
+        ],
         conditions=s.conditions,
         history=s.history,
         handled=handled,
-        srmBaseline={v.name: 0.0 for v in spec.variants},
+        reconcileErrors=s.reconcileErrors,
+        lastReconcileErrorTime=s.lastReconcileErrorTime,
+        retiredServices=retired,
+        srmBaseline={},
         srmSince=now,
     )
+    s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
     s.conditions = set_condition(
-        s.conditions, SRM_REASON, "Unknown", "NotChecked", "no samples yet", now, generation
+        s.conditions,
+        SRM_REASON,
+        "Unknown",
+        "NotChecked",
+        "no samples yet: counting starts at the first analysis, once the split is in effect",
+        now,
+        generation,
     )
-    actions += [SetWeights(_by_service(spec, weights)), Event("Normal", reason, msg)]
+    s.conditions = set_condition(
+        s.conditions, "Healthy", "Unknown", "NotMeasured", "not measured yet", now, generation
+    )
+    actions += [SetWeights(route_weights(spec, s) or {}), Event("Normal", reason, msg)]
     _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
     _conditions(s, now, generation, "Running")
     return Decision(s, actions)
@@ -407,7 +652,7 @@ def _finish(
     if move and target is not None:
         for v in s.variants:
             v.weight = 100 if v.name == target else 0
-        actions.append(SetWeights(_by_service(spec, _weights(s))))
+        actions.append(SetWeights(route_weights(spec, s) or {}))
     s.phase = phase  # type: ignore[assignment]
     s.decision = decision
     s.winner = winner
@@ -423,6 +668,22 @@ def _finish(
 # --------------------------------------------------------------------------- analysis
 
 
+def _primary_problem(metric: str, variant: str, p: Result) -> Measurement:
+    what = (
+        "measurement failed"
+        if p.outcome == "error"
+        else ("no data" if p.outcome == "noData" else "not a number")
+    )
+    return Measurement(
+        name=metric,
+        kind="comparison",
+        variant=variant,
+        outcome=p.outcome if p.outcome in ("noData", "error", "nan") else "error",
+        verdict="error" if p.outcome == "error" else "noData",
+        message=f"{metric} of {variant}: {what}" + (f" ({p.message})" if p.message else ""),
+    )
+
+
 def _analyse(
     spec: ModelExperimentSpec,
     s: ModelExperimentStatus,
@@ -431,12 +692,14 @@ def _analyse(
     now: datetime,
     generation: int,
 ) -> Decision | None:
-    """One analysis: guardrails, SRM, decision, allocation. Returns a Decision when the experiment ends."""
+    """One analysis: guardrails and the gate, SRM, decision, allocation. A Decision when it ends."""
     s.lastAnalysisTime = now
+    prev_healthy = get_condition(s.conditions, "Healthy")
+    an = spec.analysis
     ctrl = control_of(spec).name
     by_name = {v.name: v for v in s.variants}
     data: dict[str, Data] = {}
-    problems: list[str] = []
+    per_variant: dict[str, list[Measurement]] = {}
     for v in spec.variants:
         o = obs.variants.get(v.name)
         vs = by_name[v.name]
@@ -445,73 +708,80 @@ def _analyse(
         if o is not None and o.primary is not None and o.problem is None:
             data[v.name] = o.primary
             vs.n = _n(o.primary)
-        elif vs.active:
+        if not vs.active:
+            continue
+        ms: list[Measurement] = []
+        if v.name not in data:
             p = (
                 o.problem
                 if o is not None and o.problem is not None
                 else Result("error", message="not measured")
             )
-            what = (
-                "measurement failed"
-                if p.outcome == "error"
-                else ("no data" if p.outcome == "noData" else "not a number")
-            )
-            problems.append(
-                f"{spec.primaryMetric.name} of {v.name}: {what}" + (f" ({p.message})" if p.message else "")
-            )
-
-    # 1. Guardrails per active variant.
-    measurements: list[Measurement] = []
-    for v in spec.variants:
-        if not by_name[v.name].active:
-            continue
-        o = obs.variants.get(v.name)
-        ms = []
+            ms.append(_primary_problem(spec.primaryMetric.name, v.name, p))
+        gms = []
         for g in spec.guardrails:
             r = (o.guardrails.get(g.name) if o is not None else None) or Result(
                 "error", message="not measured"
             )
             m = evaluate(g, r, v.name)
-            m = m.model_copy(update={"message": f"{v.name}: {m.message}"})
-            if m.verdict == "noData" and spec.analysis.noData == "fail":
-                m = m.model_copy(
-                    update={"verdict": "fail", "message": f"{m.message} (analysis.noData is fail)"}
-                )
-            ms.append(m)
-        s.guardrailFailures = update_failures(s.guardrailFailures, ms, key_prefix=f"{v.name}/")
-        measurements += ms
-    guard_problems = [m for m in measurements if m.verdict in ("noData", "error")]
-    breaches = [m for m in measurements if m.verdict == "fail"]
-    s.conditions = set_condition(
-        s.conditions,
-        "Healthy",
-        "False" if breaches else ("Unknown" if guard_problems else "True"),
-        "GuardrailBreached"
-        if breaches
-        else (
-            "MeasurementError"
-            if any(m.verdict == "error" for m in guard_problems)
-            else "NoData"
-            if guard_problems
-            else "AnalysisPassing"
-        ),
-        "; ".join(m.message for m in measurements) or "no guardrails configured",
-        now,
-        generation,
-    )
+            gms.append(m.model_copy(update={"message": f"{v.name}: {m.message}"}))
+        s.guardrailFailures = update_failures(s.guardrailFailures, gms, key_prefix=f"{v.name}/")
+        per_variant[v.name] = ms + gms
+    measurements = [m for ms in per_variant.values() for m in ms]
+    guard_ms = [m for m in measurements if m.kind == "guardrail"]
+    s.consecutiveErrors = consecutive_errors(s.consecutiveErrors, gate(measurements, an.noData))
 
+    # 1. Which variants fail: guardrail breaches at failureLimit, no data under noData: fail (at once),
+    #    or no data for noDataTimeout under onNoDataTimeout: drop.
+    timeout = parse_duration(an.noDataTimeout)
     failed: dict[str, list[str]] = {}
     for v in spec.variants:
+        vs = by_name[v.name]
+        if not vs.active:
+            continue
+        why: list[str] = []
         for g in spec.guardrails:
             count = s.guardrailFailures.get(f"{v.name}/{g.name}", 0)
-            if by_name[v.name].active and count >= g.failureLimit:
-                m = next(m for m in measurements if m.variant == v.name and m.name == g.name)
-                failed.setdefault(v.name, []).append(
+            if count >= g.failureLimit:
+                m = next(m for m in guard_ms if m.variant == v.name and m.name == g.name)
+                why.append(
                     f"{m.message}; {count} consecutive breach(es) reached failureLimit {g.failureLimit}"
                 )
-    gvalues = {f"{m.variant}/{m.name}": m.value for m in measurements if m.value is not None}
+        vg = gate(per_variant[v.name], an.noData)
+        if vg.fail is not None:
+            why.append(f"{vg.fail.message} (analysis.noData is fail)")
+        if any(m.verdict == "noData" for m in per_variant[v.name]):
+            vs.noDataSince = vs.noDataSince or now
+            silent = (now - vs.noDataSince).total_seconds()
+            if an.onNoDataTimeout == "drop" and silent >= timeout and vg.fail is None:
+                why.append(
+                    f"no data for {silent:.0f}s, analysis.noDataTimeout {an.noDataTimeout} "
+                    f"(onNoDataTimeout drop): {'; '.join(vg.reasons())}"
+                )
+        else:
+            vs.noDataSince = None
+        if why:
+            failed[v.name] = why
+
+    breaches = [m for m in guard_ms if m.verdict == "fail"]
+    missing = [m for m in measurements if m.verdict in ("noData", "error")]
+    healthy: tuple[Literal["True", "False", "Unknown"], str, str]
+    if breaches or failed:
+        healthy = ("False", "GuardrailBreached", "; ".join(m.message for m in breaches) or _why(failed))
+    elif missing:
+        kind = "MeasurementError" if any(m.verdict == "error" for m in missing) else "NoData"
+        healthy = ("Unknown", kind, "; ".join(m.message for m in missing))
+    else:
+        healthy = (
+            "True",
+            "AnalysisPassing",
+            "; ".join(m.message for m in guard_ms) or "no guardrails configured",
+        )
+    s.conditions = set_condition(s.conditions, "Healthy", healthy[0], healthy[1], healthy[2], now, generation)
+
+    gvalues = {f"{m.variant}/{m.name}": m.value for m in guard_ms if m.value is not None}
     if ctrl in failed:
-        why = f"the control {ctrl} breaches its guardrails: " + "; ".join(failed[ctrl])
+        why_c = f"the control {ctrl} fails: " + "; ".join(failed[ctrl])
         if spec.onFailure == "rollback":
             s.lastAnalysis = measurements
             for vst in s.variants:
@@ -526,24 +796,25 @@ def _analyse(
                 "rolledBack",
                 None,
                 "GuardrailFailed",
-                f"{why}: no variant is safe, all traffic to the control (onFailure rollback)",
+                f"{why_c}: no variant is safe, all traffic to the control (onFailure rollback)",
                 gvalues,
                 to_control=True,
             )
-        first = any(s.guardrailFailures.get(f"{ctrl}/{g.name}", 0) == g.failureLimit for g in spec.guardrails)
-        if first:  # warn when the limit is reached, not at every breaching analysis after it
-            msg = f"{why}; onFailure is keep: traffic unchanged"
+        msg = f"{why_c}; onFailure is keep: traffic unchanged"
+        # Warn when the control starts failing, not at every failing analysis after it.
+        if prev_healthy is None or prev_healthy.reason != "ControlFailing":
             actions.append(Event("Warning", "ControlGuardrailFailed", msg))
             _history(s, now, "GuardrailFailed", "ControlGuardrailFailed", msg, gvalues)
+        s.conditions = set_condition(s.conditions, "Healthy", "False", "ControlFailing", msg, now, generation)
     dropped = [n for n in failed if n != ctrl]
     for name in dropped:
         vs = by_name[name]
         vs.active = False
         vs.verdict = "dropped"
-        vs.reason = "guardrail: " + "; ".join(failed[name])
+        vs.reason = "; ".join(failed[name])
         msg = f"variant {name} dropped (weight {vs.weight} -> 0): " + "; ".join(failed[name])
         actions.append(Event("Warning", "VariantDropped", msg))
-        _history(s, now, "VariantDropped", "GuardrailFailed", msg, gvalues)
+        _history(s, now, "VariantDropped", "VariantFailed", msg, gvalues)
     if dropped:
         active = {v.name for v in s.variants if v.active}
         if not active - {ctrl}:
@@ -558,60 +829,120 @@ def _analyse(
                 "rolledBack",
                 None,
                 "GuardrailFailed",
-                "every non-control variant was dropped by its guardrails: all traffic to the control",
+                (
+                    f"the leader {dropped[0]} under confirmation was dropped: all traffic to the control"
+                    if s.confirmation is not None
+                    else "every non-control variant was dropped: all traffic to the control"
+                ),
                 gvalues,
                 to_control=True,
             )
         if spec.allocation.strategy == "fixed":
-            _set_weights(
-                spec,
-                s,
-                actions,
-                now,
-                fixed_weights(spec, active),
-                f"redistributed after dropping {', '.join(dropped)}",
-                event=False,
-            )
+            new = fixed_weights(spec, active)
+            because = f"redistributed after dropping {', '.join(dropped)}"
         else:
-            _set_weights(
+            new = _thompson(spec, s, data, generation, now)
+            because = f"bandit excludes {', '.join(dropped)}"
+        _set_weights(spec, s, actions, now, new, because, event=False)
+
+    # 2. The gate: failed measurements count toward errorLimit; any missing measurement holds.
+    limit = an.errorLimit
+    if s.consecutiveErrors >= limit:
+        errors = "; ".join(m.message for m in measurements if m.verdict == "error")
+        msg = (
+            f"{s.consecutiveErrors} analyses in a row had a failed measurement, reaching "
+            f"analysis.errorLimit {limit}: {errors}"
+        )
+        if an.onErrorLimit == "rollback":
+            s.lastAnalysis = measurements
+            return _finish(
                 spec,
                 s,
                 actions,
                 now,
-                _thompson(spec, s, data, generation, now),
-                f"bandit excludes {', '.join(dropped)}",
-                event=False,
+                generation,
+                "RolledBack",
+                "errorLimit",
+                None,
+                "ErrorLimitReached",
+                f"{msg}; all traffic to the control (onErrorLimit rollback)",
+                to_control=True,
             )
+        s.conditions = set_condition(
+            s.conditions,
+            "Healthy",
+            "False",
+            "ErrorLimitReached",
+            f"{msg}; holding (onErrorLimit hold)",
+            now,
+            generation,
+        )
+        if s.consecutiveErrors == limit:
+            actions.append(Event("Warning", "ErrorLimitReached", f"{msg}; holding (onErrorLimit hold)"))
+            _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
 
     active_names = [v.name for v in spec.variants if by_name[v.name].active]
-    paused = spec.paused or _srm_held(s)
-
-    # 2. Sample-ratio mismatch.
-    if not problems:
-        _srm(spec, s, actions, active_names, now, generation)
-
-    # 3. The decision.
-    comparisons = _compare_all(spec, s, data, active_names) if not problems else []
-    s.lastAnalysis = measurements + comparisons
-    _sample_size(spec, s, data, active_names)
-    if problems:
-        kind = "measurement error" if any("measurement failed" in p for p in problems) else "no data"
-        s.message = f"holding ({kind}): " + "; ".join(problems)
+    holding = [m for m in measurements if m.verdict in ("noData", "error") and m.variant in active_names]
+    if holding:
+        kind = "measurement error" if any(m.verdict == "error" for m in holding) else "no data"
+        s.lastAnalysis = measurements
+        s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
         return None
-    if paused or _srm_held(s):
+
+    # 3. Sample-ratio mismatch.
+    _srm(spec, s, actions, active_names, now, generation)
+
+    # 4. The decision, on the confirmation's own samples during a Thompson confirmation.
+    cmp_data = _confirmation_data(s, data) if s.confirmation is not None else data
+    comparisons = _compare_all(spec, s, cmp_data, active_names)
+    s.lastAnalysis = guard_ms + comparisons
+    _sample_size(spec, s, cmp_data, active_names)
+    if spec.paused or _srm_held(s):
         return None
-    ended = _decide(spec, s, actions, data, active_names, now, generation)
+    ended = _decide(spec, s, actions, cmp_data, data, active_names, now, generation)
     if ended is not None:
         return ended
 
-    # 4. Allocation.
-    if spec.allocation.strategy == "thompson":
+    # 5. Allocation (the bandit phase only: a confirmation holds its fixed split).
+    if spec.allocation.strategy == "thompson" and s.confirmation is None:
         new = _thompson(spec, s, data, generation, now)
         if new != _weights(s):
             analysis = s.message
             _set_weights(spec, s, actions, now, new, "thompson sampling update", event=False, record=False)
             s.message = f"{analysis}; {s.message}"
     return None
+
+
+def _why(failed: dict[str, list[str]]) -> str:
+    return "; ".join(f"{n}: {'; '.join(w)}" for n, w in failed.items())
+
+
+def _confirmation_data(s: ModelExperimentStatus, data: dict[str, Data]) -> dict[str, Data]:
+    """The samples since the confirmation started (cumulative counts minus its baseline)."""
+    assert s.confirmation is not None
+    out: dict[str, Data] = {}
+    for n, d in data.items():
+        base = s.confirmation.baseline.get(n)
+        if base is None or not isinstance(d, stats.ProportionData):
+            continue
+        trials = max(0.0, d.trials - base[1])
+        succ = min(trials, max(0.0, d.successes - base[0]))
+        out[n] = stats.ProportionData(succ, trials)
+    return out
+
+
+def _srm_p_value(counts: list[float], weights: list[float], previous: float | None) -> float:
+    """The SRM p-value, valid however often it is looked at.
+
+    ``stats.srm_sequential`` (an anytime-valid multinomial test) when the statistics module has it;
+    its p-value is the running minimum, so ``previous`` (the value at the last analysis since the
+    count started) is carried. Otherwise the fixed-horizon chi-square of ``stats.srm_test``.
+    """
+    sequential = getattr(stats, "srm_sequential", None)
+    if sequential is None:
+        return stats.srm_test(counts, weights)
+    p = float(sequential(counts, weights))
+    return min(p, previous) if previous is not None else p
 
 
 def _srm(
@@ -622,24 +953,44 @@ def _srm(
     now: datetime,
     generation: int,
 ) -> None:
-    if spec.allocation.strategy != "fixed":
+    if spec.allocation.strategy != "fixed" and s.confirmation is None:
         s.srmPValue = None
         s.conditions = set_condition(
             s.conditions,
             SRM_REASON,
             "Unknown",
             "NotCheckedForThompson",
-            "SRM is checked for fixed allocation only: under thompson the weights change every interval",
+            "SRM is checked for fixed splits only: while the bandit explores the weights change every "
+            "interval (its confirmation phase, a fixed split, is checked)",
             now,
             generation,
         )
         return
     if _srm_held(s):
         return
-    base = s.srmBaseline
     by_name = {v.name: v for v in s.variants}
-    counts = [max(0.0, _traffic(by_name[n]) - base.get(n, 0.0)) for n in active]
     weights = [float(by_name[n].weight) for n in active]
+    split = ", ".join(f"{n} {w:.0f}%" for n, w in zip(active, weights, strict=True))
+    if not s.srmBaseline:
+        # Count only once the split is in effect: from the first analysis after it was written.
+        if s.srmSince is not None and now <= s.srmSince:
+            return
+        s.srmBaseline = {v.name: _traffic(v) for v in s.variants}
+        s.srmSince = now
+        s.srmPValue = None
+        s.conditions = set_condition(
+            s.conditions,
+            SRM_REASON,
+            "Unknown",
+            "CountingStarted",
+            f"the split ({split}) is in effect: counting samples from this analysis on "
+            "(the transient before it is not counted)",
+            now,
+            generation,
+        )
+        return
+    base = s.srmBaseline
+    counts = [max(0.0, _traffic(by_name[n]) - base.get(n, 0.0)) for n in active]
     need = max(SRM_MIN_SAMPLES, spec.stoppingRules.minSamplesPerVariant / 2)
     detail = ", ".join(
         f"{n} {c:.0f} at weight {w:.0f}" for n, c, w in zip(active, counts, weights, strict=True)
@@ -650,12 +1001,12 @@ def _srm(
             SRM_REASON,
             "Unknown",
             "NotEnoughSamples",
-            f"waiting for {need:.0f} samples per active variant since the split last changed ({detail})",
+            f"waiting for {need:.0f} samples per active variant since the split came into effect ({detail})",
             now,
             generation,
         )
         return
-    p = stats.srm_test(counts, weights)
+    p = _srm_p_value(counts, weights, s.srmPValue)
     s.srmPValue = p
     alpha = spec.stoppingRules.srmAlpha
     if p < alpha:
@@ -814,15 +1165,22 @@ def _decide(
     s: ModelExperimentStatus,
     actions: list[Action],
     data: dict[str, Data],
+    raw: dict[str, Data],
     active: list[str],
     now: datetime,
     generation: int,
 ) -> Decision | None:
+    """``data``: the samples the test uses (a confirmation's own); ``raw``: cumulative since the start."""
     sc, sr, pm = spec.successCriteria, spec.stoppingRules, spec.primaryMetric
     ctrl = control_of(spec).name
     by_name = {v.name: v for v in s.variants}
-    ns = {n: by_name[n].n for n in active}
+    ns = {n: (_n(data[n]) if n in data else 0.0) for n in active}
     least = min(ns.values())
+    exploring = spec.allocation.strategy == "thompson" and s.confirmation is None
+    phase_note = ""
+    if s.confirmation is not None:
+        since = s.confirmation.since.strftime("%Y-%m-%dT%H:%M:%SZ")
+        phase_note = f" (confirmation of {s.confirmation.variant}: samples since {since})"
     elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
     max_duration = parse_duration(sr.maxDuration)
     timed_out = elapsed >= max_duration
@@ -830,12 +1188,17 @@ def _decide(
     need = sr.minSamplesPerVariant
     if sc.method == "fixedHorizon" and s.sampleSizePerVariant:
         need = max(need, s.sampleSizePerVariant)
-    samples = ", ".join(f"{n} n={ns[n]:.0f}" for n in active)
-    values = _decision_values(s, active)
+    samples = ", ".join(f"{n} n={ns[n]:.0f}" for n in active) + phase_note
+    values = _decision_values(s, active, ns)
     treatments = [n for n in active if n != ctrl]
 
     if least >= need or at_cap or timed_out:
         winner = _winner(spec, s, treatments)
+        if winner is not None and exploring and not (at_cap or timed_out):
+            _confirm(spec, s, actions, winner, raw, now)
+            return None
+        if winner is not None and exploring:
+            winner = None  # no time or samples left to confirm the bandit's leader: no winner
         if winner is not None:
             w = by_name[winner]
             stat = (
@@ -1005,12 +1368,12 @@ def _summary(s: ModelExperimentStatus, treatments: list[str]) -> str:
     return "; ".join(parts)
 
 
-def _decision_values(s: ModelExperimentStatus, active: list[str]) -> dict[str, float]:
+def _decision_values(s: ModelExperimentStatus, active: list[str], ns: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for v in s.variants:
         if v.name not in active:
             continue
-        out[f"{v.name}/n"] = v.n
+        out[f"{v.name}/n"] = ns.get(v.name, v.n)
         for key, val in (
             ("estimate", v.estimate),
             ("ciLow", v.ciLow),
@@ -1021,6 +1384,47 @@ def _decision_values(s: ModelExperimentStatus, active: list[str]) -> dict[str, f
             if val is not None and math.isfinite(val):
                 out[f"{v.name}/{key}"] = val
     return out
+
+
+def _confirm(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    leader: str,
+    raw: dict[str, Data],
+    now: datetime,
+) -> None:
+    """Thompson: the bandit found a leader; confirm it against the control on a fixed 50/50 split.
+
+    Only the samples after this point count for the decision, so the drift the bandit's pooled
+    counts are exposed to cannot make the winner.
+    """
+    ctrl = control_of(spec).name
+    by_name = {v.name: v for v in s.variants}
+    lead = by_name[leader]
+    why = (
+        f"the bandit's leader {leader} ({_summary(s, [leader])}) is confirmed against the control "
+        f"{ctrl} on a fixed {CONFIRMATION_WEIGHT}/{100 - CONFIRMATION_WEIGHT} split, with only the "
+        "samples from now on"
+    )
+    baseline: dict[str, list[float]] = {}
+    for n in (ctrl, leader):
+        d = raw.get(n)
+        if isinstance(d, stats.ProportionData):
+            baseline[n] = [d.successes, d.trials]
+    s.confirmation = Confirmation(variant=leader, since=now, baseline=baseline)
+    for v in s.variants:
+        if v.name not in (ctrl, leader) and v.active:
+            v.active = False
+            v.verdict = "notSelected"
+            v.reason = f"thompson: {leader} leads and is being confirmed"
+    weights = {v.name: 0 for v in s.variants}
+    weights[ctrl] = 100 - CONFIRMATION_WEIGHT
+    weights[leader] = CONFIRMATION_WEIGHT
+    actions.append(Event("Normal", "ConfirmationStarted", why))
+    _history(s, now, "ConfirmationStarted", "ConfirmationStarted", why, {f"{leader}/n": lead.n})
+    _set_weights(spec, s, actions, now, weights, "confirmation split", event=False, record=False)
+    s.message = why
 
 
 def _thompson(
@@ -1088,19 +1492,20 @@ def _set_weights(
     change = ", ".join(f"{n} {old.get(n, 0)}->{w}" for n, w in weights.items() if old.get(n, 0) != w)
     msg = f"weights {change}: {why}"
     s.message = msg
-    actions.append(SetWeights(_by_service(spec, weights)))
+    actions.append(SetWeights(route_weights(spec, s) or {}))
     if event:
         actions.append(Event("Normal", "WeightsChanged", msg))
     if record:
         _history(s, now, "WeightsChanged", "WeightsChanged", msg, {k: float(w) for k, w in weights.items()})
-    if spec.allocation.strategy == "fixed":  # SRM runs for fixed allocation only
+    if spec.allocation.strategy == "fixed" or s.confirmation is not None:  # SRM runs on fixed splits
         _split_changed(s, now)
 
 
 def _split_changed(s: ModelExperimentStatus, now: datetime) -> None:
-    """Remember the sample counts at which the split changed: SRM counts the samples after it."""
-    s.srmBaseline = {v.name: _traffic(v) for v in s.variants}
+    """The split changed now: SRM counts again from the first analysis after this one."""
+    s.srmBaseline = {}
     s.srmSince = now
+    s.srmPValue = None
 
 
 def _traffic(v: VariantStatus) -> float:
@@ -1128,6 +1533,14 @@ def _conditions(s: ModelExperimentStatus, now: datetime, generation: int, reason
     c = set_condition(
         c, "Completed", "True" if done else "False", s.phase if done else reason, s.message, now, generation
     )
+    # Concluded: True only when the experiment reached its decision (a winner or a null result), so
+    # `kubectl wait --for=condition=Concluded` tells a decided experiment from a rolled-back one.
+    if s.phase == "Concluded":
+        c = set_condition(c, "Concluded", "True", reason, s.message, now, generation)
+    elif done:
+        c = set_condition(c, "Concluded", "False", reason, s.message, now, generation)
+    else:
+        c = set_condition(c, "Concluded", "False", "InProgress", "no decision yet", now, generation)
     if s.phase == "RolledBack":
         c = set_condition(c, "Healthy", "False", reason, s.message, now, generation)
     s.conditions = c
