@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
+import os
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
+
+from model_rollouts import leader
+
+#: Record attributes our decision log lines carry (``extra=``), copied into JSON lines.
+_FIELDS = ("namespace", "object", "kind", "phase", "revision", "weight", "decision")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update({k: getattr(record, k) for k in _FIELDS if getattr(record, k, None) is not None})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 @kopf.on.startup()
@@ -36,16 +58,56 @@ def main(argv: list[str] | None = None) -> None:
         "--liveness", default="http://0.0.0.0:8081/healthz", help="Kopf liveness endpoint URL; empty disables"
     )
     parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one JSON object per line; decisions carry namespace, name, revision, phase and weight",
     )
+    parser.add_argument(
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="act only while holding a coordination.k8s.io Lease (one active replica); default on",
+    )
+    parser.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
+    )
+    parser.add_argument("--leader-election-id", default="model-rollouts", help="name of the Lease")
+    parser.add_argument(
+        "--leader-election-lease-duration",
+        type=float,
+        default=15.0,
+        help="seconds a standby waits after the last renewal before taking over (default 15)",
+    )
+    parser.add_argument(
+        "--leader-election-retry-period", type=float, default=2.0, help="seconds between renewals (default 2)"
+    )
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if args.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     # Kopf reports every timer run at INFO; our own decisions are logged under model_rollouts.
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    from model_rollouts.handlers import experiment, rollout  # noqa: F401  (registers the handlers)
+    from model_rollouts.handlers import common, experiment, rollout  # noqa: F401  (registers the handlers)
+
+    if args.leader_election:
+        leader.ELECTOR = leader.Elector(
+            common.api(),
+            args.leader_election_namespace,
+            args.leader_election_id,
+            lease_seconds=args.leader_election_lease_duration,
+            retry_seconds=args.leader_election_retry_period,
+        )
+        leader.ELECTOR.start()
 
     kopf.run(
         standalone=True,

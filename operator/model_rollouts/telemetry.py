@@ -31,6 +31,21 @@ MEASUREMENT_ERRORS = Counter(
     ["kind", "namespace", "name"],
 )
 
+RECONCILE_ERRORS = Counter(
+    "mlrollouts_reconcile_errors_total",
+    "Decisions that could not be applied (route write failed, API error); the object holds and retries",
+    ["kind", "namespace", "name", "reason"],
+)
+LIMITS = Counter(
+    "mlrollouts_limits_reached_total",
+    "Deadlines and error limits reached, by reason",
+    ["kind", "namespace", "name", "reason"],
+)
+LEADER = Gauge("mlrollouts_leader", "1 while this replica holds the leader Lease and acts")
+
+#: Event reasons that are limits (also counted in LIMITS).
+LIMIT_REASONS = ("ProgressDeadlineExceeded", "Inconclusive", "ErrorLimitReached")
+
 
 def set_phase(kind: str, namespace: str, name: str, phase: str, all_phases: tuple[str, ...]) -> None:
     for p in all_phases:

@@ -50,19 +50,20 @@ class Driver:
 
     def __init__(self, s: ModelRolloutSpec) -> None:
         self.spec, self.status, self.now = s, ModelRolloutStatus(), T0
-        self.weights: list[int] = []
+        self.weights: list[int] = [0]
         self.events: list[str] = []
 
     def tick(self, obs: eng.Observations | None = None, advance: float = 10, **kw: Any) -> ModelRolloutStatus:
-        if obs is None and eng.needs_measurement(self.spec, self.status):
+        if obs is None and eng.needs_measurement(self.spec, self.status, self.now):
             obs = ok()
+        if obs is not None and not eng.needs_measurement(self.spec, self.status, self.now):
+            obs = None  # the handler measures only when an analysis is due
         d = eng.reconcile(self.spec, self.status, now=self.now, generation=1, observations=obs, **kw)
         self.status = d.status
+        if d.status.revision is not None and (not self.weights or self.weights[-1] != d.status.weight):
+            self.weights.append(d.status.weight)
         for a in d.actions:
-            if isinstance(a, eng.SetWeight) and (not self.weights or self.weights[-1] != a.weight):
-                self.weights.append(a.weight)
-            if isinstance(a, eng.Event):
-                self.events.append(a.reason)
+            self.events.append(a.reason)
         self.now += timedelta(seconds=advance)
         return self.status
 
@@ -83,7 +84,7 @@ def test_healthy_rollout_walks_the_steps_in_order_and_promotes() -> None:
     assert st.phase == "Promoted" and st.weight == 100
     assert d.weights == [0, 10, 50, 100]
     conds = {c.type: c.status for c in st.conditions}
-    assert conds == {"Valid": "True", "Progressing": "False", "Completed": "True", "Healthy": "True"}
+    assert conds == {"Valid": "True", "Progressing": "False", "Completed": "True", "Healthy": "True", "Promoted": "True"}
     assert st.history[0].event == "Started" and st.history[-1].event == "Promoted"
 
 
@@ -118,7 +119,7 @@ def test_guardrail_breach_needs_failure_limit_consecutive_failures() -> None:
 
 @pytest.mark.parametrize("outcome", ["noData", "nan", "error"])
 def test_missing_data_never_advances_or_promotes(outcome: str) -> None:
-    d = Driver(spec([{"setWeight": 20}, {"setWeight": 100}]))
+    d = Driver(spec([{"setWeight": 20}, {"setWeight": 100}], analysis={"errorLimit": 50}, progressDeadline="1h"))
     d.tick()
     bad = eng.Observations(guardrails={"errors": Result(outcome, None, "x")})  # type: ignore[arg-type]
     for _ in range(20):
@@ -208,7 +209,7 @@ def test_invalid_touches_no_traffic() -> None:
     status, actions = invalid(
         ModelRolloutStatus(), "spec.trafficRouting.gatewayAPI.httpRoute: not found", T0, 3
     )
-    assert status.phase == "Invalid" and not any(isinstance(a, eng.SetWeight) for a in actions)
+    assert status.phase == "Invalid" and status.weight == 0 and [a.reason for a in actions] == ["InvalidSpec"]
     valid = {c.type: c for c in status.conditions}["Valid"]
     assert valid.status == "False" and "httpRoute" in valid.message and valid.observedGeneration == 3
 
@@ -248,7 +249,6 @@ def test_required_comparison_blocks_promotion_until_it_passes() -> None:
                     "trials": "t",
                     "test": "nonInferiority",
                     "margin": 0.05,
-                    "requiredToPromote": True,
                 }
             ]
         },
@@ -258,7 +258,7 @@ def test_required_comparison_blocks_promotion_until_it_passes() -> None:
     for _ in range(4):
         st = d.tick(_comparison_obs((30, 50), (30, 50)))  # far too little data to show anything
         assert st.phase != "Promoted"
-    assert "requiredToPromote" in st.message
+    assert "has not passed" in st.message and st.weight == 50
     for _ in range(3):
         st = d.tick(_comparison_obs((60000, 100000), (60200, 100000)))
     assert st.phase == "Promoted"

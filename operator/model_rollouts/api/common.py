@@ -228,6 +228,18 @@ class Measurement(Model):
     verdict: Literal["pass", "fail", "inconclusive", "noData", "error"]
     message: str
     details: dict[str, float] | None = None
+    carried: bool | None = Field(
+        default=None,
+        description="Not measured in this analysis (e.g. a comparison at weight 100): the last value.",
+    )
+
+
+class ArmCounts(Model):
+    """Sufficient statistics of one arm: n (trials or count), total (successes or sum), squares (means)."""
+
+    n: float = 0.0
+    total: float = 0.0
+    squares: float = 0.0
 
 
 class HistoryEntry(Model):
@@ -248,7 +260,8 @@ class ResourceStatus(Model):
     message: str = ""
     observedGeneration: int = 0
     lastAnalysisTime: datetime | None = Field(
-        default=None, description="When metrics were last measured; the next analysis is due one interval later."
+        default=None,
+        description="When metrics were last measured; the next analysis is due one interval later.",
     )
     consecutiveErrors: int = Field(
         default=0, description="Consecutive analyses with a failed measurement (see analysis.errorLimit)."

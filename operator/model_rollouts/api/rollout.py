@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 
 from model_rollouts.api.common import (
     AnalysisBase,
+    ArmCounts,
     CountMetric,
     Duration,
     Guardrail,
@@ -19,6 +20,7 @@ from model_rollouts.api.common import (
     ResourceStatus,
     TrafficRouting,
     cel,
+    list_map,
 )
 
 KIND = "ModelRollout"
@@ -29,9 +31,11 @@ PLURAL = "modelrollouts"
 ANNOTATION_PROMOTE = "mlrollouts.io/promote"
 ANNOTATION_ABORT = "mlrollouts.io/abort"
 ANNOTATION_RESUME = "mlrollouts.io/resume"
+ANNOTATION_RETRY = "mlrollouts.io/retry"
 
-Phase = Literal["Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid"]
-TERMINAL_PHASES = ("Promoted", "RolledBack", "Aborted")
+Phase = Literal["Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid", "Idle"]
+#: Left only by a new revision (a changed candidate) or the retry annotation.
+TERMINAL_PHASES = ("Promoted", "RolledBack", "Aborted", "Idle")
 
 
 class VariantRef(Model):
@@ -72,30 +76,27 @@ class Comparison(CountMetric):
 
     test: Literal["nonInferiority", "superiority"] = "nonInferiority"
     margin: float = Field(default=0.0, ge=0, description="Absolute non-inferiority margin.")
-    requiredToPromote: bool = Field(
-        default=False, description="Hold before promotion until this comparison passes."
+    advisory: bool = Field(
+        default=False,
+        description="false (default): the candidate is never given full traffic until this comparison "
+        "has passed its test. true: reported, and a significant failure still rolls back, but it does not "
+        "block promotion.",
     )
 
 
 class Analysis(AnalysisBase):
-    guardrails: list[Guardrail] = Field(default_factory=list, max_length=20)
-    comparisons: list[Comparison] = Field(default_factory=list, max_length=10)
+    guardrails: list[Guardrail] = Field(default_factory=list, max_length=20, json_schema_extra=list_map())
+    comparisons: list[Comparison] = Field(default_factory=list, max_length=10, json_schema_extra=list_map())
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise error rate of the comparisons.")
+    onInconclusive: Literal["rollback", "hold", "promote"] = Field(
+        default="rollback",
+        description="What happens when progressDeadline passes while a required comparison still has "
+        "not shown what its test asks: rollback (default), hold (keep waiting, condition only) or "
+        "promote (give the candidate full traffic without that evidence).",
+    )
 
 
 class ModelRolloutSpec(ResourceSpec):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.stable.service != self.candidate.service",
-                    "candidate.service must differ from stable.service",
-                    ".candidate.service",
-                ),
-            ]
-        },
-    )
     stable: VariantRef
     candidate: VariantRef
     trafficRouting: TrafficRouting
@@ -105,12 +106,35 @@ class ModelRolloutSpec(ResourceSpec):
         default=None, ge=1, le=100, description="Split larger weight jumps into steps of at most this."
     )
     paused: bool = False
+    progressDeadline: Duration = Field(
+        default="30m",
+        description="How long the rollout may hold without progress (no data, measurement errors, "
+        "waiting for evidence, an unready candidate) before onProgressDeadline (or, when it waits for "
+        "comparison evidence, analysis.onInconclusive) applies. Pauses do not count.",
+    )
+    onProgressDeadline: Literal["rollback", "hold"] = Field(
+        default="rollback", description="rollback (default) or hold (condition and Event only)."
+    )
+    revertOnDeletion: bool = Field(
+        default=False,
+        description="On deletion, send all traffic to the serving stable even after the rollout finished. "
+        "By default traffic moves on deletion only while a rollout is in progress.",
+    )
 
 
 class Handled(Model):
     promote: str | None = None
     abort: str | None = None
     resume: str | None = None
+    retry: str | None = None
+
+
+class EpochCounts(Model):
+    """One closed constant-weight epoch of one comparison: each arm's counts within it."""
+
+    weight: int
+    stable: ArmCounts
+    candidate: ArmCounts
 
 
 class ModelRolloutStatus(ResourceStatus):
@@ -121,6 +145,23 @@ class ModelRolloutStatus(ResourceStatus):
     stepStartedAt: datetime | None = None
     stepWeight: int | None = Field(default=None, description="Intermediate weight while a jump is split.")
     weight: int = 0
+    candidateService: str | None = Field(default=None, description="The candidate of this revision.")
+    stableService: str | None = Field(
+        default=None, description="The Service serving as the baseline: rolled back to, compared against."
+    )
+    retiredServices: list[str] = Field(
+        default_factory=list, description="Services of an earlier revision held at weight 0 in this one."
+    )
+    stepsHash: str | None = None
+    epochStartedAt: datetime | None = Field(
+        default=None, description="Start of the current constant-weight epoch; comparisons count from here."
+    )
+    epochs: dict[str, list[EpochCounts]] = Field(
+        default_factory=dict, description="Closed epochs' counts per comparison (stratified test)."
+    )
+    heldSince: datetime | None = Field(
+        default=None, description="Since when the rollout has been held without progress (progressDeadline)."
+    )
     guardrailFailures: dict[str, int] = Field(default_factory=dict)
     lastAnalysis: list[Measurement] = Field(default_factory=list)
     handled: Handled = Field(default_factory=Handled)

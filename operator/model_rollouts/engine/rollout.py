@@ -9,13 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from model_rollouts.api.common import (
+    ArmCounts,
     Condition,
     Measurement,
     dump,
+    get_condition,
     parse_duration,
     set_condition,
 )
@@ -23,21 +27,27 @@ from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
     ANNOTATION_RESUME,
+    ANNOTATION_RETRY,
     TERMINAL_PHASES,
     Comparison,
+    EpochCounts,
     ModelRolloutSpec,
     ModelRolloutStatus,
 )
 from model_rollouts.engine import stats
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
-from model_rollouts.engine.guardrails import evaluate, update_failures
+from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
 from model_rollouts.metrics.provider import Result
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Closed epochs kept per comparison (each weight change closes one).
+EPOCH_LIMIT = 60
 
 
 @dataclass(frozen=True)
 class ComparisonData:
-    """Summed counts of one comparison for stable and candidate, or the measurement problem."""
+    """Counts of one comparison for stable and candidate within the current epoch, or the problem."""
 
     stable: stats.ProportionData | stats.MeanData | None = None
     candidate: stats.ProportionData | stats.MeanData | None = None
@@ -46,37 +56,115 @@ class ComparisonData:
 
 @dataclass(frozen=True)
 class Observations:
+    """One analysis. Comparison counts are those collected since ``status.epochStartedAt``."""
+
     guardrails: dict[str, Result] = field(default_factory=dict)
     comparisons: dict[str, ComparisonData] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SetWeight:
-    weight: int  # candidate percentage; stable gets the rest
-
-
-Action = SetWeight | Event
+    candidate_ready: bool | None = None  # None: readiness unknown (no EndpointSlices visible)
 
 
 @dataclass
 class Decision:
     status: ModelRolloutStatus
-    actions: list[Action]
+    actions: list[Event]
 
 
 def revision_of(spec: ModelRolloutSpec) -> str:
-    """A rollout restarts from weight 0 when what it rolls out (stable or candidate) changes."""
-    body = json.dumps({"stable": dump(spec.stable), "candidate": dump(spec.candidate)}, sort_keys=True)
+    """A new revision starts when the candidate changes; the baseline is whatever is serving."""
+    return hashlib.sha256(json.dumps(dump(spec.candidate), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def steps_hash(spec: ModelRolloutSpec) -> str:
+    body = json.dumps([dump(st) for st in spec.steps], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:10]
 
 
-def needs_measurement(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> bool:
-    """Metrics are read only while the candidate gets traffic in an active rollout."""
+def interval_of(spec: ModelRolloutSpec) -> float:
+    return parse_duration(spec.analysis.interval)
+
+
+def _last_mark(status: ModelRolloutStatus) -> datetime | None:
+    """The last analysis or weight change, whichever is later: the next analysis is one interval on."""
+    marks = [t for t in (status.lastAnalysisTime, status.epochStartedAt) if t is not None]
+    return max(marks) if marks else None
+
+
+def analysis_due(spec: ModelRolloutSpec, status: ModelRolloutStatus, now: datetime) -> bool:
+    """Pacing lives in status: the next analysis is due one interval after the last one (or the
+    last weight change), never earlier, whatever restarts, retries or replicas happen."""
+    mark = _last_mark(status)
+    return mark is None or (now - mark).total_seconds() >= interval_of(spec) - 0.001
+
+
+def needs_measurement(spec: ModelRolloutSpec, status: ModelRolloutStatus, now: datetime) -> bool:
+    """Metrics are read only while the candidate gets traffic in an active rollout, once per interval."""
     return (
         status.phase not in (*TERMINAL_PHASES, "Invalid")
         and status.weight > 0
         and status.revision == revision_of(spec)
+        and analysis_due(spec, status, now)
     )
+
+
+def measure_comparisons(status: ModelRolloutStatus) -> bool:
+    """Comparisons need both arms: at weight 100 the stable arm gets no traffic."""
+    return 0 < status.weight < 100
+
+
+def next_due(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> datetime | None:
+    """When the engine next wants a tick: the next analysis (or at once when something is to start)."""
+    if status.phase in TERMINAL_PHASES:
+        return None
+    mark = _last_mark(status)
+    if status.phase == "Invalid" or status.revision != revision_of(spec) or mark is None:
+        return EPOCH
+    return mark + timedelta(seconds=interval_of(spec))
+
+
+def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
+    """Whether the object needs the fast timer (finished ones do not), from the raw object."""
+    phase = status.get("phase")
+    if phase not in TERMINAL_PHASES:
+        return True
+    try:
+        if status.get("revision") != revision_of(ModelRolloutSpec.model_validate(spec)):
+            return True
+    except ValueError:
+        return False  # an invalid edit of a finished rollout changes nothing
+    handled = status.get("handled") or {}
+    retry = annotations.get(ANNOTATION_RETRY)
+    return bool(retry) and phase in ("RolledBack", "Aborted") and retry != handled.get("retry")
+
+
+def route_weights(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict[str, int]:
+    """What the route must carry for this status: baseline, candidate, and retired services at 0."""
+    stable = status.stableService or spec.stable.service
+    out = {svc: 0 for svc in status.retiredServices if svc not in (stable, spec.candidate.service)}
+    if spec.candidate.service == stable:
+        out[stable] = 100
+        return out
+    out[stable] = 100 - status.weight
+    out[spec.candidate.service] = status.weight
+    return out
+
+
+def guard_weights(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict[str, int] | None:
+    """After a rollback or abort the candidate stays at 0 in this revision, whatever edits the route."""
+    if status.phase in ("RolledBack", "Aborted") and status.revision == revision_of(spec):
+        stable = status.stableService or spec.stable.service
+        if stable != spec.candidate.service:
+            return {spec.candidate.service: 0, stable: 100}
+    return None
+
+
+def deletion_weights(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict[str, int] | None:
+    """Traffic moves on deletion only while a rollout is in progress (or with revertOnDeletion)."""
+    stable = status.stableService or spec.stable.service
+    if stable == spec.candidate.service:
+        return None
+    if spec.revertOnDeletion or (status.phase not in (*TERMINAL_PHASES, "Pending") and status.weight > 0):
+        return {stable: 100, spec.candidate.service: 0}
+    return None
 
 
 def reconcile(
@@ -89,82 +177,73 @@ def reconcile(
     observations: Observations | None = None,
 ) -> Decision:
     s = status.model_copy(deep=True)
-    actions: list[Action] = []
+    actions: list[Event] = []
     ann = annotations or {}
     s.observedGeneration = generation
     s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
 
     rev = revision_of(spec)
     if s.revision != rev:
-        reason = "Started" if s.revision is None else "NewRevision"
-        msg = (
-            f"rolling out {_variant(spec.candidate)} over {_variant(spec.stable)}"
-            if reason == "Started"
-            else f"candidate or stable changed (revision {s.revision} -> {rev}): restarting from weight 0"
-        )
-        old_handled = s.handled
-        s = ModelRolloutStatus(
-            revision=rev,
-            revisionStartedAt=now,
-            stepStartedAt=now,
-            phase="Progressing",
-            message=msg,
-            observedGeneration=generation,
-            conditions=s.conditions,
-            history=s.history,
-            handled=old_handled,
-        )
-        actions += [SetWeight(0), Event("Normal", reason, msg)]
-        _history(s, now, reason, reason, msg)
-        # Annotations present before this revision started were meant for an earlier one.
-        s.handled.promote = ann.get(ANNOTATION_PROMOTE, s.handled.promote)
-        s.handled.abort = ann.get(ANNOTATION_ABORT, s.handled.abort)
-        s.handled.resume = ann.get(ANNOTATION_RESUME, s.handled.resume)
-        if reason == "NewRevision":
+        s = _new_revision(spec, s, rev, now, generation, ann, actions)
+        if s.phase != "Progressing" or s.history[-1].reason == "NewRevision":
             _conditions(s, now, generation)
             return Decision(s, actions)
 
     if s.phase in TERMINAL_PHASES:
-        _conditions(s, now, generation)
-        return Decision(s, actions)
+        retry = ann.get(ANNOTATION_RETRY)
+        if retry and retry != s.handled.retry and s.phase in ("RolledBack", "Aborted"):
+            s.handled.retry = retry
+            msg = f"retry requested by annotation {ANNOTATION_RETRY}={retry}: steps restart from weight 0"
+            _restart(spec, s, now)
+            actions.append(Event("Normal", "RetryRequested", msg))
+            _history(s, now, "Retry", "RetryRequested", msg)
+        else:
+            if retry:
+                s.handled.retry = retry
+            stable = s.stableService or spec.stable.service
+            if s.phase == "Promoted" and spec.stable.service not in (stable, spec.candidate.service):
+                s.message = (
+                    f"promoted: {stable} is serving; spec.stable ({spec.stable.service}) is ignored until "
+                    "the candidate changes"
+                )
+            _conditions(s, now, generation)
+            return Decision(s, actions)
     if s.phase == "Invalid":  # the spec became valid again: carry on where it stood
         s.phase = "Progressing"
         _history(s, now, "Valid", "SpecValid", "spec is valid again; resuming")
+
+    sh = steps_hash(spec)
+    if s.stepsHash != sh:
+        if s.stepsHash is not None:
+            msg = f"spec.steps changed: restarting the steps from step 0 at weight {s.weight}"
+            actions.append(Event("Normal", "StepsChanged", msg))
+            _history(s, now, "StepsChanged", "StepsChanged", msg)
+            s.currentStep, s.stepStartedAt, s.stepWeight = 0, now, None
+        s.stepsHash = sh
 
     # User actions, by annotation: each new value acts once.
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != s.handled.abort:
         s.handled.abort = abort
         return _finish(
-            s,
-            actions,
-            now,
-            generation,
-            "Aborted",
-            0,
-            "AbortRequested",
-            f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to stable",
-        )
+            s, actions, now, generation, "Aborted", 0, "AbortRequested",
+            f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to {_stable(spec, s)}",
+        )  # fmt: skip
     promote = ann.get(ANNOTATION_PROMOTE)
     if promote and promote != s.handled.promote:
         s.handled.promote = promote
         return _finish(
-            s,
-            actions,
-            now,
-            generation,
-            "Promoted",
-            100,
-            "PromoteRequested",
-            f"promoted by annotation {ANNOTATION_PROMOTE}={promote}: skipping remaining steps",
-        )
+            s, actions, now, generation, "Promoted", 100, "PromoteRequested",
+            f"promoted by annotation {ANNOTATION_PROMOTE}={promote}: skipping remaining steps and analysis",
+        )  # fmt: skip
 
-    # Measurements: guardrails at every interval, comparisons against stable.
-    gate_ok = True
+    # Measurements: guardrails at every interval, comparisons against stable within the epoch.
     hold_reasons: list[str] = []
-    if observations is not None and s.weight > 0:
+    measured = observations is not None and s.weight > 0
+    if measured:
+        assert observations is not None
         s.lastAnalysisTime = now
-        results = _analyse(spec, observations)
+        results = _analyse(spec, s, observations)
         s.lastAnalysis = results
         s.guardrailFailures = update_failures(
             s.guardrailFailures, [m for m in results if m.kind == "guardrail"]
@@ -173,183 +252,331 @@ def reconcile(
             if s.guardrailFailures.get(g.name, 0) >= g.failureLimit:
                 m = next(m for m in results if m.name == g.name and m.kind == "guardrail")
                 return _finish(
-                    s,
-                    actions,
-                    now,
-                    generation,
-                    "RolledBack",
-                    0,
-                    "GuardrailFailed",
+                    s, actions, now, generation, "RolledBack", 0, "GuardrailFailed",
                     f"guardrail {m.message}; {s.guardrailFailures[g.name]} consecutive breach(es) "
                     f"reached failureLimit {g.failureLimit}",
                     _values(results),
-                )
+                )  # fmt: skip
         for m in results:
-            if m.kind == "comparison" and m.verdict == "fail":
+            if m.kind == "comparison" and m.verdict == "fail" and not m.carried:
                 return _finish(
-                    s,
-                    actions,
-                    now,
-                    generation,
-                    "RolledBack",
-                    0,
-                    "ComparisonFailed",
-                    f"candidate is worse than stable: {m.message}",
-                    _values(results),
-                )
-        missing = [m for m in results if m.verdict in ("noData", "error")]
-        if missing and spec.analysis.noData == "fail" and any(m.verdict == "noData" for m in missing):
-            m = next(m for m in missing if m.verdict == "noData")
+                    s, actions, now, generation, "RolledBack", 0, "ComparisonFailed",
+                    f"candidate is worse than stable: {m.message}", _values(results),
+                )  # fmt: skip
+        g8 = gate([m for m in results if not m.carried], spec.analysis.noData)
+        if g8.fail is not None:
             return _finish(
-                s,
-                actions,
-                now,
-                generation,
-                "RolledBack",
-                0,
-                "NoData",
-                f"{m.message} and analysis.noData is fail",
-                _values(results),
+                s, actions, now, generation, "RolledBack", 0, "NoData",
+                f"{g8.fail.message} and analysis.noData is fail", _values(results),
+            )  # fmt: skip
+        s.consecutiveErrors = consecutive_errors(s.consecutiveErrors, g8)
+        if s.consecutiveErrors >= spec.analysis.errorLimit:
+            msg = (
+                f"{s.consecutiveErrors} consecutive analyses with failed measurements reached "
+                f"analysis.errorLimit {spec.analysis.errorLimit}"
             )
-        if missing:
-            gate_ok = False
-            hold_reasons += [m.message for m in missing]
-        healthy = not missing
+            if spec.analysis.onErrorLimit == "rollback":
+                return _finish(s, actions, now, generation, "RolledBack", 0, "ErrorLimitReached", msg)
+            if s.consecutiveErrors == spec.analysis.errorLimit:
+                actions.append(Event("Warning", "ErrorLimitReached", msg + "; holding (onErrorLimit: hold)"))
+                _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
+        hold_reasons += g8.reasons()
+        healthy = g8.ok
+        reason = "AnalysisPassing" if healthy else ("MeasurementError" if g8.error else "NoData")
+        if s.consecutiveErrors >= spec.analysis.errorLimit:
+            reason = "ErrorLimitReached"
         s.conditions = set_condition(
             s.conditions,
             "Healthy",
-            "True" if healthy else "Unknown",
-            "AnalysisPassing"
-            if healthy
-            else ("MeasurementError" if any(m.verdict == "error" for m in missing) else "NoData"),
+            "True" if healthy else ("False" if reason == "ErrorLimitReached" else "Unknown"),
+            reason,
             "; ".join(m.message for m in results) or "no guardrails configured",
             now,
             generation,
         )
-    elif s.weight > 0:
-        gate_ok = False
+    elif s.weight > 0 and s.lastAnalysisTime is None:
         hold_reasons.append("waiting for the first analysis at this weight")
+    analysed_here = measured and not hold_reasons
+    if not measured and s.weight > 0:
+        # Between analyses nothing moves; the next analysis is due at lastAnalysisTime + interval.
+        _conditions(s, now, generation)
+        return Decision(s, actions)
 
     # Pausing.
     if spec.paused:
         if s.phase != "Paused":
             actions.append(Event("Normal", "Paused", "paused by spec.paused"))
             _history(s, now, "Paused", "SpecPaused", "paused by spec.paused")
-        s.phase, s.message = "Paused", f"paused by spec.paused at weight {s.weight}"
+        s.phase, s.message, s.heldSince = "Paused", f"paused by spec.paused at weight {s.weight}", None
         _conditions(s, now, generation)
         return Decision(s, actions)
-    if s.phase == "Paused" and s.currentStep < len(spec.steps) and spec.steps[s.currentStep].pause is None:
+    if s.phase == "Paused" and not _at_manual_gate(spec, s):
         s.phase = "Progressing"
         actions.append(Event("Normal", "Resumed", "spec.paused cleared"))
         _history(s, now, "Resumed", "SpecResumed", "spec.paused cleared")
 
+    # An early resume (no gate waiting) is consumed without effect: it never releases a later gate.
+    resume = ann.get(ANNOTATION_RESUME)
+    if resume and resume != s.handled.resume and not _at_manual_gate(spec, s):
+        s.handled.resume = resume
+        msg = f"resume annotation {ANNOTATION_RESUME}={resume} ignored: no manual gate is waiting"
+        actions.append(Event("Normal", "ResumeIgnored", msg))
+        _history(s, now, "ResumeIgnored", "ResumeIgnored", msg)
+
+    if observations is not None and observations.candidate_ready is False:
+        hold_reasons.append(f"candidate {spec.candidate.service} has no ready endpoints")
+
     # Steps: advance while nothing blocks; at most one weight change per analysis.
+    gate_ok = not hold_reasons and (analysed_here or s.weight == 0)
+    waiting_evidence: list[str] = []
     while True:
         if s.currentStep >= len(spec.steps):
-            blocking = _required_not_passed(spec.analysis.comparisons, s.lastAnalysis)
-            if not gate_ok or blocking:
-                why = "; ".join(
-                    hold_reasons + [f"{b} has not passed yet (requiredToPromote)" for b in blocking]
+            target = 100
+        else:
+            step = spec.steps[s.currentStep]
+            if step.setWeight is None:
+                if step.pause is not None and step.pause.duration is None:
+                    if resume and resume != s.handled.resume:
+                        s.handled.resume = resume
+                        actions.append(
+                            Event("Normal", "Resumed", f"resumed by annotation {ANNOTATION_RESUME}={resume}")
+                        )
+                        _history(
+                            s,
+                            now,
+                            "Resumed",
+                            "ResumeRequested",
+                            f"manual gate at step {s.currentStep} released",
+                        )
+                        s.phase = "Progressing"
+                        _advance(s, now)
+                        continue
+                    if s.phase != "Paused":
+                        actions.append(Event("Normal", "Paused", f"manual gate at step {s.currentStep}"))
+                        _history(
+                            s, now, "Paused", "ManualGate", f"waiting at step {s.currentStep} for a resume"
+                        )
+                    s.phase, s.heldSince = "Paused", None
+                    s.message = (
+                        f"waiting at step {s.currentStep} (weight {s.weight}) for "
+                        f"`kubectl annotate mro ... {ANNOTATION_RESUME}=<token>`"
+                    )
+                    break
+                spec_duration = (
+                    step.pause.duration if step.pause else (step.analysis and step.analysis.duration)
                 )
-                s.message = f"holding before promotion at weight {s.weight}: {why}"
-                break
-            if s.weight != 100:
-                _set_weight(
-                    s, actions, now, 100, "all steps done: full traffic to candidate before promotion"
-                )
-                break
-            return _finish(
-                s,
-                actions,
-                now,
-                generation,
-                "Promoted",
-                100,
-                "AnalysisPassed",
-                "all steps completed with passing analysis",
-                _values(s.lastAnalysis),
-            )
-        step = spec.steps[s.currentStep]
-        if step.setWeight is not None:
+                duration = parse_duration(spec_duration or "0s")
+                elapsed = (now - (s.stepStartedAt or now)).total_seconds()
+                kind = "pause" if step.pause else "analysis"
+                if elapsed < duration:
+                    s.message = (
+                        f"step {s.currentStep}: {kind} at weight {s.weight}, {duration - elapsed:.0f}s left"
+                    )
+                    if hold_reasons:
+                        s.message += f" ({'; '.join(hold_reasons)})"
+                    break
+                if not gate_ok:
+                    why = "; ".join(hold_reasons)
+                    s.message = f"holding at weight {s.weight} after {kind} step {s.currentStep}: {why}"
+                    break
+                _advance(s, now)
+                continue
             target = step.setWeight
-            if s.weight == target:
-                _advance(s, now)
-                continue
-            if s.weight > 0 and not gate_ok:
-                s.message = f"holding at weight {s.weight} (step {s.currentStep}): {'; '.join(hold_reasons)}"
+        if s.weight == target:
+            if s.currentStep >= len(spec.steps):
+                if not gate_ok:
+                    s.message = f"holding at weight 100 before promotion: {'; '.join(hold_reasons)}"
+                    break
+                return _finish(
+                    s, actions, now, generation, "Promoted", 100, "AnalysisPassed",
+                    "all steps completed with passing analysis", _values(s.lastAnalysis),
+                )  # fmt: skip
+            _advance(s, now)
+            continue
+        if s.weight > 0 and not gate_ok:
+            s.message = f"holding at weight {s.weight} (step {s.currentStep}): {'; '.join(hold_reasons)}"
+            break
+        nxt = target
+        if spec.maxWeightStep and abs(target - s.weight) > spec.maxWeightStep:
+            nxt = s.weight + spec.maxWeightStep * (1 if target > s.weight else -1)
+        if nxt == 100:
+            # The promotion gate comes before the final increase: every required comparison must
+            # have shown what its test asks (fail closed), unless the deadline policy says promote.
+            waiting_evidence = _required_not_passed(spec.analysis.comparisons, s)
+            if waiting_evidence and not _deadline_promotes(spec, s, now):
+                s.message = f"holding at weight {s.weight} before full traffic: " + "; ".join(
+                    waiting_evidence
+                )
+                hold_reasons += waiting_evidence
                 break
-            nxt = target
-            if spec.maxWeightStep and abs(target - s.weight) > spec.maxWeightStep:
-                nxt = s.weight + spec.maxWeightStep * (1 if target > s.weight else -1)
-            _set_weight(
-                s,
-                actions,
-                now,
-                nxt,
-                f"step {s.currentStep}: setWeight {target}"
-                + (f" (split by maxWeightStep {spec.maxWeightStep})" if nxt != target else ""),
-            )
-            s.stepWeight = nxt if nxt != target else None
-            if nxt == target:
-                _advance(s, now)
-            gate_ok = False  # the new weight must be analysed before anything else moves
-            hold_reasons = [f"waiting for the first analysis at weight {nxt}"]
-            break
-        if step.pause is not None and step.pause.duration is None:
-            resume = ann.get(ANNOTATION_RESUME)
-            if resume and resume != s.handled.resume:
-                s.handled.resume = resume
-                actions.append(
-                    Event("Normal", "Resumed", f"resumed by annotation {ANNOTATION_RESUME}={resume}")
-                )
-                _history(
-                    s, now, "Resumed", "ResumeRequested", f"manual gate at step {s.currentStep} released"
-                )
-                s.phase = "Progressing"
-                _advance(s, now)
-                continue
-            if s.phase != "Paused":
-                actions.append(Event("Normal", "Paused", f"manual gate at step {s.currentStep}"))
-                _history(s, now, "Paused", "ManualGate", f"waiting at step {s.currentStep} for a resume")
-            s.phase = "Paused"
-            s.message = (
-                f"waiting at step {s.currentStep} (weight {s.weight}) for "
-                f"`kubectl annotate mro ... {ANNOTATION_RESUME}=<token>`"
-            )
-            break
-        duration = parse_duration((step.pause.duration if step.pause else step.analysis.duration) or "0s")  # type: ignore[union-attr]
-        started = s.stepStartedAt or now
-        elapsed = (now - started).total_seconds()
-        kind = "pause" if step.pause else "analysis"
-        if elapsed < duration:
-            s.message = f"step {s.currentStep}: {kind} at weight {s.weight}, {duration - elapsed:.0f}s left"
-            if hold_reasons:
-                s.message += f" ({'; '.join(hold_reasons)})"
-            break
-        if not gate_ok and s.weight > 0:
-            s.message = (
-                f"holding at weight {s.weight} after {kind} step {s.currentStep}: {'; '.join(hold_reasons)}"
-            )
-            break
-        _advance(s, now)
+        where = (
+            f"step {s.currentStep}: setWeight {target}"
+            if s.currentStep < len(spec.steps)
+            else "all steps done"
+        )
+        split = f" (split by maxWeightStep {spec.maxWeightStep})" if nxt != target else ""
+        _set_weight(s, actions, now, nxt, where + split, observations)
+        s.stepWeight = nxt if nxt != target else None
+        if nxt == target and s.currentStep < len(spec.steps):
+            _advance(s, now)
+        break
+
+    # Deadlines: a hold without progress ends by the user's policy.
+    if hold_reasons and s.phase != "Paused":
+        s.heldSince = s.heldSince or now
+        held = (now - s.heldSince).total_seconds()
+        deadline = parse_duration(spec.progressDeadline)
+        if held >= deadline:
+            why = f"held {held:.0f}s (progressDeadline {spec.progressDeadline}): {'; '.join(hold_reasons)}"
+            policy = spec.analysis.onInconclusive if waiting_evidence else spec.onProgressDeadline
+            reason = "Inconclusive" if waiting_evidence else "ProgressDeadlineExceeded"
+            if policy == "rollback":
+                return _finish(s, actions, now, generation, "RolledBack", 0, reason, why)
+            progressing = get_condition(s.conditions, "Progressing")
+            if progressing is None or progressing.reason != reason:
+                actions.append(Event("Warning", reason, why + "; holding"))
+                _history(s, now, reason, reason, why)
+            s.phase = "Paused" if s.phase == "Paused" else "Progressing"
+            _conditions(s, now, generation, progressing_reason=reason, progressing_message=why)
+            return Decision(s, actions)
+    else:
+        s.heldSince = None
 
     s.phase = "Paused" if s.phase == "Paused" else "Progressing"
     _conditions(s, now, generation)
     return Decision(s, actions)
 
 
-def _analyse(spec: ModelRolloutSpec, obs: Observations) -> list[Measurement]:
+def _stable(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> str:
+    return s.stableService or spec.stable.service
+
+
+def _at_manual_gate(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> bool:
+    if s.currentStep >= len(spec.steps):
+        return False
+    st = spec.steps[s.currentStep]
+    return st.pause is not None and st.pause.duration is None
+
+
+def _deadline_promotes(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> bool:
+    if spec.analysis.onInconclusive != "promote" or s.heldSince is None:
+        return False
+    return (now - s.heldSince).total_seconds() >= parse_duration(spec.progressDeadline)
+
+
+def _new_revision(
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    rev: str,
+    now: datetime,
+    generation: int,
+    ann: dict[str, str],
+    actions: list[Event],
+) -> ModelRolloutStatus:
+    first = s.revision is None
+    serving = s.stableService or spec.stable.service
+    keep = (serving, spec.candidate.service)
+    previous = [*s.retiredServices, s.candidateService or ""]
+    retired = [] if first else [svc for svc in previous if svc and svc not in keep]
+    new = ModelRolloutStatus(
+        revision=rev,
+        stableService=serving,
+        candidateService=spec.candidate.service,
+        retiredServices=retired[-4:],
+        observedGeneration=generation,
+        conditions=s.conditions,
+        history=s.history,
+        handled=s.handled,
+    )
+    # Annotations present before this revision started were meant for an earlier one.
+    for key, attr in (
+        (ANNOTATION_PROMOTE, "promote"),
+        (ANNOTATION_ABORT, "abort"),
+        (ANNOTATION_RESUME, "resume"),
+        (ANNOTATION_RETRY, "retry"),
+    ):
+        setattr(new.handled, attr, ann.get(key, getattr(new.handled, attr)))
+    if spec.candidate.service == serving:
+        new.phase, new.weight = "Idle", 0
+        new.message = f"{serving} is serving and is the candidate: nothing to roll out"
+        _history(new, now, "Idle", "NothingToRollOut", new.message)
+        return new
+    _restart(spec, new, now)
+    if first:
+        msg = f"rolling out {_variant(spec.candidate)} over {serving}"
+        reason = "Started"
+    else:
+        msg = (
+            f"candidate changed (revision {s.revision} -> {rev}): rolling out {_variant(spec.candidate)} "
+            f"over the serving {serving}, from weight 0"
+            + (f"; {', '.join(retired)} set to 0" if retired else "")
+        )
+        reason = "NewRevision"
+    new.message = msg
+    actions.append(Event("Normal", reason, msg))
+    _history(new, now, reason, reason, msg)
+    return new
+
+
+def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> None:
+    """Steps from the start at weight 0, with fresh evidence."""
+    s.phase = "Progressing"
+    s.weight = 0
+    s.currentStep = 0
+    s.stepWeight = None
+    s.revisionStartedAt = s.stepStartedAt = s.epochStartedAt = now
+    s.epochs = {}
+    s.heldSince = None
+    s.guardrailFailures = {}
+    s.consecutiveErrors = 0
+    s.lastAnalysis = []
+    s.lastAnalysisTime = None
+    s.stepsHash = steps_hash(spec)
+
+
+def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -> list[Measurement]:
+    """Guardrails on the candidate; comparisons stratified by epoch (closed epochs + the current one).
+
+    At weight 100 the stable arm gets no traffic, so comparisons are not measured: their last
+    measurement is carried (marked ``carried``) and does not gate anything.
+    """
     out = [
         evaluate(g, obs.guardrails.get(g.name, Result("error", message="not measured")), "candidate")
         for g in spec.analysis.guardrails
     ]
     m = len(spec.analysis.comparisons)
+    if not measure_comparisons(s):
+        prev = {x.name: x for x in s.lastAnalysis if x.kind == "comparison"}
+        carried = [
+            prev[c.name].model_copy(update={"carried": True})
+            for c in spec.analysis.comparisons
+            if c.name in prev
+        ]
+        return out + carried
     for c in spec.analysis.comparisons:
-        out.append(_compare(c, obs.comparisons.get(c.name), spec.analysis.alpha / max(m, 1)))
+        out.append(
+            _compare(
+                c, obs.comparisons.get(c.name), s.epochs.get(c.name, []), spec.analysis.alpha / max(m, 1)
+            )
+        )
     return out
 
 
-def _compare(c: Comparison, data: ComparisonData | None, alpha: float) -> Measurement:
+def _to_data(c: Comparison, arm: ArmCounts) -> stats.ProportionData | stats.MeanData:
+    if c.type == "proportion":
+        return stats.ProportionData(min(arm.total, arm.n), arm.n)
+    return stats.MeanData(arm.n, arm.total, arm.squares) if arm.n > 0 else stats.MeanData(0.0, 0.0, 0.0)
+
+
+def _to_arm(d: stats.ProportionData | stats.MeanData) -> ArmCounts:
+    if isinstance(d, stats.ProportionData):
+        return ArmCounts(n=d.trials, total=d.successes)
+    return ArmCounts(n=d.count, total=d.total, squares=d.sum_squares)
+
+
+def _compare(
+    c: Comparison, data: ComparisonData | None, closed: list[EpochCounts], alpha: float
+) -> Measurement:
     if data is None or data.problem is not None or data.stable is None or data.candidate is None:
         problem = data.problem if data and data.problem else Result("error", message="not measured")
         verdict = "error" if problem.outcome == "error" else "noData"
@@ -361,25 +588,25 @@ def _compare(c: Comparison, data: ComparisonData | None, alpha: float) -> Measur
             verdict=verdict,
             message=f"{c.name}: {problem.message or problem.outcome}",
         )
+    if type(data.stable) is not type(data.candidate) or (
+        isinstance(data.stable, stats.ProportionData) != (c.type == "proportion")
+    ):
+        return Measurement(
+            name=c.name, kind="comparison", outcome="error", verdict="error",
+            message=f"{c.name}: stable and candidate data differ in type",
+        )  # fmt: skip
+    strata = [(_to_data(c, e.stable), _to_data(c, e.candidate)) for e in closed]
+    strata.append((data.stable, data.candidate))
     kwargs = {
         "alpha": alpha,
-        "method": "sequential",
         "better": c.better,
         "test": "nonInferiority" if c.test == "nonInferiority" else "superiority",
         "margin": c.margin,
     }
-    if isinstance(data.stable, stats.ProportionData) and isinstance(data.candidate, stats.ProportionData):
-        r = stats.compare_proportions(data.stable, data.candidate, **kwargs)  # type: ignore[arg-type]
-    elif isinstance(data.stable, stats.MeanData) and isinstance(data.candidate, stats.MeanData):
-        r = stats.compare_means(data.stable, data.candidate, **kwargs)  # type: ignore[arg-type]
+    if c.type == "proportion":
+        r = stats.compare_proportions_stratified(strata, **kwargs)  # type: ignore[arg-type,attr-defined,unused-ignore]
     else:
-        return Measurement(
-            name=c.name,
-            kind="comparison",
-            outcome="error",
-            verdict="error",
-            message=f"{c.name}: stable and candidate data differ in type",
-        )
+        r = stats.compare_means_stratified(strata, **kwargs)  # type: ignore[arg-type,attr-defined,unused-ignore]
     details = {
         "stable": r.control_estimate,
         "candidate": r.treatment_estimate,
@@ -390,7 +617,11 @@ def _compare(c: Comparison, data: ComparisonData | None, alpha: float) -> Measur
         "ciHigh": r.ci_high,
         "pValue": r.p_value,
         "alpha": alpha,
+        "epochs": float(len(strata)),
     }
+    more = getattr(r, "more_samples_needed", None)
+    if more is not None:
+        details["moreSamplesNeeded"] = float(more)
     # Status is JSON: an unbounded interval end (no data yet for a mean) is left out, not written as inf.
     details = {k: v for k, v in details.items() if math.isfinite(v)}
     return Measurement(
@@ -399,16 +630,28 @@ def _compare(c: Comparison, data: ComparisonData | None, alpha: float) -> Measur
         variant="candidate",
         outcome="value",
         value=r.difference if math.isfinite(r.difference) else None,
-        threshold=f"{c.test} margin {c.margin:g}, alpha {alpha:.4g}",
+        threshold=f"{c.test} margin {c.margin:g}, alpha {alpha:.4g}" + (", advisory" if c.advisory else ""),
         verdict=r.verdict,
         message=f"{c.name}: {r.reason}",
         details=details,
     )
 
 
-def _required_not_passed(comparisons: list[Comparison], last: list[Measurement]) -> list[str]:
-    verdicts = {m.name: m.verdict for m in last if m.kind == "comparison"}
-    return [c.name for c in comparisons if c.requiredToPromote and verdicts.get(c.name) != "pass"]
+def _required_not_passed(comparisons: list[Comparison], s: ModelRolloutStatus) -> list[str]:
+    """Required (non-advisory) comparisons that have not shown what their test asks, with why."""
+    last = {m.name: m for m in s.lastAnalysis if m.kind == "comparison"}
+    out = []
+    for c in comparisons:
+        if c.advisory:
+            continue
+        m = last.get(c.name)
+        if m is None:
+            out.append(f"comparison {c.name} has no measurement yet")
+        elif m.verdict != "pass":
+            more = (m.details or {}).get("moreSamplesNeeded")
+            need = f"; about {more:,.0f} more samples needed at the current rate of evidence" if more else ""
+            out.append(f"comparison {c.name} has not passed its {c.test} test ({m.verdict}){need}")
+    return out
 
 
 def _values(results: list[Measurement]) -> dict[str, float]:
@@ -427,17 +670,39 @@ def _advance(s: ModelRolloutStatus, now: datetime) -> None:
     s.stepWeight = None
 
 
-def _set_weight(s: ModelRolloutStatus, actions: list[Action], now: datetime, weight: int, why: str) -> None:
+def close_epoch(s: ModelRolloutStatus, observations: Observations | None, now: datetime) -> None:
+    """A weight change ends the epoch: its counts join the closed ones, and a new epoch starts now."""
+    if observations is not None and 0 < s.weight < 100:
+        for name, d in observations.comparisons.items():
+            if d.problem is None and d.stable is not None and d.candidate is not None:
+                epochs = s.epochs.setdefault(name, [])
+                epochs.append(
+                    EpochCounts(weight=s.weight, stable=_to_arm(d.stable), candidate=_to_arm(d.candidate))
+                )
+                del epochs[:-EPOCH_LIMIT]
+    s.epochStartedAt = now
+
+
+def _set_weight(
+    s: ModelRolloutStatus,
+    actions: list[Event],
+    now: datetime,
+    weight: int,
+    why: str,
+    observations: Observations | None,
+) -> None:
     msg = f"weight {s.weight} -> {weight}: {why}"
+    close_epoch(s, observations, now)
     s.weight = weight
     s.message = msg
-    actions += [SetWeight(weight), Event("Normal", "WeightChanged", msg)]
+    s.heldSince = None
+    actions.append(Event("Normal", "WeightChanged", msg))
     _history(s, now, "WeightChanged", "StepAdvanced", msg)
 
 
 def _finish(
     s: ModelRolloutStatus,
-    actions: list[Action],
+    actions: list[Event],
     now: datetime,
     generation: int,
     phase: str,
@@ -449,8 +714,13 @@ def _finish(
     s.phase = phase  # type: ignore[assignment]
     s.weight = weight
     s.stepWeight = None
+    s.heldSince = None
     s.message = message
-    actions += [SetWeight(weight), Event("Warning" if phase != "Promoted" else "Normal", phase, message)]
+    if phase == "Promoted":
+        s.stableService = s.candidateService
+    if reason in ("ProgressDeadlineExceeded", "Inconclusive", "ErrorLimitReached"):
+        actions.append(Event("Warning", reason, message))
+    actions.append(Event("Warning" if phase != "Promoted" else "Normal", phase, message))
     _history(s, now, phase, reason, message, values)
     _conditions(s, now, generation, reason)
     return Decision(s, actions)
@@ -467,11 +737,31 @@ def _history(
     status_.record(s, now, event, reason, message, values, weight=s.weight, step=s.currentStep)
 
 
-def _conditions(s: ModelRolloutStatus, now: datetime, generation: int, reason: str | None = None) -> None:
+def _conditions(
+    s: ModelRolloutStatus,
+    now: datetime,
+    generation: int,
+    reason: str | None = None,
+    *,
+    progressing_reason: str | None = None,
+    progressing_message: str | None = None,
+) -> None:
+    """Completed: finished either way. Promoted: True only on success, so `kubectl wait` can tell."""
     c: list[Condition] = s.conditions
     done = s.phase in TERMINAL_PHASES
-    c = set_condition(c, "Progressing", "False" if done else "True", s.phase, s.message, now, generation)
+    if progressing_reason:
+        c = set_condition(
+            c, "Progressing", "False", progressing_reason, progressing_message or "", now, generation
+        )
+    else:
+        c = set_condition(c, "Progressing", "False" if done else "True", s.phase, s.message, now, generation)
     c = set_condition(c, "Completed", "True" if done else "False", s.phase, s.message, now, generation)
+    if s.phase == "Promoted":
+        c = set_condition(c, "Promoted", "True", reason or "Promoted", s.message, now, generation)
+    elif s.phase in ("RolledBack", "Aborted"):
+        c = set_condition(c, "Promoted", "False", reason or s.phase, s.message, now, generation)
+    elif s.phase != "Idle":
+        c = set_condition(c, "Promoted", "False", "InProgress", "not promoted yet", now, generation)
     if s.phase == "RolledBack":
         c = set_condition(c, "Healthy", "False", reason or "RolledBack", s.message, now, generation)
     s.conditions = c

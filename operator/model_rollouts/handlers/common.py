@@ -12,11 +12,12 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
+import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from model_rollouts import telemetry
+from model_rollouts import leader, telemetry
 from model_rollouts.api.common import (
     GROUP,
     VERSION,
@@ -26,6 +27,7 @@ from model_rollouts.api.common import (
     TrafficRouting,
     dump,
     parse_duration,
+    set_condition,
 )
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
@@ -35,6 +37,8 @@ from model_rollouts.metrics.provider import MetricProvider, Result, TemplateErro
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
 from model_rollouts.traffic.router import RouterError, TrafficRouter
 
+#: Seconds any single Kubernetes API call may take.
+REQUEST_TIMEOUT = 10
 _api: client.ApiClient | None = None
 _lock = threading.Lock()
 
@@ -60,7 +64,7 @@ def get_object(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         obj = cast(
             dict[str, Any],
             client.CustomObjectsApi(api()).get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name
+                GROUP, VERSION, namespace, plural, name, _request_timeout=REQUEST_TIMEOUT
             ),
         )
         return obj
@@ -87,7 +91,13 @@ def write_status(plural: str, obj: dict[str, Any], status: dict[str, Any]) -> bo
     }
     try:
         client.CustomObjectsApi(api()).replace_namespaced_custom_object_status(
-            GROUP, VERSION, obj["metadata"]["namespace"], plural, obj["metadata"]["name"], body
+            GROUP,
+            VERSION,
+            obj["metadata"]["namespace"],
+            plural,
+            obj["metadata"]["name"],
+            body,
+            _request_timeout=REQUEST_TIMEOUT,
         )
     except ApiException as e:
         if e.status in (404, 409):
@@ -121,8 +131,10 @@ def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) 
         reporting_component="model-rollouts",
         reporting_instance="model-rollouts",
     )
-    with contextlib.suppress(ApiException):  # Events are best effort; status holds the record.
-        client.CoreV1Api(api()).create_namespaced_event(meta["namespace"], ev)
+    with contextlib.suppress(Exception):  # Events are best effort; status holds the record.
+        client.CoreV1Api(api()).create_namespaced_event(
+            meta["namespace"], ev, _request_timeout=REQUEST_TIMEOUT
+        )
 
 
 def make_router(routing: TrafficRouting, namespace: str) -> TrafficRouter:
@@ -142,7 +154,9 @@ def make_provider(cfg: PrometheusConfig, namespace: str) -> PrometheusProvider:
     if cfg.bearerTokenSecret is not None:
         ref = cfg.bearerTokenSecret
         try:
-            secret = client.CoreV1Api(api()).read_namespaced_secret(ref.name, namespace)
+            secret = client.CoreV1Api(api()).read_namespaced_secret(
+                ref.name, namespace, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as e:
             raise RouterError(
                 "spec.analysis.prometheus.bearerTokenSecret",
@@ -186,8 +200,8 @@ def read_counts(
     nums: list[float] = []
     for f in METRIC_FIELDS[metric.type]:
         r = provider.query(render(getattr(metric, f), values))
-        if r.outcome == "noData":  # a counter that never moved reads as zero events
-            r = Result("value", 0.0)
+        # No data is not zero: a query that matches no series (a typo, a counter that does not
+        # exist yet) is a measurement problem that holds, never "zero events".
         if not r.ok or r.value is None:
             return None, Result(r.outcome, message=f"{f}: {r.message or r.outcome}")
         nums.append(max(0.0, r.value))
@@ -213,14 +227,37 @@ def validation_message(err: ValidationError) -> str:
 SpecT = TypeVar("SpecT", bound=ResourceSpec)
 StatusT = TypeVar("StatusT", bound=ResourceStatus)
 
+#: Seconds between re-checks of an object whose spec is invalid (an edit re-checks at once).
+INVALID_RECHECK = 15.0
+#: Longest backoff between attempts to apply a decision that failed.
+MAX_BACKOFF = 300.0
+
+
+def backoff(errors: int) -> float:
+    return min(MAX_BACKOFF, 2.0 ** max(0, errors - 1))
+
+
+def safe_error(e: BaseException) -> str:
+    """A fixed, sanitised description of an exception: never a response body or a header."""
+    if isinstance(e, ApiException):
+        return f"Kubernetes API answered HTTP {e.status} {str(e.reason or '')[:60]}".strip()
+    if isinstance(e, RouterError):
+        return str(e)[:300]
+    return type(e).__name__
+
 
 class Controller(Generic[SpecT, StatusT]):
     """Per-object loop shared by the resource handlers; subclasses supply the kind-specific hooks.
 
-    Kopf calls :func:`wake` every half second with the object as its watch last saw it; only when
-    a tick is due (the analysis interval passed, or the generation or an action annotation changed)
-    is the object read fresh and a tick (measure, decide, apply) run. All decision state lives in
-    the object's status, so this holds only timing.
+    Kopf calls :func:`wake` every half second for objects that are not finished. Pacing lives in
+    the object's status: a tick is due when the engine's ``next_due`` (one interval after
+    ``status.lastAnalysisTime``) has passed, after a failed write's backoff, or when the generation
+    or an action annotation changed. Nothing in memory decides when to measure or advance: a
+    restart, retry, conflict or second replica never adds an analysis. The only memory here is a
+    hint that saves API reads between due times.
+
+    Write order: the route first, read back and verified; then status; then Events. A failed or
+    unverified route write keeps the old status, adds ``ReconcileError`` and backs off.
     """
 
     kind = ""
@@ -228,32 +265,15 @@ class Controller(Generic[SpecT, StatusT]):
     phases: tuple[str, ...] = ()
     terminal: tuple[str, ...] = ()
     annotations: tuple[str, ...] = ()
+    spec_model: type[SpecT]
+    status_model: type[StatusT]
 
     def __init__(self, namespace: str, name: str) -> None:
         self.namespace, self.name = namespace, name
         self.logger = logging.getLogger(f"model_rollouts.{self.kind.lower()}")
         self._last_key: tuple[Any, ...] | None = None
-        self._last_tick = 0.0
-
-    def due(self, obj: Mapping[str, Any]) -> bool:
-        meta = obj["metadata"]
-        key = (
-            meta.get("generation"),
-            tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
-        )
-        if key != self._last_key:
-            self._last_key = key
-            return True
-        try:
-            interval = parse_duration(obj["spec"]["analysis"]["interval"])
-        except (KeyError, TypeError, ValueError):
-            interval = 30.0
-        if (obj.get("status") or {}).get("phase") in self.terminal:
-            interval = max(interval, 60.0)  # only re-assert weights
-        return time.monotonic() - self._last_tick >= interval
-
-    spec_model: type[SpecT]
-    status_model: type[StatusT]
+        self._not_before = 0.0
+        self._invalid_checked = 0.0
 
     # -- hooks --------------------------------------------------------------------------------------
     def problem(self, spec: SpecT) -> str | None:
@@ -264,9 +284,14 @@ class Controller(Generic[SpecT, StatusT]):
         """(field, PromQL template) pairs to check for unknown placeholders."""
         raise NotImplementedError
 
-    def services(self, spec: SpecT) -> list[str]:
+    def services(self, spec: SpecT, status: StatusT) -> list[str]:
         """The Services the router must be able to weight."""
         raise NotImplementedError
+
+    def route(self, spec: SpecT) -> tuple[str, int] | None:
+        """(HTTPRoute name, rule index) this object manages, for the one-owner check."""
+        gw = spec.trafficRouting.gatewayAPI
+        return (gw.httpRoute, gw.ruleIndex) if gw is not None else None
 
     def decide(
         self,
@@ -277,12 +302,93 @@ class Controller(Generic[SpecT, StatusT]):
         generation: int,
         annotations: dict[str, str],
     ) -> tuple[StatusT, list[object]]:
-        """Measure if the engine needs it, then ask the engine: the new status and its actions."""
+        """Measure if the engine says an analysis is due, then ask the engine."""
         raise NotImplementedError
 
     def weights(self, spec: SpecT, status: StatusT) -> tuple[dict[str, int], dict[str, int]] | None:
-        """(weights per Service, the same per variant label) that the route must show, or None."""
+        """(weights per Service, the same per variant label) that the route must carry, or None."""
         raise NotImplementedError
+
+    def next_due(self, spec: SpecT, status: StatusT) -> dt.datetime | None:
+        """When the engine next wants a tick (from status); None: not until the object changes."""
+        raise NotImplementedError
+
+    def guard_weights(self, spec: SpecT, status: StatusT) -> dict[str, int] | None:
+        """After RolledBack/Aborted: weights a slow guard re-asserts if the route drifts."""
+        return None
+
+    def deletion_weights(self, spec: SpecT, status: StatusT) -> dict[str, int] | None:
+        """What the route gets when the object is deleted; None leaves it alone."""
+        return None
+
+    @staticmethod
+    def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
+        """The object needs the fast timer (finished objects do not)."""
+        raise NotImplementedError
+
+    # -- pacing -------------------------------------------------------------------------------------
+    def _status(self, obj: Mapping[str, Any]) -> StatusT:
+        return self.status_model.model_validate(
+            {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
+        )
+
+    def due_at(self, obj: Mapping[str, Any]) -> dt.datetime | None:
+        """When this object next needs a tick, read from its status alone."""
+        status = self._status(obj)
+        if status.phase == "Invalid":
+            return None  # re-checked on edits and every INVALID_RECHECK seconds
+        try:
+            spec = self.spec_model.model_validate(obj["spec"])
+        except ValidationError:
+            return None
+        due = self.next_due(spec, status)
+        if status.reconcileErrors and status.lastReconcileErrorTime is not None:
+            retry = status.lastReconcileErrorTime + dt.timedelta(seconds=backoff(status.reconcileErrors))
+            due = retry if due is None else max(due, retry)
+        return due
+
+    def _key(self, obj: Mapping[str, Any]) -> tuple[Any, ...]:
+        meta = obj["metadata"]
+        return (
+            meta.get("generation"),
+            tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
+        )
+
+    def wake(self, seen: Mapping[str, Any]) -> None:
+        if not leader.ELECTOR.is_leader() or seen["metadata"].get("deletionTimestamp"):
+            return
+        meta = seen["metadata"]
+        key = (
+            meta.get("generation"),
+            tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
+        )
+        changed = key != self._last_key
+        if not changed and time.monotonic() < self._not_before:
+            return
+        try:
+            obj = get_object(self.plural, self.namespace, self.name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return
+            self._last_key = self._key(obj)
+            if not changed:
+                due = self.due_at(obj)
+                if (obj.get("status") or {}).get("phase") == "Invalid":
+                    wait = INVALID_RECHECK - (time.monotonic() - self._invalid_checked)
+                else:
+                    wait = INVALID_RECHECK if due is None else (due - now()).total_seconds()
+                if wait > 0:
+                    self._not_before = time.monotonic() + min(wait, 5.0)
+                    return
+            self._invalid_checked = time.monotonic()
+            self.tick(obj)
+            self._not_before = time.monotonic() + 0.4
+        except Exception as e:
+            self.logger.exception("%s/%s: tick failed", self.namespace, self.name)
+            self._not_before = time.monotonic() + 5.0
+            with contextlib.suppress(Exception):
+                obj = get_object(self.plural, self.namespace, self.name)
+                if obj is not None:
+                    self.reconcile_error(obj, self._status(obj), "ReconcileFailed", safe_error(e))
 
     # -- the tick -----------------------------------------------------------------------------------
     def tick(self, obj: dict[str, Any]) -> None:
@@ -290,74 +396,210 @@ class Controller(Generic[SpecT, StatusT]):
         t0 = time.monotonic()
         meta = obj["metadata"]
         generation = int(meta.get("generation") or 0)
-        status = self.status_model.model_validate(
-            {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
-        )
+        annotations = dict(meta.get("annotations") or {})
+        status = self._status(obj)
+        if status.phase in self.terminal and not self.active(
+            obj.get("spec") or {}, obj.get("status") or {}, annotations
+        ):
+            return  # finished: nothing is re-validated, nothing can move traffic
         now_ = now()
         try:
             spec = self.spec_model.model_validate(obj["spec"])
         except ValidationError as e:
-            return self.apply(obj, *invalid_status(status, validation_message(e), now_, generation))
+            return self.write(obj, status, *invalid_status(status, validation_message(e), now_, generation))
         problem = self.problem(spec)
         if problem:
-            return self.apply(obj, *invalid_status(status, problem, now_, generation))
+            return self.write(obj, status, *invalid_status(status, problem, now_, generation))
         try:
             check_queries(self.queries(spec))
+            if status.phase in ("Pending", "Invalid") or status.observedGeneration != generation:
+                self.check_owner(obj, spec)
             router = make_router(spec.trafficRouting, self.namespace)
-            router.check(self.services(spec))
+            router.check(self.services(spec, status))
             provider = make_provider(spec.analysis.prometheus, self.namespace)
         except RouterError as e:
-            return self.apply(obj, *invalid_status(status, str(e), now_, generation))
-        new, actions = self.decide(spec, status, provider, now_, generation, meta.get("annotations") or {})
-        route = self.weights(spec, new)
-        self.apply(obj, new, actions, router, *(route or (None, None)))
+            return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
+        new, actions = self.decide(spec, status, provider, now_, generation, annotations)
+        finished_before = status.phase in self.terminal
+        route = None if finished_before and new.phase in self.terminal else self.weights(spec, new)
+        if route is not None:
+            desired, labels = route
+            try:
+                carried = router.set_weights(desired)
+            except Exception as e:
+                return self.reconcile_error(obj, status, "RouteWriteFailed", safe_error(e))
+            wrong = {k: carried.get(k) for k, v in desired.items() if carried.get(k) != v}
+            if wrong:
+                return self.reconcile_error(
+                    obj, status, "RouteNotVerified", f"route carries {wrong} after the write, not {desired}"
+                )
+            for label, w in labels.items():
+                telemetry.WEIGHT.labels(self.kind, self.namespace, self.name, label).set(w)
+        if new.reconcileErrors:
+            new.reconcileErrors, new.lastReconcileErrorTime = 0, None
+            new.conditions = set_condition(
+                new.conditions,
+                "ReconcileError",
+                "False",
+                "Applied",
+                "the last decision was applied",
+                now_,
+                generation,
+            )
+        self.write(obj, status, new, actions)
         telemetry.ANALYSIS_SECONDS.labels(self.kind).observe(time.monotonic() - t0)
+
+    def check_owner(self, obj: Mapping[str, Any], spec: SpecT) -> None:
+        """One route, one owner: another active object managing the same route rule wins if older."""
+        mine = self.route(spec)
+        if mine is None:
+            return
+        me = obj["metadata"]
+        my_key = (str(me.get("creationTimestamp") or ""), self.kind, self.name)
+        for plural, kind in (("modelrollouts", "ModelRollout"), ("modelexperiments", "ModelExperiment")):
+            listing = client.CustomObjectsApi(api()).list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, plural, _request_timeout=REQUEST_TIMEOUT
+            )
+            items = cast(dict[str, Any], listing)["items"]
+            for other in items:
+                om = other["metadata"]
+                if om.get("uid") == me.get("uid") or om.get("deletionTimestamp"):
+                    continue
+                phase = (other.get("status") or {}).get("phase")
+                if phase in ("Promoted", "RolledBack", "Aborted", "Concluded", "Idle", "Invalid"):
+                    continue
+                gw = ((other.get("spec") or {}).get("trafficRouting") or {}).get("gatewayAPI") or {}
+                if (gw.get("httpRoute"), int(gw.get("ruleIndex") or 0)) != mine:
+                    continue
+                if (str(om.get("creationTimestamp") or ""), kind, om["name"]) < my_key:
+                    raise RouterError(
+                        "spec.trafficRouting.gatewayAPI.httpRoute",
+                        f"HTTPRoute {mine[0]} rule {mine[1]} is already managed by {kind} "
+                        f"{self.namespace}/{om['name']}; one route has one owner",
+                    )
 
     def count_errors(self, results: Iterable[Result]) -> None:
         errors = sum(1 for r in results if r.outcome == "error")
         if errors:
             telemetry.MEASUREMENT_ERRORS.labels(self.kind, self.namespace, self.name).inc(errors)
 
-    def wake(self, seen: Mapping[str, Any]) -> None:
-        try:
-            if seen["metadata"].get("deletionTimestamp") or not self.due(seen):
-                return
-            obj = get_object(self.plural, self.namespace, self.name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return
-            self._last_tick = time.monotonic()
-            self.tick(obj)
-        except Exception:
-            self.logger.exception("%s/%s: tick failed; retrying", self.namespace, self.name)
-            self._last_key = None
+    def reconcile_error(self, obj: dict[str, Any], status: ResourceStatus, reason: str, message: str) -> None:
+        """Hold: keep the old status (so nothing advances), record the failure and back off."""
+        s = status.model_copy(deep=True)
+        s.reconcileErrors += 1
+        s.lastReconcileErrorTime = now()
+        wait = backoff(s.reconcileErrors)
+        msg = f"attempt {s.reconcileErrors}: {message}; holding, next attempt in {wait:.0f}s or later"
+        s.conditions = set_condition(
+            s.conditions,
+            "ReconcileError",
+            "True",
+            reason,
+            msg,
+            s.lastReconcileErrorTime,
+            s.observedGeneration,
+        )
+        telemetry.RECONCILE_ERRORS.labels(self.kind, self.namespace, self.name, reason).inc()
+        self.logger.warning("%s/%s %s: %s", self.namespace, self.name, reason, msg)
+        self._not_before = time.monotonic() + wait
+        if write_status(self.plural, obj, dump(s)):
+            post_event(obj, "Warning", reason, msg)
 
-    def apply(
-        self,
-        obj: dict[str, Any],
-        status: ResourceStatus,
-        actions: Iterable[object],
-        router: TrafficRouter | None = None,
-        weights: dict[str, int] | None = None,
-        labels: dict[str, int] | None = None,
+    def write(
+        self, obj: dict[str, Any], old: ResourceStatus, status: ResourceStatus, actions: Iterable[object]
     ) -> None:
-        """Status first (the record), then make the route match it, then Events.
-
-        ``weights`` are per Service for the router; ``labels`` the same weights per variant label for
-        the operator's own metrics. A conflict on the status write skips the rest: the next wake-up
-        reads the object again and decides afresh.
-        """
-        if not write_status(self.plural, obj, dump(status)):
-            self._last_key = None
+        """Status (the record; skipped when nothing changed), then Events and metrics."""
+        if dump(status) != dump(old) and not write_status(self.plural, obj, dump(status)):
+            self._not_before = 0.0  # conflict: read again and decide afresh at the next wake-up
             return
-        if router is not None and weights is not None:
-            router.set_weights(weights)  # patches only weights that differ
-            for label, w in (labels or {}).items():
-                telemetry.WEIGHT.labels(self.kind, self.namespace, self.name, label).set(w)
         for e in actions:
             if not isinstance(e, Event):
                 continue
             post_event(obj, e.type, e.reason, e.message)
             telemetry.DECISIONS.labels(self.kind, self.namespace, self.name, e.reason).inc()
+            if e.reason in telemetry.LIMIT_REASONS:
+                telemetry.LIMITS.labels(self.kind, self.namespace, self.name, e.reason).inc()
             log = self.logger.warning if e.type == "Warning" else self.logger.info
-            log("%s/%s %s: %s", self.namespace, self.name, e.reason, e.message)
+            log(
+                "%s/%s %s: %s",
+                self.namespace,
+                self.name,
+                e.reason,
+                e.message,
+                extra={
+                    "namespace": self.namespace,
+                    "object": self.name,
+                    "kind": self.kind,
+                    "phase": status.phase,
+                    "revision": getattr(status, "revision", None),
+                    "weight": getattr(status, "weight", None),
+                    "decision": e.reason,
+                },
+            )
         telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
+
+    # -- after the end ------------------------------------------------------------------------------
+    def guard(self, obj: Mapping[str, Any]) -> None:
+        """Slow timer for RolledBack/Aborted objects: a rolled-back candidate gets no traffic again."""
+        if not leader.ELECTOR.is_leader():
+            return
+        try:
+            spec = self.spec_model.model_validate(obj["spec"])
+            status = self._status(obj)
+            want = self.guard_weights(spec, status)
+            if not want:
+                return
+            router = make_router(spec.trafficRouting, self.namespace)
+            current = router.get_weights()
+            drift = {k: current[k] for k, v in want.items() if v == 0 and current.get(k, 0) > 0}
+            if not drift:
+                return
+            router.set_weights({k: v for k, v in want.items() if k in current})
+            msg = f"route gave traffic to {drift} after {status.phase}; set back to {want}"
+            post_event(dict(obj), "Warning", "RouteRestored", msg)
+            self.logger.warning("%s/%s RouteRestored: %s", self.namespace, self.name, msg)
+        except (RouterError, ApiException, ValidationError) as e:
+            self.logger.info("%s/%s guard: %s", self.namespace, self.name, safe_error(e))
+
+    def delete(self, spec_body: Mapping[str, Any], status_body: Mapping[str, Any], retry: int) -> None:
+        """Finalizer: move traffic only if the engine says so; a persistent failure ends bounded."""
+        if not leader.ELECTOR.is_leader():
+            raise kopf.TemporaryError("not the leader; the leader handles the deletion", delay=5)
+        telemetry.forget(self.kind, self.namespace, self.name, self.phases, [])
+        try:
+            spec = self.spec_model.model_validate(dict(spec_body))
+            status = self.status_model.model_validate(
+                {k: v for k, v in dict(status_body).items() if k != "kopf"}
+            )
+        except ValidationError:
+            self.logger.warning(
+                "%s/%s deleted with an invalid spec: route left alone", self.namespace, self.name
+            )
+            return
+        want = self.deletion_weights(spec, status)
+        if not want:
+            self.logger.info(
+                "%s/%s deleted after %s: route left alone", self.namespace, self.name, status.phase
+            )
+            return
+        try:
+            router = make_router(spec.trafficRouting, self.namespace)
+            current = router.get_weights()
+            router.set_weights({k: v for k, v in want.items() if k in current})
+            self.logger.info(
+                "%s/%s deleted while %s: route set to %s", self.namespace, self.name, status.phase, want
+            )
+        except (RouterError, ApiException) as e:
+            if retry < DELETE_RETRIES:
+                raise kopf.TemporaryError(
+                    f"restoring the route failed: {safe_error(e)}", delay=2 + 2 * retry
+                ) from e
+            msg = f"gave up restoring the route after {retry + 1} attempts ({safe_error(e)}); deleting anyway"
+            self.logger.warning("%s/%s %s", self.namespace, self.name, msg)
+            post_event({"apiVersion": f"{GROUP}/{VERSION}", "kind": self.kind,
+                        "metadata": {"name": self.name, "namespace": self.namespace}},
+                       "Warning", "RouteRestoreFailed", msg)  # fmt: skip
+
+
+#: Attempts to restore a route on deletion before the finalizer is released anyway.
+DELETE_RETRIES = 4

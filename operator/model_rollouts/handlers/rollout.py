@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
+from kubernetes import client
 
-from model_rollouts import telemetry
 from model_rollouts.api.common import GROUP, VERSION, format_duration
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
     ANNOTATION_RESUME,
+    ANNOTATION_RETRY,
     PLURAL,
     TERMINAL_PHASES,
     Comparison,
@@ -25,12 +26,13 @@ from model_rollouts.api.rollout import (
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, render
-from model_rollouts.traffic.router import RouterError
 
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
-PHASES = ("Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid")
-ANNOTATIONS = (ANNOTATION_PROMOTE, ANNOTATION_ABORT, ANNOTATION_RESUME)
+PHASES = ("Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid", "Idle")
+ANNOTATIONS = (ANNOTATION_PROMOTE, ANNOTATION_ABORT, ANNOTATION_RESUME, ANNOTATION_RETRY)
+#: Seconds between checks that a rolled-back candidate still gets no traffic.
+GUARD_INTERVAL = 30.0
 
 
 def _placeholders(v: VariantRef, role: str, namespace: str, window: str) -> dict[str, str]:
@@ -59,23 +61,47 @@ def _queries(spec: ModelRolloutSpec) -> list[tuple[str, str | None]]:
 def measure(
     spec: ModelRolloutSpec, status: ModelRolloutStatus, provider: MetricProvider, namespace: str
 ) -> engine.Observations:
+    """Guardrails on the candidate over ``analysis.window``; comparisons within the current epoch."""
     window = spec.analysis.window
+    stable = status.stableService or spec.stable.service
+    stable_ref = spec.stable if stable == spec.stable.service else VariantRef(service=stable)
     cand = _placeholders(spec.candidate, "candidate", namespace, window)
     guardrails = {g.name: provider.query(render(g.query, cand)) for g in spec.analysis.guardrails}
     comparisons: dict[str, engine.ComparisonData] = {}
-    if spec.analysis.comparisons:
-        started = status.revisionStartedAt or common.now()
+    if spec.analysis.comparisons and engine.measure_comparisons(status):
+        started = status.epochStartedAt or status.revisionStartedAt or common.now()
         since = format_duration((common.now() - started).total_seconds())
         for c in spec.analysis.comparisons:
             comparisons[c.name] = _comparison_data(
                 c,
                 provider,
                 {
-                    "stable": _placeholders(spec.stable, "stable", namespace, since),
+                    "stable": _placeholders(stable_ref, "stable", namespace, since),
                     "candidate": _placeholders(spec.candidate, "candidate", namespace, since),
                 },
             )
-    return engine.Observations(guardrails=guardrails, comparisons=comparisons)
+    return engine.Observations(
+        guardrails=guardrails, comparisons=comparisons, candidate_ready=candidate_ready(spec, namespace)
+    )
+
+
+def candidate_ready(spec: ModelRolloutSpec, namespace: str) -> bool | None:
+    """False when the candidate Service has EndpointSlices and none has a ready endpoint; None if unknown."""
+    try:
+        slices = client.DiscoveryV1Api(common.api()).list_namespaced_endpoint_slice(
+            namespace,
+            label_selector=f"kubernetes.io/service-name={spec.candidate.service}",
+            _request_timeout=common.REQUEST_TIMEOUT,
+        )
+    except Exception:
+        return None
+    if not slices.items:
+        return None
+    return any(
+        (ep.conditions is None or ep.conditions.ready is not False)
+        for sl in slices.items
+        for ep in (sl.endpoints or [])
+    )
 
 
 def _comparison_data(
@@ -98,8 +124,11 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
     def queries(self, spec: ModelRolloutSpec) -> list[tuple[str, str | None]]:
         return _queries(spec)
 
-    def services(self, spec: ModelRolloutSpec) -> list[str]:
-        return [spec.stable.service, spec.candidate.service]
+    def services(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> list[str]:
+        # A new revision starts from the serving stable; the spec's stable then need not be in the route.
+        if status.revision != engine.revision_of(spec) and status.stableService is None:
+            return [spec.stable.service, spec.candidate.service]
+        return [*engine.route_weights(spec, status), spec.candidate.service]
 
     def decide(
         self,
@@ -111,9 +140,10 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
         annotations: dict[str, str],
     ) -> tuple[ModelRolloutStatus, list[object]]:
         observations = None
-        if engine.needs_measurement(spec, status):
+        if engine.needs_measurement(spec, status, now):
             observations = measure(spec, status, provider, self.namespace)
             self.count_errors(observations.guardrails.values())
+            self.count_errors(d.problem for d in observations.comparisons.values() if d.problem is not None)
         d = engine.reconcile(
             spec, status, now=now, generation=generation, annotations=annotations, observations=observations
         )
@@ -121,29 +151,56 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
 
     def weights(
         self, spec: ModelRolloutSpec, status: ModelRolloutStatus
-    ) -> tuple[dict[str, int], dict[str, int]]:
-        w = status.weight
-        return {spec.stable.service: 100 - w, spec.candidate.service: w}, {"stable": 100 - w, "candidate": w}
+    ) -> tuple[dict[str, int], dict[str, int]] | None:
+        if status.phase == "Invalid" or status.revision is None:
+            return None
+        w = engine.route_weights(spec, status)
+        return w, {"stable": 100 - status.weight, "candidate": status.weight}
+
+    def next_due(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> datetime | None:
+        return engine.next_due(spec, status)
+
+    def guard_weights(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict[str, int] | None:
+        return engine.guard_weights(spec, status)
+
+    def deletion_weights(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict[str, int] | None:
+        return engine.deletion_weights(spec, status)
+
+    @staticmethod
+    def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
+        return engine.active(spec, status, annotations)
 
 
 _controllers: dict[str, RolloutController] = {}
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False)
+def _controller(namespace: str | None, name: str, uid: str) -> RolloutController:
+    return _controllers.setdefault(uid, RolloutController(namespace or "default", name))
+
+
+def _active(spec: kopf.Spec, status: kopf.Status, annotations: kopf.Annotations, **_: Any) -> bool:
+    return engine.active(spec, status, annotations)
+
+
+def _guarded(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in ("RolledBack", "Aborted")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=_active)
 def rollout_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    _controllers.setdefault(uid, RolloutController(namespace or "default", name)).wake(body)
+    _controller(namespace, name, uid).wake(body)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=GUARD_INTERVAL, initial_delay=GUARD_INTERVAL, when=_guarded)
+def rollout_guard(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
+    """After a rollback the candidate gets no traffic again in that revision, whatever edits the route."""
+    _controller(namespace, name, uid).guard(body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def rollout_deleted(spec: kopf.Spec, namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    """Finalizer: all traffic back to stable before the ModelRollout goes away."""
+def rollout_deleted(
+    spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, uid: str, retry: int, **_: Any
+) -> None:
+    """Finalizer: traffic back to stable only while a rollout is in progress (or revertOnDeletion)."""
+    _controller(namespace, name, uid).delete(spec, status, retry)
     _controllers.pop(uid, None)
-    namespace = namespace or "default"
-    telemetry.forget(KIND, namespace, name, PHASES, ["stable", "candidate"])
-    try:
-        s = ModelRolloutSpec.model_validate(dict(spec))
-        router = common.make_router(s.trafficRouting, namespace)
-        router.set_weights({s.stable.service: 100, s.candidate.service: 0})
-        logger.info("%s/%s deleted: all traffic back to stable %s", namespace, name, s.stable.service)
-    except (ValidationError, RouterError) as e:
-        logger.warning("%s/%s deleted without restoring weights: %s", namespace, name, e)

@@ -29,7 +29,10 @@ class PrometheusProvider:
         try:
             data = self._client.custom_query(promql)
         except (requests.RequestException, PrometheusApiClientException, ValueError) as e:
-            return Result("error", message=f"{type(e).__name__}: {str(e)[:300]}")
+            # A fixed description only: a remote body or a header never reaches status or logs.
+            return Result("error", message=f"query failed: {type(e).__name__}")
+        except Exception as e:
+            return Result("error", message=f"query failed: {type(e).__name__}")
         return interpret(data)
 
 

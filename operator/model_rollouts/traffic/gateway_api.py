@@ -16,6 +16,7 @@ from model_rollouts.traffic.router import RouterError
 
 GROUP, VERSION, PLURAL = "gateway.networking.k8s.io", "v1", "httproutes"
 FIELD = "spec.trafficRouting.gatewayAPI.httpRoute"
+REQUEST_TIMEOUT = 10
 
 
 class GatewayAPIRouter:
@@ -29,7 +30,9 @@ class GatewayAPIRouter:
         try:
             route = cast(
                 dict[str, Any],
-                self._co.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name),
+                self._co.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=REQUEST_TIMEOUT
+                ),
             )
         except ApiException as e:
             if e.status == 404:
@@ -58,11 +61,15 @@ class GatewayAPIRouter:
             )
 
     def get_weights(self) -> dict[str, int]:
-        # A backendRef without weight gets 1 per the Gateway API spec.
-        return {str(r.get("name")): int(r.get("weight", 1)) for r in self._refs(self._route())}
+        return self._weights(self._route())
 
-    def set_weights(self, weights: dict[str, int]) -> None:
-        refs = self._refs(self._route())
+    def _weights(self, route: dict[str, Any]) -> dict[str, int]:
+        # A backendRef without weight gets 1 per the Gateway API spec.
+        return {str(r.get("name")): int(r.get("weight", 1)) for r in self._refs(route)}
+
+    def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
+        route = self._route()
+        refs = self._refs(route)
         ops: list[dict[str, Any]] = []
         base = f"/spec/rules/{self.rule_index}/backendRefs"
         for i, ref in enumerate(refs):
@@ -76,12 +83,17 @@ class GatewayAPIRouter:
                 FIELD, f"HTTPRoute {self.name} has no backendRef for {', '.join(sorted(unknown))}"
             )
         if ops:
-            self._co.patch_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                self.name,
-                ops,
-                _content_type="application/json-patch+json",
+            route = cast(
+                dict[str, Any],
+                self._co.patch_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    self.name,
+                    ops,
+                    _content_type="application/json-patch+json",
+                    _request_timeout=REQUEST_TIMEOUT,
+                ),
             )
+        return self._weights(route)  # what the API server stored (the PATCH response), or already had

@@ -23,6 +23,10 @@ class TrafficRouter(Protocol):
         """Current weight per service, as the data plane sees it."""
         ...
 
-    def set_weights(self, weights: dict[str, int]) -> None:
-        """Set the weight of each given service, touching nothing else; no write if already so."""
+    def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
+        """Set the weight of each given service, touching nothing else; no write if already so.
+
+        Returns the weights the route carries afterwards, as the API server stored them (read
+        back), so the caller verifies instead of assuming.
+        """
         ...

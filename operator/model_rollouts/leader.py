@@ -1,0 +1,133 @@
+"""One active replica: leader election on a coordination.k8s.io Lease.
+
+Every replica runs the same handlers; only the holder of the Lease acts. The holder renews the
+Lease every ``retry`` seconds; a standby takes it over once ``renewTime + leaseDurationSeconds``
+has passed without a renewal (the holder was SIGKILLed, partitioned or stopped). A holder that
+cannot renew stops acting as soon as its own lease would have expired, before anyone else may
+take over, so two replicas never act at once while their clocks agree to within the margin.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from model_rollouts import telemetry
+
+logger = logging.getLogger("model_rollouts.leader")
+REQUEST_TIMEOUT = 5
+
+
+class Elector:
+    def __init__(
+        self,
+        api: client.ApiClient | None,
+        namespace: str,
+        name: str,
+        *,
+        lease_seconds: float = 15.0,
+        retry_seconds: float = 2.0,
+        identity: str | None = None,
+    ) -> None:
+        self.api, self.namespace, self.name = api, namespace, name
+        self.lease_seconds, self.retry_seconds = lease_seconds, retry_seconds
+        self.identity = identity or f"{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self._valid_until = 0.0  # monotonic time until which this replica may act
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.enabled = api is not None
+
+    def is_leader(self) -> bool:
+        return not self.enabled or time.monotonic() < self._valid_until
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self._thread = threading.Thread(target=self._run, name="leader-election", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        was = False
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                if self._try_acquire_or_renew():
+                    # Act only until our own lease could expire, counted from before the request.
+                    self._valid_until = started + self.lease_seconds - self.retry_seconds
+            except Exception as e:
+                logger.warning("leader election: %s", type(e).__name__)
+            now_leader = self.is_leader()
+            if now_leader != was:
+                logger.info(
+                    "leader election: %s %s lease %s/%s",
+                    self.identity,
+                    "acquired" if now_leader else "lost",
+                    self.namespace,
+                    self.name,
+                )
+                telemetry.LEADER.set(1 if now_leader else 0)
+                was = now_leader
+            self._stop.wait(self.retry_seconds)
+
+    def _try_acquire_or_renew(self) -> bool:
+        assert self.api is not None
+        co = client.CoordinationV1Api(self.api)
+        now = dt.datetime.now(dt.UTC)
+        try:
+            lease = co.read_namespaced_lease(self.name, self.namespace, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            body = client.V1Lease(
+                metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+                spec=client.V1LeaseSpec(
+                    holder_identity=self.identity,
+                    lease_duration_seconds=int(self.lease_seconds),
+                    acquire_time=now,
+                    renew_time=now,
+                    lease_transitions=0,
+                ),
+            )
+            try:
+                co.create_namespaced_lease(self.namespace, body, _request_timeout=REQUEST_TIMEOUT)
+            except ApiException as e2:
+                if e2.status == 409:
+                    return False
+                raise
+            return True
+        spec = lease.spec or client.V1LeaseSpec()
+        holder = spec.holder_identity
+        renew = spec.renew_time or spec.acquire_time
+        duration = spec.lease_duration_seconds or int(self.lease_seconds)
+        expired = renew is None or (now - renew).total_seconds() > duration
+        if holder != self.identity and holder and not expired:
+            return False
+        if holder != self.identity:
+            spec.acquire_time = now
+            spec.lease_transitions = (spec.lease_transitions or 0) + 1
+            spec.holder_identity = self.identity
+        spec.renew_time = now
+        spec.lease_duration_seconds = int(self.lease_seconds)
+        lease.spec = spec
+        try:  # replace carries resourceVersion: a concurrent taker gets 409 and stays standby
+            co.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+
+#: The process-wide elector; disabled (always leader) until main() configures one.
+ELECTOR = Elector(None, "", "")
