@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
-from model_rollouts import telemetry
 from model_rollouts.api.common import GROUP, VERSION, format_duration
 from model_rollouts.api.experiment import (
     PLURAL,
@@ -20,12 +19,13 @@ from model_rollouts.api.experiment import (
 )
 from model_rollouts.engine import experiment as engine
 from model_rollouts.handlers import common
-from model_rollouts.metrics.provider import MetricProvider, Result, render
-from model_rollouts.traffic.router import RouterError
+from model_rollouts.metrics.provider import MetricProvider, render
 
 KIND = "ModelExperiment"
 PHASES = ("Pending", "Running", "Paused", "Concluded", "RolledBack", "Aborted", "Invalid")
-ANNOTATIONS = (engine.ANNOTATION_ABORT, engine.ANNOTATION_RESUME)
+ANNOTATIONS = (engine.ANNOTATION_ABORT, engine.ANNOTATION_RESUME, engine.ANNOTATION_RETRY)
+#: Seconds between checks that, after RolledBack/Aborted, only the control gets traffic.
+GUARD_INTERVAL = 30.0
 
 logger = logging.getLogger("model_rollouts.modelexperiment")
 
@@ -56,19 +56,20 @@ def _queries(spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
 def measure(
     spec: ModelExperimentSpec, status: ModelExperimentStatus, provider: MetricProvider, namespace: str
 ) -> engine.Observations:
-    """Primary metric of every variant, cumulative since the experiment started; guardrails of active ones."""
+    """Primary metric and guardrails of every active variant; the primary metric (and requests)
+    cumulative since the experiment started, guardrails over ``analysis.window``."""
     now = common.now()
     since = format_duration((now - (status.startedAt or now)).total_seconds())
     active = {v.name for v in status.variants if v.active}
     out: dict[str, engine.VariantObservation] = {}
     for v in spec.variants:
+        if v.name not in active:
+            continue
         primary, problem = common.read_counts(
             spec.primaryMetric, provider, _placeholders(v, namespace, since)
         )
-        guardrails: dict[str, Result] = {}
-        if v.name in active:
-            values = _placeholders(v, namespace, spec.analysis.window)
-            guardrails = {g.name: provider.query(render(g.query, values)) for g in spec.guardrails}
+        values = _placeholders(v, namespace, spec.analysis.window)
+        guardrails = {g.name: provider.query(render(g.query, values)) for g in spec.guardrails}
         requests = None
         if spec.analysis.requests:
             r = provider.query(render(spec.analysis.requests, _placeholders(v, namespace, since)))
@@ -91,7 +92,10 @@ class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimen
     def queries(self, spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
         return _queries(spec)
 
-    def services(self, spec: ModelExperimentSpec) -> list[str]:
+    def services(self, spec: ModelExperimentSpec, status: ModelExperimentStatus) -> list[str]:
+        """The Services the route must have: the spec's variants. Services of removed variants are set
+        to 0 in the same write when the route still has them (see :meth:`weights`); one already gone
+        from the route carries no traffic, so it is not required."""
         return [v.service for v in spec.variants]
 
     def decide(
@@ -104,7 +108,7 @@ class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimen
         annotations: dict[str, str],
     ) -> tuple[ModelExperimentStatus, list[object]]:
         observations = None
-        if engine.needs_measurement(spec, status):
+        if engine.analysis_due(spec, status, now):  # pacing lives in status
             observations = measure(spec, status, provider, self.namespace)
             self.count_errors(
                 r
@@ -119,35 +123,65 @@ class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimen
     def weights(
         self, spec: ModelExperimentSpec, status: ModelExperimentStatus
     ) -> tuple[dict[str, int], dict[str, int]] | None:
-        """The route follows status (also re-asserted in terminal phases), once there are weights."""
-        if not status.variants or status.phase in ("Invalid", "Pending"):
+        """The weights the route must carry for this status, including 0 for removed variants' Services
+        that the route still has."""
+        w = engine.route_weights(spec, status)
+        if w is None:
             return None
-        return engine.service_weights(spec, status), {v.name: v.weight for v in status.variants}
+        if status.retiredServices:
+            present = common.make_router(spec.trafficRouting, self.namespace).get_weights()
+            w = {svc: x for svc, x in w.items() if svc not in status.retiredServices or svc in present}
+        return w, {v.name: v.weight for v in status.variants}
+
+    def next_due(self, spec: ModelExperimentSpec, status: ModelExperimentStatus) -> datetime | None:
+        return engine.next_due(spec, status)
+
+    def guard_weights(
+        self, spec: ModelExperimentSpec, status: ModelExperimentStatus
+    ) -> dict[str, int] | None:
+        return engine.guard_weights(spec, status)
+
+    def deletion_weights(
+        self, spec: ModelExperimentSpec, status: ModelExperimentStatus
+    ) -> dict[str, int] | None:
+        return engine.deletion_weights(spec, status)
+
+    @staticmethod
+    def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
+        return engine.active(spec, status, annotations)
 
 
 _controllers: dict[str, ExperimentController] = {}
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False)
+def _controller(namespace: str | None, name: str, uid: str) -> ExperimentController:
+    return _controllers.setdefault(uid, ExperimentController(namespace or "default", name))
+
+
+def _active(spec: kopf.Spec, status: kopf.Status, annotations: kopf.Annotations, **_: Any) -> bool:
+    return engine.active(spec, status, annotations)
+
+
+def _guarded(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in ("RolledBack", "Aborted")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=_active)
 def experiment_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    _controllers.setdefault(uid, ExperimentController(namespace or "default", name)).wake(body)
+    _controller(namespace, name, uid).wake(body)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=GUARD_INTERVAL, initial_delay=GUARD_INTERVAL, when=_guarded)
+def experiment_guard(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
+    """After RolledBack/Aborted only the control gets traffic in this revision, whatever edits the route."""
+    _controller(namespace, name, uid).guard(body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def experiment_deleted(spec: kopf.Spec, namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    """Finalizer: all traffic to the control before the ModelExperiment goes away."""
+def experiment_deleted(
+    spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, uid: str, retry: int, **_: Any
+) -> None:
+    """Finalizer: all traffic to the control only while the experiment runs; after the end the route
+    is left as the end left it (on the winner)."""
+    _controller(namespace, name, uid).delete(spec, status, retry)
     _controllers.pop(uid, None)
-    ns = namespace or "default"
-    variants = [v.get("name", "") for v in (dict(spec).get("variants") or []) if isinstance(v, dict)]
-    telemetry.forget(KIND, ns, name, PHASES, variants)
-    try:
-        s = ModelExperimentSpec.model_validate(dict(spec))
-        controls = [v for v in s.variants if v.control]
-        if len(controls) != 1:
-            logger.warning("deleted without restoring weights: spec.variants has %d controls", len(controls))
-            return
-        router = common.make_router(s.trafficRouting, ns)
-        router.set_weights({v.service: (100 if v.control else 0) for v in s.variants})
-        logger.info("deleted: all traffic to the control %s", controls[0].service)
-    except (ValidationError, RouterError) as e:
-        logger.warning("deleted without restoring weights: %s", e)
