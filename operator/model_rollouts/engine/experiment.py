@@ -931,17 +931,21 @@ def _confirmation_data(s: ModelExperimentStatus, data: dict[str, Data]) -> dict[
     return out
 
 
-def _srm_p_value(counts: list[float], weights: list[float], previous: float | None) -> float:
+def _srm_p_value(
+    counts: list[float], weights: list[float], previous: float | None, horizon: float | None
+) -> float:
     """The SRM p-value, valid however often it is looked at.
 
-    ``stats.srm_sequential`` (an anytime-valid multinomial test) when the statistics module has it;
-    its p-value is the running minimum, so ``previous`` (the value at the last analysis since the
-    count started) is carried. Otherwise the fixed-horizon chi-square of ``stats.srm_test``.
+    ``stats.srm_sequential``: an anytime-valid test (a Dirichlet-multinomial mixture, Lindon & Malek
+    2022, with a capped linear boundary when ``horizon`` is known). Its p-value only ever falls during
+    one count, so the running minimum is kept (``previous``: the value at the last analysis since the
+    count started). Until the statistics module has it, the fixed-horizon chi-square of
+    ``stats.srm_test`` (which is not valid under repeated looks).
     """
     sequential = getattr(stats, "srm_sequential", None)
     if sequential is None:
         return stats.srm_test(counts, weights)
-    p = float(sequential(counts, weights))
+    p = float(sequential(counts, weights, horizon=horizon))
     return min(p, previous) if previous is not None else p
 
 
@@ -1006,7 +1010,11 @@ def _srm(
             generation,
         )
         return
-    p = _srm_p_value(counts, weights, s.srmPValue)
+    # The capped boundary needs a horizon fixed in advance, in the units counted: the sample cap when
+    # the primary metric's samples are counted; none (the mixture alone) for analysis.requests.
+    cap = spec.stoppingRules.maxSamplesPerVariant
+    horizon = float(cap * len(active)) if cap and not spec.analysis.requests else None
+    p = _srm_p_value(counts, weights, s.srmPValue, horizon)
     s.srmPValue = p
     alpha = spec.stoppingRules.srmAlpha
     if p < alpha:
