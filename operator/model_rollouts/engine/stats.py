@@ -27,8 +27,8 @@ pass from fail.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -135,6 +135,20 @@ class Comparison:
     p_value: float
     verdict: Verdict
     reason: str
+    #: Sequential test only, while inconclusive: estimated further samples (both arms together, at the
+    #: current split) until the interval is narrow enough to decide at the current estimate (or at the
+    #: margin / MDE when that is further from the threshold); None when unknown or unreachable.
+    more_samples_needed: float | None = None
+    #: The same estimate for the smaller arm alone.
+    more_samples_smaller_arm: float | None = None
+    #: Capped sequential test only: information fraction u of the planned cap (may exceed 1).
+    information_fraction: float | None = None
+    #: Number of strata (constant-split epochs) the result combines.
+    strata: int = 1
+
+
+#: The result type of every comparison (the name used in docs/statistics.md).
+ComparisonResult = Comparison
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -305,33 +319,241 @@ def _ceil(x: float) -> int:
     return math.ceil(x - 1e-9)
 
 
-def sample_size_proportions(baseline: float, mde: float, *, alpha: float = 0.05, power: float = 0.8) -> int:
-    """Per-arm n for the two-sided unpooled two-proportion z test to detect an absolute change ``mde``.
+Design = Literal["fixedHorizon", "sequential", "mixture"]
 
-    n = (z_{1-alpha/2} + z_{power})^2 * (p1 q1 + p2 q2) / mde^2 with p2 = baseline + mde.
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Samples a design needs for ``power`` at the MDE, at a given split.
+
+    ``control``/``treatment``/``total``/``smaller_arm`` are sample counts at the split ``allocation``
+    (the treatment's share).  ``max_samples`` is what to pass to ``compare_*(max_samples=...)`` for the
+    capped sequential design (it is always on the even-split scale: the information fraction counts
+    harmonic-mean samples, so the same cap serves every split); None for the other designs.
+    ``information`` is 1 / Var(difference) at that point.
     """
-    return _ceil(_n_fixed_proportions(baseline, mde, alpha, power))
+
+    control: int
+    treatment: int
+    total: int
+    smaller_arm: int
+    max_samples: float | None
+    information: float
+    design: Design
+    allocation: float
 
 
-def sample_size_means(sd: float, mde: float, *, alpha: float = 0.05, power: float = 0.8) -> int:
-    """Per-arm n for a two-sided two-sample test of means: 2 (z_{1-alpha/2} + z_{power})^2 sd^2 / mde^2."""
-    return _ceil(_n_fixed_means(sd, mde, alpha, power))
+def _check_allocation(allocation: float) -> None:
+    _check_finite(allocation, "allocation")
+    if not 0.0 < allocation < 1.0:
+        raise ValueError(f"allocation must be in (0, 1), got {allocation}")
 
 
-def sample_size_sequential_proportions(
-    baseline: float, mde: float, *, alpha: float = 0.05, power: float = 0.8, looks: int | None = None
-) -> int:
-    """Per-arm sample cap (``max_samples``) giving the sequential test ``power`` at the MDE."""
-    return _ceil(
-        _n_fixed_proportions(baseline, mde, alpha, power) * sequential_inflation(alpha, power, looks)
+def _mixture_information(mde: float, alpha: float, power: float, tau: float) -> float:
+    """Information at which the uncapped mSPRT's interval half-width is mde - z_power * se.
+
+    At that information an effect of ``mde`` is decisive with probability >= ``power`` at that single
+    look (earlier looks only add to it), so the plan is conservative.
+    """
+    z_pow = float(stats.norm.ppf(power))
+
+    def gap(log_info: float) -> float:
+        info = math.exp(log_info)
+        se = math.sqrt(1.0 / info)
+        half = _msprt(0.0, se, alpha, tau)[0]
+        return abs(mde) - z_pow * se - half
+
+    lo, hi = math.log(1e-12 / mde**2), math.log(1e12 / mde**2)
+    return math.exp(float(optimize.brentq(gap, lo, hi, xtol=1e-10)))
+
+
+def sample_plan(
+    var_control: float,
+    var_treatment: float,
+    mde: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    allocation: float = 0.5,
+    design: Design = "sequential",
+    looks: int | None = None,
+    tau: float | None = None,
+) -> SamplePlan:
+    """Samples for ``power`` at an absolute effect ``mde`` given per-observation variances and the split.
+
+    ``design``: ``fixedHorizon`` (one look), ``sequential`` (the capped boundary; ``looks`` as in
+    :func:`sequential_inflation`) or ``mixture`` (the uncapped mSPRT with mixture sd ``tau``, default
+    ``mde``; conservative, see :func:`_mixture_information`).  Use the design the running test really
+    has: a status that shows the capped design's size while the uncapped test runs overstates power.
+    """
+    _check_finite(var_control, "var_control")
+    _check_finite(var_treatment, "var_treatment")
+    if var_control <= 0 or var_treatment <= 0:
+        raise ValueError("variances must be > 0")
+    _check_finite(mde, "mde")
+    if mde == 0:
+        raise ValueError("mde must be non-zero")
+    _check_allocation(allocation)
+    zs = _z_sum(alpha, power)
+    cap: float | None = None
+    if design == "fixedHorizon":
+        info = zs**2 / mde**2
+    elif design == "sequential":
+        info = sequential_inflation(alpha, power, looks) * zs**2 / mde**2
+        cap = info * (var_control + var_treatment)
+    elif design == "mixture":
+        t = abs(mde) if tau is None else tau
+        _check_finite(t, "tau")
+        if t <= 0:
+            raise ValueError(f"tau must be > 0, got {t}")
+        info = _mixture_information(mde, alpha, power, t)
+    else:
+        raise ValueError(f"design must be 'fixedHorizon', 'sequential' or 'mixture', got {design!r}")
+    w = allocation
+    if cap is not None:
+        # The cap is reached when the harmonic-mean samples 2 n_c n_t / (n_c + n_t) equal it.
+        n_c, n_t = cap / (2.0 * w), cap / (2.0 * (1.0 - w))
+    else:
+        total = info * (var_control / (1.0 - w) + var_treatment / w)
+        n_c, n_t = (1.0 - w) * total, w * total
+    return SamplePlan(
+        control=_ceil(n_c),
+        treatment=_ceil(n_t),
+        total=_ceil(n_c + n_t),
+        smaller_arm=_ceil(min(n_c, n_t)),
+        max_samples=cap,
+        information=info,
+        design=design,
+        allocation=w,
     )
 
 
-def sample_size_sequential_means(
-    sd: float, mde: float, *, alpha: float = 0.05, power: float = 0.8, looks: int | None = None
+def _proportion_variances(baseline: float, mde: float) -> tuple[float, float]:
+    _check_finite(baseline, "baseline")
+    _check_finite(mde, "mde")
+    if not 0.0 < baseline < 1.0:
+        raise ValueError(f"baseline must be in (0, 1), got {baseline}")
+    if mde == 0:
+        raise ValueError("mde must be non-zero")
+    p2 = baseline + mde
+    if not 0.0 < p2 < 1.0:
+        raise ValueError(f"baseline + mde must be in (0, 1), got {p2}")
+    return baseline * (1 - baseline), p2 * (1 - p2)
+
+
+def sample_plan_proportions(
+    baseline: float,
+    mde: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    allocation: float = 0.5,
+    design: Design = "sequential",
+    looks: int | None = None,
+    tau: float | None = None,
+) -> SamplePlan:
+    """:func:`sample_plan` for a rate: control ``baseline``, treatment ``baseline + mde``."""
+    vc, vt = _proportion_variances(baseline, mde)
+    return sample_plan(
+        vc, vt, mde, alpha=alpha, power=power, allocation=allocation, design=design, looks=looks, tau=tau
+    )
+
+
+def sample_plan_means(
+    sd: float,
+    mde: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    allocation: float = 0.5,
+    design: Design = "sequential",
+    looks: int | None = None,
+    tau: float | None = None,
+) -> SamplePlan:
+    """:func:`sample_plan` for a mean with per-observation standard deviation ``sd`` in both arms."""
+    _check_finite(sd, "sd")
+    if sd <= 0:
+        raise ValueError(f"sd must be > 0, got {sd}")
+    return sample_plan(
+        sd**2,
+        sd**2,
+        mde,
+        alpha=alpha,
+        power=power,
+        allocation=allocation,
+        design=design,
+        looks=looks,
+        tau=tau,
+    )
+
+
+def sample_size_proportions(
+    baseline: float, mde: float, *, alpha: float = 0.05, power: float = 0.8, allocation: float = 0.5
 ) -> int:
-    """Per-arm sample cap (``max_samples``) giving the sequential test ``power`` at the MDE."""
-    return _ceil(_n_fixed_means(sd, mde, alpha, power) * sequential_inflation(alpha, power, looks))
+    """Samples in the smaller arm for the two-sided unpooled two-proportion z test to detect ``mde``.
+
+    At an even split (the default) this is the per-arm n = (z_{1-alpha/2} + z_{power})^2 (p1 q1 + p2 q2)
+    / mde^2 with p2 = baseline + mde.  ``allocation`` is the treatment's share; see :func:`sample_plan`.
+    """
+    if allocation == 0.5:
+        return _ceil(_n_fixed_proportions(baseline, mde, alpha, power))
+    return sample_plan_proportions(
+        baseline, mde, alpha=alpha, power=power, allocation=allocation, design="fixedHorizon"
+    ).smaller_arm
+
+
+def sample_size_means(
+    sd: float, mde: float, *, alpha: float = 0.05, power: float = 0.8, allocation: float = 0.5
+) -> int:
+    """Samples in the smaller arm for a two-sided two-sample test of means (per arm at an even split:
+    2 (z_{1-alpha/2} + z_{power})^2 sd^2 / mde^2)."""
+    if allocation == 0.5:
+        return _ceil(_n_fixed_means(sd, mde, alpha, power))
+    return sample_plan_means(
+        sd, mde, alpha=alpha, power=power, allocation=allocation, design="fixedHorizon"
+    ).smaller_arm
+
+
+def sample_size_sequential_proportions(
+    baseline: float,
+    mde: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    looks: int | None = None,
+    allocation: float = 0.5,
+) -> int:
+    """Per-arm sample cap (``max_samples``) giving the capped sequential test ``power`` at the MDE.
+
+    At an even split this is also the per-arm count at the cap.  With another ``allocation`` it returns
+    the smaller arm's count at the cap; the value to pass as ``max_samples`` is still the even-split one
+    (see :class:`SamplePlan`).
+    """
+    if allocation == 0.5:
+        return _ceil(
+            _n_fixed_proportions(baseline, mde, alpha, power) * sequential_inflation(alpha, power, looks)
+        )
+    return sample_plan_proportions(
+        baseline, mde, alpha=alpha, power=power, allocation=allocation, looks=looks
+    ).smaller_arm
+
+
+def sample_size_sequential_means(
+    sd: float,
+    mde: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    looks: int | None = None,
+    allocation: float = 0.5,
+) -> int:
+    """Per-arm sample cap (``max_samples``) giving the capped sequential test ``power`` at the MDE; see
+    :func:`sample_size_sequential_proportions` for ``allocation``."""
+    if allocation == 0.5:
+        return _ceil(_n_fixed_means(sd, mde, alpha, power) * sequential_inflation(alpha, power, looks))
+    return sample_plan_means(
+        sd, mde, alpha=alpha, power=power, allocation=allocation, looks=looks
+    ).smaller_arm
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -355,15 +577,52 @@ def _fmt(x: float, signed: bool = False) -> str:
     return f"{x:+.4g}" if signed else f"{x:.4g}"
 
 
-def _proportion_variance(d: ProportionData) -> float:
-    if d.trials <= 0:
+def _bernoulli_variance(successes: float, trials: float) -> float:
+    if trials <= 0:
         return 0.0
-    p = d.successes / d.trials
+    p = successes / trials
     if 0.0 < p < 1.0:
         return p * (1.0 - p)
     # Observed rate of exactly 0 or 1: use (s + 1/2) / (n + 1) so one degenerate arm cannot hide a difference.
-    q = 0.5 / (d.trials + 1.0)
+    q = 0.5 / (trials + 1.0)
     return q * (1.0 - q)
+
+
+def _proportion_variance(d: ProportionData) -> float:
+    return _bernoulli_variance(d.successes, d.trials)
+
+
+def _proportion_summary(control: ProportionData, treatment: ProportionData, floor: bool) -> _Summary:
+    """Per-arm estimates and variances.  ``floor``: each arm's variance is at least the pooled one.
+
+    The floor is what keeps the sequential test valid on a small arm: its own variance estimate can be
+    0 (no events yet) or far too small early on, while the pooled rate of both arms is estimated from
+    all the data and is the right variance under the null hypothesis.
+    """
+    pc = control.successes / control.trials if control.trials > 0 else 0.0
+    pt = treatment.successes / treatment.trials if treatment.trials > 0 else 0.0
+    vc, vt = _proportion_variance(control), _proportion_variance(treatment)
+    if floor:
+        pooled = _bernoulli_variance(
+            control.successes + treatment.successes, control.trials + treatment.trials
+        )
+        vc, vt = max(vc, pooled), max(vt, pooled)
+    return _Summary(pc, pt, control.trials, treatment.trials, vc, vt, None, True)
+
+
+def _mean_summary(control: MeanData, treatment: MeanData, floor: bool) -> _Summary:
+    vc, vt = control.variance, treatment.variance
+    df: float | None = None
+    if control.count >= 2 and treatment.count >= 2:
+        a, b = vc / control.count, vt / treatment.count
+        if a + b > 0:
+            df = (a + b) ** 2 / (a**2 / (control.count - 1) + b**2 / (treatment.count - 1))
+    if floor:
+        dof = max(control.count - 1, 0.0) + max(treatment.count - 1, 0.0)
+        if dof > 0:
+            pooled = (max(control.count - 1, 0.0) * vc + max(treatment.count - 1, 0.0) * vt) / dof
+            vc, vt = max(vc, pooled), max(vt, pooled)
+    return _Summary(control.mean, treatment.mean, control.count, treatment.count, vc, vt, df, False)
 
 
 def compare_proportions(
@@ -377,34 +636,38 @@ def compare_proportions(
     margin: float = 0.0,
     mde: float | None = None,
     max_samples: float | None = None,
+    allocation: float | None = None,
     labels: tuple[str, str] = ("control", "treatment"),
 ) -> Comparison:
     """Compare success rates.  See module docstring and docs/statistics.md.
 
     ``margin`` (absolute, >= 0) is used only by ``nonInferiority``: pass when the treatment is shown to
     be no worse than ``margin`` in the ``better`` direction.  ``mde`` tunes the uncapped mSPRT mixture;
-    ``max_samples`` (per arm, ideally from :func:`sample_size_sequential_proportions`) selects the capped
-    sequential boundary.  ``labels`` name (control, treatment) in ``reason``.
+    ``max_samples`` (per arm at an even split, ideally from :func:`sample_size_sequential_proportions`)
+    selects the capped sequential boundary.  ``allocation`` (treatment's share of the two arms' traffic
+    from now on) is used only for ``more_samples_needed``.  ``labels`` name (control, treatment) in
+    ``reason``.  ``sequential`` is exactly :func:`compare_proportions_stratified` with one stratum.
     """
     if not isinstance(control, ProportionData) or not isinstance(treatment, ProportionData):
         raise ValueError("control and treatment must be ProportionData")
     _check_options(alpha, method, better, test, margin, mde, max_samples)
-    pc = control.successes / control.trials if control.trials > 0 else 0.0
-    pt = treatment.successes / treatment.trials if treatment.trials > 0 else 0.0
-    summary = _Summary(
-        est_c=pc,
-        est_t=pt,
-        n_c=control.trials,
-        n_t=treatment.trials,
-        var_c=_proportion_variance(control),
-        var_t=_proportion_variance(treatment),
-        df=None,
-        bounded=True,
-    )
+    if method == "sequential":
+        return compare_proportions_stratified(
+            [(control, treatment)],
+            alpha=alpha,
+            better=better,
+            test=test,
+            margin=margin,
+            mde=mde,
+            max_samples=max_samples,
+            allocation=allocation,
+            labels=labels,
+        )
+    summary = _proportion_summary(control, treatment, floor=False)
     bayes: tuple[ProportionData, ProportionData] | None = (
         (control, treatment) if method == "bayesian" else None
     )
-    return _compare(summary, alpha, method, better, test, margin, mde, max_samples, labels, bayes)
+    return _compare(summary, alpha, method, better, test, margin, labels, bayes)
 
 
 def compare_means(
@@ -418,30 +681,54 @@ def compare_means(
     margin: float = 0.0,
     mde: float | None = None,
     max_samples: float | None = None,
+    allocation: float | None = None,
     labels: tuple[str, str] = ("control", "treatment"),
 ) -> Comparison:
     """Compare means (e.g. latency, a score) from n, Σx, Σx².  Same options as :func:`compare_proportions`;
-    ``fixedHorizon`` is Welch's t test."""
+    ``fixedHorizon`` is Welch's t test; ``sequential`` is :func:`compare_means_stratified` with one
+    stratum."""
     if not isinstance(control, MeanData) or not isinstance(treatment, MeanData):
         raise ValueError("control and treatment must be MeanData")
     _check_options(alpha, method, better, test, margin, mde, max_samples)
-    vc, vt = control.variance, treatment.variance
-    df: float | None = None
-    if control.count >= 2 and treatment.count >= 2:
-        a, b = vc / control.count, vt / treatment.count
-        if a + b > 0:
-            df = (a + b) ** 2 / (a**2 / (control.count - 1) + b**2 / (treatment.count - 1))
-    summary = _Summary(
-        est_c=control.mean,
-        est_t=treatment.mean,
-        n_c=control.count,
-        n_t=treatment.count,
-        var_c=vc,
-        var_t=vt,
-        df=df,
-        bounded=False,
+    if method == "sequential":
+        return compare_means_stratified(
+            [(control, treatment)],
+            alpha=alpha,
+            better=better,
+            test=test,
+            margin=margin,
+            mde=mde,
+            max_samples=max_samples,
+            allocation=allocation,
+            labels=labels,
+        )
+    return _compare(
+        _mean_summary(control, treatment, floor=False), alpha, method, better, test, margin, labels, None
     )
-    return _compare(summary, alpha, method, better, test, margin, mde, max_samples, labels, None)
+
+
+def _threshold(better: Better, test: Test, margin: float) -> tuple[float, float]:
+    sign = 1.0 if better == "higher" else -1.0
+    return sign, (-sign * margin if test == "nonInferiority" else 0.0)
+
+
+def _verdict_of(
+    lo: float, hi: float, sign: float, threshold: float, test: Test, t_label: str
+) -> tuple[Verdict, str]:
+    good_side = lo > threshold if sign > 0 else hi < threshold
+    bad_side = hi < threshold if sign > 0 else lo > threshold
+    if test == "nonInferiority":
+        limit = f"the margin {_fmt(threshold, True)}"
+        if good_side:
+            return "pass", f"{t_label} is not worse than {limit}"
+        if bad_side:
+            return "fail", f"{t_label} is worse than {limit}"
+    else:
+        if good_side:
+            return "pass", f"{t_label} is better"
+        if bad_side:
+            return "fail", f"{t_label} is worse"
+    return "inconclusive", "not enough evidence yet"
 
 
 def _compare(
@@ -451,37 +738,24 @@ def _compare(
     better: Better,
     test: Test,
     margin: float,
-    mde: float | None,
-    max_samples: float | None,
     labels: tuple[str, str],
     bayes_props: tuple[ProportionData, ProportionData] | None,
 ) -> Comparison:
+    """The single-look methods: ``fixedHorizon`` and ``bayesian``."""
     c_label, t_label = labels
     diff = s.est_t - s.est_c
-    sign = 1.0 if better == "higher" else -1.0
-    threshold = -sign * margin if test == "nonInferiority" else 0.0
+    sign, threshold = _threshold(better, test, margin)
     se = math.sqrt(s.var_c / s.n_c + s.var_t / s.n_t) if s.n_c > 0 and s.n_t > 0 else 0.0
     lo_bound, hi_bound = (-1.0, 1.0) if s.bounded else (-math.inf, math.inf)
 
     def result(lo: float, hi: float, p: float, verdict: Verdict, stat: str, why: str) -> Comparison:
         level = f"{100 * (1 - alpha):.4g}%"
-        kind = {"sequential": "CS", "fixedHorizon": "CI", "bayesian": "CrI"}[method]
+        kind = {"fixedHorizon": "CI", "bayesian": "CrI"}.get(method, "CS")
         reason = (
             f"{t_label} {_fmt(s.est_t)} vs {c_label} {_fmt(s.est_c)} (diff {_fmt(diff, True)}, "
             f"{level} {kind} [{_fmt(lo, True)}, {_fmt(hi, True)}], {stat}): {why}"
         )
-        return Comparison(
-            control_estimate=s.est_c,
-            treatment_estimate=s.est_t,
-            control_n=s.n_c,
-            treatment_n=s.n_t,
-            difference=diff,
-            ci_low=lo,
-            ci_high=hi,
-            p_value=p,
-            verdict=verdict,
-            reason=reason,
-        )
+        return Comparison(s.est_c, s.est_t, s.n_c, s.n_t, diff, lo, hi, p, verdict, reason)
 
     if s.n_c < MIN_SAMPLES_PER_ARM or s.n_t < MIN_SAMPLES_PER_ARM or not se > 0:
         why = (
@@ -504,44 +778,399 @@ def _compare(
         stat = f"P(better)={p_better:.3g}"
     else:
         z0 = (diff - threshold) / se
-        if method == "fixedHorizon":
-            if s.df is not None:
-                crit = float(stats.t.ppf(1 - alpha / 2, s.df))
-                p_value = float(2 * stats.t.sf(abs(z0), s.df))
-            else:
-                crit = float(stats.norm.ppf(1 - alpha / 2))
-                p_value = float(2 * stats.norm.sf(abs(z0)))
-            half = crit * se
-        elif max_samples is not None:
-            u = 2.0 * s.n_c * s.n_t / (s.n_c + s.n_t) / max_samples  # information fraction (harmonic n)
-            half = float(sequential_critical_z(u, alpha)) * se
-            p_value = _sequential_p_value(abs(z0), u)
+        if s.df is not None:
+            crit = float(stats.t.ppf(1 - alpha / 2, s.df))
+            p_value = float(2 * stats.t.sf(abs(z0), s.df))
         else:
-            half, p_value = _msprt(diff - threshold, se, alpha, _mixture_sd(s, mde))
-        lo, hi = diff - half, diff + half
+            crit = float(stats.norm.ppf(1 - alpha / 2))
+            p_value = float(2 * stats.norm.sf(abs(z0)))
+        lo, hi = diff - crit * se, diff + crit * se
         stat = f"p={p_value:.2g}"
     lo, hi = max(lo, lo_bound), min(hi, hi_bound)
+    verdict, why = _verdict_of(lo, hi, sign, threshold, test, t_label)
+    return result(lo, hi, p_value, verdict, stat, why)
 
-    good_side = lo > threshold if sign > 0 else hi < threshold
-    bad_side = hi < threshold if sign > 0 else lo > threshold
-    if test == "nonInferiority":
-        limit = f"the margin {_fmt(threshold, True)}"
-        if good_side:
-            return result(lo, hi, p_value, "pass", stat, f"{t_label} is not worse than {limit}")
-        if bad_side:
-            return result(lo, hi, p_value, "fail", stat, f"{t_label} is worse than {limit}")
+
+# --------------------------------------------------------------------------- stratified sequential test
+
+
+def _check_cap(max_samples: float | None, max_information: float | None) -> None:
+    if max_information is not None:
+        _check_finite(max_information, "max_information")
+        if max_information <= 0:
+            raise ValueError(f"max_information must be > 0, got {max_information}")
+        if max_samples is not None:
+            raise ValueError("give max_samples or max_information, not both")
+
+
+def information_cap(
+    mde: float, *, alpha: float = 0.05, power: float = 0.8, looks: int | None = None
+) -> float:
+    """``max_information`` for the capped sequential test: power ``power`` at an absolute effect ``mde``.
+
+    R (z_{1-alpha/2} + z_{power})^2 / mde^2 with R = :func:`sequential_inflation`.  It needs no baseline
+    rate or variance, and no split: the information fraction is measured from the data, so the same
+    cap serves every split and every ramp.  For a non-inferiority test use the margin as ``mde`` (the
+    distance between the threshold and a candidate as good as stable).
+    """
+    _check_finite(mde, "mde")
+    if mde == 0:
+        raise ValueError("mde must be non-zero")
+    return sequential_inflation(alpha, power, looks) * _z_sum(alpha, power) ** 2 / mde**2
+
+
+def burn_in_smaller_arm(n_small: float, n_large: float) -> float:
+    """Samples the smaller arm needs before the sequential test may decide: grows with the imbalance.
+
+    ``MIN_SAMPLES_PER_ARM * sqrt(n_large / n_small)`` (at least ``MIN_SAMPLES_PER_ARM``), i.e. 20 at an
+    even split, 60 at 10/90 and 87 at 5/95.  At a lopsided split the small arm carries almost all of
+    the variance of the difference, so its mean and variance must be past the worst of their
+    small-sample skew before a verdict; see docs/statistics.md.
+    """
+    if n_small <= 0:
+        return float(MIN_SAMPLES_PER_ARM)
+    return MIN_SAMPLES_PER_ARM * max(1.0, math.sqrt(n_large / n_small))
+
+
+def _stratum_info(st: _Summary) -> float:
+    """Information 1 / Var(difference) of one stratum (0 if the stratum has no usable data)."""
+    if st.n_c <= 0 or st.n_t <= 0:
+        return 0.0
+    v = st.var_c / st.n_c + st.var_t / st.n_t
+    return 1.0 / v if v > 0 else 0.0
+
+
+def compare_proportions_stratified(
+    strata: Sequence[tuple[ProportionData, ProportionData]],
+    *,
+    alpha: float = 0.05,
+    better: Better = "higher",
+    test: Test = "superiority",
+    margin: float = 0.0,
+    mde: float | None = None,
+    max_samples: float | None = None,
+    max_information: float | None = None,
+    allocation: float | None = None,
+    labels: tuple[str, str] = ("control", "treatment"),
+) -> Comparison:
+    """Always-valid comparison of rates combined over strata (constant-weight epochs).
+
+    ``strata``: one (control, treatment) pair of counts per epoch, in time order, each epoch's own
+    counts (not cumulative across epochs).  Within each epoch both arms share the same time window and
+    the same split, so a drift common to both arms cancels in the epoch's difference; the differences
+    are combined with inverse-variance (Mantel-Haenszel-like) weights into one always-valid sequential
+    test.  With one stratum this is ``compare_proportions(method="sequential")``.  ``allocation``: the
+    treatment's share of the two arms' traffic from now on (default: its share in the last stratum),
+    used for ``more_samples_needed``.
+
+    Capped design: ``max_samples`` (per arm at an even split; the information fraction is the summed
+    harmonic-mean samples over it) or ``max_information`` (the information fraction is the estimated
+    information 1/Var(difference) over it; see :func:`information_cap`, which needs only the MDE).
+    With neither, the uncapped mixture SPRT (mixture sd ``mde``, or 0.1 per-observation sd).
+    """
+    _check_options(alpha, "sequential", better, test, margin, mde, max_samples)
+    _check_cap(max_samples, max_information)
+    summaries = []
+    for i, pair in enumerate(strata):
+        if (
+            not isinstance(pair, tuple | list)
+            or len(pair) != 2
+            or not all(isinstance(x, ProportionData) for x in pair)
+        ):
+            raise ValueError(f"strata[{i}] must be a (control, treatment) pair of ProportionData")
+        summaries.append(_proportion_summary(pair[0], pair[1], floor=True))
+    return _compare_sequential(
+        summaries, alpha, better, test, margin, mde, max_samples, max_information, allocation, labels
+    )
+
+
+def compare_means_stratified(
+    strata: Sequence[tuple[MeanData, MeanData]],
+    *,
+    alpha: float = 0.05,
+    better: Better = "higher",
+    test: Test = "superiority",
+    margin: float = 0.0,
+    mde: float | None = None,
+    max_samples: float | None = None,
+    max_information: float | None = None,
+    allocation: float | None = None,
+    labels: tuple[str, str] = ("control", "treatment"),
+) -> Comparison:
+    """Always-valid comparison of means combined over strata; see :func:`compare_proportions_stratified`."""
+    _check_options(alpha, "sequential", better, test, margin, mde, max_samples)
+    _check_cap(max_samples, max_information)
+    summaries = []
+    for i, pair in enumerate(strata):
+        if (
+            not isinstance(pair, tuple | list)
+            or len(pair) != 2
+            or not all(isinstance(x, MeanData) for x in pair)
+        ):
+            raise ValueError(f"strata[{i}] must be a (control, treatment) pair of MeanData")
+        summaries.append(_mean_summary(pair[0], pair[1], floor=True))
+    return _compare_sequential(
+        summaries, alpha, better, test, margin, mde, max_samples, max_information, allocation, labels
+    )
+
+
+def compare_variants_stratified(
+    strata: Sequence[Mapping[str, ProportionData | MeanData]],
+    control: str,
+    *,
+    alpha: float = 0.05,
+    better: Better = "higher",
+    test: Test = "superiority",
+    margin: float = 0.0,
+    mde: float | None = None,
+    max_samples: float | None = None,
+    max_information: float | None = None,
+    holm_adjust: bool = True,
+) -> dict[str, Comparison]:
+    """Every variant against ``control``, each combined over allocation epochs; Holm-adjusted p-values.
+
+    ``strata``: one mapping {variant: its counts in that epoch} per epoch (an epoch is a period with a
+    constant split, e.g. between two Thompson-sampling updates; epochs with the same split may be
+    merged).  A variant missing from an epoch, or with no traffic in it, simply contributes nothing
+    from that epoch.  Returns {variant: Comparison} for every variant except the control; with
+    ``holm_adjust`` the ``p_value`` is Holm-adjusted over the variants and the verdict is decisive only
+    when the adjusted p-value is <= alpha (the interval stays the unadjusted (1 - alpha) one).
+    """
+    names: list[str] = []
+    for epoch in strata:
+        for n in epoch:
+            if n != control and n not in names:
+                names.append(n)
+    out: dict[str, Comparison] = {}
+    for n in names:
+        pairs = [(e[control], e[n]) for e in strata if control in e and n in e]
+        kinds = {type(x) for p in pairs for x in p}
+        if kinds <= {ProportionData}:
+            out[n] = compare_proportions_stratified(
+                pairs,  # type: ignore[arg-type]
+                alpha=alpha,
+                better=better,
+                test=test,
+                margin=margin,
+                mde=mde,
+                max_samples=max_samples,
+                max_information=max_information,
+                labels=(control, n),
+            )
+        elif kinds <= {MeanData}:
+            out[n] = compare_means_stratified(
+                pairs,  # type: ignore[arg-type]
+                alpha=alpha,
+                better=better,
+                test=test,
+                margin=margin,
+                mde=mde,
+                max_samples=max_samples,
+                max_information=max_information,
+                labels=(control, n),
+            )
+        else:
+            raise ValueError(f"variant {n!r} and the control {control!r} must have data of the same type")
+    if holm_adjust and len(out) > 1:
+        adjusted = holm([r.p_value for r in out.values()])
+        for (n, r), p in zip(list(out.items()), adjusted, strict=True):
+            verdict: Verdict = r.verdict if p <= alpha else "inconclusive"
+            reason = r.reason + f"; Holm-adjusted p = {p:.3g} over {len(out)} variants"
+            out[n] = replace(r, p_value=p, verdict=verdict, reason=reason)
+    return out
+
+
+def _compare_sequential(
+    strata: list[_Summary],
+    alpha: float,
+    better: Better,
+    test: Test,
+    margin: float,
+    mde: float | None,
+    max_samples: float | None,
+    max_information: float | None,
+    allocation: float | None,
+    labels: tuple[str, str],
+) -> Comparison:
+    c_label, t_label = labels
+    sign, threshold = _threshold(better, test, margin)
+    bounded = all(s.bounded for s in strata) if strata else True
+    lo_bound, hi_bound = (-1.0, 1.0) if bounded else (-math.inf, math.inf)
+    n_c = float(sum(s.n_c for s in strata))
+    n_t = float(sum(s.n_t for s in strata))
+    est_c = sum(s.est_c * s.n_c for s in strata) / n_c if n_c > 0 else 0.0
+    raw_t = sum(s.est_t * s.n_t for s in strata) / n_t if n_t > 0 else 0.0
+    infos = [_stratum_info(s) for s in strata]
+    info = float(sum(infos))
+    if info > 0:
+        diff = sum(w * (s.est_t - s.est_c) for w, s in zip(infos, strata, strict=True)) / info
     else:
-        if good_side:
-            return result(lo, hi, p_value, "pass", stat, f"{t_label} is better")
-        if bad_side:
-            return result(lo, hi, p_value, "fail", stat, f"{t_label} is worse")
-    return result(lo, hi, p_value, "inconclusive", stat, "not enough evidence yet")
+        diff = raw_t - est_c
+    # One stratum: the raw treatment estimate.  Several: the control's pooled estimate plus the
+    # within-epoch difference, so that difference = treatment - control still holds.
+    est_t = raw_t if len(strata) <= 1 else est_c + diff
+    n_small, n_large = min(n_c, n_t), max(n_c, n_t)
+    need = burn_in_smaller_arm(n_small, n_large)
+    epochs = f" over {len(strata)} epochs" if len(strata) > 1 else ""
+    # Information fraction of the capped design: harmonic-mean samples (per-arm samples at an even split
+    # carrying the same information), summed over strata.
+    u: float | None = None
+    if max_samples is not None:
+        u = sum(2.0 * s.n_c * s.n_t / (s.n_c + s.n_t) for s in strata if s.n_c + s.n_t > 0) / max_samples
+    elif max_information is not None:
+        u = info / max_information
+    tau = _mixture_sd(strata, mde)
+
+    def result(
+        lo: float,
+        hi: float,
+        p: float,
+        verdict: Verdict,
+        stat: str,
+        why: str,
+        more: tuple[float, float] | None,
+    ) -> Comparison:
+        reason = (
+            f"{t_label} {_fmt(est_t)} vs {c_label} {_fmt(est_c)} (diff {_fmt(diff, True)}{epochs}, "
+            f"{100 * (1 - alpha):.4g}% CS [{_fmt(lo, True)}, {_fmt(hi, True)}], {stat}): {why}"
+        )
+        if verdict == "inconclusive" and more is not None:
+            reason += f"; about {more[0]:.0f} more samples ({more[1]:.0f} in the smaller arm) to decide"
+        return Comparison(
+            control_estimate=est_c,
+            treatment_estimate=est_t,
+            control_n=n_c,
+            treatment_n=n_t,
+            difference=diff,
+            ci_low=lo,
+            ci_high=hi,
+            p_value=p,
+            verdict=verdict,
+            reason=reason,
+            more_samples_needed=None if more is None else more[0],
+            more_samples_smaller_arm=None if more is None else more[1],
+            information_fraction=u,
+            strata=len(strata),
+        )
+
+    rate = _info_rate(strata, allocation)
+    ref = margin if test == "nonInferiority" and margin > 0 else mde
+
+    if n_small < need or not info > 0:
+        why = (
+            f"not enough data yet ({c_label} n={n_c:g}, {t_label} n={n_t:g}; the smaller arm needs "
+            f"{math.ceil(need)} at this split, and some variation)"
+        )
+        more = None
+        if info > 0 and rate is not None:
+            dist = abs(diff - threshold)
+            dist = max(dist, ref) if ref is not None else dist
+            more = _more_samples(dist, info, u, alpha, tau, rate)
+        if rate is not None:
+            # Never less than what the burn-in itself still needs.
+            share = min(rate[1], 1.0 - rate[1])
+            burn = max(0.0, need - n_small) / share if share > 0 else math.inf
+            if more is None and info <= 0:
+                more = (burn, burn * share) if math.isfinite(burn) else None
+            elif more is not None and burn > more[0]:
+                more = (burn, burn * share)
+        return result(lo_bound, hi_bound, 1.0, "inconclusive", "p=1", why, more)
+
+    se = math.sqrt(1.0 / info)
+    z0 = (diff - threshold) / se
+    if u is not None:
+        half = float(sequential_critical_z(u, alpha)) * se
+        p_value = _sequential_p_value(abs(z0), u)
+    else:
+        half, p_value = _msprt(diff - threshold, se, alpha, tau)
+    lo, hi = max(diff - half, lo_bound), min(diff + half, hi_bound)
+    verdict, why = _verdict_of(lo, hi, sign, threshold, test, t_label)
+    more = None
+    if verdict == "inconclusive" and rate is not None:
+        dist = abs(diff - threshold)
+        dist = max(dist, ref) if ref is not None else dist
+        more = _more_samples(dist, info, u, alpha, tau, rate)
+    return result(lo, hi, p_value, verdict, f"p={p_value:.2g}", why, more)
 
 
-def _mixture_sd(s: _Summary, mde: float | None) -> float:
+def _info_rate(strata: list[_Summary], allocation: float | None) -> tuple[float, float] | None:
+    """(information per additional sample, treatment share) at the current split; None if unknown."""
+    if not strata:
+        return None
+    last = strata[-1]
+    w = allocation
+    if w is None:
+        tot = last.n_c + last.n_t
+        if tot <= 0:
+            return None
+        w = last.n_t / tot
+    if not 0.0 < w < 1.0:
+        return None
+    var_c, var_t = last.var_c, last.var_t
+    if not (var_c > 0 and var_t > 0):
+        ws = [s for s in strata if s.var_c > 0 and s.var_t > 0]
+        if not ws:
+            return None
+        var_c, var_t = ws[-1].var_c, ws[-1].var_t
+    return 1.0 / (var_c / (1.0 - w) + var_t / w), w
+
+
+def _half_width(info: float, u_per_info: float | None, alpha: float, tau: float) -> float:
+    se = math.sqrt(1.0 / info)
+    if u_per_info is not None:
+        return float(sequential_critical_z(u_per_info * info, alpha)) * se
+    return _msprt(0.0, se, alpha, tau)[0]
+
+
+def _more_samples(
+    dist: float,
+    info: float,
+    u: float | None,
+    alpha: float,
+    tau: float,
+    rate: tuple[float, float],
+) -> tuple[float, float] | None:
+    """Samples (total, smaller arm) until the interval half-width shrinks to ``dist``.
+
+    That is when an estimate ``dist`` away from the threshold would be decisive: the expected wait if
+    the true difference were the current estimate (or the margin/MDE when that is further away).
+    None when no amount of data gets there (a zero distance, or past the cap of a capped design whose
+    boundary then rises faster than the evidence).
+    """
+    if not dist > 0 or not info > 0:
+        return None
+    u_per_info = None if u is None else u / info
+    if _half_width(info, u_per_info, alpha, tau) <= dist:
+        return 0.0, 0.0
+    lo_f, hi_f = 1.0, None
+    f = 1.0
+    for _ in range(80):  # geometric search up to ~1e12 times the current information
+        f *= 1.5
+        if _half_width(info * f, u_per_info, alpha, tau) <= dist:
+            hi_f = f
+            break
+        lo_f = f
+    if hi_f is None:
+        return None
+    for _ in range(60):
+        mid = math.sqrt(lo_f * hi_f)
+        if _half_width(info * mid, u_per_info, alpha, tau) <= dist:
+            hi_f = mid
+        else:
+            lo_f = mid
+    per_sample, w = rate
+    total = info * (hi_f - 1.0) / per_sample
+    return total, total * min(w, 1.0 - w)
+
+
+def _mixture_sd(strata: Sequence[_Summary], mde: float | None) -> float:
     if mde is not None:
         return abs(mde)
-    return DEFAULT_MIXTURE_EFFECT * math.sqrt((s.var_c + s.var_t) / 2.0)
+    n = sum(s.n_c + s.n_t for s in strata)
+    if n <= 0:
+        return 0.0
+    var = sum((s.n_c + s.n_t) * (s.var_c + s.var_t) / 2.0 for s in strata) / n
+    return DEFAULT_MIXTURE_EFFECT * math.sqrt(var)
 
 
 def _msprt(delta: float, se: float, alpha: float, tau: float) -> tuple[float, float]:
@@ -553,6 +1182,8 @@ def _msprt(delta: float, se: float, alpha: float, tau: float) -> tuple[float, fl
     """
     v = se * se
     t2 = tau * tau
+    if not t2 > 0:
+        return math.inf, 1.0
     half = math.sqrt(v * (v + t2) / t2 * (2.0 * math.log(1.0 / alpha) + math.log1p(t2 / v)))
     log_lambda = 0.5 * math.log(v / (v + t2)) + t2 * delta * delta / (2.0 * v * (v + t2))
     return half, min(1.0, math.exp(-log_lambda))
@@ -590,6 +1221,9 @@ def holm(p_values: Sequence[float]) -> list[float]:
 def srm_test(observed: Sequence[float], weights: Sequence[float]) -> float:
     """Sample-ratio-mismatch p-value: Pearson chi-square of observed counts against configured weights.
 
+    Fixed-horizon: valid when checked once.  For a check repeated every interval use
+    :func:`srm_sequential`, which stays valid under continuous monitoring.
+
     Weights need not sum to 1.  Arms with zero weight and zero count are dropped; an arm with zero
     weight but traffic is an impossible split, so the p-value is 0.  With fewer than two arms left or no
     traffic there is nothing to test and the p-value is 1.
@@ -616,6 +1250,102 @@ def srm_test(observed: Sequence[float], weights: Sequence[float]) -> float:
     wsum = sum(wi for _, wi in kept)
     expected = [total * wi / wsum for _, wi in kept]
     return float(stats.chisquare([o for o, _ in kept], expected).pvalue)
+
+
+#: Dirichlet concentration of the SRM mixture: the prior on the true split is Dirichlet(A * weights), so a
+#: two-arm share varies around its configured value with sd sqrt(w (1 - w) / (A + 1)), about 0.9
+#: percentage points at 50/50: the size of mismatch that matters in practice.
+SRM_CONCENTRATION = 3000.0
+
+
+def _srm_arms(observed: Sequence[float], weights: Sequence[float]) -> tuple[list[float], list[float]] | float:
+    """Validated (counts, shares) of the arms with weight, or a p-value when there is nothing to test."""
+    obs = [float(x) for x in observed]
+    w = [float(x) for x in weights]
+    if len(obs) != len(w):
+        raise ValueError(f"observed and weights must have the same length ({len(obs)} != {len(w)})")
+    for i, (o, wi) in enumerate(zip(obs, w, strict=True)):
+        _check_finite(o, f"observed[{i}]")
+        _check_finite(wi, f"weights[{i}]")
+        if o < 0:
+            raise ValueError(f"observed[{i}] must be >= 0, got {o}")
+        if wi < 0:
+            raise ValueError(f"weights[{i}] must be >= 0, got {wi}")
+    if obs and sum(w) <= 0:
+        raise ValueError("weights must not all be 0")
+    if any(wi == 0 and o > 0 for o, wi in zip(obs, w, strict=True)):
+        return 0.0
+    kept = [(o, wi) for o, wi in zip(obs, w, strict=True) if wi > 0]
+    if len(kept) < 2 or sum(o for o, _ in kept) <= 0:
+        return 1.0
+    wsum = sum(wi for _, wi in kept)
+    return [o for o, _ in kept], [wi / wsum for _, wi in kept]
+
+
+def srm_log_bayes_factor(
+    observed: Sequence[float], weights: Sequence[float], *, concentration: float = SRM_CONCENTRATION
+) -> float:
+    """log Bayes factor of "the split is not ``weights``" against "it is", Dirichlet-multinomial mixture.
+
+    BF = Gamma(A) / Gamma(A + n) * prod_i Gamma(a_i + x_i) / Gamma(a_i) / prod_i p_i^x_i with
+    a_i = A p_i.  Under the configured split it is a nonnegative martingale with mean 1 in the number of
+    requests (Lindon & Malek 2022), so by Ville's inequality P(ever BF >= 1/alpha) <= alpha.
+    """
+    _check_finite(concentration, "concentration")
+    if concentration <= 0:
+        raise ValueError(f"concentration must be > 0, got {concentration}")
+    arms = _srm_arms(observed, weights)
+    if isinstance(arms, float):
+        return math.inf if arms == 0.0 else 0.0
+    x, p = arms
+    a = [concentration * pi for pi in p]
+    n = sum(x)
+    out = math.lgamma(concentration) - math.lgamma(concentration + n)
+    for xi, ai, pi in zip(x, a, p, strict=True):
+        out += math.lgamma(ai + xi) - math.lgamma(ai) - xi * math.log(pi)
+    return out
+
+
+def srm_sequential(
+    observed: Sequence[float],
+    weights: Sequence[float],
+    *,
+    horizon: float | None = None,
+    concentration: float = SRM_CONCENTRATION,
+) -> float:
+    """Anytime-valid sample-ratio-mismatch p-value: safe to check at every interval.
+
+    Without ``horizon``: p = min(1, 1 / BF) of :func:`srm_log_bayes_factor` (Lindon & Malek 2022), valid
+    however often it is looked at, for ever.  With ``horizon`` (the number of requests by which a
+    mismatch should be caught, e.g. the planned sample size): p = min(1, 2 min(p_mixture, p_linear)),
+    where p_linear is the capped linear-boundary test of :func:`sequential_critical_z` on each arm's
+    share (Bonferroni over arms when there are more than two), with information fraction
+    n / ``horizon``; it is also valid for ever (the boundary continues past the horizon) and is more
+    powerful near the horizon.  ``observed`` must count from when the split last changed (an epoch):
+    the configured ``weights`` have to hold for all of it.  Same conventions as :func:`srm_test` for
+    zero weights, no traffic and single arms.
+    """
+    arms = _srm_arms(observed, weights)
+    if isinstance(arms, float):
+        return arms
+    log_bf = srm_log_bayes_factor(observed, weights, concentration=concentration)
+    p_mix = 1.0 if log_bf <= 0 else math.exp(-log_bf)
+    if horizon is None:
+        return min(1.0, p_mix)
+    _check_finite(horizon, "horizon")
+    if horizon <= 0:
+        raise ValueError(f"horizon must be > 0, got {horizon}")
+    x, p = arms
+    n = sum(x)
+    u = n / horizon
+    tests = x[:1] if len(x) == 2 else x
+    shares = p[:1] if len(x) == 2 else p
+    p_lin = min(
+        _sequential_p_value(abs(xi - n * pi) / math.sqrt(n * pi * (1.0 - pi)), u)
+        for xi, pi in zip(tests, shares, strict=True)
+    )
+    p_lin = min(1.0, p_lin * len(tests))
+    return min(1.0, 2.0 * min(p_mix, p_lin))
 
 
 def probability_to_be_best(
