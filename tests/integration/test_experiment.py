@@ -57,7 +57,7 @@ def stack(real_components: None) -> Iterator[Stack]:
         variants={A: {"positive_rate": 0.5}, B: {"positive_rate": 0.5}, C: {"positive_rate": 0.5}},
         route=ROUTE,
         rps=72,
-        max_seconds=1500,
+        max_seconds=2700,
         initial_weights={A: 34, B: 33, C: 33},
     ) as s:
         s.start_operator()
@@ -231,3 +231,170 @@ def test_skewed_split_pauses_for_sample_ratio_mismatch(fresh: Stack) -> None:
     time.sleep(6)  # paused: no decision and no weight change at the next analysis
     obj = fresh.get(PLURAL, "srm")
     assert status(obj)["phase"] == "Paused" and fresh.route_weights() == {A: 50, B: 50, C: 0}
+
+
+# --------------------------------------------------------------------------- the loop's promises
+
+
+def _route_sum_watch(stack: Stack, sums: list[int]) -> Any:
+    def watch(_obj: dict[str, Any]) -> None:
+        sums.append(sum(stack.route_weights().values()))
+
+    return watch
+
+
+def test_concluded_stays_concluded_when_the_route_is_recreated_and_delete_leaves_the_winner(
+    fresh: Stack,
+) -> None:
+    assert fresh.prom is not None
+    fresh.servers[C].set(positive_rate=0.8)
+    start_split(fresh, {A: 34, B: 33, C: 33})
+    fresh.apply(experiment("ends", fresh.prom.url, [A, B, C]))
+    obj = fresh.wait_for(PLURAL, "ends", lambda o: status(o).get("phase") == "Concluded", 150)
+    assert status(obj)["winner"] == "c"
+    fresh.wait_route({A: 0, B: 0, C: 100})
+    history = len(status(obj)["history"])
+    # Argo CD re-creates the route from Git: the old split, and without c's backendRef first.
+    co = client.CustomObjectsApi(fresh.api)
+    co.delete_namespaced_custom_object(
+        "gateway.networking.k8s.io", "v1", fresh.namespace, "httproutes", ROUTE
+    )
+    time.sleep(3)
+    fresh.apply(httproute(ROUTE, fresh.namespace, {A: 50, B: 50}))
+    time.sleep(8)
+    fresh.apply(httproute(ROUTE, fresh.namespace, {A: 34, B: 33, C: 33}))
+    time.sleep(8)
+    obj = fresh.get(PLURAL, "ends")
+    st = status(obj)
+    assert st["phase"] == "Concluded" and st["winner"] == "c", st
+    assert conditions(obj)["Completed"]["status"] == "True"
+    assert conditions(obj)["Concluded"]["status"] == "True"
+    assert len(st["history"]) == history, st["history"][history:]
+    assert fresh.route_weights() == {A: 34, B: 33, C: 33}  # the operator let go of the route
+    assert not {"Started", "NewRevision", "Resumed", "SampleRatioMismatch"} & (
+        event_reasons(fresh, "ends") - {"Started"}
+    )
+    # The user puts the winner in Git; then deletes the experiment: traffic stays on the winner.
+    fresh.apply(httproute(ROUTE, fresh.namespace, {A: 0, B: 0, C: 100}))
+    co.delete_namespaced_custom_object("mlrollouts.io", "v1alpha1", fresh.namespace, PLURAL, "ends")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(o["metadata"]["name"] == "ends" for o in _experiments(fresh)):
+        time.sleep(0.5)
+    time.sleep(2)
+    assert fresh.route_weights() == {A: 0, B: 0, C: 100}
+
+
+def test_removing_a_variant_at_33_percent_zeroes_it_in_the_same_write(fresh: Stack) -> None:
+    assert fresh.prom is not None
+    start_split(fresh, {A: 34, B: 33, C: 33})
+    big = {"stoppingRules": {"minSamplesPerVariant": 100000}}
+    fresh.apply(experiment("remove", fresh.prom.url, [A, B, C], **big))
+    fresh.wait_for(PLURAL, "remove", lambda o: status(o).get("phase") == "Running", 30)
+    fresh.wait_route({A: 34, B: 33, C: 33})
+    sums: list[int] = []
+    fresh.apply(experiment("remove", fresh.prom.url, [A, B], **big))
+    obj = fresh.wait_for(
+        PLURAL,
+        "remove",
+        lambda o: [v["name"] for v in status(o).get("variants", [])] == ["a", "b"],
+        30,
+        on_poll=_route_sum_watch(fresh, sums),
+        poll=0.1,
+    )
+    weights = fresh.wait_route({A: 50, B: 50, C: 0})
+    print(f"\nroute after removing c: {weights}; sums seen while it changed: {sorted(set(sums))}")
+    assert sum(weights.values()) == 100 and set(sums) == {100}, sums
+    assert "NewRevision" in event_reasons(fresh, "remove")
+    obj = fresh.wait_for(PLURAL, "remove", lambda o: not status(o).get("retiredServices"), 20)
+    assert status(obj)["phase"] == "Running"
+    time.sleep(6)  # later analyses leave c at 0
+    assert fresh.route_weights()[C] == 0
+
+
+def test_a_weight_edit_takes_effect_and_is_recorded(fresh: Stack) -> None:
+    assert fresh.prom is not None
+    start_split(fresh, {A: 50, B: 25, C: 25})
+
+    prom = fresh.prom.url
+
+    def weighted(a: int, b: int, c: int) -> dict[str, Any]:
+        doc = experiment("reweight", prom, [A, B, C], stoppingRules={"minSamplesPerVariant": 100000})
+        for v, w in zip(doc["spec"]["variants"], (a, b, c), strict=True):
+            v["weight"] = w
+        return doc
+
+    fresh.apply(weighted(50, 25, 25))
+    fresh.wait_for(PLURAL, "reweight", lambda o: status(o).get("phase") == "Running", 30)
+    fresh.wait_route({A: 50, B: 25, C: 25})
+    fresh.apply(weighted(40, 30, 30))
+    fresh.wait_route({A: 40, B: 30, C: 30}, timeout=15)
+    obj = fresh.wait_for(PLURAL, "reweight", lambda o: variants(o).get("a", {}).get("weight") == 40, 10)
+    last = status(obj)["history"][-1]
+    assert last["reason"] == "NewRevision" and "a 50%" in last["message"], last
+    assert "NewRevision" in event_reasons(fresh, "reweight")
+    assert status(obj)["observedGeneration"] == obj["metadata"]["generation"]
+
+
+def test_specs_that_can_never_decide_are_rejected_by_the_api_server(fresh: Stack) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    assert fresh.prom is not None
+    co = client.CustomObjectsApi(fresh.api)
+
+    def create(doc: dict[str, Any]) -> ApiException:
+        doc["metadata"]["namespace"] = fresh.namespace
+        with pytest.raises(ApiException) as e:
+            co.create_namespaced_custom_object("mlrollouts.io", "v1alpha1", fresh.namespace, PLURAL, doc)
+        return e.value
+
+    zero = experiment("zero", fresh.prom.url, [A, B, C])
+    for v, w in zip(zero["spec"]["variants"], (100, 0, 0), strict=True):
+        v["weight"] = w
+    err = create(zero)
+    assert err.status == 422 and "weight" in str(err.body), err.body
+    unset = experiment("unset", fresh.prom.url, [A, B, C])
+    unset["spec"]["variants"][0]["weight"] = 60
+    unset["spec"]["variants"][1]["weight"] = 40
+    err = create(unset)
+    assert err.status == 422 and "every variant or on none" in str(err.body), err.body
+    mde = experiment("mde", fresh.prom.url, [A, B], successCriteria={"minimumDetectableEffect": 1.5})
+    err = create(mde)
+    assert err.status == 422 and "minimumDetectableEffect" in str(err.body), err.body
+    forever = experiment("forever", fresh.prom.url, [A, B], stoppingRules={"maxDuration": "0s"})
+    err = create(forever)
+    assert err.status == 422 and "maxDuration" in str(err.body), err.body
+    dup = experiment("dup", fresh.prom.url, [A, B])
+    dup["spec"]["variants"][1]["name"] = "a"
+    err = create(dup)
+    assert err.status == 422 and "Duplicate value" in str(err.body), err.body
+    guard = experiment("dupguard", fresh.prom.url, [A, B])
+    guard["spec"]["guardrails"].append({**guard["spec"]["guardrails"][0], "max": 0.9})
+    err = create(guard)
+    assert err.status == 422 and "Duplicate value" in str(err.body), err.body
+    assert not _experiments(fresh)
+
+
+def test_srm_ignores_the_start_up_transient_from_a_production_route(fresh: Stack) -> None:
+    """The route still sends 100% to the control when the experiment starts: no false SRM pause."""
+    assert fresh.prom is not None
+    start_split(fresh, {A: 100, B: 0, C: 0})
+    time.sleep(3)
+    fresh.apply(
+        experiment(
+            "transient",
+            fresh.prom.url,
+            [A, B],
+            stoppingRules={"minSamplesPerVariant": 40, "maxSamplesPerVariant": 100000, "futility": False},
+            analysis={"requests": REQUESTS},
+        )
+    )
+    phases: list[str] = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 40:
+        obj = fresh.get(PLURAL, "transient")
+        phases.append(status(obj).get("phase", ""))
+        time.sleep(1)
+    srm = conditions(obj).get("SampleRatioMismatch", {})
+    print(f"\nSRM after 40s from a 100% control route: {srm.get('reason')}: {srm.get('message')}")
+    assert "Paused" not in phases, phases
+    assert srm.get("status") != "True" and srm.get("reason") in ("SplitMatches", "NotEnoughSamples"), srm
