@@ -398,3 +398,54 @@ def test_srm_ignores_the_start_up_transient_from_a_production_route(fresh: Stack
     print(f"\nSRM after 40s from a 100% control route: {srm.get('reason')}: {srm.get('message')}")
     assert "Paused" not in phases, phases
     assert srm.get("status") != "True" and srm.get("reason") in ("SplitMatches", "NotEnoughSamples"), srm
+
+
+def test_a_variant_without_data_is_dropped_after_the_no_data_timeout(fresh: Stack) -> None:
+    """c's server gets no requests (its error rate is 0/0): it holds, then is dropped like a breach."""
+    assert fresh.prom is not None and fresh.loadgen is not None
+    fresh.loadgen.set_skew({C: 0.0})
+    start_split(fresh, {A: 34, B: 33, C: 33})
+    time.sleep(30)  # c's rate window empties
+    t0 = time.monotonic()
+    fresh.apply(
+        experiment(
+            "silent",
+            fresh.prom.url,
+            [A, B, C],
+            stoppingRules={"minSamplesPerVariant": 100000},
+            analysis={"noDataTimeout": "15s"},
+        )
+    )
+    held = fresh.wait_for(PLURAL, "silent", lambda o: "holding (no data)" in status(o).get("message", ""), 30)
+    assert variants(held)["c"]["active"] and fresh.route_weights()[C] == 33
+    obj = fresh.wait_for(PLURAL, "silent", lambda o: variants(o).get("c", {}).get("active") is False, 60)
+    print(f"\nsilent variant dropped after {time.monotonic() - t0:.1f}s: {variants(obj)['c'].get('reason')}")
+    assert status(obj)["phase"] == "Running" and "noDataTimeout" in variants(obj)["c"]["reason"]
+    weights = fresh.wait_route({C: 0})
+    assert weights[A] + weights[B] == 100
+    assert "VariantDropped" in event_reasons(fresh, "silent")
+
+
+def test_a_second_experiment_on_a_managed_route_is_invalid_and_the_route_never_flips(fresh: Stack) -> None:
+    assert fresh.prom is not None
+    start_split(fresh, {A: 34, B: 33, C: 33})
+    fresh.apply(
+        experiment("owner", fresh.prom.url, [A, B, C], stoppingRules={"minSamplesPerVariant": 100000})
+    )
+    fresh.wait_for(PLURAL, "owner", lambda o: status(o).get("phase") == "Running", 30)
+    time.sleep(1)
+    second = experiment("intruder", fresh.prom.url, [A, B], stoppingRules={"minSamplesPerVariant": 100000})
+    fresh.apply(second)
+    seen: list[dict[str, int]] = []
+    obj = fresh.wait_for(
+        PLURAL,
+        "intruder",
+        lambda o: status(o).get("phase") == "Invalid",
+        30,
+        on_poll=lambda _o: seen.append(fresh.route_weights()),
+    )
+    valid = conditions(obj)["Valid"]
+    assert valid["status"] == "False" and "owner" in valid["message"], valid
+    time.sleep(6)
+    seen.append(fresh.route_weights())
+    assert all(w == {A: 34, B: 33, C: 33} for w in seen), seen
