@@ -74,6 +74,19 @@ def test_concluded_stays_concluded_whatever_the_spec_or_observations_say() -> No
     assert gone.status.phase == "Concluded" and cond(gone, "Valid").status == "False"
 
 
+def test_a_finished_experiment_made_invalid_by_the_loop_returns_to_its_phase() -> None:
+    """The controller may record Valid=False (a route or Secret gone) on a finished experiment whose
+    spec changed; when it is usable again it is finished again, never Running."""
+    spec = make_spec(2)
+    d = concluded(spec)
+    broken, _ = engine.status_.invalid(d.status, "spec.trafficRouting.gatewayAPI.httpRoute: gone", T0, 2)
+    assert broken.phase == "Invalid"
+    assert deletion_weights(spec, broken) is None  # deleting it leaves the winner serving
+    back = engine.reconcile(spec, broken, now=T0 + timedelta(seconds=90), generation=2)
+    assert back.status.phase == "Concluded" and back.status.winner == "v1" and set_weights(back) == []
+    assert cond(back, "Completed").status == "True" and cond(back, "Valid").status == "True"
+
+
 def test_retry_annotation_restarts_a_finished_experiment_once() -> None:
     spec = make_spec(2)
     d = concluded(spec)

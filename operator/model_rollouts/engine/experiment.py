@@ -107,6 +107,16 @@ HISTORY_LIMIT = status_.HISTORY_LIMIT
 SRM_MIN_SAMPLES = 20
 #: Reasons on the Progressing condition.
 SRM_REASON = "SampleRatioMismatch"
+#: The terminal phase each decision ends in (a finished experiment that went Invalid returns to it).
+FINISHED_PHASE = {
+    "promoted": "Concluded",
+    "winnerKept": "Concluded",
+    "noWinner": "Concluded",
+    "futile": "Concluded",
+    "rolledBack": "RolledBack",
+    "errorLimit": "RolledBack",
+    "aborted": "Aborted",
+}
 #: The split of a Thompson confirmation phase: leader and control, 50/50.
 CONFIRMATION_WEIGHT = 50
 
@@ -359,6 +369,8 @@ def deletion_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -
     winner (or wherever the end left it)."""
     if status.startedAt is None or not status.variants or status.phase in (*TERMINAL_PHASES, "Pending"):
         return None
+    if status.decision in FINISHED_PHASE:  # finished, then went Invalid: still finished
+        return None
     return _to_control(spec, status)
 
 
@@ -420,6 +432,16 @@ def reconcile(
     ann = annotations or {}
     problem = validate(spec)
     rev = revision_of(spec)
+    finished = FINISHED_PHASE.get(status.decision or "")
+    if status.phase == "Invalid" and finished and status.revision == rev and not problem:
+        # It had finished before the spec (or its route, Secret...) became unusable: it still has.
+        s = status.model_copy(deep=True)
+        s.phase = finished  # type: ignore[assignment]
+        s.message = s.decisionReason or s.message
+        msg = f"spec is valid again; the experiment had finished: {finished} again, traffic left as it is"
+        _history(s, now, "Valid", "SpecValid", msg)
+        _conditions(s, now, generation, finished)
+        status = s
     if status.phase in TERMINAL_PHASES:
         retry = ann.get(ANNOTATION_RETRY)
         wants_retry = bool(retry) and retry != status.handled.retry
