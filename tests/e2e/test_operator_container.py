@@ -1,0 +1,196 @@
+"""The operator's image, run as the Helm chart's Deployment runs it, carries a rollout to Promoted.
+
+The chart is `helm install`ed onto a real kube-apiserver; the Deployment the API server stored is
+then run by podman (tests/e2e/podman.py) with the chart's ServiceAccount token and RBAC, its user,
+a read-only root filesystem and no capabilities, against the real local Prometheus, model
+servers and load generator of tests/harness. /healthz and /metrics must answer, and Prometheus
+must scrape the operator's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.e2e import podman
+from tests.harness.cluster import MissingComponent
+from tests.harness.procs import free_port
+from tests.harness.stack import Stack, WeightRecorder, httproute
+from tests.install.tools import IMAGE, helm, missing, podman_reason
+
+STABLE, CANDIDATE = "fraud-v1", "fraud-v2"
+RELEASE, RELEASE_NS = "mr-e2e", "mr-system"
+CONTAINER = "model-rollouts-e2e"
+
+
+def _rollout(name: str, prom: str) -> dict[str, Any]:
+    # The integration suite's rollout, so both stay in step with the API.
+    from tests.integration.test_rollout import rollout
+
+    return rollout(
+        name,
+        prom,
+        [
+            {"setWeight": 20},
+            {"pause": {"duration": "5s"}},
+            {"setWeight": 50},
+            {"analysis": {"duration": "5s"}},
+            {"setWeight": 100},
+        ],
+    )
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=3) as r:
+        return r.status, r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def installed() -> Iterator[tuple[Stack, dict[str, Any], int]]:
+    reason = podman_reason()
+    if reason:
+        missing(reason)
+    stack = Stack(
+        variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
+        route="fraud",
+        rps=50,
+        max_seconds=600,
+    )
+    try:
+        stack.start()
+    except MissingComponent as e:
+        missing(str(e))
+    try:
+        health_port = free_port()
+        repo, _, tag = IMAGE.rpartition(":")
+        values = {
+            "image": {"repository": repo, "tag": tag, "pullPolicy": "Never"},
+            "crds": {"install": False},  # the harness installed them already, from the same files
+            "metrics": {"port": stack.operator_metrics_port},
+            "health": {"port": health_port},
+        }
+        assert stack.workdir is not None
+        vfile = stack.workdir / "e2e-values.json"
+        vfile.write_text(json.dumps(values))
+        helm(
+            "install",
+            RELEASE,
+            "charts/model-rollouts",
+            "--namespace",
+            RELEASE_NS,
+            "--create-namespace",
+            "-f",
+            vfile,
+            kubeconfig=stack.cluster.kubeconfig,
+        )
+        api = stack.api
+        dep = client.AppsV1Api(api).read_namespaced_deployment(RELEASE + "-model-rollouts", RELEASE_NS)
+        deployment: dict[str, Any] = api.sanitize_for_serialization(dep)
+        sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        token = (
+            client.CoreV1Api(api)
+            .create_namespaced_service_account_token(
+                sa,
+                RELEASE_NS,
+                client.AuthenticationV1TokenRequest(
+                    spec=client.V1TokenRequestSpec(audiences=[stack.cluster.server], expiration_seconds=3600)
+                ),
+            )
+            .status.token
+        )
+        podman.remove(CONTAINER)
+        from tests.install.tools import run
+
+        run(
+            podman.podman_argv(
+                deployment,
+                name=CONTAINER,
+                server=stack.cluster.server,
+                token=token,
+                ca=stack.workdir / "pki" / "ca.crt",
+                workdir=stack.workdir / "container",
+            )
+        )
+        yield stack, deployment, health_port
+    finally:
+        log = podman.logs(CONTAINER)
+        if stack.workdir is not None:
+            (stack.workdir / "container.log").write_text(log)
+        print("\n--- operator container log (tail) ---\n" + "\n".join(log.splitlines()[-30:]))
+        podman.remove(CONTAINER)
+        stack.close()
+
+
+def test_container_runs_as_the_chart_says(installed: tuple[Stack, dict[str, Any], int]) -> None:
+    _, deployment, _ = installed
+    info = podman.inspect(CONTAINER)
+    assert info["State"]["Running"], podman.logs(CONTAINER)
+    assert info["Config"]["User"] == "65532:65532"
+    assert info["HostConfig"]["ReadonlyRootfs"] is True
+    assert (
+        "ALL" in [c.upper().removeprefix("CAP_") for c in info["HostConfig"]["CapDrop"]]
+        or not info["EffectiveCaps"]
+    )
+    csc = deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    assert csc["readOnlyRootFilesystem"] and csc["runAsNonRoot"] and csc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_healthz_answers(installed: tuple[Stack, dict[str, Any], int]) -> None:
+    _, _, health_port = installed
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            status, _ = _get(f"http://127.0.0.1:{health_port}/healthz")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    "/healthz did not answer in 60s:\n" + podman.logs(CONTAINER)[-3000:]
+                ) from None
+            time.sleep(0.5)
+    assert status == 200
+
+
+def test_rollout_is_promoted_by_the_container(installed: tuple[Stack, dict[str, Any], int]) -> None:
+    stack, _, _ = installed
+    assert stack.prom is not None
+    stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
+    rec = WeightRecorder(stack, CANDIDATE)
+    stack.apply(_rollout("e2e", stack.prom.url))
+    try:
+        obj = stack.wait_for(
+            "modelrollouts",
+            "e2e",
+            lambda o: (o.get("status") or {}).get("phase") == "Promoted",
+            180,
+            on_poll=rec.poll,
+        )
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n--- container log ---\n{podman.logs(CONTAINER)[-4000:]}") from None
+    stack.wait_route({STABLE: 0, CANDIDATE: 100})
+    rec.poll()
+    assert rec.seen == [0, 20, 50, 100]
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+    log = podman.logs(CONTAINER)
+    assert "Forbidden" not in log, "the chart's RBAC refused the operator something:\n" + log[-4000:]
+
+
+def test_metrics_answer_and_are_scraped(installed: tuple[Stack, dict[str, Any], int]) -> None:
+    stack, _, _ = installed
+    status, text = _get(f"http://127.0.0.1:{stack.operator_metrics_port}/metrics")
+    assert status == 200
+    assert "mlrollouts_" in text
+    assert stack.prom is not None
+    deadline = time.monotonic() + 30
+    while True:
+        up = stack.prom.query('up{job="model-rollouts"}')
+        if up and up[0]["value"][1] == "1":
+            break
+        assert time.monotonic() < deadline, f"Prometheus does not scrape the container's /metrics: {up}"
+        time.sleep(1)
