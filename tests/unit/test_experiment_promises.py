@@ -287,6 +287,20 @@ def test_on_no_data_timeout_hold_keeps_holding() -> None:
     assert "holding (no data)" in d.status.message
 
 
+def test_max_duration_ends_a_hold_without_a_winner() -> None:
+    spec = make_spec(2, analysis={"onNoDataTimeout": "hold"}, stoppingRules={"maxDuration": "20s"})
+    d = started(spec)
+    data: dict[str, ProportionData | Result] = {"control": ProportionData(50, 100), "v1": Result("noData")}
+    d = step(spec, d, 10, _guard({}, data))
+    assert d.status.phase == "Running"
+    d = step(spec, d, 20, _guard({}, data))
+    assert d.status.phase == "Concluded" and d.status.decision == "noWinner" and d.status.winner is None
+    assert (
+        weights(d) == {"control": 100, "v1": 0}
+        and "maxDuration 20s elapsed while holding" in d.status.message
+    )
+
+
 def test_no_data_fail_drops_a_variant_at_once_and_rolls_back_a_control() -> None:
     spec = make_spec(3, analysis={"noData": "fail"})  # failureLimit 2 does not apply to no data
     d = started(spec)

@@ -909,6 +909,20 @@ def _analyse(
         kind = "measurement error" if any(m.verdict == "error" for m in holding) else "no data"
         s.lastAnalysis = measurements
         s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
+        elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
+        if elapsed >= parse_duration(spec.stoppingRules.maxDuration):
+            # The deadline holds during a hold too; missing evidence never makes a winner.
+            return _null(
+                spec,
+                s,
+                actions,
+                now,
+                generation,
+                "noWinner",
+                "NoWinner",
+                f"no winner: maxDuration {spec.stoppingRules.maxDuration} elapsed while {s.message}",
+                {},
+            )
         return None
 
     # 3. Sample-ratio mismatch.
