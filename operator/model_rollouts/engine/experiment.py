@@ -346,11 +346,6 @@ def route_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> d
     return out
 
 
-def service_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, int]:
-    """The status weights per Service (what the router should show)."""
-    return route_weights(spec, status) or {}
-
-
 def _to_control(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> dict[str, int]:
     names = _services(spec, status)
     control = control_of(spec).name
@@ -380,16 +375,6 @@ def guard_weights(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> d
     if status.phase not in ("RolledBack", "Aborted") or not status.variants:
         return None
     return _to_control(spec, status)
-
-
-def services_to_weight(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> list[str]:
-    """Every Service the next route write can touch: the spec's, plus those of variants that left the
-    spec while still carrying traffic (they are set to 0 in the same write)."""
-    out = [v.service for v in spec.variants]
-    for v in status.variants:
-        if v.service and v.service not in out and v.weight > 0:
-            out.append(v.service)
-    return out
 
 
 def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
@@ -1512,10 +1497,6 @@ def _in_better_direction(diff: float, better: str) -> bool:
 
 def _weights(s: ModelExperimentStatus) -> dict[str, int]:
     return {v.name: v.weight for v in s.variants}
-
-
-def _by_service(spec: ModelExperimentSpec, weights: dict[str, int]) -> dict[str, int]:
-    return {v.service: weights.get(v.name, 0) for v in spec.variants}
 
 
 def _set_weights(
