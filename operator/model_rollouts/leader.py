@@ -55,7 +55,23 @@ class Elector:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop renewing and hand the Lease back at once, so a standby need not wait for it to expire."""
         self._stop.set()
+        was_leader = self.enabled and self.is_leader()
+        self._valid_until = 0.0
+        if not was_leader or self.api is None:
+            return
+        co = client.CoordinationV1Api(self.api)
+        try:
+            lease = co.read_namespaced_lease(self.name, self.namespace, _request_timeout=REQUEST_TIMEOUT)
+            if lease.spec and lease.spec.holder_identity == self.identity:
+                lease.spec.holder_identity = None
+                lease.spec.renew_time = None
+                co.replace_namespaced_lease(
+                    self.name, self.namespace, lease, _request_timeout=REQUEST_TIMEOUT
+                )
+        except Exception as e:  # noqa: BLE001  (best effort: the lease expires anyway)
+            logger.info("leader election: release failed: %s", type(e).__name__)
 
     def _run(self) -> None:
         was = False

@@ -43,6 +43,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
 
 
+@kopf.on.cleanup()
+def release_lease(**_: Any) -> None:
+    leader.ELECTOR.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="model-rollouts", description="The Model Rollouts operator.")
     parser.add_argument(

@@ -128,10 +128,17 @@ class Stack:
         return path
 
     # -- operator process -------------------------------------------------------------------------
-    def start_operator(self) -> None:
+    def start_operator(
+        self, extra_args: list[str] | None = None, log_name: str = "operator.log"
+    ) -> subprocess.Popen[bytes]:
+        """Start the operator as its ServiceAccount; the first one started is ``self.operator``.
+
+        Leader election runs as in production (a Lease in the operator's namespace), with a short
+        lease so takeover tests stay quick.
+        """
         assert self.workdir is not None
         env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig), "PYTHONUNBUFFERED": "1"}
-        self.operator = spawn(
+        proc = spawn(
             [
                 sys.executable,
                 "-m",
@@ -139,16 +146,26 @@ class Stack:
                 "--namespace",
                 self.namespace,
                 "--metrics-port",
-                str(self.operator_metrics_port),
+                str(self.operator_metrics_port if self.operator is None else 0),
                 "--metrics-address",
                 "127.0.0.1",
                 "--liveness",
                 "",
+                "--leader-election-namespace",
+                "model-rollouts",
+                "--leader-election-lease-duration",
+                "6",
+                "--leader-election-retry-period",
+                "1",
+                *(extra_args or []),
             ],
-            self.workdir / "operator.log",
+            self.workdir / log_name,
             env=env,
             cwd=REPO,
         )
+        if self.operator is None:
+            self.operator = proc
+        return proc
 
     def stop_operator(self, kill: bool = False) -> None:
         if self.operator is None:

@@ -179,6 +179,7 @@ def test_no_data_holds_and_progress_resumes_when_prometheus_returns(fresh: Stack
             "nodata",
             fresh.prom.url,
             [{"setWeight": 20}, {"pause": {"duration": "5s"}}, {"setWeight": 60}, {"setWeight": 100}],
+                analysis={"errorLimit": 12},  # the 25 s outage stays shorter than the error limit
         )
     )
     fresh.wait_for(
@@ -275,9 +276,9 @@ INVALID: list[tuple[str, Any, str]] = [
     ("interval under 5s", lambda d: d["spec"]["analysis"].__setitem__("interval", "2s"), "interval"),
     ("no steps", lambda d: d["spec"].__setitem__("steps", []), "steps"),
     (
-        "stable equals candidate",
-        lambda d: d["spec"]["candidate"].__setitem__("service", STABLE),
-        "candidate.service",
+        "duplicate guardrail names",
+        lambda d: d["spec"]["analysis"]["guardrails"].append(dict(d["spec"]["analysis"]["guardrails"][0])),
+        "guardrails",
     ),
     (
         "two routers",
