@@ -386,3 +386,39 @@ def test_thompson_leader_is_confirmed_on_its_own_fixed_split_samples() -> None:
     d = step(spec, d, 20, obs(better))
     assert d.status.phase == "Concluded" and d.status.winner == "v2"
     assert "confirmation of v2" in (d.status.decisionReason or "")
+
+
+def test_sample_size_is_the_running_designs_at_the_split_in_force() -> None:
+    data = {"control": ProportionData(500, 1000), "v1": ProportionData(500, 1000)}
+    uncapped = make_spec(2, stoppingRules={"futility": False, "minSamplesPerVariant": 5000})
+    capped = make_spec(
+        2, stoppingRules={"futility": False, "minSamplesPerVariant": 5000, "maxSamplesPerVariant": 9000}
+    )
+    sizes: dict[str, int] = {}
+    for name, spec in (("mixture", uncapped), ("sequential", capped)):
+        d = step(spec, started(spec), 10, obs(data))
+        assert d.status.sampleSizePerVariant is not None
+        sizes[name] = d.status.sampleSizePerVariant
+        plan = engine.stats.sample_plan_proportions(0.5, 0.05, alpha=0.05, power=0.8, design=name)  # type: ignore[arg-type]
+        assert sizes[name] == plan.smaller_arm, name
+    assert sizes["mixture"] > sizes["sequential"]  # the uncapped test needs more: never the capped size
+    lopsided = make_spec(
+        2,
+        variants=[
+            {"name": "control", "service": "svc-a", "control": True, "weight": 80},
+            {"name": "v1", "service": "svc-b", "weight": 20},
+        ],
+        stoppingRules={"futility": False, "minSamplesPerVariant": 5000},
+    )
+    d = step(lopsided, started(lopsided), 10, obs(data))
+    plan = engine.stats.sample_plan_proportions(
+        0.5, 0.05, alpha=0.05, power=0.8, allocation=0.2, design="mixture"
+    )
+    assert d.status.sampleSizePerVariant == plan.smaller_arm
+    v1 = next(v for v in d.status.variants if v.name == "v1")
+    assert "more samples" in (v1.reason or "")
+    assert bayes_size(make_spec(2, successCriteria={"method": "bayesian"}), data) is None
+
+
+def bayes_size(spec: ModelExperimentSpec, data: dict[str, ProportionData]) -> int | None:
+    return step(spec, started(spec), 10, obs(data)).status.sampleSizePerVariant

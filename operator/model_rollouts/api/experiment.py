@@ -227,7 +227,12 @@ class ModelExperimentStatus(ResourceStatus):
     startedAt: datetime | None = None
     variants: list[VariantStatus] = Field(default_factory=list)
     srmPValue: float | None = None
-    sampleSizePerVariant: int | None = None
+    sampleSizePerVariant: int | None = Field(
+        default=None,
+        description="Samples the smaller arm of a comparison needs for successCriteria.power at the MDE, "
+        "for the test that really runs (fixedHorizon; sequential with maxSamplesPerVariant: the capped "
+        "boundary; without: the uncapped mixture test) at the split in force; unset for bayesian.",
+    )
     decision: str | None = None
     decisionReason: str | None = None
     winner: str | None = None

@@ -1076,6 +1076,7 @@ def _compare_all(
             "better": pm.better,
             "mde": sc.minimumDetectableEffect,
             "max_samples": spec.stoppingRules.maxSamplesPerVariant if sc.method == "sequential" else None,
+            "allocation": _allocation(s, ctrl, n),
             "labels": (ctrl, n),
         }
         d = data[n]
@@ -1114,6 +1115,8 @@ def _compare_all(
             p_best = ptb.get(n)
             verdict = "better" if r.verdict == "pass" else "worse" if r.verdict == "fail" else "inconclusive"
             note = f"; P(best) = {p_best:.3g}" if p_best is not None else ""
+        if verdict == "inconclusive" and r.more_samples_needed is not None:
+            note += f"; about {r.more_samples_needed:.0f} more samples (both arms) to decide"
         vs.verdict = verdict
         vs.reason = r.reason + note
         details = {
@@ -1131,6 +1134,8 @@ def _compare_all(
             details["adjustedPValue"] = adjusted[n]
         if n in ptb:
             details["probabilityToBeBest"] = ptb[n]
+        if r.more_samples_needed is not None:
+            details["moreSamplesNeeded"] = r.more_samples_needed
         out.append(
             Measurement(
                 name=pm.name,
@@ -1149,17 +1154,42 @@ def _compare_all(
     return out
 
 
+def _allocation(s: ModelExperimentStatus, control: str, treatment: str) -> float:
+    """The treatment's share of the two arms' traffic at the split in force (0.5 when unknown)."""
+    w = {v.name: v.weight for v in s.variants}
+    c, t = w.get(control, 0), w.get(treatment, 0)
+    return t / (c + t) if c > 0 and t > 0 else 0.5
+
+
+def _design(spec: ModelExperimentSpec) -> stats.Design | None:
+    """The design of the test that really runs: the capped sequential boundary only with a sample cap,
+    else the uncapped mixture test; None for bayesian (it has no planned size)."""
+    sc = spec.successCriteria
+    if sc.method == "fixedHorizon":
+        return "fixedHorizon"
+    if sc.method == "sequential":
+        return "sequential" if spec.stoppingRules.maxSamplesPerVariant else "mixture"
+    return None
+
+
 def _sample_size(
     spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data], active: list[str]
 ) -> None:
-    """Planned samples per variant for the MDE (alpha split over the comparisons, conservatively)."""
+    """Samples the smaller arm of each comparison needs for ``power`` at the MDE, for the design that
+    really runs and at the split in force (alpha split over the comparisons, conservatively); the
+    largest over the comparisons. None when it cannot be planned (bayesian, too little data)."""
     sc = spec.successCriteria
+    design = _design(spec)
+    if design is None:
+        s.sampleSizePerVariant = None
+        return
     ctrl = control_of(spec).name
-    k = max(1, len(active) - 1)
-    alpha = sc.alpha / k
+    treatments = [n for n in active if n != ctrl]
+    alpha = sc.alpha / max(1, len(treatments))
     mde = sc.minimumDetectableEffect
+    cdata = data.get(ctrl)
+    sizes: list[int] = []
     try:
-        cdata = data.get(ctrl)
         if isinstance(cdata, stats.ProportionData):
             if cdata.trials < stats.MIN_SAMPLES_PER_ARM:
                 return
@@ -1167,12 +1197,16 @@ def _sample_size(
             delta = mde if spec.primaryMetric.better == "higher" else -mde
             if not 0 < base + delta < 1:
                 delta = -delta
-            fn = (
-                stats.sample_size_sequential_proportions
-                if sc.method == "sequential"
-                else stats.sample_size_proportions
-            )
-            s.sampleSizePerVariant = fn(base, delta, alpha=alpha, power=sc.power)
+            for t in treatments:
+                plan = stats.sample_plan_proportions(
+                    base,
+                    delta,
+                    alpha=alpha,
+                    power=sc.power,
+                    allocation=_allocation(s, ctrl, t),
+                    design=design,
+                )
+                sizes.append(plan.smaller_arm)
         elif isinstance(cdata, stats.MeanData):
             means = [
                 d for n, d in data.items() if n in active and isinstance(d, stats.MeanData) and d.count >= 2
@@ -1183,10 +1217,15 @@ def _sample_size(
             sd = math.sqrt(sum(d.variance * (d.count - 1) for d in means) / dof)
             if sd <= 0:
                 return
-            fm = stats.sample_size_sequential_means if sc.method == "sequential" else stats.sample_size_means
-            s.sampleSizePerVariant = fm(sd, mde, alpha=alpha, power=sc.power)
+            for t in treatments:
+                plan = stats.sample_plan_means(
+                    sd, mde, alpha=alpha, power=sc.power, allocation=_allocation(s, ctrl, t), design=design
+                )
+                sizes.append(plan.smaller_arm)
     except ValueError:
         return
+    if sizes:
+        s.sampleSizePerVariant = max(sizes)
 
 
 def _decide(

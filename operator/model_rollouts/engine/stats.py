@@ -57,6 +57,11 @@ SIEGMUND_RHO = 0.5826
 #: Default normal-mixture standard deviation for the uncapped mSPRT, in units of the per-observation
 #: standard deviation, used when no MDE is given.
 DEFAULT_MIXTURE_EFFECT = 0.1
+#: A non-inferiority comparison with a margin and no explicit design (no ``mde``, ``max_samples`` or
+#: ``max_information``) is planned for this power at the margin, assuming at least this many looks
+#: before the cap (Siegmund's correction; more looks only add power).
+DEFAULT_POWER = 0.8
+DEFAULT_PLAN_LOOKS = 20
 #: Posterior draws for the Beta-Binomial comparison (seeded, so results are reproducible).
 BAYES_DRAWS = 20000
 
@@ -866,7 +871,9 @@ def compare_proportions_stratified(
     Capped design: ``max_samples`` (per arm at an even split; the information fraction is the summed
     harmonic-mean samples over it) or ``max_information`` (the information fraction is the estimated
     information 1/Var(difference) over it; see :func:`information_cap`, which needs only the MDE).
-    With neither, the uncapped mixture SPRT (mixture sd ``mde``, or 0.1 per-observation sd).
+    With neither: a ``nonInferiority`` test with ``margin`` > 0 and no ``mde`` is planned for 80% power
+    at the margin (``max_information = information_cap(margin)``); otherwise the uncapped mixture SPRT
+    (mixture sd ``mde``, or 0.1 per-observation sd).
     """
     _check_options(alpha, "sequential", better, test, margin, mde, max_samples)
     _check_cap(max_samples, max_information)
@@ -1014,6 +1021,15 @@ def _compare_sequential(
     epochs = f" over {len(strata)} epochs" if len(strata) > 1 else ""
     # Information fraction of the capped design: harmonic-mean samples (per-arm samples at an even split
     # carrying the same information), summed over strata.
+    if (
+        max_samples is None
+        and max_information is None
+        and mde is None
+        and test == "nonInferiority"
+        and margin > 0
+    ):
+        # A margin says which effect matters: plan the capped design for power at it.
+        max_information = information_cap(margin, alpha=alpha, power=DEFAULT_POWER, looks=DEFAULT_PLAN_LOOKS)
     u: float | None = None
     if max_samples is not None:
         u = sum(2.0 * s.n_c * s.n_t / (s.n_c + s.n_t) for s in strata if s.n_c + s.n_t > 0) / max_samples
