@@ -449,3 +449,35 @@ def test_a_second_experiment_on_a_managed_route_is_invalid_and_the_route_never_f
     time.sleep(6)
     seen.append(fresh.route_weights())
     assert all(w == {A: 34, B: 33, C: 33} for w in seen), seen
+
+
+def test_thompson_leader_is_confirmed_on_a_fixed_split_before_it_wins(fresh: Stack) -> None:
+    assert fresh.prom is not None
+    fresh.servers[C].set(positive_rate=0.8)
+    start_split(fresh, {A: 34, B: 33, C: 33})
+    t0 = time.monotonic()
+    fresh.apply(
+        experiment(
+            "bandit",
+            fresh.prom.url,
+            [A, B, C],
+            allocation={"strategy": "thompson", "minWeight": 10, "maxStep": 20},
+            stoppingRules={"minSamplesPerVariant": 100},
+        )
+    )
+    routes: list[dict[str, int]] = []
+    obj = fresh.wait_for(
+        PLURAL,
+        "bandit",
+        lambda o: status(o).get("phase") in ("Concluded", "RolledBack", "Aborted", "Invalid"),
+        240,
+        on_poll=lambda _o: routes.append(fresh.route_weights()),
+    )
+    st = status(obj)
+    print(f"\nthompson winner after {time.monotonic() - t0:.1f}s: {st.get('decisionReason')}")
+    assert st["phase"] == "Concluded" and st["winner"] == "c", st
+    assert st["confirmation"]["variant"] == "c"
+    assert {A: 50, B: 0, C: 50} in routes, routes  # the confirmation's fixed split was served
+    assert "confirmation of c" in st["decisionReason"]
+    assert {"ConfirmationStarted", "WinnerPromoted"} <= event_reasons(fresh, "bandit")
+    fresh.wait_route({A: 0, B: 0, C: 100})
