@@ -12,15 +12,22 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=igno
 RUN python3 -m venv /opt/model-rollouts
 WORKDIR /src
 COPY hack/image/constraints.txt ./constraints.txt
-COPY pyproject.toml README.md ./
-COPY operator ./operator
+# Dependencies first (their own layer, cached while the pins do not change), then the package.
 # An optional build secret `pip_ca` is a CA bundle for pip (a TLS-intercepting proxy's); it is
 # used in this stage only and is not part of any layer.
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && /opt/model-rollouts/bin/pip install --no-compile -r constraints.txt
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+RUN --mount=type=secret,id=pip_ca,required=false \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
  && /opt/model-rollouts/bin/pip install --no-compile -c constraints.txt . \
+ && find /opt/model-rollouts/lib -depth -type d \( -name tests -o -name __pycache__ \) \
+      -path '*/site-packages/*' \( -path '*/numpy/*' -o -path '*/scipy/*' -o -name __pycache__ \) \
+      -exec rm -rf {} + \
  && /opt/model-rollouts/bin/python -m compileall -q /opt/model-rollouts/lib \
- && /opt/model-rollouts/bin/pip uninstall -y pip \
+ && /opt/model-rollouts/bin/pip uninstall -y -q pip \
  && /opt/model-rollouts/bin/model-rollouts --help >/dev/null
 
 FROM ${BASE_IMAGE}

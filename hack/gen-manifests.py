@@ -8,6 +8,7 @@
 - manifests/namespace-install.yaml: namespaced install into whatever namespace `kubectl -n` names:
   watches only that namespace, a Role instead of a ClusterRole, no CRDs and nothing
   cluster-scoped (the CRDs come from crds/, applied once by a cluster admin).
+- manifests/base/: the same as a kustomize base (kustomize loads nothing from outside a base).
 - manifests/rbac.yaml: the ServiceAccount and RBAC of install.yaml alone (the integration tests
   run the operator with it).
 - manifests/argocd/argocd-cm.yaml: the health checks and actions as an argocd-cm patch.
@@ -131,6 +132,7 @@ def render() -> dict[Path, str]:
     cm["data"] = {k: _Literal(v) for k, v in cm["data"].items()}
     return {
         OUT / "install.yaml": dump(install),
+        OUT / "base" / "install.yaml": dump(install),
         OUT / "namespace-install.yaml": dump(
             namespaced,
             HEADER + "# Namespaced: `kubectl create namespace NS && kubectl apply -n NS --server-side -f namespace-install.yaml`\n"

@@ -65,7 +65,7 @@ def cluster() -> Iterator[Cluster]:
     from tests.harness.cluster import ControlPlane, MissingComponent, gateway_api_crds, install_crds
 
     try:
-        cp = ControlPlane().start()
+        cp = ControlPlane(controller_manager=True).start()
     except MissingComponent as e:
         missing(f"no cluster: no KUBECONFIG opt-in, no Docker engine for kind, and {e}")
         return

@@ -45,11 +45,18 @@ def _closure(defs: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _fix(node: Any, strict: bool) -> Any:
-    if isinstance(node, list):
-        return [_fix(v, strict) for v in node]
+    """One schema, walked by structure (a property may be named ``properties`` or ``type``)."""
     if not isinstance(node, dict):
         return node
-    node = {k: _fix(v, strict) for k, v in node.items()}
+    node = dict(node)
+    if isinstance(node.get("properties"), dict):
+        node["properties"] = {k: _fix(v, strict) for k, v in node["properties"].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(node.get(key), dict):
+            node[key] = _fix(node[key], strict)
+    for key in ("allOf", "anyOf", "oneOf"):
+        if isinstance(node.get(key), list):
+            node[key] = [_fix(v, strict) for v in node[key]]
     if node.get("format") == "int-or-string" or node.get("x-kubernetes-int-or-string"):
         node.pop("type", None)
         node.pop("format", None)
@@ -72,7 +79,7 @@ def write_schemas(openapi: dict[str, Any], out: Path, strict: bool = True) -> in
         for gvk in d.get("x-kubernetes-group-version-kind") or []:
             group, version, kind = gvk.get("group") or "", gvk["version"], gvk["kind"]
             schema = copy.deepcopy(d)
-            schema["definitions"] = _fix(_closure(defs, name), strict)
+            schema["definitions"] = {k: _fix(v, strict) for k, v in _closure(defs, name).items()}
             schema = _fix(schema, strict)
             schema["$schema"] = "http://json-schema.org/draft-04/schema#"
             path = out / (group or version) / version / f"{kind.lower()}.json"
