@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: help venv system-deps kube-bins setup crds crds-check lint test test-unit test-integration \
-        demo bench-stats bench-rollback cluster-up cluster-down clean
+        demo bench-stats bench-rollback cluster-up cluster-down clean \
+        tools image manifests chart e2e
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -71,3 +72,19 @@ cluster-down: ## stop it
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
+
+# -- Install: image, Helm chart, manifests, Argo CD (see README "Install") -----------------------
+tools: ## build helm, helm-unittest and kubeconform once into .cache from their pinned Go modules
+	bash hack/build-tools.sh >/dev/null
+
+image: ## build the operator image with podman (Debian podman, runc, debootstrap; root)
+	bash hack/build-image.sh
+
+manifests: venv tools ## regenerate manifests/ (install, namespace-install, rbac, base, argocd-cm) from the chart
+	$(PY) hack/gen-manifests.py
+
+chart: venv tools ## helm lint, template matrix, helm-unittest, schema, stale manifests, Argo CD Lua, hadolint
+	$(PY) -m pytest -q tests/install
+
+e2e: setup tools image ## on the local API server: helm install/upgrade/uninstall, can-i, kubeconform; the image promotes a rollout
+	$(PY) -m pytest -q -s tests/e2e

@@ -14,11 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.e2e.conftest import Cluster
 from tests.install.openapi_schemas import LOCATION, write_schemas
 from tests.install.tools import CHART, MANIFESTS, REPO, helm, run, tool
+
+pytestmark = pytest.mark.e2e
 
 RELEASE, NS = "mr", "mr-system"
 SA = f"system:serviceaccount:{NS}:mr-model-rollouts"

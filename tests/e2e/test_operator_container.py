@@ -24,6 +24,8 @@ from tests.harness.procs import free_port
 from tests.harness.stack import Stack, WeightRecorder, httproute
 from tests.install.tools import IMAGE, helm, missing, podman_reason
 
+pytestmark = pytest.mark.e2e
+
 STABLE, CANDIDATE = "fraud-v1", "fraud-v2"
 RELEASE, RELEASE_NS = "mr-e2e", "mr-system"
 CONTAINER = "model-rollouts-e2e"

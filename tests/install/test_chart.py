@@ -141,3 +141,26 @@ def test_dockerfile_promises() -> None:
         assert name in names, (
             f"{name} is not pinned in hack/image/constraints.txt (hack/build-image.sh --update-constraints)"
         )
+
+
+def test_argocd_cm_carries_the_lua_files() -> None:
+    cm = yaml.safe_load((MANIFESTS / "argocd" / "argocd-cm.yaml").read_text())
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == "argocd-cm"
+    base = MANIFESTS / "argocd" / "resource_customizations" / "mlrollouts.io"
+    for kind in ("ModelRollout", "ModelExperiment"):
+        assert (
+            cm["data"][f"resource.customizations.health.mlrollouts.io_{kind}"]
+            == (base / kind / "health.lua").read_text()
+        )
+        actions = yaml.safe_load(cm["data"][f"resource.customizations.actions.mlrollouts.io_{kind}"])
+        assert actions["discovery.lua"] == (base / kind / "actions" / "discovery.lua").read_text()
+        assert {d["name"] for d in actions["definitions"]} == {
+            p.parent.name for p in (base / kind / "actions").glob("*/action.lua")
+        }
+
+
+def test_argocd_applications_keep_operator_weights() -> None:
+    app = yaml.safe_load((MANIFESTS / "argocd" / "application-team-rollouts.yaml").read_text())
+    assert "RespectIgnoreDifferences=true" in app["spec"]["syncPolicy"]["syncOptions"]
+    route = next(d for d in app["spec"]["ignoreDifferences"] if d["kind"] == "HTTPRoute")
+    assert route["jqPathExpressions"] == [".spec.rules[].backendRefs[].weight"]
