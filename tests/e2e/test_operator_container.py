@@ -10,6 +10,7 @@ must scrape the operator's metrics.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from tests.e2e import podman
 from tests.harness.cluster import MissingComponent
 from tests.harness.procs import free_port
 from tests.harness.stack import Stack, WeightRecorder, httproute
-from tests.install.tools import IMAGE, helm, missing, podman_reason
+from tests.install.tools import CHART, IMAGE, helm, missing, podman_reason, run
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +54,52 @@ def _get(url: str) -> tuple[int, str]:
         return r.status, r.read().decode()
 
 
+def _helm_and_run(stack: Stack, verb: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`helm install|upgrade` the chart, then run the Deployment the API server stored, under podman."""
+    assert stack.workdir is not None
+    vfile = stack.workdir / f"e2e-values-{verb}.json"
+    vfile.write_text(json.dumps(values))
+    extra = ["--create-namespace"] if verb == "install" else []
+    helm(
+        verb,
+        RELEASE,
+        CHART,
+        "--namespace",
+        RELEASE_NS,
+        *extra,
+        "-f",
+        vfile,
+        kubeconfig=stack.cluster.kubeconfig,
+    )
+    api = stack.api
+    dep = client.AppsV1Api(api).read_namespaced_deployment(RELEASE + "-model-rollouts", RELEASE_NS)
+    deployment: dict[str, Any] = api.sanitize_for_serialization(dep)
+    sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    token = (
+        client.CoreV1Api(api)
+        .create_namespaced_service_account_token(
+            sa,
+            RELEASE_NS,
+            client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[stack.cluster.server], expiration_seconds=3600)
+            ),
+        )
+        .status.token
+    )
+    podman.remove(CONTAINER)
+    run(
+        podman.podman_argv(
+            deployment,
+            name=CONTAINER,
+            server=stack.cluster.server,
+            token=token,
+            ca=stack.workdir / "pki" / "ca.crt",
+            workdir=stack.workdir / "container",
+        )
+    )
+    return deployment
+
+
 @pytest.fixture(scope="module")
 def installed() -> Iterator[tuple[Stack, dict[str, Any], int]]:
     reason = podman_reason()
@@ -77,48 +124,7 @@ def installed() -> Iterator[tuple[Stack, dict[str, Any], int]]:
             "metrics": {"port": stack.operator_metrics_port},
             "health": {"port": health_port},
         }
-        assert stack.workdir is not None
-        vfile = stack.workdir / "e2e-values.json"
-        vfile.write_text(json.dumps(values))
-        helm(
-            "install",
-            RELEASE,
-            "charts/model-rollouts",
-            "--namespace",
-            RELEASE_NS,
-            "--create-namespace",
-            "-f",
-            vfile,
-            kubeconfig=stack.cluster.kubeconfig,
-        )
-        api = stack.api
-        dep = client.AppsV1Api(api).read_namespaced_deployment(RELEASE + "-model-rollouts", RELEASE_NS)
-        deployment: dict[str, Any] = api.sanitize_for_serialization(dep)
-        sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
-        token = (
-            client.CoreV1Api(api)
-            .create_namespaced_service_account_token(
-                sa,
-                RELEASE_NS,
-                client.AuthenticationV1TokenRequest(
-                    spec=client.V1TokenRequestSpec(audiences=[stack.cluster.server], expiration_seconds=3600)
-                ),
-            )
-            .status.token
-        )
-        podman.remove(CONTAINER)
-        from tests.install.tools import run
-
-        run(
-            podman.podman_argv(
-                deployment,
-                name=CONTAINER,
-                server=stack.cluster.server,
-                token=token,
-                ca=stack.workdir / "pki" / "ca.crt",
-                workdir=stack.workdir / "container",
-            )
-        )
+        deployment = _helm_and_run(stack, "install", values)
         yield stack, deployment, health_port
     finally:
         log = podman.logs(CONTAINER)
@@ -127,6 +133,40 @@ def installed() -> Iterator[tuple[Stack, dict[str, Any], int]]:
         print("\n--- operator container log (tail) ---\n" + "\n".join(log.splitlines()[-30:]))
         podman.remove(CONTAINER)
         stack.close()
+
+
+def _promote(stack: Stack, name: str) -> None:
+    assert stack.prom is not None
+    stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
+    rec = WeightRecorder(stack, CANDIDATE)
+    stack.apply(_rollout(name, stack.prom.url))
+    try:
+        obj = stack.wait_for(
+            "modelrollouts",
+            name,
+            lambda o: (o.get("status") or {}).get("phase") == "Promoted",
+            180,
+            on_poll=rec.poll,
+        )
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n--- container log ---\n{podman.logs(CONTAINER)[-4000:]}") from None
+    stack.wait_route({STABLE: 0, CANDIDATE: 100})
+    rec.poll()
+    assert rec.seen == [0, 20, 50, 100]
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+    refused = [line for line in podman.logs(CONTAINER).splitlines() if "Forbidden" in line]
+    # Kopf, watching listed namespaces, first tries to list all namespaces and CRDs ("scanning")
+    # and falls back to the listed names when refused; that is the namespaced mode's intent.
+    # (settings.scanning.disabled in the operator would skip the attempt.) Anything else is a gap.
+    unexpected = [
+        line
+        for line in refused
+        if not re.search(r'cannot (list|watch) resource \\?"(namespaces|customresourcedefinitions)\\?"', line)
+    ]
+    assert not unexpected, "the chart's RBAC refused the operator something:\n" + "\n".join(unexpected[-10:])
+    client.CustomObjectsApi(stack.api).delete_namespaced_custom_object(
+        "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", name
+    )
 
 
 def test_container_runs_as_the_chart_says(installed: tuple[Stack, dict[str, Any], int]) -> None:
@@ -161,26 +201,7 @@ def test_healthz_answers(installed: tuple[Stack, dict[str, Any], int]) -> None:
 
 def test_rollout_is_promoted_by_the_container(installed: tuple[Stack, dict[str, Any], int]) -> None:
     stack, _, _ = installed
-    assert stack.prom is not None
-    stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
-    rec = WeightRecorder(stack, CANDIDATE)
-    stack.apply(_rollout("e2e", stack.prom.url))
-    try:
-        obj = stack.wait_for(
-            "modelrollouts",
-            "e2e",
-            lambda o: (o.get("status") or {}).get("phase") == "Promoted",
-            180,
-            on_poll=rec.poll,
-        )
-    except TimeoutError as e:
-        raise AssertionError(f"{e}\n--- container log ---\n{podman.logs(CONTAINER)[-4000:]}") from None
-    stack.wait_route({STABLE: 0, CANDIDATE: 100})
-    rec.poll()
-    assert rec.seen == [0, 20, 50, 100]
-    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
-    log = podman.logs(CONTAINER)
-    assert "Forbidden" not in log, "the chart's RBAC refused the operator something:\n" + log[-4000:]
+    _promote(stack, "e2e")
 
 
 def test_metrics_answer_and_are_scraped(installed: tuple[Stack, dict[str, Any], int]) -> None:
@@ -196,3 +217,23 @@ def test_metrics_answer_and_are_scraped(installed: tuple[Stack, dict[str, Any], 
             break
         assert time.monotonic() < deadline, f"Prometheus does not scrape the container's /metrics: {up}"
         time.sleep(1)
+
+
+def test_namespaced_mode_promotes_with_roles_only(installed: tuple[Stack, dict[str, Any], int]) -> None:
+    """`helm upgrade` to namespaced mode: Roles in the watched namespace, no ClusterRole at all."""
+    stack, _, health_port = installed
+    repo, _, tag = IMAGE.rpartition(":")
+    values = {
+        "image": {"repository": repo, "tag": tag, "pullPolicy": "Never"},
+        "crds": {"install": False},
+        "metrics": {"port": stack.operator_metrics_port},
+        "health": {"port": health_port},
+        "watch": {"clusterWide": False, "namespaces": [stack.namespace]},
+    }
+    deployment = _helm_and_run(stack, "upgrade", values)
+    assert f"--namespace={stack.namespace}" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    roles = client.RbacAuthorizationV1Api(stack.api).list_cluster_role(
+        label_selector=f"app.kubernetes.io/instance={RELEASE}"
+    )
+    assert roles.items == []
+    _promote(stack, "e2e-namespaced")
