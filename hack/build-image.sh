@@ -6,7 +6,8 @@
 # Where a registry is reachable, a plain `podman build .` (or docker build) uses the Dockerfile's
 # default base (the Python slim image) instead.
 #
-#   hack/build-image.sh                 # builds $IMAGE (default localhost/model-rollouts:dev)
+#   hack/build-image.sh                 # builds $IMAGE (default localhost/model-rollouts:dev), also
+#                                       # tagged localhost/model-rollouts:<version> (the chart's default)
 #   hack/build-image.sh --base-only     # only the base image
 #   hack/build-image.sh --update-constraints   # rewrite hack/image/constraints.txt from .venv
 #
@@ -55,8 +56,9 @@ fi
 # pip in the build trusts the same CAs as pip here (a build secret: never stored in the image).
 ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 [ -s "$ca" ] && build_flags+=(--secret "id=pip_ca,src=$ca")
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 start=$(date +%s)
 podman "${podman_flags[@]}" build "${build_flags[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-  --build-arg "VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" -t "$IMAGE" -f Dockerfile . >&2
+  --build-arg "VERSION=$version" -t "$IMAGE" -t "localhost/model-rollouts:$version" -f Dockerfile . >&2
 echo "built $IMAGE in $(( $(date +%s) - start ))s" >&2
 echo "$IMAGE"
