@@ -1,36 +1,41 @@
-"""Benchmark of the sequential test against common canary judges.
+"""An honest benchmark of the rollout and experiment statistics against fairly configured peers.
 
 Run from the repository root::
 
-    python -m tests.bench.bench_stats                 # 10,000 experiments per cell
-    python -m tests.bench.bench_stats --experiments 200
+    python -m tests.bench.bench_stats             # the full run (a few minutes on 2 cores)
+    python -m tests.bench.bench_stats --quick     # small run counts, for a smoke test
 
-A seeded, vectorised simulation of two-arm experiments on a proportion metric (higher is better),
-looked at ``--looks`` times at equal intervals up to the sample cap.  Every method sees the same
-simulated data.  Methods:
+Every judge sees the same simulated canaries (same seed, same per-interval data).  The judges:
 
-* ``ours``: ``compare_proportions(method="sequential", max_samples=cap)``, vectorised (the unit tests
-  check that it agrees with the scalar function), with the cap planned by
-  ``sample_size_sequential_proportions``.
-* ``naive``: the fixed-horizon two-proportion z test applied at every look, stopping at the first
-  p < alpha.
-* ``threshold``: a Flagger-style judge.  Each look checks the candidate's rate *in that interval*
-  against the stable's known baseline -/+ a tolerance; 5 failed checks (Flagger's ``threshold``,
-  5 in its documented examples) roll back.  For the superiority metrics it is mirrored: 5 checks above
-  baseline + tolerance declare the candidate better.
-* ``mannwhitney``: a Kayenta-style judge.  Each look's interval is split into sub-buckets, giving a
-  short series of rates per arm, and a two-sided Mann-Whitney U test at Kayenta's 95% confidence
-  classifies the look High/Low/Pass; the first High is a pass, the first Low a rollback.
+* ``ours``: the operator's real decision logic.  Rollout scenarios drive
+  ``model_rollouts.engine.rollout.reconcile`` once per simulated analysis interval, handing it the
+  counts collected since ``status.epochStartedAt`` (the engine keeps closed epochs in status and
+  stratifies by epoch itself), with traffic split at ``status.weight``.  ``thompson_common_drift`` is a
+  stats-level simulation (Thompson allocation by ``engine.bandit.thompson_weights`` every interval,
+  winners by ``engine.stats.compare_variants_stratified`` over allocation epochs), and
+  ``srm_continuous`` calls ``engine.stats.srm_sequential`` at every look.
+* ``flagger``: Flagger's canary analysis.  Each interval one metric check of the candidate's value in
+  that interval against a fixed threshold (the stable's rate when the canary was configured, minus a
+  tolerance); ``threshold: 5`` failed checks roll back, ``iterations: 10`` passed checks promote (a
+  race: whichever count is reached first).
+* ``argo``: an Argo Rollouts AnalysisRun in the background of the same steps: one measurement per
+  interval with ``successCondition`` against the same kind of fixed threshold; the run fails (roll
+  back) when failed measurements exceed ``failureLimit: 3``; the rollout is promoted when the steps
+  end without that.
+* ``kayenta``: Kayenta's Mann-Whitney classifier re-run at every interval on the growing window of
+  per-interval values of both arms (from the canary's start), at 98% confidence, with the
+  Hodges-Lehmann interval compared against +/- ``tolerance`` x |estimate| (tolerance 0.25); a "Low"
+  (bad direction) classification rolls back, the end of the steps promotes.
 
-Metrics (fractions of simulated experiments):
+Calibration: each peer has one per-look tolerance (flagger, argo: the threshold's distance from the
+configured baseline, in units of the scenario's margin; kayenta: the tolerance fraction).  It is set
+once, by bisection, so that the peer's false-rollback rate in ``prop_even`` equals ours, and carried
+unchanged into every other scenario.
 
-* ``type1_error``: no true difference, any pass or fail before the cap (two-sided false positive).
-* ``power_at_mde``: true improvement of one MDE, verdict pass before the cap.
-* ``en_ratio_1x``/``en_ratio_2x``: E[samples per arm at the first decisive verdict, or the cap] at an
-  improvement of 1x/2x the MDE, divided by the fixed-horizon n from ``sample_size_proportions``.
-* ``false_rollback_rate``: no true difference, a fail (rollback) before the cap; passes do not stop
-  this harm monitor.
-* ``miss_rate``: true regression of 2x the MDE, no fail (rollback) by the cap.
+Metrics per scenario and judge: ``false_rollback`` (candidate as good as stable: rolled back, or any
+false verdict), ``bad_promoted`` (candidate 2x the margin worse: promoted), ``miss`` (the same: not
+rolled back by the end), ``median_looks_to_rollback`` (the same: analyses until the rollback),
+``runs``, and Monte-Carlo standard errors.  The last stdout line is JSON.
 """
 
 from __future__ import annotations
@@ -40,270 +45,747 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import stats as sps
 
-from model_rollouts.engine.stats import (
-    MIN_SAMPLES_PER_ARM,
-    sample_size_proportions,
-    sample_size_sequential_proportions,
-    sequential_critical_z,
-)
+from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
+from model_rollouts.engine import rollout as eng
+from model_rollouts.engine import stats
+from model_rollouts.engine.bandit import thompson_weights
 
-METHODS = ("ours", "naive", "threshold", "mannwhitney")
-METRICS = ("type1_error", "power_at_mde", "en_ratio_1x", "en_ratio_2x", "false_rollback_rate", "miss_rate")
-NEVER = np.iinfo(np.int64).max
-SWEEP_TOLERANCES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
-SWEEP_ALPHAS = (0.05, 0.02, 0.01)
+ALPHA = 0.05
+SRM_ALPHA = 0.001
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+INTERVAL = 60.0
+PEERS = ("flagger", "argo", "kayenta")
+JUDGES = ("ours", *PEERS)
+FLAGGER_THRESHOLD = 5
+FLAGGER_ITERATIONS = 10
+ARGO_FAILURE_LIMIT = 3
+KAYENTA_CONFIDENCE = 0.98
+KAYENTA_TOLERANCE = 0.25
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A canary: steps (weight, analysis looks), traffic per interval, the metric and its margin."""
+
+    name: str
+    kind: str  # "proportion" | "lognormal" | "zero_inflated"
+    better: str  # "higher" | "lower"
+    steps: tuple[tuple[int, int], ...]
+    requests: int  # requests per analysis interval (both arms together)
+    margin: float  # non-inferiority margin (absolute)
+    baseline: float  # proportion: the rate; means: the mean
+    drift: float = 0.0  # proportion: linear change of the rate of BOTH arms over the steps
+    sigma: float = 1.0  # lognormal shape
+    nonzero: float = 1.0  # zero-inflated: P(reward > 0)
+    extra_looks: int = 20  # looks after the steps end (ours may still be waiting for evidence)
+    on_inconclusive: str = "hold"
+
+    @property
+    def step_looks(self) -> int:
+        return sum(k for _, k in self.steps)
+
+    @property
+    def looks(self) -> int:
+        return self.step_looks + self.extra_looks
+
+    def weights(self) -> np.ndarray:
+        """Nominal candidate weight (%) of each interval's traffic (look l covers interval l)."""
+        w = [weight for weight, k in self.steps for _ in range(k)]
+        w += [self.steps[-1][0]] * self.extra_looks
+        return np.asarray(w, dtype=np.int64)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("prop_even", "proportion", "higher", ((50, 30),), 1324, 0.01, 0.10),
+        Scenario("prop_canary_5_95", "proportion", "higher", ((5, 30),), 6400, 0.01, 0.10),
+        Scenario(
+            "prop_ramp_common_drift",
+            "proportion",
+            "lower",
+            ((5, 10), (10, 10), (25, 10), (50, 10)),
+            10000,
+            0.002,
+            0.010,
+            drift=0.003,
+        ),
+        Scenario(
+            "mean_lognormal_canary_10_90", "lognormal", "lower", ((10, 30),), 2600, 5.0, 100.0, sigma=1.0
+        ),
+        Scenario(
+            "mean_zero_inflated_canary_5_95",
+            "zero_inflated",
+            "higher",
+            ((5, 30),),
+            5000,
+            0.02,
+            0.10,
+            sigma=1.0,
+            nonzero=0.10,
+        ),
+        # 5 requests/s, a 5% canary: 0.25 requests/s to the candidate.
+        Scenario("low_traffic", "proportion", "higher", ((5, 10), (25, 10), (50, 10)), 300, 0.01, 0.10),
+    )
+}
+
+
+# --------------------------------------------------------------------------- simulated traffic
+
+
+@dataclass
+class Arms:
+    """Per-interval sufficient statistics, shape (runs, looks): n, sum (successes or Σx), Σx²."""
+
+    n: np.ndarray
+    s: np.ndarray
+    q: np.ndarray
+    value: np.ndarray = field(init=False)  # the interval's mean (rate), what threshold judges read
+
+    def __post_init__(self) -> None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.value = np.where(self.n > 0, self.s / np.maximum(self.n, 1), np.nan)
+
+
+def _draw_sums(
+    rng: np.random.Generator, sc: Scenario, n: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Σx and Σx² of n[i, l] draws of the scenario's mean metric (exact draws, no normal approximation)."""
+    mu = math.log(sc.baseline / (sc.nonzero if sc.kind == "zero_inflated" else 1.0)) - sc.sigma**2 / 2
+    k = rng.binomial(n, sc.nonzero) if sc.kind == "zero_inflated" else n
+    flat = k.ravel()
+    total = int(flat.sum())
+    x = rng.lognormal(mu, sc.sigma, size=total) * scale
+    idx = np.repeat(np.arange(flat.size), flat)
+    s1 = np.bincount(idx, weights=x, minlength=flat.size).reshape(n.shape)
+    s2 = np.bincount(idx, weights=x * x, minlength=flat.size).reshape(n.shape)
+    return s1, s2
+
+
+def simulate(
+    rng: np.random.Generator, sc: Scenario, runs: int, effect: float, weights: np.ndarray | None = None
+) -> tuple[Arms, Arms]:
+    """Both arms' per-interval data on the nominal weight schedule (or ``weights``); ``effect`` =
+    candidate - stable (means: a multiplicative shift of the candidate's mean by that much)."""
+    w = sc.weights() if weights is None else weights
+    looks = w.size
+    n_t = np.broadcast_to(np.rint(sc.requests * w / 100).astype(np.int64), (runs, looks)).copy()
+    n_c = sc.requests - n_t
+    if sc.kind == "proportion":
+        t = (np.arange(looks) + 0.5) / sc.step_looks
+        rate = sc.baseline + sc.drift * np.minimum(t, 1.0)
+        s_c = rng.binomial(n_c, rate[None, :]).astype(np.float64)
+        s_t = rng.binomial(n_t, np.clip(rate + effect, 0, 1)[None, :]).astype(np.float64)
+        return Arms(n_c.astype(float), s_c, s_c), Arms(n_t.astype(float), s_t, s_t)
+    sc_c = _draw_sums(rng, sc, n_c, 1.0)
+    sc_t = _draw_sums(rng, sc, n_t, 1.0 + effect / sc.baseline)
+    return Arms(n_c.astype(float), *sc_c), Arms(n_t.astype(float), *sc_t)
+
+
+def bad_effect(sc: Scenario) -> float:
+    """A candidate 2x the margin worse."""
+    return -2 * sc.margin if sc.better == "higher" else 2 * sc.margin
+
+
+# --------------------------------------------------------------------------- ours: the real engine
+
+
+def rollout_spec(sc: Scenario) -> ModelRolloutSpec:
+    steps: list[dict[str, Any]] = []
+    for weight, looks in sc.steps:
+        steps += [{"setWeight": weight}, {"analysis": {"duration": f"{looks * int(INTERVAL)}s"}}]
+    if sc.kind == "proportion":
+        metric: dict[str, Any] = {"type": "proportion", "successes": "s", "trials": "t"}
+    else:
+        metric = {"type": "mean", "sum": "s", "count": "c", "sumSquares": "q"}
+    comparison = {
+        "name": "m",
+        **metric,
+        "better": sc.better,
+        "test": "nonInferiority",
+        "margin": sc.margin,
+    }
+    return ModelRolloutSpec.model_validate(
+        {
+            "stable": {"service": "v1"},
+            "candidate": {"service": "v2"},
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+            "steps": steps,
+            "analysis": {
+                "interval": f"{int(INTERVAL)}s",
+                "prometheus": {"address": "http://prometheus:9090"},
+                "comparisons": [comparison],
+                "alpha": ALPHA,
+                "onInconclusive": sc.on_inconclusive,
+            },
+            # The simulation ends before any deadline: what is undecided at the end is reported as such.
+            "progressDeadline": f"{(sc.looks + 5) * int(INTERVAL)}s",
+        }
+    )
+
+
+FALLBACKS = [0]  # looks at which the engine's weight was not the nominal one (fresh data drawn)
+
+
+@dataclass
+class RunResult:
+    outcome: str  # "Promoted" | "RolledBack" | "undecided"
+    look: int  # look of the outcome (or the last look)
+    first_pass: int  # first look with a "pass" verdict of the comparison, -1 if none
+    first_fail: int
+    n_small: np.ndarray  # smaller arm's cumulative samples at each look (for E[N])
+    n_per_arm_h: np.ndarray  # cumulative harmonic-mean samples at each look
+
+
+def _data(sc: Scenario, n: float, s: float, q: float) -> stats.ProportionData | stats.MeanData:
+    if sc.kind == "proportion":
+        return stats.ProportionData(s, n)
+    if n <= 0:
+        return stats.MeanData(0.0, 0.0, 0.0)
+    return stats.MeanData(n, s, max(q, s * s / n))
+
+
+def run_engine(
+    sc: Scenario, c: Arms, t: Arms, run: int, rng: np.random.Generator, effect: float
+) -> RunResult:
+    """Drive reconcile over the looks of one simulated canary.
+
+    Look l's traffic is split at the weight the engine set before it; when that is the nominal weight
+    the pre-drawn data are used (so every judge sees the same canary), otherwise fresh data are drawn.
+    """
+    spec = rollout_spec(sc)
+    status = ModelRolloutStatus()
+    nominal = sc.weights()
+    now = T0
+    cur = np.zeros(6)  # current epoch: n_c, s_c, q_c, n_t, s_t, q_t
+    first_pass = first_fail = -1
+    n_h = np.zeros(sc.looks)
+    cum_h = 0.0
+    d = eng.reconcile(spec, status, now=now, generation=1)
+    status = d.status
+    for look in range(sc.looks):
+        now += timedelta(seconds=INTERVAL)
+        w = status.weight
+        if w == nominal[look]:
+            row = (
+                c.n[run, look],
+                c.s[run, look],
+                c.q[run, look],
+                t.n[run, look],
+                t.s[run, look],
+                t.q[run, look],
+            )
+        else:  # the engine held or moved differently: traffic at its weight, fresh draws
+            FALLBACKS[0] += 1
+            cc, tt = simulate(rng, sc, 1, effect, np.array([w]))
+            row = (cc.n[0, 0], cc.s[0, 0], cc.q[0, 0], tt.n[0, 0], tt.s[0, 0], tt.q[0, 0])
+        cur += np.asarray(row, dtype=float)
+        nc_i, nt_i = row[0], row[3]
+        if nc_i + nt_i > 0:
+            cum_h += 2 * nc_i * nt_i / (nc_i + nt_i)
+        n_h[look] = cum_h
+        obs = None
+        if eng.needs_measurement(spec, status, now):
+            obs = eng.Observations(
+                comparisons={
+                    "m": eng.ComparisonData(
+                        stable=_data(sc, cur[0], cur[1], cur[2]), candidate=_data(sc, cur[3], cur[4], cur[5])
+                    )
+                }
+            )
+        epoch = status.epochStartedAt
+        d = eng.reconcile(spec, status, now=now, generation=1, observations=obs)
+        status = d.status
+        if status.epochStartedAt != epoch:
+            cur[:] = 0.0
+        for m in status.lastAnalysis:
+            if m.kind == "comparison" and not getattr(m, "carried", False) and status.lastAnalysisTime == now:
+                if m.verdict == "pass" and first_pass < 0:
+                    first_pass = look
+                if m.verdict == "fail" and first_fail < 0:
+                    first_fail = look
+        if status.phase in ("Promoted", "RolledBack"):
+            return RunResult(status.phase, look, first_pass, first_fail, n_h, n_h)
+    return RunResult("undecided", sc.looks - 1, first_pass, first_fail, n_h, n_h)
+
+
+def _engine_batch(args: tuple[str, int, float, int, int]) -> list[RunResult]:
+    name, seed, effect, runs, _ = args
+    sc = SCENARIOS[name]
+    rng = np.random.default_rng(seed)
+    c, t = simulate(rng, sc, runs, effect)
+    fresh = np.random.default_rng(seed + 1)
+    out = [run_engine(sc, c, t, r, fresh, effect) for r in range(runs)]
+    return out
+
+
+# --------------------------------------------------------------------------- peers (vectorised)
+
+NEVER = 10**9
+
+
+def _first(flags: np.ndarray) -> np.ndarray:
+    return np.where(flags.any(axis=1), flags.argmax(axis=1), NEVER)
+
+
+def _bad_side(sc: Scenario, value: np.ndarray, tol: float) -> np.ndarray:
+    """A per-interval check against the fixed threshold (configured baseline -/+ tol x margin) fails."""
+    limit = sc.baseline - tol * sc.margin if sc.better == "higher" else sc.baseline + tol * sc.margin
+    with np.errstate(invalid="ignore"):
+        bad = value < limit if sc.better == "higher" else value > limit
+    return np.asarray(bad & np.isfinite(value))
+
+
+@dataclass
+class Outcome:
+    rollback: np.ndarray  # look of the rollback, NEVER if none
+    promote: np.ndarray  # look of the promotion, NEVER if none
+
+
+def flagger(sc: Scenario, t: Arms, tol: float) -> Outcome:
+    bad = _bad_side(sc, t.value, tol)
+    good = ~bad & np.isfinite(t.value)
+    fail_at = _first(np.cumsum(bad, axis=1) >= FLAGGER_THRESHOLD)
+    pass_at = _first(np.cumsum(good, axis=1) >= FLAGGER_ITERATIONS)
+    return Outcome(np.where(fail_at < pass_at, fail_at, NEVER), np.where(pass_at < fail_at, pass_at, NEVER))
+
+
+def argo(sc: Scenario, t: Arms, tol: float) -> Outcome:
+    bad = _bad_side(sc, t.value[:, : sc.step_looks], tol)
+    fail_at = _first(np.cumsum(bad, axis=1) > ARGO_FAILURE_LIMIT)
+    promote = np.where(fail_at == NEVER, sc.step_looks - 1, NEVER)
+    return Outcome(fail_at, promote)
+
+
+def _hodges_lehmann_bounds(
+    x: np.ndarray, y: np.ndarray, conf: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised Mann-Whitney (Hodges-Lehmann) interval for the shift y - x, rows independent.
+
+    x, y: shape (runs, k) with k values per arm.  The interval is the pair of order statistics of the
+    k*k pairwise differences given by the normal approximation to the U distribution (as R's
+    wilcox.test(conf.int=TRUE) does for large samples, which Kayenta calls).
+    """
+    runs, k = x.shape
+    diffs = np.sort((y[:, :, None] - x[:, None, :]).reshape(runs, k * k), axis=1)
+    m = k * k
+    z = sps.norm.ppf(1 - (1 - conf) / 2)
+    half = z * math.sqrt(k * k * (2 * k + 1) / 12.0)
+    lo_i = int(max(0, math.floor(m / 2 - half)))
+    hi_i = int(min(m - 1, math.ceil(m / 2 + half) - 1))
+    est = np.median(diffs, axis=1)
+    return diffs[:, lo_i], diffs[:, hi_i], est
+
+
+def kayenta(sc: Scenario, c: Arms, t: Arms, tol: float, min_points: int = 3) -> Outcome:
+    runs = t.value.shape[0]
+    low = np.zeros((runs, sc.step_looks), dtype=bool)
+    for look in range(min_points - 1, sc.step_looks):
+        x, y = c.value[:, : look + 1], t.value[:, : look + 1]
+        lo, hi, est = _hodges_lehmann_bounds(x, y, KAYENTA_CONFIDENCE)
+        bound = tol * np.abs(est)
+        low[:, look] = hi < -bound if sc.better == "higher" else lo > bound
+    fail_at = _first(low)
+    return Outcome(fail_at, np.where(fail_at == NEVER, sc.step_looks - 1, NEVER))
+
+
+PEER_FNS: dict[str, Callable[[Scenario, Arms, Arms, float], Outcome]] = {
+    "flagger": lambda sc, c, t, tol: flagger(sc, t, tol),
+    "argo": lambda sc, c, t, tol: argo(sc, t, tol),
+    "kayenta": kayenta,
+}
+DOCUMENTED_TOLERANCE = {"flagger": 1.0, "argo": 1.0, "kayenta": KAYENTA_TOLERANCE}
+
+
+def calibrate(peer: str, sc: Scenario, c: Arms, t: Arms, target: float) -> float:
+    """The per-look tolerance at which the peer's false-rollback rate in ``sc`` (null data) is ``target``."""
+    fn = PEER_FNS[peer]
+
+    def rate(tol: float) -> float:
+        return float(np.mean(fn(sc, c, t, tol).rollback != NEVER))
+
+    lo, hi = (0.0, 20.0) if peer != "kayenta" else (0.0, 50.0)
+    if rate(lo) <= target:
+        return lo
+    if rate(hi) > target:
+        return hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if rate(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
+
+
+def _summary(fr: np.ndarray, bad_rb: np.ndarray, bad_pr: np.ndarray, bad_look: np.ndarray) -> dict[str, Any]:
+    n_null, n_bad = fr.size, bad_rb.size
+    looks = bad_look[bad_rb]
+    out: dict[str, Any] = {
+        "false_rollback": float(fr.mean()),
+        "bad_promoted": float(bad_pr.mean()),
+        "miss": float(1 - bad_rb.mean()),
+        "median_looks_to_rollback": float(np.median(looks + 1)) if looks.size else None,
+        "runs": {"null": n_null, "bad": n_bad},
+        "mc_se": {
+            "false_rollback": _se(float(fr.mean()), n_null),
+            "bad_promoted": _se(float(bad_pr.mean()), n_bad),
+            "miss": _se(float(1 - bad_rb.mean()), n_bad),
+        },
+    }
+    return out
+
+
+def _ours_summary(null: list[RunResult], bad: list[RunResult]) -> dict[str, Any]:
+    fr = np.array([r.outcome == "RolledBack" or r.first_fail >= 0 for r in null])
+    rb = np.array([r.outcome == "RolledBack" for r in bad])
+    pr = np.array([r.outcome == "Promoted" for r in bad])
+    lk = np.array([r.look for r in bad])
+    out = _summary(fr, rb, pr, lk)
+    out["undecided_null"] = float(np.mean([r.outcome == "undecided" for r in null]))
+    out["promoted_null"] = float(np.mean([r.outcome == "Promoted" for r in null]))
+    return out
+
+
+def _peer_summary(o_null: Outcome, o_bad: Outcome) -> dict[str, Any]:
+    fr = o_null.rollback != NEVER
+    rb = o_bad.rollback != NEVER
+    pr = o_bad.promote != NEVER
+    return _summary(fr, rb, pr, np.where(rb, o_bad.rollback, 0))
+
+
+# --------------------------------------------------------------------------- prop_even extras
+
+
+def power_and_en(sc: Scenario, runs_by_effect: dict[str, list[RunResult]]) -> dict[str, float]:
+    """Power at the MDE (= the margin: a candidate as good as stable is one margin from the
+    non-inferiority threshold) and E[N] at 1x / 2x that distance, relative to the fixed-horizon n."""
+    var = 2 * sc.baseline * (1 - sc.baseline)
+    z = sps.norm.ppf(1 - ALPHA / 2) + sps.norm.ppf(0.8)
+    n_fixed = z * z * var / sc.margin**2
+    # The engine's design for a non-inferiority margin: the cap stats.information_cap(margin), in
+    # per-arm samples at this variance.
+    cap = stats.information_cap(sc.margin, alpha=ALPHA, looks=stats.DEFAULT_PLAN_LOOKS) * var
+    w = sc.weights() / 100.0
+    n_h = np.cumsum(2.0 * sc.requests * w * (1 - w))  # nominal harmonic-mean samples per arm
+    cap_look = min(int(np.searchsorted(n_h, cap - 1e-9)), sc.looks - 1)
+
+    def en(rs: list[RunResult]) -> float:
+        vals = []
+        for r in rs:
+            stops = [x for x in (r.first_pass, r.first_fail) if x >= 0] + [cap_look]
+            vals.append(min(n_h[min(stops)], cap))
+        return float(np.mean(vals)) / n_fixed
+
+    one = runs_by_effect["1x"]
+    return {
+        "power_at_mde": float(np.mean([0 <= r.first_pass <= cap_look for r in one])),
+        "en_ratio_1x": en(one),
+        "en_ratio_2x": en(runs_by_effect["2x"]),
+        "n_fixed_per_arm": n_fixed,
+        "cap_per_arm": cap,
+    }
+
+
+# --------------------------------------------------------------------------- Thompson (stats level)
+
+
+def thompson_common_drift(runs: int, seed: int, looks: int = 40) -> dict[str, Any]:
+    """Three variants, Thompson allocation re-drawn every interval (min weight 10, max step 20), the rate
+    of ALL arms drifting 0.050 -> 0.065.  Winners by compare_variants_stratified over allocation
+    epochs (epochs with the same split merged), Holm across variants; the naive pooled test is shown
+    for contrast.  Bad case: variant c is 2 x MDE worse than the others (which drift together)."""
+    rng = np.random.default_rng(seed)
+    names = ["control", "b", "c"]
+    requests, mde = 4000, 0.005
+
+    def one(effects: dict[str, float]) -> tuple[bool, bool, int, bool, bool]:
+        weights = {"control": 34, "b": 33, "c": 33}
+        epochs: dict[tuple[int, ...], dict[str, list[float]]] = {}
+        pooled = {n: [0.0, 0.0] for n in names}
+        false_any = pooled_false = bad_win = False
+        bad_fail_at = -1
+        for look in range(looks):
+            rate = 0.050 + 0.015 * look / (looks - 1)
+            key = tuple(weights[n] for n in names)
+            ep = epochs.setdefault(key, {n: [0.0, 0.0] for n in names})
+            alloc = rng.multinomial(requests, [weights[n] / 100 for n in names])
+            for n, k in zip(names, alloc, strict=True):
+                s = float(rng.binomial(k, rate + effects[n]))
+                ep[n][0] += s
+                ep[n][1] += k
+                pooled[n][0] += s
+                pooled[n][1] += k
+            strata = [{n: stats.ProportionData(v[0], v[1]) for n, v in e.items()} for e in epochs.values()]
+            res = stats.compare_variants_stratified(strata, "control", alpha=ALPHA, better="higher")
+            for n, r in res.items():
+                if r.verdict != "inconclusive" and effects[n] == 0.0:
+                    false_any = True
+                if n == "c" and effects["c"] < 0 and r.verdict == "pass":
+                    bad_win = True
+                if n == "c" and effects["c"] < 0 and r.verdict == "fail" and bad_fail_at < 0:
+                    bad_fail_at = look
+            naive = {
+                n: stats.compare_proportions(
+                    stats.ProportionData(*pooled["control"]), stats.ProportionData(*pooled[n]), alpha=ALPHA
+                )
+                for n in ("b", "c")
+            }
+            adj = stats.holm([naive[n].p_value for n in naive])
+            if any(a <= ALPHA and effects[n] == 0.0 for n, a in zip(naive, adj, strict=True)):
+                pooled_false = True
+            arms = {n: stats.ProportionData(*pooled[n]) for n in names}
+            weights = thompson_weights(arms, weights, min_weight=10, max_step=20, draws=2000, seed=look)
+        return false_any, bad_win, bad_fail_at, pooled_false, bad_fail_at >= 0
+
+    null = [one({"control": 0.0, "b": 0.0, "c": 0.0}) for _ in range(runs)]
+    bad = [one({"control": 0.0, "b": 0.0, "c": -2 * mde}) for _ in range(max(runs // 2, 1))]
+    fr = np.array([x[0] for x in null])
+    bw = np.array([x[1] for x in bad])
+    det = np.array([x[4] for x in bad])
+    looks_to = np.array([x[2] for x in bad if x[2] >= 0])
+    out = _summary(fr, det, bw, np.array([x[2] for x in bad]))
+    out["median_looks_to_rollback"] = float(np.median(looks_to + 1)) if looks_to.size else None
+    out["pooled_false_winner"] = float(np.mean([x[3] for x in null]))
+    out["note"] = (
+        "stats-level simulation: Thompson allocation (engine.bandit) + compare_variants_stratified; "
+        "false_rollback = any decisive verdict for a null variant; bad_promoted = the 2xMDE-worse variant "
+        "judged better; miss = it is not judged worse by the end"
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- SRM
+
+
+def srm_continuous(runs: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    per_look = 1000
+    for looks, key in ((100, "false_pause"), (1000, "false_pause_1000_looks")):
+        x = np.cumsum(rng.binomial(per_look, 0.5, size=(runs, looks)), axis=1)
+        n = per_look * np.arange(1, looks + 1)
+        out[key] = float(np.mean(_srm_any(x, n, 0.5, None)))
+    looks = 100
+    n = (100_000 // looks) * np.arange(1, looks + 1)
+    x = np.cumsum(rng.binomial(100_000 // looks, 0.51, size=(runs, looks)), axis=1)
+    out["detect_51_49_100k"] = float(np.mean(_srm_any(x, n, 0.5, 100_000.0)))
+    out["detect_51_49_100k_without_horizon"] = float(np.mean(_srm_any(x, n, 0.5, None)))
+    out["runs"] = runs
+    out["mc_se"] = {k: _se(out[k], runs) for k in ("false_pause", "detect_51_49_100k")}
+    out["note"] = (
+        "srm_sequential at every look, srmAlpha 0.001, 50/50 split. false_pause: no skew, 100 looks of "
+        "1,000 requests (also 1,000 looks). detect: true split 51/49, 100 looks up to 100,000 requests, "
+        "with horizon=100,000 (the planned size) and without a horizon (the mixture alone)"
+    )
+    return out
+
+
+def _sequential_p_values(z: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Vectorised stats._sequential_p_value (the capped boundary's always-valid p-value)."""
+    b, j, sl = stats.SEQUENTIAL_SLOPE, stats.POST_CAP_JUMP, stats.POST_CAP_SLOPE
+    w = z * np.sqrt(u)
+    a = np.where(u <= 1.0, w - b * u, w - b - j - sl * (u - 1.0))
+    a_pos = np.maximum(a, 1e-12)
+    side = sps.norm.sf(a_pos + b) + np.exp(-2.0 * a_pos * b + sps.norm.logcdf(b - a_pos))
+    c = a_pos + b
+    side = side + np.exp(2.0 * sl * sl - 2.0 * sl * (c + j) + sps.norm.logcdf(c - 2.0 * sl))
+    return np.asarray(np.where(a <= 0, 1.0, np.minimum(1.0, 2.0 * np.minimum(side, 1.0))))
+
+
+def _srm_any(x: np.ndarray, n: np.ndarray, p: float, horizon: float | None) -> np.ndarray:
+    """Vectorised stats.srm_sequential (two arms) < SRM_ALPHA at any look; checked against the scalar
+    function in tests/unit/test_stats_sequential_extras.py."""
+    from scipy.special import gammaln
+
+    a = stats.SRM_CONCENTRATION
+    x2 = n[None, :] - x
+    log_bf = (
+        gammaln(a)
+        - gammaln(a + n)[None, :]
+        + gammaln(a * p + x)
+        - gammaln(a * p)
+        + gammaln(a * (1 - p) + x2)
+        - gammaln(a * (1 - p))
+        - x * math.log(p)
+        - x2 * math.log(1 - p)
+    )
+    p_mix = np.minimum(1.0, np.exp(-np.maximum(log_bf, 0.0)))
+    if horizon is None:
+        pv = p_mix
+    else:
+        z = np.abs(x - n[None, :] * p) / np.sqrt(n[None, :] * p * (1 - p))
+        crit_p = _sequential_p_values(z, (n / horizon)[None, :])
+        pv = np.minimum(1.0, 2 * np.minimum(p_mix, crit_p))
+    return np.asarray((pv < SRM_ALPHA).any(axis=1))
+
+
+# --------------------------------------------------------------------------- driver
 
 
 @dataclass(frozen=True)
 class Settings:
-    experiments: int = 10000
-    looks: int = 30
-    seed: int = 20240601
-    baseline: float = 0.10
-    mde: float = 0.01
-    alpha: float = 0.05
-    power: float = 0.8
-    sub_buckets: int = 10
-    failure_threshold: int = 5
-    tolerance_mdes: float = 1.0  # threshold judge tolerance, in MDEs
-    mannwhitney_alpha: float = 0.05
-
-
-@dataclass
-class Events:
-    """Look index (0-based) of the first pass and first fail per experiment; NEVER if none."""
-
-    first_pass: np.ndarray
-    first_fail: np.ndarray
-
-
-def _first_true(flags: np.ndarray) -> np.ndarray:
-    """Index of the first True along the last axis, NEVER where there is none."""
-    hit = flags.any(axis=-1)
-    return np.where(hit, flags.argmax(axis=-1), NEVER)
-
-
-def _first_count(flags: np.ndarray, count: int) -> np.ndarray:
-    """Index at which the running number of True values along the last axis reaches ``count``."""
-    return _first_true(np.cumsum(flags, axis=-1) >= count)
-
-
-def _proportion_variance(successes: np.ndarray, trials: np.ndarray) -> np.ndarray:
-    """Per-observation variance exactly as ``compare_proportions`` computes it."""
-    p = successes / trials
-    q = 0.5 / (trials + 1.0)
-    return np.where((p > 0) & (p < 1), p * (1 - p), q * (1 - q))
-
-
-def ours_events(s_c: np.ndarray, s_t: np.ndarray, n_per_arm: np.ndarray, cap: float, alpha: float) -> Events:
-    """Vectorised ``compare_proportions(method='sequential', max_samples=cap)`` on cumulative counts.
-
-    ``s_c``/``s_t``: cumulative successes, shape (experiments, looks); ``n_per_arm``: cumulative trials
-    per arm at each look, shape (looks,).
-    """
-    n = n_per_arm[None, :].astype(np.float64)
-    se = np.sqrt(_proportion_variance(s_c, n) / n + _proportion_variance(s_t, n) / n)
-    diff = (s_t - s_c) / n
-    crit = sequential_critical_z(n_per_arm / cap, alpha)[None, :]
-    ok = (n >= MIN_SAMPLES_PER_ARM) & (se > 0)
-    half = crit * se
-    passes = ok & (diff - half > 0)
-    fails = ok & (diff + half < 0)
-    return Events(_first_true(passes), _first_true(fails))
-
-
-def msprt_events(s_c: np.ndarray, s_t: np.ndarray, n_per_arm: np.ndarray, alpha: float, tau: float) -> Events:
-    """Vectorised ``compare_proportions(method='sequential', mde=tau)``: uncapped normal-mixture SPRT."""
-    n = n_per_arm[None, :].astype(np.float64)
-    var = _proportion_variance(s_c, n) / n + _proportion_variance(s_t, n) / n
-    diff = (s_t - s_c) / n
-    ok = (n >= MIN_SAMPLES_PER_ARM) & (var > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        half = np.sqrt(var * (var + tau**2) / tau**2 * (2 * np.log(1 / alpha) + np.log1p(tau**2 / var)))
-    passes = ok & (diff - half > 0)
-    fails = ok & (diff + half < 0)
-    return Events(_first_true(passes), _first_true(fails))
-
-
-def naive_events(s_c: np.ndarray, s_t: np.ndarray, n_per_arm: np.ndarray, alpha: float) -> Events:
-    n = n_per_arm[None, :].astype(np.float64)
-    se = np.sqrt(_proportion_variance(s_c, n) / n + _proportion_variance(s_t, n) / n)
-    z = (s_t - s_c) / n / se
-    crit = stats.norm.ppf(1 - alpha / 2)
-    return Events(_first_true(z > crit), _first_true(z < -crit))
-
-
-def threshold_events(win_t: np.ndarray, n_look: int, baseline: float, tol: float, failures: int) -> Events:
-    """``win_t``: candidate successes in each look's interval, shape (experiments, looks)."""
-    rate = win_t / n_look
-    return Events(
-        _first_count(rate > baseline + tol, failures), _first_count(rate < baseline - tol, failures)
-    )
-
-
-def mannwhitney_events(bucket_c: np.ndarray, bucket_t: np.ndarray, alpha: float) -> Events:
-    """``bucket_*``: successes per sub-bucket, shape (experiments, looks, sub_buckets)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        res = stats.mannwhitneyu(bucket_t, bucket_c, axis=-1, method="asymptotic", alternative="two-sided")
-    b = bucket_t.shape[-1]
-    significant = np.nan_to_num(res.pvalue, nan=1.0) < alpha
-    higher = res.statistic > b * b / 2.0
-    return Events(_first_true(significant & higher), _first_true(significant & ~higher))
-
-
-def _simulate(
-    rng: np.random.Generator, cfg: Settings, n_bucket: int, p_c: float, p_t: float
-) -> tuple[Any, ...]:
-    shape = (cfg.experiments, cfg.looks, cfg.sub_buckets)
-    bucket_c = rng.binomial(n_bucket, p_c, size=shape)
-    bucket_t = rng.binomial(n_bucket, p_t, size=shape)
-    win_c, win_t = bucket_c.sum(axis=-1), bucket_t.sum(axis=-1)
-    return bucket_c, bucket_t, win_c, win_t, np.cumsum(win_c, axis=1), np.cumsum(win_t, axis=1)
+    null_runs: int = 600
+    bad_runs: int = 300
+    power_runs: int = 300
+    thompson_runs: int = 150
+    srm_runs: int = 4000
+    seed: int = 20261128
+    workers: int = 2
 
 
 def run_benchmark(cfg: Settings) -> dict[str, Any]:
-    """Simulate every scenario and return {method: {metric: value}, "settings": {...}}."""
     started = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed)
-    n_fixed = sample_size_proportions(cfg.baseline, cfg.mde, alpha=cfg.alpha, power=cfg.power)
-    planned_cap = sample_size_sequential_proportions(
-        cfg.baseline, cfg.mde, alpha=cfg.alpha, power=cfg.power, looks=cfg.looks
-    )
-    n_bucket = math.ceil(planned_cap / (cfg.looks * cfg.sub_buckets))
-    n_look = n_bucket * cfg.sub_buckets
-    cap = n_look * cfg.looks  # the cap as run: the planned cap rounded up to whole looks
-    n_per_arm = n_look * np.arange(1, cfg.looks + 1)
-    tol = cfg.tolerance_mdes * cfg.mde
+    seeds = {name: cfg.seed + 1000 * i for i, name in enumerate(SCENARIOS)}
+    jobs: list[tuple[str, str, tuple[str, int, float, int, int]]] = []
+    for name, sc in SCENARIOS.items():
+        jobs.append((name, "null", (name, seeds[name], 0.0, cfg.null_runs, 0)))
+        jobs.append((name, "bad", (name, seeds[name] + 1, bad_effect(sc), cfg.bad_runs, 0)))
+    pe = SCENARIOS["prop_even"]
+    jobs.append(("prop_even", "1x", ("prop_even", seeds["prop_even"] + 2, 0.0, cfg.power_runs, 0)))
+    jobs.append(("prop_even", "2x", ("prop_even", seeds["prop_even"] + 3, pe.margin, cfg.power_runs, 0)))
+    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        done = list(pool.map(_engine_batch, [j[2] for j in jobs]))
+    engine: dict[str, dict[str, list[RunResult]]] = {}
+    for (name, case, _), res in zip(jobs, done, strict=True):
+        engine.setdefault(name, {})[case] = res
 
-    scenarios = {"null": 0.0, "mde": cfg.mde, "2mde": 2 * cfg.mde, "harm": -2 * cfg.mde, "drift": 0.0}
-    events: dict[str, dict[str, Events]] = {}
-    tradeoff: dict[str, dict[str, Events]] = {}
-    for name, effect in scenarios.items():
-        # "drift": no true difference, but the metric of BOTH arms has moved one MDE below the baseline
-        # that the threshold judge was configured with (e.g. seasonality).  Only the harm monitors use it.
-        p_c = cfg.baseline - cfg.mde if name == "drift" else cfg.baseline
-        bucket_c, bucket_t, _win_c, win_t, cum_c, cum_t = _simulate(rng, cfg, n_bucket, p_c, p_c + effect)
-        if name != "drift":
-            events[name] = {
-                "ours": ours_events(cum_c, cum_t, n_per_arm, cap, cfg.alpha),
-                "naive": naive_events(cum_c, cum_t, n_per_arm, cfg.alpha),
-                "threshold": threshold_events(win_t, n_look, cfg.baseline, tol, cfg.failure_threshold),
-                "mannwhitney": mannwhitney_events(bucket_c, bucket_t, cfg.mannwhitney_alpha),
-                "ours_uncapped_msprt": msprt_events(cum_c, cum_t, n_per_arm, cfg.alpha, cfg.mde),
-            }
-        if name in ("null", "harm", "drift"):
-            rows = {
-                f"threshold tol {k:g}xMDE": threshold_events(
-                    win_t, n_look, cfg.baseline, k * cfg.mde, cfg.failure_threshold
+    results: dict[str, Any] = {}
+    tolerances: dict[str, float] = {}
+    for name, sc in SCENARIOS.items():
+        # The same canaries the engine saw (same seeds).
+        c0, t0 = simulate(np.random.default_rng(seeds[name]), sc, cfg.null_runs, 0.0)
+        c1, t1 = simulate(np.random.default_rng(seeds[name] + 1), sc, cfg.bad_runs, bad_effect(sc))
+        ours = _ours_summary(engine[name]["null"], engine[name]["bad"])
+        row: dict[str, Any] = {"ours": ours}
+        if name == "prop_even":
+            target = max(ours["false_rollback"], 0.5 / cfg.null_runs)
+            for peer in PEERS:
+                tolerances[peer] = calibrate(peer, sc, c0, t0, target)
+            row["ours"].update(power_and_en(sc, engine[name]))
+            row["documented"] = {
+                peer: _peer_summary(
+                    PEER_FNS[peer](sc, c0, t0, DOCUMENTED_TOLERANCE[peer]),
+                    PEER_FNS[peer](sc, c1, t1, DOCUMENTED_TOLERANCE[peer]),
                 )
-                for k in SWEEP_TOLERANCES
+                for peer in PEERS
             }
-            rows.update(
-                {f"ours alpha {a:g}": ours_events(cum_c, cum_t, n_per_arm, cap, a) for a in SWEEP_ALPHAS}
+        for peer in PEERS:
+            row[peer] = _peer_summary(
+                PEER_FNS[peer](sc, c0, t0, tolerances[peer]), PEER_FNS[peer](sc, c1, t1, tolerances[peer])
             )
-            tradeoff[name] = rows
-
-    def decided(ev: Events) -> np.ndarray:
-        return np.asarray(np.minimum(ev.first_pass, ev.first_fail) != NEVER)
-
-    def passed(ev: Events) -> np.ndarray:
-        return np.asarray((ev.first_pass != NEVER) & (ev.first_pass < ev.first_fail))
-
-    def expected_n(ev: Events) -> float:
-        stop = np.minimum(np.minimum(ev.first_pass, ev.first_fail), cfg.looks - 1)
-        return float(np.mean((stop + 1) * n_look))
-
-    def metrics(m: str) -> dict[str, float]:
-        return {
-            "type1_error": float(np.mean(decided(events["null"][m]))),
-            "power_at_mde": float(np.mean(passed(events["mde"][m]))),
-            "en_ratio_1x": expected_n(events["mde"][m]) / n_fixed,
-            "en_ratio_2x": expected_n(events["2mde"][m]) / n_fixed,
-            "false_rollback_rate": float(np.mean(events["null"][m].first_fail != NEVER)),
-            "miss_rate": float(np.mean(events["harm"][m].first_fail == NEVER)),
-        }
-
-    results: dict[str, Any] = {m: metrics(m) for m in METHODS}
-    mcse = math.sqrt(cfg.alpha * (1 - cfg.alpha) / cfg.experiments)
-    results["settings"] = {
-        "experiments_per_cell": cfg.experiments,
-        "looks": cfg.looks,
+        results[name] = row
+    results["thompson_common_drift"] = {"ours": thompson_common_drift(cfg.thompson_runs, cfg.seed + 77)}
+    results["srm_continuous"] = {"ours": srm_continuous(cfg.srm_runs, cfg.seed + 99)}
+    settings = {
         "seed": cfg.seed,
-        "baseline": cfg.baseline,
-        "mde": cfg.mde,
-        "alpha": cfg.alpha,
-        "power": cfg.power,
-        "n_fixed": n_fixed,
-        "planned_cap": planned_cap,
-        "cap": cap,
-        "cap_over_n_fixed": cap / n_fixed,
-        "samples_per_look": n_look,
-        "sub_buckets": cfg.sub_buckets,
-        "threshold_tolerance": tol,
-        "failure_threshold": cfg.failure_threshold,
-        "mannwhitney_alpha": cfg.mannwhitney_alpha,
-        "type1_target": cfg.alpha + 2 * mcse,
-        # the same sequential test without a planned cap (what the product runs when max_samples is None)
-        "ours_uncapped_msprt": metrics("ours_uncapped_msprt"),
-        "harm_tradeoff": {
-            row: {
-                "false_rollback_rate": float(np.mean(tradeoff["null"][row].first_fail != NEVER)),
-                "miss_rate": float(np.mean(tradeoff["harm"][row].first_fail == NEVER)),
-                "false_rollback_under_drift": float(np.mean(tradeoff["drift"][row].first_fail != NEVER)),
+        "interval_seconds": INTERVAL,
+        "scenarios": {
+            n: {
+                "steps": s.steps,
+                "requests_per_interval": s.requests,
+                "margin": s.margin,
+                "baseline": s.baseline,
+                "better": s.better,
+                "kind": s.kind,
+                "drift": s.drift,
+                "sigma": s.sigma if s.kind != "proportion" else None,
+                "looks": s.looks,
             }
-            for row in tradeoff["null"]
+            for n, s in SCENARIOS.items()
         },
-        "seconds": round(time.perf_counter() - started, 2),
+        "calibrated_tolerance": tolerances,
+        "tolerance_units": {"flagger": "x margin", "argo": "x margin", "kayenta": "x |HL estimate|"},
+        "seconds": round(time.perf_counter() - started, 1),
     }
-    return results
+    return {"alpha": ALPHA, "scenarios": results, "settings": settings}
 
 
-def format_table(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    lines = [
-        f"{s['experiments_per_cell']} experiments per cell, {s['looks']} looks, baseline {s['baseline']:g}, "
-        f"MDE {s['mde']:g}, alpha {s['alpha']:g}; n_fixed {s['n_fixed']} per arm, "
-        f"cap {s['cap']} per arm ({s['cap_over_n_fixed']:.3f} x n_fixed), seed {s['seed']}",
-        "",
-        f"{'method':<12}" + "".join(f"{m:>21}" for m in METRICS),
-    ]
-    for m in METHODS:
-        lines.append(f"{m:<12}" + "".join(f"{results[m][k]:>21.4f}" for k in METRICS))
-    extra = s["ours_uncapped_msprt"]
-    lines.append(f"{'(mSPRT)':<12}" + "".join(f"{extra[k]:>21.4f}" for k in METRICS))
-    lines.append("(mSPRT) = ours without max_samples: normal-mixture SPRT with tau = MDE; not a target row")
-    lines += [
-        "",
-        f"type-I target for ours: <= {s['type1_target']:.4f} (alpha + 2 Monte-Carlo SE)",
-        "harm monitors (rollback on the first fail; 5 failed checks for the threshold judge):",
-        f"  {'monitor':<24}{'false_rollback_rate':>21}{'miss_rate':>12}{'false_rollback_under_drift':>28}",
-    ]
-    for k, v in s["harm_tradeoff"].items():
+def _f(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4f}"
+    return str(x)
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = []
+    s = res["settings"]
+    tol = s["calibrated_tolerance"]
+    lines.append(
+        "calibrated per-look tolerance (equal false_rollback to ours in prop_even): "
+        + ", ".join(f"{k} {v:.3g} {s['tolerance_units'][k]}" for k, v in tol.items())
+    )
+    head = (
+        f"{'scenario':<32}{'judge':<10}{'false_rb':>10}{'±se':>8}{'bad_prom':>10}{'miss':>9}{'med_looks':>10}"
+    )
+    lines += [head, "-" * len(head)]
+    for name, row in res["scenarios"].items():
+        for judge, m in row.items():
+            if judge == "documented" or "false_rollback" not in m:
+                continue
+            lines.append(
+                f"{name:<32}{judge:<10}{_f(m['false_rollback']):>10}{m['mc_se']['false_rollback']:>8.4f}"
+                f"{_f(m['bad_promoted']):>10}{_f(m['miss']):>9}{_f(m['median_looks_to_rollback']):>10}"
+            )
+    pe = res["scenarios"]["prop_even"]
+    o = pe["ours"]
+    lines.append(
+        f"prop_even ours: power_at_mde {o['power_at_mde']:.4f}, en_ratio_1x {o['en_ratio_1x']:.4f}, "
+        f"en_ratio_2x {o['en_ratio_2x']:.4f} "
+        f"(n_fixed {o['n_fixed_per_arm']:.0f}/arm, cap {o['cap_per_arm']:.0f})"
+    )
+    lines.append("prop_even peers at their documented tolerance (flagger/argo 1x margin, kayenta 0.25):")
+    for peer, m in pe["documented"].items():
         lines.append(
-            f"  {k:<24}{v['false_rollback_rate']:>21.4f}{v['miss_rate']:>12.4f}"
-            f"{v['false_rollback_under_drift']:>28.4f}"
+            f"  {peer:<9} false_rb {_f(m['false_rollback'])} bad_prom {_f(m['bad_promoted'])} "
+            f"miss {_f(m['miss'])} med_looks {_f(m['median_looks_to_rollback'])}"
         )
+    srm = res["scenarios"]["srm_continuous"]["ours"]
+    lines.append(
+        f"srm_continuous: false_pause {srm['false_pause']:.4f} "
+        f"(1000 looks {srm['false_pause_1000_looks']:.4f}), "
+        f"detect_51_49_100k {srm['detect_51_49_100k']:.4f} "
+        f"(no horizon {srm['detect_51_49_100k_without_horizon']:.4f})"
+    )
+    th = res["scenarios"]["thompson_common_drift"]["ours"]
+    lines.append(f"thompson_common_drift: naive pooled test false winners {th['pooled_false_winner']:.4f}")
     lines.append(f"elapsed {s['seconds']} s")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--experiments", type=int, default=Settings.experiments)
-    parser.add_argument("--looks", type=int, default=Settings.looks)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run counts (smoke test)")
     parser.add_argument("--seed", type=int, default=Settings.seed)
+    parser.add_argument("--workers", type=int, default=Settings.workers)
     args = parser.parse_args(argv)
-    if args.experiments < 1 or args.looks < 1:
-        parser.error("--experiments and --looks must be positive")
-    results = run_benchmark(Settings(experiments=args.experiments, looks=args.looks, seed=args.seed))
-    print(format_table(results))
-    print(json.dumps(results))
+    cfg = Settings(seed=args.seed, workers=args.workers)
+    if args.quick:
+        cfg = Settings(40, 30, 30, 10, 400, args.seed, args.workers)
+    res = run_benchmark(cfg)
+    print(format_table(res))
+    print(json.dumps(res, default=float))
     return 0
 
 
