@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "model-rollouts"
 OUT = ROOT / "manifests"
 CUSTOM = OUT / "argocd" / "resource_customizations"
-HELM = ROOT / ".cache" / "tools" / "bin" / "helm"
+HELM = Path(os.environ.get("MODEL_ROLLOUTS_CACHE", ROOT / ".cache")) / "tools" / "bin" / "helm"
 NAMESPACE = "model-rollouts"
 HEADER = "# Generated from charts/model-rollouts by hack/gen-manifests.py (`make manifests`). Do not edit.\n"
 CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
