@@ -644,11 +644,11 @@ def _srm_any(x: np.ndarray, n: np.ndarray, p: float, horizon: float | None) -> n
 
 @dataclass(frozen=True)
 class Settings:
-    null_runs: int = 600
-    bad_runs: int = 300
-    power_runs: int = 300
-    thompson_runs: int = 150
-    srm_runs: int = 4000
+    null_runs: int = 1500
+    bad_runs: int = 600
+    power_runs: int = 600
+    thompson_runs: int = 300
+    srm_runs: int = 10000
     seed: int = 20261128
     workers: int = 2
 

@@ -205,7 +205,14 @@ def _check_options(
 
 
 def _log_ndtr(x: float) -> float:
+    """log Phi(x); math.erfc is exact enough and much faster than scipy for scalars above -20."""
+    if x > -20.0:
+        return math.log(0.5 * math.erfc(-x / math.sqrt(2.0)))
     return float(stats.norm.logcdf(x))
+
+
+def _norm_sf(x: float) -> float:
+    return 0.5 * math.erfc(x / math.sqrt(2.0))
 
 
 def _side_probability(a: float, b: float = SEQUENTIAL_SLOPE) -> float:
@@ -217,7 +224,7 @@ def _side_probability(a: float, b: float = SEQUENTIAL_SLOPE) -> float:
     """
     if a <= 0:
         return 1.0
-    in_horizon = float(stats.norm.sf(a + b)) + math.exp(-2.0 * a * b + _log_ndtr(b - a))
+    in_horizon = _norm_sf(a + b) + math.exp(-2.0 * a * b + _log_ndtr(b - a))
     s, c = POST_CAP_SLOPE, a + b
     post_cap = math.exp(2.0 * s * s - 2.0 * s * (c + POST_CAP_JUMP) + _log_ndtr(c - 2.0 * s))
     return min(1.0, in_horizon + post_cap)
@@ -264,6 +271,7 @@ def _continuous_power(a: float, drift: float, b: float = SEQUENTIAL_SLOPE) -> fl
     return min(1.0, float(stats.norm.sf(a + c)) + math.exp(-2.0 * a * c + _log_ndtr(c - a)))
 
 
+@lru_cache(maxsize=256)
 def sequential_inflation(alpha: float = 0.05, power: float = 0.8, looks: int | None = None) -> float:
     """Ratio of the sequential sample cap to the fixed-horizon sample size for the same power.
 
@@ -293,6 +301,11 @@ def sequential_inflation(alpha: float = 0.05, power: float = 0.8, looks: int | N
 def _z_sum(alpha: float, power: float) -> float:
     _check_alpha(alpha)
     _check_alpha(power, "power")
+    return _z_sum_cached(float(alpha), float(power))
+
+
+@lru_cache(maxsize=256)
+def _z_sum_cached(alpha: float, power: float) -> float:
     return float(stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power))
 
 
@@ -1095,7 +1108,7 @@ def _compare_sequential(
     se = math.sqrt(1.0 / info)
     z0 = (diff - threshold) / se
     if u is not None:
-        half = float(sequential_critical_z(u, alpha)) * se
+        half = _critical_z_scalar(u, alpha) * se
         p_value = _sequential_p_value(abs(z0), u)
     else:
         half, p_value = _msprt(diff - threshold, se, alpha, tau)
@@ -1131,10 +1144,20 @@ def _info_rate(strata: list[_Summary], allocation: float | None) -> tuple[float,
     return 1.0 / (var_c / (1.0 - w) + var_t / w), w
 
 
+def _critical_z_scalar(u: float, alpha: float) -> float:
+    """Scalar :func:`sequential_critical_z` (no numpy overhead: it runs inside search loops)."""
+    if u <= 0:
+        return math.inf
+    a = sequential_intercept(alpha)
+    b = SEQUENTIAL_SLOPE
+    w = a + b * u if u <= 1.0 else a + b + POST_CAP_JUMP + POST_CAP_SLOPE * (u - 1.0)
+    return w / math.sqrt(u)
+
+
 def _half_width(info: float, u_per_info: float | None, alpha: float, tau: float) -> float:
     se = math.sqrt(1.0 / info)
     if u_per_info is not None:
-        return float(sequential_critical_z(u_per_info * info, alpha)) * se
+        return _critical_z_scalar(u_per_info * info, alpha) * se
     return _msprt(0.0, se, alpha, tau)[0]
 
 
@@ -1160,15 +1183,15 @@ def _more_samples(
         return 0.0, 0.0
     lo_f, hi_f = 1.0, None
     f = 1.0
-    for _ in range(80):  # geometric search up to ~1e12 times the current information
-        f *= 1.5
+    for _ in range(40):  # geometric search up to ~1e12 times the current information
+        f *= 2.0
         if _half_width(info * f, u_per_info, alpha, tau) <= dist:
             hi_f = f
             break
         lo_f = f
     if hi_f is None:
         return None
-    for _ in range(60):
+    for _ in range(24):  # to a relative precision of about 2**-24 of the doubling step
         mid = math.sqrt(lo_f * hi_f)
         if _half_width(info * mid, u_per_info, alpha, tau) <= dist:
             hi_f = mid
