@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: help venv system-deps kube-bins setup crds crds-check lint test test-unit test-integration \
         demo bench-stats bench-rollback cluster-up cluster-down clean \
-        tools image manifests chart e2e
+        tools image manifests chart e2e argocd-testdata
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -88,3 +88,6 @@ chart: venv tools ## helm lint, template matrix, helm-unittest, schema, stale ma
 
 e2e: setup tools image ## on the local API server: helm install/upgrade/uninstall, can-i, kubeconform; the image promotes a rollout
 	$(PY) -m pytest -q -s tests/e2e
+
+argocd-testdata: setup ## re-capture the Argo CD health/action fixtures from real objects on the local stack
+	$(PY) -m tests.install.capture_argocd_testdata

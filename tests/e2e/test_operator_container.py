@@ -164,6 +164,16 @@ def _promote(stack: Stack, name: str) -> None:
         if not re.search(r'cannot (list|watch) resource \\?"(namespaces|customresourcedefinitions)\\?"', line)
     ]
     assert not unexpected, "the chart's RBAC refused the operator something:\n" + "\n".join(unexpected[-10:])
+    # --log-format json (the chart's default): one JSON object per line; decisions carry the object.
+    decisions = [
+        json.loads(line)
+        for line in podman.logs(CONTAINER).splitlines()
+        if line.startswith("{") and '"decision"' in line
+    ]
+    promoted = [d for d in decisions if d.get("decision") == "Promoted" and d.get("object") == name]
+    assert promoted, f"no JSON decision line for {name}: {decisions[-3:]}"
+    assert {"namespace", "object", "revision", "phase", "weight"} <= promoted[-1].keys()
+    assert promoted[-1]["phase"] == "Promoted" and promoted[-1]["weight"] == 100
     client.CustomObjectsApi(stack.api).delete_namespaced_custom_object(
         "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", name
     )
