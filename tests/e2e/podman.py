@@ -56,7 +56,9 @@ def podman_argv(
     user = csc.get("runAsUser", psc.get("runAsUser"))
     group = csc.get("runAsGroup", psc.get("runAsGroup"))
     assert user is not None and int(user) != 0, "the chart must run the operator as a non-root numeric user"
+    # The kubelet ignores an image's HEALTHCHECK (the pod's livenessProbe is what counts); so does this.
     argv = [*PODMAN, "run", "--detach", "--replace", "--name", name, *PODMAN_RUN_FLAGS, "--pull", "never"]
+    argv.append("--no-healthcheck")
     argv += ["--user", f"{user}:{group if group is not None else user}"]
     if psc.get("fsGroup") is not None:
         argv += ["--group-add", str(psc["fsGroup"])]
