@@ -1,10 +1,12 @@
 """Argo CD's Lua for resource health and actions, run as Argo CD runs it.
 
-Argo CD runs these scripts in gopher-lua, a Lua 5.1, with only the package, base, table,
-string and math libraries and a "safe" os (time and date only; `require("os")` gives the same),
-with the live object as the global ``obj``. Here they run in lupa's real Lua 5.1 (``lupa.lua51``)
-with the same libraries taken away: no io, no debug, no dofile/loadfile, no os.execute or
-os.getenv, no C modules. The clock is frozen so action outputs are reproducible.
+Argo CD (util/lua/lua.go) runs a script from argocd-cm in gopher-lua, a Lua 5.1, created with
+SkipOpenLibs, then opens only the package, base and table libraries and its "safe" os (time and
+date), registered so that only ``require("os")`` reaches it (the global ``os`` stays nil); no
+string, math, io, coroutine or debug library. The live object is the global ``obj``. Here the
+scripts run in lupa's real Lua 5.1 (``lupa.lua51``) with the same libraries taken away. Empty
+tables come back as JSON arrays, restored to the input's maps as Argo CD's cleanReturnedObj does.
+The clock is frozen so action outputs are reproducible.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ local safe_os = {
   time = function(t) if t == nil then return frozen end return real_os.time(t) end,
   date = function(fmt, t) return real_os.date(fmt, t or frozen) end,
 }
-os = safe_os
-io, debug, dofile, loadfile, module, newproxy = nil, nil, nil, nil, nil, nil
+-- Argo CD's OpenSafeOs registers time and date into the table library's module, not as `os`.
+table.time, table.date = safe_os.time, safe_os.date
+os, io, debug, string, math, coroutine = nil, nil, nil, nil, nil, nil
 package.loadlib, package.cpath, package.path = nil, "", ""
 for k in pairs(package.loaders or {}) do if k > 2 then package.loaders[k] = nil end end
-package.loaded.os, package.loaded.io, package.loaded.debug = safe_os, nil, nil
+for name in pairs(package.loaded) do
+  if name ~= "_G" and name ~= "package" and name ~= "table" then package.loaded[name] = nil end
+end
 package.preload.os = function() return safe_os end
 """
 
@@ -60,18 +65,20 @@ def _to_py(lua: Any, value: Any) -> Any:
         return value
     items = list(value.items())
     keys = [k for k, _ in items]
-    if keys and all(isinstance(k, int) for k in keys) and sorted(keys) == list(range(1, len(keys) + 1)):
+    if not keys:
+        return []  # gopher-json encodes an empty table as an array
+    if all(isinstance(k, int) for k in keys) and sorted(keys) == list(range(1, len(keys) + 1)):
         return [_to_py(lua, value[i]) for i in range(1, len(keys) + 1)]
     return {k: _to_py(lua, v) for k, v in items}
 
 
 def _restore_empty_arrays(new: Any, old: Any) -> Any:
-    """Lua has one empty table for [] and {}: like Argo CD (cleanReturnedObj), an empty table
-    where the input had a list is a list again."""
+    """Argo CD's cleanReturnedObj: Lua has one empty table for [] and {}, which comes back as [];
+    where the input had a map there, the input's value is kept."""
     if isinstance(new, dict) and isinstance(old, dict):
-        return {k: _restore_empty_arrays(v, old.get(k)) for k, v in new.items()}
-    if new == {} and isinstance(old, list):
-        return []
+        return {k: _restore_empty_arrays(v, old[k]) if k in old else v for k, v in new.items()}
+    if isinstance(new, list) and isinstance(old, dict):
+        return new or old
     if isinstance(new, list) and isinstance(old, list):
         return [_restore_empty_arrays(n, o) for n, o in zip(new, old, strict=False)] + new[len(old) :]
     return new

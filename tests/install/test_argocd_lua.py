@@ -129,11 +129,23 @@ def test_unobserved_generation_is_progressing(kind_dir: Path) -> None:
 
 
 def test_sandbox_is_argo_cds() -> None:
-    """What Argo CD's gopher-lua VM does not offer is not there here either."""
+    """What Argo CD's gopher-lua VM does not offer a script from argocd-cm is not there here either."""
     from tests.install.argocd_lua import _runtime
 
     lua = _runtime()
-    assert lua.eval("io == nil and debug == nil and dofile == nil and loadfile == nil")
-    assert lua.eval("os.execute == nil and os.getenv == nil and os.remove == nil")
-    assert lua.eval("require('os').date('!%Y') == '2026'")
+    assert lua.eval("io == nil and debug == nil and os == nil and string == nil and math == nil")
+    assert lua.eval("require('os').date('!%Y-%m-%dT%XZ')") == "2026-01-01T00:00:00Z"
+    assert lua.eval("require('os').execute == nil and require('os').getenv == nil")
+    assert lua.eval(
+        "type(tostring) == 'function' and type(ipairs) == 'function' and type(table.insert) == 'function'"
+    )
     assert lua.eval("_VERSION") == "Lua 5.1"
+
+
+VALID_HEALTH = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
+
+
+@pytest.mark.parametrize(("kind_dir", "case"), HEALTH_CASES)
+def test_health_status_is_one_argo_cd_accepts(kind_dir: Path, case: dict[str, Any]) -> None:
+    got = run_script(kind_dir / "health.lua", load(kind_dir / case["inputPath"]))
+    assert got["status"] in VALID_HEALTH and isinstance(got["message"], str) and got["message"]
