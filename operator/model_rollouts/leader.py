@@ -82,7 +82,8 @@ class Elector:
                     # Act only until our own lease could expire, counted from before the request.
                     self._valid_until = started + self.lease_seconds - self.retry_seconds
             except Exception as e:
-                logger.warning("leader election: %s", type(e).__name__)
+                status = getattr(e, "status", None)
+                logger.warning("leader election: %s%s", type(e).__name__, f" {status}" if status else "")
             now_leader = self.is_leader()
             if now_leader != was:
                 logger.info(

@@ -10,6 +10,7 @@ dropped), so Kopf keeps working. It serves the API server's own certificate (iss
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 import threading
@@ -76,7 +77,9 @@ class FaultProxy:
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_ctx.load_cert_chain(self.pki / "server.crt", self.pki / "server.key")
         self._client_ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=None), auto_decompress=False
+        )
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -113,15 +116,19 @@ class FaultProxy:
             headers=headers,
             data=body or None,
             ssl=self._client_ctx,
+            skip_auto_headers=("Content-Type", "User-Agent", "Accept-Encoding"),  # forward exactly what came
         ) as upstream:
             out = web.StreamResponse(status=upstream.status)
             for k, v in upstream.headers.items():
                 if k.lower() not in _HOP:
                     out.headers[k] = v
-            await out.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
+            try:
+                await out.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await out.write(chunk)
+                await out.write_eof()
+            except (ConnectionError, aiohttp.ClientError):
+                pass  # the client went away (a watch closed): nothing to forward to
             return out
 
     def stop(self) -> None:
@@ -133,7 +140,8 @@ class FaultProxy:
                 await self._runner.cleanup()
             await self._session.close()
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        with contextlib.suppress(Exception):  # open watches may keep the cleanup waiting: stop anyway
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)

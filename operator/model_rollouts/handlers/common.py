@@ -456,7 +456,7 @@ class Controller(Generic[SpecT, StatusT]):
                 carried = router.set_weights(desired)
             except Exception as e:
                 return self.reconcile_error(obj, status, "RouteWriteFailed", safe_error(e))
-            wrong = {k: carried.get(k) for k, v in desired.items() if carried.get(k) != v}
+            wrong = {k: carried.get(k) for k, v in desired.items() if carried.get(k, 0) != v}
             if wrong:
                 return self.reconcile_error(
                     obj, status, "RouteNotVerified", f"route carries {wrong} after the write, not {desired}"

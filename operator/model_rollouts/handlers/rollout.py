@@ -128,7 +128,8 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
         # A new revision starts from the serving stable; the spec's stable then need not be in the route.
         if status.revision != engine.revision_of(spec) and status.stableService is None:
             return [spec.stable.service, spec.candidate.service]
-        return [*engine.route_weights(spec, status), spec.candidate.service]
+        # Retired services of an earlier revision may have left the route: only these two must be there.
+        return [status.stableService or spec.stable.service, spec.candidate.service]
 
     def decide(
         self,

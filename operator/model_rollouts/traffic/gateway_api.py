@@ -77,7 +77,8 @@ class GatewayAPIRouter:
             if name in weights and ref.get("weight") != weights[name]:
                 ops.append({"op": "test", "path": f"{base}/{i}/name", "value": name})
                 ops.append({"op": "add", "path": f"{base}/{i}/weight", "value": int(weights[name])})
-        unknown = set(weights) - {r.get("name") for r in refs}
+        # A Service without a backendRef already gets no traffic: asking for 0 there is satisfied.
+        unknown = {k for k, v in weights.items() if v != 0} - {r.get("name") for r in refs}
         if unknown:
             raise RouterError(
                 FIELD, f"HTTPRoute {self.name} has no backendRef for {', '.join(sorted(unknown))}"
