@@ -70,7 +70,7 @@ class Elector:
                 co.replace_namespaced_lease(
                     self.name, self.namespace, lease, _request_timeout=REQUEST_TIMEOUT
                 )
-        except Exception as e:  # noqa: BLE001  (best effort: the lease expires anyway)
+        except Exception as e:  # best effort: the lease expires anyway
             logger.info("leader election: release failed: %s", type(e).__name__)
 
     def _run(self) -> None:

@@ -694,7 +694,10 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
                 PEER_FNS[peer](sc, c0, t0, tolerances[peer]), PEER_FNS[peer](sc, c1, t1, tolerances[peer])
             )
         results[name] = row
-    results["thompson_common_drift"] = {"ours": thompson_common_drift(cfg.thompson_runs, cfg.seed + 77)}
+    results["thompson_common_drift"] = {
+        "ours": thompson_engine(cfg.thompson_runs, cfg.seed + 77, cfg.workers),
+        "stratified_stats_level": thompson_common_drift(max(cfg.thompson_runs // 2, 1), cfg.seed + 78),
+    }
     results["srm_continuous"] = {"ours": srm_continuous(cfg.srm_runs, cfg.seed + 99)}
     settings = {
         "seed": cfg.seed,
@@ -768,8 +771,13 @@ def format_table(res: dict[str, Any]) -> str:
         f"detect_51_49_100k {srm['detect_51_49_100k']:.4f} "
         f"(no horizon {srm['detect_51_49_100k_without_horizon']:.4f})"
     )
-    th = res["scenarios"]["thompson_common_drift"]["ours"]
-    lines.append(f"thompson_common_drift: naive pooled test false winners {th['pooled_false_winner']:.4f}")
+    th = res["scenarios"]["thompson_common_drift"]
+    lines.append(
+        "thompson_common_drift: ours = engine.experiment (Thompson + fixed-split confirmation); "
+        "stratified_stats_level = compare_variants_stratified over allocation epochs; the naive pooled "
+        f"test on the same Thompson data: {th['stratified_stats_level']['pooled_false_winner']:.4f} "
+        "false winners"
+    )
     lines.append(f"elapsed {s['seconds']} s")
     return "\n".join(lines)
 
@@ -791,3 +799,90 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- Thompson: the experiment engine
+
+
+def experiment_spec(looks: int, mde: float) -> Any:
+    from model_rollouts.api.experiment import ModelExperimentSpec
+
+    return ModelExperimentSpec.model_validate(
+        {
+            "variants": [
+                {"name": "control", "service": "svc-a", "control": True},
+                {"name": "b", "service": "svc-b"},
+                {"name": "c", "service": "svc-c"},
+            ],
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "model"}},
+            "primaryMetric": {"name": "ctr", "type": "proportion", "successes": "s", "trials": "t"},
+            "successCriteria": {"minimumDetectableEffect": mde, "alpha": ALPHA},
+            "stoppingRules": {"minSamplesPerVariant": 1000, "maxDuration": f"{looks * int(INTERVAL)}s"},
+            "allocation": {"strategy": "thompson", "minWeight": 10, "maxStep": 20},
+            "analysis": {
+                "interval": f"{int(INTERVAL)}s",
+                "window": f"{int(INTERVAL)}s",
+                "prometheus": {"address": "http://prometheus:9090"},
+            },
+        }
+    )
+
+
+def _experiment_run(args: tuple[int, float, int, int]) -> tuple[str | None, str | None, int]:
+    """One experiment driven through engine.experiment.reconcile: (decision, winner, first look at which
+    variant c is judged worse, or -1)."""
+    from model_rollouts.api.experiment import ModelExperimentStatus
+    from model_rollouts.engine import experiment as xeng
+
+    seed, c_effect, looks, requests = args
+    rng = np.random.default_rng(seed)
+    mde = 0.005
+    spec = experiment_spec(looks, mde)
+    now = T0
+    status = xeng.reconcile(spec, ModelExperimentStatus(), now=now, generation=1).status
+    cum = {n: [0.0, 0.0] for n in ("control", "b", "c")}
+    effects = {"control": 0.0, "b": 0.0, "c": c_effect}
+    c_worse = -1
+    for look in range(looks + 5):
+        rate = 0.050 + 0.015 * min(look, looks - 1) / (looks - 1)
+        w = {v.name: v.weight for v in status.variants}
+        names = list(cum)
+        alloc = rng.multinomial(requests, [w.get(n, 0) / 100 for n in names])
+        for n, k in zip(names, alloc, strict=True):
+            cum[n][0] += float(rng.binomial(k, rate + effects[n]))
+            cum[n][1] += float(k)
+        now += timedelta(seconds=INTERVAL)
+        o = None
+        if xeng.analysis_due(spec, status, now):
+            o = xeng.Observations(
+                variants={n: xeng.VariantObservation(primary=stats.ProportionData(*cum[n])) for n in names}
+            )
+        status = xeng.reconcile(spec, status, now=now, generation=1, observations=o).status
+        vs = {v.name: v for v in status.variants}
+        if c_worse < 0 and c_effect < 0 and (vs["c"].verdict == "worse" or not vs["c"].active):
+            c_worse = look
+        if status.phase in xeng.TERMINAL_PHASES:
+            break
+    return status.decision, status.winner, c_worse
+
+
+def thompson_engine(runs: int, seed: int, workers: int, looks: int = 60) -> dict[str, Any]:
+    """Three variants under the experiment engine's Thompson allocation (min weight 10, max step 20),
+    4,000 requests per interval, the rate of ALL arms drifting 0.050 -> 0.065 over 60 intervals."""
+    mde = 0.005
+    null_args = [(seed + i, 0.0, looks, 4000) for i in range(runs)]
+    bad_args = [(seed + 10**6 + i, -2 * mde, looks, 4000) for i in range(max(runs // 2, 1))]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        null = list(pool.map(_experiment_run, null_args, chunksize=8))
+        bad = list(pool.map(_experiment_run, bad_args, chunksize=8))
+    fr = np.array([w is not None for _, w, _ in null])
+    bw = np.array([w == "c" for _, w, _ in bad])
+    det = np.array([k >= 0 for _, _, k in bad])
+    out = _summary(fr, det, bw, np.array([k for _, _, k in bad]))
+    out["decisions_null"] = {d or "running": sum(1 for x, _, _ in null if x == d) for d, _, _ in null}
+    out["note"] = (
+        "engine.experiment.reconcile with allocation thompson (its leader is confirmed on a fixed 50/50 "
+        "split before it can win); false_rollback = any winner in the null experiment; bad_promoted = "
+        "variant c (2 x MDE worse) wins; miss = c never judged worse or dropped"
+    )
+    return out

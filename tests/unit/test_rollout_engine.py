@@ -84,7 +84,13 @@ def test_healthy_rollout_walks_the_steps_in_order_and_promotes() -> None:
     assert st.phase == "Promoted" and st.weight == 100
     assert d.weights == [0, 10, 50, 100]
     conds = {c.type: c.status for c in st.conditions}
-    assert conds == {"Valid": "True", "Progressing": "False", "Completed": "True", "Healthy": "True", "Promoted": "True"}
+    assert conds == {
+        "Valid": "True",
+        "Progressing": "False",
+        "Completed": "True",
+        "Healthy": "True",
+        "Promoted": "True",
+    }
     assert st.history[0].event == "Started" and st.history[-1].event == "Promoted"
 
 
@@ -119,7 +125,9 @@ def test_guardrail_breach_needs_failure_limit_consecutive_failures() -> None:
 
 @pytest.mark.parametrize("outcome", ["noData", "nan", "error"])
 def test_missing_data_never_advances_or_promotes(outcome: str) -> None:
-    d = Driver(spec([{"setWeight": 20}, {"setWeight": 100}], analysis={"errorLimit": 50}, progressDeadline="1h"))
+    d = Driver(
+        spec([{"setWeight": 20}, {"setWeight": 100}], analysis={"errorLimit": 50}, progressDeadline="1h")
+    )
     d.tick()
     bad = eng.Observations(guardrails={"errors": Result(outcome, None, "x")})  # type: ignore[arg-type]
     for _ in range(20):

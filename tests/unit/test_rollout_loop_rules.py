@@ -110,7 +110,9 @@ def test_changed_steps_restart_from_the_first_step() -> None:
 
 
 def test_progress_deadline_rolls_back_a_hold_that_never_ends() -> None:
-    d = Driver(spec([{"setWeight": 20}, {"setWeight": 100}], progressDeadline="1m", analysis={"errorLimit": 99}))
+    d = Driver(
+        spec([{"setWeight": 20}, {"setWeight": 100}], progressDeadline="1m", analysis={"errorLimit": 99})
+    )
     d.tick()
     nodata = eng.Observations(guardrails={"errors": Result("noData")})
     for _ in range(5):
@@ -149,8 +151,8 @@ def test_error_limit_rolls_back_and_shorter_outages_do_nothing() -> None:
 
 
 def test_error_limit_hold_keeps_weights() -> None:
-    d = Driver(spec([{"setWeight": 20}, {"setWeight": 100}], analysis={"errorLimit": 2, "onErrorLimit": "hold"},
-                    progressDeadline="1h"))  # fmt: skip
+    limits = {"errorLimit": 2, "onErrorLimit": "hold"}
+    d = Driver(spec([{"setWeight": 20}, {"setWeight": 100}], analysis=limits, progressDeadline="1h"))
     d.tick()
     for _ in range(6):
         st = d.tick(eng.Observations(guardrails={"errors": Result("error", message="timeout")}))
