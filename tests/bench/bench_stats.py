@@ -110,7 +110,8 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("prop_even", "proportion", "higher", ((50, 30),), 1324, 0.01, 0.10),
+        # 331 per arm per interval: the planned cap (18,533 per arm) falls at look 56 of 60.
+        Scenario("prop_even", "proportion", "higher", ((50, 60),), 662, 0.01, 0.10, extra_looks=40),
         Scenario("prop_canary_5_95", "proportion", "higher", ((5, 30),), 6400, 0.01, 0.10),
         Scenario(
             "prop_ramp_common_drift",
@@ -461,8 +462,15 @@ def _ours_summary(null: list[RunResult], bad: list[RunResult]) -> dict[str, Any]
     pr = np.array([r.outcome == "Promoted" for r in bad])
     lk = np.array([r.look for r in bad])
     out = _summary(fr, rb, pr, lk)
-    out["undecided_null"] = float(np.mean([r.outcome == "undecided" for r in null]))
+    undecided_null = float(np.mean([r.outcome == "undecided" for r in null]))
+    out["undecided_null"] = undecided_null
     out["promoted_null"] = float(np.mean([r.outcome == "Promoted" for r in null]))
+    # The bench runs with onInconclusive: hold.  Under the default (rollback at progressDeadline), what is
+    # still undecided at the end would be rolled back there: null candidates too.
+    out["with_default_rollback_at_deadline"] = {
+        "false_rollback": float(fr.mean()) + undecided_null,
+        "miss": float(np.mean([r.outcome == "Promoted" for r in bad])),
+    }
     return out
 
 
@@ -647,7 +655,7 @@ class Settings:
     null_runs: int = 1500
     bad_runs: int = 600
     power_runs: int = 600
-    thompson_runs: int = 300
+    thompson_runs: int = 200
     srm_runs: int = 10000
     seed: int = 20261128
     workers: int = 2
@@ -693,6 +701,14 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
             row[peer] = _peer_summary(
                 PEER_FNS[peer](sc, c0, t0, tolerances[peer]), PEER_FNS[peer](sc, c1, t1, tolerances[peer])
             )
+        if name != "prop_even":
+            row["documented"] = {
+                peer: _peer_summary(
+                    PEER_FNS[peer](sc, c0, t0, DOCUMENTED_TOLERANCE[peer]),
+                    PEER_FNS[peer](sc, c1, t1, DOCUMENTED_TOLERANCE[peer]),
+                )
+                for peer in PEERS
+            }
         results[name] = row
     results["thompson_common_drift"] = {
         "ours": thompson_engine(cfg.thompson_runs, cfg.seed + 77, cfg.workers),
@@ -751,6 +767,24 @@ def format_table(res: dict[str, Any]) -> str:
                 f"{name:<32}{judge:<10}{_f(m['false_rollback']):>10}{m['mc_se']['false_rollback']:>8.4f}"
                 f"{_f(m['bad_promoted']):>10}{_f(m['miss']):>9}{_f(m['median_looks_to_rollback']):>10}"
             )
+    lines.append("")
+    lines.append(
+        "the same peers at their documented per-look tolerance (flagger/argo 1x margin, kayenta 0.25):"
+    )
+    for name, row in res["scenarios"].items():
+        for peer, m in row.get("documented", {}).items():
+            lines.append(
+                f"{name:<32}{peer:<10}{_f(m['false_rollback']):>10}{m['mc_se']['false_rollback']:>8.4f}"
+                f"{_f(m['bad_promoted']):>10}{_f(m['miss']):>9}{_f(m['median_looks_to_rollback']):>10}"
+            )
+    lines.append("")
+    lines.append(
+        "ours with the default onInconclusive: rollback at progressDeadline (the end of the simulation):"
+    )
+    for name, row in res["scenarios"].items():
+        d = row["ours"].get("with_default_rollback_at_deadline")
+        if d:
+            lines.append(f"  {name:<32} false_rollback {d['false_rollback']:.4f}  miss {d['miss']:.4f}")
     pe = res["scenarios"]["prop_even"]
     o = pe["ours"]
     lines.append(
@@ -758,12 +792,6 @@ def format_table(res: dict[str, Any]) -> str:
         f"en_ratio_2x {o['en_ratio_2x']:.4f} "
         f"(n_fixed {o['n_fixed_per_arm']:.0f}/arm, cap {o['cap_per_arm']:.0f})"
     )
-    lines.append("prop_even peers at their documented tolerance (flagger/argo 1x margin, kayenta 0.25):")
-    for peer, m in pe["documented"].items():
-        lines.append(
-            f"  {peer:<9} false_rb {_f(m['false_rollback'])} bad_prom {_f(m['bad_promoted'])} "
-            f"miss {_f(m['miss'])} med_looks {_f(m['median_looks_to_rollback'])}"
-        )
     srm = res["scenarios"]["srm_continuous"]["ours"]
     lines.append(
         f"srm_continuous: false_pause {srm['false_pause']:.4f} "
@@ -795,10 +823,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(res))
     print(json.dumps(res, default=float))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # --------------------------------------------------------------------------- Thompson: the experiment engine
@@ -886,3 +910,7 @@ def thompson_engine(runs: int, seed: int, workers: int, looks: int = 60) -> dict
         "variant c (2 x MDE worse) wins; miss = c never judged worse or dropped"
     )
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
