@@ -32,6 +32,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+#: Namespaces given with --namespace (empty: cluster-wide).
+WATCHED_NAMESPACES: list[str] = []
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Kopf's own bookkeeping goes to our status, never to the user's annotations.
@@ -41,6 +45,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     settings.networking.request_timeout = 30
+    # Watching only the given namespaces: do not try to list all namespaces (a 403 in that mode).
+    settings.scanning.disabled = bool(WATCHED_NAMESPACES)
 
 
 @kopf.on.cleanup()
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     # Kopf reports every timer run at INFO; our own decisions are logged under model_rollouts.
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    WATCHED_NAMESPACES[:] = args.namespace
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
     from model_rollouts.handlers import common, experiment, rollout  # noqa: F401  (registers the handlers)

@@ -152,8 +152,24 @@ def all_crds() -> dict[str, dict[str, Any]]:
 HEADER = "# Generated from operator/model_rollouts/api by `make crds`. Do not edit.\n"
 
 
+#: Strings YAML 1.1 readers (kubectl, Helm) would take for booleans: always written quoted.
+_YAML11_BOOLS = {"y", "n", "yes", "no", "on", "off", "true", "false"}
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "'" if value.lower() in _YAML11_BOOLS else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def render(doc: dict[str, Any]) -> str:
-    return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
+    return HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120)
 
 
 def main(argv: list[str] | None = None) -> int:
