@@ -102,8 +102,8 @@ def test_changed_steps_restart_from_the_first_step() -> None:
     d.tick()
     assert d.status.weight == 40
     d.spec = _with(d.spec, steps=[{"setWeight": 60}, {"pause": {}}])
-    d.tick()
-    assert "StepsChanged" in d.events and d.status.currentStep == 0
+    d.tick()  # the new first step (60) applies at once
+    assert "StepsChanged" in d.events and d.status.weight == 60 and d.status.currentStep == 1
     for _ in range(3):
         d.tick()
     assert d.status.weight == 60 and d.status.phase == "Paused"
@@ -167,3 +167,30 @@ def test_rolled_back_and_promoted_are_told_apart_by_conditions() -> None:
     st = d.tick(ok(0.5))
     conds = {c.type: c.status for c in st.conditions}
     assert conds["Completed"] == "True" and conds["Promoted"] == "False"
+
+
+def test_an_unready_candidate_holds_instead_of_getting_more_traffic() -> None:
+    d = Driver(spec([{"setWeight": 20}, {"setWeight": 60}, {"setWeight": 100}], progressDeadline="1h"))
+    d.tick()
+    unready = eng.Observations(guardrails={"errors": Result("value", 0.0)}, candidate_ready=False)
+    for _ in range(5):
+        st = d.tick(unready)
+    assert st.weight == 20 and "no ready endpoints" in st.message
+    ready = eng.Observations(guardrails={"errors": Result("value", 0.0)}, candidate_ready=True)
+    assert d.tick(ready).weight == 60
+
+
+def test_deletion_moves_traffic_only_while_in_progress_or_when_asked() -> None:
+    d = Driver(spec([{"setWeight": 40}, {"pause": {}}]))
+    d.tick()
+    assert eng.deletion_weights(d.spec, d.status) == {"v1": 100, "v2": 0}
+    d.spec = _with(d.spec, revertOnDeletion=False)
+    d.tick(ok(0.5))
+    d.tick(ok(0.5))  # failureLimit 2: RolledBack
+    assert d.status.phase == "RolledBack" and eng.deletion_weights(d.spec, d.status) is None
+    d.spec = _with(d.spec, revertOnDeletion=True)
+    assert eng.deletion_weights(d.spec, d.status) == {"v1": 100, "v2": 0}
+    # After promotion the promoted candidate is the serving stable: deleting moves nothing.
+    d2 = Driver(spec([{"setWeight": 50}], revertOnDeletion=True))
+    assert run_until_done(d2).phase == "Promoted"
+    assert eng.deletion_weights(d2.spec, d2.status) is None
