@@ -1091,17 +1091,16 @@ def _compare_sequential(
             f"{math.ceil(need)} at this split, and some variation)"
         )
         more = None
-        if info > 0 and rate is not None:
-            dist = abs(diff - threshold)
-            dist = max(dist, ref) if ref is not None else dist
-            more = _more_samples(dist, info, u, alpha, tau, rate)
         if rate is not None:
-            # Never less than what the burn-in itself still needs.
+            # Not before the burn-in ends: search for the decisive information from there on.
             share = min(rate[1], 1.0 - rate[1])
             burn = max(0.0, need - n_small) / share if share > 0 else math.inf
-            if more is None and info <= 0:
-                more = (burn, burn * share) if math.isfinite(burn) else None
-            elif more is not None and burn > more[0]:
+            if info > 0 and math.isfinite(burn):
+                dist = abs(diff - threshold)
+                dist = max(dist, ref) if ref is not None else dist
+                start = 1.0 + burn * rate[0] / info
+                more = _more_samples(dist, info, u, alpha, tau, rate, start)
+            elif math.isfinite(burn):
                 more = (burn, burn * share)
         return result(lo_bound, hi_bound, 1.0, "inconclusive", "p=1", why, more)
 
@@ -1168,8 +1167,11 @@ def _more_samples(
     alpha: float,
     tau: float,
     rate: tuple[float, float],
+    start: float = 1.0,
 ) -> tuple[float, float] | None:
     """Samples (total, smaller arm) until the interval half-width shrinks to ``dist``.
+
+    ``start``: search from ``start`` times the current information on (the burn-in's end).
 
     That is when an estimate ``dist`` away from the threshold would be decisive: the expected wait if
     the true difference were the current estimate (or the margin/MDE when that is further away).
@@ -1179,11 +1181,21 @@ def _more_samples(
     if not dist > 0 or not info > 0:
         return None
     u_per_info = None if u is None else u / info
-    if _half_width(info, u_per_info, alpha, tau) <= dist:
-        return 0.0, 0.0
-    lo_f, hi_f = 1.0, None
-    f = 1.0
-    for _ in range(40):  # geometric search up to ~1e12 times the current information
+    per_sample, w = rate
+    if _half_width(info * start, u_per_info, alpha, tau) <= dist:
+        total = info * (start - 1.0) / per_sample
+        return total, total * min(w, 1.0 - w)
+    lo_f, hi_f = start, None
+    f = start
+    if u_per_info is not None and u is not None and u * start < 1.0:
+        # The capped boundary's half-width falls until the cap and jumps up just after it: look for
+        # the first crossing before the cap first (a monotone stretch), and only then beyond it.
+        to_cap = (1.0 - 1e-9) / u
+        if _half_width(info * to_cap, u_per_info, alpha, tau) <= dist:
+            hi_f = to_cap
+        else:
+            lo_f = f = 1.0 / u
+    for _ in range(0 if hi_f is not None else 40):  # geometric search up to ~1e12 times the information
         f *= 2.0
         if _half_width(info * f, u_per_info, alpha, tau) <= dist:
             hi_f = f
@@ -1197,7 +1209,6 @@ def _more_samples(
             hi_f = mid
         else:
             lo_f = mid
-    per_sample, w = rate
     total = info * (hi_f - 1.0) / per_sample
     return total, total * min(w, 1.0 - w)
 
