@@ -7,12 +7,14 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
 from model_rollouts import leader
+from model_rollouts.metrics import policy
 
 #: Record attributes our decision log lines carry (``extra=``), copied into JSON lines.
 _FIELDS = ("namespace", "object", "kind", "phase", "revision", "weight", "decision")
@@ -96,7 +98,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--leader-election-retry-period", type=float, default=2.0, help="seconds between renewals (default 2)"
     )
+    parser.add_argument(
+        "--allowed-provider-address",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="a regular expression (matched against the whole address) for inline analysis.prometheus "
+        "addresses that tenants may use, without credentials (repeatable); default: none, only the "
+        "addresses of ClusterMetricProviders",
+    )
+    parser.add_argument(
+        "--provider-secret-namespace",
+        default=None,
+        help="the only namespace ClusterMetricProvider Secrets are read from "
+        "(default: $POD_NAMESPACE, else the leader-election namespace)",
+    )
     args = parser.parse_args(argv)
+    own = args.provider_secret_namespace or os.environ.get("POD_NAMESPACE") or args.leader_election_namespace
+    try:
+        policy.configure(args.allowed_provider_address, own)
+    except re.error as e:
+        parser.error(f"--allowed-provider-address: invalid regular expression ({e})")
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonFormatter()

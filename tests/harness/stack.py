@@ -7,6 +7,7 @@ stopped by :meth:`Stack.close`, also when a test fails.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,7 +66,8 @@ class Stack:
             self.cluster.start()
             self.workdir = self.cluster.workdir
             self.api = self.cluster.api_client()
-            install_crds(self.api, gateway_api_crds() + project_crds())
+            tenancy_crds = sorted((REPO / "crds" / "tenancy").glob("*.yaml"))
+            install_crds(self.api, gateway_api_crds() + project_crds() + tenancy_crds)
             from kubernetes import client
 
             client.CoreV1Api(self.api).create_namespace(client.V1Namespace(metadata={"name": self.namespace}))
@@ -108,6 +110,8 @@ class Stack:
 
         docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text()) if d]
         kubectl_apply(self.api, docs)
+        tenancy = REPO / "manifests" / "tenancy" / "rbac.yaml"
+        kubectl_apply(self.api, [d for d in yaml.safe_load_all(tenancy.read_text()) if d])
         sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]
         token = (
             client.CoreV1Api(self.api)
@@ -157,6 +161,8 @@ class Stack:
                 "6",
                 "--leader-election-retry-period",
                 "1",
+                # Tenants' inline analysis.prometheus may name the stack's Prometheus (and only it).
+                *(["--allowed-provider-address", re.escape(self.prom.url)] if self.prom is not None else []),
                 *(extra_args or []),
             ],
             self.workdir / log_name,

@@ -320,19 +320,22 @@ def test_invalid_manifests_are_rejected_on_apply_naming_the_field(stack: Stack) 
     assert len(INVALID) >= 8
 
 
-def test_bearer_token_secret_is_read_and_a_missing_one_is_named(fresh: Stack) -> None:
+def test_a_bearer_token_secret_in_a_rollout_is_refused_naming_the_field(fresh: Stack) -> None:
+    """A tenant's object never names a credential and a destination together (see test_tenancy.py)."""
     assert fresh.prom is not None
-    doc = rollout("token", fresh.prom.url, [{"setWeight": 20}, {"setWeight": 100}])
-    doc["spec"]["analysis"]["prometheus"]["bearerTokenSecret"] = {"name": "prom-token", "key": "token"}
-    fresh.apply(doc)
-    obj = fresh.wait_for("modelrollouts", "token", lambda o: phase(o) == "Invalid", 30)
-    assert "spec.analysis.prometheus.bearerTokenSecret" in obj["status"]["message"]
-    assert fresh.route_weights()[CANDIDATE] == 0
     client.CoreV1Api(fresh.api).create_namespaced_secret(
         fresh.namespace,
         client.V1Secret(metadata=client.V1ObjectMeta(name="prom-token"), string_data={"token": "abc"}),
     )
-    fresh.wait_for("modelrollouts", "token", lambda o: phase(o) == "Promoted", 90)
+    try:
+        doc = rollout("token", fresh.prom.url, [{"setWeight": 20}, {"setWeight": 100}])
+        doc["spec"]["analysis"]["prometheus"]["bearerTokenSecret"] = {"name": "prom-token", "key": "token"}
+        fresh.apply(doc)
+        obj = fresh.wait_for("modelrollouts", "token", lambda o: phase(o) == "Invalid", 30)
+        assert "spec.analysis.prometheus.bearerTokenSecret" in obj["status"]["message"]
+        assert fresh.route_weights()[CANDIDATE] == 0
+    finally:
+        client.CoreV1Api(fresh.api).delete_namespaced_secret("prom-token", fresh.namespace)
 
 
 def test_deleting_a_rollout_sends_all_traffic_back_to_stable(fresh: Stack) -> None:

@@ -26,11 +26,13 @@ from tests.harness.faultproxy import FaultProxy, Faults
 from tests.harness.procs import stop_proc
 from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE
 from tests.harness.stack import Stack, httproute
+from tests.harness.tenancy import cluster_provider
 
 V1, V2, V3 = "scorer-v1", "scorer-v2", "scorer-v3"
 ROUTE = "scorer"
 G, V, P = "mlrollouts.io", "v1alpha1", "modelrollouts"
 OPERATOR_USER = "system:serviceaccount:model-rollouts:model-rollouts"
+OPERATOR_NS = "model-rollouts"
 
 
 def rollout(name: str, prom: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -362,13 +364,16 @@ def _rolled_back(s: Stack, name: str, **extra: Any) -> dict[str, Any]:
 
 def test_after_rollback_the_candidate_gets_no_traffic_again(fresh: Stack) -> None:
     co = client.CustomObjectsApi(fresh.api)
+    # The provider's credentials live in the operator's namespace, behind a ClusterMetricProvider.
     secret = client.V1Secret(metadata=client.V1ObjectMeta(name="prom-token"), string_data={"token": "t0k3n"})
-    client.CoreV1Api(fresh.api).create_namespaced_secret(fresh.namespace, secret)
+    client.CoreV1Api(fresh.api).create_namespaced_secret(OPERATOR_NS, secret)
     try:
         assert fresh.prom is not None
+        fresh.apply(cluster_provider("faults-prom", fresh.prom.url, token_secret="prom-token"))
         fresh.servers[V2].set(error_rate=0.5)
         doc = rollout("bad", fresh.prom.url, [{"setWeight": 30}, {"pause": {}}])
-        doc["spec"]["analysis"]["prometheus"]["bearerTokenSecret"] = {"name": "prom-token"}
+        del doc["spec"]["analysis"]["prometheus"]
+        doc["spec"]["analysis"]["provider"] = "faults-prom"
         fresh.apply(doc)
         wait(fresh, "bad", lambda o: phase(o) == "RolledBack", 60)
         fresh.servers[V2].set(error_rate=0.0)
@@ -379,11 +384,11 @@ def test_after_rollback_the_candidate_gets_no_traffic_again(fresh: Stack) -> Non
                 "gateway.networking.k8s.io", "v1", fresh.namespace, "httproutes", ROUTE
             )
             fresh.apply(httproute(ROUTE, fresh.namespace, {V1: 100, V2: 0, V3: 0}))
-            client.CoreV1Api(fresh.api).delete_namespaced_secret("prom-token", fresh.namespace)
+            client.CoreV1Api(fresh.api).delete_namespaced_secret("prom-token", OPERATOR_NS)
             time.sleep(8)
             fresh.apply(httproute(ROUTE, fresh.namespace, {V1: 100, V3: 0}))
             time.sleep(4)
-            client.CoreV1Api(fresh.api).create_namespaced_secret(fresh.namespace, secret)
+            client.CoreV1Api(fresh.api).create_namespaced_secret(OPERATOR_NS, secret)
             fresh.apply(httproute(ROUTE, fresh.namespace, {V1: 100, V2: 0, V3: 0}))
             time.sleep(8)
             obj = fresh.get(P, "bad")
@@ -392,7 +397,11 @@ def test_after_rollback_the_candidate_gets_no_traffic_again(fresh: Stack) -> Non
         assert set(w.phases) == {"RolledBack"}
     finally:
         with contextlib.suppress(ApiException):
-            client.CoreV1Api(fresh.api).delete_namespaced_secret("prom-token", fresh.namespace)
+            client.CoreV1Api(fresh.api).delete_namespaced_secret("prom-token", OPERATOR_NS)
+        with contextlib.suppress(ApiException):
+            client.CustomObjectsApi(fresh.api).delete_cluster_custom_object(
+                "mlrollouts.io", "v1alpha1", "clustermetricproviders", "faults-prom"
+            )
 
 
 def test_after_rollback_a_route_that_gives_the_candidate_traffic_is_set_back(fresh: Stack) -> None:

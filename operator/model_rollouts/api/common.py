@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic.json_schema import JsonDict
 
 GROUP = "mlrollouts.io"
@@ -59,18 +59,58 @@ class SecretKeyRef(Model):
     key: str = Field(default="token", min_length=1, max_length=253)
 
 
-class PrometheusConfig(Model):
-    address: str = Field(
-        min_length=1,
-        max_length=2048,
-        pattern=r"^https?://",
-        description="Base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090.",
+#: An http(s) URL with a host name, an optional port and path: no user:password@, no query or fragment
+#: (IPv6 literals are not accepted). Everything the operator sends goes to scheme://host:port/path/api/v1.
+ADDRESS_PATTERN = r"^https?://[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[-A-Za-z0-9._~/]*)?$"
+Address = Annotated[str, StringConstraints(min_length=8, max_length=2048, pattern=ADDRESS_PATTERN)]
+#: Longest per-query timeout (CEL and the operator both check it).
+MAX_TIMEOUT = "30s"
+#: Longest guardrail window.
+MAX_WINDOW = "24h"
+
+
+def _timeout_rule(field: str) -> JsonDict:
+    return cel(
+        f"!has(self.{field}) || (duration(self.{field}) > duration('0s') && "
+        f"duration(self.{field}) <= duration('{MAX_TIMEOUT}'))",
+        f"{field} must be more than 0s and at most {MAX_TIMEOUT}",
+        f".{field}",
     )
-    timeout: Duration = Field(default="5s", description="Per-query timeout.")
+
+
+def check_timeout(value: str) -> str:
+    seconds = parse_duration(value)
+    if not 0 < seconds <= parse_duration(MAX_TIMEOUT):
+        raise ValueError(f"must be more than 0s and at most {MAX_TIMEOUT}")
+    return value
+
+
+def check_window(value: str) -> str:
+    seconds = parse_duration(value)
+    if not 0 < seconds <= parse_duration(MAX_WINDOW):
+        raise ValueError(f"must be more than 0s and at most {MAX_WINDOW}")
+    return value
+
+
+class PrometheusConfig(Model):
+    """Inline Prometheus of a tenant's object: an address only, which the operator's allowlist must admit."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"x-kubernetes-validations": [_timeout_rule("timeout")]}
+    )
+    address: Address = Field(
+        description="Base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090. Used only "
+        "if the operator's --allowed-provider-address list (or a ClusterMetricProvider) admits it."
+    )
+    timeout: Duration = Field(default="5s", description="Per-query timeout (more than 0s, at most 30s).")
     bearerTokenSecret: SecretKeyRef | None = Field(
-        default=None, description="Optional Secret (same namespace) holding a bearer token for the API."
+        default=None,
+        description="Refused (Valid=False): a tenant's object never names both a credential and a "
+        "destination. Put credentials in a ClusterMetricProvider and reference it as analysis.provider.",
     )
     insecureSkipVerify: bool = False
+
+    _timeout = field_validator("timeout")(check_timeout)
 
 
 class GatewayAPIRouting(Model):
@@ -110,6 +150,24 @@ class TrafficRouting(Model):
     kserve: KServeRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
 
 
+ArgValue = Annotated[str, StringConstraints(max_length=253)]
+
+
+class TemplateRef(Model):
+    """Use a MetricTemplate or ClusterMetricTemplate instead of inline PromQL."""
+
+    name: Name
+    kind: Literal["MetricTemplate", "ClusterMetricTemplate"] = Field(
+        default="ClusterMetricTemplate",
+        description="ClusterMetricTemplate (the platform's) or MetricTemplate (in this object's namespace).",
+    )
+    args: dict[str, ArgValue] = Field(
+        default_factory=dict,
+        json_schema_extra={"maxProperties": 16},
+        description="Values of the template's args, by name; each is checked against the arg's type.",
+    )
+
+
 class Guardrail(Model):
     """A metric that must stay within bounds at every analysis interval."""
 
@@ -119,6 +177,10 @@ class Guardrail(Model):
             "x-kubernetes-validations": [
                 cel("has(self.min) || has(self.max)", "guardrail: set min, max or both"),
                 cel(
+                    "has(self.query) != has(self.templateRef)",
+                    "guardrail: set exactly one of query or templateRef",
+                ),
+                cel(
                     "!has(self.min) || !has(self.max) || self.min <= self.max",
                     "guardrail: min must not exceed max",
                 ),
@@ -126,10 +188,12 @@ class Guardrail(Model):
         },
     )
     name: Name
-    query: PromQL = Field(
+    query: PromQL | None = Field(
+        default=None,
         description="PromQL template; placeholders {{ variant }}, {{ service }}, "
-        "{{ namespace }}, {{ deployment }}, {{ window }}."
+        "{{ namespace }}, {{ deployment }}, {{ window }}. Or set templateRef.",
     )
+    templateRef: TemplateRef | None = Field(default=None, description="A metric template's query instead.")
     min: float | None = None
     max: float | None = None
     failureLimit: int = Field(
@@ -145,12 +209,19 @@ class CountMetric(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "self.type != 'proportion' || (has(self.successes) && has(self.trials))",
-                    "a proportion metric needs successes and trials queries",
+                    "has(self.templateRef) || self.type != 'proportion' || "
+                    "(has(self.successes) && has(self.trials))",
+                    "a proportion metric needs successes and trials queries (or templateRef)",
                 ),
                 cel(
-                    "self.type != 'mean' || (has(self.sum) && has(self.count) && has(self.sumSquares))",
-                    "a mean metric needs sum, count and sumSquares queries",
+                    "has(self.templateRef) || self.type != 'mean' || "
+                    "(has(self.sum) && has(self.count) && has(self.sumSquares))",
+                    "a mean metric needs sum, count and sumSquares queries (or templateRef)",
+                ),
+                cel(
+                    "!has(self.templateRef) || !(has(self.successes) || has(self.trials) || has(self.sum) "
+                    "|| has(self.count) || has(self.sumSquares))",
+                    "set templateRef or the metric's own queries, not both",
                 ),
             ]
         },
@@ -162,6 +233,9 @@ class CountMetric(Model):
     sum: PromQL | None = None
     count: PromQL | None = None
     sumSquares: PromQL | None = None
+    templateRef: TemplateRef | None = Field(
+        default=None, description="A metric template's successes/trials (or count/sum/sumSquares) instead."
+    )
     better: Literal["higher", "lower"] = "higher"
 
 
@@ -177,12 +251,32 @@ class AnalysisBase(Model):
                     "analysis.interval must be at least 5s",
                     ".interval",
                 ),
+                cel(
+                    "!has(self.window) || (duration(self.window) > duration('0s') && "
+                    f"duration(self.window) <= duration('{MAX_WINDOW}'))",
+                    f"analysis.window must be more than 0s and at most {MAX_WINDOW}",
+                    ".window",
+                ),
+                cel(
+                    "has(self.provider) != has(self.prometheus)",
+                    "analysis: set exactly one of provider (a ClusterMetricProvider's name) or prometheus",
+                ),
             ]
         },
     )
     interval: Duration = Field(default="30s", description="How often metrics are measured (>= 5s).")
-    window: Duration = Field(default="1m", description="Value of {{ window }} in guardrail queries.")
-    prometheus: PrometheusConfig
+    window: Duration = Field(
+        default="1m", description="Value of {{ window }} in guardrail queries (more than 0s, at most 24h)."
+    )
+    provider: Name | None = Field(
+        default=None,
+        description="Name of a ClusterMetricProvider: the platform's address, TLS settings and credentials.",
+    )
+    prometheus: PrometheusConfig | None = Field(
+        default=None,
+        description="Inline Prometheus address (no credentials), used only where the operator's "
+        "allowlist admits it. Prefer provider.",
+    )
     noData: Literal["hold", "fail"] = Field(
         default="hold", description="hold: never advance, promote or decide without data. fail: roll back."
     )
@@ -193,6 +287,8 @@ class AnalysisBase(Model):
         description="Consecutive analyses with a failed measurement (Prometheus unreachable, timeout, "
         "bad query) before onErrorLimit applies. No data is governed by noData, not by this.",
     )
+    _window = field_validator("window")(check_window)
+
     onErrorLimit: Literal["rollback", "hold"] = Field(
         default="rollback",
         description="rollback: all traffic back to stable/control when errorLimit is reached. "

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from model_rollouts.api import experiment, rollout
+from model_rollouts.api import experiment, provider, rollout, template
 from model_rollouts.api.common import GROUP, VERSION
 
 _DROP = {"title", "additionalProperties_false"}
@@ -79,10 +79,31 @@ def crd(
     plural: str,
     short: str,
     spec_model: type[BaseModel],
-    status_model: type[BaseModel],
+    status_model: type[BaseModel] | None,
     columns: list[dict[str, Any]],
     description: str,
+    scope: str = "Namespaced",
 ) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+        "spec": openapi_schema(spec_model),
+    }
+    if status_model is not None:
+        properties["status"] = _with_kopf_state(openapi_schema(status_model))
+    version: dict[str, Any] = {"name": VERSION, "served": True, "storage": True}
+    if status_model is not None:
+        version["subresources"] = {"status": {}}
+    version["additionalPrinterColumns"] = columns
+    version["schema"] = {
+        "openAPIV3Schema": {
+            "type": "object",
+            "description": description,
+            "required": ["spec"],
+            "properties": properties,
+        }
+    }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -97,35 +118,14 @@ def crd(
                 "shortNames": [short],
                 "categories": ["mlrollouts"],
             },
-            "scope": "Namespaced",
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": description,
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": openapi_schema(spec_model),
-                                "status": _with_kopf_state(openapi_schema(status_model)),
-                            },
-                        }
-                    },
-                }
-            ],
+            "scope": scope,
+            "versions": [version],
         },
     }
 
 
 def all_crds() -> dict[str, dict[str, Any]]:
+    """Paths under crds/ and their CRDs; the tenancy kinds (issue 9) live in crds/tenancy/."""
     return {
         f"{rollout.PLURAL}.yaml": crd(
             rollout.KIND,
@@ -145,6 +145,36 @@ def all_crds() -> dict[str, dict[str, Any]]:
             experiment.ModelExperimentStatus,
             experiment.PRINTER_COLUMNS,
             "A controlled A/B/n or bandit experiment between model variants.",
+        ),
+        f"tenancy/{provider.PROVIDER_PLURAL}.yaml": crd(
+            provider.PROVIDER_KIND,
+            provider.PROVIDER_PLURAL,
+            "cmp",
+            provider.ClusterMetricProviderSpec,
+            None,
+            provider.PROVIDER_COLUMNS,
+            "A metric provider owned by the platform: address, TLS and credentials (from the operator's "
+            "namespace). Rollouts and experiments reference it by name as analysis.provider.",
+            scope="Cluster",
+        ),
+        f"tenancy/{template.TEMPLATE_PLURAL}.yaml": crd(
+            template.TEMPLATE_KIND,
+            template.TEMPLATE_PLURAL,
+            "mtpl",
+            template.MetricTemplateSpec,
+            None,
+            template.TEMPLATE_COLUMNS,
+            "Named PromQL with typed args for this namespace's rollouts and experiments (templateRef).",
+        ),
+        f"tenancy/{template.CLUSTER_TEMPLATE_PLURAL}.yaml": crd(
+            template.CLUSTER_TEMPLATE_KIND,
+            template.CLUSTER_TEMPLATE_PLURAL,
+            "cmtpl",
+            template.MetricTemplateSpec,
+            None,
+            template.TEMPLATE_COLUMNS,
+            "Named PromQL with typed args, owned by the platform, for every namespace (templateRef).",
+            scope="Cluster",
         ),
     }
 
@@ -185,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists() or path.read_text() != text:
                 stale.append(str(path))
         else:
-            args.out.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
     if stale:
         print(f"stale CRDs: {', '.join(stale)}; run `make crds`", file=sys.stderr)

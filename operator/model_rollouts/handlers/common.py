@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import logging
+import tempfile
 import threading
 import time
+import traceback
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 import kopf
@@ -21,20 +25,33 @@ from pydantic import ValidationError
 from model_rollouts import leader, telemetry
 from model_rollouts.api.common import (
     GROUP,
+    MAX_TIMEOUT,
     VERSION,
-    PrometheusConfig,
+    AnalysisBase,
+    Model,
     ResourceSpec,
     ResourceStatus,
+    SecretKeyRef,
+    TemplateRef,
     TrafficRouting,
     dump,
     parse_duration,
     set_condition,
 )
+from model_rollouts.api.provider import PROVIDER_PLURAL, ClusterMetricProviderSpec
+from model_rollouts.api.template import (
+    CLUSTER_TEMPLATE_PLURAL,
+    TEMPLATE_KIND,
+    TEMPLATE_PLURAL,
+    MetricTemplateSpec,
+)
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import Event
 from model_rollouts.engine.status import invalid as invalid_status
+from model_rollouts.metrics import policy
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import MetricProvider, Result, TemplateError, check_template, render
+from model_rollouts.metrics.templates import fill
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
 from model_rollouts.traffic.router import RouterError, TrafficRouter
 
@@ -177,31 +194,135 @@ def make_router(routing: TrafficRouting, namespace: str) -> TrafficRouter:
     raise RouterError("spec.trafficRouting", "set exactly one router")
 
 
-def make_provider(cfg: PrometheusConfig, namespace: str) -> PrometheusProvider:
-    token = None
-    if cfg.bearerTokenSecret is not None:
-        ref = cfg.bearerTokenSecret
-        try:
-            secret = client.CoreV1Api(api()).read_namespaced_secret(
-                ref.name, namespace, _request_timeout=REQUEST_TIMEOUT
-            )
-        except ApiException as e:
+#: Seconds a list of ClusterMetricProviders (for the inline-address allowlist) is reused.
+PROVIDER_CACHE_SECONDS = 10.0
+_provider_addresses: tuple[float, list[str]] = (0.0, [])
+_providers: dict[tuple[Any, ...], PrometheusProvider] = {}
+_providers_lock = threading.Lock()
+
+
+def _cluster_provider_addresses() -> list[str]:
+    """Addresses of every ClusterMetricProvider (cached briefly); [] if they cannot be listed."""
+    global _provider_addresses
+    at, addresses = _provider_addresses
+    if time.monotonic() - at < PROVIDER_CACHE_SECONDS:
+        return addresses
+    try:
+        listing = client.CustomObjectsApi(api()).list_cluster_custom_object(
+            GROUP, VERSION, PROVIDER_PLURAL, _request_timeout=REQUEST_TIMEOUT
+        )
+        addresses = [
+            str(((i.get("spec") or {}).get("prometheus") or {}).get("address") or "")
+            for i in cast(dict[str, Any], listing)["items"]
+        ]
+    except Exception:
+        addresses = []
+    _provider_addresses = (time.monotonic(), addresses)
+    return addresses
+
+
+def _secret_value(ref: SecretKeyRef, field: str, what: str) -> str:
+    """A key of a Secret in the operator's own namespace; RouterError (fixed text) if it cannot be had."""
+    namespace = policy.POLICY.secret_namespace
+    try:
+        secret = client.CoreV1Api(api()).read_namespaced_secret(
+            ref.name, namespace, _request_timeout=REQUEST_TIMEOUT
+        )
+    except ApiException as e:
+        raise RouterError(field, f"{what}: its Secret cannot be read (HTTP {e.status})") from None
+    except Exception as e:
+        raise RouterError(field, f"{what}: its Secret cannot be read ({type(e).__name__})") from None
+    data = (secret.data or {}).get(ref.key)
+    if data is None:
+        raise RouterError(field, f"{what}: its Secret has no key {ref.key!r}")
+    try:
+        return base64.b64decode(data).decode()
+    except ValueError:
+        raise RouterError(field, f"{what}: its Secret's key {ref.key!r} is not UTF-8 text") from None
+
+
+def _cached_provider(key: tuple[Any, ...], make: Callable[[], PrometheusProvider]) -> PrometheusProvider:
+    """One provider (and HTTP session) per distinct configuration, reused across ticks and objects."""
+    with _providers_lock:
+        p = _providers.get(key)
+        if p is None:
+            if len(_providers) >= 256:
+                for old in _providers.values():
+                    old.close()
+                _providers.clear()
+            p = _providers[key] = make()
+        return p
+
+
+def make_provider(analysis: AnalysisBase, namespace: str) -> PrometheusProvider:
+    """The provider an object may use; RouterError naming the field when it may not use one.
+
+    A tenant's object never chooses a credential and a destination together: an inline address
+    carries no credential and must be allowed (``--allowed-provider-address`` or a
+    ClusterMetricProvider's address); credentials come only from a ClusterMetricProvider, read from
+    the operator's own namespace. Messages are fixed texts: nothing a server or Secret holds.
+    """
+    if analysis.prometheus is not None:
+        cfg = analysis.prometheus
+        if cfg.bearerTokenSecret is not None:
             raise RouterError(
                 "spec.analysis.prometheus.bearerTokenSecret",
-                f"Secret {namespace}/{ref.name} cannot be read ({e.status})",
-            ) from e
-        data = (secret.data or {}).get(ref.key)
-        if data is None:
-            raise RouterError(
-                "spec.analysis.prometheus.bearerTokenSecret.key", f"Secret {ref.name} has no key {ref.key!r}"
+                "a credential cannot be named together with an address in a ModelRollout or "
+                "ModelExperiment; ask the platform team for a ClusterMetricProvider, set analysis.provider",
             )
-        token = base64.b64decode(data).decode().strip()
-    return PrometheusProvider(
-        cfg.address,
-        timeout_s=max(1, int(parse_duration(cfg.timeout))),
-        token=token,
-        verify_tls=not cfg.insecureSkipVerify,
+        if not policy.address_allowed(cfg.address, _cluster_provider_addresses()):
+            raise RouterError(
+                "spec.analysis.prometheus.address",
+                "this address is not allowed by the operator (--allowed-provider-address); "
+                "use analysis.provider with a ClusterMetricProvider",
+            )
+        timeout = max(0.1, min(parse_duration(cfg.timeout), parse_duration(MAX_TIMEOUT)))
+        key = ("inline", cfg.address, timeout, not cfg.insecureSkipVerify)
+        return _cached_provider(
+            key,
+            lambda: PrometheusProvider(cfg.address, timeout_s=timeout, verify_tls=not cfg.insecureSkipVerify),
+        )
+    name = analysis.provider
+    if name is None:
+        raise RouterError("spec.analysis", "set provider (a ClusterMetricProvider) or prometheus")
+    field = "spec.analysis.provider"
+    try:
+        raw = client.CustomObjectsApi(api()).get_cluster_custom_object(
+            GROUP, VERSION, PROVIDER_PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+        )
+    except ApiException as e:
+        if e.status == 404:
+            raise RouterError(field, f"ClusterMetricProvider {name} not found") from None
+        raise RouterError(field, f"ClusterMetricProvider {name} cannot be read (HTTP {e.status})") from None
+    try:
+        spec = ClusterMetricProviderSpec.model_validate(cast(dict[str, Any], raw).get("spec") or {})
+    except ValidationError:
+        raise RouterError(field, f"ClusterMetricProvider {name} has an invalid spec") from None
+    prom = spec.prometheus
+    what = f"ClusterMetricProvider {name}"
+    token = _secret_value(prom.bearerTokenSecret, field, what) if prom.bearerTokenSecret else None
+    verify: bool | str = not prom.insecureSkipVerify
+    if prom.caSecret is not None and verify:
+        verify = _ca_file(_secret_value(prom.caSecret, field, what))
+    timeout = parse_duration(prom.timeout)
+    digest = hashlib.sha256((token or "").encode()).hexdigest()
+    p = _cached_provider(
+        ("provider", name, prom.address, timeout, verify, digest),
+        lambda: PrometheusProvider(prom.address, timeout_s=timeout, token=token, verify_tls=verify),
     )
+    if p.unusable:
+        raise RouterError(field, f"{what}: {p.unusable}; it is never sent")
+    return p
+
+
+def _ca_file(pem: str) -> str:
+    """A CA bundle on disk (requests wants a path), one file per distinct content."""
+    d = Path(tempfile.gettempdir()) / "model-rollouts-ca"
+    d.mkdir(mode=0o700, exist_ok=True)
+    path = d / (hashlib.sha256(pem.encode()).hexdigest()[:32] + ".pem")
+    if not path.exists():
+        path.write_text(pem)
+    return str(path)
 
 
 def check_queries(queries: list[tuple[str, str | None]]) -> None:
@@ -216,6 +337,57 @@ def check_queries(queries: list[tuple[str, str | None]]) -> None:
 
 METRIC_FIELDS = {"proportion": ("successes", "trials"), "mean": ("count", "sum", "sumSquares")}
 
+#: Seconds a fetched metric template is reused (an edit takes effect within this).
+TEMPLATE_CACHE_SECONDS = 5.0
+_templates: dict[tuple[str, str, str], tuple[float, MetricTemplateSpec | None]] = {}
+
+M = TypeVar("M", bound=Model)
+
+
+def _template(ref: TemplateRef, namespace: str, field: str) -> MetricTemplateSpec:
+    key = (ref.kind, namespace if ref.kind == TEMPLATE_KIND else "", ref.name)
+    hit = _templates.get(key)
+    if hit is not None and time.monotonic() - hit[0] < TEMPLATE_CACHE_SECONDS and hit[1] is not None:
+        return hit[1]
+    co = client.CustomObjectsApi(api())
+    try:
+        if ref.kind == TEMPLATE_KIND:
+            raw = co.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, TEMPLATE_PLURAL, ref.name, _request_timeout=REQUEST_TIMEOUT
+            )
+        else:
+            raw = co.get_cluster_custom_object(
+                GROUP, VERSION, CLUSTER_TEMPLATE_PLURAL, ref.name, _request_timeout=REQUEST_TIMEOUT
+            )
+    except ApiException as e:
+        if e.status == 404:
+            raise RouterError(field, f"{ref.kind} {ref.name} not found") from None
+        raise RouterError(field, f"{ref.kind} {ref.name} cannot be read (HTTP {e.status})") from None
+    try:
+        spec = MetricTemplateSpec.model_validate(cast(dict[str, Any], raw).get("spec") or {})
+    except ValidationError:
+        raise RouterError(field, f"{ref.kind} {ref.name} has an invalid spec") from None
+    _templates[key] = (time.monotonic(), spec)
+    return spec
+
+
+def resolve_metric(metric: M, field: str, namespace: str, names: tuple[str, ...]) -> M:
+    """A guardrail or count metric with its templateRef replaced by the template's queries (filled args).
+
+    RouterError naming ``field.templateRef`` when the template is missing, lacks a query, or an arg
+    is unknown, missing or not of its type. A metric without templateRef is returned as it is.
+    """
+    ref: TemplateRef | None = getattr(metric, "templateRef", None)
+    if ref is None:
+        return metric
+    where = f"{field}.templateRef"
+    template = _template(ref, namespace, where)
+    try:
+        queries = fill(template, ref, names)
+    except TemplateError as e:
+        raise RouterError(where, str(e)) from None
+    return metric.model_copy(update={**queries, "templateRef": None})
+
 
 def read_counts(
     metric: Any, provider: MetricProvider, values: dict[str, str]
@@ -227,7 +399,7 @@ def read_counts(
     """
     nums: list[float] = []
     for f in METRIC_FIELDS[metric.type]:
-        r = provider.query(render(getattr(metric, f), values))
+        r = provider.query(render(getattr(metric, f) or "", values))
         # No data is not zero: a query that matches no series (a typo, a counter that does not
         # exist yet) is a measurement problem that holds, never "zero events".
         if not r.ok or r.value is None:
@@ -411,7 +583,15 @@ class Controller(Generic[SpecT, StatusT]):
             self.tick(obj)
             self._not_before = time.monotonic() + 0.4
         except Exception as e:
-            self.logger.exception("%s/%s: tick failed", self.namespace, self.name)
+            # Never the exception's text (an API or HTTP error may quote a body or a header): its
+            # class and where it was raised.
+            self.logger.error(
+                "%s/%s: tick failed: %s\n%s",
+                self.namespace,
+                self.name,
+                safe_error(e),
+                "".join(traceback.format_tb(e.__traceback__)).rstrip(),
+            )
             self._not_before = time.monotonic() + 5.0
             with contextlib.suppress(Exception):
                 obj = get_object(self.plural, self.namespace, self.name)
@@ -444,7 +624,7 @@ class Controller(Generic[SpecT, StatusT]):
                 self.check_owner(obj, spec)
             router = make_router(spec.trafficRouting, self.namespace)
             router.check(self.services(spec, status))
-            provider = make_provider(spec.analysis.prometheus, self.namespace)
+            provider = make_provider(spec.analysis, self.namespace)
         except RouterError as e:
             return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
         new, actions = self.decide(spec, status, provider, now_, generation, annotations)
@@ -586,7 +766,7 @@ class Controller(Generic[SpecT, StatusT]):
             msg = f"route gave traffic to {drift} after {status.phase}; set back to {want}"
             post_event(dict(obj), "Warning", "RouteRestored", msg)
             self.logger.warning("%s/%s RouteRestored: %s", self.namespace, self.name, msg)
-        except (RouterError, ApiException, ValidationError) as e:
+        except Exception as e:  # never Kopf's logging of the exception's text
             self.logger.info("%s/%s guard: %s", self.namespace, self.name, safe_error(e))
 
     def delete(self, spec_body: Mapping[str, Any], status_body: Mapping[str, Any], retry: int) -> None:
@@ -617,7 +797,7 @@ class Controller(Generic[SpecT, StatusT]):
             self.logger.info(
                 "%s/%s deleted while %s: route set to %s", self.namespace, self.name, status.phase, want
             )
-        except (RouterError, ApiException) as e:
+        except Exception as e:  # never Kopf's logging of the exception's text
             if retry < DELETE_RETRIES:
                 raise kopf.TemporaryError(
                     f"restoring the route failed: {safe_error(e)}", delay=2 + 2 * retry

@@ -40,7 +40,22 @@ def _placeholders(v: Variant, namespace: str, window: str) -> dict[str, str]:
     }
 
 
-def _queries(spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
+def resolve(spec: ModelExperimentSpec, namespace: str) -> ModelExperimentSpec:
+    """The spec with every templateRef replaced by its template's queries (RouterError naming the field)."""
+    if not (spec.primaryMetric.templateRef or any(g.templateRef for g in spec.guardrails)):
+        return spec
+    guardrails = [
+        common.resolve_metric(g, f"spec.guardrails[{i}]", namespace, ("query",))
+        for i, g in enumerate(spec.guardrails)
+    ]
+    primary = common.resolve_metric(
+        spec.primaryMetric, "spec.primaryMetric", namespace, common.METRIC_FIELDS[spec.primaryMetric.type]
+    )
+    return spec.model_copy(update={"guardrails": guardrails, "primaryMetric": primary})
+
+
+def _queries(spec: ModelExperimentSpec, namespace: str = "default") -> list[tuple[str, str | None]]:
+    spec = resolve(spec, namespace)
     out: list[tuple[str, str | None]] = [
         (f"spec.guardrails[{i}].query", g.query) for i, g in enumerate(spec.guardrails)
     ]
@@ -58,6 +73,7 @@ def measure(
 ) -> engine.Observations:
     """Primary metric and guardrails of every active variant; the primary metric (and requests)
     cumulative since the experiment started, guardrails over ``analysis.window``."""
+    spec = resolve(spec, namespace)
     now = common.now()
     since = format_duration((now - (status.startedAt or now)).total_seconds())
     active = {v.name for v in status.variants if v.active}
@@ -69,7 +85,7 @@ def measure(
             spec.primaryMetric, provider, _placeholders(v, namespace, since)
         )
         values = _placeholders(v, namespace, spec.analysis.window)
-        guardrails = {g.name: provider.query(render(g.query, values)) for g in spec.guardrails}
+        guardrails = {g.name: provider.query(render(g.query or "", values)) for g in spec.guardrails}
         requests = None
         if spec.analysis.requests:
             r = provider.query(render(spec.analysis.requests, _placeholders(v, namespace, since)))
@@ -90,7 +106,7 @@ class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimen
         return engine.validate(spec)
 
     def queries(self, spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
-        return _queries(spec)
+        return _queries(spec, self.namespace)
 
     def services(self, spec: ModelExperimentSpec, status: ModelExperimentStatus) -> list[str]:
         """The Services the route must have: the spec's variants. Services of removed variants are set

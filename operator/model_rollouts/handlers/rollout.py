@@ -45,7 +45,25 @@ def _placeholders(v: VariantRef, role: str, namespace: str, window: str) -> dict
     }
 
 
-def _queries(spec: ModelRolloutSpec) -> list[tuple[str, str | None]]:
+def resolve(spec: ModelRolloutSpec, namespace: str) -> ModelRolloutSpec:
+    """The spec with every templateRef replaced by its template's queries (RouterError naming the field)."""
+    a = spec.analysis
+    if not (any(g.templateRef for g in a.guardrails) or any(c.templateRef for c in a.comparisons)):
+        return spec
+    guardrails = [
+        common.resolve_metric(g, f"spec.analysis.guardrails[{i}]", namespace, ("query",))
+        for i, g in enumerate(a.guardrails)
+    ]
+    comparisons = [
+        common.resolve_metric(c, f"spec.analysis.comparisons[{i}]", namespace, common.METRIC_FIELDS[c.type])
+        for i, c in enumerate(a.comparisons)
+    ]
+    analysis = a.model_copy(update={"guardrails": guardrails, "comparisons": comparisons})
+    return spec.model_copy(update={"analysis": analysis})
+
+
+def _queries(spec: ModelRolloutSpec, namespace: str = "default") -> list[tuple[str, str | None]]:
+    spec = resolve(spec, namespace)
     out: list[tuple[str, str | None]] = [
         (f"spec.analysis.guardrails[{i}].query", g.query) for i, g in enumerate(spec.analysis.guardrails)
     ]
@@ -62,11 +80,12 @@ def measure(
     spec: ModelRolloutSpec, status: ModelRolloutStatus, provider: MetricProvider, namespace: str
 ) -> engine.Observations:
     """Guardrails on the candidate over ``analysis.window``; comparisons within the current epoch."""
+    spec = resolve(spec, namespace)
     window = spec.analysis.window
     stable = status.stableService or spec.stable.service
     stable_ref = spec.stable if stable == spec.stable.service else VariantRef(service=stable)
     cand = _placeholders(spec.candidate, "candidate", namespace, window)
-    guardrails = {g.name: provider.query(render(g.query, cand)) for g in spec.analysis.guardrails}
+    guardrails = {g.name: provider.query(render(g.query or "", cand)) for g in spec.analysis.guardrails}
     comparisons: dict[str, engine.ComparisonData] = {}
     if spec.analysis.comparisons and engine.measure_comparisons(status):
         started = status.epochStartedAt or status.revisionStartedAt or common.now()
@@ -122,7 +141,7 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
     spec_model, status_model = ModelRolloutSpec, ModelRolloutStatus
 
     def queries(self, spec: ModelRolloutSpec) -> list[tuple[str, str | None]]:
-        return _queries(spec)
+        return _queries(spec, self.namespace)
 
     def services(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> list[str]:
         # A new revision starts from the serving stable; the spec's stable then need not be in the route.

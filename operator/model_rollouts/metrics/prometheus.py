@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
@@ -12,28 +13,59 @@ from model_rollouts.metrics.provider import Result
 
 
 class PrometheusProvider:
+    """One Prometheus HTTP API. Redirects are not followed, and nothing from an answer but the
+    exception class (or the parsed number) ever leaves :meth:`query`."""
+
     def __init__(
-        self, address: str, *, timeout_s: int = 5, token: str | None = None, verify_tls: bool = True
+        self,
+        address: str,
+        *,
+        timeout_s: float = 5,
+        token: str | None = None,
+        verify_tls: bool | str = True,
     ) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.address = address
+        session = requests.Session()
+        session.verify = verify_tls  # False, True or the path of a CA bundle
+        session.max_redirects = 0  # an allowed address may not send the query (or a token) elsewhere
+        self.unusable: str | None = None
+        headers = None
+        if token is not None:
+            token = token.strip()
+            if not token or any(not c.isprintable() or c.isspace() for c in token):
+                # A multi-line value (a key, a kubeconfig) cannot be a header; never try to send it,
+                # since the HTTP library's error would quote it.
+                self.unusable = "credential unusable: not a single line of printable characters"
+            else:
+                headers = {"Authorization": f"Bearer {token}"}
         self._client = PrometheusConnect(
             url=address.rstrip("/"),
             headers=headers,
-            disable_ssl=not verify_tls,
-            retry=Retry(total=0),
+            retry=Retry(total=0, redirect=0),
+            session=session,
             timeout=timeout_s,
         )
-        self.address = address
 
     def query(self, promql: str) -> Result:
+        if self.unusable:
+            return Result("error", message=self.unusable)
         try:
             data = self._client.custom_query(promql)
-        except (requests.RequestException, PrometheusApiClientException, ValueError) as e:
+        except PrometheusApiClientException as e:
+            # The exception text quotes the response body: only the HTTP status is kept.
+            return Result("error", message=f"query failed: {type(e).__name__}{_status(str(e))}")
+        except Exception as e:
             # A fixed description only: a remote body or a header never reaches status or logs.
             return Result("error", message=f"query failed: {type(e).__name__}")
-        except Exception as e:
-            return Result("error", message=f"query failed: {type(e).__name__}")
         return interpret(data)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _status(text: str) -> str:
+    m = re.match(r"HTTP Status Code (\d{3})", text)
+    return f" (HTTP {m.group(1)})" if m else ""
 
 
 def interpret(data: object) -> Result:
@@ -57,7 +89,7 @@ def interpret(data: object) -> Result:
     try:
         value = float(sample[1])
     except (TypeError, ValueError):
-        return Result("error", message=f"non-numeric value {sample[1]!r}")
+        return Result("error", message="non-numeric value")
     if not math.isfinite(value):
-        return Result("nan", value=None, message=f"the query returned {sample[1]}")
+        return Result("nan", value=None, message=f"the query returned {value}")
     return Result("value", value=value)

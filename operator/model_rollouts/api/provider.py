@@ -1,0 +1,64 @@
+"""ClusterMetricProvider: a metric provider owned by the platform team (cluster-scoped).
+
+A tenant's ModelRollout or ModelExperiment names one as ``analysis.provider``; it never carries
+an address together with a credential. The credentials Secret is read only from the operator's own
+namespace (``--provider-secret-namespace``), never from the tenant's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ConfigDict, Field, field_validator
+
+from model_rollouts.api.common import (
+    MAX_TIMEOUT,
+    Address,
+    Duration,
+    Model,
+    SecretKeyRef,
+    cel,
+    check_timeout,
+)
+
+PROVIDER_KIND = "ClusterMetricProvider"
+PROVIDER_PLURAL = "clustermetricproviders"
+
+
+class ProviderPrometheus(Model):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.timeout) || (duration(self.timeout) > duration('0s') && "
+                    f"duration(self.timeout) <= duration('{MAX_TIMEOUT}'))",
+                    f"timeout must be more than 0s and at most {MAX_TIMEOUT}",
+                    ".timeout",
+                )
+            ]
+        },
+    )
+    address: Address = Field(description="Base URL of the Prometheus HTTP API.")
+    timeout: Duration = Field(default="5s", description="Per-query timeout (more than 0s, at most 30s).")
+    insecureSkipVerify: bool = Field(default=False, description="Do not verify the server's TLS certificate.")
+    caSecret: SecretKeyRef | None = Field(
+        default=None,
+        description="PEM CA bundle to verify the server with, in a Secret of the operator's namespace.",
+    )
+    bearerTokenSecret: SecretKeyRef | None = Field(
+        default=None,
+        description="Bearer token (one line) in a Secret of the operator's namespace; never a tenant's.",
+    )
+
+    _timeout = field_validator("timeout")(check_timeout)
+
+
+class ClusterMetricProviderSpec(Model):
+    prometheus: ProviderPrometheus
+
+
+PROVIDER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Address", "type": "string", "jsonPath": ".spec.prometheus.address"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]

@@ -1,0 +1,179 @@
+"""Tenancy rules that need no cluster: templates, the address allowlist, what a provider may echo."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from model_rollouts.api.common import AnalysisBase, PrometheusConfig
+from model_rollouts.api.provider import ClusterMetricProviderSpec
+from model_rollouts.handlers.common import safe_error
+from model_rollouts.metrics import policy
+from model_rollouts.metrics.prometheus import PrometheusProvider
+from model_rollouts.metrics.provider import TemplateError, check_template, render
+from tests.harness import queries
+from tests.harness.tenancy import RecordingServer
+
+VALUES = {
+    "variant": "candidate",
+    "service": "fraud-v2",
+    "namespace": "ml",
+    "deployment": "d",
+    "window": "30s",
+}
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        'sum(x{service="{{ service|upper }}"})',
+        'sum(x{service="{{ service.__class__ }}"})',
+        'sum(x{service="{service}"})',
+        'sum(x{service="{{service}"})',
+        'sum(x{service="{{ service }}}}"})',
+        "sum(x) }}",
+        "{{ }}",
+        '{{ "a" }}',
+        'sum(x{service="{{ unknown }}"})',
+        'sum(x{service="{{ args.name }}"})',  # args exist only inside a metric template
+        "sum(rate(x[{ window }]))",
+    ],
+)
+def test_anything_but_an_exact_known_placeholder_is_refused(template: str) -> None:
+    with pytest.raises(TemplateError):
+        check_template(template)
+    with pytest.raises(TemplateError):
+        render(template, VALUES)
+
+
+def test_the_queries_users_write_still_render() -> None:
+    for name in ("ERROR_RATE", "P95_LATENCY", "DRIFT", "POSITIVE", "FEEDBACK", "REQUESTS"):
+        q = getattr(queries, name)
+        check_template(q)
+        out = render(q, VALUES)
+        assert "{{" not in out and "fraud-v2" in out
+    assert render('x{a=~"b{2}"}', VALUES) == 'x{a=~"b{2}"}'  # PromQL's own braces are fine
+    assert render("{{ args.n }}", {"args.n": "5m"}, extra=("args.n",)) == "5m"
+
+
+@pytest.mark.parametrize("field,value", [("timeout", "0s"), ("timeout", "31s"), ("timeout", "0ms")])
+def test_timeouts_must_be_positive_and_at_most_30s(field: str, value: str) -> None:
+    with pytest.raises(ValidationError):
+        PrometheusConfig.model_validate({"address": "http://prom:9090", field: value})
+    with pytest.raises(ValidationError):
+        ClusterMetricProviderSpec.model_validate(
+            {"prometheus": {"address": "http://prom:9090", field: value}}
+        )
+
+
+@pytest.mark.parametrize("window", ["0s", "25h", "0ms"])
+def test_windows_must_be_positive_and_at_most_24h(window: str) -> None:
+    with pytest.raises(ValidationError):
+        AnalysisBase.model_validate({"window": window, "provider": "p"})
+    assert AnalysisBase.model_validate({"window": "24h", "provider": "p"}).window == "24h"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://:9090",
+        "http://",
+        "http://user:pw@prom:9090",
+        "http://prom:9090/?a=b",
+        "ftp://prom",
+        "http://prom#x",
+    ],
+)
+def test_addresses_need_a_host_and_carry_no_user_query_or_fragment(address: str) -> None:
+    with pytest.raises(ValidationError):
+        PrometheusConfig.model_validate({"address": address})
+
+
+@pytest.fixture()
+def allow() -> Iterator[None]:
+    old = (list(policy.POLICY.allowed), policy.POLICY.secret_namespace)
+    policy.configure([re.escape("http://prom.monitoring:9090"), r"https://[a-z]+\.metrics\.example"], "ops")
+    yield
+    policy.POLICY.allowed, policy.POLICY.secret_namespace = old
+
+
+def test_the_allowlist_matches_whole_addresses_only(allow: None) -> None:
+    assert policy.address_allowed("http://prom.monitoring:9090", [])
+    assert policy.address_allowed("http://prom.monitoring:9090/", [])
+    assert policy.address_allowed("https://eu.metrics.example", [])
+    assert not policy.address_allowed("http://prom.monitoring:9090.attacker.example", [])
+    assert not policy.address_allowed("http://prom.monitoring:90901", [])
+    assert not policy.address_allowed("https://eu.metrics.example.attacker.example", [])
+    assert not policy.address_allowed("http://10.0.0.1:9090", [])
+    assert policy.address_allowed("http://10.0.0.1:9090/", ["http://10.0.0.1:9090"])  # a provider's address
+
+
+def test_by_default_only_provider_addresses_are_allowed() -> None:
+    old = list(policy.POLICY.allowed)
+    policy.configure([], "ops")
+    try:
+        assert not policy.address_allowed("http://prom.monitoring:9090", [])
+        assert policy.address_allowed("http://prom.monitoring:9090", ["http://prom.monitoring:9090/"])
+    finally:
+        policy.POLICY.allowed = old
+
+
+def test_an_error_page_is_reduced_to_its_http_status() -> None:
+    marker = "INTERNAL-PAGE-7f3a"
+    server = RecordingServer(status=403, body=f"<h1>Forbidden</h1>{marker} Authorization: Bearer x").start()
+    try:
+        r = PrometheusProvider(server.url, timeout_s=2).query("up")
+    finally:
+        server.close()
+    assert r.outcome == "error"
+    assert r.message == "query failed: PrometheusApiClientException (HTTP 403)"
+
+
+def test_a_redirect_is_not_followed() -> None:
+    target = RecordingServer(status=200, body="{}").start()
+    hop = RecordingServer(status=302, body="", headers={"Location": target.url + "/api/v1/query?query=up"})
+    hop.start()
+    try:
+        r = PrometheusProvider(hop.url, timeout_s=2, token="abc").query("up")
+    finally:
+        target.close()
+        hop.close()
+    assert hop.requests and not target.requests
+    assert r.outcome == "error" and "TooManyRedirects" in r.message
+
+
+def test_a_multi_line_credential_is_never_sent() -> None:
+    server = RecordingServer(status=200, body="{}").start()
+    try:
+        p = PrometheusProvider(server.url, timeout_s=2, token="line-one\nline-two\n")
+        r = p.query("up")
+    finally:
+        server.close()
+    assert p.unusable and r.outcome == "error"
+    assert "line-one" not in r.message and "line-two" not in r.message
+    assert server.requests == []
+
+
+def test_a_trailing_newline_is_not_part_of_the_token() -> None:
+    server = RecordingServer(
+        status=200, body='{"status":"success","data":{"resultType":"vector","result":[]}}'
+    )
+    server.start()
+    try:
+        r = PrometheusProvider(server.url, timeout_s=2, token="s3cret\r\n").query("up")
+    finally:
+        server.close()
+    assert r.outcome == "noData"
+    assert [q.headers.get("Authorization") for q in server.requests] == ["Bearer s3cret"]
+
+
+def test_api_errors_are_described_without_their_body() -> None:
+    e = ApiException(status=403, reason="Forbidden")
+    e.body = '{"message": "secret-body-text"}'
+    e.headers = {"Authorization": "Bearer leaked"}
+    text = safe_error(e)
+    assert "403" in text and "secret-body-text" not in text and "leaked" not in text
