@@ -58,7 +58,7 @@ test-integration: setup
 demo: setup ## real control plane + Prometheus + model servers + traffic: one rollout promoted, one rolled back
 	$(PY) -m tests.harness.demo
 
-bench-stats: venv ## simulated error rates and sample sizes of the statistics, vs naive/threshold/Mann-Whitney
+bench-stats: venv ## seeded simulation of our engine vs Flagger/Argo/Kayenta-style judges (8 scenarios; JSON last line)
 	$(PY) -m tests.bench.bench_stats
 
 bench-rollback: setup ## breach-to-weight-0 latency on the real stack (5 runs, 5s interval)

@@ -194,3 +194,47 @@ def test_deletion_moves_traffic_only_while_in_progress_or_when_asked() -> None:
     d2 = Driver(spec([{"setWeight": 50}], revertOnDeletion=True))
     assert run_until_done(d2).phase == "Promoted"
     assert eng.deletion_weights(d2.spec, d2.status) is None
+
+
+def _cmp_spec(**extra: Any) -> ModelRolloutSpec:
+    comparison = {"name": "fb", "successes": "s", "trials": "t", "test": "nonInferiority", "margin": 0.05}
+    return spec([{"setWeight": 50}], analysis={"comparisons": [comparison]}, **extra)
+
+
+def _cmp_obs(stable: tuple[float, float], cand: tuple[float, float]) -> eng.Observations:
+    from model_rollouts.engine.stats import ProportionData
+
+    data = eng.ComparisonData(stable=ProportionData(*stable), candidate=ProportionData(*cand))
+    return eng.Observations(guardrails={"errors": Result("value", 0.0)}, comparisons={"fb": data})
+
+
+def test_an_inconclusive_comparison_holds_at_the_deadline_by_default() -> None:
+    d = Driver(_cmp_spec(progressDeadline="1m"))
+    d.tick()
+    for _ in range(12):
+        st = d.tick(_cmp_obs((30, 50), (30, 50)))  # far too little data to show anything
+    assert st.phase == "Progressing" and st.weight == 50
+    prog = {c.type: c for c in st.conditions}["Progressing"]
+    assert prog.status == "False" and prog.reason == "Inconclusive" and d.events.count("Inconclusive") == 1
+
+
+def test_an_inconclusive_comparison_can_be_set_to_roll_back_at_the_deadline() -> None:
+    d = Driver(_cmp_spec(progressDeadline="1m"))
+    analysis = {**d.spec.analysis.model_dump(exclude_none=True), "onInconclusive": "rollback"}
+    d.spec = _with(d.spec, analysis=analysis)
+    d.tick()
+    for _ in range(12):
+        st = d.tick(_cmp_obs((30, 50), (30, 50)))
+    assert st.phase == "RolledBack" and st.history[-1].reason == "Inconclusive"
+
+
+def test_a_passed_comparison_stays_passed_for_the_gate() -> None:
+    d = Driver(_cmp_spec(maxWeightStep=25))
+    d.tick()
+    assert d.status.weight == 25
+    st = d.tick(_cmp_obs((60000, 100000), (60200, 100000)))  # shown non-inferior
+    assert "fb" in st.passedComparisons and st.weight == 50
+    weak = _cmp_obs((30000, 50000), (27600, 50000))  # a later epoch near the margin: combined, undecided
+    assert d.tick(weak).weight == 75
+    assert d.tick(weak).weight == 100  # the gate before the final increase uses the latched pass
+    assert d.tick(weak).phase == "Promoted"

@@ -89,10 +89,11 @@ class Analysis(AnalysisBase):
     comparisons: list[Comparison] = Field(default_factory=list, max_length=10, json_schema_extra=list_map())
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise error rate of the comparisons.")
     onInconclusive: Literal["rollback", "hold", "promote"] = Field(
-        default="rollback",
-        description="What happens when progressDeadline passes while a required comparison still has "
-        "not shown what its test asks: rollback (default), hold (keep waiting, condition only) or "
-        "promote (give the candidate full traffic without that evidence).",
+        default="hold",
+        description="What happens when progressDeadline passes while a required comparison has been "
+        "measured but has not yet shown what its test asks: hold (default: keep the weight and keep "
+        "testing; condition Progressing=False, reason Inconclusive), rollback, or promote (full traffic "
+        "without that evidence). Missing data is not inconclusive: onProgressDeadline applies.",
     )
 
 
@@ -161,6 +162,10 @@ class ModelRolloutStatus(ResourceStatus):
     )
     heldSince: datetime | None = Field(
         default=None, description="Since when the rollout has been held without progress (progressDeadline)."
+    )
+    passedComparisons: list[str] = Field(
+        default_factory=list,
+        description="Comparisons whose always-valid test has passed in this revision (a pass stays valid).",
     )
     guardrailFailures: dict[str, int] = Field(default_factory=dict)
     lastAnalysis: list[Measurement] = Field(default_factory=list)

@@ -245,6 +245,15 @@ def reconcile(
         s.lastAnalysisTime = now
         results = _analyse(spec, s, observations)
         s.lastAnalysis = results
+        # A pass of an always-valid test stays valid at any later time: latch it for the gate.
+        for m in results:
+            if (
+                m.kind == "comparison"
+                and m.verdict == "pass"
+                and not m.carried
+                and m.name not in s.passedComparisons
+            ):
+                s.passedComparisons.append(m.name)
         s.guardrailFailures = update_failures(
             s.guardrailFailures, [m for m in results if m.kind == "guardrail"]
         )
@@ -329,6 +338,7 @@ def reconcile(
     # Steps: advance while nothing blocks; at most one weight change per analysis.
     gate_ok = not hold_reasons and (analysed_here or s.weight == 0)
     waiting_evidence: list[str] = []
+    evidence_only = False
     while True:
         if s.currentStep >= len(spec.steps):
             target = 100
@@ -403,6 +413,9 @@ def reconcile(
             # The promotion gate comes before the final increase: every required comparison must
             # have shown what its test asks (fail closed), unless the deadline policy says promote.
             waiting_evidence = _required_not_passed(spec.analysis.comparisons, s)
+            # Only a measured-but-undecided comparison is "inconclusive"; missing data is a
+            # progress problem (onProgressDeadline), never evidence.
+            evidence_only = not hold_reasons
             if waiting_evidence and not _deadline_promotes(spec, s, now):
                 s.message = f"holding at weight {s.weight} before full traffic: " + "; ".join(
                     waiting_evidence
@@ -428,8 +441,9 @@ def reconcile(
         deadline = parse_duration(spec.progressDeadline)
         if held >= deadline:
             why = f"held {held:.0f}s (progressDeadline {spec.progressDeadline}): {'; '.join(hold_reasons)}"
-            policy = spec.analysis.onInconclusive if waiting_evidence else spec.onProgressDeadline
-            reason = "Inconclusive" if waiting_evidence else "ProgressDeadlineExceeded"
+            inconclusive = bool(waiting_evidence) and evidence_only
+            policy = spec.analysis.onInconclusive if inconclusive else spec.onProgressDeadline
+            reason = "Inconclusive" if inconclusive else "ProgressDeadlineExceeded"
             if policy == "rollback":
                 return _finish(s, actions, now, generation, "RolledBack", 0, reason, why)
             progressing = get_condition(s.conditions, "Progressing")
@@ -526,6 +540,7 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.stepWeight = None
     s.revisionStartedAt = s.stepStartedAt = s.epochStartedAt = now
     s.epochs = {}
+    s.passedComparisons = []
     s.heldSince = None
     s.guardrailFailures = {}
     s.consecutiveErrors = 0
@@ -556,7 +571,11 @@ def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -
     for c in spec.analysis.comparisons:
         out.append(
             _compare(
-                c, obs.comparisons.get(c.name), s.epochs.get(c.name, []), spec.analysis.alpha / max(m, 1)
+                c,
+                obs.comparisons.get(c.name),
+                s.epochs.get(c.name, []),
+                spec.analysis.alpha / max(m, 1),
+                s.weight,
             )
         )
     return out
@@ -575,7 +594,7 @@ def _to_arm(d: stats.ProportionData | stats.MeanData) -> ArmCounts:
 
 
 def _compare(
-    c: Comparison, data: ComparisonData | None, closed: list[EpochCounts], alpha: float
+    c: Comparison, data: ComparisonData | None, closed: list[EpochCounts], alpha: float, weight: int = 50
 ) -> Measurement:
     if data is None or data.problem is not None or data.stable is None or data.candidate is None:
         problem = data.problem if data and data.problem else Result("error", message="not measured")
@@ -602,6 +621,7 @@ def _compare(
         "better": c.better,
         "test": "nonInferiority" if c.test == "nonInferiority" else "superiority",
         "margin": c.margin,
+        "allocation": weight / 100.0,  # the split in force, for the running test's sample estimate
     }
     if c.type == "proportion":
         r = stats.compare_proportions_stratified(strata, **kwargs)  # type: ignore[arg-type,attr-defined,unused-ignore]
@@ -647,7 +667,7 @@ def _required_not_passed(comparisons: list[Comparison], s: ModelRolloutStatus) -
         m = last.get(c.name)
         if m is None:
             out.append(f"comparison {c.name} has no measurement yet")
-        elif m.verdict != "pass":
+        elif m.verdict != "pass" and c.name not in s.passedComparisons:
             more = (m.details or {}).get("moreSamplesNeeded")
             need = f"; about {more:,.0f} more samples needed at the current rate of evidence" if more else ""
             out.append(f"comparison {c.name} has not passed its {c.test} test ({m.verdict}){need}")
