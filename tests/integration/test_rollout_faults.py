@@ -336,6 +336,9 @@ def test_two_replicas_exactly_one_acts_and_the_standby_takes_over(fresh: Stack) 
         with Watcher(fresh, "ha") as w:
             fresh.apply(rollout("ha", fresh.prom.url, steps))
             wait(fresh, "ha", lambda o: weight(o) == 40, 90)
+            deadline = time.monotonic() + 10  # a decision is logged just after its status write
+            while _decisions(log_a.read_text(), "ha") < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
             assert _decisions(log_a.read_text(), "ha") >= 2 and _decisions(log_b.read_text(), "ha") == 0
             killed_at = time.monotonic()
             a.kill()
