@@ -47,6 +47,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     settings.networking.request_timeout = 30
+    # Handlers run in this pool. A provider that stops answering holds at most one thread per address
+    # (metrics/prometheus.py), so a few such providers cannot take every thread.
+    settings.execution.max_workers = 32
     # Watching only the given namespaces: do not try to list all namespaces (a 403 in that mode).
     settings.scanning.disabled = bool(WATCHED_NAMESPACES)
 

@@ -177,3 +177,92 @@ def test_api_errors_are_described_without_their_body() -> None:
     e.headers = {"Authorization": "Bearer leaked"}
     text = safe_error(e)
     assert "403" in text and "secret-body-text" not in text and "leaked" not in text
+
+
+def test_a_blackholed_address_holds_one_query_at_a_time_and_fails_the_rest_at_once() -> None:
+    import socket
+    import threading
+    import time
+
+    from model_rollouts.metrics import prometheus
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    address = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    try:
+        first = PrometheusProvider(address, timeout_s=1)
+        failed = first.query("up").message  # waited out the timeout once
+        assert failed in ("query failed: ReadTimeout", "query failed: ConnectionError"), failed
+        results: list[tuple[float, str]] = []
+
+        def ask() -> None:
+            t0 = time.monotonic()
+            r = PrometheusProvider(address, timeout_s=1).query("up")
+            results.append((time.monotonic() - t0, r.message))
+
+        threads = [threading.Thread(target=ask) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(took < 0.5 for took, _ in results), results  # cooling down: nobody waits
+        assert all(f"provider unavailable ({failed.split(': ')[1]})" in m for _, m in results), results
+        time.sleep(prometheus.COOLDOWN_SECONDS + 0.1)
+        threads = [threading.Thread(target=ask) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        probes = [m for took, m in results[20:] if took >= 0.9]
+        assert probes == [failed], results[20:]  # exactly one probe waited; the others failed at once
+        assert all("one probe at a time" in m for took, m in results[20:] if took < 0.9), results[20:]
+    finally:
+        hole.close()
+
+
+def test_a_healthy_address_serves_concurrent_queries() -> None:
+    import threading
+
+    body = '{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"2"]}]}}'
+    server = RecordingServer(status=200, body=body).start()
+    out: list[str] = []
+    try:
+
+        def ask() -> None:
+            out.append(PrometheusProvider(server.url, timeout_s=2).query("up").outcome)
+
+        threads = [threading.Thread(target=ask) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.close()
+    assert out == ["value"] * 24
+
+
+def _unbounded(node: object, path: str, out: list[str]) -> None:
+    if not isinstance(node, dict):
+        return
+    t = node.get("type")
+    if t == "string" and not ({"maxLength", "enum"} & node.keys()):
+        out.append(path)
+    if t == "array" and "maxItems" not in node:
+        out.append(path)
+    if t == "object" and "additionalProperties" in node and "maxProperties" not in node:
+        out.append(path)
+    for k, v in (node.get("properties") or {}).items():
+        _unbounded(v, f"{path}.{k}", out)
+    _unbounded(node.get("items"), f"{path}[]", out)
+    _unbounded(node.get("additionalProperties"), f"{path}{{}}", out)
+
+
+def test_every_list_string_and_map_a_user_writes_is_bounded() -> None:
+    from model_rollouts.api import crdgen
+
+    for name, crd in crdgen.all_crds().items():
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        out: list[str] = []
+        _unbounded(schema, "spec", out)
+        assert out == [], (name, out)

@@ -120,7 +120,7 @@ class GatewayAPIRouting(Model):
 
 class IstioRouting(Model):
     virtualService: Name
-    routeName: str | None = None
+    routeName: str | None = Field(default=None, max_length=253)
 
 
 class ReplicaRouting(Model):

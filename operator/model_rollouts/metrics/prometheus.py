@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import threading
+import time
+from urllib.parse import urlsplit
 
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
@@ -47,20 +51,96 @@ class PrometheusProvider:
         )
 
     def query(self, promql: str) -> Result:
+        """One instant query. An address that timed out or refused is not waited on again (see _Gate):
+        one blackholed provider holds at most one thread, so it cannot delay other objects."""
         if self.unusable:
             return Result("error", message=self.unusable)
+        gate = _gate(self.address)
+        ticket, why = _enter(gate)
+        if ticket is None:
+            return Result("error", message=f"query failed: {why}")
+        failure = None
         try:
             data = self._client.custom_query(promql)
         except PrometheusApiClientException as e:
             # The exception text quotes the response body: only the HTTP status is kept.
             return Result("error", message=f"query failed: {type(e).__name__}{_status(str(e))}")
+        except (requests.Timeout, requests.ConnectionError) as e:
+            failure = type(e).__name__
+            return Result("error", message=f"query failed: {failure}")
         except Exception as e:
             # A fixed description only: a remote body or a header never reaches status or logs.
             return Result("error", message=f"query failed: {type(e).__name__}")
+        finally:
+            _leave(gate, ticket, failure)
         return interpret(data)
 
     def close(self) -> None:
         self._client.close()
+
+
+#: A provider address whose query timed out or could not connect is not asked again for this long:
+#: every object's query to it fails at once (``provider unavailable``) instead of waiting.
+COOLDOWN_SECONDS = 5.0
+#: Once a query to an address has been pending this long, no other query joins it (``provider slow``).
+SLOW_SECONDS = 5.0
+#: Queries in flight at once to an address; after a failure, one (a probe) until it answers again.
+MAX_INFLIGHT = 4
+
+
+class _Gate:
+    """Per provider address: queries in flight, whether it has answered, and any cool-down."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.inflight: dict[int, float] = {}
+        self.answered = True  # until a query to it times out or cannot connect
+        self.down_until = 0.0
+        self.reason = ""
+
+
+_gates: dict[str, _Gate] = {}
+_gates_lock = threading.Lock()
+_tickets = itertools.count()
+
+
+def _gate(address: str) -> _Gate:
+    parts = urlsplit(address)
+    key = f"{parts.scheme}://{parts.netloc}"
+    with _gates_lock:
+        return _gates.setdefault(key, _Gate())
+
+
+def _enter(gate: _Gate) -> tuple[int | None, str]:
+    """A ticket to send a query, or a fixed reason not to (never waiting longer than SLOW_SECONDS)."""
+    with gate.cond:
+        while True:
+            now = time.monotonic()
+            if now < gate.down_until:
+                return (
+                    None,
+                    f"provider unavailable ({gate.reason}); not asked for {COOLDOWN_SECONDS:.0f}s after that",
+                )
+            oldest = min(gate.inflight.values(), default=None)
+            if oldest is not None and now - oldest >= SLOW_SECONDS:
+                return None, f"provider slow: a query to it has been pending for over {SLOW_SECONDS:.0f}s"
+            if len(gate.inflight) < (MAX_INFLIGHT if gate.answered else 1):
+                ticket = next(_tickets)
+                gate.inflight[ticket] = now
+                return ticket, ""
+            if not gate.answered or oldest is None:
+                return None, f"provider not answering ({gate.reason}); one probe at a time is pending"
+            gate.cond.wait(max(0.01, SLOW_SECONDS - (now - oldest)))
+
+
+def _leave(gate: _Gate, ticket: int, failure: str | None) -> None:
+    with gate.cond:
+        gate.inflight.pop(ticket, None)
+        if failure is None:
+            gate.answered, gate.down_until = True, 0.0
+        else:
+            gate.answered, gate.down_until, gate.reason = False, time.monotonic() + COOLDOWN_SECONDS, failure
+        gate.cond.notify_all()
 
 
 def _status(text: str) -> str:
