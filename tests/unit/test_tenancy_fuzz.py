@@ -163,3 +163,78 @@ def test_a_breach_measured_at_the_last_step_blocks_promotion() -> None:
         status = eng.reconcile(spec, status, now=now, generation=1, observations=obs).status
         now += timedelta(seconds=advance)
     assert status.phase != "Promoted", [m.message for m in status.lastAnalysis]
+
+
+@st.composite
+def experiment_specs(draw: st.DrawFn) -> Any:
+    from model_rollouts.api.experiment import ModelExperimentSpec
+
+    n = draw(st.integers(2, 4))
+    variants = [{"name": "control", "service": "svc-0", "control": True}] + [
+        {"name": f"v{i}", "service": f"svc-{i}"} for i in range(1, n)
+    ]
+    allocation: dict[str, Any] = {"strategy": draw(st.sampled_from(["fixed", "thompson"]))}
+    return ModelExperimentSpec.model_validate(
+        {
+            "variants": variants,
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "model"}},
+            "allocation": allocation,
+            "primaryMetric": {"name": "ctr", "type": "proportion", "successes": "s", "trials": "t"},
+            "guardrails": [
+                {"name": "errors", "query": "q", "max": 0.05, "failureLimit": draw(st.integers(1, 3))}
+            ],
+            "successCriteria": {
+                "minimumDetectableEffect": 0.05,
+                "method": draw(st.sampled_from(["sequential", "fixedHorizon", "bayesian"])),
+            },
+            "stoppingRules": {"minSamplesPerVariant": draw(st.sampled_from([10, 100, 1000]))},
+            "analysis": {"interval": "5s", "window": "30s", "prometheus": {"address": "http://prom:9090"}},
+        }
+    )
+
+
+variant_tick = st.tuples(
+    st.integers(0, 300),  # new trials
+    st.floats(0.0, 1.0),  # success share of them
+    guardrail_result,
+    st.booleans(),  # a measurement problem instead of counts
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=experiment_specs(), ticks=st.lists(st.lists(variant_tick, min_size=4, max_size=4), max_size=30))
+def test_the_experiment_engine_keeps_its_promises_on_any_input(spec: Any, ticks: list[Any]) -> None:
+    from model_rollouts.api.experiment import ModelExperimentStatus
+    from model_rollouts.engine import experiment as xeng
+
+    status, now = ModelExperimentStatus(), T0
+    counts = {v.name: [0.0, 0.0] for v in spec.variants}
+    dropped: set[str] = set()
+    rolled_back = False
+    for per_variant in [[(0, 0.0, Result("value", 0.0), False)] * 4, *ticks]:
+        obs = None
+        if xeng.analysis_due(spec, status, now):
+            out = {}
+            for v, (trials, share, guard, problem) in zip(spec.variants, per_variant, strict=False):
+                counts[v.name][0] += trials
+                counts[v.name][1] += int(trials * share)
+                data = ProportionData(counts[v.name][1], counts[v.name][0])
+                out[v.name] = xeng.VariantObservation(
+                    primary=None if problem else data,
+                    problem=Result("noData") if problem else None,
+                    guardrails={"errors": guard},
+                )
+            obs = xeng.Observations(variants=out)
+        status = xeng.reconcile(spec, status, now=now, generation=1, observations=obs).status
+        weights = xeng.route_weights(spec, status)
+        if weights is not None:
+            assert all(0 <= w <= 100 for w in weights.values()) and sum(weights.values()) == 100, weights
+        assert len(status.history) <= HISTORY_MAX
+        by_name = {v.name: v for v in status.variants}
+        for name in dropped:
+            assert by_name[name].weight == 0, f"dropped variant {name} got traffic again"
+        dropped |= {v.name for v in status.variants if not v.active and v.name != "control"}
+        if rolled_back:
+            assert status.phase == "RolledBack" and by_name["control"].weight == 100
+        rolled_back = rolled_back or status.phase == "RolledBack"
+        now += timedelta(seconds=5)
