@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
@@ -266,3 +267,33 @@ def test_every_list_string_and_map_a_user_writes_is_bounded() -> None:
         out: list[str] = []
         _unbounded(schema, "spec", out)
         assert out == [], (name, out)
+
+
+def test_a_provider_ca_bundle_verifies_the_server_and_nothing_else_does(tmp_path: Any) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    from model_rollouts.handlers.common import _ca_file
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, crt = tmp_path / "key.pem", tmp_path / "crt.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    body = '{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"3"]}]}}'
+    server = RecordingServer(status=200, body=body).start()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(crt, key)
+    server._server.socket = ctx.wrap_socket(server._server.socket, server_side=True)
+    url = server.url.replace("http://", "https://")
+    try:
+        trusted = PrometheusProvider(url, timeout_s=2, verify_tls=_ca_file(crt.read_text())).query("up")
+        untrusted = PrometheusProvider(url, timeout_s=2).query("up")
+    finally:
+        server.close()
+    assert trusted.outcome == "value" and trusted.value == 3.0
+    assert untrusted.outcome == "error" and untrusted.message == "query failed: SSLError"

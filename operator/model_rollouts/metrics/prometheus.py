@@ -65,6 +65,8 @@ class PrometheusProvider:
         except PrometheusApiClientException as e:
             # The exception text quotes the response body: only the HTTP status is kept.
             return Result("error", message=f"query failed: {type(e).__name__}{_status(str(e))}")
+        except requests.exceptions.SSLError as e:  # this provider's TLS settings, not the address's health
+            return Result("error", message=f"query failed: {type(e).__name__}")
         except (requests.Timeout, requests.ConnectionError) as e:
             failure = type(e).__name__
             return Result("error", message=f"query failed: {failure}")
