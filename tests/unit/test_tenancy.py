@@ -297,3 +297,23 @@ def test_a_provider_ca_bundle_verifies_the_server_and_nothing_else_does(tmp_path
         server.close()
     assert trusted.outcome == "value" and trusted.value == 3.0
     assert untrusted.outcome == "error" and untrusted.message == "query failed: SSLError"
+
+
+def test_an_analysis_stops_asking_once_its_budget_is_spent() -> None:
+    import time
+
+    from model_rollouts.metrics.provider import Budgeted, Result
+
+    asked: list[str] = []
+
+    class Slow:
+        def query(self, promql: str) -> Result:
+            asked.append(promql)
+            time.sleep(0.3)
+            return Result("value", 1.0)
+
+    p = Budgeted(Slow(), 0.5)
+    results = [p.query(f"q{i}") for i in range(10)]
+    assert asked == ["q0", "q1"]
+    assert [r.outcome for r in results] == ["value", "value"] + ["error"] * 8
+    assert results[-1].message.startswith("query skipped: this analysis used its")

@@ -50,7 +50,14 @@ from model_rollouts.engine.actions import Event
 from model_rollouts.engine.status import invalid as invalid_status
 from model_rollouts.metrics import policy
 from model_rollouts.metrics.prometheus import PrometheusProvider
-from model_rollouts.metrics.provider import MetricProvider, Result, TemplateError, check_template, render
+from model_rollouts.metrics.provider import (
+    Budgeted,
+    MetricProvider,
+    Result,
+    TemplateError,
+    check_template,
+    render,
+)
 from model_rollouts.metrics.templates import fill
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
 from model_rollouts.traffic.router import RouterError, TrafficRouter
@@ -254,7 +261,17 @@ def _cached_provider(key: tuple[Any, ...], make: Callable[[], PrometheusProvider
         return p
 
 
-def make_provider(analysis: AnalysisBase, namespace: str) -> PrometheusProvider:
+#: Longest one object's measurement may take (at least its interval, within these bounds).
+ANALYSIS_BUDGET = (30.0, 120.0)
+
+
+def make_provider(analysis: AnalysisBase, namespace: str) -> MetricProvider:
+    """:func:`provider_for`, with a time budget for this one analysis (see :class:`Budgeted`)."""
+    lo, hi = ANALYSIS_BUDGET
+    return Budgeted(provider_for(analysis, namespace), min(hi, max(lo, parse_duration(analysis.interval))))
+
+
+def provider_for(analysis: AnalysisBase, namespace: str) -> PrometheusProvider:
     """The provider an object may use; RouterError naming the field when it may not use one.
 
     A tenant's object never chooses a credential and a destination together: an inline address

@@ -9,6 +9,7 @@ no series), ``nan`` (the series exists but is NaN or infinite, e.g. 0/0 with no 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -97,3 +98,19 @@ class MetricProvider(Protocol):
     def query(self, promql: str) -> Result:
         """Evaluate an instant query that should return a single scalar-like value."""
         ...
+
+
+class Budgeted:
+    """One object's analysis: queries after ``seconds`` have passed fail at once, so a provider that
+    answers slowly cannot keep one object's measurement (and its handler thread) for long."""
+
+    def __init__(self, inner: MetricProvider, seconds: float) -> None:
+        self.inner, self.seconds = inner, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def query(self, promql: str) -> Result:
+        if time.monotonic() >= self.deadline:
+            return Result(
+                "error", message=f"query skipped: this analysis used its {self.seconds:.0f}s budget"
+            )
+        return self.inner.query(promql)
