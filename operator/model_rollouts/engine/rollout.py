@@ -290,6 +290,13 @@ def reconcile(
                 actions.append(Event("Warning", "ErrorLimitReached", msg + "; holding (onErrorLimit: hold)"))
                 _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
         hold_reasons += g8.reasons()
+        # A breach below failureLimit does not roll back yet, but nothing advances or promotes on it.
+        limits = {g.name: g.failureLimit for g in spec.analysis.guardrails}
+        hold_reasons += [
+            f"{m.message} ({s.guardrailFailures.get(m.name, 0)} of failureLimit {limits.get(m.name, 1)})"
+            for m in results
+            if m.kind == "guardrail" and m.verdict == "fail"
+        ]
         healthy = g8.ok
         reason = "AnalysisPassing" if healthy else ("MeasurementError" if g8.error else "NoData")
         if s.consecutiveErrors >= spec.analysis.errorLimit:
