@@ -94,6 +94,7 @@ def phase(obj: dict[str, Any]) -> str | None:
 def test_good_candidate_is_promoted_with_weights_in_step_order(fresh: Stack) -> None:
     assert fresh.prom is not None
     rec = WeightRecorder(fresh, CANDIDATE)
+    rec.poll()  # the route before the rollout exists: 0
     fresh.apply(
         rollout(
             "good",
@@ -136,6 +137,7 @@ def test_good_candidate_is_promoted_with_weights_in_step_order(fresh: Stack) -> 
 def test_guardrail_breach_rolls_back_to_weight_zero(fresh: Stack) -> None:
     assert fresh.prom is not None
     rec = WeightRecorder(fresh, CANDIDATE)
+    rec.poll()  # the route before the rollout exists: 0
     fresh.apply(
         rollout(
             "bad", fresh.prom.url, [{"setWeight": 30}, {"pause": {"duration": "10m"}}, {"setWeight": 100}]
@@ -174,6 +176,7 @@ def _wait_breach_visible(stack: Stack, service: str, limit: float, timeout: floa
 def test_no_data_holds_and_progress_resumes_when_prometheus_returns(fresh: Stack) -> None:
     assert fresh.prom is not None
     rec = WeightRecorder(fresh, CANDIDATE)
+    rec.poll()  # the route before the rollout exists: 0
     fresh.apply(
         rollout(
             "nodata",
@@ -208,6 +211,7 @@ def test_no_data_holds_and_progress_resumes_when_prometheus_returns(fresh: Stack
 def test_operator_sigkill_resumes_from_status_without_repeating_steps(fresh: Stack) -> None:
     assert fresh.prom is not None
     rec = WeightRecorder(fresh, CANDIDATE)
+    rec.poll()  # the route before the rollout exists: 0
     stop = threading.Event()
 
     def watch() -> None:
