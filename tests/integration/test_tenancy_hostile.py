@@ -231,3 +231,19 @@ def test_fifty_hostile_manifests_are_rejected_or_invalid_and_never_acted_on(stac
         assert server.requests == []
     finally:
         server.close()
+
+
+def test_the_tenancy_examples_are_accepted_by_the_api_server(stack: Stack) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "manifests" / "tenancy" / "examples.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    stack.apply(httproute("fraud-scorer", stack.namespace, {"fraud-scorer-v1": 100, "fraud-scorer-v2": 0}))
+    for d in docs:
+        stack.apply(d)  # raises on a 422
+    # Its provider's Secret is not there (only the operator's namespace is looked in): named, nothing moves.
+    obj = stack.wait_for(P, "fraud-scorer", lambda o: (o.get("status") or {}).get("phase") == "Invalid", 30)
+    assert "spec.analysis.provider" in obj["status"]["message"]
+    assert "Secret cannot be read (HTTP 404)" in obj["status"]["message"], obj["status"]["message"]

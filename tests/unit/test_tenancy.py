@@ -317,3 +317,28 @@ def test_an_analysis_stops_asking_once_its_budget_is_spent() -> None:
     assert asked == ["q0", "q1"]
     assert [r.outcome for r in results] == ["value", "value"] + ["error"] * 8
     assert results[-1].message.startswith("query skipped: this analysis used its")
+
+
+def test_the_tenancy_examples_are_valid_and_fill_their_templates() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from model_rollouts.api.rollout import ModelRolloutSpec
+    from model_rollouts.api.template import MetricTemplateSpec
+    from model_rollouts.metrics.templates import fill
+
+    path = Path(__file__).resolve().parents[2] / "manifests" / "tenancy" / "examples.yaml"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
+    ClusterMetricProviderSpec.model_validate(docs["ClusterMetricProvider"]["spec"])
+    rollout = ModelRolloutSpec.model_validate(docs["ModelRollout"]["spec"])
+    cluster = MetricTemplateSpec.model_validate(docs["ClusterMetricTemplate"]["spec"])
+    local = MetricTemplateSpec.model_validate(docs["MetricTemplate"]["spec"])
+    g, c = rollout.analysis.guardrails[0], rollout.analysis.comparisons[0]
+    assert g.templateRef is not None and c.templateRef is not None
+    q = fill(cluster, g.templateRef, ("query",))["query"]
+    assert 'code="500"' in q and "[2m]" in q
+    render(q, VALUES)
+    counts = fill(local, c.templateRef, ("successes", "trials"))
+    assert 'feedback="positive"' in counts["successes"]
+    render(counts["trials"], VALUES)
