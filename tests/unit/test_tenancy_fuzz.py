@@ -121,8 +121,7 @@ def test_the_rollout_engine_keeps_its_promises_on_any_input(spec: ModelRolloutSp
             breached = guard.ok and guard.value is not None and guard.value > 0.05
             breaches = breaches + 1 if breached else 0
         if status.phase == "Promoted" and obs is not None:
-            limit = spec.analysis.guardrails[0].failureLimit
-            assert breaches < limit, "promoted with a guardrail that failed its failureLimit"
+            assert breaches == 0, "promoted on a breaching guardrail measurement"
         if status.phase == "Promoted" and spec.analysis.onInconclusive != "promote":
             for c in spec.analysis.comparisons:
                 if not c.advisory:
