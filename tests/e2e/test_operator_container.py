@@ -123,6 +123,8 @@ def installed() -> Iterator[tuple[Stack, dict[str, Any], int]]:
             "crds": {"install": False},  # the harness installed them already, from the same files
             "metrics": {"port": stack.operator_metrics_port},
             "health": {"port": health_port},
+            # Inline Prometheus addresses must be allowlisted by the platform (issue 9's default).
+            "extraArgs": ["--allowed-provider-address", re.escape(stack.prom.url)],
         }
         deployment = _helm_and_run(stack, "install", values)
         yield stack, deployment, health_port
@@ -239,6 +241,7 @@ def test_namespaced_mode_promotes_with_roles_only(installed: tuple[Stack, dict[s
         "metrics": {"port": stack.operator_metrics_port},
         "health": {"port": health_port},
         "watch": {"clusterWide": False, "namespaces": [stack.namespace]},
+        "extraArgs": ["--allowed-provider-address", re.escape(stack.prom.url)],
     }
     deployment = _helm_and_run(stack, "upgrade", values)
     assert f"--namespace={stack.namespace}" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
