@@ -43,9 +43,6 @@ LIMITS = Counter(
 )
 LEADER = Gauge("mlrollouts_leader", "1 while this replica holds the leader Lease and acts")
 
-#: Event reasons that are limits (also counted in LIMITS).
-LIMIT_REASONS = ("ProgressDeadlineExceeded", "Inconclusive", "ErrorLimitReached")
-
 
 def set_phase(kind: str, namespace: str, name: str, phase: str, all_phases: tuple[str, ...]) -> None:
     for p in all_phases:

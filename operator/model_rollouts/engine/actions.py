@@ -12,3 +12,7 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+
+
+#: Event reasons of deadlines and error limits (also counted as mlrollouts_limits_reached_total).
+LIMIT_REASONS = ("ProgressDeadlineExceeded", "Inconclusive", "ErrorLimitReached")

@@ -36,7 +36,7 @@ from model_rollouts.api.rollout import (
 )
 from model_rollouts.engine import stats
 from model_rollouts.engine import status as status_
-from model_rollouts.engine.actions import Event
+from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
 from model_rollouts.metrics.provider import Result
 
@@ -745,7 +745,7 @@ def _finish(
     s.message = message
     if phase == "Promoted":
         s.stableService = s.candidateService
-    if reason in ("ProgressDeadlineExceeded", "Inconclusive", "ErrorLimitReached"):
+    if reason in LIMIT_REASONS:
         actions.append(Event("Warning", reason, message))
     actions.append(Event("Warning" if phase != "Promoted" else "Normal", phase, message))
     _history(s, now, phase, reason, message, values)

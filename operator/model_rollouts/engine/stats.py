@@ -30,7 +30,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -858,6 +858,16 @@ def _stratum_info(st: _Summary) -> float:
     return 1.0 / v if v > 0 else 0.0
 
 
+def _strata_summaries(strata: Sequence[Any], kind: type, summarize: Any) -> list[Any]:
+    """Each (control, treatment) pair of ``kind`` summarised with the variance floor; bad input named."""
+    summaries = []
+    for i, pair in enumerate(strata):
+        if not isinstance(pair, tuple | list) or len(pair) != 2 or not all(isinstance(x, kind) for x in pair):
+            raise ValueError(f"strata[{i}] must be a (control, treatment) pair of {kind.__name__}")
+        summaries.append(summarize(pair[0], pair[1], floor=True))
+    return summaries
+
+
 def compare_proportions_stratified(
     strata: Sequence[tuple[ProportionData, ProportionData]],
     *,
@@ -890,15 +900,7 @@ def compare_proportions_stratified(
     """
     _check_options(alpha, "sequential", better, test, margin, mde, max_samples)
     _check_cap(max_samples, max_information)
-    summaries = []
-    for i, pair in enumerate(strata):
-        if (
-            not isinstance(pair, tuple | list)
-            or len(pair) != 2
-            or not all(isinstance(x, ProportionData) for x in pair)
-        ):
-            raise ValueError(f"strata[{i}] must be a (control, treatment) pair of ProportionData")
-        summaries.append(_proportion_summary(pair[0], pair[1], floor=True))
+    summaries = _strata_summaries(strata, ProportionData, _proportion_summary)
     return _compare_sequential(
         summaries, alpha, better, test, margin, mde, max_samples, max_information, allocation, labels
     )
@@ -920,15 +922,7 @@ def compare_means_stratified(
     """Always-valid comparison of means combined over strata; see :func:`compare_proportions_stratified`."""
     _check_options(alpha, "sequential", better, test, margin, mde, max_samples)
     _check_cap(max_samples, max_information)
-    summaries = []
-    for i, pair in enumerate(strata):
-        if (
-            not isinstance(pair, tuple | list)
-            or len(pair) != 2
-            or not all(isinstance(x, MeanData) for x in pair)
-        ):
-            raise ValueError(f"strata[{i}] must be a (control, treatment) pair of MeanData")
-        summaries.append(_mean_summary(pair[0], pair[1], floor=True))
+    summaries = _strata_summaries(strata, MeanData, _mean_summary)
     return _compare_sequential(
         summaries, alpha, better, test, margin, mde, max_samples, max_information, allocation, labels
     )

@@ -46,7 +46,7 @@ from model_rollouts.api.template import (
     MetricTemplateSpec,
 )
 from model_rollouts.engine import stats
-from model_rollouts.engine.actions import Event
+from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.status import invalid as invalid_status
 from model_rollouts.metrics import policy
 from model_rollouts.metrics.prometheus import PrometheusProvider
@@ -574,11 +574,7 @@ class Controller(Generic[SpecT, StatusT]):
     def wake(self, seen: Mapping[str, Any]) -> None:
         if not leader.ELECTOR.is_leader() or seen["metadata"].get("deletionTimestamp"):
             return
-        meta = seen["metadata"]
-        key = (
-            meta.get("generation"),
-            tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
-        )
+        key = self._key(seen)
         changed = key != self._last_key
         if not changed and time.monotonic() < self._not_before:
             return
@@ -742,7 +738,7 @@ class Controller(Generic[SpecT, StatusT]):
                 continue
             post_event(obj, e.type, e.reason, e.message)
             telemetry.DECISIONS.labels(self.kind, self.namespace, self.name, e.reason).inc()
-            if e.reason in telemetry.LIMIT_REASONS:
+            if e.reason in LIMIT_REASONS:
                 telemetry.LIMITS.labels(self.kind, self.namespace, self.name, e.reason).inc()
             log = self.logger.warning if e.type == "Warning" else self.logger.info
             log(
