@@ -144,10 +144,8 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
         return _queries(spec, self.namespace)
 
     def services(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> list[str]:
-        # A new revision starts from the serving stable; the spec's stable then need not be in the route.
-        if status.revision != engine.revision_of(spec) and status.stableService is None:
-            return [spec.stable.service, spec.candidate.service]
-        # Retired services of an earlier revision may have left the route: only these two must be there.
+        # The serving stable (spec.stable only before the first revision) and the candidate must be in
+        # the route; retired services of an earlier revision may have left it.
         return [status.stableService or spec.stable.service, spec.candidate.service]
 
     def decide(
