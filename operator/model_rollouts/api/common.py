@@ -330,6 +330,20 @@ class Measurement(Model):
     )
 
 
+class SeriesValue(Model):
+    """One metric of one analysis in status.series (numbers rounded to 5 significant digits)."""
+
+    name: str
+    kind: Literal["guardrail", "comparison"]
+    variant: str | None = None
+    verdict: str
+    value: float | None = Field(
+        default=None, description="Guardrail: the measured value. Comparison: the estimated difference."
+    )
+    ciLow: float | None = Field(default=None, description="Comparison: low end of its confidence sequence.")
+    ciHigh: float | None = Field(default=None, description="Comparison: high end of its confidence sequence.")
+
+
 class ArmCounts(Model):
     """Sufficient statistics of one arm: n (trials or count), total (successes or sum), squares (means)."""
 

@@ -18,6 +18,7 @@ from model_rollouts.api.common import (
     PromQL,
     ResourceSpec,
     ResourceStatus,
+    SeriesValue,
     TrafficRouting,
     cel,
     list_map,
@@ -217,6 +218,32 @@ class Confirmation(Model):
     )
 
 
+class SeriesVariant(Model):
+    """One variant in one analysis of status.series (numbers rounded to 5 significant digits)."""
+
+    name: str
+    weight: int = Field(description="Traffic percentage after this analysis's decision (the allocation).")
+    n: float | None = None
+    estimate: float | None = None
+    difference: float | None = Field(default=None, description="estimate minus the control's estimate.")
+    ciLow: float | None = Field(default=None, description="Lower end of the difference's interval.")
+    ciHigh: float | None = Field(default=None, description="Upper end of the difference's interval.")
+    adjustedPValue: float | None = None
+    probabilityToBeBest: float | None = None
+    verdict: str | None = None
+
+
+class ExperimentSeriesPoint(Model):
+    """One analysis in status.series: each variant's numbers, SRM and the guardrails."""
+
+    time: datetime
+    phase: str
+    srmPValue: float | None = None
+    srm: str | None = Field(default=None, description="Reason of the SampleRatioMismatch condition.")
+    variants: list[SeriesVariant] = Field(default_factory=list)
+    values: list[SeriesValue] = Field(default_factory=list, description="Guardrails, per variant.")
+
+
 class ModelExperimentStatus(ResourceStatus):
     phase: ExperimentPhase = "Pending"
     revision: str | None = Field(
@@ -255,6 +282,11 @@ class ModelExperimentStatus(ResourceStatus):
     )
     confirmation: Confirmation | None = Field(
         default=None, description="Thompson allocation: the confirmation phase, once the bandit has a leader."
+    )
+    series: list[ExperimentSeriesPoint] = Field(
+        default_factory=list,
+        description="The last analyses, oldest first (at most 120 points and 256 KiB; older ones are "
+        "dropped): for `kubectl mlrollouts report`. Informational: nothing reads it back.",
     )
 
 

@@ -18,6 +18,7 @@ from model_rollouts.api.common import (
     Name,
     ResourceSpec,
     ResourceStatus,
+    SeriesValue,
     TrafficRouting,
     cel,
     list_map,
@@ -138,6 +139,16 @@ class EpochCounts(Model):
     candidate: ArmCounts
 
 
+class RolloutSeriesPoint(Model):
+    """One analysis in status.series: its metrics and the weight that followed from it."""
+
+    time: datetime
+    weight: int = Field(description="Candidate traffic percentage after this analysis's decision.")
+    step: int
+    phase: str
+    values: list[SeriesValue] = Field(default_factory=list)
+
+
 class ModelRolloutStatus(ResourceStatus):
     phase: Phase = "Pending"
     revision: str | None = None
@@ -170,6 +181,11 @@ class ModelRolloutStatus(ResourceStatus):
     guardrailFailures: dict[str, int] = Field(default_factory=dict)
     lastAnalysis: list[Measurement] = Field(default_factory=list)
     handled: Handled = Field(default_factory=Handled)
+    series: list[RolloutSeriesPoint] = Field(
+        default_factory=list,
+        description="The last analyses, oldest first (at most 120 points and 256 KiB; older ones are "
+        "dropped): for `kubectl mlrollouts report`. Informational: nothing reads it back.",
+    )
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [

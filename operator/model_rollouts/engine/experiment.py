@@ -91,7 +91,7 @@ from model_rollouts.api.experiment import (
     Variant,
     VariantStatus,
 )
-from model_rollouts.engine import bandit, stats
+from model_rollouts.engine import bandit, series, stats
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
 from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
@@ -406,6 +406,24 @@ def invalid(status: ModelExperimentStatus, message: str, now: datetime, generati
 
 
 def reconcile(
+    spec: ModelExperimentSpec,
+    status: ModelExperimentStatus,
+    *,
+    now: datetime,
+    generation: int,
+    annotations: dict[str, str] | None = None,
+    observations: Observations | None = None,
+) -> Decision:
+    """One decision; an analysis made in it is also appended to the bounded status.series."""
+    d = _reconcile(
+        spec, status, now=now, generation=generation, annotations=annotations, observations=observations
+    )
+    if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
+        series.append(d.status.series, series.experiment_point(d.status, now))
+    return d
+
+
+def _reconcile(
     spec: ModelExperimentSpec,
     status: ModelExperimentStatus,
     *,

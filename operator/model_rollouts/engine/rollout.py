@@ -34,7 +34,7 @@ from model_rollouts.api.rollout import (
     ModelRolloutSpec,
     ModelRolloutStatus,
 )
-from model_rollouts.engine import stats
+from model_rollouts.engine import series, stats
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
@@ -168,6 +168,24 @@ def deletion_weights(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict
 
 
 def reconcile(
+    spec: ModelRolloutSpec,
+    status: ModelRolloutStatus,
+    *,
+    now: datetime,
+    generation: int,
+    annotations: dict[str, str] | None = None,
+    observations: Observations | None = None,
+) -> Decision:
+    """One decision; an analysis made in it is also appended to the bounded status.series."""
+    d = _reconcile(
+        spec, status, now=now, generation=generation, annotations=annotations, observations=observations
+    )
+    if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
+        series.append(d.status.series, series.rollout_point(d.status, now))
+    return d
+
+
+def _reconcile(
     spec: ModelRolloutSpec,
     status: ModelRolloutStatus,
     *,
