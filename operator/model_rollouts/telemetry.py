@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 PHASE = Gauge(
     "mlrollouts_phase", "1 for the current phase of each resource", ["kind", "namespace", "name", "phase"]
@@ -49,10 +53,181 @@ def set_phase(kind: str, namespace: str, name: str, phase: str, all_phases: tupl
         PHASE.labels(kind, namespace, name, p).set(1 if p == phase else 0)
 
 
-def forget(kind: str, namespace: str, name: str, all_phases: tuple[str, ...], variants: list[str]) -> None:
-    for p in all_phases:
+# -- The latest analysis, per object ---------------------------------------------------------------
+# Labels are bounded by the spec: kind, namespace, name, a metric or guardrail name and a variant
+# (rollouts: stable/candidate; experiments: the variants' names). Values are never labels.
+OBJ = ["kind", "namespace", "name"]
+ESTIMATE = Gauge(
+    "mlrollouts_comparison_estimate",
+    "Latest estimate of a comparison's metric per arm (rollouts: stable and candidate; experiments: "
+    "each variant and the control)",
+    [*OBJ, "metric", "variant"],
+)
+SAMPLES = Gauge(
+    "mlrollouts_comparison_samples",
+    "Samples (trials or count) behind each arm's estimate",
+    [*OBJ, "metric", "variant"],
+)
+DIFFERENCE = Gauge(
+    "mlrollouts_comparison_difference",
+    "Estimated difference of a comparison: candidate minus stable, or variant minus control",
+    [*OBJ, "metric", "variant"],
+)
+CI_LOW = Gauge(
+    "mlrollouts_comparison_ci_low",
+    "Lower end of the confidence interval (sequence) of the difference; absent while unbounded",
+    [*OBJ, "metric", "variant"],
+)
+CI_HIGH = Gauge(
+    "mlrollouts_comparison_ci_high",
+    "Upper end of the confidence interval (sequence) of the difference; absent while unbounded",
+    [*OBJ, "metric", "variant"],
+)
+P_VALUE = Gauge(
+    "mlrollouts_comparison_p_value",
+    "p-value of a comparison's test (experiments: unadjusted)",
+    [*OBJ, "metric", "variant"],
+)
+GUARDRAIL = Gauge(
+    "mlrollouts_guardrail_value", "Latest guardrail measurement per variant", [*OBJ, "guardrail", "variant"]
+)
+GUARDRAIL_THRESHOLD = Gauge(
+    "mlrollouts_guardrail_threshold",
+    "A guardrail's bound from the spec (bound: min or max)",
+    [*OBJ, "guardrail", "bound"],
+)
+SRM_P_VALUE = Gauge("mlrollouts_srm_p_value", "p-value of the sample-ratio-mismatch test", OBJ)
+SRM_MISMATCH = Gauge(
+    "mlrollouts_srm_mismatch", "1 while the experiment is paused for a sample-ratio mismatch, else 0", OBJ
+)
+VARIANT_REQUESTS = Gauge(
+    "mlrollouts_variant_requests",
+    "Requests each variant served (analysis.requests), the observed split the SRM check uses",
+    [*OBJ, "variant"],
+)
+DEADLINE = Gauge(
+    "mlrollouts_progress_deadline_exceeded",
+    "1 while the object is held or was rolled back because progressDeadline passed, else 0",
+    OBJ,
+)
+RECONCILE_FAILING = Gauge(
+    "mlrollouts_reconcile_errors_consecutive",
+    "Consecutive failed attempts to apply the current decision (0 once one is applied)",
+    OBJ,
+)
+
+#: Condition reasons that mean the progress deadline passed (held, or rolled back for it).
+DEADLINE_REASONS = ("ProgressDeadlineExceeded", "Inconclusive")
+_ANALYSIS: tuple[Gauge, ...] = (
+    ESTIMATE, SAMPLES, DIFFERENCE, CI_LOW, CI_HIGH, P_VALUE, GUARDRAIL, GUARDRAIL_THRESHOLD,
+    SRM_P_VALUE, SRM_MISMATCH, VARIANT_REQUESTS, DEADLINE, RECONCILE_FAILING,
+)  # fmt: skip
+#: Every metric with per-object series: what :func:`forget` removes.
+PER_OBJECT: tuple[MetricWrapperBase, ...] = (
+    PHASE,
+    WEIGHT,
+    DECISIONS,
+    MEASUREMENT_ERRORS,
+    RECONCILE_ERRORS,
+    LIMITS,
+    *_ANALYSIS,
+)
+
+
+def _series(metric: MetricWrapperBase, kind: str, namespace: str, name: str) -> set[tuple[str, ...]]:
+    """Label values of the object's existing series of ``metric``."""
+    names = metric._labelnames  # the declared order, which remove() takes
+    out = set()
+    for family in metric.collect():
+        for s in family.samples:
+            if (s.labels.get("kind"), s.labels.get("namespace"), s.labels.get("name")) == (
+                kind,
+                namespace,
+                name,
+            ):
+                out.add(tuple(s.labels[n] for n in names))
+    return out
+
+
+def _replace(
+    gauge: Gauge, kind: str, namespace: str, name: str, values: Mapping[tuple[str, ...], float]
+) -> None:
+    """Set the object's series of ``gauge`` to exactly ``values`` (extra label values -> value);
+    series not in it (a renamed comparison, a dropped variant, a value no longer known) go away."""
+    want = {(kind, namespace, name, *k): v for k, v in values.items() if math.isfinite(v)}
+    for labels in _series(gauge, kind, namespace, name) - want.keys():
         with contextlib.suppress(KeyError):
-            PHASE.remove(kind, namespace, name, p)
-    for v in variants:
-        with contextlib.suppress(KeyError):
-            WEIGHT.remove(kind, namespace, name, v)
+            gauge.remove(*labels)
+    for labels, v in want.items():
+        gauge.labels(*labels).set(v)
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def analysis_values(
+    kind: str, status: Mapping[str, Any], spec: Mapping[str, Any]
+) -> dict[Gauge, dict[tuple[str, ...], float]]:
+    """What the gauges of one object say, from its status (``lastAnalysis`` and friends) and spec."""
+    out: dict[Gauge, dict[tuple[str, ...], float]] = {g: {} for g in _ANALYSIS}
+    experiment = kind == "ModelExperiment"
+    variants = spec.get("variants") or []
+    control = next((str(v.get("name")) for v in variants if v.get("control")), "control")
+    base, treated = (control, None) if experiment else ("stable", "candidate")
+    for m in status.get("lastAnalysis") or []:
+        metric, variant = str(m.get("name")), str(m.get("variant") or "candidate")
+        if m.get("kind") == "guardrail":
+            if (v := _num(m.get("value"))) is not None and m.get("outcome") == "value":
+                out[GUARDRAIL][(metric, variant)] = v
+            continue
+        d = m.get("details") or {}
+        arm = treated or variant
+        pairs = [
+            (ESTIMATE, (metric, base), d.get("control" if experiment else "stable")),
+            (ESTIMATE, (metric, arm), d.get("variant" if experiment else "candidate")),
+            (SAMPLES, (metric, base), d.get("controlN" if experiment else "stableN")),
+            (SAMPLES, (metric, arm), d.get("variantN" if experiment else "candidateN")),
+            (DIFFERENCE, (metric, arm), d.get("difference")),
+            (CI_LOW, (metric, arm), d.get("ciLow")),
+            (CI_HIGH, (metric, arm), d.get("ciHigh")),
+            (P_VALUE, (metric, arm), d.get("pValue")),
+        ]
+        for gauge, key, value in pairs:
+            if (x := _num(value)) is not None:
+                out[gauge][key] = x
+    analysis = spec.get("analysis") or {}
+    for g in (analysis.get("guardrails") if not experiment else spec.get("guardrails")) or []:
+        for bound in ("min", "max"):
+            if (x := _num(g.get(bound))) is not None:
+                out[GUARDRAIL_THRESHOLD][(str(g.get("name")), bound)] = x
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    if experiment:
+        if (p := _num(status.get("srmPValue"))) is not None:
+            out[SRM_P_VALUE][()] = p
+        srm = conditions.get("SampleRatioMismatch") or {}
+        out[SRM_MISMATCH][()] = 1.0 if srm.get("status") == "True" else 0.0
+        for v in status.get("variants") or []:
+            if (r := _num(v.get("requests"))) is not None:
+                out[VARIANT_REQUESTS][(str(v.get("name")),)] = r
+    else:
+        late = any(
+            c.get("reason") in DEADLINE_REASONS and c.get("status") == "False" for c in conditions.values()
+        )
+        out[DEADLINE][()] = 1.0 if late else 0.0
+    out[RECONCILE_FAILING][()] = float(_num(status.get("reconcileErrors")) or 0)
+    return out
+
+
+def record(kind: str, namespace: str, name: str, status: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+    """Export the object's latest analysis (estimates, intervals, guardrails, SRM, deadline, errors)."""
+    for gauge, values in analysis_values(kind, status, spec).items():
+        _replace(gauge, kind, namespace, name, values)
+
+
+def forget(kind: str, namespace: str, name: str, metrics: Iterable[MetricWrapperBase] = PER_OBJECT) -> None:
+    """Remove every series of a deleted object."""
+    for metric in metrics:
+        for labels in _series(metric, kind, namespace, name):
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)

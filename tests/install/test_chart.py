@@ -164,3 +164,21 @@ def test_argocd_applications_keep_operator_weights() -> None:
     assert "RespectIgnoreDifferences=true" in app["spec"]["syncPolicy"]["syncOptions"]
     route = next(d for d in app["spec"]["ignoreDifferences"] if d["kind"] == "HTTPRoute")
     assert route["jqPathExpressions"] == [".spec.rules[].backendRefs[].weight"]
+
+
+def test_dashboards_and_alerts_are_the_repositorys_files() -> None:
+    """dashboards.enabled ships dashboards/*.json as they are; prometheusRule.enabled ships the groups of
+    dashboards/alerts.rules.yaml unchanged (the one source of both)."""
+    import json
+
+    off = {d["kind"] for d in render()}
+    assert not off & {"ConfigMap", "PrometheusRule"}
+    docs = render({"dashboards": {"enabled": True}, "prometheusRule": {"enabled": True}})
+    cm = find(docs, "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    sources = sorted((REPO / "dashboards").glob("*.json"))
+    assert len(sources) == 3 and sorted(cm["data"]) == [p.name for p in sources]
+    for p in sources:
+        assert json.loads(cm["data"][p.name]) == json.loads(p.read_text()), p.name
+    rules = yaml.safe_load((REPO / "dashboards" / "alerts.rules.yaml").read_text())
+    assert find(docs, "PrometheusRule")["spec"]["groups"] == rules["groups"]

@@ -721,6 +721,7 @@ class Controller(Generic[SpecT, StatusT]):
             s.observedGeneration,
         )
         telemetry.RECONCILE_ERRORS.labels(self.kind, self.namespace, self.name, reason).inc()
+        telemetry.record(self.kind, self.namespace, self.name, dump(s), obj.get("spec") or {})
         self.logger.warning("%s/%s %s: %s", self.namespace, self.name, reason, msg)
         self._not_before = time.monotonic() + wait
         if write_status(self.plural, obj, dump(s)):
@@ -758,6 +759,7 @@ class Controller(Generic[SpecT, StatusT]):
                 },
             )
         telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
+        telemetry.record(self.kind, self.namespace, self.name, dump(status), obj.get("spec") or {})
 
     # -- after the end ------------------------------------------------------------------------------
     def guard(self, obj: Mapping[str, Any]) -> None:
@@ -786,7 +788,7 @@ class Controller(Generic[SpecT, StatusT]):
         """Finalizer: move traffic only if the engine says so; a persistent failure ends bounded."""
         if not leader.ELECTOR.is_leader():
             raise kopf.TemporaryError("not the leader; the leader handles the deletion", delay=5)
-        telemetry.forget(self.kind, self.namespace, self.name, self.phases, [])
+        telemetry.forget(self.kind, self.namespace, self.name)
         try:
             spec = self.spec_model.model_validate(dict(spec_body))
             status = self.status_model.model_validate(
