@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from model_rollouts import leader
 from model_rollouts.metrics import policy
+from model_rollouts.notify import sender as notify_sender
 
 #: Record attributes our decision log lines carry (``extra=``), copied into JSON lines.
 _FIELDS = ("namespace", "object", "kind", "phase", "revision", "weight", "decision")
@@ -116,12 +117,24 @@ def main(argv: list[str] | None = None) -> None:
         help="the only namespace ClusterMetricProvider Secrets are read from "
         "(default: $POD_NAMESPACE, else the leader-election namespace)",
     )
+    parser.add_argument(
+        "--allowed-notification-address",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="a regular expression (matched against the whole URL) for inline ClusterNotificationProvider "
+        "addresses (repeatable); default: none, only URLs kept in Secrets of the operator's namespace",
+    )
     args = parser.parse_args(argv)
     own = args.provider_secret_namespace or os.environ.get("POD_NAMESPACE") or args.leader_election_namespace
     try:
         policy.configure(args.allowed_provider_address, own)
     except re.error as e:
         parser.error(f"--allowed-provider-address: invalid regular expression ({e})")
+    try:
+        notify_sender.configure(args.allowed_notification_address)
+    except re.error as e:
+        parser.error(f"--allowed-notification-address: invalid regular expression ({e})")
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonFormatter()

@@ -46,6 +46,12 @@ LIMITS = Counter(
     ["kind", "namespace", "name", "reason"],
 )
 LEADER = Gauge("mlrollouts_leader", "1 while this replica holds the leader Lease and acts")
+NOTIFICATIONS = Counter(
+    "mlrollouts_notifications_total",
+    "Notifications to ClusterNotificationProviders, by result: sent (a 2xx), failed (no answer, not 2xx, "
+    "provider unusable) or dropped (the bounded queue was full)",
+    ["result"],
+)
 
 
 def set_phase(kind: str, namespace: str, name: str, phase: str, all_phases: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from model_rollouts.api import experiment, provider, rollout, template
+from model_rollouts.api import experiment, notification, provider, rollout, template
 from model_rollouts.api.common import GROUP, VERSION
 
 _DROP = {"title", "additionalProperties_false"}
@@ -155,6 +155,18 @@ def all_crds() -> dict[str, dict[str, Any]]:
             provider.PROVIDER_COLUMNS,
             "A metric provider owned by the platform: address, TLS and credentials (from the operator's "
             "namespace). Rollouts and experiments reference it by name as analysis.provider.",
+            scope="Cluster",
+        ),
+        f"tenancy/{notification.NOTIFICATION_PROVIDER_PLURAL}.yaml": crd(
+            notification.NOTIFICATION_PROVIDER_KIND,
+            notification.NOTIFICATION_PROVIDER_PLURAL,
+            "cnp",
+            notification.ClusterNotificationProviderSpec,
+            None,
+            notification.NOTIFICATION_PROVIDER_COLUMNS,
+            "Where notifications and gate requests go, owned by the platform: format (webhook, slack, "
+            "teams) and URL (in a Secret of the operator's namespace, or an allowlisted address). "
+            "Rollouts and experiments reference it by name in spec.notifications and spec.gates.",
             scope="Cluster",
         ),
         f"tenancy/{template.TEMPLATE_PLURAL}.yaml": crd(

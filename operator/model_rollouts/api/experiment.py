@@ -23,6 +23,7 @@ from model_rollouts.api.common import (
     cel,
     list_map,
 )
+from model_rollouts.api.notification import NOTIFICATIONS_FIELD, NotificationRef
 
 KIND = "ModelExperiment"
 PLURAL = "modelexperiments"
@@ -176,6 +177,7 @@ class ModelExperimentSpec(ResourceSpec):
     onSuccess: Literal["promoteWinner", "keep"] = "promoteWinner"
     onFailure: Literal["rollback", "keep"] = "rollback"
     paused: bool = False
+    notifications: list[NotificationRef] = NOTIFICATIONS_FIELD
 
 
 class VariantStatus(Model):

@@ -23,6 +23,7 @@ from model_rollouts.api.common import (
     cel,
     list_map,
 )
+from model_rollouts.api.notification import GATES_FIELD, NOTIFICATIONS_FIELD, Gate, GateState, NotificationRef
 
 KIND = "ModelRollout"
 PLURAL = "modelrollouts"
@@ -122,6 +123,8 @@ class ModelRolloutSpec(ResourceSpec):
         description="On deletion, send all traffic to the serving stable even after the rollout finished. "
         "By default traffic moves on deletion only while a rollout is in progress.",
     )
+    notifications: list[NotificationRef] = NOTIFICATIONS_FIELD
+    gates: list[Gate] = GATES_FIELD
 
 
 class Handled(Model):
@@ -181,6 +184,9 @@ class ModelRolloutStatus(ResourceStatus):
     guardrailFailures: dict[str, int] = Field(default_factory=dict)
     lastAnalysis: list[Measurement] = Field(default_factory=list)
     handled: Handled = Field(default_factory=Handled)
+    gates: list[GateState] = Field(
+        default_factory=list, description="The last answer of each gate asked in this revision."
+    )
     series: list[RolloutSeriesPoint] = Field(
         default_factory=list,
         description="The last analyses, oldest first (at most 120 points and 256 KiB; older ones are "

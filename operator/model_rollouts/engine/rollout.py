@@ -23,6 +23,7 @@ from model_rollouts.api.common import (
     parse_duration,
     set_condition,
 )
+from model_rollouts.api.notification import Gate, GateState
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
@@ -67,6 +68,17 @@ class Observations:
 class Decision:
     status: ModelRolloutStatus
     actions: list[Event]
+    #: Gates (by name) the engine needs answered to decide this tick; the handler asks them and
+    #: calls again with the answers (the engine does no I/O).
+    asks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GateAnswer:
+    """What a gate said when the handler asked it: open (a 2xx) or not, and a fixed, sanitised text."""
+
+    open: bool
+    message: str
 
 
 def revision_of(spec: ModelRolloutSpec) -> str:
@@ -86,6 +98,8 @@ def interval_of(spec: ModelRolloutSpec) -> float:
 def _last_mark(status: ModelRolloutStatus) -> datetime | None:
     """The last analysis or weight change, whichever is later: the next analysis is one interval on."""
     marks = [t for t in (status.lastAnalysisTime, status.epochStartedAt) if t is not None]
+    # A gate asked while no analysis runs (weight 0) is asked again one interval later, not at once.
+    marks += [g.lastAskedTime for g in status.gates]
     return max(marks) if marks else None
 
 
@@ -175,11 +189,24 @@ def reconcile(
     generation: int,
     annotations: dict[str, str] | None = None,
     observations: Observations | None = None,
+    gates: Mapping[str, GateAnswer] | None = None,
 ) -> Decision:
-    """One decision; an analysis made in it is also appended to the bounded status.series."""
+    """One decision; an analysis made in it is also appended to the bounded status.series.
+
+    ``gates``: answers of the gates asked for this tick. A gate the engine needs and that has no
+    answer here holds the weight and is named in ``Decision.asks``.
+    """
+    asks: list[str] = []
     d = _reconcile(
-        spec, status, now=now, generation=generation, annotations=annotations, observations=observations
+        spec,
+        status,
+        now=now,
+        generation=generation,
+        annotations=annotations,
+        observations=observations,
+        gates=(gates or {}, asks),
     )
+    d.asks = asks
     if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
         series.append(d.status.series, series.rollout_point(d.status, now))
     return d
@@ -193,6 +220,7 @@ def _reconcile(
     generation: int,
     annotations: dict[str, str] | None = None,
     observations: Observations | None = None,
+    gates: tuple[Mapping[str, GateAnswer], list[str]] = ({}, []),
 ) -> Decision:
     s = status.model_copy(deep=True)
     actions: list[Event] = []
@@ -362,6 +390,7 @@ def _reconcile(
 
     # Steps: advance while nothing blocks; at most one weight change per analysis.
     gate_ok = not hold_reasons and (analysed_here or s.weight == 0)
+    gate_hold: str | None = None
     waiting_evidence: list[str] = []
     evidence_only = False
     while True:
@@ -452,6 +481,10 @@ def _reconcile(
             if s.currentStep < len(spec.steps)
             else "all steps done"
         )
+        closed = _gates_closed(spec, s, actions, now, nxt, *gates)
+        if closed:
+            gate_hold = s.message = f"holding at weight {s.weight} before weight {nxt}: {closed}"
+            break
         split = f" (split by maxWeightStep {spec.maxWeightStep})" if nxt != target else ""
         _set_weight(s, actions, now, nxt, where + split, observations)
         s.stepWeight = nxt if nxt != target else None
@@ -482,8 +515,58 @@ def _reconcile(
         s.heldSince = None
 
     s.phase = "Paused" if s.phase == "Paused" else "Progressing"
-    _conditions(s, now, generation)
+    if gate_hold:  # like a manual pause: a deliberate hold, not counted towards progressDeadline
+        _conditions(s, now, generation, progressing_reason="GateClosed", progressing_message=gate_hold)
+    else:
+        _conditions(s, now, generation)
     return Decision(s, actions)
+
+
+def gates_before(spec: ModelRolloutSpec, weight: int, nxt: int) -> list[Gate]:
+    """The gates a move from ``weight`` to ``nxt`` must pass."""
+    return [
+        g
+        for g in spec.gates
+        if (g.type == "confirm-promotion" and nxt == 100 > weight)
+        or (g.type == "confirm-rollout" and nxt > weight)
+    ]
+
+
+def _gates_closed(
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    actions: list[Event],
+    now: datetime,
+    nxt: int,
+    answers: Mapping[str, GateAnswer],
+    asks: list[str],
+) -> str:
+    """Why the gates before this move hold it ('' if they all answered 2xx); records each answer."""
+    closed: list[str] = []
+    for g in gates_before(spec, s.weight, nxt):
+        a = answers.get(g.name)
+        if a is None:
+            asks.append(g.name)
+            closed.append(f"gate {g.name} ({g.type}) has not been asked yet")
+            continue
+        old = next((x for x in s.gates if x.name == g.name), None)
+        state = GateState(name=g.name, open=a.open, message=a.message[:1024], lastAskedTime=now)
+        s.gates = [*(x for x in s.gates if x.name != g.name), state]
+        if a.open:
+            if old is not None and not old.open:
+                msg = f"gate {g.name} ({g.type}, provider {g.provider}) opened: {a.message}"
+                actions.append(Event("Normal", "GateOpened", msg))
+                _history(s, now, "GateOpened", "GateOpened", msg)
+            continue
+        why = (
+            f"gate {g.name} ({g.type}, provider {g.provider}) is closed: {a.message}; "
+            "asked again at the next analysis"
+        )
+        closed.append(why)
+        if old is None or old.open:
+            actions.append(Event("Warning", "GateClosed", why))
+            _history(s, now, "GateClosed", "GateClosed", why)
+    return "; ".join(closed)
 
 
 def _stable(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> str:
@@ -571,6 +654,7 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.consecutiveErrors = 0
     s.lastAnalysis = []
     s.lastAnalysisTime = None
+    s.gates = []
     s.stepsHash = steps_hash(spec)
 
 

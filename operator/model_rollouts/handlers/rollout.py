@@ -11,6 +11,7 @@ import kopf
 from kubernetes import client
 
 from model_rollouts.api.common import GROUP, VERSION, format_duration
+from model_rollouts.api.notification import Gate
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
@@ -26,6 +27,7 @@ from model_rollouts.api.rollout import (
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common
 from model_rollouts.metrics.provider import MetricProvider, Result, render
+from model_rollouts.notify import sender as notify_sender
 
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
@@ -165,7 +167,39 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
         d = engine.reconcile(
             spec, status, now=now, generation=generation, annotations=annotations, observations=observations
         )
+        if d.asks:  # the engine would move past a gate: ask it, then decide with its answer
+            answers = {
+                g.name: self.ask_gate(g, spec, status, d.status) for g in spec.gates if g.name in d.asks
+            }
+            d = engine.reconcile(
+                spec,
+                status,
+                now=now,
+                generation=generation,
+                annotations=annotations,
+                observations=observations,
+                gates=answers,
+            )
         return d.status, list(d.actions)
+
+    def ask_gate(
+        self, gate: Gate, spec: ModelRolloutSpec, status: ModelRolloutStatus, held: ModelRolloutStatus
+    ) -> engine.GateAnswer:
+        """POST the gate request to the gate's provider (bounded by its timeout); any failure is closed."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "GateRequest",
+            "gate": gate.name,
+            "type": gate.type,
+            "object": {"kind": KIND, "namespace": self.namespace, "name": self.name},
+            "phase": held.phase,
+            "revision": held.revision,
+            "weight": held.weight,
+            "candidate": spec.candidate.service,
+            "stable": held.stableService or spec.stable.service,
+        }
+        ok, message = notify_sender.ask(gate.provider, body)
+        return engine.GateAnswer(open=ok, message=message)
 
     def weights(
         self, spec: ModelRolloutSpec, status: ModelRolloutStatus
