@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import ssl
 import threading
@@ -66,6 +67,15 @@ class FaultProxy:
             self._loop.run_until_complete(self._serve())
             started.set()
             self._loop.run_forever()
+            # Finish every handler here, on this thread. Left pending, they would be finalised later by
+            # the garbage collector inside some other test, which on CPython 3.11 can break pytest's own
+            # traceback rendering (an ast.parse re-entered from a finaliser raises SystemError).
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
 
         self._thread = threading.Thread(target=run, name="fault-proxy", daemon=True)
         self._thread.start()
@@ -146,6 +156,7 @@ class FaultProxy:
         if self._thread is not None:
             self._thread.join(10)
         self._loop = None
+        gc.collect()  # anything left is finalised now, not in the middle of a later test
 
 
 def _status(code: int, reason: str, message: str) -> web.Response:

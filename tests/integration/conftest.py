@@ -5,7 +5,9 @@ CI sets MODEL_ROLLOUTS_REQUIRE_INTEGRATION=1, which turns a missing component in
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -36,3 +38,17 @@ def real_components() -> None:
 @pytest.fixture(autouse=True)
 def _require_real_components(real_components: None) -> None:
     """Every integration test needs the real control plane and Prometheus."""
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_between_tests() -> Iterator[None]:
+    """Finalise what a test left behind at its own teardown, not inside a later test.
+
+    Helpers that run event loops in threads (the fault proxy, recording HTTP servers) can leave
+    coroutines for the garbage collector. Finalised in the middle of a later test, one of them can
+    re-enter ``ast.parse`` while pytest renders a traceback, which CPython 3.11 reports as
+    ``SystemError: AST constructor recursion depth mismatch`` and pytest as an INTERNALERROR that
+    hides the real outcome.
+    """
+    yield
+    gc.collect()
