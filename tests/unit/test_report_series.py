@@ -49,12 +49,12 @@ def rollout_obs(n: int, error_rate: float, stable_p: float = 0.9, cand_p: float 
 
 
 def drive_rollout(
-    spec: ModelRolloutSpec, errors: list[float], n_step: int = 4000
+    spec: ModelRolloutSpec, errors: list[float], n_step: int = 4000, ticks: int = 200
 ) -> tuple[ModelRolloutStatus, list[tuple[datetime, int, float]]]:
     """One reconcile per interval; returns the status and (time, weight after, error rate) per analysis."""
     status, now, seen = ModelRolloutStatus(), T0, []
     i = 0
-    for _ in range(200):
+    for _ in range(ticks):
         obs = None
         if eng.needs_measurement(spec, status, now):
             rate = errors[min(i, len(errors) - 1)]

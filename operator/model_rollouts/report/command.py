@@ -1,0 +1,107 @@
+"""The ``report`` command (Click), registered in the ``kubectl mlrollouts`` plugin."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from model_rollouts.report.data import ReportError
+
+
+def _from_file(path: str, ref: tuple[str, ...]) -> dict[str, Any]:
+    """The object in a saved YAML/JSON file (one object, a List, or several documents; NAME picks one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+    except (OSError, yaml.YAMLError) as e:
+        raise click.BadParameter(str(e), param_hint="--from-file") from None
+    objs: list[dict[str, Any]] = []
+    for d in docs:
+        objs += d.get("items") or [] if isinstance(d, dict) and d.get("kind") == "List" else [d]
+    want = ref[-1].split("/")[-1] if ref else None
+    if want is not None:
+        objs = [o for o in objs if isinstance(o, dict) and (o.get("metadata") or {}).get("name") == want]
+    if len(objs) != 1:
+        what = f"named {want!r}" if want else "(give NAME to choose)"
+        msg = f"{path}: expected one object {what}, found {len(objs)}"
+        raise click.BadParameter(msg, param_hint="--from-file")
+    return objs[0]
+
+
+def _from_cluster(
+    ref: tuple[str, ...], kubeconfig: str | None, context: str | None, namespace: str | None
+) -> Any:
+    from model_rollouts.cli.kube import CliError, Kube, parse_ref
+
+    try:
+        kind, name = parse_ref(ref)
+        return Kube.connect(kubeconfig, context, namespace).find(kind, name)
+    except CliError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("ref", nargs=-1, metavar="[KIND] NAME")
+@click.option(
+    "-o",
+    "--output",
+    "fmt",
+    type=click.Choice(["html", "png", "md"]),
+    default="html",
+    show_default=True,
+    help="html (self-contained, figures embedded), png (all panels in one image), "
+    "md (Markdown with PNG files beside it).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=True, path_type=Path),
+    default=None,
+    help="File (or directory) to write; default NAME-report.EXT in the current directory.",
+)
+@click.option(
+    "--from-file",
+    "from_file",
+    default=None,
+    metavar="FILE",
+    help="Render from a saved object (kubectl get mro NAME -o yaml > FILE) instead of the cluster.",
+)
+@click.option("-n", "--namespace", default=None, help="Namespace (default: the context's).")
+@click.option("--context", default=None, help="kubeconfig context (default: the current one).")
+@click.option(
+    "--kubeconfig", default=None, envvar="KUBECONFIG", show_envvar=True, help="Path to the kubeconfig."
+)
+def report(
+    ref: tuple[str, ...],
+    fmt: str,
+    out: Path | None,
+    from_file: str | None,
+    namespace: str | None,
+    context: str | None,
+    kubeconfig: str | None,
+) -> None:
+    """Write a decision report of a rollout or an experiment: weights, each comparison's estimate with its
+    confidence sequence, guardrails against thresholds, the decisions and who or what triggered them;
+    for experiments per-variant estimates, Holm-adjusted p-values, SRM and the allocation over time."""
+    from model_rollouts.report.document import write
+
+    if not ref and not from_file:
+        raise click.UsageError("give NAME (or --from-file FILE)")
+    obj = _from_file(from_file, ref) if from_file else _from_cluster(ref, kubeconfig, context, namespace)
+    try:
+        w = write(obj, fmt, out)
+    except ReportError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(str(w.path))
+    for img in w.images:
+        if img != w.path:
+            click.echo(str(img))
+
+
+def main() -> None:
+    report(prog_name="python -m model_rollouts.report")
