@@ -1,0 +1,3 @@
+from model_rollouts.cli.app import main
+
+main()

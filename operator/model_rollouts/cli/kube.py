@@ -1,0 +1,186 @@
+"""Cluster access for the plugin: the usual kubeconfig (``--kubeconfig``, ``KUBECONFIG``, ``--context``,
+``-n``), lookup of both kinds by name, and the documented ways to act on them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from model_rollouts.api.common import GROUP, VERSION
+
+ROLLOUT, EXPERIMENT = "ModelRollout", "ModelExperiment"
+PLURALS = {ROLLOUT: "modelrollouts", EXPERIMENT: "modelexperiments"}
+#: Words accepted for a kind on the command line (``get rollout NAME``, ``get mexp/NAME``, ...).
+KIND_WORDS = {
+    **dict.fromkeys(("rollout", "rollouts", "mro", "modelrollout", "modelrollouts"), ROLLOUT),
+    **dict.fromkeys(("experiment", "experiments", "mexp", "modelexperiment", "modelexperiments"), EXPERIMENT),
+}
+#: The field manager the plugin applies ``spec.paused`` with (server-side apply).
+FIELD_MANAGER = "kubectl-mlrollouts"
+TIMEOUT = 15
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit code 1 (3 for ``status``)."""
+
+
+def parse_ref(args: tuple[str, ...]) -> tuple[str | None, str]:
+    """``NAME``, ``KIND NAME`` or ``KIND/NAME`` -> (kind or None, name)."""
+    if len(args) == 1 and "/" in args[0]:
+        args = tuple(args[0].split("/", 1))
+    if len(args) == 1:
+        return None, args[0]
+    if len(args) == 2:
+        kind = KIND_WORDS.get(args[0].lower())
+        if kind is None:
+            raise CliError(f"unknown kind {args[0]!r}: use rollout (mro) or experiment (mexp)")
+        return kind, args[1]
+    raise CliError("expected NAME, KIND NAME or KIND/NAME")
+
+
+@dataclass
+class Kube:
+    api: client.ApiClient
+    namespace: str
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None, context: str | None, namespace: str | None) -> Kube:
+        try:
+            api = config.new_client_from_config(config_file=kubeconfig, context=context)
+        except (config.ConfigException, FileNotFoundError, OSError) as e:
+            try:
+                config.load_incluster_config()
+                api = client.ApiClient()
+            except config.ConfigException:
+                raise CliError(f"cannot load a kubeconfig: {e}") from None
+        if namespace is None:
+            namespace = "default"
+            try:
+                _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+                contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
+                chosen = next((c for c in contexts if c["name"] == context), active) if context else active
+                namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
+            except (config.ConfigException, OSError, KeyError):
+                pass
+        return cls(api, namespace)
+
+    @property
+    def co(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            return cast(
+                dict[str, Any],
+                self.co.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURALS[kind], name, _request_timeout=TIMEOUT
+                ),
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise CliError(f"reading {kind} {self.namespace}/{name}: HTTP {e.status} {e.reason}") from None
+
+    def find(self, kind: str | None, name: str) -> dict[str, Any]:
+        """The object by name; without a kind, whichever kind has it (an error if both do)."""
+        kinds = [kind] if kind else [ROLLOUT, EXPERIMENT]
+        found = [o for o in (self.get(k, name) for k in kinds) if o is not None]
+        if not found:
+            what = kind or "ModelRollout or ModelExperiment"
+            raise CliError(f"{what} {name!r} not found in namespace {self.namespace}")
+        if len(found) > 1:
+            raise CliError(
+                f"both a ModelRollout and a ModelExperiment are named {name!r}: "
+                f"say which, e.g. `get rollout {name}` or `get experiment {name}`"
+            )
+        return found[0]
+
+    def list(self, all_namespaces: bool) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for kind, plural in PLURALS.items():
+            try:
+                if all_namespaces:
+                    items = self.co.list_cluster_custom_object(
+                        GROUP, VERSION, plural, _request_timeout=TIMEOUT
+                    )
+                else:
+                    items = self.co.list_namespaced_custom_object(
+                        GROUP, VERSION, self.namespace, plural, _request_timeout=TIMEOUT
+                    )
+            except ApiException as e:
+                raise CliError(f"listing {plural}: HTTP {e.status} {e.reason}") from None
+            for item in cast(dict[str, Any], items)["items"]:
+                item.setdefault("kind", kind)
+                out.append(item)
+        return sorted(
+            out, key=lambda o: (o["metadata"].get("namespace", ""), o["kind"], o["metadata"]["name"])
+        )
+
+    # -- acting -----------------------------------------------------------------------------------
+    def annotate(self, obj: dict[str, Any], key: str) -> str:
+        """Set an action annotation to a fresh token (each new value acts once); returns the token."""
+        token = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        meta = obj["metadata"]
+        try:
+            self.co.patch_namespaced_custom_object(
+                GROUP, VERSION, meta["namespace"], PLURALS[obj["kind"]], meta["name"],
+                {"metadata": {"annotations": {key: token}}},
+                _content_type="application/merge-patch+json", _request_timeout=TIMEOUT,
+            )  # fmt: skip
+        except ApiException as e:
+            raise CliError(f"annotating {obj['kind']} {meta['name']}: HTTP {e.status} {e.reason}") from None
+        return token
+
+    def set_paused(self, obj: dict[str, Any], paused: bool) -> None:
+        """``spec.paused`` by server-side apply as field manager ``kubectl-mlrollouts``, only when no
+        other manager (Git, kubectl apply, Argo CD) owns the field; unpausing releases our ownership,
+        so the field returns to its default (false)."""
+        meta = obj["metadata"]
+        owners = paused_owners(obj)
+        others = [m for m in owners if m != FIELD_MANAGER]
+        if others:
+            raise CliError(
+                f"spec.paused of {obj['kind']} {meta['name']} is owned by field manager "
+                f"{', '.join(repr(o) for o in others)} (your manifests, e.g. Git): change it there; the "
+                "plugin never edits spec fields another manager owns"
+            )
+        if not paused and FIELD_MANAGER not in owners:
+            if (obj.get("spec") or {}).get("paused"):
+                raise CliError(
+                    f"spec.paused of {obj['kind']} {meta['name']} is true but not set by this plugin "
+                    "(no field manager owns it): clear it where it was set"
+                )
+            return
+        body: dict[str, Any] = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": obj["kind"],
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+        }
+        if paused:
+            body["spec"] = {"paused": True}
+        try:
+            self.co.patch_namespaced_custom_object(
+                GROUP, VERSION, meta["namespace"], PLURALS[obj["kind"]], meta["name"], body,
+                field_manager=FIELD_MANAGER, _content_type="application/apply-patch+yaml",
+                _request_timeout=TIMEOUT,
+            )  # fmt: skip
+        except ApiException as e:
+            raise CliError(
+                f"applying spec.paused={str(paused).lower()} to {obj['kind']} {meta['name']}: "
+                f"HTTP {e.status} {e.reason}"
+            ) from None
+
+
+def paused_owners(obj: dict[str, Any]) -> list[str]:
+    """Field managers whose managed fields include ``spec.paused``."""
+    out = []
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        fields = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+        if "f:paused" in fields:
+            out.append(str(entry.get("manager") or "?"))
+    return out
