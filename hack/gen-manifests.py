@@ -3,14 +3,16 @@
 
     .venv/bin/python hack/gen-manifests.py [--check]
 
-- manifests/install.yaml: cluster-wide install (Namespace model-rollouts, CRDs, RBAC, Deployment,
-  metrics Service): `helm template` with the chart's defaults.
+- manifests/install.yaml: cluster-wide install (Namespace model-rollouts, CRDs including the
+  tenancy kinds, RBAC, users' aggregated roles, Deployment, metrics Service): `helm template` with
+  the chart's defaults.
 - manifests/namespace-install.yaml: namespaced install into whatever namespace `kubectl -n` names:
-  watches only that namespace, a Role instead of a ClusterRole, no CRDs and nothing
-  cluster-scoped (the CRDs come from crds/, applied once by a cluster admin).
+  watches only that namespace, Roles instead of ClusterRoles, no CRDs and nothing cluster-scoped
+  (the CRDs come from crds/, applied once by a cluster admin; so does read access to the
+  ClusterMetricProviders and ClusterMetricTemplates, see its header).
 - manifests/base/: the same as a kustomize base (kustomize loads nothing from outside a base).
-- manifests/rbac.yaml: the ServiceAccount and RBAC of install.yaml alone (the integration tests
-  run the operator with it).
+- manifests/rbac.yaml: the ServiceAccount and RBAC of install.yaml alone, the users' aggregated
+  roles included (the integration tests run the operator with it and ask can-i of it).
 - manifests/argocd/argocd-cm.yaml: the health checks and actions as an argocd-cm patch.
 """
 
@@ -125,10 +127,13 @@ yaml.SafeDumper.add_representer(
 def render() -> dict[Path, str]:
     install = [namespace_doc(), *helm_template()]
     namespaced = without_namespace(
-        helm_template("--set", "watch.clusterWide=false", "--set", "crds.install=false", "--set", "rbac.aggregate=false")
+        helm_template(
+            "--set", "watch.clusterWide=false", "--set", "crds.install=false", "--set", "rbac.aggregate=false",
+            "--set", "rbac.clusterMetricKinds=false",
+        )
     )
     rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-    rbac = [namespace_doc(), *[d for d in helm_template("--set", "rbac.aggregate=false") if d["kind"] in rbac_kinds]]
+    rbac = [namespace_doc(), *[d for d in helm_template() if d["kind"] in rbac_kinds]]
     cm = argocd_cm()
     cm["data"] = {k: _Literal(v) for k, v in cm["data"].items()}
     return {
@@ -137,13 +142,23 @@ def render() -> dict[Path, str]:
         OUT / "namespace-install.yaml": dump(
             namespaced,
             HEADER + "# Namespaced: `kubectl create namespace NS && kubectl apply -n NS --server-side -f namespace-install.yaml`\n"
-            "# after a cluster admin has applied the CRDs once (crds/). It watches only NS.\n",
+            "# after a cluster admin has applied the CRDs once (crds/ and crds/tenancy/). It watches only NS,\n"
+            "# patches HTTPRoutes only there (and only routes that opt in: annotation mlrollouts.io/managed-by)\n"
+            "# and reads Secrets only there. To let it read the platform's ClusterMetricProviders and\n"
+            "# ClusterMetricTemplates, a cluster admin grants that once (read only):\n"
+            "#   kubectl create clusterrole model-rollouts-cluster-metrics --verb=get,list,watch \\\n"
+            "#     --resource=clustermetricproviders.mlrollouts.io,clustermetrictemplates.mlrollouts.io\n"
+            "#   kubectl create clusterrolebinding model-rollouts-NS --clusterrole=model-rollouts-cluster-metrics \\\n"
+            "#     --serviceaccount=NS:model-rollouts\n",
         ),
         OUT / "rbac.yaml": dump(
             rbac,
-            HEADER + "# What the operator may do (the ServiceAccount and RBAC of install.yaml): its own resources and\n"
-            "# status, HTTPRoute weights, Events, Services/EndpointSlices (candidate readiness), Secrets\n"
-            "# (Prometheus bearer tokens), Kopf's cluster-wide watching, and its leader-election Lease.\n",
+            HEADER + "# The ServiceAccount and RBAC of install.yaml. The operator: its own resources and status,\n"
+            "# HTTPRoute patch (weights; the operator writes only routes whose mlrollouts.io/managed-by annotation\n"
+            "# names the rollout or experiment: RBAC cannot select by annotation), Events, Services/EndpointSlices\n"
+            "# (candidate readiness), MetricTemplates and the Cluster* metric kinds (read), Secrets only in its own\n"
+            "# namespace (provider credentials), Kopf's cluster-wide watching, its leader-election Lease.\n"
+            "# Users: ClusterRoles aggregated into the built-in admin, edit and view roles.\n",
         ),
         OUT / "argocd" / "argocd-cm.yaml": (
             "# Generated from manifests/argocd/resource_customizations by hack/gen-manifests.py. Do not edit.\n"

@@ -115,6 +115,7 @@ def main() -> int:
         rps=40,
         max_seconds=600,
         initial_weights={V1: 100, V2: 0, V3: 0},
+        route_managed_by="ModelRollout/fraud-scorer",  # the route's opt-in: this rollout may set its weights
     ) as stack:
         assert stack.prom is not None
         n = Narrator(stack)

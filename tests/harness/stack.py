@@ -25,11 +25,21 @@ from tests.harness.prom import Prometheus, Target
 GROUP, VERSION = "mlrollouts.io", "v1alpha1"
 
 
-def httproute(name: str, namespace: str, weights: dict[str, int]) -> dict[str, Any]:
+#: The annotation by which an HTTPRoute lets named rollouts/experiments set its weights.
+MANAGED_BY = "mlrollouts.io/managed-by"
+
+
+def httproute(
+    name: str, namespace: str, weights: dict[str, int], managed_by: str | None = "*"
+) -> dict[str, Any]:
+    """An HTTPRoute; ``managed_by`` is its opt-in (``*``: any rollout/experiment here; None: none)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if managed_by is not None:
+        meta["annotations"] = {MANAGED_BY: managed_by}
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": meta,
         "spec": {
             "parentRefs": [{"name": "gateway"}],
             "rules": [
@@ -46,6 +56,8 @@ class Stack:
     variants: dict[str, dict[str, float]]
     namespace: str = "ml"
     route: str = "model"
+    #: The stack route's opt-in annotation (who may set its weights).
+    route_managed_by: str | None = "*"
     initial_weights: dict[str, int] | None = None
     rps: float = 40.0
     max_seconds: float = 900.0
@@ -85,7 +97,7 @@ class Stack:
             weights = self.initial_weights or {
                 svc: (100 if i == 0 else 0) for i, svc in enumerate(self.variants)
             }
-            kubectl_apply(self.api, [httproute(self.route, self.namespace, weights)])
+            kubectl_apply(self.api, [httproute(self.route, self.namespace, weights, self.route_managed_by)])
             self.loadgen = LoadGenerator(
                 api=self.api,
                 namespace=self.namespace,
@@ -102,7 +114,7 @@ class Stack:
         return self
 
     def _service_account_kubeconfig(self) -> Path:
-        """Apply manifests/rbac.yaml and run the operator with its ServiceAccount token, so RBAC is tested."""
+        """Apply manifests/rbac.yaml (from the chart) and run the operator with its ServiceAccount token."""
         import yaml
         from kubernetes import client
 
@@ -110,8 +122,6 @@ class Stack:
 
         docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text()) if d]
         kubectl_apply(self.api, docs)
-        tenancy = REPO / "manifests" / "tenancy" / "rbac.yaml"
-        kubectl_apply(self.api, [d for d in yaml.safe_load_all(tenancy.read_text()) if d])
         sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]
         token = (
             client.CoreV1Api(self.api)

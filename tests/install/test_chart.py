@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -41,8 +42,12 @@ def test_lint_and_template_matrix(values: Path) -> None:
 
 def test_matrix_modes() -> None:
     by = {v.stem: render(values_files=[v]) for v in VALUES}
-    namespaced = {d["kind"] for d in by["namespaced-values"]}
-    assert not namespaced & {"ClusterRole", "ClusterRoleBinding"}
+    # Namespaced: the only cluster-scoped RBAC reads the platform's Cluster* metric kinds.
+    cluster_roles = [d for d in by["namespaced-values"] if d["kind"] == "ClusterRole"]
+    assert [d["metadata"]["name"] for d in cluster_roles] == ["model-rollouts-cluster-metrics"]
+    for rule in cluster_roles[0]["rules"]:
+        assert rule["verbs"] == ["get", "list", "watch"]
+        assert all(r.startswith("cluster") for r in rule["resources"]), rule
     ha = by["ha-values"]
     assert find(ha, "Deployment")["spec"]["replicas"] == 3
     assert find(ha, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
@@ -57,9 +62,56 @@ def test_crds_are_rendered_from_the_one_source() -> None:
     link = CHART / "files" / "crds"
     assert link.is_symlink() and link.resolve() == (REPO / "crds").resolve()
     rendered = {d["metadata"]["name"]: d for d in render() if d["kind"] == "CustomResourceDefinition"}
-    for source in (REPO / "crds").glob("*.yaml"):
+    sources = [*(REPO / "crds").glob("*.yaml"), *(REPO / "crds" / "tenancy").glob("*.yaml")]
+    assert len(rendered) == len(sources)
+    for source in sources:
         want = yaml.safe_load(source.read_text())
         assert rendered[want["metadata"]["name"]]["spec"] == want["spec"], source.name
+
+
+def _rules(docs: list[dict[str, Any]], resource: str) -> list[tuple[str, str | None, list[str]]]:
+    """(kind, namespace, verbs) of every rule on ``resource`` in the rendered Roles and ClusterRoles."""
+    return [
+        (d["kind"], d["metadata"].get("namespace"), r["verbs"])
+        for d in docs
+        if d["kind"] in ("Role", "ClusterRole")
+        for r in d["rules"]
+        if resource in r.get("resources", [])
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"watch": {"clusterWide": False}},
+        {"watch": {"clusterWide": False, "namespaces": ["team-a", "ops"]}},
+    ],
+    ids=["cluster-wide", "namespaced", "namespaced-two"],
+)
+def test_secrets_are_read_only_in_the_release_namespace(values: dict[str, Any]) -> None:
+    docs = render(values, release="mr", namespace="ops")
+    assert _rules(docs, "secrets") == [("Role", "ops", ["get"])]
+
+
+def test_namespaced_mode_patches_routes_only_in_watched_namespaces() -> None:
+    docs = render({"watch": {"clusterWide": False, "namespaces": ["team-a", "team-b"]}}, namespace="ops")
+    routes = _rules(docs, "httproutes")
+    assert sorted(ns or "" for _, ns, _ in routes) == ["team-a", "team-b"]
+    assert all(
+        kind == "Role" and "update" not in verbs and "delete" not in verbs for kind, _, verbs in routes
+    )
+    # Cluster-wide: one ClusterRole, patch but never update, create or delete.
+    routes = _rules(render(), "httproutes")
+    assert routes == [("ClusterRole", None, ["get", "list", "watch", "patch"])]
+
+
+def test_namespace_install_reads_nothing_cluster_scoped() -> None:
+    docs = [d for d in yaml.safe_load_all((MANIFESTS / "namespace-install.yaml").read_text()) if d]
+    assert _rules(docs, "clustermetricproviders") == []
+    assert [ns for _, ns, _ in _rules(docs, "secrets")] == [None]  # the namespace it is applied to
+    header = (MANIFESTS / "namespace-install.yaml").read_text().split("---")[0]
+    assert "kubectl create clusterrolebinding" in header  # how a cluster admin grants the Cluster* kinds
 
 
 @pytest.mark.parametrize(
@@ -71,6 +123,8 @@ def test_crds_are_rendered_from_the_one_source() -> None:
         {"watch": {"clusterWide": True, "namespaces": ["a"]}},
         {"watch": {"namespaces": ["Not_A_Namespace"]}},
         {"metrics": {"port": 70000}},
+        {"rbac": {"secretNames": ["Not A Name"]}},
+        {"rbac": {"clusterMetricKinds": "yes"}},
         {"unknownKey": 1},
     ],
     ids=lambda v: next(iter(v)),

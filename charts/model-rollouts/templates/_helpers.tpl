@@ -73,8 +73,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 What the operator does in each watched namespace: its own resources and their status, HTTPRoute
-weights, Events, candidate readiness (Services, EndpointSlices) and Secrets (Prometheus bearer
-tokens). Shared by the ClusterRole (cluster-wide mode) and each Role (namespaced mode).
+weights (only on routes that opt in with the mlrollouts.io/managed-by annotation: RBAC cannot grant
+by annotation, so the operator checks it before every write), Events, candidate readiness
+(Services, EndpointSlices) and the namespace's MetricTemplates. No Secrets: those are read only in
+the release namespace (model-rollouts.secretsRole). Shared by the ClusterRole (cluster-wide mode)
+and each Role (namespaced mode).
 */}}
 {{- define "model-rollouts.namespacedRules" -}}
 - apiGroups: [mlrollouts.io]
@@ -83,6 +86,9 @@ tokens). Shared by the ClusterRole (cluster-wide mode) and each Role (namespaced
 - apiGroups: [mlrollouts.io]
   resources: [modelrollouts/status, modelexperiments/status]
   verbs: [get, patch, update]
+- apiGroups: [mlrollouts.io]
+  resources: [metrictemplates]
+  verbs: [get, list, watch]
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [get, list, watch, patch]
@@ -95,9 +101,11 @@ tokens). Shared by the ClusterRole (cluster-wide mode) and each Role (namespaced
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [get, list]
-{{- if .Values.rbac.secrets }}
-- apiGroups: [""]
-  resources: [secrets]
-  verbs: [get]
 {{- end }}
+
+{{/* The platform's cluster-scoped metric and notification kinds, read only. */}}
+{{- define "model-rollouts.clusterMetricRules" -}}
+- apiGroups: [mlrollouts.io]
+  resources: [clustermetricproviders, clustermetrictemplates, clusternotificationproviders]
+  verbs: [get, list, watch]
 {{- end }}

@@ -189,9 +189,13 @@ def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) 
         )
 
 
-def make_router(routing: TrafficRouting, namespace: str) -> TrafficRouter:
+def make_router(
+    routing: TrafficRouting, namespace: str, owner: tuple[str, str] | None = None
+) -> TrafficRouter:
+    """``owner`` (kind, name) writes the weights (the route must opt in to it); None: read only."""
     if routing.gatewayAPI is not None:
-        return GatewayAPIRouter(api(), namespace, routing.gatewayAPI.httpRoute, routing.gatewayAPI.ruleIndex)
+        gw = routing.gatewayAPI
+        return GatewayAPIRouter(api(), namespace, gw.httpRoute, gw.ruleIndex, owner=owner)
     for field in ("istio", "replicas", "kserve"):
         if getattr(routing, field) is not None:
             raise RouterError(
@@ -635,7 +639,7 @@ class Controller(Generic[SpecT, StatusT]):
             check_queries(self.queries(spec))
             if status.phase in ("Pending", "Invalid") or status.observedGeneration != generation:
                 self.check_owner(obj, spec)
-            router = make_router(spec.trafficRouting, self.namespace)
+            router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
             router.check(self.services(spec, status))
             provider = make_provider(spec.analysis, self.namespace)
         except RouterError as e:
@@ -772,7 +776,7 @@ class Controller(Generic[SpecT, StatusT]):
             want = self.guard_weights(spec, status)
             if not want:
                 return
-            router = make_router(spec.trafficRouting, self.namespace)
+            router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
             current = router.get_weights()
             drift = {k: current[k] for k, v in want.items() if v == 0 and current.get(k, 0) > 0}
             if not drift:
@@ -806,7 +810,7 @@ class Controller(Generic[SpecT, StatusT]):
             )
             return
         try:
-            router = make_router(spec.trafficRouting, self.namespace)
+            router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
             current = router.get_weights()
             router.set_weights({k: v for k, v in want.items() if k in current})
             self.logger.info(

@@ -3,6 +3,14 @@
 The patch is a JSON patch that first *tests* each backendRef's name at its index and then sets
 only its ``weight``: nothing the user owns in Git is rewritten, and a concurrent reorder of the
 backendRefs makes the patch fail (422) instead of weighting the wrong backend.
+
+**Opt-in.** A route's weights are written only when the route names the writing object in its
+``mlrollouts.io/managed-by`` annotation (``ModelRollout/<name>``, ``ModelExperiment/<name>``,
+comma-separated, or ``*`` for any ModelRollout or ModelExperiment in the route's namespace). Only
+someone who may edit the route can set it, so a tenant who may create a ModelRollout but not edit
+a route cannot re-weight that route through the operator. RBAC cannot grant ``patch`` by label or
+annotation, so this check, made on the route as read and repeated as a JSON-patch ``test`` of the
+annotation's value in the same write, is what enforces it.
 """
 
 from __future__ import annotations
@@ -17,14 +25,47 @@ from model_rollouts.traffic.router import RouterError
 GROUP, VERSION, PLURAL = "gateway.networking.k8s.io", "v1", "httproutes"
 FIELD = "spec.trafficRouting.gatewayAPI.httpRoute"
 REQUEST_TIMEOUT = 10
+#: The annotation by which a route opts in to having its weights set by named objects.
+OPT_IN = "mlrollouts.io/managed-by"
+_ANY = "*"
+_KINDS = {"modelrollout": "ModelRollout", "modelexperiment": "ModelExperiment"}
+
+
+def opted_in(annotations: dict[str, str] | None, kind: str, name: str) -> bool:
+    """Whether a route with these annotations lets ``kind``/``name`` (in its namespace) set weights.
+
+    The value is a comma-separated list of ``Kind/name`` entries (kind case-insensitive) or ``*``.
+    Anything else (a missing annotation, an empty or malformed value) is no.
+    """
+    value = (annotations or {}).get(OPT_IN)
+    if not value:
+        return False
+    for entry in value.split(","):
+        entry = entry.strip()
+        if entry == _ANY:
+            return True
+        k, sep, n = entry.partition("/")
+        if sep and _KINDS.get(k.strip().lower()) == kind and n.strip() == name:
+            return True
+    return False
 
 
 class GatewayAPIRouter:
-    def __init__(self, api: client.ApiClient, namespace: str, httproute: str, rule_index: int = 0) -> None:
+    """``owner`` is the (kind, name) of the object writing weights; None: read only (writes refused)."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        httproute: str,
+        rule_index: int = 0,
+        owner: tuple[str, str] | None = None,
+    ) -> None:
         self._co = client.CustomObjectsApi(api)
         self.namespace = namespace
         self.name = httproute
         self.rule_index = rule_index
+        self.owner = owner
 
     def _route(self) -> dict[str, Any]:
         try:
@@ -50,8 +91,21 @@ class GatewayAPIRouter:
         refs: list[dict[str, Any]] = rules[self.rule_index].get("backendRefs") or []
         return refs
 
+    def _check_opt_in(self, route: dict[str, Any]) -> None:
+        annotations = (route.get("metadata") or {}).get("annotations") or {}
+        if self.owner is None or not opted_in(annotations, *self.owner):
+            kind, name = self.owner or ("ModelRollout", "<name>")
+            raise RouterError(
+                FIELD,
+                f"HTTPRoute {self.namespace}/{self.name} does not opt in to {kind} {name}: its "
+                f"annotation {OPT_IN} must list {kind}/{name} (or be *), set by someone who may "
+                "edit the route; its weights are left alone",
+            )
+
     def check(self, services: list[str]) -> None:
-        names = [r.get("name") for r in self._refs(self._route())]
+        route = self._route()
+        self._check_opt_in(route)
+        names = [r.get("name") for r in self._refs(route)]
         missing = [s for s in services if s not in names]
         if missing:
             raise RouterError(
@@ -69,6 +123,7 @@ class GatewayAPIRouter:
 
     def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
         route = self._route()
+        self._check_opt_in(route)
         refs = self._refs(route)
         ops: list[dict[str, Any]] = []
         base = f"/spec/rules/{self.rule_index}/backendRefs"
@@ -84,6 +139,10 @@ class GatewayAPIRouter:
                 FIELD, f"HTTPRoute {self.name} has no backendRef for {', '.join(sorted(unknown))}"
             )
         if ops:
+            # The opt-in as read must still be there when the write lands (else 422, nothing written).
+            pointer = "/metadata/annotations/" + OPT_IN.replace("~", "~0").replace("/", "~1")
+            value = route["metadata"]["annotations"][OPT_IN]
+            ops.insert(0, {"op": "test", "path": pointer, "value": value})
             route = cast(
                 dict[str, Any],
                 self._co.patch_namespaced_custom_object(
