@@ -35,6 +35,7 @@ from model_rollouts.cli import lint as lint_
 from model_rollouts.cli import render
 from model_rollouts.cli import view as view_
 from model_rollouts.cli.kube import EXPERIMENT, FIELD_MANAGER, ROLLOUT, CliError, Kube, parse_ref
+from model_rollouts.report.command import report as report_command
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: Exit codes of ``status`` (and of ``get -w`` when the object is deleted: 3).
@@ -426,6 +427,10 @@ def lint(files: tuple[str, ...], crd_files: tuple[str, ...], output: str) -> Non
         verdict = f"[red]{len(errors)} error(s)[/]" if errors else "[green]valid[/]"
         con.print(f"{verdict} ({len(findings) - len(errors)} other finding(s))")
     sys.exit(1 if errors else 0)
+
+
+# -- report (model_rollouts.report: matplotlib, the `report` extra) ------------------------------------
+cli.add_command(report_command, "report")
 
 
 def main() -> None:
