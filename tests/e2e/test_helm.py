@@ -35,7 +35,11 @@ def kubectl(
 
 def can_i(cluster: Cluster, who: str, verb: str, resource: str, namespace: str | None) -> bool:
     ns = ["--all-namespaces"] if namespace is None else ["-n", namespace]
-    proc = kubectl(cluster, "auth", "can-i", verb, resource, *ns, "--as", who, check=False)
+    # kubectl reads TYPE/NAME: "modelrollouts.mlrollouts.io/status" would ask about an object named
+    # "status", so a subresource goes in --subresource.
+    kind, _, sub = resource.partition("/")
+    target = [kind, *([f"--subresource={sub}"] if sub else [])]
+    proc = kubectl(cluster, "auth", "can-i", verb, *target, *ns, "--as", who, check=False)
     answer = proc.stdout.strip()
     assert answer in ("yes", "no"), proc.stderr
     return answer == "yes"
@@ -65,11 +69,12 @@ NAMESPACED_YES = [
     ("watch", "httproutes.gateway.networking.k8s.io"),
     ("create", "events"),
     ("create", "events.events.k8s.io"),
-    ("get", "secrets"),
+    ("get", "metrictemplates.mlrollouts.io"),
     ("list", "endpointslices.discovery.k8s.io"),
     ("get", "services"),
 ]
 NEVER = [
+    ("get", "secrets"),  # Secrets only in the release namespace
     ("create", "modelrollouts.mlrollouts.io"),
     ("delete", "modelrollouts.mlrollouts.io"),
     ("list", "secrets"),
@@ -104,7 +109,7 @@ def test_install_accepts_every_object_and_crds_match_the_source(cluster: Cluster
     ), kinds
     live = kubectl(cluster, "get", "-f", "-", "-o", "name", input=yaml.safe_dump_all(manifest)).stdout.split()
     assert len(live) == len(manifest), live
-    for source in sorted((REPO / "crds").glob("*.yaml")):
+    for source in sorted([*(REPO / "crds").glob("*.yaml"), *(REPO / "crds" / "tenancy").glob("*.yaml")]):
         want = yaml.safe_load(source.read_text())
         live = json.loads(kubectl(cluster, "get", "crd", want["metadata"]["name"], "-o", "json").stdout)
         diff = _differences(live["spec"], want["spec"])
@@ -149,6 +154,10 @@ def test_cluster_wide_rbac(cluster: Cluster) -> None:
         ("update", "leases.coordination.k8s.io", NS): True,
         ("create", "leases.coordination.k8s.io", "team-a"): False,
         ("create", "customresourcedefinitions.apiextensions.k8s.io", None): False,
+        ("get", "secrets", NS): True,
+        ("get", "secrets", None): False,
+        ("get", "clustermetricproviders.mlrollouts.io", None): True,
+        ("create", "clustermetricproviders.mlrollouts.io", None): False,
     }
     assert_rbac(cluster, SA, expect)
 
@@ -200,6 +209,11 @@ def test_upgrade_to_namespaced_mode_narrows_rbac(cluster: Cluster) -> None:
         ("list", "namespaces", None): False,
         ("list", "modelrollouts.mlrollouts.io", None): False,
         ("create", "leases.coordination.k8s.io", NS): True,
+        ("get", "secrets", NS): True,
+        ("get", "secrets", "team-a"): False,
+        ("patch", "httproutes.gateway.networking.k8s.io", None): False,
+        ("get", "clustermetricproviders.mlrollouts.io", None): True,
+        ("patch", "clustermetricproviders.mlrollouts.io", None): False,
     }
     assert_rbac(cluster, SA, expect)
     dep = json.loads(kubectl(cluster, "get", "deploy", "mr-model-rollouts", "-n", NS, "-o", "json").stdout)
@@ -207,7 +221,8 @@ def test_upgrade_to_namespaced_mode_narrows_rbac(cluster: Cluster) -> None:
     roles = kubectl(
         cluster, "get", "clusterroles", "-l", "app.kubernetes.io/instance=mr", "-o", "name"
     ).stdout.split()
-    assert roles == [], f"namespaced mode left cluster-scoped roles: {roles}"
+    # The one cluster-scoped role left reads the platform's Cluster* metric kinds (rbac.clusterMetricKinds).
+    assert roles == ["clusterrole.rbac.authorization.k8s.io/mr-model-rollouts-cluster-metrics"], roles
 
 
 def test_uninstall_keeps_crds_and_resources(cluster: Cluster) -> None:
@@ -226,9 +241,11 @@ def test_uninstall_keeps_crds_and_resources(cluster: Cluster) -> None:
 
 def test_plain_manifests_apply_server_side(cluster: Cluster) -> None:
     # A fresh install: the CRDs the Helm release kept go first (they carry its labels).
-    kubectl(
-        cluster, "delete", "crd", "modelrollouts.mlrollouts.io", "modelexperiments.mlrollouts.io", "--wait"
-    )
+    crds = [
+        yaml.safe_load(p.read_text())["metadata"]["name"]
+        for p in [*(REPO / "crds").glob("*.yaml"), *(REPO / "crds" / "tenancy").glob("*.yaml")]
+    ]
+    kubectl(cluster, "delete", "crd", *crds, "--wait")
     kubectl(cluster, "apply", "--server-side", "-f", str(MANIFESTS / "install.yaml"))
     kubectl(cluster, "get", "deploy", "model-rollouts", "-n", "model-rollouts")
     who = "system:serviceaccount:model-rollouts:model-rollouts"
@@ -239,6 +256,8 @@ def test_plain_manifests_apply_server_side(cluster: Cluster) -> None:
             ("patch", "modelrollouts.mlrollouts.io/status", "team-b"): True,
             ("list", "namespaces", None): True,
             ("list", "secrets", "team-b"): False,
+            ("get", "secrets", "team-b"): False,
+            ("get", "secrets", "model-rollouts"): True,
         },
     )
     ensure_namespace(cluster, "team-c")
@@ -257,6 +276,9 @@ def test_plain_manifests_apply_server_side(cluster: Cluster) -> None:
             ("create", "leases.coordination.k8s.io", "team-c"): True,
             ("patch", "modelrollouts.mlrollouts.io/status", "team-b"): False,
             ("list", "namespaces", None): False,
+            ("get", "secrets", "team-c"): True,
+            ("get", "secrets", "team-b"): False,
+            ("get", "clustermetricproviders.mlrollouts.io", None): False,
         },
     )
 
