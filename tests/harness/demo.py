@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from model_rollouts.report import write as write_report
 from tests.harness.queries import DRIFT, ERROR_RATE, FEEDBACK, P95_LATENCY, POSITIVE
 from tests.harness.stack import Stack
 
@@ -152,6 +154,13 @@ def main() -> int:
             print(f"  {h['time']} {h['event']:<14} weight={h.get('weight')!s:<4} {h['message'][:110]}")
         assert stack.loadgen is not None
         print(f"traffic sent: {stack.loadgen.stats().get('sent')}")
+        # The decision reports (kubectl mlrollouts report), from the objects as they ended.
+        out = Path(".run/demo-reports").resolve()
+        for i, obj in ((1, first), (2, second)):
+            label = f"fraud-scorer-{i}-{obj['status']['phase'].lower()}"
+            for fmt in ("html", "png"):
+                written = write_report(obj, fmt, out / f"{label}.{fmt}")
+                print(f"decision report, rollout {i} ({fmt}): {written.path}")
         ok = first["status"]["phase"] == "Promoted" and second["status"]["phase"] == "RolledBack"
         print("demo result:", "OK (one promoted, one rolled back)" if ok else "UNEXPECTED")
     print("all processes stopped.")
