@@ -120,9 +120,16 @@ def load(obj: dict[str, Any]) -> Report:
         annotations={str(k): str(v) for k, v in (meta.get("annotations") or {}).items()},
         series=sorted(series, key=lambda p: parse_time(p["time"])),
     )
+    # The report covers the current revision: its series (status.series restarts with each revision)
+    # and the decisions since it started (status.history spans revisions).
+    marks = [parse_time(x) for x in (status.get("revisionStartedAt"), status.get("startedAt")) if x]
+    marks += [parse_time(p["time"]) for p in r.series[:1]]
+    since = min(marks) if marks else None
     for i, h in enumerate(status.get("history") or []):
         if "time" not in h:
             raise ReportError(f"status.history[{i}].time is missing")
+        if since is not None and parse_time(h["time"]) < since:
+            continue
         reason, event = str(h.get("reason") or ""), str(h.get("event") or "")
         r.decisions.append(
             Decision(
