@@ -280,3 +280,11 @@ def test_a_gate_is_open_only_on_a_2xx_from_a_webhook_provider(
     sink.status, sink.delay = 200, 2.0
     ok_, why = snd.ask("gate", {})
     assert not ok_ and why == "no answer within 1s"
+
+
+def test_the_shared_sender_and_resolver_are_made_once() -> None:
+    done: list[object] = []
+    t = threading.Thread(target=lambda: done.append(snd.sender()), daemon=True)
+    t.start()
+    t.join(5)
+    assert done and done[0] is snd.sender() and snd.sender().resolve is snd.resolver()

@@ -59,6 +59,9 @@ from model_rollouts.metrics.provider import (
     render,
 )
 from model_rollouts.metrics.templates import fill
+from model_rollouts.notify import Notice
+from model_rollouts.notify import events as notify_events
+from model_rollouts.notify import sender as notify_sender
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
 from model_rollouts.traffic.router import RouterError, TrafficRouter
 
@@ -730,6 +733,8 @@ class Controller(Generic[SpecT, StatusT]):
         self._not_before = time.monotonic() + wait
         if write_status(self.plural, obj, dump(s)):
             post_event(obj, "Warning", reason, msg)
+            errs = notify_events.reconcile_error(self.kind, self.namespace, self.name, s, reason, msg)
+            self.notify(obj, errs)
 
     def write(
         self, obj: dict[str, Any], old: ResourceStatus, status: ResourceStatus, actions: Iterable[object]
@@ -764,6 +769,18 @@ class Controller(Generic[SpecT, StatusT]):
             )
         telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
         telemetry.record(self.kind, self.namespace, self.name, dump(status), obj.get("spec") or {})
+        self.notify(obj, notify_events.notices(self.kind, self.namespace, self.name, old, status, actions))
+
+    def notify(self, obj: Mapping[str, Any], notices: list[Notice]) -> None:
+        """Queue the notifications of a written transition (spec.notifications); never blocks or raises."""
+        if not notices:
+            return
+        refs = notify_events.subscriptions(obj.get("spec"))
+        if refs:
+            try:
+                notify_sender.sender().publish(str(obj["metadata"].get("uid") or self.name), refs, notices)
+            except Exception as e:
+                self.logger.warning("%s/%s notifications: %s", self.namespace, self.name, safe_error(e))
 
     # -- after the end ------------------------------------------------------------------------------
     def guard(self, obj: Mapping[str, Any]) -> None:

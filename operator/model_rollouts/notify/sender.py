@@ -235,7 +235,7 @@ class Sender:
 _sender: Sender | None = None
 _resolver: Resolver | None = None
 _gate_session: requests.Session | None = None
-_singleton_lock = threading.Lock()
+_singleton_lock = threading.RLock()  # sender() builds the resolver under it
 
 
 def _api() -> client.ApiClient:
