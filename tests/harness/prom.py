@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +36,13 @@ def find_prometheus() -> Path:
     return Path(found)
 
 
-def render_config(targets: list[Target], scrape_interval: str = "1s") -> str:
+def render_config(targets: list[Target], scrape_interval: str = "1s", rule_files: Sequence[Path] = ()) -> str:
     jobs: dict[str, list[Target]] = {}
     for t in targets:
         jobs.setdefault(t.job, []).append(t)
     cfg = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "rule_files": [str(f) for f in rule_files],
         "scrape_configs": [
             {
                 "job_name": job,
@@ -60,6 +62,8 @@ class Prometheus:
     workdir: Path | None = None
     port: int = 0
     scrape_interval: str = "1s"
+    #: Rules files (recording and alerting rules) Prometheus loads and evaluates every scrape_interval.
+    rule_files: list[Path] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
     _own: bool = False
 
@@ -76,7 +80,7 @@ class Prometheus:
         if not self.port:
             self.port = free_port()
         cfg = self.workdir / "prometheus.yml"
-        cfg.write_text(render_config(self.targets, self.scrape_interval))
+        cfg.write_text(render_config(self.targets, self.scrape_interval, self.rule_files))
         log = self.workdir / "prometheus.log"
         self._proc = spawn(
             [

@@ -61,6 +61,8 @@ class Stack:
     initial_weights: dict[str, int] | None = None
     rps: float = 40.0
     max_seconds: float = 900.0
+    #: Prometheus rules files (e.g. dashboards/alerts.rules.yaml) the stack's Prometheus evaluates.
+    prometheus_rules: list[Path] = field(default_factory=list)
     controller_manager: bool = False
     cluster: ControlPlane = field(default_factory=ControlPlane)
     servers: dict[str, ModelServerProcess] = field(default_factory=dict)
@@ -93,7 +95,9 @@ class Stack:
             ]
             targets.append(Target("model-rollouts", f"127.0.0.1:{self.operator_metrics_port}"))
             assert self.workdir is not None
-            self.prom = Prometheus(targets, workdir=self.workdir / "prometheus").start()
+            self.prom = Prometheus(
+                targets, workdir=self.workdir / "prometheus", rule_files=self.prometheus_rules
+            ).start()
             weights = self.initial_weights or {
                 svc: (100 if i == 0 else 0) for i, svc in enumerate(self.variants)
             }
