@@ -191,6 +191,7 @@ def test_a_promoted_rollout_is_announced_in_all_three_formats_once(fresh: Stack,
     assert done["object"] == {"kind": "ModelRollout", "namespace": fresh.namespace, "name": "note-good"}
     assert done["phase"] == "Promoted" and done["severity"] == "info" and done["reason"] == "AnalysisPassed"
     assert re.fullmatch(r"[0-9a-f]{10}", done["revision"])
+    print("\nwebhook payload (Promoted):\n" + json.dumps(done, indent=2))
 
     slack = sink.bodies(SLACK_PATH, "note-good")  # subscribed to Started and Promoted only
     assert len(slack) == 2 and all(set(b) == {"text", "blocks"} for b in slack)
@@ -228,6 +229,7 @@ def test_a_rolled_back_rollout_is_announced_as_a_warning(fresh: Stack, sink: Sin
     slack = sink.bodies(SLACK_PATH, "note-bad")
     assert [b["blocks"][0]["text"]["text"].rsplit(": ", 1)[1] for b in slack] == ["Started", "RolledBack"]
     assert slack[-1]["text"].startswith(":warning:")
+    print("\nSlack payload (RolledBack):\n" + json.dumps(slack[-1], indent=2))
     teams = sink.bodies("/teams", "note-bad")
     assert len(teams) == 1 and teams[0]["themeColor"] == "D63333"
     facts = {f["name"]: f["value"] for f in teams[0]["sections"][0]["facts"]}
