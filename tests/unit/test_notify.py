@@ -288,3 +288,21 @@ def test_the_shared_sender_and_resolver_are_made_once() -> None:
     t.start()
     t.join(5)
     assert done and done[0] is snd.sender() and snd.sender().resolve is snd.resolver()
+
+
+def test_a_gate_that_does_not_answer_holds_one_thread_and_the_others_are_held_at_once(
+    monkeypatch: pytest.MonkeyPatch, sink: Sink
+) -> None:
+    monkeypatch.setattr(snd, "_resolver", lambda name: snd.Target(name, "webhook", sink.url + "/slow", 3.0))
+    sink.delay = 1.5
+    first: list[tuple[bool, str]] = []
+    t = threading.Thread(target=lambda: first.append(snd.ask("gate", {})))
+    t.start()
+    wait_for(lambda: len(sink.bodies) == 1)
+    t0 = time.monotonic()
+    assert snd.ask("gate", {}) == (False, "an earlier request to this gate has not been answered yet")
+    assert time.monotonic() - t0 < 0.5
+    t.join(10)
+    assert first == [(True, "answered 2xx")]
+    sink.delay = 0.0
+    assert snd.ask("gate", {}) == (True, "answered 2xx"), "free again once answered"

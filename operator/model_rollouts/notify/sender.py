@@ -235,6 +235,7 @@ class Sender:
 _sender: Sender | None = None
 _resolver: Resolver | None = None
 _gate_session: requests.Session | None = None
+_in_flight: dict[str, threading.Lock] = {}
 _singleton_lock = threading.RLock()  # sender() builds the resolver under it
 
 
@@ -277,5 +278,13 @@ def ask(provider: str, body: dict[str, Any]) -> tuple[bool, str]:
             _gate_session = requests.Session()
             _gate_session.max_redirects = 0
         session = _gate_session
-    problem = post(target, body, session)
+        busy = _in_flight.setdefault(target.url, threading.Lock())
+    # One request per gate URL at a time: a gate that does not answer holds at most one handler
+    # thread (for its timeout); every other object asking it meanwhile is held at once.
+    if not busy.acquire(blocking=False):
+        return False, "an earlier request to this gate has not been answered yet"
+    try:
+        problem = post(target, body, session)
+    finally:
+        busy.release()
     return (True, "answered 2xx") if problem is None else (False, problem)
