@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from model_rollouts.report import write as write_report
 from tests.harness.queries import DRIFT, ERROR_RATE, FEEDBACK, P95_LATENCY, POSITIVE
 from tests.harness.stack import Stack
@@ -156,8 +158,11 @@ def main() -> int:
         print(f"traffic sent: {stack.loadgen.stats().get('sent')}")
         # The decision reports (kubectl mlrollouts report), from the objects as they ended.
         out = Path(".run/demo-reports").resolve()
+        out.mkdir(parents=True, exist_ok=True)
         for i, obj in ((1, first), (2, second)):
             label = f"fraud-scorer-{i}-{obj['status']['phase'].lower()}"
+            # The object as it ended, for `kubectl mlrollouts report --from-file` later.
+            (out / f"{label}.yaml").write_text(yaml.safe_dump(obj, sort_keys=False))
             for fmt in ("html", "png"):
                 written = write_report(obj, fmt, out / f"{label}.{fmt}")
                 print(f"decision report, rollout {i} ({fmt}): {written.path}")
