@@ -87,8 +87,10 @@ def trigger_of(reason: str, message: str, kind: str) -> str:
     how = USER_REASONS.get(reason)
     if how is not None:
         return f"user: {how}"
-    if reason in ("Started", "Retried") and kind == EXPERIMENT:
-        return "user: created" if reason == "Started" else "user: annotation mlrollouts.io/retry"
+    if reason == "Started":
+        return "user: object created"
+    if reason == "Retried":
+        return "user: annotation mlrollouts.io/retry"
     if reason.startswith("Gate"):
         return "gate: " + (message.split(" ")[1] if message.startswith("gate ") else "webhook")
     return "operator: analysis" if reason not in ("InvalidSpec", "SpecValid") else "operator: validation"

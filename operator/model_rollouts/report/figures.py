@@ -52,6 +52,10 @@ class Panel:
 
 
 def _fmt_time_axis(ax: Axes, start: datetime | None) -> None:
+    locator = mdates.AutoDateLocator(tz=UTC, minticks=4, maxticks=9)
+    locator.intervald[mdates.SECONDLY] = [1, 2, 5, 10, 15, 30]
+    locator.intervald[mdates.MINUTELY] = [1, 2, 5, 10, 15, 30]
+    ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=UTC))
     day = start.strftime("%Y-%m-%d") if start else ""
     ax.set_xlabel(f"time (UTC{', ' + day if day else ''})")
@@ -108,10 +112,24 @@ def _nums(ys: Sequence[float | None], scale: float = 1.0) -> list[float]:
     return [math.nan if y is None else y * scale for y in ys]
 
 
+def _zoom(ax: Axes, keep: Sequence[float]) -> None:
+    """Y-limits that show ``keep`` (estimates, thresholds, the latest interval) with some room.
+
+    Early confidence sequences are very wide; drawn to scale they would flatten everything after
+    them, so they run off the axes instead (which is how wide they are).
+    """
+    vals = [v for v in keep if math.isfinite(v)]
+    if not vals:
+        return
+    lo, hi = min(vals), max(vals)
+    pad = (hi - lo) * 0.15 or max(abs(hi), 1.0) * 0.1
+    ax.set_ylim(lo - pad, hi + pad)
+
+
 def _legend(ax: Axes) -> None:
     handles, _ = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(loc="best", fontsize=8, framealpha=0.85)
+    if handles:  # beside the plot: never over the data
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, borderaxespad=0)
 
 
 # -- rollouts ------------------------------------------------------------------------------------------
@@ -186,6 +204,8 @@ def _comparison_panel(r: Report, c: dict[str, Any], start: datetime | None) -> P
         if test == "nonInferiority" and margin > 0:
             label = f"non-inferiority margin {threshold * scale:+.3g}"
             ax.axhline(threshold * scale, color="#D55E00", linestyle="--", linewidth=1.2, label=label)
+        if pts:
+            _zoom(ax, [0.0, threshold * scale, *diff, lo[-1], hi[-1]])
         ax.set_ylabel(f"difference ({unit})")
         _markers(ax, r.decisions, label=False)
         _fmt_time_axis(ax, start)
@@ -209,6 +229,7 @@ def _guardrail_panel(r: Report, g: dict[str, Any], start: datetime | None, varia
 
     def draw(ax: Axes) -> None:
         any_points = False
+        seen: list[float] = []
         for i, v in enumerate(variants):
             ts, ms = values_of(r, "guardrail", name, None if r.kind != EXPERIMENT else v)
             measured = [(t, m) for t, m in zip(ts, ms, strict=True) if m and m.get("value") is not None]
@@ -217,6 +238,7 @@ def _guardrail_panel(r: Report, g: dict[str, Any], start: datetime | None, varia
             any_points = True
             color = PALETTE[i % len(PALETTE)]
             mx, my = _xy([(t, float(m["value"])) for t, m in measured])
+            seen += my
             ax.plot(mx, my, color=color, marker="o", markersize=3, label=v)
             bad = [(t, float(m["value"])) for t, m in measured if m.get("verdict") == "fail"]
             if bad:
@@ -229,6 +251,9 @@ def _guardrail_panel(r: Report, g: dict[str, Any], start: datetime | None, varia
             ax.axhline(float(hi), color="#D55E00", linestyle="--", linewidth=1.2, label=f"max {float(hi):g}")
         if lo is not None:
             ax.axhline(float(lo), color="#D55E00", linestyle="-.", linewidth=1.2, label=f"min {float(lo):g}")
+        bottom, top = ax.get_ylim()
+        if bottom < 0 and all(v >= 0 for v in seen + [x for x in (lo, hi) if x is not None]):
+            ax.set_ylim(0, top)
         ax.set_ylabel(f"{name} (units of its query)")
         _markers(ax, r.decisions, label=False)
         _fmt_time_axis(ax, start)
@@ -298,6 +323,7 @@ def experiment_panels(r: Report) -> list[Panel]:
 
     def differences(ax: Axes) -> None:
         drawn = False
+        keep: list[float] = [0.0] + ([float(mde) * scale, -float(mde) * scale] if mde is not None else [])
         for n in treatments:
             ts, d = series_of(r, n, "difference")
             _, lo = series_of(r, n, "ciLow")
@@ -309,9 +335,11 @@ def experiment_panels(r: Report) -> list[Panel]:
             ax.fill_between(xs, _nums(lo, scale), _nums(hi, scale), color=color[n], alpha=0.18,
                             label=f"{n}: interval")  # fmt: skip
             ax.plot(xs, _nums(d, scale), color=color[n], marker="o", markersize=3, label=f"{n} - {control}")
+            keep += _nums(d, scale) + _nums(lo[-1:], scale) + _nums(hi[-1:], scale)
         if not drawn:
             _no_data(ax, "comparison")
         ax.axhline(0.0, color="#333", linewidth=0.8, label="no difference")
+        _zoom(ax, keep)
         if mde is not None:
             for s in (1, -1):
                 ax.axhline(s * float(mde) * scale, color="#999", linestyle="--", linewidth=1,
