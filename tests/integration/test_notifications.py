@@ -76,12 +76,13 @@ class Sink:
         self._server.server_close()
 
 
-def provider(name: str, type_: str, **spec: Any) -> dict[str, Any]:
+def provider(name: str, type_: str | None = None, **spec: Any) -> dict[str, Any]:
+    body = {"timeout": "2s", **spec, **({"type": type_} if type_ else {})}
     return {
         "apiVersion": f"{G}/{V}",
         "kind": "ClusterNotificationProvider",
         "metadata": {"name": name},
-        "spec": {"type": type_, "timeout": "2s", **spec},
+        "spec": body,
     }
 
 
@@ -276,3 +277,39 @@ def test_a_gate_answering_403_holds_promotion_and_200_lets_it_through(fresh: Sta
     assert obj["status"]["gates"][0]["open"] is True
     assert "GateOpened" in {e.reason for e in events_of(fresh, "gated")}
     assert metric(fresh, "mlrollouts_notifications_total", 'result="sent"') > 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"type": "webhook", "address": "http://a.example:80/x", "secretRef": {"name": "s"}}, "exactly one"),
+        ({"type": "webhook"}, "exactly one"),
+        ({"type": "webhook", "address": "http://a.example:80/x", "timeout": "1m"}, "timeout"),
+        ({"type": "irc", "address": "http://a.example:80/x"}, "spec.type"),
+        ({"type": "slack", "address": "http://user:pw@a.example/x"}, "spec.address"),
+    ],
+)
+def test_the_api_server_refuses_a_bad_provider_naming_the_field(
+    stack: Stack, spec: dict[str, Any], says: str
+) -> None:
+    co = client.CustomObjectsApi(stack.api)
+    with pytest.raises(ApiException) as e:
+        co.create_cluster_custom_object(G, V, "clusternotificationproviders", provider("bad", **spec))
+    assert e.value.status == 422 and says in str(e.value.body), e.value.body
+
+
+def test_the_api_server_refuses_unbounded_or_unknown_notification_settings(stack: Stack) -> None:
+    doc = rollout("bounds", "http://unused.invalid", [{"setWeight": 50}])
+    doc["metadata"]["namespace"] = stack.namespace
+    co = client.CustomObjectsApi(stack.api)
+    for field_, value, says in (
+        ("notifications", [{"provider": f"p{i}"} for i in range(9)], "spec.notifications"),
+        ("notifications", [{"provider": "p", "events": ["Everything"]}], "spec.notifications[0].events[0]"),
+        ("gates", [{"name": "g", "type": "confirm-everything", "provider": "p"}], "spec.gates[0].type"),
+        ("gates", [{"name": "g", "provider": "p"}, {"name": "g", "provider": "q"}], "spec.gates[1]"),
+    ):
+        bad = json.loads(json.dumps(doc))
+        bad["spec"][field_] = value
+        with pytest.raises(ApiException) as e:
+            co.create_namespaced_custom_object(G, V, stack.namespace, P, bad)
+        assert e.value.status == 422 and says in str(e.value.body), (field_, e.value.body)
