@@ -790,6 +790,9 @@ class Controller(Generic[SpecT, StatusT]):
         try:
             spec = self.spec_model.model_validate(obj["spec"])
             status = self._status(obj)
+            if not obj["metadata"].get("deletionTimestamp"):  # a new leader exports it too: the alert stays
+                telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
+                telemetry.record(self.kind, self.namespace, self.name, dump(status), dict(obj["spec"]))
             want = self.guard_weights(spec, status)
             if not want:
                 return
