@@ -313,3 +313,36 @@ def test_the_api_server_refuses_unbounded_or_unknown_notification_settings(stack
         with pytest.raises(ApiException) as e:
             co.create_namespaced_custom_object(G, V, stack.namespace, P, bad)
         assert e.value.status == 422 and says in str(e.value.body), (field_, e.value.body)
+
+
+def test_paused_and_a_deadline_are_announced_as_paused_and_error(fresh: Stack, sink: Sink) -> None:
+    """spec.paused gives Paused; a guardrail without data past progressDeadline: Error, then RolledBack."""
+    doc = with_prom(fresh, notified("note-stuck", [{"setWeight": 20}, {"setWeight": 60}]))
+    doc["spec"]["analysis"]["guardrails"] = [
+        {
+            "name": "missing",
+            "query": 'sum(rate(no_such_metric{service="{{ service }}"}[{{ window }}]))',
+            "max": 1,
+        }
+    ]
+    doc["spec"]["notifications"] = [{"provider": "team-webhook", "events": ["Paused", "Error", "RolledBack"]}]
+    doc["spec"]["paused"] = True
+    doc["spec"]["progressDeadline"] = "15s"
+    fresh.apply(doc)
+
+    def hook() -> list[str]:
+        return [b["event"] for b in sink.bodies("/webhook", "note-stuck")]
+
+    wait(lambda: hook() == ["Paused"], 30, "Paused")
+    obj = fresh.get(P, "note-stuck")
+    assert phase(obj) == "Paused" and obj["status"]["weight"] == 0
+    client.CustomObjectsApi(fresh.api).patch_namespaced_custom_object(
+        G, V, fresh.namespace, P, "note-stuck", {"spec": {"paused": False}}
+    )
+    obj = fresh.wait_for(P, "note-stuck", lambda o: phase(o) == "RolledBack", 90)
+    wait(lambda: "RolledBack" in hook(), 15, "RolledBack")
+    time.sleep(6)
+    assert hook() == ["Paused", "Error", "RolledBack"], sink.bodies("/webhook", "note-stuck")
+    error = sink.bodies("/webhook", "note-stuck")[1]
+    assert error["reason"] == "ProgressDeadlineExceeded" and error["severity"] == "warning"
+    assert "progressDeadline 15s" in error["message"]

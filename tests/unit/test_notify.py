@@ -306,3 +306,17 @@ def test_a_gate_that_does_not_answer_holds_one_thread_and_the_others_are_held_at
     assert first == [(True, "answered 2xx")]
     sink.delay = 0.0
     assert snd.ask("gate", {}) == (True, "answered 2xx"), "free again once answered"
+
+
+def test_an_objects_notices_to_a_provider_arrive_in_order_whatever_the_workers(sink: Sink) -> None:
+    sink.delay = 0.05
+    sender = snd.Sender(lambda name: snd.Target(name, "webhook", sink.url, 2.0), workers=4)
+    refs = [NotificationRef(provider="hook")]
+    sent = [
+        notice(event=e, time=f"t{i}")
+        for i, e in enumerate(["Started", "Step", "Step", "Error", "RolledBack"])
+    ]
+    for n in sent:
+        sender.publish("uid-order", refs, [n])
+    wait_for(lambda: len(sink.bodies) == len(sent))
+    assert [(b["event"], b["time"]) for b in sink.bodies] == [(n.event, n.time) for n in sent]

@@ -15,6 +15,7 @@ import queue
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -159,13 +160,19 @@ def post(target: Target, body: dict[str, Any], session: requests.Session) -> str
 
 
 class Sender:
-    """A bounded queue and a few daemon workers that POST notices to their providers."""
+    """Bounded queues, each with one daemon worker that POSTs notices to their providers.
+
+    An object's notices to one provider always go through the same queue, so they arrive in the
+    order they happened; a slow provider delays only the notices sharing its queue.
+    """
 
     def __init__(self, resolve: Callable[[str], Target], workers: int = 2, maxsize: int = 512) -> None:
         self.resolve = resolve
-        self.queue: queue.Queue[tuple[NotificationRef, Notice]] = queue.Queue(maxsize=maxsize)
+        self.workers = max(1, workers)
+        self.queues: list[queue.Queue[tuple[NotificationRef, Notice]]] = [
+            queue.Queue(maxsize=max(1, maxsize // self.workers)) for _ in range(self.workers)
+        ]
         self.dedupe = Dedupe()
-        self.workers = workers
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
@@ -174,7 +181,9 @@ class Sender:
             if self._threads:
                 return
             for i in range(self.workers):
-                t = threading.Thread(target=self._run, name=f"notify-{i}", daemon=True)
+                t = threading.Thread(
+                    target=self._run, args=(self.queues[i],), name=f"notify-{i}", daemon=True
+                )
                 t.start()
                 self._threads.append(t)
 
@@ -185,8 +194,9 @@ class Sender:
             for ref in refs:
                 if not wants(ref, n.event) or not self.dedupe.first(key(uid, ref.provider, n)):
                     continue
+                shard = zlib.crc32(f"{uid}/{ref.provider}".encode()) % self.workers
                 try:
-                    self.queue.put_nowait((ref, n))
+                    self.queues[shard].put_nowait((ref, n))
                 except queue.Full:
                     telemetry.NOTIFICATIONS.labels("dropped").inc()
                     logger.warning(
@@ -199,18 +209,18 @@ class Sender:
             self._start()
         return queued
 
-    def _run(self) -> None:
+    def _run(self, q: queue.Queue[tuple[NotificationRef, Notice]]) -> None:
         session = requests.Session()
         session.max_redirects = 0
         while True:
-            ref, n = self.queue.get()
+            ref, n = q.get()
             try:
                 self.send(ref, n, session)
             except Exception as e:  # a worker never dies
                 telemetry.NOTIFICATIONS.labels("failed").inc()
                 logger.warning("notification worker: %s", type(e).__name__)
             finally:
-                self.queue.task_done()
+                q.task_done()
 
     def send(self, ref: NotificationRef, n: Notice, session: requests.Session) -> bool:
         where = (
