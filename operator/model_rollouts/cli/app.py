@@ -343,8 +343,9 @@ def retry(ref: tuple[str, ...], output: str, **kw: Any) -> None:
 def pause(ref: tuple[str, ...], output: str, **kw: Any) -> None:
     """Hold the current weights: spec.paused=true by server-side apply (field manager kubectl-mlrollouts).
 
-    Refused when another field manager owns spec.paused (it is in your manifests, e.g. Git: change it
-    there). Guardrails still run while paused; `resume` gives the field back.
+    Refused when spec.paused comes from a manifest (server-side applied by another manager, e.g. Argo
+    CD, or in kubectl apply's last-applied-configuration): change it in Git. Guardrails still run while
+    paused; `resume` gives the field back.
     """
     kube, obj = _target(ref, kw)
     _unfinished(obj, "pause")

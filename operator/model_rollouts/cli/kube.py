@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -137,25 +138,21 @@ class Kube:
         return token
 
     def set_paused(self, obj: dict[str, Any], paused: bool) -> None:
-        """``spec.paused`` by server-side apply as field manager ``kubectl-mlrollouts``, only when no
-        other manager (Git, kubectl apply, Argo CD) owns the field; unpausing releases our ownership,
-        so the field returns to its default (false)."""
+        """``spec.paused`` by server-side apply as field manager ``kubectl-mlrollouts``.
+
+        Refused when the field comes from a manifest: an apply (server-side: Argo CD, Flux,
+        ``kubectl apply --server-side``) by another manager owns it, or the client-side
+        ``kubectl apply`` record (last-applied-configuration) has it. Otherwise the plugin takes
+        the field (force: a create or an edit that merely defaulted or set it is no declaration);
+        unpausing stops applying it, so it returns to its default, false.
+        """
         meta = obj["metadata"]
-        owners = paused_owners(obj)
-        others = [m for m in owners if m != FIELD_MANAGER]
-        if others:
+        owner = manifest_owner(obj)
+        if owner is not None:
             raise CliError(
-                f"spec.paused of {obj['kind']} {meta['name']} is owned by field manager "
-                f"{', '.join(repr(o) for o in others)} (your manifests, e.g. Git): change it there; the "
-                "plugin never edits spec fields another manager owns"
+                f"spec.paused of {obj['kind']} {meta['name']} is set by {owner}: change it there (e.g. in "
+                "Git); the plugin never edits spec fields a manifest owns"
             )
-        if not paused and FIELD_MANAGER not in owners:
-            if (obj.get("spec") or {}).get("paused"):
-                raise CliError(
-                    f"spec.paused of {obj['kind']} {meta['name']} is true but not set by this plugin "
-                    "(no field manager owns it): clear it where it was set"
-                )
-            return
         body: dict[str, Any] = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": obj["kind"],
@@ -163,10 +160,12 @@ class Kube:
         }
         if paused:
             body["spec"] = {"paused": True}
+        elif FIELD_MANAGER not in [m for m, _ in paused_owners(obj)]:
+            body["spec"] = {"paused": False}  # set by an edit, not by us: clear it explicitly
         try:
             self.co.patch_namespaced_custom_object(
                 GROUP, VERSION, meta["namespace"], PLURALS[obj["kind"]], meta["name"], body,
-                field_manager=FIELD_MANAGER, _content_type="application/apply-patch+yaml",
+                field_manager=FIELD_MANAGER, force=True, _content_type="application/apply-patch+yaml",
                 _request_timeout=TIMEOUT,
             )  # fmt: skip
         except ApiException as e:
@@ -176,11 +175,30 @@ class Kube:
             ) from None
 
 
-def paused_owners(obj: dict[str, Any]) -> list[str]:
-    """Field managers whose managed fields include ``spec.paused``."""
+def paused_owners(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field manager, operation) of each managedFields entry that includes ``spec.paused``."""
     out = []
     for entry in (obj.get("metadata") or {}).get("managedFields") or []:
         fields = (entry.get("fieldsV1") or {}).get("f:spec") or {}
         if "f:paused" in fields:
-            out.append(str(entry.get("manager") or "?"))
+            out.append((str(entry.get("manager") or "?"), str(entry.get("operation") or "")))
     return out
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def manifest_owner(obj: dict[str, Any]) -> str | None:
+    """Who declares ``spec.paused`` in a manifest, if anyone (a text naming them), else None."""
+    appliers = [m for m, op in paused_owners(obj) if op == "Apply" and m != FIELD_MANAGER]
+    if appliers:
+        return "field manager " + ", ".join(repr(m) for m in appliers) + " (server-side apply)"
+    last = ((obj.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
+    if last:
+        try:
+            applied = json.loads(last)
+        except ValueError:
+            applied = {}
+        if isinstance(applied, dict) and "paused" in (applied.get("spec") or {}):
+            return f"`kubectl apply` (annotation {LAST_APPLIED})"
+    return None
