@@ -346,3 +346,20 @@ def test_paused_and_a_deadline_are_announced_as_paused_and_error(fresh: Stack, s
     error = sink.bodies("/webhook", "note-stuck")[1]
     assert error["reason"] == "ProgressDeadlineExceeded" and error["severity"] == "warning"
     assert "progressDeadline 15s" in error["message"]
+
+
+def test_the_example_providers_are_accepted_by_the_api_server(stack: Stack) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from tests.harness.cluster import kubectl_apply
+
+    path = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "notifications.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    kubectl_apply(stack.api, docs)  # raises on a 422
+    co = client.CustomObjectsApi(stack.api)
+    for d in docs[1:]:
+        got = co.get_cluster_custom_object(G, V, "clusternotificationproviders", d["metadata"]["name"])
+        assert got["spec"]["type"] == d["spec"]["type"]
+        co.delete_cluster_custom_object(G, V, "clusternotificationproviders", d["metadata"]["name"])

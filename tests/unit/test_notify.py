@@ -320,3 +320,34 @@ def test_an_objects_notices_to_a_provider_arrive_in_order_whatever_the_workers(s
         sender.publish("uid-order", refs, [n])
     wait_for(lambda: len(sink.bodies) == len(sent))
     assert [(b["event"], b["time"]) for b in sink.bodies] == [(n.event, n.time) for n in sent]
+
+
+def test_the_example_providers_and_the_rollout_fields_in_its_comment_are_valid() -> None:
+    import re as re_
+    from pathlib import Path
+
+    import yaml
+
+    from model_rollouts.api.rollout import ModelRolloutSpec
+
+    path = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "notifications.yaml"
+    text = path.read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    providers = [ClusterNotificationProviderSpec.model_validate(d["spec"]) for d in docs[1:]]
+    assert [p.type for p in providers] == ["slack", "webhook"]
+    assert providers[0].secretRef is not None and providers[0].secretRef.name == docs[0]["metadata"]["name"]
+    # The commented spec excerpt, uncommented, is a valid part of a ModelRollout spec.
+    excerpt = "\n".join(line[4:] for line in text.splitlines() if line.startswith("#     "))
+    fields = yaml.safe_load(excerpt)
+    base = {
+        "stable": {"service": "a"},
+        "candidate": {"service": "b"},
+        "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+        "steps": [{"setWeight": 100}],
+        "analysis": {"provider": "prom"},
+    }
+    spec_ = ModelRolloutSpec.model_validate({**base, **fields})
+    assert [n.provider for n in spec_.notifications] == ["ml-alerts", "release-board"]
+    assert spec_.gates[0].provider == "release-board"
+    allowed = re_.search(r"--allowed-notification-address '([^']+)'", text)
+    assert allowed is not None and re_.fullmatch(allowed.group(1), str(providers[1].address))
