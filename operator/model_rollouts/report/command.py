@@ -87,7 +87,11 @@ def report(
     """Write a decision report of a rollout or an experiment: weights, each comparison's estimate with its
     confidence sequence, guardrails against thresholds, the decisions and who or what triggered them;
     for experiments per-variant estimates, Holm-adjusted p-values, SRM and the allocation over time."""
-    from model_rollouts.report.document import write
+    try:
+        from model_rollouts.report.document import write
+    except ImportError as e:  # matplotlib is the `report` extra
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
 
     if not ref and not from_file:
         raise click.UsageError("give NAME (or --from-file FILE)")
