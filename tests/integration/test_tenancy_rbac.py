@@ -255,4 +255,19 @@ def test_a_route_without_the_opt_in_is_never_patched(stack: Stack) -> None:
     # The route's owner opts in for this rollout: the same object now moves traffic.
     _annotate_route(stack, "ModelRollout/someone-else,ModelRollout/canary")
     stack.wait_route({STABLE: 70, CANDIDATE: 30}, timeout=60)
-    assert stack.get("modelrollouts", "canary")["status"]["phase"] != "Invalid"
+    # The route is written first, then status: wait for the status too.
+    stack.wait_for("modelrollouts", "canary", lambda o: (o.get("status") or {}).get("phase") != "Invalid", 30)
+
+    # Withdrawn while the rollout runs: the next tick is Invalid, and the route is left as it was.
+    client.CustomObjectsApi(stack.api).patch_namespaced_custom_object(
+        GW, "v1", stack.namespace, "httproutes", ROUTE, {"metadata": {"annotations": {MANAGED_BY: None}}}
+    )
+    withdrawn = _route(stack)["metadata"]["resourceVersion"]
+    stack.wait_for("modelrollouts", "canary", invalid_naming_the_route, 30)
+    stack.annotate("modelrollouts", "canary", {"mlrollouts.io/promote": "now"})  # asks for a write
+    time.sleep(20)
+    after = _route(stack)
+    assert after["metadata"]["resourceVersion"] == withdrawn, (
+        "the operator wrote a route after its opt-in went"
+    )
+    assert stack.route_weights() == {STABLE: 70, CANDIDATE: 30}
