@@ -235,3 +235,14 @@ def test_a_pending_object_without_analyses_still_renders(tmp_path: Path) -> None
 def test_errors_name_the_field(obj: dict[str, Any], field: str) -> None:
     with pytest.raises(ReportError, match=re.escape(field)):
         load(obj)
+
+
+def test_the_plugin_has_the_report_command(promoted: dict[str, Any], tmp_path: Path) -> None:
+    from model_rollouts.cli.app import cli
+
+    saved = tmp_path / "obj.yaml"
+    saved.write_text(yaml.safe_dump(promoted))
+    res = CliRunner().invoke(cli, ["report", "--from-file", str(saved), "-o", "png", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "promoted-report.png") as im:
+        assert im.format == "PNG" and im.size[0] == round(WIDTH_IN * DPI)
