@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -155,17 +156,25 @@ def _series(metric: MetricWrapperBase, kind: str, namespace: str, name: str) -> 
     return out
 
 
+#: Per object, the label values each analysis gauge was last given (what the next record replaces).
+_exported: dict[tuple[str, str, str], dict[Gauge, set[tuple[str, ...]]]] = {}
+_lock = threading.Lock()
+
+
 def _replace(
     gauge: Gauge, kind: str, namespace: str, name: str, values: Mapping[tuple[str, ...], float]
 ) -> None:
     """Set the object's series of ``gauge`` to exactly ``values`` (extra label values -> value);
     series not in it (a renamed comparison, a dropped variant, a value no longer known) go away."""
     want = {(kind, namespace, name, *k): v for k, v in values.items() if math.isfinite(v)}
-    for labels in _series(gauge, kind, namespace, name) - want.keys():
-        with contextlib.suppress(KeyError):
-            gauge.remove(*labels)
-    for labels, v in want.items():
-        gauge.labels(*labels).set(v)
+    with _lock:
+        before = _exported.setdefault((kind, namespace, name), {}).get(gauge, set())
+        for labels in before - want.keys():
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        for labels, v in want.items():
+            gauge.labels(*labels).set(v)
+        _exported[(kind, namespace, name)][gauge] = set(want)
 
 
 def _num(x: Any) -> float | None:
@@ -233,6 +242,8 @@ def record(kind: str, namespace: str, name: str, status: Mapping[str, Any], spec
 
 def forget(kind: str, namespace: str, name: str, metrics: Iterable[MetricWrapperBase] = PER_OBJECT) -> None:
     """Remove every series of a deleted object."""
+    with _lock:
+        _exported.pop((kind, namespace, name), None)
     for metric in metrics:
         for labels in _series(metric, kind, namespace, name):
             with contextlib.suppress(KeyError):
