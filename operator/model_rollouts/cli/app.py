@@ -203,7 +203,7 @@ def status(ref: tuple[str, ...], timeout: str | None, interval: float, output: s
     try:
         limit = parse_duration(timeout) if timeout else None
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--timeout") from None
+        raise CliError(f"--timeout: {e}") from None  # exit 3: never mistaken for a timeout (2)
     kind, name = parse_ref(ref)
     kube = connect(**kw)
     start = time.monotonic()

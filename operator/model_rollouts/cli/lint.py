@@ -18,6 +18,7 @@ checks against other CRD files instead.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -106,7 +107,8 @@ def _cel_sum(values: Any) -> Any:
 
 
 def cel_findings(value: Any, schema: dict[str, Any], path: list[Any]) -> list[tuple[str, str]]:
-    """(field, message) of every CEL rule in the schema that the value breaks."""
+    """(field, message) of every CEL rule in the schema that the value breaks, and of every duplicate
+    key in a list the schema declares a map (``x-kubernetes-list-type: map``)."""
     import celpy
 
     out: list[tuple[str, str]] = []
@@ -123,6 +125,19 @@ def cel_findings(value: Any, schema: dict[str, Any], path: list[Any]) -> list[tu
             if isinstance(ok, Exception) or not bool(ok):
                 field = path_text(path) + (r.get("fieldPath") or "")
                 out.append((field, str(r.get("message") or r["rule"])))
+    keys = schema.get("x-kubernetes-list-map-keys") or []
+    if isinstance(value, list) and schema.get("x-kubernetes-list-type") == "map" and keys:
+        seen: set[tuple[Any, ...]] = set()
+        for i, item in enumerate(value):
+            key = (
+                tuple(json.dumps(item.get(k), sort_keys=True) for k in keys) if isinstance(item, dict) else ()
+            )
+            if key and key in seen:
+                shown = ", ".join(f"{k}={item.get(k)!r}" for k in keys)
+                out.append(
+                    (path_text([*path, i]), f"duplicate entry ({shown}): entries must be unique by {keys}")
+                )
+            seen.add(key)
     if isinstance(value, dict):
         for key, sub in (schema.get("properties") or {}).items():
             if key in value:
@@ -219,8 +234,8 @@ def lint_document(doc: Any, crds: dict[str, dict[str, Any]], source: str, index:
         if unchecked and errors:
             continue  # a rule over a value of the wrong type: the schema error says it
         out.append(finding(kind, name, field, message, "cel", "warning" if unchecked else "error"))
-    if errors:
-        return out  # the models would repeat the schema's errors
+    if any(f.severity == "error" for f in out):
+        return out  # the API server would refuse it; the operator's checks would repeat these
     model = SPEC_MODELS.get(kind)
     if model is None:
         return out
