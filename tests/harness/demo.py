@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from model_rollouts.cli import render as plugin_render
+from model_rollouts.cli import view as plugin_view
 from model_rollouts.report import write as write_report
 from tests.harness.queries import DRIFT, ERROR_RATE, FEEDBACK, P95_LATENCY, POSITIVE
 from tests.harness.stack import Stack
@@ -78,6 +80,11 @@ class Narrator:
         print(line, flush=True)
         self.timeline.append(line)
 
+    def plugin_view(self, obj: dict[str, Any], compact: bool = False) -> None:
+        """The kubectl mlrollouts view of ``obj``, indented under the timeline."""
+        text = plugin_render.to_text(plugin_render.view(plugin_view.view_of(obj), compact), width=150)
+        print("\n".join("    " + line.rstrip() for line in text.rstrip().splitlines()), flush=True)
+
     def watch(self, until: tuple[str, ...], timeout: float, generation: int = 1) -> dict[str, Any]:
         """Narrate until a phase in ``until`` is reached for ``generation`` of the spec."""
         deadline = time.monotonic() + timeout
@@ -85,20 +92,14 @@ class Narrator:
         while time.monotonic() < deadline:
             obj = self.stack.get("modelrollouts", "fraud-scorer")
             st = obj.get("status") or {}
-            weights = self.stack.route_weights()
-            metrics = ", ".join(
-                f"{m['name']}={m['value']:.3g}"
-                if m.get("value") is not None
-                else f"{m['name']}={m['verdict']}"
-                for m in st.get("lastAnalysis", [])
-            )
             state = f"{st.get('phase')} step={st.get('currentStep')} weight={st.get('weight')}"
             if state + st.get("message", "") != self.last:
                 self.last = state + st.get("message", "")
-                self.say(f"{state} route={weights}")
-                self.say(f"    why: {st.get('message')}")
-                if metrics:
-                    self.say(f"    metrics: {metrics}")
+                # What the plugin shows at this progress point (compact: no step table, no conditions).
+                self.say(
+                    f"$ kubectl mlrollouts get fraud-scorer    # the HTTPRoute: {self.stack.route_weights()}"
+                )
+                self.plugin_view(obj, compact=True)
             if st.get("phase") in until and st.get("observedGeneration", 0) >= generation:
                 return obj
             time.sleep(0.5)
@@ -151,6 +152,9 @@ def main() -> int:
             f"reason: {second['status']['message']}"
         )
         print(f"final HTTPRoute weights: {stack.wait_route({V2: 100, V3: 0})}")
+        for i, obj in ((1, first), (2, second)):
+            print(f"\n$ kubectl mlrollouts get fraud-scorer   # rollout {i}, as it ended")
+            n.plugin_view(obj)
         print("history of the last rollout (from status.history):")
         for h in second["status"]["history"][-8:]:
             print(f"  {h['time']} {h['event']:<14} weight={h.get('weight')!s:<4} {h['message'][:110]}")

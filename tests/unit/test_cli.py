@@ -150,6 +150,8 @@ def test_finished_rollouts_and_exit_codes() -> None:
     assert view.finished(o) and view.outcome(o) == 0
     assert view.rollout_view(o)["waitingFor"] == ["nothing: Promoted"]
     assert all(s["state"] == "done" for s in view.rollout_view(o)["steps"])
+    # promotion made v2 the serving stable: the view still names the baseline it replaced
+    assert "v1 0%  v2 100%" in render.to_text(render.view(view.rollout_view(o)))
 
     bad, _ = drive(rollout_spec([{"setWeight": 50}, {"pause": {"duration": "5m"}}]), 6, error_rate=0.5)
     assert bad.phase == "RolledBack"
@@ -324,3 +326,28 @@ def test_actions_write_the_documented_annotations_and_refuse_what_cannot_act(clu
         res = run(*args)
         assert res.exit_code == 1 and why in res.output, (args, res.output)
     assert len(cluster.written) == n  # nothing written by a refused action
+
+
+def test_namespace_and_context_come_from_the_kubeconfig(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def ctx(name: str, ns: str | None) -> dict[str, Any]:
+        return {"name": name, "context": {"cluster": "c", "user": "u", **({"namespace": ns} if ns else {})}}
+
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "x"}}],
+        "contexts": [ctx("team-a", "team-a"), ctx("bare", None)],
+        "current-context": "team-a",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    assert Kube.connect(str(path), None, None).namespace == "team-a"
+    assert Kube.connect(str(path), "bare", None).namespace == "default"
+    assert Kube.connect(str(path), None, "ml").namespace == "ml"
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    seen: list[str] = []
+    monkeypatch.setattr(app, "connect", lambda **kw: seen.append(kw["kubeconfig"]) or FakeKube([]))
+    assert run("list").exit_code == 0 and seen == [str(path)]

@@ -61,8 +61,7 @@ class Kube:
         if namespace is None:
             namespace = "default"
             try:
-                _, active = config.list_kube_config_contexts(config_file=kubeconfig)
-                contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
+                contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
                 chosen = next((c for c in contexts if c["name"] == context), active) if context else active
                 namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
             except (config.ConfigException, OSError, KeyError):

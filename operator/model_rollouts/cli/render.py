@@ -44,13 +44,17 @@ def verdict_text(verdict: str | None) -> Text:
     return Text(verdict or "—", style=_VERDICT_STYLE.get(verdict or "", ""))
 
 
+#: One glyph per arm, so the split reads without colour too (a log, NO_COLOR).
+_GLYPHS = "█░▓▒"
+
+
 def bar(weights: dict[str, int], width: int = 40) -> Text:
     """A horizontal split bar: one colour per arm, each share's label after it."""
     colours = ["blue", "green", "magenta", "yellow", "cyan", "red"]
     t = Text()
     total = sum(weights.values()) or 1
     for i, (_k, w) in enumerate(weights.items()):
-        t.append("█" * round(width * w / total), style=colours[i % len(colours)])
+        t.append(_GLYPHS[i % len(_GLYPHS)] * round(width * w / total), style=colours[i % len(colours)])
     t.append("  ")
     t.append("  ".join(f"{k} {w}%" for k, w in weights.items()))
     return t
@@ -93,8 +97,9 @@ def _conditions(v: dict[str, Any]) -> Table | None:
     if not v["conditions"]:
         return None
     t = _table("Conditions")
-    for c in ("type", "status", "reason", "message"):
-        t.add_column(c, overflow="ellipsis", no_wrap=True)
+    for c in ("type", "status", "reason"):
+        t.add_column(c, no_wrap=True)
+    t.add_column("message", overflow="ellipsis", no_wrap=True, max_width=100)
     for c in v["conditions"]:
         style = "green" if c["status"] == "True" else "yellow" if c["status"] == "Unknown" else ""
         t.add_row(
@@ -115,14 +120,22 @@ def _waiting(v: dict[str, Any]) -> Panel:
     return Panel(body, title="Waiting for", title_align="left", box=box.ROUNDED)
 
 
-def rollout(v: dict[str, Any]) -> RenderableType:
+def rollout(v: dict[str, Any], compact: bool = False) -> RenderableType:
+    """The whole view; ``compact``: one line for the steps and no conditions (e.g. a log)."""
     ver = f" ({v['candidateVersion']})" if v.get("candidateVersion") else ""
     sub = f"stable {v.get('stable')}  →  candidate {v.get('candidate')}{ver}"
     sub += f"   revision {v.get('revision') or '—'}"
     parts: list[RenderableType] = [_header(v, sub)]
     w = v["weights"]
-    split = {v.get("stable") or "stable": w["stable"], v.get("candidate") or "candidate": w["candidate"]}
+    stable, candidate = v.get("stable") or "stable", v.get("candidate") or "candidate"
+    if stable == candidate:
+        stable, candidate = "stable", "candidate"
+    split = {stable: w["stable"], candidate: w["candidate"]}
     parts.append(Text.assemble(("Weights: ", "bold"), bar(split)))
+    if compact:
+        now = next((s for s in v["steps"] if s["state"] == "current"), None)
+        where = f"#{now['index']} {now['step']}  (steps #0..#{len(v['steps']) - 1})" if now else "—"
+        parts.append(Text.assemble(("Step:    ", "bold"), where))
     steps = _table("Steps")
     steps.add_column(" ")
     steps.add_column("#", justify="right")
@@ -138,7 +151,8 @@ def rollout(v: dict[str, Any]) -> RenderableType:
             Text(s["step"], style=current),
             Text(s["state"], style=style),
         )
-    parts.append(steps)
+    if not compact:
+        parts.append(steps)
     parts.append(_waiting(v))
     if v["comparisons"]:
         t = _table("Comparisons: candidate vs stable")
@@ -159,13 +173,13 @@ def rollout(v: dict[str, Any]) -> RenderableType:
                 interval(c.get("ciLow"), c.get("ciHigh")), num(c.get("pValue"), 3), verdict,
             )  # fmt: skip
         parts.append(t)
-    for extra in (_guardrails(v), _conditions(v)):
+    for extra in (_guardrails(v), None if compact else _conditions(v)):
         if extra is not None:
             parts.append(extra)
     return Group(*parts)
 
 
-def experiment(v: dict[str, Any]) -> RenderableType:
+def experiment(v: dict[str, Any], compact: bool = False) -> RenderableType:
     sub = (
         f"primary metric {v.get('primaryMetric')}, {v.get('method')} test, {v.get('strategy')} allocation, "
         f"SRM p {num(v.get('srmPValue'), 3)}" + (f", winner {v['winner']}" if v.get("winner") else "")
@@ -208,14 +222,14 @@ def experiment(v: dict[str, Any]) -> RenderableType:
                 verdict_text(m["verdict"]),
             )  # fmt: skip
         parts.append(ct)
-    for extra in (_guardrails(v), _conditions(v)):
+    for extra in (_guardrails(v), None if compact else _conditions(v)):
         if extra is not None:
             parts.append(extra)
     return Group(*parts)
 
 
-def view(v: dict[str, Any]) -> RenderableType:
-    return rollout(v) if v["kind"] == "ModelRollout" else experiment(v)
+def view(v: dict[str, Any], compact: bool = False) -> RenderableType:
+    return rollout(v, compact) if v["kind"] == "ModelRollout" else experiment(v, compact)
 
 
 def listing(rows: list[dict[str, Any]], all_namespaces: bool) -> RenderableType:

@@ -199,6 +199,9 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
     steps = raw_spec.get("steps") or []
     stable = raw_status.get("stableService") or (raw_spec.get("stable") or {}).get("service")
     candidate = (raw_spec.get("candidate") or {}).get("service")
+    if stable == candidate and phase == "Promoted":
+        # Promotion made the candidate the serving stable; show the baseline it replaced.
+        stable = (raw_spec.get("stable") or {}).get("service") or stable
     view.update(
         revision=raw_status.get("revision"),
         stable=stable,
