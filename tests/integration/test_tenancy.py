@@ -355,3 +355,34 @@ def test_a_bad_template_reference_is_named_in_valid_false(
     obj = s.wait_for(P, name, lambda o: phase(o) == "Invalid", 30)
     assert field in obj["status"]["message"] and text in obj["status"]["message"], obj["status"]["message"]
     assert s.route_weights()[CANDIDATE] == 0
+
+
+def test_a_templates_only_provider_refuses_an_inline_query_and_serves_a_templated_one(
+    templates: Stack,
+) -> None:
+    s = templates
+    assert s.prom is not None
+    s.apply(cluster_provider("strict", s.prom.url, allowInlineQueries=False))
+    s.apply(provider_rollout("inline", "strict", [{"setWeight": 20}, {"setWeight": 100}]))
+    obj = s.wait_for(P, "inline", lambda o: phase(o) == "Invalid", 30)
+    assert "spec.analysis.guardrails[0].query" in obj["status"]["message"], obj["status"]["message"]
+    assert "allows only queries from a MetricTemplate" in obj["status"]["message"]
+    assert s.route_weights()[CANDIDATE] == 0
+    co = client.CustomObjectsApi(s.api)
+    co.delete_namespaced_custom_object("mlrollouts.io", "v1alpha1", s.namespace, P, "inline")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        o["metadata"]["name"] == "inline"
+        for o in co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", s.namespace, P)["items"]
+    ):
+        time.sleep(0.5)
+    doc = templated_rollout(
+        "viatemplate",
+        "http://unused.invalid",
+        {"name": "status-ratio", "args": {"code": "500"}},
+        {"kind": "MetricTemplate", "name": "feedback", "args": {"kind": "positive"}},
+    )
+    del doc["spec"]["analysis"]["prometheus"]
+    doc["spec"]["analysis"]["provider"] = "strict"
+    s.apply(doc)
+    s.wait_for(P, "viatemplate", lambda o: phase(o) == "Promoted", 120)

@@ -342,3 +342,52 @@ def test_the_tenancy_examples_are_valid_and_fill_their_templates() -> None:
     counts = fill(local, c.templateRef, ("successes", "trials"))
     assert 'feedback="positive"' in counts["successes"]
     render(counts["trials"], VALUES)
+
+
+def test_inline_query_fields_finds_every_inline_query_and_no_templated_one() -> None:
+    from model_rollouts.api.experiment import ModelExperimentSpec
+    from model_rollouts.api.provider import inline_query_fields
+    from model_rollouts.api.rollout import ModelRolloutSpec
+
+    ref = {"name": "t", "args": {}}
+    rollout = ModelRolloutSpec.model_validate(
+        {
+            "stable": {"service": "a"},
+            "candidate": {"service": "b"},
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+            "steps": [{"setWeight": 50}],
+            "analysis": {
+                "provider": "p",
+                "guardrails": [
+                    {"name": "g0", "templateRef": ref, "max": 1},
+                    {"name": "g1", "query": "up", "max": 1},
+                ],
+                "comparisons": [
+                    {"name": "c0", "successes": "s", "trials": "t"},
+                    {"name": "c1", "templateRef": ref},
+                ],
+            },
+        }
+    )
+    assert inline_query_fields(rollout, "spec") == [
+        "spec.analysis.guardrails[1].query",
+        "spec.analysis.comparisons[0].successes",
+        "spec.analysis.comparisons[0].trials",
+    ]
+    rollout.analysis.guardrails.pop(1)
+    rollout.analysis.comparisons.pop(0)
+    assert inline_query_fields(rollout, "spec") == []
+    experiment = ModelExperimentSpec.model_validate(
+        {
+            "variants": [{"name": "a", "service": "a", "control": True}, {"name": "b", "service": "b"}],
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+            "primaryMetric": {"name": "ctr", "type": "proportion", "successes": "s", "trials": "t"},
+            "guardrails": [{"name": "e", "templateRef": ref, "max": 1}],
+            "successCriteria": {"minimumDetectableEffect": 0.05},
+            "analysis": {"provider": "p"},
+        }
+    )
+    assert inline_query_fields(experiment, "spec") == [
+        "spec.primaryMetric.successes",
+        "spec.primaryMetric.trials",
+    ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model_rollouts.api.common import (
     MAX_TIMEOUT,
     Address,
+    CountMetric,
     Duration,
+    Guardrail,
     Model,
     SecretKeyRef,
     cel,
@@ -56,6 +58,37 @@ class ProviderPrometheus(Model):
 
 class ClusterMetricProviderSpec(Model):
     prometheus: ProviderPrometheus
+    allowInlineQueries: bool = Field(
+        default=True,
+        description="false: objects using this provider must take every query from a (Cluster)MetricTemplate "
+        "(templateRef); an inline query gives Valid=False naming its field.",
+    )
+
+
+_QUERY_FIELDS: tuple[tuple[type[BaseModel], tuple[str, ...]], ...] = (
+    (Guardrail, ("query",)),
+    (CountMetric, ("successes", "trials", "sum", "count", "sumSquares")),
+)
+
+
+def inline_query_fields(model: BaseModel, path: str) -> list[str]:
+    """Paths of the inline PromQL queries in ``model`` (guardrails, comparisons, primary metrics).
+
+    Walks the model generically, so a new place that holds a Guardrail or CountMetric is covered.
+    """
+    out: list[str] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if not isinstance(item, BaseModel):
+                continue
+            sub = f"{path}.{name}" if i is None else f"{path}.{name}[{i}]"
+            for cls, fields in _QUERY_FIELDS:
+                if isinstance(item, cls):
+                    out += [f"{sub}.{q}" for q in fields if getattr(item, q) is not None]
+            out += inline_query_fields(item, sub)
+    return out
 
 
 PROVIDER_COLUMNS: list[dict[str, Any]] = [

@@ -12,7 +12,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
@@ -38,7 +38,7 @@ from model_rollouts.api.common import (
     parse_duration,
     set_condition,
 )
-from model_rollouts.api.provider import PROVIDER_PLURAL, ClusterMetricProviderSpec
+from model_rollouts.api.provider import PROVIDER_PLURAL, ClusterMetricProviderSpec, inline_query_fields
 from model_rollouts.api.template import (
     CLUSTER_TEMPLATE_PLURAL,
     TEMPLATE_KIND,
@@ -272,19 +272,21 @@ def _cached_provider(key: tuple[Any, ...], make: Callable[[], PrometheusProvider
 ANALYSIS_BUDGET = (30.0, 120.0)
 
 
-def make_provider(analysis: AnalysisBase, namespace: str) -> MetricProvider:
+def make_provider(analysis: AnalysisBase, namespace: str, inline: Sequence[str] = ()) -> MetricProvider:
     """:func:`provider_for`, with a time budget for this one analysis (see :class:`Budgeted`)."""
     lo, hi = ANALYSIS_BUDGET
-    return Budgeted(provider_for(analysis, namespace), min(hi, max(lo, parse_duration(analysis.interval))))
+    p = provider_for(analysis, namespace, inline)
+    return Budgeted(p, min(hi, max(lo, parse_duration(analysis.interval))))
 
 
-def provider_for(analysis: AnalysisBase, namespace: str) -> PrometheusProvider:
+def provider_for(analysis: AnalysisBase, namespace: str, inline: Sequence[str] = ()) -> PrometheusProvider:
     """The provider an object may use; RouterError naming the field when it may not use one.
 
     A tenant's object never chooses a credential and a destination together: an inline address
     carries no credential and must be allowed (``--allowed-provider-address`` or a
     ClusterMetricProvider's address); credentials come only from a ClusterMetricProvider, read from
     the operator's own namespace. Messages are fixed texts: nothing a server or Secret holds.
+    ``inline``: the object's inline query fields, refused by a provider with allowInlineQueries false.
     """
     if analysis.prometheus is not None:
         cfg = analysis.prometheus
@@ -324,6 +326,12 @@ def provider_for(analysis: AnalysisBase, namespace: str) -> PrometheusProvider:
         raise RouterError(field, f"ClusterMetricProvider {name} has an invalid spec") from None
     prom = spec.prometheus
     what = f"ClusterMetricProvider {name}"
+    if inline and not spec.allowInlineQueries:
+        raise RouterError(
+            inline[0],
+            f"{what} allows only queries from a MetricTemplate or ClusterMetricTemplate (templateRef); "
+            "this query is inline",
+        )
     token = _secret_value(prom.bearerTokenSecret, field, what) if prom.bearerTokenSecret else None
     verify: bool | str = not prom.insecureSkipVerify
     if prom.caSecret is not None and verify:
@@ -644,7 +652,7 @@ class Controller(Generic[SpecT, StatusT]):
                 self.check_owner(obj, spec)
             router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
             router.check(self.services(spec, status))
-            provider = make_provider(spec.analysis, self.namespace)
+            provider = make_provider(spec.analysis, self.namespace, inline_query_fields(spec, "spec"))
         except RouterError as e:
             return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
         new, actions = self.decide(spec, status, provider, now_, generation, annotations)
