@@ -27,10 +27,11 @@ import yaml
 from kubernetes import client
 
 from tests.harness.cluster import CACHE, KUBE_VERSION
+from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE
 from tests.harness.stack import Stack, httproute
 from tests.integration.test_rollout import CANDIDATE, STABLE, rollout
 
-P = "modelrollouts"
+P, X = "modelrollouts", "modelexperiments"
 PLUGIN = Path(sys.executable).parent / "kubectl-mlrollouts"
 TMUX = shutil.which("tmux")
 
@@ -53,14 +54,17 @@ def fresh(stack: Stack) -> Iterator[Stack]:
     stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
     yield stack
     co = client.CustomObjectsApi(stack.api)
-    for obj in co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, P)["items"]:
-        co.delete_namespaced_custom_object(
-            "mlrollouts.io", "v1alpha1", stack.namespace, P, obj["metadata"]["name"]
-        )
+    for plural in (P, X):
+        for obj in co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, plural)[
+            "items"
+        ]:
+            co.delete_namespaced_custom_object(
+                "mlrollouts.io", "v1alpha1", stack.namespace, plural, obj["metadata"]["name"]
+            )
     deadline = time.monotonic() + 30
-    while (
-        time.monotonic() < deadline
-        and co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, P)["items"]
+    while time.monotonic() < deadline and any(
+        co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, plural)["items"]
+        for plural in (P, X)
     ):
         time.sleep(0.5)
 
@@ -292,11 +296,6 @@ def test_status_timeout_gate_promote_pause_resume_and_promote_full(fresh: Stack)
     assert plugin(fresh, "status", "gate", "--timeout", "10s").returncode == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="operator bug: engine.rollout.route_weights after a promotion below weight 100 writes only "
-    "{candidate: 100}; the replaced stable keeps its weight in the HTTPRoute (fraud-v1 60, fraud-v2 100)",
-)
 def test_promote_full_below_100_leaves_no_traffic_on_the_replaced_stable(fresh: Stack) -> None:
     assert fresh.prom is not None
     fresh.apply(rollout("early", fresh.prom.url, [{"setWeight": 40}, {"pause": {}}]))
@@ -373,3 +372,66 @@ def test_kubectl_finds_the_plugin_and_lint_needs_no_cluster(fresh: Stack, tmp_pa
         e.value.body
     )
     co.create_namespaced_custom_object("mlrollouts.io", "v1alpha1", fresh.namespace, P, good, dry_run="All")
+
+
+def experiment(name: str, prom: str, route: str = "fraud") -> dict[str, Any]:
+    """Control a (stable) vs b (candidate); too many samples needed to decide within the test."""
+    return {
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelExperiment",
+        "metadata": {"name": name},
+        "spec": {
+            "variants": [
+                {"name": "a", "service": STABLE, "control": True},
+                {"name": "b", "service": CANDIDATE},
+            ],
+            "trafficRouting": {"gatewayAPI": {"httpRoute": route}},
+            "primaryMetric": {"name": "positive-feedback", "successes": POSITIVE, "trials": FEEDBACK},
+            "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05}],
+            "successCriteria": {"minimumDetectableEffect": 0.01},
+            "stoppingRules": {"minSamplesPerVariant": 1000000},
+            "analysis": {"interval": "5s", "window": "30s", "prometheus": {"address": prom, "timeout": "2s"}},
+        },
+    }
+
+
+def test_experiment_get_abort_status_and_retry(fresh: Stack) -> None:
+    assert fresh.prom is not None
+    fresh.apply(experiment("ab", fresh.prom.url))
+    fresh.wait_for(
+        X,
+        "ab",
+        lambda o: phase(o) == "Running" and all(v.get("n", 0) > 0 for v in o["status"]["variants"]),
+        90,
+    )
+    got = plugin(fresh, "get", "ab", "-o", "json")  # the kind is found by the name
+    assert got.returncode == 0, got.stderr
+    v = json.loads(got.stdout)
+    assert v["kind"] == "ModelExperiment" and v["weights"] == {"a": 50, "b": 50}
+    assert [(x["name"], x["control"]) for x in v["variants"]] == [("a", True), ("b", False)]
+    assert all(x["n"] > 0 for x in v["variants"])
+    assert any("minSamplesPerVariant 1000000" in w for w in v["waitingFor"])
+    text = plugin(fresh, "get", "experiment", "ab").stdout
+    assert re.search(r"a \(control\)\s+50%", text) and re.search(r"\n\s*b\s+50%", text), text
+    refused = plugin(fresh, "promote", "ab")
+    assert refused.returncode == 1 and "has no promote" in refused.stderr
+    # abort: all traffic to the control, Aborted; status exits 1; retry starts it again
+    assert plugin(fresh, "abort", "mexp/ab").returncode == 0
+    fresh.wait_for(X, "ab", lambda o: phase(o) == "Aborted", 30)
+    fresh.wait_route({STABLE: 100, CANDIDATE: 0}, timeout=15)
+    assert plugin(fresh, "status", "ab", "--timeout", "10s").returncode == 1
+    retried = plugin(fresh, "retry", "ab", "-o", "yaml")
+    assert retried.returncode == 0, retried.stderr
+    token = yaml.safe_load(retried.stdout)["mlrollouts.io/retry"]
+    fresh.wait_for(
+        X, "ab", lambda o: phase(o) == "Running" and o["status"]["handled"].get("retry") == token, 30
+    )
+    assert plugin(fresh, "status", "ab", "--timeout", "2s").returncode == 2
+    # a rollout of the same name: NAME alone is ambiguous, the kind says which
+    assert fresh.prom is not None
+    doc = rollout("ab", fresh.prom.url, [{"setWeight": 10}])
+    doc["spec"]["trafficRouting"] = {"gatewayAPI": {"httpRoute": "no-such-route"}}
+    fresh.apply(doc)
+    both = plugin(fresh, "get", "ab")
+    assert both.returncode == 1 and "get rollout ab" in both.stderr and "get experiment ab" in both.stderr
+    assert json.loads(plugin(fresh, "get", "rollout", "ab", "-o", "json").stdout)["kind"] == "ModelRollout"

@@ -172,6 +172,15 @@ def test_abort_and_promote_annotations() -> None:
     assert st.phase == "Promoted" and st.weight == 100
 
 
+def test_a_promotion_below_100_takes_all_traffic_off_the_replaced_stable() -> None:
+    d = Driver(spec([{"setWeight": 40}, {"pause": {}}]))
+    d.tick()
+    assert eng.route_weights(d.spec, d.status) == {"v1": 60, "v2": 40}
+    st = d.tick(annotations={ANNOTATION_PROMOTE: "full"})
+    assert st.phase == "Promoted" and st.stableService == "v2"
+    assert eng.route_weights(d.spec, st) == {"v1": 0, "v2": 100}
+
+
 def test_annotation_present_at_start_is_not_acted_on() -> None:
     d = Driver(spec([{"setWeight": 20}, {"setWeight": 100}]))
     st = d.tick(annotations={ANNOTATION_ABORT: "old"})

@@ -598,7 +598,8 @@ def _new_revision(
     first = s.revision is None
     serving = s.stableService or spec.stable.service
     keep = (serving, spec.candidate.service)
-    previous = [*s.retiredServices, s.candidateService or ""]
+    # After a promotion everything but the serving version was set to 0 in its last write.
+    previous = [] if s.phase == "Promoted" else [*s.retiredServices, s.candidateService or ""]
     retired = [] if first else [svc for svc in previous if svc and svc not in keep]
     new = ModelRolloutStatus(
         revision=rev,
@@ -846,7 +847,12 @@ def _finish(
     s.heldSince = None
     s.message = message
     if phase == "Promoted":
+        replaced = s.stableService
         s.stableService = s.candidateService
+        # A promotion below weight 100 (promote full) leaves the replaced baseline with traffic unless
+        # it is zeroed in the same write as the candidate's 100.
+        if replaced and replaced != s.stableService and replaced not in s.retiredServices:
+            s.retiredServices = [*s.retiredServices, replaced][-4:]
     if reason in LIMIT_REASONS:
         actions.append(Event("Warning", reason, message))
     actions.append(Event("Warning" if phase != "Promoted" else "Normal", phase, message))
