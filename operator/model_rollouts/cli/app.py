@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -221,9 +222,10 @@ def status(ref: tuple[str, ...], timeout: str | None, interval: float, output: s
             else:
                 where = " ".join(f"{v.get('name')}:{v.get('weight', 0)}" for v in st.get("variants") or [])
             line = f"{st.get('phase') or 'Pending'} ({where}): {st.get('message') or ''}"
-            if line != last:
+            key = re.sub(r"\d+s left", "", line)  # a countdown alone is not news
+            if key != last:
                 click.echo(line)
-                last = line
+                last = key
         if code is not None or (limit is not None and time.monotonic() - start >= limit):
             break
         time.sleep(interval)
