@@ -57,7 +57,8 @@ class Kube:
                 config.load_incluster_config()
                 api = client.ApiClient()
             except config.ConfigException:
-                raise CliError(f"cannot load a kubeconfig: {e}") from None
+                where = kubeconfig or "~/.kube/config"
+                raise CliError(f"cannot load the kubeconfig {where} (--kubeconfig, KUBECONFIG): {e}") from None
         if namespace is None:
             namespace = "default"
             try:
