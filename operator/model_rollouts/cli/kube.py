@@ -58,7 +58,7 @@ class Kube:
                 api = client.ApiClient()
             except config.ConfigException:
                 where = kubeconfig or "~/.kube/config"
-                raise CliError(f"cannot load the kubeconfig {where} (--kubeconfig, KUBECONFIG): {e}") from None
+                raise CliError(f"cannot load the kubeconfig {where}: {e}") from None
         if namespace is None:
             namespace = "default"
             try:
