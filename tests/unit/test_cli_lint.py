@@ -53,12 +53,12 @@ def experiment(**over: Any) -> dict[str, Any]:
 def test_the_base_manifest_and_the_shipped_examples_are_clean() -> None:
     assert findings(BASE) == []
     for path in [
-        REPO / "manifests/examples/modelrollout.yaml",
+        *sorted((REPO / "manifests/examples").glob("*.yaml")),
         *sorted((REPO / "manifests/tenancy").glob("*.yaml")),
     ]:
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc:
-                assert findings(doc) == [], (path, i)
+                assert [f for f in findings(doc) if f.severity == "error"] == [], (path, i)
 
 
 @pytest.mark.parametrize(("label", "mutate", "fragment"), REJECTED, ids=[r[0] for r in REJECTED])
