@@ -43,6 +43,7 @@ class Elector:
         self._valid_until = 0.0  # monotonic time until which this replica may act
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._was_leader = False  # what the last round exported (mlrollouts_leader)
         self.enabled = api is not None
 
     def is_leader(self) -> bool:
@@ -59,6 +60,8 @@ class Elector:
         self._stop.set()
         was_leader = self.enabled and self.is_leader()
         self._valid_until = 0.0
+        if self.enabled:
+            self._leading(False)
         if not was_leader or self.api is None:
             return
         co = client.CoordinationV1Api(self.api)
@@ -74,28 +77,40 @@ class Elector:
             logger.info("leader election: release failed: %s", type(e).__name__)
 
     def _run(self) -> None:
-        was = False
         while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                if self._try_acquire_or_renew():
-                    # Act only until our own lease could expire, counted from before the request.
-                    self._valid_until = started + self.lease_seconds - self.retry_seconds
-            except Exception as e:
-                status = getattr(e, "status", None)
-                logger.warning("leader election: %s%s", type(e).__name__, f" {status}" if status else "")
-            now_leader = self.is_leader()
-            if now_leader != was:
-                logger.info(
-                    "leader election: %s %s lease %s/%s",
-                    self.identity,
-                    "acquired" if now_leader else "lost",
-                    self.namespace,
-                    self.name,
-                )
-                telemetry.LEADER.set(1 if now_leader else 0)
-                was = now_leader
+            self._step()
             self._stop.wait(self.retry_seconds)
+
+    def _step(self) -> None:
+        """One election round: acquire or renew, then export what this replica now is."""
+        started = time.monotonic()
+        try:
+            if self._try_acquire_or_renew():
+                # Act only until our own lease could expire, counted from before the request.
+                self._valid_until = started + self.lease_seconds - self.retry_seconds
+        except Exception as e:
+            status = getattr(e, "status", None)
+            logger.warning("leader election: %s%s", type(e).__name__, f" {status}" if status else "")
+        self._leading(self.is_leader())
+
+    def _leading(self, now_leader: bool) -> None:
+        """Export leadership; a replica that is not the leader exports no per-object series.
+
+        A standby clears them at every round, not only when it loses the Lease: a handler that
+        started just before the loss may still set a gauge afterwards.
+        """
+        if now_leader != self._was_leader:
+            logger.info(
+                "leader election: %s %s lease %s/%s",
+                self.identity,
+                "acquired" if now_leader else "lost",
+                self.namespace,
+                self.name,
+            )
+            telemetry.LEADER.set(1 if now_leader else 0)
+            self._was_leader = now_leader
+        if not now_leader:
+            telemetry.forget_all()
 
     def _try_acquire_or_renew(self) -> bool:
         assert self.api is not None

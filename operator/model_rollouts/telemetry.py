@@ -248,3 +248,12 @@ def forget(kind: str, namespace: str, name: str, metrics: Iterable[MetricWrapper
         for labels in _series(metric, kind, namespace, name):
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
+
+
+def forget_all(metrics: Iterable[MetricWrapperBase] = PER_OBJECT) -> None:
+    """Remove every per-object series (a replica that is not the leader exports none of them, so a
+    stale value of a former leader cannot keep an alert firing); ``mlrollouts_leader`` stays."""
+    with _lock:
+        _exported.clear()
+        for metric in metrics:
+            metric.clear()
