@@ -351,3 +351,31 @@ def test_namespace_and_context_come_from_the_kubeconfig(
     seen: list[str] = []
     monkeypatch.setattr(app, "connect", lambda **kw: seen.append(kw["kubeconfig"]) or FakeKube([]))
     assert run("list").exit_code == 0 and seen == [str(path)]
+
+
+def test_status_of_an_idle_rollout_exits_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = rollout_spec([{"setWeight": 50}])
+    spec = spec.model_copy(update={"candidate": spec.stable})
+    idle, _ = drive(spec, 1)
+    assert idle.phase == "Idle"  # the candidate is what serves: nothing to roll out
+    monkeypatch.setattr(app, "connect", lambda **_: FakeKube([obj_of("ModelRollout", "same", spec, idle)]))
+    res = run("status", "same")
+    assert res.exit_code == 0 and "Idle" in res.output
+
+
+def test_an_unreachable_api_server_is_an_error_not_a_rollback(tmp_path: Any) -> None:
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],  # nothing listens
+        "users": [{"name": "u", "user": {"token": "x"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "ml"}}],
+        "current-context": "c",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run("status", "fraud", "--kubeconfig", str(path))
+    assert res.exit_code == 3, res.output  # 1 would read as RolledBack in a CI script
+    assert "error: cannot reach the Kubernetes API server" in res.output and "Traceback" not in res.output
+    res = run("abort", "fraud", "--kubeconfig", str(path))
+    assert res.exit_code == 1 and "cannot reach the Kubernetes API server" in res.output

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import urllib3
 import yaml
 from rich.console import Console
 from rich.live import Live
@@ -82,6 +83,10 @@ def errors_exit(code: int = 1) -> Callable[[F], F]:
                 return f(*args, **kwargs)
             except CliError as e:
                 click.echo(f"error: {e}", err=True)
+                sys.exit(code)
+            except urllib3.exceptions.HTTPError as e:  # refused, timed out, TLS: no answer at all
+                reason = getattr(e, "reason", None) or e
+                click.echo(f"error: cannot reach the Kubernetes API server: {reason}", err=True)
                 sys.exit(code)
 
         return wrapper  # type: ignore[return-value]
