@@ -271,3 +271,22 @@ def test_a_route_without_the_opt_in_is_never_patched(stack: Stack) -> None:
         "the operator wrote a route after its opt-in went"
     )
     assert stack.route_weights() == {STABLE: 70, CANDIDATE: 30}
+
+    # Deleted now: the route is not restored (it does not opt in), and deletion does not wait on retries.
+    client.CustomObjectsApi(stack.api).delete_namespaced_custom_object(
+        "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", "canary"
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        o["metadata"]["name"] == "canary"
+        for o in client.CustomObjectsApi(stack.api).list_namespaced_custom_object(
+            "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts"
+        )["items"]
+    ):
+        time.sleep(0.5)
+    assert time.monotonic() < deadline, "deleting a rollout whose route does not opt in waited on retries"
+    assert _route(stack)["metadata"]["resourceVersion"] == withdrawn
+    events = client.CoreV1Api(stack.api).list_namespaced_event(
+        stack.namespace, field_selector="involvedObject.name=canary"
+    )
+    assert "RouteLeftAlone" in {e.reason for e in events.items}

@@ -63,7 +63,7 @@ from model_rollouts.notify import Notice
 from model_rollouts.notify import events as notify_events
 from model_rollouts.notify import sender as notify_sender
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
-from model_rollouts.traffic.router import RouterError, TrafficRouter
+from model_rollouts.traffic.router import NotOptedIn, RouterError, TrafficRouter
 
 #: Seconds any single Kubernetes API call may take.
 REQUEST_TIMEOUT = 10
@@ -844,6 +844,12 @@ class Controller(Generic[SpecT, StatusT]):
             self.logger.info(
                 "%s/%s deleted while %s: route set to %s", self.namespace, self.name, status.phase, want
             )
+        except NotOptedIn:  # permanent: the route's owner has withdrawn it; no retries
+            msg = "the route does not opt in to this object (any more): route left alone; deleting"
+            self.logger.warning("%s/%s %s", self.namespace, self.name, msg)
+            post_event({"apiVersion": f"{GROUP}/{VERSION}", "kind": self.kind,
+                        "metadata": {"name": self.name, "namespace": self.namespace}},
+                       "Warning", "RouteLeftAlone", msg)  # fmt: skip
         except Exception as e:  # never Kopf's logging of the exception's text
             if retry < DELETE_RETRIES:
                 raise kopf.TemporaryError(

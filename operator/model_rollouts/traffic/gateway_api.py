@@ -20,7 +20,7 @@ from typing import Any, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from model_rollouts.traffic.router import RouterError
+from model_rollouts.traffic.router import NotOptedIn, RouterError
 
 GROUP, VERSION, PLURAL = "gateway.networking.k8s.io", "v1", "httproutes"
 FIELD = "spec.trafficRouting.gatewayAPI.httpRoute"
@@ -95,7 +95,7 @@ class GatewayAPIRouter:
         annotations = (route.get("metadata") or {}).get("annotations") or {}
         if self.owner is None or not opted_in(annotations, *self.owner):
             kind, name = self.owner or ("ModelRollout", "<name>")
-            raise RouterError(
+            raise NotOptedIn(
                 FIELD,
                 f"HTTPRoute {self.namespace}/{self.name} does not opt in to {kind} {name}: its "
                 f"annotation {OPT_IN} must list {kind}/{name} (or be *), set by someone who may "

@@ -14,6 +14,10 @@ class RouterError(Exception):
         self.message = message
 
 
+class NotOptedIn(RouterError):
+    """The route does not let this object manage its weights; retrying cannot change that."""
+
+
 class TrafficRouter(Protocol):
     def check(self, services: list[str]) -> None:
         """Raise RouterError unless every service can be weighted by this router."""
