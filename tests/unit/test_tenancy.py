@@ -391,3 +391,23 @@ def test_inline_query_fields_finds_every_inline_query_and_no_templated_one() -> 
         "spec.primaryMetric.successes",
         "spec.primaryMetric.trials",
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [("24h", True), ("1m", True), ("500ms", True), ("24h1s", False), ("9999h", False), ("0s", False)],
+)
+def test_a_duration_arg_is_a_window_and_bounded_like_one(value: str, ok: bool) -> None:
+    from model_rollouts.api.common import TemplateRef
+    from model_rollouts.api.template import MetricTemplateSpec
+    from model_rollouts.metrics.templates import fill
+
+    template = MetricTemplateSpec.model_validate(
+        {"args": [{"name": "window", "type": "duration"}], "query": "sum(rate(x[{{ args.window }}]))"}
+    )
+    ref = TemplateRef.model_validate({"name": "t", "args": {"window": value}})
+    if ok:
+        assert fill(template, ref, ("query",))["query"] == f"sum(rate(x[{value}]))"
+    else:
+        with pytest.raises(TemplateError, match=r"arg window: .* at most 24h"):
+            fill(template, ref, ("query",))

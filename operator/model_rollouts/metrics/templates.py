@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from model_rollouts.api.common import TemplateRef
+from model_rollouts.api.common import TemplateRef, check_window
 from model_rollouts.api.template import ARG_PATTERNS, MetricTemplateSpec
 from model_rollouts.metrics.provider import _PLACEHOLDER, TemplateError, check_template, redact
 
@@ -27,6 +27,11 @@ def fill(template: MetricTemplateSpec, ref: TemplateRef, names: tuple[str, ...])
             raise TemplateError(f"arg {a.name} is required")
         if not ARG_PATTERNS[a.type].fullmatch(v):
             raise TemplateError(f"arg {a.name}: {redact(v)} is not a valid {a.type}")
+        if a.type == "duration":  # a range selector: bounded like analysis.window
+            try:
+                check_window(v)
+            except ValueError as e:
+                raise TemplateError(f"arg {a.name}: {redact(v)} {e}") from None
         values[a.name] = v
     extra = tuple(f"args.{n}" for n in declared)
     out: dict[str, str] = {}
