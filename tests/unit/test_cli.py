@@ -377,5 +377,7 @@ def test_an_unreachable_api_server_is_an_error_not_a_rollback(tmp_path: Any) -> 
     res = run("status", "fraud", "--kubeconfig", str(path))
     assert res.exit_code == 3, res.output  # 1 would read as RolledBack in a CI script
     assert "error: cannot reach the Kubernetes API server" in res.output and "Traceback" not in res.output
-    res = run("abort", "fraud", "--kubeconfig", str(path))
-    assert res.exit_code == 1 and "cannot reach the Kubernetes API server" in res.output
+    for command in ("abort", "report"):
+        res = run(command, "fraud", "--kubeconfig", str(path))
+        assert res.exit_code == 1 and "cannot reach the Kubernetes API server" in res.output, res.output
+        assert "Traceback" not in res.output

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import urllib3
 import yaml
 
 from model_rollouts.report.data import ReportError
@@ -42,6 +43,11 @@ def _from_cluster(
         return Kube.connect(kubeconfig, context, namespace).find(kind, name)
     except CliError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except urllib3.exceptions.HTTPError as e:  # refused, timed out, TLS: no answer at all
+        click.echo(
+            f"error: cannot reach the Kubernetes API server: {getattr(e, 'reason', None) or e}", err=True
+        )
         sys.exit(1)
 
 
