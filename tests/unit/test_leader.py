@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import REGISTRY, generate_latest
@@ -97,7 +97,9 @@ def elector(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[leader.Elector, C
     clock = Clock()
     monkeypatch.setattr(leader, "time", SimpleNamespace(monotonic=clock.monotonic))
     lease: dict[str, Any] = {"ours": True}
-    e = leader.Elector(object(), "model-rollouts", "lease", lease_seconds=6, retry_seconds=1, identity="a")
+    e = leader.Elector(
+        cast(Any, object()), "model-rollouts", "lease", lease_seconds=6, retry_seconds=1, identity="a"
+    )
 
     def answer() -> bool:
         if isinstance(lease["ours"], Exception):

@@ -21,19 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import urllib3
 import yaml
 from rich.console import Console
 from rich.live import Live
 
-from model_rollouts.api.common import parse_duration
-from model_rollouts.api.rollout import (
-    ANNOTATION_ABORT,
-    ANNOTATION_PROMOTE,
-    ANNOTATION_RESUME,
-    ANNOTATION_RETRY,
-)
-from model_rollouts.cli import lint as lint_
+# Heavy imports (the API models, the engines with scipy, the kubernetes client, lint's jsonschema,
+# the report's matplotlib) happen inside the commands that need them: `--help` starts quickly.
 from model_rollouts.cli import render
 from model_rollouts.cli import view as view_
 from model_rollouts.cli.kube import EXPERIMENT, FIELD_MANAGER, ROLLOUT, CliError, Kube, parse_ref
@@ -73,6 +66,13 @@ def connect(kubeconfig: str | None, context: str | None, namespace: str | None) 
     return Kube.connect(kubeconfig, context, namespace)
 
 
+def _unreachable(e: Exception) -> bool:
+    """No answer from the API server at all: refused, timed out, TLS (urllib3's errors)."""
+    import urllib3  # with the kubernetes client, only once a command connects
+
+    return isinstance(e, urllib3.exceptions.HTTPError)
+
+
 def errors_exit(code: int = 1) -> Callable[[F], F]:
     """A :class:`CliError` prints ``error: ...`` on stderr and exits with ``code``."""
 
@@ -84,7 +84,9 @@ def errors_exit(code: int = 1) -> Callable[[F], F]:
             except CliError as e:
                 click.echo(f"error: {e}", err=True)
                 sys.exit(code)
-            except urllib3.exceptions.HTTPError as e:  # refused, timed out, TLS: no answer at all
+            except Exception as e:
+                if not _unreachable(e):
+                    raise
                 reason = getattr(e, "reason", None) or e
                 click.echo(f"error: cannot reach the Kubernetes API server: {reason}", err=True)
                 sys.exit(code)
@@ -206,6 +208,8 @@ def get(ref: tuple[str, ...], watch: bool, interval: float, output: str, **kw: A
 def status(ref: tuple[str, ...], timeout: str | None, interval: float, output: str, **kw: Any) -> None:
     """Wait until the object finishes. Exit code 0: Promoted (or Idle) / Concluded; 1: RolledBack or
     Aborted; 2: still running at --timeout; 3: an error (not found, no access)."""
+    from model_rollouts.api.common import parse_duration
+
     try:
         limit = parse_duration(timeout) if timeout else None
     except ValueError as e:
@@ -302,6 +306,8 @@ def _action(f: F) -> F:
 @_action
 def promote(ref: tuple[str, ...], full: bool, output: str, **kw: Any) -> None:
     """Release the waiting manual gate (next step), or with --full promote now (mlrollouts.io/promote)."""
+    from model_rollouts.api.rollout import ANNOTATION_PROMOTE, ANNOTATION_RESUME
+
     kube, obj = _target(ref, kw)
     if obj["kind"] != ROLLOUT:
         raise CliError(
@@ -327,6 +333,8 @@ def promote(ref: tuple[str, ...], full: bool, output: str, **kw: Any) -> None:
 @_action
 def abort(ref: tuple[str, ...], output: str, **kw: Any) -> None:
     """All traffic back to stable (the control), phase Aborted (mlrollouts.io/abort)."""
+    from model_rollouts.api.rollout import ANNOTATION_ABORT
+
     kube, obj = _target(ref, kw)
     _unfinished(obj, "abort")
     token = kube.annotate(obj, ANNOTATION_ABORT)
@@ -337,6 +345,8 @@ def abort(ref: tuple[str, ...], output: str, **kw: Any) -> None:
 @_action
 def retry(ref: tuple[str, ...], output: str, **kw: Any) -> None:
     """Start a RolledBack or Aborted object over from weight 0 (mlrollouts.io/retry)."""
+    from model_rollouts.api.rollout import ANNOTATION_RETRY
+
     kube, obj = _target(ref, kw)
     phase = (obj.get("status") or {}).get("phase")
     if phase not in view_.FAILURE_PHASES:
@@ -368,6 +378,8 @@ def pause(ref: tuple[str, ...], output: str, **kw: Any) -> None:
 def resume(ref: tuple[str, ...], output: str, **kw: Any) -> None:
     """Release a manual gate or a sample-ratio-mismatch pause (mlrollouts.io/resume), and clear a
     spec.paused this plugin set."""
+    from model_rollouts.api.rollout import ANNOTATION_RESUME
+
     kube, obj = _target(ref, kw)
     _unfinished(obj, "resume")
     changed: dict[str, Any] = {}
@@ -408,6 +420,8 @@ def resume(ref: tuple[str, ...], output: str, **kw: Any) -> None:
 def lint(files: tuple[str, ...], crd_files: tuple[str, ...], output: str) -> None:
     """Check manifests without a cluster: CRD schema and CEL rules, the operator's models and the checks
     its handlers make before acting. Every finding names its field; exit code 1 on any error."""
+    from model_rollouts.cli import lint as lint_  # jsonschema, the CRDs, the handlers' checks
+
     crds = lint_.load_crds([Path(p) for p in crd_files] or None)
     findings: list[lint_.Finding] = []
     for f in files:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
-
-from model_rollouts.api.common import GROUP, VERSION
+if TYPE_CHECKING:
+    from kubernetes import client
+# The kubernetes client and the API package (pydantic) are imported by the methods that talk to the
+# API server, not here: a command that never connects (`--help`, `lint`) starts without them.
 
 ROLLOUT, EXPERIMENT = "ModelRollout", "ModelExperiment"
 PLURALS = {ROLLOUT: "modelrollouts", EXPERIMENT: "modelexperiments"}
@@ -50,6 +50,8 @@ class Kube:
 
     @classmethod
     def connect(cls, kubeconfig: str | None, context: str | None, namespace: str | None) -> Kube:
+        from kubernetes import client, config
+
         try:
             api = config.new_client_from_config(config_file=kubeconfig, context=context)
         except (config.ConfigException, FileNotFoundError, OSError) as e:
@@ -71,10 +73,16 @@ class Kube:
 
     @property
     def co(self) -> client.CustomObjectsApi:
+        from kubernetes import client
+
         return client.CustomObjectsApi(self.api)
 
     # -- reading ----------------------------------------------------------------------------------
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        from model_rollouts.api.common import GROUP, VERSION
+
         try:
             return cast(
                 dict[str, Any],
@@ -102,6 +110,10 @@ class Kube:
         return found[0]
 
     def list(self, all_namespaces: bool) -> list[dict[str, Any]]:
+        from kubernetes.client.exceptions import ApiException
+
+        from model_rollouts.api.common import GROUP, VERSION
+
         out: list[dict[str, Any]] = []
         for kind, plural in PLURALS.items():
             try:
@@ -125,6 +137,10 @@ class Kube:
     # -- acting -----------------------------------------------------------------------------------
     def annotate(self, obj: dict[str, Any], key: str) -> str:
         """Set an action annotation to a fresh token (each new value acts once); returns the token."""
+        from kubernetes.client.exceptions import ApiException
+
+        from model_rollouts.api.common import GROUP, VERSION
+
         token = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         meta = obj["metadata"]
         try:
@@ -146,6 +162,10 @@ class Kube:
         the field (force: a create or an edit that merely defaulted or set it is no declaration);
         unpausing stops applying it, so it returns to its default, false.
         """
+        from kubernetes.client.exceptions import ApiException
+
+        from model_rollouts.api.common import GROUP, VERSION
+
         meta = obj["metadata"]
         owner = manifest_owner(obj)
         if owner is not None:

@@ -11,14 +11,8 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
-
-from model_rollouts.api.common import parse_duration
-from model_rollouts.api.experiment import ModelExperimentSpec, ModelExperimentStatus
-from model_rollouts.api.rollout import TERMINAL_PHASES as ROLLOUT_TERMINAL
-from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
-from model_rollouts.engine import experiment as experiment_engine
-from model_rollouts.engine import rollout as rollout_engine
+# The API models (pydantic) and the engines (scipy, for their statistics) are imported by the
+# functions that read an object, so that `--help` and commands that never show one start quickly.
 
 ROLLOUT, EXPERIMENT = "ModelRollout", "ModelExperiment"
 #: Phases that end `status` with exit code 0 (success) and 1 (rolled back or aborted).
@@ -94,6 +88,9 @@ def finished(obj: dict[str, Any]) -> bool:
     status = obj.get("status") or {}
     if (status.get("observedGeneration") or 0) < (meta.get("generation") or 0):
         return False
+    from model_rollouts.engine import experiment as experiment_engine
+    from model_rollouts.engine import rollout as rollout_engine
+
     engine: Any = rollout_engine if obj.get("kind") == ROLLOUT else experiment_engine
     return not engine.active(obj.get("spec") or {}, status, meta.get("annotations") or {})
 
@@ -189,6 +186,13 @@ def _samples_eta(more: float | None, n_so_far: float, since: datetime | None, no
 
 
 def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
+    from pydantic import ValidationError
+
+    from model_rollouts.api.common import parse_duration
+    from model_rollouts.api.rollout import TERMINAL_PHASES as ROLLOUT_TERMINAL
+    from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
+    from model_rollouts.engine import rollout as rollout_engine
+
     now = now or datetime.now(UTC)
     raw_spec = obj.get("spec") or {}
     raw_status = _clean_status(obj)
@@ -323,6 +327,12 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
 
 
 def experiment_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
+    from pydantic import ValidationError
+
+    from model_rollouts.api.common import parse_duration
+    from model_rollouts.api.experiment import ModelExperimentSpec, ModelExperimentStatus
+    from model_rollouts.engine import experiment as experiment_engine
+
     now = now or datetime.now(UTC)
     raw_spec = obj.get("spec") or {}
     raw_status = _clean_status(obj)

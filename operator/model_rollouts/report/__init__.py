@@ -4,6 +4,21 @@ Rendered from the object alone (``status.series``, ``status.history``, the spec'
 works on a saved object (``--from-file``) as well as on a live cluster.
 """
 
-from model_rollouts.report.document import FORMATS, Written, write
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model_rollouts.report.document import FORMATS, Written, write
 
 __all__ = ["FORMATS", "Written", "write"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: document loads matplotlib, which registering the `report` command in
+    # `kubectl mlrollouts` (and its --help) does not need.
+    if name in __all__:
+        from model_rollouts.report import document
+
+        return getattr(document, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
