@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HEAVY = ("scipy", "matplotlib", "kubernetes", "jsonschema", "pydantic", "numpy")
+HEAVY = ("scipy", "matplotlib", "kubernetes", "urllib3", "jsonschema", "pydantic", "numpy")
 
 PROBE = """
 import json, sys

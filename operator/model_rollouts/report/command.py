@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import urllib3
 import yaml
 
 from model_rollouts.report.data import ReportError
@@ -36,6 +35,8 @@ def _from_file(path: str, ref: tuple[str, ...]) -> dict[str, Any]:
 def _from_cluster(
     ref: tuple[str, ...], kubeconfig: str | None, context: str | None, namespace: str | None
 ) -> Any:
+    import urllib3  # with the kubernetes client: loaded only for a report from the cluster
+
     from model_rollouts.cli.kube import CliError, Kube, parse_ref
 
     try:
