@@ -27,9 +27,9 @@ import yaml
 from kubernetes import client
 
 from tests.harness.cluster import CACHE, KUBE_VERSION
+from tests.harness.objects import CANDIDATE, STABLE, fraud_stack, fresh_fraud, phase, rollout
 from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE
-from tests.harness.stack import Stack, httproute
-from tests.integration.test_rollout import CANDIDATE, STABLE, rollout
+from tests.harness.stack import Stack
 
 P, X = "modelrollouts", "modelexperiments"
 PLUGIN = Path(sys.executable).parent / "kubectl-mlrollouts"
@@ -38,35 +38,13 @@ TMUX = shutil.which("tmux")
 
 @pytest.fixture(scope="module")
 def stack(real_components: None) -> Iterator[Stack]:
-    with Stack(
-        variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
-        route="fraud",
-        rps=50,
-        max_seconds=1500,
-    ) as s:
-        s.start_operator()
+    with fraud_stack(max_seconds=1500) as s:
         yield s
 
 
 @pytest.fixture()
 def fresh(stack: Stack) -> Iterator[Stack]:
-    stack.servers[CANDIDATE].set(error_rate=0.0)
-    stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
-    yield stack
-    co = client.CustomObjectsApi(stack.api)
-    for plural in (P, X):
-        for obj in co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, plural)[
-            "items"
-        ]:
-            co.delete_namespaced_custom_object(
-                "mlrollouts.io", "v1alpha1", stack.namespace, plural, obj["metadata"]["name"]
-            )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(
-        co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, plural)["items"]
-        for plural in (P, X)
-    ):
-        time.sleep(0.5)
+    yield from fresh_fraud(stack, P, X)
 
 
 def env(stack: Stack) -> dict[str, str]:
@@ -83,10 +61,6 @@ def plugin(stack: Stack, *args: str, timeout: float = 60) -> subprocess.Complete
         timeout=timeout,
         check=False,
     )
-
-
-def phase(obj: dict[str, Any]) -> str | None:
-    return (obj.get("status") or {}).get("phase")
 
 
 class Tmux:

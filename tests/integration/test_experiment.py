@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE, REQUESTS
+from tests.harness import objects
+from tests.harness.objects import delete_all, event_reasons, items, merge_sections, status
+from tests.harness.queries import REQUESTS
 from tests.harness.stack import Stack, httproute
 
 pytestmark = pytest.mark.integration
@@ -27,28 +29,16 @@ PLURAL = "modelexperiments"
 def experiment(name: str, prom: str, services: list[str], **extra: Any) -> dict[str, Any]:
     """Variants a (control), b, c on the given Services; ``extra`` merges into the spec's sections."""
     names = {A: "a", B: "b", C: "c"}
-    spec: dict[str, Any] = {
-        "variants": [{"name": names[svc], "service": svc, "control": svc == A} for svc in services],
-        "trafficRouting": {"gatewayAPI": {"httpRoute": ROUTE}},
-        "primaryMetric": {
-            "name": "positive-feedback",
-            "type": "proportion",
-            "successes": POSITIVE,
-            "trials": FEEDBACK,
-        },
-        "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 1}],
-        "successCriteria": {"minimumDetectableEffect": 0.1, "alpha": 0.05, "method": "sequential"},
-        "stoppingRules": {"minSamplesPerVariant": 150},
-        "analysis": {"interval": "5s", "window": "30s", "prometheus": {"address": prom, "timeout": "2s"}},
-    }
-    for key, value in extra.items():
-        spec[key] = {**spec[key], **value} if isinstance(value, dict) and key in spec else value
-    return {
-        "apiVersion": "mlrollouts.io/v1alpha1",
-        "kind": "ModelExperiment",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
+    doc = objects.experiment(
+        name,
+        prom,
+        [{"name": names[svc], "service": svc, "control": svc == A} for svc in services],
+        ROUTE,
+        successCriteria={"method": "sequential"},
+        stoppingRules={"minSamplesPerVariant": 150},
+    )
+    merge_sections(doc["spec"], extra)
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -75,22 +65,7 @@ def fresh(stack: Stack) -> Iterator[Stack]:
         stack.start_operator()
     yield stack
     stack.loadgen.set_skew({})
-    co = client.CustomObjectsApi(stack.api)
-    for obj in _experiments(stack):
-        co.delete_namespaced_custom_object(
-            "mlrollouts.io", "v1alpha1", stack.namespace, PLURAL, obj["metadata"]["name"]
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _experiments(stack):
-        time.sleep(0.5)
-
-
-def _experiments(stack: Stack) -> list[dict[str, Any]]:
-    got: dict[str, Any] = client.CustomObjectsApi(stack.api).list_namespaced_custom_object(  # type: ignore[assignment]
-        "mlrollouts.io", "v1alpha1", stack.namespace, PLURAL
-    )
-    items: list[dict[str, Any]] = got["items"]
-    return items
+    delete_all(stack, PLURAL)
 
 
 def start_split(stack: Stack, weights: dict[str, int]) -> None:
@@ -99,25 +74,12 @@ def start_split(stack: Stack, weights: dict[str, int]) -> None:
     time.sleep(2)  # the traffic generator re-reads the route every second
 
 
-def status(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj.get("status") or {}
-
-
 def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in status(obj).get("conditions", [])}
 
 
 def variants(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["name"]: v for v in status(obj).get("variants", [])}
-
-
-def event_reasons(stack: Stack, name: str) -> set[str]:
-    evs = (
-        client.CoreV1Api(stack.api)
-        .list_namespaced_event(stack.namespace, field_selector=f"involvedObject.name={name}")
-        .items
-    )
-    return {str(e.reason) for e in evs}
 
 
 def test_better_variant_is_promoted_with_the_numbers(fresh: Stack) -> None:
@@ -280,7 +242,7 @@ def test_concluded_stays_concluded_when_the_route_is_recreated_and_delete_leaves
     fresh.apply(httproute(ROUTE, fresh.namespace, {A: 0, B: 0, C: 100}))
     co.delete_namespaced_custom_object("mlrollouts.io", "v1alpha1", fresh.namespace, PLURAL, "ends")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(o["metadata"]["name"] == "ends" for o in _experiments(fresh)):
+    while time.monotonic() < deadline and any(o["metadata"]["name"] == "ends" for o in items(fresh, PLURAL)):
         time.sleep(0.5)
     time.sleep(2)
     assert fresh.route_weights() == {A: 0, B: 0, C: 100}
@@ -373,7 +335,7 @@ def test_specs_that_can_never_decide_are_rejected_by_the_api_server(fresh: Stack
     guard["spec"]["guardrails"].append({**guard["spec"]["guardrails"][0], "max": 0.9})
     err = create(guard)
     assert err.status == 422 and "Duplicate value" in str(err.body), err.body
-    assert not _experiments(fresh)
+    assert not items(fresh, PLURAL)
 
 
 def test_srm_ignores_the_start_up_transient_from_a_production_route(fresh: Stack) -> None:

@@ -21,8 +21,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.harness.stack import Stack, httproute
-from tests.integration.test_rollout import CANDIDATE, STABLE, rollout
+from tests.harness.objects import CANDIDATE, STABLE, fraud_stack, fresh_fraud, phase, rollout
+from tests.harness.stack import Stack
 
 P = "modelrollouts"
 OPERATOR_NS = "model-rollouts"  # the operator's namespace (manifests/rbac.yaml): provider Secrets live here
@@ -95,14 +95,10 @@ def sink() -> Iterator[Sink]:
 
 @pytest.fixture(scope="module")
 def stack(real_components: None, sink: Sink) -> Iterator[Stack]:
-    with Stack(
-        variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
-        route="fraud",
-        rps=50,
-        max_seconds=1200,
+    # Inline notification addresses: only the loopback sink (the default admits none).
+    with fraud_stack(
+        1200, operator_args=["--allowed-notification-address", re.escape(sink.url) + r"/[a-z]+"]
     ) as s:
-        # Inline notification addresses: only the loopback sink (the default admits none).
-        s.start_operator(["--allowed-notification-address", re.escape(sink.url) + r"/[a-z]+"])
         co = client.CustomObjectsApi(s.api)
         core = client.CoreV1Api(s.api)
         secret = client.V1Secret(
@@ -125,19 +121,7 @@ def stack(real_components: None, sink: Sink) -> Iterator[Stack]:
 
 @pytest.fixture()
 def fresh(stack: Stack) -> Iterator[Stack]:
-    stack.servers[CANDIDATE].set(error_rate=0.0)
-    stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
-    yield stack
-    co = client.CustomObjectsApi(stack.api)
-    for obj in co.list_namespaced_custom_object(G, V, stack.namespace, P)["items"]:
-        co.delete_namespaced_custom_object(G, V, stack.namespace, P, obj["metadata"]["name"])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and co.list_namespaced_custom_object(G, V, stack.namespace, P)["items"]:
-        time.sleep(0.5)
-
-
-def phase(obj: dict[str, Any]) -> str | None:
-    return (obj.get("status") or {}).get("phase")
+    yield from fresh_fraud(stack, P)
 
 
 def notified(name: str, steps: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:

@@ -25,12 +25,13 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.harness import objects
 from tests.harness.cluster import kubectl_apply
+from tests.harness.objects import delete_one, status
 from tests.harness.procs import REPO
-from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE, REQUESTS
+from tests.harness.queries import REQUESTS
 from tests.harness.stack import Stack, httproute
 from tests.unit.test_dashboards import MACROS, exported_names, metric_names, rule_exprs
 from tests.unit.test_dashboards import exprs as dashboard_exprs
@@ -60,53 +61,24 @@ def stack(real_components: None) -> Iterator[Stack]:
 
 
 def rollout(name: str, prom: str, candidate: str, **extra: Any) -> dict[str, Any]:
-    analysis: dict[str, Any] = {
-        "interval": "5s",
-        "window": "10s",
-        "prometheus": {"address": prom, "timeout": "2s"},
-        "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 1}],
-        "comparisons": [
-            {"name": "positive-feedback", "successes": POSITIVE, "trials": FEEDBACK, "test": "nonInferiority",
-             "margin": 0.1},
-        ],
-    }  # fmt: skip
-    analysis.update(extra.pop("analysis", {}))
-    spec = {
-        "stable": {"service": V1},
-        "candidate": {"service": candidate},
-        "trafficRouting": {"gatewayAPI": {"httpRoute": ROUTE}},
-        "steps": [{"setWeight": 30}, {"pause": {}}],
-        "analysis": analysis,
-        **extra,
-    }
-    return {"apiVersion": f"{G}/{V}", "kind": "ModelRollout", "metadata": {"name": name}, "spec": spec}
+    """V1 stable, ``candidate`` behind ROUTE; 30% then a pause unless ``steps`` says otherwise."""
+    steps = extra.pop("steps", [{"setWeight": 30}, {"pause": {}}])
+    return objects.rollout(
+        name, prom, steps, stable=V1, candidate={"service": candidate}, route=ROUTE, **extra
+    )
 
 
 def experiment(name: str, prom: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{G}/{V}",
-        "kind": "ModelExperiment",
-        "metadata": {"name": name},
-        "spec": {
-            "variants": [
-                {"name": "a", "service": V1, "control": True},
-                {"name": "b", "service": V2},
-            ],
-            "trafficRouting": {"gatewayAPI": {"httpRoute": ROUTE}},
-            "primaryMetric": {"name": "positive-feedback", "type": "proportion", "successes": POSITIVE,
-                              "trials": FEEDBACK},
-            "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 1}],
-            "successCriteria": {"minimumDetectableEffect": 0.1, "alpha": 0.05, "method": "sequential"},
-            # no decision before the SRM check has enough samples to speak
-            "stoppingRules": {"minSamplesPerVariant": 1000},
-            "analysis": {"interval": "5s", "window": "30s", "requests": REQUESTS,
-                         "prometheus": {"address": prom, "timeout": "2s"}},
-        },
-    }  # fmt: skip
-
-
-def status(o: dict[str, Any]) -> dict[str, Any]:
-    return o.get("status") or {}
+    """a (control, V1) vs b (V2), sequential; no decision before the SRM check has enough samples to speak."""
+    return objects.experiment(
+        name,
+        prom,
+        [{"name": "a", "service": V1, "control": True}, {"name": "b", "service": V2}],
+        ROUTE,
+        successCriteria={"method": "sequential"},
+        stoppingRules={"minSamplesPerVariant": 1000},
+        analysis={"requests": REQUESTS},
+    )
 
 
 def scrape(s: Stack) -> str:
@@ -141,21 +113,6 @@ def wait_firing(
     st = status(s.get(plural, name))
     why = {k: st.get(k) for k in ("phase", "message", "conditions", "reconcileErrors")}
     raise AssertionError(f"{alert} for {name} never fired within {timeout:.0f}s; last seen: {seen}; {why}")
-
-
-def delete(s: Stack, plural: str, name: str) -> None:
-    co = client.CustomObjectsApi(s.api)
-    with contextlib.suppress(ApiException):
-        co.delete_namespaced_custom_object(G, V, s.namespace, plural, name)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            co.get_namespaced_custom_object(G, V, s.namespace, plural, name)
-        except ApiException as e:
-            if e.status == 404:
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"{plural}/{name} was not deleted")
 
 
 def evaluate_board(s: Stack, file: str, values: dict[str, str]) -> dict[str, int]:
@@ -248,7 +205,7 @@ def test_dashboards_show_real_data_and_every_alert_fires(stack: Stack) -> None:
         assert time.monotonic() - t0 < 90, "the restarted operator never exported the rolled-back phase"
         time.sleep(1)
     print(f"after a restart, the rolled-back phase is exported again in {time.monotonic() - t0:.1f}s")
-    delete(s, "modelrollouts", "canary")
+    delete_one(s, "modelrollouts", "canary")
 
     # 3. A guardrail that never has data and a short progressDeadline (hold): the deadline alert.
     late = rollout(
@@ -271,7 +228,7 @@ def test_dashboards_show_real_data_and_every_alert_fires(stack: Stack) -> None:
         a["labels"].get("name") == "late" and a["labels"]["alertname"] == "ModelRolloutRolledBack"
         for a in alerts(s)
     )
-    delete(s, "modelrollouts", "late")
+    delete_one(s, "modelrollouts", "late")
 
     # 4. Route writes refused by an admission policy: the operator holds and retries; the alert fires.
     policy = {
@@ -311,7 +268,7 @@ def test_dashboards_show_real_data_and_every_alert_fires(stack: Stack) -> None:
     finally:
         adm.delete_validating_admission_policy_binding("obs-deny-route-writes")
         adm.delete_validating_admission_policy("obs-deny-route-writes")
-    delete(s, "modelrollouts", "denied")
+    delete_one(s, "modelrollouts", "denied")
 
     # 5. An experiment whose traffic is skewed towards b: its dashboard has data, then the SRM alert.
     s.apply(httproute(ROUTE, ns, {V1: 50, V2: 50, V3: 0}))
@@ -350,7 +307,7 @@ def test_dashboards_show_real_data_and_every_alert_fires(stack: Stack) -> None:
     print(f"{len(referenced)} metric names referenced, all exported")
 
     # 7. Deleting an object removes its series from /metrics.
-    delete(s, "modelexperiments", "ab")
+    delete_one(s, "modelexperiments", "ab")
     for name, kind in (("canary", kinds["modelrollouts"]), ("ab", kinds["modelexperiments"])):
         left = [ln for ln in scrape(s).splitlines() if f'name="{name}"' in ln and f'kind="{kind}"' in ln]
         assert not left, left[:5]

@@ -22,13 +22,12 @@ from PIL import Image
 
 from model_rollouts.report import write
 from model_rollouts.report.figures import DPI, PANEL_HEIGHT_IN, WIDTH_IN
-from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE
+from tests.harness import objects
+from tests.harness.objects import CANDIDATE, GROUP, ROUTE, STABLE, VERSION, phase, rollout, wait_none
 from tests.harness.stack import Stack, httproute
 
 pytestmark = pytest.mark.integration
 
-STABLE, CANDIDATE, ROUTE = "fraud-v1", "fraud-v2", "fraud"
-GROUP, VERSION = "mlrollouts.io", "v1alpha1"
 
 #: Injected at the top of a copy of the page: records script errors, failed resource loads (capture
 #: phase) and console.error calls, and after `load` writes them with the image counts into the DOM,
@@ -79,58 +78,19 @@ def load_in_chromium(page: Path) -> tuple[dict[str, Any], list[str]]:
     return json.loads(m.group(1)), console
 
 
-def rollout(name: str, prom: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "ModelRollout",
-        "metadata": {"name": name},
-        "spec": {
-            "stable": {"service": STABLE},
-            "candidate": {"service": CANDIDATE, "modelVersion": "2.0"},
-            "trafficRouting": {"gatewayAPI": {"httpRoute": ROUTE}},
-            "steps": steps,
-            "analysis": {
-                "interval": "5s",
-                "window": "10s",
-                "prometheus": {"address": prom, "timeout": "2s"},
-                "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 1}],
-                "comparisons": [
-                    {
-                        "name": "positive-feedback",
-                        "successes": POSITIVE,
-                        "trials": FEEDBACK,
-                        "test": "nonInferiority",
-                        "margin": 0.1,
-                    }
-                ],
-            },
-        },
-    }
-
-
 def experiment(name: str, prom: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "ModelExperiment",
-        "metadata": {"name": name},
-        "spec": {
-            "variants": [
-                {"name": "control", "service": STABLE, "control": True},
-                {"name": "treatment", "service": CANDIDATE},
-            ],
-            "trafficRouting": {"gatewayAPI": {"httpRoute": ROUTE}},
-            "primaryMetric": {
-                "name": "positive-feedback",
-                "type": "proportion",
-                "successes": POSITIVE,
-                "trials": FEEDBACK,
-            },
-            "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 2}],
-            "successCriteria": {"minimumDetectableEffect": 0.1, "alpha": 0.05},
-            "stoppingRules": {"minSamplesPerVariant": 100},
-            "analysis": {"interval": "5s", "window": "30s", "prometheus": {"address": prom, "timeout": "2s"}},
-        },
-    }
+    """control (stable) vs treatment (candidate): a guardrail breach needs two failures."""
+    return objects.experiment(
+        name,
+        prom,
+        [
+            {"name": "control", "service": STABLE, "control": True},
+            {"name": "treatment", "service": CANDIDATE},
+        ],
+        ROUTE,
+        guardrails=[objects.guardrail(failure_limit=2)],
+        stoppingRules={"minSamplesPerVariant": 100},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,20 +109,9 @@ def reset(stack: Stack, plural: str, name: str) -> None:
     client.CustomObjectsApi(stack.api).delete_namespaced_custom_object(
         GROUP, VERSION, stack.namespace, plural, name
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        items = client.CustomObjectsApi(stack.api).list_namespaced_custom_object(
-            GROUP, VERSION, stack.namespace, plural
-        )["items"]
-        if not items:
-            break
-        time.sleep(0.5)
+    wait_none(stack, plural)
     stack.servers[CANDIDATE].set(error_rate=0.0, positive_rate=0.5)
     stack.apply(httproute(ROUTE, stack.namespace, {STABLE: 100, CANDIDATE: 0}))
-
-
-def phase(obj: dict[str, Any]) -> str:
-    return str((obj.get("status") or {}).get("phase"))
 
 
 def check_png(path: Path, panels: int) -> None:

@@ -12,83 +12,21 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from model_rollouts.metrics.provider import render
-from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE
-from tests.harness.stack import Stack, WeightRecorder, httproute
-
-STABLE, CANDIDATE = "fraud-v1", "fraud-v2"
-
-
-def rollout(name: str, prom: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    analysis = {
-        "interval": "5s",
-        "window": "10s",
-        "prometheus": {"address": prom, "timeout": "2s"},
-        "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 1}],
-        "comparisons": [
-            {
-                "name": "positive-feedback",
-                "successes": POSITIVE,
-                "trials": FEEDBACK,
-                "test": "nonInferiority",
-                "margin": 0.1,
-            }
-        ],
-    }
-    analysis.update(extra.pop("analysis", {}))
-    return {
-        "apiVersion": "mlrollouts.io/v1alpha1",
-        "kind": "ModelRollout",
-        "metadata": {"name": name},
-        "spec": {
-            "stable": {"service": STABLE},
-            "candidate": {"service": CANDIDATE, "modelVersion": "2.0"},
-            "trafficRouting": {"gatewayAPI": {"httpRoute": "fraud"}},
-            "steps": steps,
-            "analysis": analysis,
-            **extra,
-        },
-    }
+from tests.harness.objects import CANDIDATE, STABLE, fraud_stack, fresh_fraud, phase, rollout
+from tests.harness.queries import ERROR_RATE
+from tests.harness.stack import Stack, WeightRecorder
 
 
 @pytest.fixture(scope="module")
 def stack(real_components: None) -> Iterator[Stack]:
-    with Stack(
-        variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
-        route="fraud",
-        rps=50,
-        max_seconds=1200,
-    ) as s:
-        s.start_operator()
+    with fraud_stack(max_seconds=1200) as s:
         yield s
 
 
 @pytest.fixture()
 def fresh(stack: Stack) -> Iterator[Stack]:
     """Each test starts with all traffic on stable and a healthy candidate."""
-    stack.servers[CANDIDATE].set(error_rate=0.0)
-    if stack.operator is None:
-        stack.start_operator()
-    stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
-    yield stack
-    co = client.CustomObjectsApi(stack.api)
-    for obj in co.list_namespaced_custom_object(
-        "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts"
-    )["items"]:
-        co.delete_namespaced_custom_object(
-            "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", obj["metadata"]["name"]
-        )
-    deadline = time.monotonic() + 30
-    while (
-        time.monotonic() < deadline
-        and co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts")[
-            "items"
-        ]
-    ):
-        time.sleep(0.5)
-
-
-def phase(obj: dict[str, Any]) -> str | None:
-    return (obj.get("status") or {}).get("phase")
+    yield from fresh_fraud(stack, "modelrollouts", restart_operator=True)
 
 
 def test_good_candidate_is_promoted_with_weights_in_step_order(fresh: Stack) -> None:

@@ -21,8 +21,10 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tests.harness import objects
 from tests.harness.cluster import kubectl_apply, write_kubeconfig
 from tests.harness.faultproxy import FaultProxy, Faults
+from tests.harness.objects import cond, delete_all, phase, weight
 from tests.harness.procs import stop_proc
 from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE
 from tests.harness.stack import Stack, httproute
@@ -36,22 +38,10 @@ OPERATOR_NS = "model-rollouts"
 
 
 def rollout(name: str, prom: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    analysis: dict[str, Any] = {
-        "interval": "5s",
-        "window": "10s",
-        "prometheus": {"address": prom, "timeout": "2s"},
-        "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.05, "failureLimit": 1}],
-    }
-    analysis.update(extra.pop("analysis", {}))
-    spec = {
-        "stable": {"service": V1},
-        "candidate": {"service": V2},
-        "trafficRouting": {"gatewayAPI": {"httpRoute": ROUTE}},
-        "steps": steps,
-        "analysis": analysis,
-    }
-    spec.update(extra)
-    return {"apiVersion": f"{G}/{V}", "kind": "ModelRollout", "metadata": {"name": name}, "spec": spec}
+    """Guardrail only (no comparison), V1 stable and V2 candidate behind ROUTE."""
+    return objects.rollout(
+        name, prom, steps, stable=V1, candidate={"service": V2}, route=ROUTE, compare=False, **extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +64,7 @@ def fresh(stack: Stack) -> Iterator[Stack]:
         stack.start_operator()
     stack.apply(httproute(ROUTE, stack.namespace, {V1: 100, V2: 0, V3: 0}))
     yield stack
-    co = client.CustomObjectsApi(stack.api)
-    for obj in co.list_namespaced_custom_object(G, V, stack.namespace, P)["items"]:
-        with contextlib.suppress(ApiException):
-            co.delete_namespaced_custom_object(G, V, stack.namespace, P, obj["metadata"]["name"])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and co.list_namespaced_custom_object(G, V, stack.namespace, P)["items"]:
-        time.sleep(0.5)
-
-
-def phase(o: dict[str, Any]) -> str | None:
-    return (o.get("status") or {}).get("phase")
-
-
-def weight(o: dict[str, Any]) -> int | None:
-    return (o.get("status") or {}).get("weight")
-
-
-def cond(o: dict[str, Any], t: str) -> dict[str, Any]:
-    return next((c for c in (o.get("status") or {}).get("conditions", []) if c["type"] == t), {})
+    delete_all(stack, P, ignore_errors=True)
 
 
 class Watcher:

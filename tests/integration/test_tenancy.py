@@ -16,9 +16,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.harness.stack import Stack, httproute
+from tests.harness.objects import CANDIDATE, CLUSTER_PROVIDERS, fraud_stack, fresh_fraud, phase, rollout
+from tests.harness.stack import Stack
 from tests.harness.tenancy import RecordingServer, cluster_provider
-from tests.integration.test_rollout import CANDIDATE, STABLE, rollout
 
 P = "modelrollouts"
 OPERATOR_NS = "model-rollouts"  # where manifests/rbac.yaml puts the operator; provider Secrets live here
@@ -26,40 +26,13 @@ OPERATOR_NS = "model-rollouts"  # where manifests/rbac.yaml puts the operator; p
 
 @pytest.fixture(scope="module")
 def stack(real_components: None) -> Iterator[Stack]:
-    with Stack(
-        variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
-        route="fraud",
-        rps=50,
-        max_seconds=1200,
-    ) as s:
-        s.start_operator()
+    with fraud_stack(max_seconds=1200) as s:
         yield s
 
 
 @pytest.fixture()
 def fresh(stack: Stack) -> Iterator[Stack]:
-    stack.servers[CANDIDATE].set(error_rate=0.0)
-    stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
-    yield stack
-    co = client.CustomObjectsApi(stack.api)
-    for obj in co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, P)["items"]:
-        co.delete_namespaced_custom_object(
-            "mlrollouts.io", "v1alpha1", stack.namespace, P, obj["metadata"]["name"]
-        )
-    for obj in co.list_cluster_custom_object("mlrollouts.io", "v1alpha1", "clustermetricproviders")["items"]:
-        co.delete_cluster_custom_object(
-            "mlrollouts.io", "v1alpha1", "clustermetricproviders", obj["metadata"]["name"]
-        )
-    deadline = time.monotonic() + 30
-    while (
-        time.monotonic() < deadline
-        and co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, P)["items"]
-    ):
-        time.sleep(0.5)
-
-
-def phase(obj: dict[str, Any]) -> str | None:
-    return (obj.get("status") or {}).get("phase")
+    yield from fresh_fraud(stack, P, cluster=[CLUSTER_PROVIDERS])
 
 
 def secret(stack: Stack, namespace: str, name: str, value: str) -> None:

@@ -15,9 +15,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tests.harness.objects import CANDIDATE, STABLE, fraud_stack, rollout
 from tests.harness.stack import Stack, httproute
 from tests.harness.tenancy import RecordingServer
-from tests.integration.test_rollout import CANDIDATE, STABLE, rollout
 
 P = "modelrollouts"
 Doc = dict[str, Any]
@@ -177,13 +177,7 @@ INVALID: list[tuple[str, Callable[[Doc], None], str]] = [
 
 @pytest.fixture(scope="module")
 def stack(real_components: None) -> Iterator[Stack]:
-    with Stack(
-        variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
-        route="fraud",
-        rps=5,
-        max_seconds=600,
-    ) as s:
-        s.start_operator()
+    with fraud_stack(600, rps=5) as s:
         yield s
 
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from kubernetes import client
 
+from tests.harness.objects import CANDIDATE, STABLE, fraud_stack, rollout
 from tests.harness.stack import Stack, httproute
 from tests.harness.tenancy import cluster_provider
-from tests.integration.test_rollout import CANDIDATE, STABLE, rollout
 
 P = "modelrollouts"
 BLACKHOLED = 40
@@ -20,13 +20,7 @@ INTERVAL = 5.0
 
 @pytest.fixture(scope="module")
 def stack(real_components: None) -> Iterator[Stack]:
-    with Stack(
-        variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
-        route="fraud",
-        rps=50,
-        max_seconds=900,
-    ) as s:
-        s.start_operator()
+    with fraud_stack(900) as s:
         yield s
 
 
