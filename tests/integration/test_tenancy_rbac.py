@@ -28,9 +28,9 @@ import yaml
 from kubernetes import client
 
 from tests.harness.cluster import CACHE, KUBE_VERSION, kubectl_apply
+from tests.harness.objects import CANDIDATE, STABLE, rollout
 from tests.harness.procs import REPO
 from tests.harness.stack import MANAGED_BY, Stack
-from tests.integration.test_rollout import CANDIDATE, STABLE, rollout
 
 NS = "ml"  # the tenants' namespace (alice may edit there, bob may view)
 OTHER = "team-b"  # a namespace neither user has rights in
