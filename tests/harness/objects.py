@@ -152,7 +152,9 @@ COMPARISON: dict[str, Any] = {
     "successes": POSITIVE,
     "trials": FEEDBACK,
     "test": "nonInferiority",
-    "margin": 0.1,
+    # Wide enough that a healthy candidate passes within about a minute at the harness's traffic even
+    # on an unlucky run (at 0.1 one CI run in ~15 sat 2 minutes with the bound at -0.105).
+    "margin": 0.15,
 }
 
 

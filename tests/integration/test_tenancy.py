@@ -212,7 +212,7 @@ def templated_rollout(
     doc = rollout(name, prom, [{"setWeight": 20}, {"setWeight": 60}, {"setWeight": 100}])
     doc["spec"]["analysis"]["guardrails"] = [{"name": "errors", "templateRef": guardrail_ref, "max": 0.05}]
     doc["spec"]["analysis"]["comparisons"] = [
-        {"name": "feedback", "templateRef": feedback_ref, "test": "nonInferiority", "margin": 0.1}
+        {"name": "feedback", "templateRef": feedback_ref, "test": "nonInferiority", "margin": 0.15}
     ]
     return doc
 
