@@ -232,7 +232,8 @@ def test_metrics_answer_and_are_scraped(installed: tuple[Stack, dict[str, Any], 
 
 
 def test_namespaced_mode_promotes_with_roles_only(installed: tuple[Stack, dict[str, Any], int]) -> None:
-    """`helm upgrade` to namespaced mode: Roles in the watched namespace, no ClusterRole at all."""
+    """`helm upgrade` to namespaced mode: Roles in the watched namespace; the one ClusterRole left only
+    reads the platform's cluster-scoped kinds (rbac.clusterMetricKinds, default on)."""
     stack, _, health_port = installed
     repo, _, tag = IMAGE.rpartition(":")
     values = {
@@ -248,5 +249,9 @@ def test_namespaced_mode_promotes_with_roles_only(installed: tuple[Stack, dict[s
     roles = client.RbacAuthorizationV1Api(stack.api).list_cluster_role(
         label_selector=f"app.kubernetes.io/instance={RELEASE}"
     )
-    assert roles.items == []
+    cluster_scoped = {"clustermetricproviders", "clustermetrictemplates", "clusternotificationproviders"}
+    for role in roles.items:
+        for rule in role.rules or []:
+            assert set(rule.verbs) <= {"get", "list", "watch"}, (role.metadata.name, rule)
+            assert set(rule.resources or []) <= cluster_scoped, (role.metadata.name, rule)
     _promote(stack, "e2e-namespaced")
