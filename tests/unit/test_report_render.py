@@ -246,3 +246,21 @@ def test_the_plugin_has_the_report_command(promoted: dict[str, Any], tmp_path: P
     assert res.exit_code == 0, res.output
     with Image.open(tmp_path / "promoted-report.png") as im:
         assert im.format == "PNG" and im.size[0] == round(WIDTH_IN * DPI)
+
+
+def test_a_report_after_a_new_revision_shows_only_that_revision(promoted: dict[str, Any]) -> None:
+    """A promotion and the next revision's start in the same second: the old Promoted (weight 100)
+    is not drawn as the new candidate's traffic, and every panel shares the revision's time range."""
+    obj = yaml.safe_load(yaml.safe_dump(promoted))
+    history = obj["status"]["history"]
+    same_second = history[-1]["time"]
+    history.append(
+        {"time": same_second, "event": "NewRevision", "phase": "Progressing", "weight": 0,
+         "reason": "NewRevision", "message": "candidate changed"}
+    )  # fmt: skip
+    obj["status"]["revisionStartedAt"] = same_second
+    obj["status"]["series"] = []
+    r = load(obj)
+    assert [d.event for d in r.decisions] == ["NewRevision"]
+    fig = render_all(panels_of(r), r.title)
+    assert len({tuple(ax.get_xlim()) for ax in fig.axes}) == 1

@@ -29,6 +29,10 @@ USER_REASONS = {
 }
 
 
+#: History events that open a rollout revision; the report starts at the last of them.
+REVISION_STARTS = ("Started", "NewRevision")
+
+
 class ReportError(ValueError):
     """The object cannot be reported on (names the field)."""
 
@@ -79,6 +83,11 @@ class Report:
     def times(self) -> list[datetime]:
         return [parse_time(p["time"]) for p in self.series]
 
+    def span(self) -> tuple[datetime, datetime] | None:
+        """First and last time the report shows (analyses and decisions): every time axis uses it."""
+        ts = self.times() + [d.time for d in self.decisions]
+        return (min(ts), max(ts)) if ts else None
+
     def annotations_of_ours(self) -> dict[str, str]:
         return {k: v for k, v in sorted(self.annotations.items()) if k.startswith(ANNOTATION_PREFIX)}
 
@@ -127,10 +136,14 @@ def load(obj: dict[str, Any]) -> Report:
     marks = [parse_time(x) for x in (status.get("revisionStartedAt"), status.get("startedAt")) if x]
     marks += [parse_time(p["time"]) for p in r.series[:1]]
     since = min(marks) if marks else None
-    for i, h in enumerate(status.get("history") or []):
+    history = status.get("history") or []
+    # A promotion and the next revision's start can share a second: position, not time, separates them.
+    starts = [i for i, h in enumerate(history) if h.get("event") in REVISION_STARTS]
+    first = starts[-1] if starts and kind != EXPERIMENT else 0
+    for i, h in enumerate(history):
         if "time" not in h:
             raise ReportError(f"status.history[{i}].time is missing")
-        if since is not None and parse_time(h["time"]) < since:
+        if i < first or (since is not None and parse_time(h["time"]) < since):
             continue
         reason, event = str(h.get("reason") or ""), str(h.get("event") or "")
         r.decisions.append(

@@ -10,7 +10,7 @@ import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from model_rollouts.report.data import (
@@ -51,7 +51,11 @@ class Panel:
     draw: Callable[[Axes], None]
 
 
-def _fmt_time_axis(ax: Axes, start: datetime | None) -> None:
+def _fmt_time_axis(ax: Axes, start: datetime | None, span: tuple[datetime, datetime] | None = None) -> None:
+    if span is not None:  # every panel of a report on one time range, even one with a single point
+        lo, hi = span
+        pad = max((hi - lo) * 0.03, timedelta(seconds=1))
+        ax.set_xlim(mdates.date2num(lo - pad), mdates.date2num(hi + pad))
     locator = mdates.AutoDateLocator(tz=UTC, minticks=4, maxticks=9)
     locator.intervald[mdates.SECONDLY] = [1, 2, 5, 10, 15, 30]
     locator.intervald[mdates.MINUTELY] = [1, 2, 5, 10, 15, 30]
@@ -154,7 +158,7 @@ def rollout_panels(r: Report) -> list[Panel]:
         ax.set_ylim(-3, 103)
         ax.set_ylabel("candidate weight (% of traffic)")
         _markers(ax, r.decisions, label=True)
-        _fmt_time_axis(ax, start)
+        _fmt_time_axis(ax, start, r.span())
         _legend(ax)
 
     panels = [
@@ -208,7 +212,7 @@ def _comparison_panel(r: Report, c: dict[str, Any], start: datetime | None) -> P
             _zoom(ax, [0.0, threshold * scale, *diff, lo[-1], hi[-1]])
         ax.set_ylabel(f"difference ({unit})")
         _markers(ax, r.decisions, label=False)
-        _fmt_time_axis(ax, start)
+        _fmt_time_axis(ax, start, r.span())
         _legend(ax)
 
     goal = "passes once the whole interval is " + (
@@ -256,7 +260,7 @@ def _guardrail_panel(r: Report, g: dict[str, Any], start: datetime | None, varia
             ax.set_ylim(0, top)
         ax.set_ylabel(f"{name} (units of its query)")
         _markers(ax, r.decisions, label=False)
-        _fmt_time_axis(ax, start)
+        _fmt_time_axis(ax, start, r.span())
         _legend(ax)
 
     parts = [f"at least {lo:g}" if lo is not None else "", f"at most {hi:g}" if hi is not None else ""]
@@ -303,7 +307,7 @@ def experiment_panels(r: Report) -> list[Panel]:
         ax.set_ylim(0, 100)
         ax.set_ylabel("weight (% of traffic)")
         _markers(ax, r.decisions, label=True)
-        _fmt_time_axis(ax, start)
+        _fmt_time_axis(ax, start, r.span())
         _legend(ax)
 
     def estimates(ax: Axes) -> None:
@@ -318,7 +322,7 @@ def experiment_panels(r: Report) -> list[Panel]:
             _no_data(ax, "estimate")
         ax.set_ylabel(f"{metric} ({'%' if proportion else 'metric units'})")
         _markers(ax, r.decisions, label=False)
-        _fmt_time_axis(ax, start)
+        _fmt_time_axis(ax, start, r.span())
         _legend(ax)
 
     def differences(ax: Axes) -> None:
@@ -346,7 +350,7 @@ def experiment_panels(r: Report) -> list[Panel]:
                            label=f"± MDE {float(mde) * scale:.3g}" if s == 1 else None)  # fmt: skip
         ax.set_ylabel(f"difference ({unit})")
         _markers(ax, r.decisions, label=False)
-        _fmt_time_axis(ax, start)
+        _fmt_time_axis(ax, start, r.span())
         _legend(ax)
 
     def pvalues(ax: Axes) -> None:
@@ -372,7 +376,7 @@ def experiment_panels(r: Report) -> list[Panel]:
             ax.axhline(thr, color="#009E73", linestyle="--", linewidth=1.2, label=f"threshold {thr:g}")
             ax.set_ylabel("P(best)")
         _markers(ax, r.decisions, label=False)
-        _fmt_time_axis(ax, start)
+        _fmt_time_axis(ax, start, r.span())
         _legend(ax)
 
     def srm(ax: Axes) -> None:
@@ -395,7 +399,7 @@ def experiment_panels(r: Report) -> list[Panel]:
         ax.axhline(srm_alpha, color="#D55E00", linestyle="--", linewidth=1.2, label=f"srmAlpha {srm_alpha:g}")
         ax.set_ylabel("p-value (log)")
         _markers(ax, r.decisions, label=False)
-        _fmt_time_axis(ax, start)
+        _fmt_time_axis(ax, start, r.span())
         _legend(ax)
 
     bandit = strategy == "thompson"
