@@ -155,7 +155,7 @@ def test_get_watch_in_a_terminal_shows_weights_and_intervals_and_exits_when_prom
     assert shown <= {(100, 0), (80, 20), (50, 50), (0, 100)}, shown
     number = r"[-+][\d.e-]+"
     ci = re.compile(
-        r"positive-feedback\s+nonInferiority m=0\.1\s+\S+\s+\S+\s+[\d,]+/[\d,]+\s+\S+\s+"
+        r"positive-feedback\s+nonInferiority m=0\.15\s+\S+\s+\S+\s+[\d,]+/[\d,]+\s+\S+\s+"
         rf"\[{number}, {number}\]"
     )
     assert any(ci.search(s) for s in running), running[-1]
