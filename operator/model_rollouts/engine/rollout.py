@@ -220,7 +220,7 @@ def _reconcile(
     generation: int,
     annotations: dict[str, str] | None = None,
     observations: Observations | None = None,
-    gates: tuple[Mapping[str, GateAnswer], list[str]] = ({}, []),
+    gates: tuple[Mapping[str, GateAnswer], list[str]],
 ) -> Decision:
     s = status.model_copy(deep=True)
     actions: list[Event] = []
