@@ -1,4 +1,7 @@
-"""Argo CD's Lua for resource health and actions, run as Argo CD runs it.
+"""Argo CD's Lua for resource health and actions, run as Argo CD runs it, in two interpreters.
+
+``run_script`` (lupa's C Lua 5.1) and ``run_gopher`` (gopher-lua v1.1.2, the interpreter Argo CD
+embeds, through hack/argocd-lua built by `make tools`) take away the same libraries.
 
 Argo CD (util/lua/lua.go) runs a script from argocd-cm in gopher-lua, a Lua 5.1, created with
 SkipOpenLibs, then opens only the package, base and table libraries and its "safe" os (time and
@@ -94,6 +97,50 @@ def run_script(script: Path, obj: dict[str, Any]) -> Any:
         "if f == nil then error(err) end; return f() end"
     )
     return _restore_empty_arrays(_to_py(lua, fn(script.read_text(), "@" + script.name)), original)
+
+
+def gopher_binary() -> Path | None:
+    """hack/argocd-lua as built by hack/build-tools.sh (`make tools`), or None."""
+    from tests.harness.cluster import CACHE
+
+    path = CACHE / "tools" / "bin" / "argocd-lua"
+    return path if path.is_file() else None
+
+
+def run_gopher_many(cases: list[tuple[Path, dict[str, Any]]]) -> list[Any]:
+    """Run each (script, obj) in gopher-lua with Argo CD's libraries; each result as Python
+    (an exception's text becomes ``{"error": ...}``). Empty maps restored as Argo CD does."""
+    import json
+    import subprocess
+
+    binary = gopher_binary()
+    assert binary is not None, "argocd-lua is not built: `make tools`"
+    req = {"frozenTime": FROZEN_TIME, "cases": [{"script": str(p), "obj": o} for p, o in cases]}
+    proc = subprocess.run([str(binary)], input=json.dumps(req), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = []
+    for (_, obj), res in zip(cases, json.loads(proc.stdout), strict=True):
+        out.append({"error": res["error"]} if "error" in res else _restore_empty_arrays(res["result"], obj))
+    return out
+
+
+def run_gopher(script: Path, obj: dict[str, Any]) -> Any:
+    """Like run_script, under gopher-lua (a script error raises)."""
+    (res,) = run_gopher_many([(script, copy.deepcopy(obj))])
+    if isinstance(res, dict) and set(res) == {"error"}:
+        raise RuntimeError(res["error"])
+    return _ints(res)
+
+
+def _ints(value: Any) -> Any:
+    """JSON numbers from Lua are floats; whole ones compare as the ints the fixtures hold."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
 
 
 def kinds() -> list[Path]:

@@ -5,13 +5,22 @@ drives ModelRollouts and ModelExperiments through their phases, and writes each 
 API server returns it (less managedFields) into
 manifests/argocd/resource_customizations/mlrollouts.io/<Kind>/testdata/, then the action
 fixtures (input + the annotation the action sets) and the two test files. The expected health
-comes from the phase table the README documents, not from running the Lua.
+comes from the rules the README documents (expected_health), not from running the Lua.
+
+``held`` (run after ``rollouts`` and ``experiments``, or alone: its cases are merged into the
+test files) captures the states that wait for a human: a hold past progressDeadline, an
+inconclusive comparison held, an error limit held, route writes refused 3 times in a row, and a
+concluded experiment whose spec became invalid afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +52,10 @@ def clean(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
+FINISHED = {"Promoted", "Idle", "Concluded", "RolledBack", "Aborted"}
+PERSISTENT_RECONCILE_ERRORS = 3  # the ModelRolloutReconcileErrors alert's threshold
+
+
 def expected_health(obj: dict[str, Any], kind: str) -> dict[str, str]:
     """The documented semantics, written out independently of health.lua."""
     st = obj.get("status") or {}
@@ -52,10 +65,25 @@ def expected_health(obj: dict[str, Any], kind: str) -> dict[str, str]:
         return {"status": "Progressing", "message": f"Waiting for the operator to pick up the {what}"}
     if gen is not None and st.get("observedGeneration", 0) < gen:
         return {"status": "Progressing", "message": f"Waiting for the operator to observe generation {gen}"}
-    valid = next((c for c in st.get("conditions", []) if c["type"] == "Valid"), None)
+    conds = {c["type"]: c for c in st.get("conditions", [])}
+    valid = conds.get("Valid")
     message = st.get("message") or st["phase"]
+
+    def why(c: dict[str, Any]) -> str:
+        return f"{c['reason']}: {c['message']}" if c.get("message") else c["reason"]
+
+    if st["phase"] in FINISHED:  # a finished object keeps its outcome, whatever comes after
+        return {"status": HEALTH[st["phase"]], "message": message}
     if st["phase"] == "Invalid" or (valid and valid["status"] == "False"):
         return {"status": "Degraded", "message": (valid or {}).get("message") or message}
+    rec = conds.get("ReconcileError")
+    if rec and rec["status"] == "True" and st.get("reconcileErrors", 0) >= PERSISTENT_RECONCILE_ERRORS:
+        return {"status": "Degraded", "message": "ReconcileError " + why(rec)}
+    if conds.get("Healthy", {}).get("status") == "False":
+        return {"status": "Degraded", "message": why(conds["Healthy"])}
+    prog = conds.get("Progressing", {})
+    if prog.get("status") == "False" and not (kind == "ModelExperiment" and st["phase"] == "Paused"):
+        return {"status": "Suspended" if prog["reason"] == "GateClosed" else "Degraded", "message": why(prog)}
     status = HEALTH[st["phase"]]
     if status == "Progressing" and kind == "ModelRollout" and "weight" in st:
         message = f"{message} (candidate weight {st['weight']}%)"
@@ -85,6 +113,14 @@ class Capture:
         self.stack.wait_for(
             self.plural, name, lambda o: (o.get("status") or {}).get("phase") in phases, timeout
         )
+
+    def merge_tests(self) -> None:
+        """Add this run's cases to health_test.yaml, replacing those with the same inputPath."""
+        path = self.dir / "health_test.yaml"
+        old = yaml.safe_load(path.read_text())["tests"] if path.exists() else []
+        mine = {c["inputPath"] for c in self.cases}
+        tests = [c for c in old if c["inputPath"] not in mine] + self.cases
+        path.write_text(yaml.safe_dump({"tests": tests}, sort_keys=False))
 
     def write_tests(
         self, discovery: dict[str, list[tuple[str, bool]]], actions: list[tuple[str, str]]
@@ -121,6 +157,11 @@ class Capture:
         (adir / "action_test.yaml").write_text(
             yaml.safe_dump({"discoveryTests": disc, "actionTests": tests}, sort_keys=False)
         )
+
+
+def promotable(enabled: bool) -> list[tuple[str, bool]]:
+    """promote (past the current step) and promote-full (to 100%): offered together."""
+    return [("promote", not enabled), ("promote-full", not enabled)]
 
 
 def rollouts() -> None:
@@ -181,21 +222,22 @@ def rollouts() -> None:
         cap.save("generation-not-observed", "bad")
         cap.write_tests(
             discovery={
-                "progressing": [("promote", False), ("abort", False), ("resume", True), ("retry", True)],
+                "progressing": [*promotable(True), ("abort", False), ("resume", True), ("retry", True)],
                 "paused-manual-gate": [
-                    ("promote", False),
+                    *promotable(True),
                     ("abort", False),
                     ("resume", False),
                     ("retry", True),
                 ],
-                "paused-by-spec": [("promote", False), ("abort", False), ("resume", True), ("retry", True)],
-                "promoted": [("promote", True), ("abort", True), ("resume", True), ("retry", True)],
-                "rolled-back": [("promote", True), ("abort", True), ("resume", True), ("retry", False)],
-                "aborted": [("promote", True), ("abort", True), ("resume", True), ("retry", False)],
-                "invalid": [("promote", True), ("abort", False), ("resume", True), ("retry", True)],
+                "paused-by-spec": [*promotable(True), ("abort", False), ("resume", True), ("retry", True)],
+                "promoted": [*promotable(False), ("abort", True), ("resume", True), ("retry", True)],
+                "rolled-back": [*promotable(False), ("abort", True), ("resume", True), ("retry", False)],
+                "aborted": [*promotable(False), ("abort", True), ("resume", True), ("retry", False)],
+                "invalid": [*promotable(False), ("abort", False), ("resume", True), ("retry", True)],
             },
             actions=[
                 ("promote", "progressing"),
+                ("promote-full", "progressing"),
                 ("abort", "progressing"),
                 ("resume", "paused-manual-gate"),
                 ("retry", "rolled-back"),
@@ -268,10 +310,184 @@ def experiments() -> None:
         )
 
 
+OPERATOR_USER = "system:serviceaccount:model-rollouts:model-rollouts"
+
+
+@contextlib.contextmanager
+def route_writes_denied(s: Stack, route: str) -> Iterator[None]:
+    """A ValidatingAdmissionPolicy refusing the operator's updates of one HTTPRoute."""
+    from tests.harness.cluster import kubectl_apply
+
+    name = "capture-deny-route-writes"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {"apiGroups": ["gateway.networking.k8s.io"], "apiVersions": ["*"],
+                     "operations": ["UPDATE"], "resources": ["httproutes"]}
+                ]
+            },
+            "validations": [
+                {"expression": f"request.userInfo.username != '{OPERATOR_USER}' || "
+                               f"object.metadata.name != '{route}'",
+                 "message": "route writes refused by a cluster policy"}
+            ],
+        },
+    }  # fmt: skip
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
+    }
+    kubectl_apply(s.api, [policy, binding])
+    time.sleep(2)  # the policy takes effect
+    try:
+        yield
+    finally:
+        adm = client.AdmissionregistrationV1Api(s.api)
+        adm.delete_validating_admission_policy_binding(name)
+        adm.delete_validating_admission_policy(name)
+
+
+@contextlib.contextmanager
+def prometheus_stopped(s: Stack) -> Iterator[None]:
+    """SIGSTOP the stack's Prometheus: every query times out until SIGCONT."""
+    assert s.prom is not None and s.prom._proc is not None
+    pid = s.prom._proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def condition(o: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next((c for c in (o.get("status") or {}).get("conditions", []) if c["type"] == ctype), {})
+
+
+def held_rollouts() -> None:
+    from tests.integration.test_rollout import rollout
+
+    v1, v2 = "fraud-v1", "fraud-v2"
+    with Stack(
+        variants={v1: {"error_rate": 0.0}, v2: {"error_rate": 0.0}}, route="fraud", rps=50, max_seconds=600
+    ) as s:
+        assert s.prom is not None
+        prom = s.prom.url
+        cap = Capture(s, "ModelRollout", "modelrollouts")
+        s.start_operator()
+
+        def on_route(name: str, steps: list[dict[str, Any]], **extra: Any) -> None:
+            s.apply(httproute(name, s.namespace, {v1: 100, v2: 0}))
+            doc = rollout(name, prom, steps, **extra)
+            doc["spec"]["trafficRouting"] = {"gatewayAPI": {"httpRoute": name}}
+            s.apply(doc)
+
+        # A guardrail that never has data, held past a short progressDeadline (onProgressDeadline hold).
+        absent = {"name": "absent", "query": 'sum(no_such_metric{service="{{ service }}"})', "max": 1}
+        on_route(
+            "late",
+            [{"setWeight": 30}, {"setWeight": 60}],
+            analysis={"guardrails": [absent], "comparisons": []},
+            progressDeadline="8s",
+            onProgressDeadline="hold",
+        )
+        # Equal versions and a tiny margin: the comparison stays undecided before 100% (onInconclusive hold).
+        tight = rollout("tight", prom, [{"setWeight": 50}, {"setWeight": 100}], progressDeadline="20s")
+        tight["spec"]["analysis"]["comparisons"][0]["margin"] = 0.001
+        tight["spec"]["analysis"]["onInconclusive"] = "hold"
+        s.apply(tight)
+        with route_writes_denied(s, "denied"):
+            on_route("denied", [{"setWeight": 20}, {"setWeight": 100}])
+            s.wait_for(
+                "modelrollouts",
+                "denied",
+                lambda o: (o.get("status") or {}).get("reconcileErrors", 0) >= 3,
+                120,
+            )
+            cap.save("reconcile-error", "denied")
+        s.wait_for("modelrollouts", "late", lambda o: condition(o, "Progressing").get("reason") ==
+                   "ProgressDeadlineExceeded", 120)  # fmt: skip
+        cap.save("deadline-held", "late")
+        s.wait_for("modelrollouts", "tight", lambda o: condition(o, "Progressing").get("reason") ==
+                   "Inconclusive", 180)  # fmt: skip
+        cap.save("inconclusive-held", "tight")
+        frozen = rollout(
+            "frozen",
+            prom,
+            [{"setWeight": 20}, {"setWeight": 100}],
+            analysis={"errorLimit": 2, "onErrorLimit": "hold"},
+        )
+        frozen["spec"]["analysis"]["prometheus"]["timeout"] = "1s"
+        frozen["spec"]["trafficRouting"] = {"gatewayAPI": {"httpRoute": "frozen"}}
+        s.apply(httproute("frozen", s.namespace, {v1: 100, v2: 0}))
+        s.apply(frozen)
+        s.wait_for("modelrollouts", "frozen", lambda o: (o.get("status") or {}).get("weight") == 20, 60)
+        with prometheus_stopped(s):
+            s.wait_for("modelrollouts", "frozen", lambda o: condition(o, "Healthy").get("reason") ==
+                       "ErrorLimitReached", 60)  # fmt: skip
+            cap.save("error-limit-held", "frozen")
+        cap.merge_tests()
+
+
+def held_experiments() -> None:
+    from tests.integration.test_experiment import experiment
+
+    a, b = "rec-a", "rec-b"
+    with Stack(
+        variants={a: {"positive_rate": 0.5}, b: {"positive_rate": 0.8}},
+        route="recsys",
+        rps=72,
+        max_seconds=600,
+        initial_weights={a: 50, b: 50},
+    ) as s:
+        assert s.prom is not None
+        prom = s.prom.url
+        cap = Capture(s, "ModelExperiment", "modelexperiments")
+        s.start_operator()
+        s.apply(httproute("frozen", s.namespace, {a: 50, b: 50}))
+        frozen = experiment("frozen", prom, [a, b], stoppingRules={"minSamplesPerVariant": 1000000},
+                            analysis={"errorLimit": 2, "onErrorLimit": "hold"})  # fmt: skip
+        frozen["spec"]["analysis"]["prometheus"]["timeout"] = "1s"
+        frozen["spec"]["trafficRouting"] = {"gatewayAPI": {"httpRoute": "frozen"}}
+        s.apply(frozen)
+        cap.wait_phase("frozen", ("Running",))
+        with prometheus_stopped(s):
+            s.wait_for("modelexperiments", "frozen", lambda o: condition(o, "Healthy").get("reason") ==
+                       "ErrorLimitReached", 60)  # fmt: skip
+            cap.save("error-limit-held", "frozen")
+        # A concluded experiment whose spec later becomes invalid: still concluded (and Healthy).
+        s.apply(experiment("winner", prom, [a, b]))
+        cap.wait_phase("winner", ("Concluded",), 300)
+        client.CustomObjectsApi(s.api).patch_namespaced_custom_object(
+            GROUP, "v1alpha1", s.namespace, "modelexperiments", "winner",
+            {"spec": {"guardrails": [{"name": "error-rate", "query": "{{ nope }}", "max": 0.05}]}},
+        )  # fmt: skip
+        s.wait_for("modelexperiments", "winner", lambda o: condition(o, "Valid").get("status") == "False", 60)
+        cap.save("concluded-then-invalid", "winner")
+        cap.merge_tests()
+
+
+def held() -> None:
+    held_rollouts()
+    held_experiments()
+
+
 if __name__ == "__main__":
     import sys
 
-    which = sys.argv[1:] or ["rollouts", "experiments"]
+    which = sys.argv[1:] or ["rollouts", "experiments", "held"]
     for w in which:
-        {"rollouts": rollouts, "experiments": experiments}[w]()
+        {
+            "rollouts": rollouts,
+            "experiments": experiments,
+            "held": held,
+            "held-rollouts": held_rollouts,
+            "held-experiments": held_experiments,
+        }[w]()
     print(f"fixtures written under {Path(CUSTOMIZATIONS).relative_to(Path.cwd())}")

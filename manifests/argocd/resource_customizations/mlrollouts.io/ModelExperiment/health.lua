@@ -1,9 +1,17 @@
 -- Argo CD health of a ModelExperiment (mlrollouts.io/v1alpha1).
--- Progressing until the operator has observed the current generation and while it runs;
--- Suspended while paused; Degraded when rolled back, aborted or invalid; Healthy when concluded.
+-- Runs in Argo CD's gopher-lua with only the base, table and package libraries (no string library).
+-- Progressing until the operator has observed the current generation. A finished experiment keeps
+-- its outcome whatever happens after it (a later invalid spec included): Healthy when concluded,
+-- Degraded when rolled back or aborted. Before that, Degraded for every state that waits for a
+-- human: an invalid spec (Valid=False), an error limit held or a failing control kept
+-- (Healthy=False), a hold that stopped progress (Progressing=False), and a decision the operator
+-- failed to apply 3 times in a row (ReconcileError=True), each with its reason. Suspended while
+-- paused (spec.paused, or a sample-ratio mismatch waiting for a resume); Progressing otherwise.
 local hs = {}
 local status = obj.status
 local generation = obj.metadata and obj.metadata.generation
+-- Consecutive failed applies after which a reconcile error is persistent (the alert's threshold).
+local PERSISTENT_RECONCILE_ERRORS = 3
 
 if status == nil or status.phase == nil then
   hs.status = "Progressing"
@@ -16,13 +24,23 @@ if generation ~= nil and (status.observedGeneration == nil or status.observedGen
   return hs
 end
 
-local valid = nil
-if status.conditions ~= nil then
-  for _, c in ipairs(status.conditions) do
-    if c.type == "Valid" then
-      valid = c
+local function condition(ctype)
+  if status.conditions ~= nil then
+    for _, c in ipairs(status.conditions) do
+      if c.type == ctype then
+        return c
+      end
     end
   end
+  return nil
+end
+
+local function explain(c)
+  local text = c.reason or c.type
+  if c.message ~= nil and c.message ~= "" then
+    text = text .. ": " .. c.message
+  end
+  return text
 end
 
 local phase = status.phase
@@ -30,19 +48,33 @@ local message = status.message
 if message == nil or message == "" then
   message = phase
 end
+local valid = condition("Valid")
+local progressing = condition("Progressing")
+local healthy = condition("Healthy")
+local reconcile = condition("ReconcileError")
 
-if phase == "Invalid" or (valid ~= nil and valid.status == "False") then
-  hs.status = "Degraded"
-  hs.message = (valid ~= nil and valid.message) or message
+if phase == "Concluded" then
+  hs.status = "Healthy"
+  hs.message = message
 elseif phase == "RolledBack" or phase == "Aborted" then
   hs.status = "Degraded"
   hs.message = message
-elseif phase == "Concluded" then
-  hs.status = "Healthy"
-  hs.message = message
+elseif phase == "Invalid" or (valid ~= nil and valid.status == "False") then
+  hs.status = "Degraded"
+  hs.message = (valid ~= nil and valid.message) or message
+elseif reconcile ~= nil and reconcile.status == "True"
+    and (status.reconcileErrors or 0) >= PERSISTENT_RECONCILE_ERRORS then
+  hs.status = "Degraded"
+  hs.message = "ReconcileError " .. explain(reconcile)
+elseif healthy ~= nil and healthy.status == "False" then
+  hs.status = "Degraded"
+  hs.message = explain(healthy)
 elseif phase == "Paused" then
   hs.status = "Suspended"
   hs.message = message
+elseif progressing ~= nil and progressing.status == "False" then
+  hs.status = "Degraded"
+  hs.message = explain(progressing)
 else
   -- Pending, Running, or a phase newer than this script.
   hs.status = "Progressing"

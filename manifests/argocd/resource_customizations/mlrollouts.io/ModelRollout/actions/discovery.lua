@@ -6,8 +6,11 @@ if obj.status ~= nil and obj.status.phase ~= nil then
 end
 local paused_by_spec = obj.spec ~= nil and obj.spec.paused == true
 local finished = phase == "Promoted" or phase == "RolledBack" or phase == "Aborted" or phase == "Idle"
--- promote: skip the remaining steps and analysis; abort: all traffic back to stable.
+-- promote: move past the current pause or analysis step (analysis and guardrails still apply after
+-- it); promote-full: skip the remaining steps, analysis and gates to 100%; abort: all traffic back
+-- to stable.
 actions["promote"] = {["disabled"] = finished or phase == "Invalid"}
+actions["promote-full"] = {["disabled"] = finished or phase == "Invalid"}
 actions["abort"] = {["disabled"] = finished}
 -- resume: release a manual gate (a pause step without duration). spec.paused is Git's to clear.
 actions["resume"] = {["disabled"] = not (phase == "Paused" and not paused_by_spec)}
