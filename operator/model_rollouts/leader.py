@@ -44,13 +44,35 @@ class Elector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._was_leader = False  # what the last round exported (mlrollouts_leader)
+        self._last_contact: float | None = None  # monotonic time of the last round that reached the Lease
         self.enabled = api is not None
 
     def is_leader(self) -> bool:
         return not self.enabled or time.monotonic() < self._valid_until
 
+    def alive(self) -> bool:
+        """False only when election is on and its thread has died (the liveness probe's concern)."""
+        return not self.enabled or self._thread is None or self._thread.is_alive() or self._stop.is_set()
+
+    def contact_problem(self) -> str | None:
+        """Why this replica cannot count on the API server, or None: with election on, the last
+        round trip to the Lease (a renewal, or a standby's read) must be younger than the lease."""
+        if not self.enabled:
+            return None
+        if self._last_contact is None:
+            return f"leader election: the Lease {self.namespace}/{self.name} has not been read yet"
+        age = time.monotonic() - self._last_contact
+        if age > self.lease_seconds:
+            return (
+                f"leader election: no answer from the API server about the Lease "
+                f"{self.namespace}/{self.name} for {age:.0f}s (lease {self.lease_seconds:.0f}s)"
+            )
+        return None
+
     def start(self) -> None:
         if not self.enabled:
+            # Without election this replica always acts: it is the leader as far as alerts can tell.
+            telemetry.LEADER.set(1)
             return
         self._thread = threading.Thread(target=self._run, name="leader-election", daemon=True)
         self._thread.start()
@@ -85,7 +107,9 @@ class Elector:
         """One election round: acquire or renew, then export what this replica now is."""
         started = time.monotonic()
         try:
-            if self._try_acquire_or_renew():
+            acquired = self._try_acquire_or_renew()
+            self._last_contact = started
+            if acquired:
                 # Act only until our own lease could expire, counted from before the request.
                 self._valid_until = started + self.lease_seconds - self.retry_seconds
         except Exception as e:

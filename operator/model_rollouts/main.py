@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -13,7 +14,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from model_rollouts import leader
+from model_rollouts import health, leader
 from model_rollouts.metrics import policy
 from model_rollouts.notify import sender as notify_sender
 
@@ -55,8 +56,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = bool(WATCHED_NAMESPACES)
 
 
+@kopf.on.startup()
+async def remember_loop(**_: Any) -> None:
+    """The liveness and readiness probes check that Kopf's event loop still answers."""
+    health.PROBES.loop = asyncio.get_running_loop()
+
+
 @kopf.on.cleanup()
 def release_lease(**_: Any) -> None:
+    health.PROBES.stopping.set()  # not ready from now on: the Lease goes back to a standby
     leader.ELECTOR.stop()
 
 
@@ -72,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=8080, help="port of /metrics; 0 disables")
     parser.add_argument("--metrics-address", default="0.0.0.0")
     parser.add_argument(
-        "--liveness", default="http://0.0.0.0:8081/healthz", help="Kopf liveness endpoint URL; empty disables"
+        "--liveness",
+        default="http://0.0.0.0:8081/healthz",
+        help="URL of the liveness probe; the readiness probe is served at /readyz on the same host and "
+        "port (ready: the leader, or a standby that reaches the API server and can list what it "
+        "watches); empty disables both",
     )
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument(
@@ -157,13 +169,19 @@ def main(argv: list[str] | None = None) -> None:
             lease_seconds=args.leader_election_lease_duration,
             retry_seconds=args.leader_election_retry_period,
         )
-        leader.ELECTOR.start()
+    leader.ELECTOR.start()
+    health.PROBES.list_check = health.list_check(common.api(), list(args.namespace))
+    if args.liveness:
+        try:
+            health.serve(args.liveness)
+        except ValueError as e:
+            parser.error(f"--liveness: {e}")
 
     kopf.run(
         standalone=True,
         namespaces=list(args.namespace),
         clusterwide=not args.namespace,
-        liveness_endpoint=args.liveness or None,
+        ready_flag=health.PROBES.started,
     )
 
 
