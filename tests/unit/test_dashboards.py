@@ -188,12 +188,37 @@ def test_alert_rules_are_complete() -> None:
         "ModelRolloutReconcileErrors",
         "ModelRolloutProgressDeadlineExceeded",
         "ModelExperimentSampleRatioMismatch",
+        "ModelRolloutsNoLeader",
     }
     for name, r in rules.items():
         assert r["labels"]["severity"] in ("warning", "critical"), name
+        if name == "ModelRolloutsNoLeader":  # the operator's own state, not an object's
+            assert "absent(mlrollouts_leader)" in r["expr"] and r["for"] == "2m"
+            continue
         assert "$labels.name" in r["annotations"]["summary"], name
         # by object, so one alert per object whichever replica's series it comes from
         assert "by (kind, namespace, name)" in r["expr"], name
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    import re
+
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_alert_has_a_runbook_in_the_readme() -> None:
+    """Each rule's runbook_url names an anchor of README.md; the runbook names the alert."""
+    readme = (DASHBOARDS.parent / "README.md").read_text()
+    headings = {github_anchor(line.lstrip("#")): line for line in readme.splitlines() if line.startswith("#")}
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    for r in (r for g in groups for r in g["rules"]):
+        url = r["annotations"]["runbook_url"]
+        assert url.startswith("https://") and "/README.md#" in url, r["alert"]
+        anchor = url.split("#", 1)[1]
+        assert anchor in headings, f"{r['alert']}: no README heading for #{anchor}"
+        assert r["alert"] in headings[anchor], headings[anchor]
 
 
 # -- the exported estimates ------------------------------------------------------------------------
