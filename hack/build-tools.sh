@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the install-tooling binaries once, into the git-ignored cache, from their pinned Go
-# modules (as hack/build-kube.sh does for Kubernetes): helm, helm-unittest (untt), kubeconform.
+# modules (as hack/build-kube.sh does for Kubernetes): helm, helm-unittest (untt), kubeconform,
+# and argocd-lua (hack/argocd-lua: Argo CD's Lua sandbox on gopher-lua v1.1.2, for the health and
+# action checks of tests/install/test_argocd_lua.py; rebuilt when its source changes).
 # Prints the directory holding them. `go install mod@version` builds with the module's own
 # go.mod/go.sum, checked against the checksum database, so the dependency set is pinned too.
 set -euo pipefail
@@ -22,7 +24,10 @@ build() {  # name version package [ldflags]; package "module@version//subdir" bu
   local start tmp
   start=$(date +%s)
   tmp=$(mktemp -d "$out/.build.XXXXXX")
-  if [[ $pkg == *//* ]]; then
+  if [[ $pkg == ./* ]]; then
+    # A module of this repository, with its own go.mod and go.sum.
+    (cd "$root/$pkg" && GOFLAGS=-mod=readonly go build -trimpath -ldflags "-s -w $ldflags" -o "$tmp/$name" .)
+  elif [[ $pkg == *//* ]]; then
     # A module with replace directives cannot be `go install`ed by version: build it as the main
     # module, in its (checksum-verified) copy in the module cache, with its own go.sum.
     local mod=${pkg%%//*} sub=${pkg#*//} dir
@@ -43,4 +48,6 @@ build helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
  -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37"
 build untt "$HELM_UNITTEST_VERSION" github.com/helm-unittest/helm-unittest//cmd/helm-unittest
 build kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
+argocd_lua_version=$(cat hack/argocd-lua/go.mod hack/argocd-lua/go.sum hack/argocd-lua/*.go | sha256sum | cut -c1-16)
+build argocd-lua "$argocd_lua_version" ./hack/argocd-lua
 echo "$out"

@@ -124,6 +124,18 @@ yaml.SafeDumper.add_representer(
 )
 
 
+def cluster_metric_resources() -> list[str]:
+    """What the chart's read-only ClusterRole of namespaced mode grants (rbac.clusterMetricKinds):
+    the header of namespace-install.yaml tells a cluster admin to grant exactly that."""
+    docs = helm_template("--set", "watch.clusterWide=false", "--set", "crds.install=false")
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    out = []
+    for rule in role["rules"]:
+        assert rule["verbs"] == ["get", "list", "watch"], rule
+        out += [f"{r}.{g}" for g in rule["apiGroups"] for r in rule["resources"]]
+    return out
+
+
 def render() -> dict[Path, str]:
     install = [namespace_doc(), *helm_template()]
     namespaced = without_namespace(
@@ -144,10 +156,11 @@ def render() -> dict[Path, str]:
             HEADER + "# Namespaced: `kubectl create namespace NS && kubectl apply -n NS --server-side -f namespace-install.yaml`\n"
             "# after a cluster admin has applied the CRDs once (crds/ and crds/tenancy/). It watches only NS,\n"
             "# patches HTTPRoutes only there (and only routes that opt in: annotation mlrollouts.io/managed-by)\n"
-            "# and reads Secrets only there. To let it read the platform's ClusterMetricProviders and\n"
-            "# ClusterMetricTemplates, a cluster admin grants that once (read only):\n"
+            "# and reads Secrets only there. To let it read the platform's ClusterMetricProviders,\n"
+            "# ClusterMetricTemplates and ClusterNotificationProviders (notifications and gates), a cluster\n"
+            "# admin grants that once (read only; the chart's rbac.clusterMetricKinds ClusterRole):\n"
             "#   kubectl create clusterrole model-rollouts-cluster-metrics --verb=get,list,watch \\\n"
-            "#     --resource=clustermetricproviders.mlrollouts.io,clustermetrictemplates.mlrollouts.io\n"
+            f"#     --resource={','.join(cluster_metric_resources())}\n"
             "#   kubectl create clusterrolebinding model-rollouts-NS --clusterrole=model-rollouts-cluster-metrics \\\n"
             "#     --serviceaccount=NS:model-rollouts\n",
         ),

@@ -13,7 +13,7 @@ take over. 200 only when all hold:
   (the leader renewed it, or a standby read it): a replica that lost the API server is not ready;
 - the API server lets it list what it watches (ModelRollouts and ModelExperiments in the watched
   namespaces, or cluster-wide): the connection, credentials, RBAC and CRDs its watches need. This
-  check is cached for ``LIST_CACHE_SECONDS``.
+  check runs every ``LIST_CACHE_SECONDS`` in its own thread; a probe reads its last result.
 
 Both answer JSON: ``{"ready"|"alive": bool, "role": "leader"|"standby", "problems": [...]}``.
 """
@@ -34,7 +34,7 @@ from model_rollouts import leader
 
 logger = logging.getLogger("model_rollouts.health")
 
-LOOP_TIMEOUT = 5.0
+LOOP_TIMEOUT = 3.0
 LIST_TIMEOUT = 3
 LIST_CACHE_SECONDS = 5.0
 READINESS_PATH = "/readyz"
@@ -61,21 +61,38 @@ class Probes:
             return f"the operator's event loop did not answer within {LOOP_TIMEOUT:.0f}s ({type(e).__name__})"
         return None
 
+    def start_list_checks(self) -> None:
+        """Run the list check every LIST_CACHE_SECONDS in a daemon thread (a probe never waits on it)."""
+
+        def run() -> None:
+            while not self.stopping.is_set():
+                self._check_list_once()
+                self.stopping.wait(LIST_CACHE_SECONDS)
+
+        threading.Thread(target=run, name="readiness-list-check", daemon=True).start()
+
+    def _check_list_once(self) -> None:
+        if self.list_check is None:
+            return
+        try:
+            problem = self.list_check()
+        except Exception as e:  # never a response body: only the exception's type and status
+            status = getattr(e, "status", None)
+            problem = f"cannot list the watched objects: {type(e).__name__}{f' {status}' if status else ''}"
+        with self._list_lock:
+            self._list_result = (time.monotonic(), problem)
+
     def _list_problem(self) -> str | None:
         if self.list_check is None:
             return None
         with self._list_lock:
-            now = time.monotonic()
-            if self._list_result is None or now - self._list_result[0] >= LIST_CACHE_SECONDS:
-                try:
-                    problem = self.list_check()
-                except Exception as e:  # never a response body: only the exception's type and status
-                    status = getattr(e, "status", None)
-                    problem = (
-                        f"cannot list the watched objects: {type(e).__name__}{f' {status}' if status else ''}"
-                    )
-                self._list_result = (time.monotonic(), problem)
-            return self._list_result[1]
+            result = self._list_result
+        if result is None:
+            return "the watched objects have not been listed yet"
+        age = time.monotonic() - result[0]
+        if age > 4 * LIST_CACHE_SECONDS + LIST_TIMEOUT * 2:
+            return f"the watched objects were last listed {age:.0f}s ago"
+        return result[1]
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         problems = [p for p in (self._loop_problem(),) if p]

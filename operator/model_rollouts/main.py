@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     leader.ELECTOR.start()
     health.PROBES.list_check = health.list_check(common.api(), list(args.namespace))
+    health.PROBES.start_list_checks()
     if args.liveness:
         try:
             health.serve(args.liveness)

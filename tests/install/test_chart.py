@@ -106,6 +106,18 @@ def test_namespaced_mode_patches_routes_only_in_watched_namespaces() -> None:
     assert routes == [("ClusterRole", None, ["get", "list", "watch", "patch"])]
 
 
+def test_namespace_install_header_grants_what_the_chart_grants() -> None:
+    """Following the header, a cluster admin grants every Cluster* kind the chart's namespaced mode
+    reads (notifications and gates read ClusterNotificationProviders too)."""
+    docs = render({"watch": {"clusterWide": False}})
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    granted = {f"{r}.{g}" for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert "clusternotificationproviders.mlrollouts.io" in granted
+    header = (MANIFESTS / "namespace-install.yaml").read_text().split("---")[0]
+    (line,) = [ln for ln in header.splitlines() if "--resource=" in ln]
+    assert set(line.split("--resource=")[1].split()[0].split(",")) == granted
+
+
 def test_namespace_install_reads_nothing_cluster_scoped() -> None:
     docs = [d for d in yaml.safe_load_all((MANIFESTS / "namespace-install.yaml").read_text()) if d]
     assert _rules(docs, "clustermetricproviders") == []
@@ -126,6 +138,14 @@ def test_namespace_install_reads_nothing_cluster_scoped() -> None:
         {"rbac": {"secretNames": ["Not A Name"]}},
         {"rbac": {"clusterMetricKinds": "yes"}},
         {"unknownKey": 1},
+        {"allowedProviderAddresses": [""]},
+        {"allowedProviderAddresses": "http://prom:9090"},
+        {"clusterMetricProviders": [{"name": "prom"}]},
+        {"clusterMetricProviders": [{"name": "Prom", "prometheus": {"address": "http://p:9090"}}]},
+        {"extraVolumeMounts": [{"name": "ca"}]},
+        {"metrics": {"serviceMonitor": {"scheme": "ftp"}}},
+        {"health": {"readinessProbe": {"periodSeconds": 0}}},
+        {"prometheusRule": {"runbookBaseURL": "wiki/runbooks"}},
     ],
     ids=lambda v: next(iter(v)),
 )
@@ -143,6 +163,101 @@ def test_helm_unittest_suites() -> None:
     suites = {p.stem for p in (CHART / "tests").glob("*_test.yaml")}
     assert {"deployment_test", "rbac_test", "crds_test", "monitoring_test", "serviceaccount_test"} <= suites
     assert "Tests:" in proc.stdout and " failed" not in proc.stdout.split("Tests:")[1].splitlines()[0]
+
+
+def _operator(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+
+
+@pytest.mark.parametrize("where", ["chart", "install.yaml", "namespace-install.yaml", "base/install.yaml"])
+def test_probes_everywhere_the_operator_is_installed(where: str) -> None:
+    """`kubectl rollout status` waits for /readyz; the kubelet restarts on /healthz."""
+    if where == "chart":
+        docs = render()
+    else:
+        docs = [d for d in yaml.safe_load_all((MANIFESTS / where).read_text()) if d]
+    c = _operator(docs)
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert "--liveness=http://0.0.0.0:8081/healthz" in c["args"]  # /readyz is served beside it
+    # A probe must outlast the operator's own wait for its event loop (health.LOOP_TIMEOUT).
+    from model_rollouts.health import LOOP_TIMEOUT
+
+    assert c["livenessProbe"]["timeoutSeconds"] > LOOP_TIMEOUT
+    assert c["readinessProbe"]["timeoutSeconds"] > LOOP_TIMEOUT
+
+
+def test_default_install_allows_no_inline_address_and_a_value_does() -> None:
+    assert not any(a.startswith("--allowed-provider-address") for a in _operator(render())["args"])
+    pattern = r"http://prometheus-operated\.monitoring(\.svc)?:9090"
+    args = _operator(render({"allowedProviderAddresses": [pattern]}))["args"]
+    assert f"--allowed-provider-address={pattern}" in args
+    # The operator accepts the flag as rendered (the same regular expression, compiled).
+    from model_rollouts.metrics import policy
+
+    rendered = args[args.index(f"--allowed-provider-address={pattern}")].split("=", 1)[1]
+    before = (list(policy.POLICY.allowed), policy.POLICY.secret_namespace)
+    policy.configure([rendered], "ops")
+    try:
+        assert policy.address_allowed("http://prometheus-operated.monitoring.svc:9090", [])
+        assert not policy.address_allowed("http://prometheus-operated.monitoring.evil:9090", [])
+    finally:
+        policy.POLICY.allowed, policy.POLICY.secret_namespace = before
+
+
+def test_a_cluster_metric_provider_ships_with_the_release() -> None:
+    """The value renders a ClusterMetricProvider the CRD accepts as it is (its schema, in the chart)."""
+    docs = render(
+        {"clusterMetricProviders": [{"name": "prometheus", "prometheus": {"address": "http://p:9090"}}]}
+    )
+    cmp = find(docs, "ClusterMetricProvider", "prometheus")
+    assert cmp["spec"] == {"prometheus": {"address": "http://p:9090"}}
+    assert cmp["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    from model_rollouts.api.provider import ClusterMetricProviderSpec
+
+    ClusterMetricProviderSpec.model_validate(cmp["spec"])
+
+
+def test_extension_values_render_together() -> None:
+    """Every extension point at once still renders, lints and keeps the operator hardened."""
+    values = {
+        "deploymentAnnotations": {"a": "b"},
+        "podAnnotations": {"c": "d"},
+        "extraVolumes": [{"name": "ca", "configMap": {"name": "ca"}}],
+        "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ca"}],
+        "extraContainers": [{"name": "side", "image": "busybox"}],
+        "initContainers": [{"name": "init", "image": "busybox"}],
+        "extraObjects": [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}],
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "relabelings": [{"targetLabel": "x", "replacement": "team"}]}
+        },
+    }
+    docs = render(values)
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["operator", "side"]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert find(docs, "ConfigMap", "x")
+    assert find(docs, "ServiceMonitor")["spec"]["endpoints"][0]["relabelings"] == [
+        {"targetLabel": "x", "replacement": "team"}
+    ]
+
+
+def test_chart_readme_is_generated_from_the_schema() -> None:
+    """charts/model-rollouts/README.md is what hack/gen-chart-readme.py writes; every value is described."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "hack" / "gen-chart-readme.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = (CHART / "README.md").read_text()
+    for key in (
+        "allowedProviderAddresses",
+        "clusterMetricProviders",
+        "extraObjects",
+        "health.readinessProbe.enabled",
+    ):
+        assert f"| `{key}` |" in text, key
 
 
 def test_manifests_are_generated_from_the_chart() -> None:

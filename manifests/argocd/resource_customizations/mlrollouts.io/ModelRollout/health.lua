@@ -18,11 +18,6 @@ if status == nil or status.phase == nil then
   hs.message = "Waiting for the operator to pick up the rollout"
   return hs
 end
-if generation ~= nil and (status.observedGeneration == nil or status.observedGeneration < generation) then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the operator to observe generation " .. tostring(generation)
-  return hs
-end
 
 local function condition(ctype)
   if status.conditions ~= nil then
@@ -53,6 +48,22 @@ local progressing = condition("Progressing")
 local healthy = condition("Healthy")
 local reconcile = condition("ReconcileError")
 
+local finished = phase == "Promoted" or phase == "Idle" or phase == "RolledBack" or phase == "Aborted"
+
+-- A decision the operator failed to apply again and again: it may never have observed this
+-- generation (its first route write was refused), so this comes before the generation check.
+if not finished and reconcile ~= nil and reconcile.status == "True"
+    and (status.reconcileErrors or 0) >= PERSISTENT_RECONCILE_ERRORS then
+  hs.status = "Degraded"
+  hs.message = "ReconcileError " .. explain(reconcile)
+  return hs
+end
+if generation ~= nil and (status.observedGeneration == nil or status.observedGeneration < generation) then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the operator to observe generation " .. tostring(generation)
+  return hs
+end
+
 if phase == "Promoted" or phase == "Idle" then
   hs.status = "Healthy"
   hs.message = message
@@ -62,10 +73,6 @@ elseif phase == "RolledBack" or phase == "Aborted" then
 elseif phase == "Invalid" or (valid ~= nil and valid.status == "False") then
   hs.status = "Degraded"
   hs.message = (valid ~= nil and valid.message) or message
-elseif reconcile ~= nil and reconcile.status == "True"
-    and (status.reconcileErrors or 0) >= PERSISTENT_RECONCILE_ERRORS then
-  hs.status = "Degraded"
-  hs.message = "ReconcileError " .. explain(reconcile)
 elseif healthy ~= nil and healthy.status == "False" then
   hs.status = "Degraded"
   hs.message = explain(healthy)
