@@ -78,7 +78,8 @@ class Probes:
             problem = self.list_check()
         except Exception as e:  # never a response body: only the exception's type and status
             status = getattr(e, "status", None)
-            problem = f"cannot list the watched objects: {type(e).__name__}{f' {status}' if status else ''}"
+            why = f"the API server answered {status}" if status else "no answer from the API server"
+            problem = f"cannot list the watched objects: {why} ({type(e).__name__})"
         with self._list_lock:
             self._list_result = (time.monotonic(), problem)
 

@@ -158,7 +158,7 @@ def test_a_replica_that_cannot_list_what_it_watches_is_not_ready(stack: Stack) -
     try:
         wait_probe(port, "/healthz", 200, 60)
         _took, body = wait_probe(port, "/readyz", 503, 60, role="leader")
-        assert any("cannot list" in p and "403" in p for p in body["problems"]), body
+        assert any("cannot list" in p and "answered 403" in p for p in body["problems"]), body
         time.sleep(LEASE)
         status, body = probe(port, "/readyz")
         assert status == 503 and body["role"] == "leader", body

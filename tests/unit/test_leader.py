@@ -161,3 +161,10 @@ def test_without_leader_election_the_only_replica_exports() -> None:
     e.stop()
     assert e.is_leader() and "mlrollouts_phase" in object_series("ne-1")
     telemetry.forget_all()
+
+
+def test_without_leader_election_the_replica_reports_leading() -> None:
+    """--no-leader-election: the one replica always acts, so ModelRolloutsNoLeader must not fire."""
+    telemetry.LEADER.set(0)
+    leader.Elector(None, "", "").start()
+    assert leader_value() == 1
