@@ -85,8 +85,19 @@ NEVER = [
 ]
 
 
-def test_install_accepts_every_object_and_crds_match_the_source(cluster: Cluster) -> None:
-    helm("install", RELEASE, CHART, "--namespace", NS, "--create-namespace", kubeconfig=cluster.kubeconfig)
+def test_install_accepts_every_object_and_crds_match_the_source(cluster: Cluster, tmp_path: Path) -> None:
+    # A first install that also ships a ClusterMetricProvider: its CRD comes with the same release.
+    values = tmp_path / "values.json"
+    provider = {"name": "platform-prometheus", "prometheus": {"address": "http://prometheus.monitoring:9090"}}
+    values.write_text(json.dumps({"clusterMetricProviders": [provider]}))
+    helm(
+        "install", RELEASE, CHART, "--namespace", NS, "--create-namespace", "-f", values,
+        kubeconfig=cluster.kubeconfig,
+    )  # fmt: skip
+    cmp = json.loads(
+        kubectl(cluster, "get", "clustermetricprovider", "platform-prometheus", "-o", "json").stdout
+    )
+    assert cmp["spec"]["prometheus"]["address"] == "http://prometheus.monitoring:9090"
     manifest = [
         d
         for d in yaml.safe_load_all(

@@ -211,6 +211,24 @@ def test_healthz_answers(installed: tuple[Stack, dict[str, Any], int]) -> None:
     assert status == 200
 
 
+def test_readyz_answers_for_the_leader(installed: tuple[Stack, dict[str, Any], int]) -> None:
+    """The one replica leads and can list what it watches: ready (what `kubectl rollout status` waits for)."""
+    _, _, health_port = installed
+    deadline = time.monotonic() + 60
+    body = ""
+    while time.monotonic() < deadline:
+        try:
+            status, body = _get(f"http://127.0.0.1:{health_port}/readyz")
+            if status == 200 and json.loads(body)["role"] == "leader":
+                return
+        except OSError:
+            pass  # not listening yet, or 503 while starting
+        time.sleep(0.5)
+    raise AssertionError(
+        f"/readyz not ready as the leader in 60s ({body}):\n" + podman.logs(CONTAINER)[-3000:]
+    )
+
+
 def test_rollout_is_promoted_by_the_container(installed: tuple[Stack, dict[str, Any], int]) -> None:
     stack, _, _ = installed
     _promote(stack, "e2e")
