@@ -43,7 +43,7 @@ ENV PATH=/opt/model-rollouts/bin:$PATH \
     HOME=/tmp
 USER 65532:65532
 WORKDIR /tmp
-# 8080: /metrics (Prometheus), 8081: /healthz (Kopf liveness).
+# 8080: /metrics (Prometheus), 8081: /healthz (liveness) and /readyz (readiness).
 EXPOSE 8080 8081
 HEALTHCHECK --interval=30s --timeout=3s CMD ["/opt/model-rollouts/bin/python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8081/healthz', timeout=2)"]
 ENTRYPOINT ["/opt/model-rollouts/bin/model-rollouts"]

@@ -36,7 +36,12 @@ def test_lint_and_template_matrix(values: Path) -> None:
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     for d in docs:
-        if d["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if d["kind"] not in (
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ClusterMetricProvider",
+        ):
             assert d["metadata"].get("namespace"), f"{d['kind']} {d['metadata']['name']} has no namespace"
 
 
