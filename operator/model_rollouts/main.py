@@ -170,13 +170,13 @@ def main(argv: list[str] | None = None) -> None:
             retry_seconds=args.leader_election_retry_period,
         )
     leader.ELECTOR.start()
-    health.PROBES.list_check = health.list_check(common.api(), list(args.namespace))
-    health.PROBES.start_list_checks()
-    if args.liveness:
+    if args.liveness:  # the probes; their list check runs only when someone can ask for it
         try:
             health.serve(args.liveness)
         except ValueError as e:
             parser.error(f"--liveness: {e}")
+        health.PROBES.list_check = health.list_check(common.api(), list(args.namespace))
+        health.PROBES.start_list_checks()
 
     kopf.run(
         standalone=True,
