@@ -9,6 +9,10 @@ The rules file is loaded unchanged, so the alert's own ``for: 2m`` is what Prome
 the test sees it *pending*. To see it *firing* without waiting two minutes, Prometheus also loads
 a copy of the same rule whose only change is ``for: 3s`` (in its own group) — the one override,
 made in the test only.
+
+The second test runs the real operator on the local stack, scraped by the stack's Prometheus with
+the unchanged rules file: a lone standby (the Lease held by a replica nobody scrapes) makes the
+alert pending, taking the Lease clears it, stopping the operator makes it pending again.
 """
 
 from __future__ import annotations
@@ -120,3 +124,48 @@ def test_no_leader_alert_fires_when_no_replica_leads_and_when_none_is_scraped(
         print(f"no replica scraped at all -> firing (for: 3s copy) and pending in {took:.1f}s")
     finally:
         prom.close()
+
+
+def test_the_real_operator_as_a_lone_standby_makes_the_alert_pending(real_components: None) -> None:
+    """The real operator, scraped by the stack's Prometheus with the rules file, while a replica that
+    Prometheus does not see holds the Lease (a zombie leader): it exports 0, the alert is pending.
+    When it takes the Lease the alert clears; when it stops (nothing scraped) it is pending again."""
+    import datetime as dt
+
+    from kubernetes import client
+
+    from tests.harness.stack import Stack
+
+    with Stack(variants={"nl-v1": {"error_rate": 0.0}}, route="nl", rps=1, max_seconds=300,
+               prometheus_rules=[RULES]) as s:  # fmt: skip
+        assert s.prom is not None
+        co = client.CoordinationV1Api(s.api)
+        now = dt.datetime.now(dt.UTC)
+        co.create_namespaced_lease(
+            "model-rollouts",
+            client.V1Lease(
+                metadata=client.V1ObjectMeta(name="no-leader", namespace="model-rollouts"),
+                spec=client.V1LeaseSpec(
+                    holder_identity="a-replica-nobody-scrapes",
+                    lease_duration_seconds=3600,
+                    acquire_time=now,
+                    renew_time=now,
+                ),
+            ),
+        )
+        s.start_operator(["--leader-election-id", "no-leader"])
+        t0 = time.monotonic()
+        while [float(r["value"][1]) for r in s.prom.query("mlrollouts_leader")] != [0.0]:
+            assert time.monotonic() - t0 < 60, "the standby's mlrollouts_leader 0 was never scraped"
+            time.sleep(0.5)
+        # Scraped and 0 (not absent): the expression's first half holds the alert pending.
+        wait_states(s.prom, {"model-rollouts": "pending"}, 10)
+        print(f"real standby, Lease held elsewhere: leader 0 after {time.monotonic() - t0:.1f}s, pending")
+
+        co.delete_namespaced_lease("no-leader", "model-rollouts")  # the zombie is gone: it takes over
+        took = wait_states(s.prom, {"model-rollouts": "inactive"}, 60)
+        print(f"the operator took the Lease -> inactive in {took:.1f}s")
+
+        s.stop_operator()
+        took = wait_states(s.prom, {"model-rollouts": "pending"}, 60)
+        print(f"the operator stopped (nothing scraped) -> pending in {took:.1f}s")
