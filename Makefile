@@ -83,7 +83,7 @@ clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
 
 # -- Install: image, Helm chart, manifests, Argo CD (see README "Install") -----------------------
-tools: ## build helm, helm-unittest and kubeconform once into .cache from their pinned Go modules
+tools: ## build helm, helm-unittest, kubeconform and argocd-lua (gopher-lua, for the Argo CD checks) once into .cache
 	bash hack/build-tools.sh >/dev/null
 
 image: ## build the operator image with podman (Debian podman, runc, debootstrap; root)
