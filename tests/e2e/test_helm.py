@@ -248,6 +248,8 @@ def test_uninstall_keeps_crds_and_resources(cluster: Cluster) -> None:
     assert kubectl(cluster, "get", "deploy", "mr-model-rollouts", "-n", NS, check=False).returncode != 0
     kubectl(cluster, "get", "crd", "modelrollouts.mlrollouts.io", "modelexperiments.mlrollouts.io")
     kubectl(cluster, "get", "modelrollout", "kept", "-n", "team-a")
+    # The ClusterMetricProvider the first install shipped (a hook) is left in place, as documented.
+    kubectl(cluster, "get", "clustermetricprovider", "platform-prometheus")
 
 
 def test_plain_manifests_apply_server_side(cluster: Cluster) -> None:
