@@ -356,3 +356,26 @@ def test_dashboards_and_alerts_are_the_repositorys_files() -> None:
         assert json.loads(cm["data"][p.name]) == json.loads(p.read_text()), p.name
     rules = yaml.safe_load((REPO / "dashboards" / "alerts.rules.yaml").read_text())
     assert find(docs, "PrometheusRule")["spec"]["groups"] == rules["groups"]
+
+
+def test_chart_readme_generator_refuses_an_undescribed_value(tmp_path: Path) -> None:
+    """A value added to values.yaml without a schema description, or whose comment disagrees with the
+    schema, stops the generator (and so the staleness test) instead of leaving a hole in the README."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_chart_readme", REPO / "hack" / "gen-chart-readme.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart, symlinks=True)
+    gen.CHART = chart
+    assert gen.problems() == []
+    values = (chart / "values.yaml").read_text()
+    (chart / "values.yaml").write_text(values + "\nnewKnob: 3\n")
+    assert gen.problems() == ["newKnob: no description in values.schema.json"]
+    (chart / "values.yaml").write_text(
+        values.replace("# -- Debug logging.", "# -- Something else entirely.") + "\n"
+    )
+    (problem,) = gen.problems()
+    assert problem.startswith("verbose: values.yaml says 'Something else entirely.'")
