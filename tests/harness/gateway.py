@@ -72,7 +72,9 @@ def find_nginx() -> Path:
     env = os.environ.get("MODEL_ROLLOUTS_NGINX")
     found = env or shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if not found or not Path(found).exists():
-        raise MissingComponent("nginx not found on PATH or in /usr/sbin: `apt-get install nginx` (Debian package)")
+        raise MissingComponent(
+            "nginx not found on PATH or in /usr/sbin: `apt-get install nginx` (Debian package)"
+        )
     return Path(found)
 
 
@@ -206,7 +208,11 @@ def render_nginx(route: Mapping[str, Any] | None, settings: NginxSettings, rule_
     lines.append("    }")
 
     if active:
-        lines += ["", "    # Exact weighted round robin (one worker): the route's weights, reduced.", "    upstream gw_weighted {"]
+        lines += [
+            "",
+            "    # Exact weighted round robin (one worker): the route's weights, reduced.",
+            "    upstream gw_weighted {",
+        ]
         lines += [f"        server {addresses[n]} weight={w} max_fails=0;" for n, w in active.items()]
         lines += ["        keepalive 32;", "    }"]
     if active and settings.user_key is not None:
@@ -279,12 +285,19 @@ class Change:
     weights: dict[str, int]
     event_at: float
     reloaded_at: float | None = None
+    #: nginx first answered with this version (a new worker serves it).
     serving_at: float | None = None
+    #: Every worker of the previous configuration has exited: nothing serves an older version.
+    settled_at: float | None = None
     error: str = ""
 
     @property
     def event_to_serving_s(self) -> float | None:
         return None if self.serving_at is None else self.serving_at - self.event_at
+
+    @property
+    def event_to_settled_s(self) -> float | None:
+        return None if self.settled_at is None else self.settled_at - self.event_at
 
 
 @dataclass
@@ -350,6 +363,7 @@ class Gateway:
             now = time.monotonic()
             change = Change(version, self._weights(route), now, reloaded_at=now)
             self._await_serving(change)
+            change.settled_at = change.serving_at
             if change.serving_at is None:
                 raise RuntimeError(f"nginx did not serve its first configuration: {change.error}")
             self.changes.append(change)
@@ -389,12 +403,16 @@ class Gateway:
             conn.close()
 
     def wait_version(self, version: str, timeout: float = 15.0) -> Change:
-        """Wait until nginx serves route ``version`` (or a later one); its :class:`Change`."""
+        """Wait until nginx serves only route ``version`` (or a later one); its :class:`Change`.
+
+        Only: the workers of the previous configuration have exited too, so no request sent
+        after this returns can be routed by older weights.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 for change in self.changes:
-                    if change.serving_at is not None and _rv_at_least(change.version, version):
+                    if change.settled_at is not None and _rv_at_least(change.version, version):
                         return change
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -455,7 +473,22 @@ class Gateway:
             except (OSError, http.client.HTTPException, RuntimeError):
                 pass
             time.sleep(0.005)
-        change.error = f"version {change.version} not served within {self.serve_timeout:.0f}s: {tail(self.log, 5)}"
+        change.error = (
+            f"version {change.version} not served within {self.serve_timeout:.0f}s: {tail(self.log, 5)}"
+        )
+
+    def _await_exit(self, old_workers: set[int], change: Change) -> None:
+        """Wait until the previous configuration's workers are gone (they finish in-flight requests)."""
+        assert self._proc is not None
+        deadline = time.monotonic() + self.serve_timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if not old_workers & _children(self._proc.pid):
+                change.settled_at = time.monotonic()
+                return
+            time.sleep(0.005)
+        change.error = (
+            f"old nginx workers {sorted(old_workers)} still running after {self.serve_timeout:.0f}s"
+        )
 
     def _apply(self, route: Mapping[str, Any] | None, event_at: float) -> None:
         version = plan_route(route, self.rule_index).version if route is not None else NO_ROUTE_VERSION
@@ -466,14 +499,17 @@ class Gateway:
             change.weights = self._weights(route)
             self._write(route)
             assert self._proc is not None
+            old_workers = _children(self._proc.pid)
             self._proc.send_signal(signal.SIGHUP)
             change.reloaded_at = time.monotonic()
             self._await_serving(change)
+            if change.serving_at is not None:
+                self._await_exit(old_workers, change)
         except Exception as exc:  # a bad route: keep serving the last good config, say why
             change.error = f"{type(exc).__name__}: {exc}"[:500]
         with self._cond:
             self.changes.append(change)
-            if change.serving_at is not None:
+            if change.settled_at is not None:
                 self._version = version
             else:
                 self._last_error = change.error
@@ -528,6 +564,21 @@ class Gateway:
             field_selector=f"metadata.name={self.httproute}",
         )
         return str(lst.get("metadata", {}).get("resourceVersion") or "")
+
+
+def _children(pid: int) -> set[int]:
+    """PIDs of ``pid``'s child processes (nginx's workers)."""
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        pass
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name may hold spaces and parentheses; the ppid follows the last ')'.
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(stat.parent.name))
+    return out
 
 
 def _rv_at_least(have: str, want: str) -> bool:

@@ -13,8 +13,8 @@ from tests.harness.cluster import MissingComponent
 from tests.harness.gateway import (
     NginxSettings,
     find_nginx,
-    prepare_prefix,
     plan_route,
+    prepare_prefix,
     render_nginx,
     split_percentages,
 )
@@ -53,7 +53,9 @@ def weighted_servers(conf: str) -> dict[str, int]:
 
 
 def test_weights_become_exact_round_robin_weights_reduced(tmp_path: Path) -> None:
-    conf = render_nginx(route([{"name": "v1", "weight": 70}, {"name": "v2", "weight": 30}]), settings(tmp_path))
+    conf = render_nginx(
+        route([{"name": "v1", "weight": 70}, {"name": "v2", "weight": 30}]), settings(tmp_path)
+    )
     assert weighted_servers(conf) == {"127.0.0.1:8001": 7, "127.0.0.1:8002": 3}
     assert "proxy_pass http://gw_weighted;" in conf
     # Never retried elsewhere, never marked down: the servers' counters see the split itself.
@@ -134,7 +136,11 @@ def test_rendering_is_a_pure_function(tmp_path: Path) -> None:
         (route([{"name": "v1"}], rv='1"; evil'), {}, "resourceVersion"),
         (route([{"name": "v1", "weight": -1}]), {}, "weight"),
         (route([{"name": "v1"}]), {"user_key": "$request_body"}, "user_key"),
-        (route([{"name": "v1"}, {"name": "v2"}]), {"backends": {"v1": A, "v2": A + "/"}}, "share the address"),
+        (
+            route([{"name": "v1"}, {"name": "v2"}]),
+            {"backends": {"v1": A, "v2": A + "/"}},
+            "share the address",
+        ),
         (route([{"name": "v1"}]), {"backends": {"v1": "https://x:1"}}, "http://host:port"),
     ],
 )
@@ -163,8 +169,19 @@ def test_real_nginx_accepts_every_shape(tmp_path: Path) -> None:
         conf = d / "nginx.conf"
         conf.write_text(render_nginx(doc, settings(d, user_key=key)))
         out = subprocess.run(
-            [str(nginx), "-t", "-q", "-p", str(d), "-c", str(conf), "-e", str(d / "error.log"),
-             "-g", f"pid {d / 'nginx.pid'};"],
+            [
+                str(nginx),
+                "-t",
+                "-q",
+                "-p",
+                str(d),
+                "-c",
+                str(conf),
+                "-e",
+                str(d / "error.log"),
+                "-g",
+                f"pid {d / 'nginx.pid'};",
+            ],
             capture_output=True,
             text=True,
             timeout=20,
