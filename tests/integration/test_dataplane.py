@@ -64,7 +64,7 @@ class DataPlane:
             }
         }
         t0 = time.monotonic()
-        obj: dict[str, Any] = client.CustomObjectsApi(self.api).patch_namespaced_custom_object(
+        obj: Any = client.CustomObjectsApi(self.api).patch_namespaced_custom_object(
             GATEWAY_GROUP, GATEWAY_VERSION, NAMESPACE, HTTPROUTE_PLURAL, ROUTE, body
         )
         return str(obj["metadata"]["resourceVersion"]), t0
