@@ -6,6 +6,7 @@ model-server processes; every request goes through nginx and is counted at the m
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import statistics
@@ -24,7 +25,13 @@ from tests.harness.cluster import (
     kubectl_apply,
 )
 from tests.harness.gateway import Gateway, find_nginx
-from tests.harness.loadgen import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTE_PLURAL, LoadGenerator
+from tests.harness.loadgen import (
+    GATEWAY_GROUP,
+    GATEWAY_VERSION,
+    HTTPROUTE_PLURAL,
+    VIA_BACKEND_HEADER,
+    LoadGenerator,
+)
 from tests.harness.modelserver import ModelServerProcess
 from tests.harness.stack import httproute
 
@@ -240,3 +247,37 @@ def test_weight_zero_sends_a_backend_no_request(plane: DataPlane) -> None:
     counted, stats = plane.run(200)
     assert counted == {"model-v1": 0, "model-v2": 0, "model-v3": 0}
     assert stats["total_ok"] == 0 and stats["errors"].get("(gateway)") == 200, stats
+
+
+def test_user_key_keeps_each_user_on_one_backend(plane: DataPlane) -> None:
+    weights = {"model-v1": 70, "model-v2": 30, "model-v3": 0}
+    rv, _ = plane.patch(weights)
+    plane.gateway.wait_version(rv)
+    assert plane.cluster.workdir is not None
+    sticky = Gateway(
+        plane.api,
+        NAMESPACE,
+        ROUTE,
+        {n: s.url for n, s in plane.servers.items()},
+        user_key="$http_x_user_id",
+        workdir=plane.cluster.workdir / "gateway-sticky",
+    ).start()
+    try:
+        sticky.wait_version(rv)
+        conn = http.client.HTTPConnection("127.0.0.1", sticky.port, timeout=5)
+        seen: dict[str, set[str]] = {}
+        for i in range(200 * 10):
+            user = f"user-{i % 200}"
+            conn.request("POST", "/predict", body=b"{}", headers={"X-User-Id": user})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            seen.setdefault(user, set()).add(resp.headers[VIA_BACKEND_HEADER])
+        conn.close()
+    finally:
+        sticky.close()
+    assert all(len(arms) == 1 for arms in seen.values()), {u: a for u, a in seen.items() if len(a) > 1}
+    users = {name: sum(1 for arms in seen.values() if name in arms) for name in weights}
+    print(f"\nusers per backend (200 users x 10 requests, weights {weights}): {users}")
+    assert users["model-v3"] == 0
+    assert abs(users["model-v1"] / 200 - 0.7) < 0.1  # users are split by a hash of their id
