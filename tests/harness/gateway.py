@@ -321,6 +321,7 @@ class Gateway:
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _version: str = ""
     _last_error: str = ""
+    _own_workdir: bool = False
 
     @property
     def url(self) -> str:
@@ -340,6 +341,7 @@ class Gateway:
         nginx = find_nginx()
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="mr-gateway-"))
+            self._own_workdir = True
         prepare_prefix(self.workdir)
         self.port = self.port or free_port()
         route = self._read_route()
@@ -381,6 +383,8 @@ class Gateway:
             self._thread.join(3.0)
         stop_proc(self._proc, grace=5.0)
         self._proc = None
+        if self._own_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Gateway:
         return self.start()
@@ -588,3 +592,58 @@ def _rv_at_least(have: str, want: str) -> bool:
     if have.isdigit() and want.isdigit():
         return int(have) >= int(want)
     return False
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a gateway by hand: ``--kubeconfig K --namespace ml --httproute model --backend SVC=URL``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m tests.harness.gateway", description="nginx following an HTTPRoute"
+    )
+    p.add_argument("--kubeconfig", required=True)
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--httproute", required=True)
+    p.add_argument("--backend", action="append", required=True, metavar="SERVICE=URL", help="repeatable")
+    p.add_argument("--user-key", default=None, help="nginx variable with a user id, e.g. '$http_x_user_id'")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=3600.0)
+    args = p.parse_args(argv)
+    backends = {}
+    for pair in args.backend:
+        name, sep, url = pair.partition("=")
+        if not sep or not name or not url:
+            p.error(f"--backend must look like SERVICE=URL, got {pair!r}")
+        backends[name] = url
+
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=args.kubeconfig)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with Gateway(api, args.namespace, args.httproute, backends, user_key=args.user_key, port=args.port) as gw:
+        print(f"listening {gw.url} (nginx prefix {gw.workdir})", flush=True)
+        shown = 0
+        deadline = time.monotonic() + args.max_seconds
+        while not stop.wait(0.2) and time.monotonic() < deadline:
+            for change in gw.changes[shown:]:
+                took = change.event_to_settled_s
+                print(
+                    f"version {change.version} weights {change.weights} "
+                    + (
+                        f"served {took * 1000:.0f} ms after the event"
+                        if took is not None
+                        else f"NOT served: {change.error}"
+                    ),
+                    flush=True,
+                )
+            shown = len(gw.changes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
