@@ -70,8 +70,12 @@ _USER_KEY = re.compile(r"^\$(http|cookie|arg)_[A-Za-z0-9_]{1,64}$")
 def find_nginx() -> Path:
     """The nginx binary (``MODEL_ROLLOUTS_NGINX``, PATH, or Debian's /usr/sbin/nginx)."""
     env = os.environ.get("MODEL_ROLLOUTS_NGINX")
-    found = env or shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if not found or not Path(found).exists():
+    if env:
+        if not Path(env).is_file():
+            raise MissingComponent(f"MODEL_ROLLOUTS_NGINX={env} is not a file")
+        return Path(env)
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not found:
         raise MissingComponent(
             "nginx not found on PATH or in /usr/sbin: `apt-get install nginx` (Debian package)"
         )
