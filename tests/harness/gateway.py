@@ -350,7 +350,7 @@ class Gateway:
         self.port = self.port or free_port()
         route = self._read_route()
         self._write(route)
-        self._argv = [
+        argv = [
             str(nginx),
             "-p",
             str(self.workdir),
@@ -364,7 +364,7 @@ class Gateway:
             + (" user root;" if os.geteuid() == 0 else ""),
         ]
         try:
-            self._proc = spawn(self._argv, self.workdir / "nginx.out")
+            self._proc = spawn(argv, self.workdir / "nginx.out")
             version = plan_route(route, self.rule_index).version
             now = time.monotonic()
             change = Change(version, self._weights(route), now, reloaded_at=now)
