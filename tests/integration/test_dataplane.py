@@ -168,6 +168,8 @@ def assert_split(counted: dict[str, int], weights: dict[str, int]) -> dict[str, 
 
 def test_split_at_the_model_servers_follows_the_route_weights(plane: DataPlane) -> None:
     weights = {"model-v1": 70, "model-v2": 30, "model-v3": 0}
+    rv, _ = plane.patch(weights)
+    plane.gateway.wait_version(rv)
     counted, stats = plane.run(2000)
     assert stats["total_errors"] == 0, stats
     assert sum(counted.values()) == 2000, counted  # every request reached exactly one model server
