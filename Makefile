@@ -20,15 +20,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv with the package and dev tools
 
-system-deps: ## Debian packages: prometheus, openssl, tmux, chromium (installed when run as root)
+system-deps: ## Debian packages: prometheus, openssl, tmux, chromium, nginx (installed when run as root)
 	@command -v go >/dev/null || { echo "Go >= 1.25 is needed to build the Kubernetes test binaries (or set KUBEBUILDER_ASSETS)"; exit 1; }
-	@missing=""; for c in prometheus openssl tmux chromium; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	@missing=""; for c in prometheus openssl tmux chromium nginx; do command -v $$c >/dev/null || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    pkgs="$$missing"; \
 	    echo "installing Debian packages:$$pkgs"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
-	  else echo "missing:$$missing; install them (Debian: apt-get install prometheus openssl tmux chromium)"; exit 1; fi; \
+	  else echo "missing:$$missing; install them (Debian: apt-get install prometheus openssl tmux chromium nginx)"; exit 1; fi; \
 	fi
 
 kube-bins: ## build kube-apiserver, kube-controller-manager, kubectl once into .cache (or use KUBEBUILDER_ASSETS)

@@ -13,6 +13,12 @@ Command line::
         --rps 20 --max-seconds 60
 
 Pure helpers :func:`parse_weights` and :func:`choose` hold the routing logic.
+
+With ``--via URL`` (``via=`` in :class:`LoadGenerator`) the generator does not pick a backend:
+every request goes to that URL (a real proxy, e.g. :class:`tests.harness.gateway.Gateway`),
+and each response is counted for the backend the proxy names in its ``X-Gateway-Backend``
+header; feedback still goes straight to that backend's model server (as a feedback pipeline
+would), not through the proxy.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ MAX_HISTORY = 10_000
 MAX_LAG_S = 1.0
 
 WeightSource = Callable[[], Mapping[str, int]]
+
+#: Response header by which a proxy (``via``) names the backend that served a request.
+VIA_BACKEND_HEADER = "X-Gateway-Backend"
+#: Where ``via`` responses that name no known backend are counted (e.g. the proxy's own 503).
+VIA_UNATTRIBUTED = "(gateway)"
 
 
 # ---- pure routing logic -----------------------------------------------------------------------------
@@ -202,6 +213,12 @@ class _Connections:
         self._conns: dict[str, http.client.HTTPConnection] = {}
 
     def post(self, backend: _Backend, path: str, body: Mapping[str, Any] | None) -> tuple[int, bytes]:
+        status, payload, _ = self.post_with_headers(backend, path, body)
+        return status, payload
+
+    def post_with_headers(
+        self, backend: _Backend, path: str, body: Mapping[str, Any] | None
+    ) -> tuple[int, bytes, http.client.HTTPMessage]:
         data = json.dumps(body if body is not None else {}).encode()
         headers = {"Content-Type": "application/json"}
         for attempt in range(2):
@@ -216,7 +233,7 @@ class _Connections:
                 payload = resp.read()
                 if resp.will_close:
                     self.drop(backend.name)
-                return resp.status, payload
+                return resp.status, payload, resp.headers
             except _RETRYABLE:
                 self.drop(backend.name)
                 if not reused or attempt:  # only an idle keep-alive connection closed by the server
@@ -245,6 +262,8 @@ class LoadGenerator:
     Stops by itself after ``max_seconds`` or ``max_requests`` dispatched requests, whichever
     comes first. ``weight_source`` replaces the HTTPRoute reader (tests without an API server).
     Requests the workers cannot take in time are dropped and counted (open-loop load).
+    ``via`` sends every request to that proxy URL instead (see the module docstring); without
+    ``api`` or ``weight_source`` it then reads no weights at all.
     """
 
     def __init__(
@@ -264,6 +283,7 @@ class LoadGenerator:
         weight_source: WeightSource | None = None,
         poll_interval: float = 1.0,
         request_timeout: float = 2.0,
+        via: str | None = None,
     ) -> None:
         if not backends:
             raise ValueError("backends must name at least one backend")
@@ -289,6 +309,9 @@ class LoadGenerator:
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
         self._backends = {name: _Backend(name, url) for name, url in backends.items()}
+        self._via = _Backend(VIA_UNATTRIBUTED, via) if via is not None else None
+        if weight_source is None and self._via is not None and api is None:
+            weight_source = dict
         if weight_source is None:
             weight_source = HTTPRouteWeights(
                 api, namespace, httproute, rule_index, request_timeout=request_timeout
@@ -491,7 +514,7 @@ class LoadGenerator:
                 with self._lock:
                     weights = dict(self._weights)
                     skew = dict(self._skew)
-                name = choose(weights, self._rng, skew)
+                name = VIA_UNATTRIBUTED if self._via is not None else choose(weights, self._rng, skew)
                 issued += 1
                 if name is None:
                     with self._lock:
@@ -539,6 +562,9 @@ class LoadGenerator:
             conns.close()
 
     def _one_request(self, name: str, rng: random.Random, conns: _Connections) -> None:
+        if self._via is not None:
+            self._one_request_via(self._via, rng, conns)
+            return
         backend = self._backends.get(name)
         with self._lock:
             self._sent[name] = self._sent.get(name, 0) + 1
@@ -566,6 +592,34 @@ class LoadGenerator:
             else:
                 self._errors[name] = self._errors.get(name, 0) + 1
         if status != 200 or not self.feedback or self._stop.is_set():
+            return
+        self._send_feedback(backend, reply, rng, conns)
+
+    def _one_request_via(self, via: _Backend, rng: random.Random, conns: _Connections) -> None:
+        t0 = time.monotonic()
+        try:
+            status, body, headers = conns.post_with_headers(via, "/predict", {"input": rng.random()})
+            name = headers.get(VIA_BACKEND_HEADER) or VIA_UNATTRIBUTED
+        except (OSError, http.client.HTTPException):
+            status, body, name = 0, b"", VIA_UNATTRIBUTED
+        latency = time.monotonic() - t0
+        reply: dict[str, Any] = {}
+        if status == 200:
+            try:
+                parsed = json.loads(body)
+                if isinstance(parsed, dict):
+                    reply = parsed
+            except ValueError:
+                status = 0
+        with self._lock:
+            self._sent[name] = self._sent.get(name, 0) + 1
+            if status == 200:
+                self._ok[name] = self._ok.get(name, 0) + 1
+                self._latency_sum += latency
+            else:
+                self._errors[name] = self._errors.get(name, 0) + 1
+        backend = self._backends.get(name)
+        if status != 200 or backend is None or not self.feedback or self._stop.is_set():
             return
         self._send_feedback(backend, reply, rng, conns)
 
@@ -613,6 +667,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="python -m tests.harness.loadgen", description=(__doc__ or "").strip().split("\n")[0]
     )
     p.add_argument("--kubeconfig", required=True, help="kubeconfig of the API server holding the HTTPRoute")
+    p.add_argument(
+        "--via",
+        default=None,
+        metavar="URL",
+        help="send every request through this proxy (e.g. the harness's nginx gateway) instead of "
+        "picking a backend; responses are counted by its X-Gateway-Backend header",
+    )
     p.add_argument("--namespace", required=True)
     p.add_argument("--httproute", required=True, help="name of the HTTPRoute whose weights split the traffic")
     p.add_argument("--rule-index", type=int, default=0, help="which spec.rules entry to read (default 0)")
@@ -678,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             skew=skew,
             workers=args.workers,
             rule_index=args.rule_index,
+            via=args.via,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -1,0 +1,653 @@
+"""A real data plane for the harness: Debian's nginx, configured from an HTTPRoute.
+
+On a real cluster a gateway splits traffic by the weights the operator writes. Here
+:class:`Gateway` plays that gateway with a real proxy: it watches one HTTPRoute on the API
+server, renders an nginx configuration from it (:func:`render_nginx`, a pure function of the
+route object and :class:`NginxSettings`), and reloads nginx (SIGHUP to its master) on every
+change. nginx runs as a plain child process (``daemon off``, one worker, a temporary prefix
+directory), listening only on 127.0.0.1.
+
+What the rendered configuration does:
+
+- ``/__gateway_version`` answers with the resourceVersion of the route it was rendered from;
+  every proxied response carries it in ``X-Gateway-Version`` and the backendRef name that served
+  it in ``X-Gateway-Backend``.
+- Every other path goes to the rule's backendRefs by weight. Without a user key this is one
+  upstream with ``weight=`` per backend (nginx's smooth weighted round robin, one worker): the
+  proportions are exact, not sampled. With a user key (e.g. ``$http_x_user_id`` or
+  ``$cookie_uid``) requests that carry one are split by ``split_clients`` on it, so one user
+  always reaches the same backend; requests without one keep the exact round robin.
+- Weight 0 gets no request; when every weight is 0 (or there is no route) nginx answers 503.
+  A backendRef the test gave no model server for answers 500 for its share (a Gateway API
+  gateway answers 500 for an unresolvable backend).
+- A failed request is never retried on another backend (``proxy_next_upstream off``) and no
+  backend is ever marked down (``max_fails=0``): the model server's own counters see exactly
+  the split.
+
+Header and cookie match rules and a RequestMirror filter (issue 19) belong in
+:func:`plan_route` / :func:`render_nginx` as further ``map`` and ``mirror`` blocks.
+
+:attr:`Gateway.changes` records, for each route change seen, the watch event time, the reload
+time and the time nginx first served the new version; :meth:`Gateway.wait_version` waits for a
+given resourceVersion to be served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tests.harness.cluster import MissingComponent
+from tests.harness.loadgen import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTE_PLURAL, parse_weights
+from tests.harness.procs import LOOPBACK, free_port, spawn, stop_proc, tail
+
+VERSION_PATH = "/__gateway_version"
+BACKEND_HEADER = "X-Gateway-Backend"
+VERSION_HEADER = "X-Gateway-Version"
+NO_ROUTE_VERSION = "none"
+#: split_clients takes percentages with at most two decimals.
+_SPLIT_SCALE = 10_000
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_USER_KEY = re.compile(r"^\$(http|cookie|arg)_[A-Za-z0-9_]{1,64}$")
+
+
+def find_nginx() -> Path:
+    """The nginx binary (``MODEL_ROLLOUTS_NGINX``, PATH, or Debian's /usr/sbin/nginx)."""
+    env = os.environ.get("MODEL_ROLLOUTS_NGINX")
+    if env:
+        if not Path(env).is_file():
+            raise MissingComponent(f"MODEL_ROLLOUTS_NGINX={env} is not a file")
+        return Path(env)
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not found:
+        raise MissingComponent(
+            "nginx not found on PATH or in /usr/sbin: `apt-get install nginx` (Debian package)"
+        )
+    return Path(found)
+
+
+def prepare_prefix(prefix: Path) -> None:
+    """Create the directories a rendered configuration names under its prefix."""
+    for sub in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi", "logs"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+
+
+# ---- pure: route -> plan -> nginx configuration -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """What the data plane must do, read from an HTTPRoute (``version``: its resourceVersion)."""
+
+    version: str
+    #: backendRef name -> weight, every ref of the rule (weight 0 included), in route order.
+    weights: dict[str, int]
+
+    @property
+    def active(self) -> dict[str, int]:
+        return {name: w for name, w in self.weights.items() if w > 0}
+
+
+def plan_route(route: Mapping[str, Any] | None, rule_index: int = 0) -> RoutePlan:
+    """The plan for ``spec.rules[rule_index]`` of ``route``; None (no route) sends nothing anywhere."""
+    if route is None:
+        return RoutePlan(NO_ROUTE_VERSION, {})
+    meta = route.get("metadata") or {}
+    version = str(meta.get("resourceVersion") or "0")
+    if not _VERSION.match(version):
+        raise ValueError(f"resourceVersion {version!r} is not a plain token")
+    weights = parse_weights(route, rule_index)
+    for name in weights:
+        if not _NAME.match(name):
+            raise ValueError(f"backendRef name {name!r} is not a DNS name")
+    return RoutePlan(version, weights)
+
+
+@dataclass(frozen=True)
+class NginxSettings:
+    """Everything besides the route that the configuration depends on."""
+
+    listen_port: int
+    #: nginx's prefix directory (temp files, unix sockets of unresolved backends).
+    prefix: Path
+    #: backendRef (Service) name -> model server URL (http://127.0.0.1:PORT).
+    backends: Mapping[str, str]
+    #: nginx variable holding a user id (``$http_x_user_id``, ``$cookie_uid``); None: no stickiness.
+    user_key: str | None = None
+    access_log: bool = False
+
+    def address(self, name: str) -> str:
+        """``host:port`` of a backend's server, or a unix socket answering 500 when it has none."""
+        url = self.backends.get(name)
+        if url is None:
+            return f"unix:{self.prefix / f'unresolved-{name}.sock'}"
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"backend {name!r}: URL must be http://host:port, got {url!r}")
+        return f"{parts.hostname}:{parts.port or 80}"
+
+
+def _reduced(weights: Mapping[str, int]) -> dict[str, int]:
+    g = 0
+    for w in weights.values():
+        g = math.gcd(g, w)
+    return {name: w // g for name, w in weights.items()} if g else dict(weights)
+
+
+def split_percentages(weights: Mapping[str, int]) -> list[tuple[str, str]]:
+    """``split_clients`` entries (name, "P%" or "*") for positive weights; the last takes the rest.
+
+    Percentages are floored to 0.01 %, so a share is off by less than 0.01 point.
+    """
+    active = [(n, w) for n, w in weights.items() if w > 0]
+    total = sum(w for _, w in active)
+    out: list[tuple[str, str]] = []
+    for i, (name, w) in enumerate(active):
+        if i == len(active) - 1:
+            out.append((name, "*"))
+            break
+        units = w * _SPLIT_SCALE // total
+        if units:
+            out.append((name, f"{units // 100}.{units % 100:02d}%"))
+    return out
+
+
+def _upstream_id(index: int) -> str:
+    return f"gw_backend_{index}"
+
+
+def render_nginx(route: Mapping[str, Any] | None, settings: NginxSettings, rule_index: int = 0) -> str:
+    """nginx.conf text for ``route`` (an HTTPRoute object as a dict, or None when it is absent)."""
+    plan = plan_route(route, rule_index)
+    if settings.user_key is not None and not _USER_KEY.match(settings.user_key):
+        raise ValueError(f"user_key {settings.user_key!r} must be an nginx $http_/$cookie_/$arg_ variable")
+    prefix = settings.prefix
+    names = list(plan.weights)
+    addresses = {name: settings.address(name) for name in names}
+    seen: dict[str, str] = {}
+    for name, addr in addresses.items():
+        if addr in seen:
+            raise ValueError(f"backends {seen[addr]!r} and {name!r} share the address {addr}")
+        seen[addr] = name
+    active = _reduced(plan.active)
+    v = plan.version
+
+    lines = [
+        "# Rendered by tests/harness/gateway.py; do not edit.",
+        f"# HTTPRoute resourceVersion {v}",
+        "worker_processes 1;",
+        "events { worker_connections 1024; }",
+        "http {",
+        f"    access_log {prefix / 'access.log' if settings.access_log else 'off'};",
+        f"    client_body_temp_path {prefix / 'tmp' / 'body'};",
+        f"    proxy_temp_path {prefix / 'tmp' / 'proxy'};",
+        f"    fastcgi_temp_path {prefix / 'tmp' / 'fastcgi'};",
+        f"    uwsgi_temp_path {prefix / 'tmp' / 'uwsgi'};",
+        f"    scgi_temp_path {prefix / 'tmp' / 'scgi'};",
+        "    server_tokens off;",
+        "    keepalive_requests 100000;",
+        "    map_hash_bucket_size 256;",
+        "",
+        "    # Which backendRef served a response (by the upstream address nginx used).",
+        "    map $upstream_addr $gw_backend {",
+        '        default "";',
+    ]
+    lines += [f'        "{addr}" "{name}";' for name, addr in addresses.items()]
+    lines.append("    }")
+
+    if active:
+        lines += [
+            "",
+            "    # Exact weighted round robin (one worker): the route's weights, reduced.",
+            "    upstream gw_weighted {",
+        ]
+        lines += [f"        server {addresses[n]} weight={w} max_fails=0;" for n, w in active.items()]
+        lines += ["        keepalive 32;", "    }"]
+    if active and settings.user_key is not None:
+        index = {name: i for i, name in enumerate(names)}
+        for name in active:
+            lines += [
+                f"    upstream {_upstream_id(index[name])} {{",
+                f"        server {addresses[name]} max_fails=0;",
+                "        keepalive 8;",
+                "    }",
+            ]
+        lines += ["", f'    split_clients "{settings.user_key}" $gw_sticky {{']
+        lines += [f"        {pct} {_upstream_id(index[n])};" for n, pct in split_percentages(active)]
+        lines += [
+            "    }",
+            f"    map {settings.user_key} $gw_target {{",
+            "        default $gw_sticky;",
+            '        "" gw_weighted;',
+            "    }",
+        ]
+
+    lines += [
+        "",
+        "    server {",
+        f"        listen {LOOPBACK}:{settings.listen_port};",
+        f"        location = {VERSION_PATH} {{",
+        "            default_type text/plain;",
+        f'            return 200 "{v}";',
+        "        }",
+        "        location / {",
+    ]
+    if active:
+        target = "$gw_target" if settings.user_key is not None else "gw_weighted"
+        lines += [
+            f"            proxy_pass http://{target};",
+            "            proxy_http_version 1.1;",
+            '            proxy_set_header Connection "";',
+            "            proxy_next_upstream off;",
+            f"            add_header {BACKEND_HEADER} $gw_backend always;",
+            f'            add_header {VERSION_HEADER} "{v}" always;',
+        ]
+    else:
+        lines += [
+            f'            add_header {VERSION_HEADER} "{v}" always;',
+            "            default_type text/plain;",
+            '            return 503 "no backend has a positive weight\\n";',
+        ]
+    lines += ["        }", "    }"]
+    for name in names:
+        if name not in settings.backends:
+            lines += [
+                "    server {",
+                f"        listen {addresses[name]};",
+                "        default_type text/plain;",
+                f'        return 500 "backend {name} has no server\\n";',
+                "    }",
+            ]
+    lines += ["}", ""]
+    return "\n".join(lines)
+
+
+# ---- the process and the watch ---------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    """One route version seen by the gateway (times are ``time.monotonic()``)."""
+
+    version: str
+    weights: dict[str, int]
+    event_at: float
+    reloaded_at: float | None = None
+    #: nginx first answered with this version (a new worker serves it).
+    serving_at: float | None = None
+    #: Every worker of the previous configuration has exited: nothing serves an older version.
+    settled_at: float | None = None
+    error: str = ""
+
+    @property
+    def event_to_serving_s(self) -> float | None:
+        return None if self.serving_at is None else self.serving_at - self.event_at
+
+    @property
+    def event_to_settled_s(self) -> float | None:
+        return None if self.settled_at is None else self.settled_at - self.event_at
+
+
+@dataclass
+class Gateway:
+    """nginx in front of the model servers, following one HTTPRoute. Use as a context manager."""
+
+    api: Any
+    namespace: str
+    httproute: str
+    backends: Mapping[str, str]
+    user_key: str | None = None
+    rule_index: int = 0
+    workdir: Path | None = None
+    serve_timeout: float = 10.0
+    access_log: bool = False
+    port: int = 0
+    changes: list[Change] = field(default_factory=list)
+    _proc: subprocess.Popen[bytes] | None = None
+    _thread: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _version: str = ""
+    _last_error: str = ""
+    _own_workdir: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def conf(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "nginx.conf"
+
+    @property
+    def log(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "error.log"
+
+    def start(self) -> Gateway:
+        nginx = find_nginx()
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="mr-gateway-"))
+            self._own_workdir = True
+        prepare_prefix(self.workdir)
+        self.port = self.port or free_port()
+        route = self._read_route()
+        self._write(route)
+        argv = [
+            str(nginx),
+            "-p",
+            str(self.workdir),
+            "-c",
+            str(self.conf),
+            "-e",
+            str(self.log),
+            "-g",
+            f"daemon off; pid {self.workdir / 'nginx.pid'}; error_log {self.log} notice;"
+            # As root nginx would run its worker as nobody, which cannot read the private prefix.
+            + (" user root;" if os.geteuid() == 0 else ""),
+        ]
+        try:
+            self._proc = spawn(argv, self.workdir / "nginx.out")
+            version = plan_route(route, self.rule_index).version
+            now = time.monotonic()
+            change = Change(version, self._weights(route), now, reloaded_at=now)
+            self._await_serving(change)
+            change.settled_at = change.serving_at
+            if change.serving_at is None:
+                raise RuntimeError(f"nginx did not serve its first configuration: {change.error}")
+            self.changes.append(change)
+            self._version = version
+            self._thread = threading.Thread(target=self._watch_loop, name="gateway-watch", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(3.0)
+        stop_proc(self._proc, grace=5.0)
+        self._proc = None
+        if self._own_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- observation --
+    def served_version(self, timeout: float = 1.0) -> str:
+        """What nginx answers on /__gateway_version now (a new connection each time)."""
+        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=timeout)
+        try:
+            conn.request("GET", VERSION_PATH)
+            resp = conn.getresponse()
+            body = resp.read().decode(errors="replace")
+            if resp.status != 200:
+                raise RuntimeError(f"{VERSION_PATH} answered {resp.status}")
+            return body.strip()
+        finally:
+            conn.close()
+
+    def wait_version(self, version: str, timeout: float = 15.0) -> Change:
+        """Wait until nginx serves only route ``version`` (or a later one); its :class:`Change`.
+
+        Only: the workers of the previous configuration have exited too, so no request sent
+        after this returns can be routed by older weights.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for change in self.changes:
+                    if change.settled_at is not None and _rv_at_least(change.version, version):
+                        return change
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"nginx did not serve HTTPRoute version {version} in {timeout:.0f}s; "
+                        f"serving {self._version!r}; last error {self._last_error!r}\n{tail(self.log)}"
+                    )
+                self._cond.wait(min(left, 0.2))
+
+    # -- internals --
+    def _custom(self) -> Any:
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self.api)
+
+    def _read_route(self) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            obj: dict[str, Any] = self._custom().get_namespaced_custom_object(
+                GATEWAY_GROUP, GATEWAY_VERSION, self.namespace, HTTPROUTE_PLURAL, self.httproute
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return obj
+
+    def _weights(self, route: Mapping[str, Any] | None) -> dict[str, int]:
+        return plan_route(route, self.rule_index).weights if route is not None else {}
+
+    def _settings(self) -> NginxSettings:
+        assert self.workdir is not None
+        return NginxSettings(
+            listen_port=self.port,
+            prefix=self.workdir,
+            backends=dict(self.backends),
+            user_key=self.user_key,
+            access_log=self.access_log,
+        )
+
+    def _write(self, route: Mapping[str, Any] | None) -> None:
+        text = render_nginx(route, self._settings(), self.rule_index)
+        tmp = self.conf.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.conf)
+
+    def _await_serving(self, change: Change) -> None:
+        deadline = time.monotonic() + self.serve_timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self._proc is not None and self._proc.poll() is not None:
+                change.error = f"nginx exited with {self._proc.returncode}: {tail(self.log)}"
+                return
+            try:
+                if self.served_version(timeout=0.5) == change.version:
+                    change.serving_at = time.monotonic()
+                    return
+            except (OSError, http.client.HTTPException, RuntimeError):
+                pass
+            time.sleep(0.005)
+        change.error = (
+            f"version {change.version} not served within {self.serve_timeout:.0f}s: {tail(self.log, 5)}"
+        )
+
+    def _await_exit(self, old_workers: set[int], change: Change) -> None:
+        """Wait until the previous configuration's workers are gone (they finish in-flight requests)."""
+        assert self._proc is not None
+        deadline = time.monotonic() + self.serve_timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if not old_workers & _children(self._proc.pid):
+                change.settled_at = time.monotonic()
+                return
+            time.sleep(0.005)
+        change.error = (
+            f"old nginx workers {sorted(old_workers)} still running after {self.serve_timeout:.0f}s"
+        )
+
+    def _apply(self, route: Mapping[str, Any] | None, event_at: float) -> None:
+        version = plan_route(route, self.rule_index).version if route is not None else NO_ROUTE_VERSION
+        if version == self._version:
+            return
+        change = Change(version, {}, event_at)
+        try:
+            change.weights = self._weights(route)
+            self._write(route)
+            assert self._proc is not None
+            old_workers = _children(self._proc.pid)
+            self._proc.send_signal(signal.SIGHUP)
+            change.reloaded_at = time.monotonic()
+            self._await_serving(change)
+            if change.serving_at is not None:
+                self._await_exit(old_workers, change)
+        except Exception as exc:  # a bad route: keep serving the last good config, say why
+            change.error = f"{type(exc).__name__}: {exc}"[:500]
+        with self._cond:
+            self.changes.append(change)
+            if change.settled_at is not None:
+                self._version = version
+            else:
+                self._last_error = change.error
+            self._cond.notify_all()
+
+    def _watch_loop(self) -> None:
+        from kubernetes import watch
+
+        resource_version = ""
+        while not self._stop.is_set():
+            try:
+                if not resource_version:  # (re-)list: pick up what happened while not watching
+                    route = self._read_route()
+                    self._apply(route, time.monotonic())
+                    resource_version = self._list_version()
+                w = watch.Watch()
+                for event in w.stream(
+                    self._custom().list_namespaced_custom_object,
+                    GATEWAY_GROUP,
+                    GATEWAY_VERSION,
+                    self.namespace,
+                    HTTPROUTE_PLURAL,
+                    field_selector=f"metadata.name={self.httproute}",
+                    resource_version=resource_version,
+                    timeout_seconds=2,
+                    _request_timeout=5,
+                ):
+                    at = time.monotonic()
+                    if self._stop.is_set():
+                        w.stop()
+                        break
+                    kind, obj = event.get("type"), event.get("object")
+                    if kind == "ERROR" or not isinstance(obj, dict):
+                        resource_version = ""  # 410 Gone and friends: list again
+                        w.stop()
+                        break
+                    resource_version = str(obj.get("metadata", {}).get("resourceVersion") or resource_version)
+                    if kind == "BOOKMARK":
+                        continue
+                    self._apply(None if kind == "DELETED" else obj, at)
+            except Exception as exc:  # the API server went away for a moment: list again
+                self._last_error = f"watch: {type(exc).__name__}: {exc}"[:300]
+                resource_version = ""
+                self._stop.wait(0.2)
+
+    def _list_version(self) -> str:
+        lst = self._custom().list_namespaced_custom_object(
+            GATEWAY_GROUP,
+            GATEWAY_VERSION,
+            self.namespace,
+            HTTPROUTE_PLURAL,
+            field_selector=f"metadata.name={self.httproute}",
+        )
+        return str(lst.get("metadata", {}).get("resourceVersion") or "")
+
+
+def _children(pid: int) -> set[int]:
+    """PIDs of ``pid``'s child processes (nginx's workers)."""
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        pass
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name may hold spaces and parentheses; the ppid follows the last ')'.
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(stat.parent.name))
+    return out
+
+
+def _rv_at_least(have: str, want: str) -> bool:
+    """resourceVersions are opaque; etcd's are integers, compared as such when both are."""
+    if have == want:
+        return True
+    if have.isdigit() and want.isdigit():
+        return int(have) >= int(want)
+    return False
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a gateway by hand: ``--kubeconfig K --namespace ml --httproute model --backend SVC=URL``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m tests.harness.gateway", description="nginx following an HTTPRoute"
+    )
+    p.add_argument("--kubeconfig", required=True)
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--httproute", required=True)
+    p.add_argument("--backend", action="append", required=True, metavar="SERVICE=URL", help="repeatable")
+    p.add_argument("--user-key", default=None, help="nginx variable with a user id, e.g. '$http_x_user_id'")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=3600.0)
+    args = p.parse_args(argv)
+    backends = {}
+    for pair in args.backend:
+        name, sep, url = pair.partition("=")
+        if not sep or not name or not url:
+            p.error(f"--backend must look like SERVICE=URL, got {pair!r}")
+        backends[name] = url
+
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=args.kubeconfig)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with Gateway(api, args.namespace, args.httproute, backends, user_key=args.user_key, port=args.port) as gw:
+        print(f"listening {gw.url} (nginx prefix {gw.workdir})", flush=True)
+        shown = 0
+        deadline = time.monotonic() + args.max_seconds
+        while not stop.wait(0.2) and time.monotonic() < deadline:
+            for change in gw.changes[shown:]:
+                took = change.event_to_settled_s
+                print(
+                    f"version {change.version} weights {change.weights} "
+                    + (
+                        f"served {took * 1000:.0f} ms after the event"
+                        if took is not None
+                        else f"NOT served: {change.error}"
+                    ),
+                    flush=True,
+                )
+            shown = len(gw.changes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
