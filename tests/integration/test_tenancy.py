@@ -197,8 +197,8 @@ def test_zero_or_unbounded_durations_and_hostless_addresses_are_rejected_on_appl
 
 
 RATIO = (
-    'sum(rate(model_requests_total{namespace="{{ namespace }}",service="{{ service }}",code="{{ args.code }}"}'
-    "[{{ args.window }}])) / "
+    'sum(rate(model_requests_total{namespace="{{ namespace }}",service="{{ service }}",'
+    'code="{{ args.code }}"}[{{ args.window }}])) / '
     'sum(rate(model_requests_total{namespace="{{ namespace }}",service="{{ service }}"}[{{ args.window }}]))'
 )
 

@@ -105,7 +105,8 @@ def wait(stack: Stack, ns: str, name: str, ok: Any, timeout: float) -> dict[str,
     obj = get(stack, ns, name)
     while not ok(obj):
         if time.monotonic() > deadline:
-            raise AssertionError(f"{ns}/{name} not there in {timeout}s: {st(obj)}")
+            log = "\n".join(stack.operator_log().splitlines()[-15:])
+            raise AssertionError(f"{ns}/{name} not there in {timeout}s: {st(obj)}\noperator log:\n{log}")
         time.sleep(0.5)
         obj = get(stack, ns, name)
     return obj

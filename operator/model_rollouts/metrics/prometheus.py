@@ -42,7 +42,8 @@ def _bounded_body(timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s
         buf = bytearray()
         try:
-            for chunk in r.raw.stream(65536, decode_content=True):
+            # read1: what has arrived, never waiting for a whole chunk (the deadline is checked often)
+            while chunk := r.raw.read1(65536, decode_content=True):
                 buf += chunk
                 if len(buf) > limit:
                     if r.status_code != 200:
