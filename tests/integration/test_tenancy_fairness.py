@@ -299,6 +299,7 @@ def test_a_platform_template_used_with_another_teams_service_cannot_read_it(clea
     s = clean
     assert s.prom is not None
     s.servers[CANDIDATE].set(error_rate=0.5)  # team ml's candidate: something worth reading
+    s.apply(httproute("fraud", s.namespace, {STABLE: 50, CANDIDATE: 50}))  # and it serves traffic
     s.apply(_shipped("ClusterMetricTemplate"))
     leaky = {
         "apiVersion": f"{G}/{V}",
