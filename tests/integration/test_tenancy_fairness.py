@@ -14,6 +14,7 @@ Slow queries are made real by a loopback proxy in front of Prometheus that holds
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import urllib.request
@@ -63,10 +64,14 @@ def clean(stack: Stack) -> Iterator[Stack]:
     stack.apply(httproute("fraud", stack.namespace, {STABLE: 100, CANDIDATE: 0}))
     yield stack
     co = client.CustomObjectsApi(stack.api)
-    for ns in (stack.namespace, *TENANTS, OTHER):
+    for ns in (*TENANTS, OTHER):
         for o in co.list_namespaced_custom_object(G, V, ns, P)["items"]:
-            co.delete_namespaced_custom_object(G, V, ns, P, o["metadata"]["name"])
-    delete_all(stack, P, "metrictemplates", cluster=["clustermetricproviders", "clustermetrictemplates"])
+            with contextlib.suppress(ApiException):
+                co.delete_namespaced_custom_object(G, V, ns, P, o["metadata"]["name"])
+    delete_all(
+        stack, P, "metrictemplates", cluster=["clustermetricproviders", "clustermetrictemplates"],
+        timeout=60, ignore_errors=True,
+    )  # fmt: skip
 
 
 def get(stack: Stack, ns: str, name: str) -> dict[str, Any]:
