@@ -605,8 +605,9 @@ class Controller(Generic[SpecT, StatusT]):
         self._not_before = 0.0
         self._invalid_checked = 0.0
         #: The analysis being measured: (what it was asked for, its result to come).
-        self._measuring: tuple[Any, Future[Any]] | None = None
+        self._measuring: tuple[Any, Future[Any], dt.datetime] | None = None
         self._asked: Any = None
+        self._tick_now = now()
 
     # -- hooks --------------------------------------------------------------------------------------
     def problem(self, spec: SpecT) -> str | None:
@@ -764,6 +765,9 @@ class Controller(Generic[SpecT, StatusT]):
         except RouterError as e:
             return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
         self._asked = (generation, json.dumps(dump(status), sort_keys=True))
+        if self._measuring is not None and self._measuring[0] == self._asked:
+            now_ = self._measuring[2]  # decided as of when it was measured: pacing as if measured inline
+        self._tick_now = now_
         try:
             new, actions = self.decide(spec, status, provider, now_, generation, annotations)
         except Measuring:
@@ -837,7 +841,7 @@ class Controller(Generic[SpecT, StatusT]):
             self._measuring = None
             return cast(T, pending[1].result())  # the measurement's own exception, if any, is raised here
         key = str(getattr(provider, "key", None) or f"namespace@{self.namespace}")
-        self._measuring = (self._asked, pools.submit(key, measure))
+        self._measuring = (self._asked, pools.submit(key, measure), self._tick_now)
         raise Measuring()
 
     def count_errors(self, results: Iterable[Result]) -> None:
