@@ -361,3 +361,35 @@ def test_ten_thousand_template_generations_leave_memory_flat(monkeypatch: pytest
         common._template(TemplateRef(kind="MetricTemplate", name="t-9999"), "ns-49", "f")
     assert not any(k[2] == "t-9999" for k in common._templates)
     common._templates.clear()
+
+
+def test_a_compressed_answer_is_limited_by_its_decompressed_size() -> None:
+    import gzip
+
+    body = gzip.compress(b"[" + b" " * 30_000_000 + b"]", 9)  # 30 MB in about 30 kB
+
+    class Bomb(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Bomb)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracemalloc.start()
+        r = PrometheusProvider(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5).query("up")
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.outcome == "error" and "larger than" in r.message, r
+    assert peak < 4 * prometheus.MAX_RESPONSE_BYTES, peak
