@@ -15,7 +15,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from model_rollouts import health, leader
-from model_rollouts.metrics import policy
+from model_rollouts.metrics import policy, prometheus
 from model_rollouts.notify import sender as notify_sender
 
 #: Record attributes our decision log lines carry (``extra=``), copied into JSON lines.
@@ -137,7 +137,18 @@ def main(argv: list[str] | None = None) -> None:
         help="a regular expression (matched against the whole URL) for inline ClusterNotificationProvider "
         "addresses (repeatable); default: none, only URLs kept in Secrets of the operator's namespace",
     )
+    parser.add_argument(
+        "--max-query-response-bytes",
+        type=int,
+        default=prometheus.MAX_RESPONSE_BYTES,
+        metavar="BYTES",
+        help="largest Prometheus query response read (decompressed; a longer one is refused while it "
+        f"streams in, a failed measurement); default {prometheus.MAX_RESPONSE_BYTES}",
+    )
     args = parser.parse_args(argv)
+    if args.max_query_response_bytes < 1024:
+        parser.error("--max-query-response-bytes: at least 1024")
+    prometheus.MAX_RESPONSE_BYTES = args.max_query_response_bytes
     own = args.provider_secret_namespace or os.environ.get("POD_NAMESPACE") or args.leader_election_namespace
     try:
         policy.configure(args.allowed_provider_address, own)

@@ -197,8 +197,9 @@ def test_zero_or_unbounded_durations_and_hostless_addresses_are_rejected_on_appl
 
 
 RATIO = (
-    'sum(rate(model_requests_total{service="{{ service }}",code="{{ args.code }}"}[{{ args.window }}])) / '
-    'sum(rate(model_requests_total{service="{{ service }}"}[{{ args.window }}]))'
+    'sum(rate(model_requests_total{namespace="{{ namespace }}",service="{{ service }}",'
+    'code="{{ args.code }}"}[{{ args.window }}])) / '
+    'sum(rate(model_requests_total{namespace="{{ namespace }}",service="{{ service }}"}[{{ args.window }}]))'
 )
 
 
@@ -339,7 +340,7 @@ def test_a_templates_only_provider_refuses_an_inline_query_and_serves_a_template
     s.apply(provider_rollout("inline", "strict", [{"setWeight": 20}, {"setWeight": 100}]))
     obj = s.wait_for(P, "inline", lambda o: phase(o) == "Invalid", 30)
     assert "spec.analysis.guardrails[0].query" in obj["status"]["message"], obj["status"]["message"]
-    assert "allows only queries from a MetricTemplate" in obj["status"]["message"]
+    assert "allows only queries from a ClusterMetricTemplate" in obj["status"]["message"]
     assert s.route_weights()[CANDIDATE] == 0
     co = client.CustomObjectsApi(s.api)
     co.delete_namespaced_custom_object("mlrollouts.io", "v1alpha1", s.namespace, P, "inline")
@@ -349,13 +350,32 @@ def test_a_templates_only_provider_refuses_an_inline_query_and_serves_a_template
         for o in co.list_namespaced_custom_object("mlrollouts.io", "v1alpha1", s.namespace, P)["items"]
     ):
         time.sleep(0.5)
+    # Only the platform's templates: a namespace's own MetricTemplate would be refused too.
+    bound = '{namespace="{{ namespace }}",service="{{ service }}"'
+    s.apply(
+        metric_template(
+            "ClusterMetricTemplate",
+            "feedback-platform",
+            {
+                "args": [{"name": "kind", "type": "string"}],
+                "successes": f'sum(increase(model_feedback_total{bound},feedback="{{{{ args.kind }}}}"}}'
+                "[{{ window }}]))",
+                "trials": f"sum(increase(model_feedback_total{bound}}}[{{{{ window }}}}]))",
+            },
+        )
+    )
     doc = templated_rollout(
         "viatemplate",
         "http://unused.invalid",
         {"name": "status-ratio", "args": {"code": "500"}},
-        {"kind": "MetricTemplate", "name": "feedback", "args": {"kind": "positive"}},
+        {"name": "feedback-platform", "args": {"kind": "positive"}},
     )
     del doc["spec"]["analysis"]["prometheus"]
     doc["spec"]["analysis"]["provider"] = "strict"
     s.apply(doc)
-    s.wait_for(P, "viatemplate", lambda o: phase(o) == "Promoted", 120)
+    try:
+        s.wait_for(P, "viatemplate", lambda o: phase(o) == "Promoted", 120)
+    finally:
+        co.delete_cluster_custom_object(
+            "mlrollouts.io", "v1alpha1", "clustermetrictemplates", "feedback-platform"
+        )

@@ -170,3 +170,21 @@ def test_crd_files_can_replace_the_built_in_ones() -> None:
     from_files = lint.load_crds(files)
     assert {"ModelRollout", "ModelExperiment"} <= set(from_files)
     assert from_files["ModelRollout"] == CRDS["ModelRollout"]
+
+
+def test_a_platform_template_that_does_not_bind_the_namespace_is_refused() -> None:
+    def cluster_template(query: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "mlrollouts.io/v1alpha1",
+            "kind": "ClusterMetricTemplate",
+            "metadata": {"name": "t"},
+            "spec": {"query": query},
+        }
+
+    leaky = findings(cluster_template('sum(rate(x{service="{{ service }}"}[1m]))'))
+    assert [(f.field, f.check) for f in leaky] == [("spec.query", "operator")], [f.text() for f in leaky]
+    assert 'namespace="{{ namespace }}"' in leaky[0].message
+    assert (
+        findings(cluster_template('sum(rate(x{namespace="{{ namespace }}",service="{{ service }}"}[1m]))'))
+        == []
+    )

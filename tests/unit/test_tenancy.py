@@ -326,7 +326,7 @@ def test_the_tenancy_examples_are_valid_and_fill_their_templates() -> None:
 
     from model_rollouts.api.rollout import ModelRolloutSpec
     from model_rollouts.api.template import MetricTemplateSpec
-    from model_rollouts.metrics.templates import fill
+    from model_rollouts.metrics.templates import check_platform_template, fill
 
     path = Path(__file__).resolve().parents[2] / "manifests" / "tenancy" / "examples.yaml"
     docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
@@ -336,6 +336,7 @@ def test_the_tenancy_examples_are_valid_and_fill_their_templates() -> None:
     local = MetricTemplateSpec.model_validate(docs["MetricTemplate"]["spec"])
     g, c = rollout.analysis.guardrails[0], rollout.analysis.comparisons[0]
     assert g.templateRef is not None and c.templateRef is not None
+    check_platform_template(cluster, "spec.analysis.guardrails[0].templateRef")  # binds the namespace
     q = fill(cluster, g.templateRef, ("query",))["query"]
     assert 'code="500"' in q and "[2m]" in q
     render(q, VALUES)

@@ -60,8 +60,9 @@ class ClusterMetricProviderSpec(Model):
     prometheus: ProviderPrometheus
     allowInlineQueries: bool = Field(
         default=True,
-        description="false: objects using this provider must take every query from a (Cluster)MetricTemplate "
-        "(templateRef); an inline query gives Valid=False naming its field.",
+        description="false: objects using this provider (by name, or by naming its server inline) must "
+        "take every query from a ClusterMetricTemplate (templateRef); an inline query or a tenant's "
+        "MetricTemplate gives Valid=False naming its field.",
     )
 
 
@@ -71,12 +72,10 @@ _QUERY_FIELDS: tuple[tuple[type[BaseModel], tuple[str, ...]], ...] = (
 )
 
 
-def inline_query_fields(model: BaseModel, path: str) -> list[str]:
-    """Paths of the inline PromQL queries in ``model`` (guardrails, comparisons, primary metrics).
-
-    Walks the model generically, so a new place that holds a Guardrail or CountMetric is covered.
-    """
-    out: list[str] = []
+def _metrics(model: BaseModel, path: str) -> list[tuple[str, BaseModel]]:
+    """(path, item) of every Guardrail or CountMetric in ``model``, walked generically, so a new place
+    that holds one is covered."""
+    out: list[tuple[str, BaseModel]] = []
     for name in type(model).model_fields:
         value = getattr(model, name)
         items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
@@ -84,10 +83,30 @@ def inline_query_fields(model: BaseModel, path: str) -> list[str]:
             if not isinstance(item, BaseModel):
                 continue
             sub = f"{path}.{name}" if i is None else f"{path}.{name}[{i}]"
-            for cls, fields in _QUERY_FIELDS:
-                if isinstance(item, cls):
-                    out += [f"{sub}.{q}" for q in fields if getattr(item, q) is not None]
-            out += inline_query_fields(item, sub)
+            if isinstance(item, (Guardrail, CountMetric)):
+                out.append((sub, item))
+            out += _metrics(item, sub)
+    return out
+
+
+def inline_query_fields(model: BaseModel, path: str) -> list[str]:
+    """Paths of the inline PromQL queries in ``model`` (guardrails, comparisons, primary metrics)."""
+    out: list[str] = []
+    for sub, item in _metrics(model, path):
+        for cls, fields in _QUERY_FIELDS:
+            if isinstance(item, cls):
+                out += [f"{sub}.{q}" for q in fields if getattr(item, q) is not None]
+    return out
+
+
+def namespaced_template_fields(model: BaseModel, path: str) -> list[str]:
+    """Paths of the templateRefs in ``model`` that name a (tenant's) MetricTemplate, not the platform's
+    ClusterMetricTemplate: a provider that allows no inline queries refuses them too."""
+    out: list[str] = []
+    for sub, item in _metrics(model, path):
+        ref = getattr(item, "templateRef", None)
+        if ref is not None and ref.kind != "ClusterMetricTemplate":
+            out.append(f"{sub}.templateRef.kind")
     return out
 
 

@@ -8,7 +8,8 @@ Each document is checked, in order, against
 3. the operator's own models (pydantic: unknown fields, durations, windows, timeouts);
 4. the checks the operator's handlers make before they act (``Controller.problem`` of the kind,
    ``check_queries`` on the PromQL placeholders, routers that do not exist, credentials in an
-   inline address). What needs the cluster (templates, providers, routes) is not checked.
+   inline address, a ClusterMetricTemplate whose workload selectors do not bind the namespace).
+   What needs the cluster (templates, providers, routes) is not checked.
 
 The CRDs are generated in-process from the same models as ``crds/`` (a test keeps those files
 equal to them), so the installed plugin always checks against its own operator version; ``--crd``
@@ -161,6 +162,15 @@ def operator_problems(kind: str, spec: BaseModel) -> list[tuple[str, str]]:
     def split(message: str) -> tuple[str, str]:
         field, _, rest = message.partition(": ")
         return (field, rest) if field.startswith("spec") and rest else ("spec", message)
+
+    if kind == template.CLUSTER_TEMPLATE_KIND and isinstance(spec, template.MetricTemplateSpec):
+        from model_rollouts.metrics.templates import check_platform_template
+
+        try:  # a platform template must bind the namespace wherever it picks a workload
+            check_platform_template(spec, "spec")
+        except RouterError as e:
+            field, _, rest = e.message.partition(": ")
+            out.append((f"spec.{field}", rest))
 
     if isinstance(spec, experiment.ModelExperimentSpec):
         problem = experiment_engine.validate(spec)

@@ -6,15 +6,19 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import logging
 import tempfile
 import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
+from urllib.parse import urlsplit
 
 import kopf
 import urllib3
@@ -38,7 +42,12 @@ from model_rollouts.api.common import (
     parse_duration,
     set_condition,
 )
-from model_rollouts.api.provider import PROVIDER_PLURAL, ClusterMetricProviderSpec, inline_query_fields
+from model_rollouts.api.provider import (
+    PROVIDER_PLURAL,
+    ClusterMetricProviderSpec,
+    inline_query_fields,
+    namespaced_template_fields,
+)
 from model_rollouts.api.template import (
     CLUSTER_TEMPLATE_PLURAL,
     TEMPLATE_KIND,
@@ -48,7 +57,7 @@ from model_rollouts.api.template import (
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.status import invalid as invalid_status
-from model_rollouts.metrics import policy
+from model_rollouts.metrics import policy, pools
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import (
     Budgeted,
@@ -58,7 +67,7 @@ from model_rollouts.metrics.provider import (
     check_template,
     render,
 )
-from model_rollouts.metrics.templates import fill
+from model_rollouts.metrics.templates import check_platform_template, fill
 from model_rollouts.notify import Notice
 from model_rollouts.notify import events as notify_events
 from model_rollouts.notify import sender as notify_sender
@@ -210,29 +219,45 @@ def make_router(
 
 #: Seconds a list of ClusterMetricProviders (for the inline-address allowlist) is reused.
 PROVIDER_CACHE_SECONDS = 10.0
-_provider_addresses: tuple[float, list[str]] = (0.0, [])
+_provider_list: tuple[float, list[tuple[str, ClusterMetricProviderSpec]]] = (0.0, [])
 _providers: dict[tuple[Any, ...], PrometheusProvider] = {}
 _providers_lock = threading.Lock()
 
 
-def _cluster_provider_addresses() -> list[str]:
-    """Addresses of every ClusterMetricProvider (cached briefly); [] if they cannot be listed."""
-    global _provider_addresses
-    at, addresses = _provider_addresses
+def _cluster_providers() -> list[tuple[str, ClusterMetricProviderSpec]]:
+    """(name, spec) of every valid ClusterMetricProvider (cached briefly); [] if they cannot be listed."""
+    global _provider_list
+    at, found = _provider_list
     if time.monotonic() - at < PROVIDER_CACHE_SECONDS:
-        return addresses
+        return found
+    found = []
     try:
         listing = client.CustomObjectsApi(api()).list_cluster_custom_object(
             GROUP, VERSION, PROVIDER_PLURAL, _request_timeout=REQUEST_TIMEOUT
         )
-        addresses = [
-            str(((i.get("spec") or {}).get("prometheus") or {}).get("address") or "")
-            for i in cast(dict[str, Any], listing)["items"]
-        ]
+        for i in cast(dict[str, Any], listing)["items"]:
+            with contextlib.suppress(ValidationError):
+                found.append(
+                    (
+                        str(i["metadata"]["name"]),
+                        ClusterMetricProviderSpec.model_validate(i.get("spec") or {}),
+                    )
+                )
     except Exception:
-        addresses = []
-    _provider_addresses = (time.monotonic(), addresses)
-    return addresses
+        found = []
+    _provider_list = (time.monotonic(), found)
+    return found
+
+
+def _server(address: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port of an address (default ports filled in): what "the same server" means."""
+    parts = urlsplit(address.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
 
 
 def _secret_value(ref: SecretKeyRef, field: str, what: str) -> str:
@@ -272,21 +297,49 @@ def _cached_provider(key: tuple[Any, ...], make: Callable[[], PrometheusProvider
 ANALYSIS_BUDGET = (30.0, 120.0)
 
 
-def make_provider(analysis: AnalysisBase, namespace: str, inline: Sequence[str] = ()) -> MetricProvider:
+class Scoped:
+    """A provider used within one tenant's budget ``key`` (provider and namespace, see provider_for)."""
+
+    def __init__(self, inner: PrometheusProvider, key: str) -> None:
+        self.inner, self.key = inner, key
+
+    def query(self, promql: str) -> Result:
+        return self.inner.query(promql, budget=self.key)
+
+
+class Measurement(Budgeted):
+    """One object's analysis: its provider within the tenant's budget and this analysis's time budget."""
+
+    def __init__(self, inner: Scoped, seconds: float) -> None:
+        super().__init__(inner, seconds)
+        self.key = inner.key
+
+
+def make_provider(
+    analysis: AnalysisBase, namespace: str, inline: Sequence[str] = (), namespaced: Sequence[str] = ()
+) -> Measurement:
     """:func:`provider_for`, with a time budget for this one analysis (see :class:`Budgeted`)."""
     lo, hi = ANALYSIS_BUDGET
-    p = provider_for(analysis, namespace, inline)
-    return Budgeted(p, min(hi, max(lo, parse_duration(analysis.interval))))
+    p = provider_for(analysis, namespace, inline, namespaced)
+    return Measurement(p, min(hi, max(lo, parse_duration(analysis.interval))))
 
 
-def provider_for(analysis: AnalysisBase, namespace: str, inline: Sequence[str] = ()) -> PrometheusProvider:
-    """The provider an object may use; RouterError naming the field when it may not use one.
+def provider_for(
+    analysis: AnalysisBase, namespace: str, inline: Sequence[str] = (), namespaced: Sequence[str] = ()
+) -> Scoped:
+    """The provider an object may use, scoped to the object's namespace; RouterError naming the field
+    when it may not use one.
 
     A tenant's object never chooses a credential and a destination together: an inline address
     carries no credential and must be allowed (``--allowed-provider-address`` or a
     ClusterMetricProvider's address); credentials come only from a ClusterMetricProvider, read from
     the operator's own namespace. Messages are fixed texts: nothing a server or Secret holds.
-    ``inline``: the object's inline query fields, refused by a provider with allowInlineQueries false.
+    ``inline``: the object's inline query fields; ``namespaced``: its templateRefs to a tenant's
+    MetricTemplate. A provider with allowInlineQueries false refuses both, whether it is named as
+    ``analysis.provider`` or its server (scheme, host, port) is named inline: an inline address on a
+    provider's server is that provider, and the strictest such provider's policy applies.
+    The budget (cool-down, concurrency, "slow" mark, measurement threads) is the provider's per
+    namespace: another tenant's timeouts and slow queries never spend it.
     """
     if analysis.prometheus is not None:
         cfg = analysis.prometheus
@@ -296,18 +349,32 @@ def provider_for(analysis: AnalysisBase, namespace: str, inline: Sequence[str] =
                 "a credential cannot be named together with an address in a ModelRollout or "
                 "ModelExperiment; ask the platform team for a ClusterMetricProvider, set analysis.provider",
             )
-        if not policy.address_allowed(cfg.address, _cluster_provider_addresses()):
+        providers = _cluster_providers()
+        if not policy.address_allowed(cfg.address, [p.prometheus.address for _, p in providers]):
             raise RouterError(
                 "spec.analysis.prometheus.address",
                 "this address is not allowed by the operator (--allowed-provider-address); "
                 "use analysis.provider with a ClusterMetricProvider",
             )
+        server = _server(cfg.address)
+        same = sorted(
+            (p.allowInlineQueries, name) for name, p in providers if _server(p.prometheus.address) == server
+        )
+        if same and not same[0][0] and (inline or namespaced):
+            raise RouterError(
+                "spec.analysis.prometheus.address",
+                f"is the server of ClusterMetricProvider {same[0][1]}, which allows only queries from a "
+                f"ClusterMetricTemplate; {(list(inline) + list(namespaced))[0]} is not one: set "
+                f"analysis.provider: {same[0][1]} and templateRef to a ClusterMetricTemplate",
+            )
         timeout = max(0.1, min(parse_duration(cfg.timeout), parse_duration(MAX_TIMEOUT)))
         key = ("inline", cfg.address, timeout, not cfg.insecureSkipVerify)
-        return _cached_provider(
+        p = _cached_provider(
             key,
             lambda: PrometheusProvider(cfg.address, timeout_s=timeout, verify_tls=not cfg.insecureSkipVerify),
         )
+        owner = f"provider/{same[0][1]}" if same else "address/{}://{}:{}".format(*server)
+        return Scoped(p, f"{owner}@{namespace}")
     name = analysis.provider
     if name is None:
         raise RouterError("spec.analysis", "set provider (a ClusterMetricProvider) or prometheus")
@@ -329,8 +396,13 @@ def provider_for(analysis: AnalysisBase, namespace: str, inline: Sequence[str] =
     if inline and not spec.allowInlineQueries:
         raise RouterError(
             inline[0],
-            f"{what} allows only queries from a MetricTemplate or ClusterMetricTemplate (templateRef); "
-            "this query is inline",
+            f"{what} allows only queries from a ClusterMetricTemplate (templateRef); this query is inline",
+        )
+    if namespaced and not spec.allowInlineQueries:
+        raise RouterError(
+            namespaced[0],
+            f"{what} allows only queries from a ClusterMetricTemplate (the platform's); this templateRef "
+            "names a MetricTemplate (the namespace's own)",
         )
     token = _secret_value(prom.bearerTokenSecret, field, what) if prom.bearerTokenSecret else None
     verify: bool | str = not prom.insecureSkipVerify
@@ -344,7 +416,7 @@ def provider_for(analysis: AnalysisBase, namespace: str, inline: Sequence[str] =
     )
     if p.unusable:
         raise RouterError(field, f"{what}: {p.unusable}; it is never sent")
-    return p
+    return Scoped(p, f"provider/{name}@{namespace}")
 
 
 def _ca_file(pem: str) -> str:
@@ -371,16 +443,29 @@ METRIC_FIELDS = {"proportion": ("successes", "trials"), "mean": ("count", "sum",
 
 #: Seconds a fetched metric template is reused (an edit takes effect within this).
 TEMPLATE_CACHE_SECONDS = 5.0
-_templates: dict[tuple[str, str, str], tuple[float, MetricTemplateSpec | None]] = {}
+#: Metric templates kept parsed at once; beyond this the least recently used are dropped.
+TEMPLATE_CACHE_MAX = 256
+#: One entry per template (kind, namespace, name), tagged with the resourceVersion it was parsed from:
+#: a new generation replaces the old one (and is parsed only if its resourceVersion changed), a
+#: deleted template (404) leaves at once, and every entry leaves TEMPLATE_CACHE_SECONDS after its
+#: fetch unless fetched again. So the cache holds at most TEMPLATE_CACHE_MAX specs, however many
+#: templates and generations come and go.
+_templates: OrderedDict[tuple[str, str, str], tuple[float, str, MetricTemplateSpec]] = OrderedDict()
+_templates_lock = threading.Lock()
 
 M = TypeVar("M", bound=Model)
 
 
 def _template(ref: TemplateRef, namespace: str, field: str) -> MetricTemplateSpec:
     key = (ref.kind, namespace if ref.kind == TEMPLATE_KIND else "", ref.name)
-    hit = _templates.get(key)
-    if hit is not None and time.monotonic() - hit[0] < TEMPLATE_CACHE_SECONDS and hit[1] is not None:
-        return hit[1]
+    t = time.monotonic()
+    with _templates_lock:
+        for k in [k for k, (at, _, _) in _templates.items() if t - at >= TEMPLATE_CACHE_SECONDS]:
+            del _templates[k]
+        hit = _templates.get(key)
+        if hit is not None:
+            _templates.move_to_end(key)
+            return hit[2]
     co = client.CustomObjectsApi(api())
     try:
         if ref.kind == TEMPLATE_KIND:
@@ -395,11 +480,19 @@ def _template(ref: TemplateRef, namespace: str, field: str) -> MetricTemplateSpe
         if e.status == 404:
             raise RouterError(field, f"{ref.kind} {ref.name} not found") from None
         raise RouterError(field, f"{ref.kind} {ref.name} cannot be read (HTTP {e.status})") from None
+    obj = cast(dict[str, Any], raw)
+    rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
     try:
-        spec = MetricTemplateSpec.model_validate(cast(dict[str, Any], raw).get("spec") or {})
+        spec = MetricTemplateSpec.model_validate(obj.get("spec") or {})
     except ValidationError:
         raise RouterError(field, f"{ref.kind} {ref.name} has an invalid spec") from None
-    _templates[key] = (time.monotonic(), spec)
+    if ref.kind != TEMPLATE_KIND:
+        check_platform_template(spec, f"{field} ({ref.kind} {ref.name})")
+    with _templates_lock:
+        _templates[key] = (time.monotonic(), rv, spec)
+        _templates.move_to_end(key)
+        while len(_templates) > TEMPLATE_CACHE_MAX:
+            _templates.popitem(last=False)
     return spec
 
 
@@ -456,6 +549,11 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class Measuring(Exception):
+    """The due analysis is being measured in its tenant's pool; a later wake-up picks up the result."""
+
+
+T = TypeVar("T")
 SpecT = TypeVar("SpecT", bound=ResourceSpec)
 StatusT = TypeVar("StatusT", bound=ResourceStatus)
 
@@ -506,6 +604,10 @@ class Controller(Generic[SpecT, StatusT]):
         self._last_key: tuple[Any, ...] | None = None
         self._not_before = 0.0
         self._invalid_checked = 0.0
+        #: The analysis being measured: (what it was asked for, its result to come).
+        self._measuring: tuple[Any, Future[Any], dt.datetime] | None = None
+        self._asked: Any = None
+        self._tick_now = now()
 
     # -- hooks --------------------------------------------------------------------------------------
     def problem(self, spec: SpecT) -> str | None:
@@ -593,6 +695,8 @@ class Controller(Generic[SpecT, StatusT]):
         changed = key != self._last_key
         if not changed and time.monotonic() < self._not_before:
             return
+        if not changed and self._measuring is not None and not self._measuring[1].done():
+            return  # a query is running in the tenant's pool: nothing to read or decide yet
         try:
             obj = get_object(self.plural, self.namespace, self.name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
@@ -652,10 +756,22 @@ class Controller(Generic[SpecT, StatusT]):
                 self.check_owner(obj, spec)
             router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
             router.check(self.services(spec, status))
-            provider = make_provider(spec.analysis, self.namespace, inline_query_fields(spec, "spec"))
+            provider = make_provider(
+                spec.analysis,
+                self.namespace,
+                inline_query_fields(spec, "spec"),
+                namespaced_template_fields(spec, "spec"),
+            )
         except RouterError as e:
             return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
-        new, actions = self.decide(spec, status, provider, now_, generation, annotations)
+        self._asked = (generation, json.dumps(dump(status), sort_keys=True))
+        if self._measuring is not None and self._measuring[0] == self._asked:
+            now_ = self._measuring[2]  # decided as of when it was measured: pacing as if measured inline
+        self._tick_now = now_
+        try:
+            new, actions = self.decide(spec, status, provider, now_, generation, annotations)
+        except Measuring:
+            return  # the handler thread never waits on a provider; the next wake-up reads the result
         finished_before = status.phase in self.terminal
         route = None if finished_before and new.phase in self.terminal else self.weights(spec, new)
         if route is not None:
@@ -713,6 +829,20 @@ class Controller(Generic[SpecT, StatusT]):
                         f"HTTPRoute {mine[0]} rule {mine[1]} is already managed by {kind} "
                         f"{self.namespace}/{om['name']}; one route has one owner",
                     )
+
+    def measured(self, provider: MetricProvider, measure: Callable[[], T]) -> T:
+        """The result of ``measure`` for the status this tick was asked about, run in the pool of the
+        provider's budget key (the tenant's: provider and namespace, see metrics/pools.py); raises
+        Measuring until it is ready. A measurement asked for an older status or generation is dropped."""
+        pending = self._measuring
+        if pending is not None and pending[0] == self._asked:
+            if not pending[1].done():
+                raise Measuring()
+            self._measuring = None
+            return cast(T, pending[1].result())  # the measurement's own exception, if any, is raised here
+        key = str(getattr(provider, "key", None) or f"namespace@{self.namespace}")
+        self._measuring = (self._asked, pools.submit(key, measure), self._tick_now)
+        raise Measuring()
 
     def count_errors(self, results: Iterable[Result]) -> None:
         errors = sum(1 for r in results if r.outcome == "error")

@@ -125,7 +125,7 @@ class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimen
     ) -> tuple[ModelExperimentStatus, list[object]]:
         observations = None
         if engine.analysis_due(spec, status, now):  # pacing lives in status
-            observations = measure(spec, status, provider, self.namespace)
+            observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
             self.count_errors(
                 r
                 for o in observations.variants.values()

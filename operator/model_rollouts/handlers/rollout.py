@@ -161,7 +161,7 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
     ) -> tuple[ModelRolloutStatus, list[object]]:
         observations = None
         if engine.needs_measurement(spec, status, now):
-            observations = measure(spec, status, provider, self.namespace)
+            observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
             self.count_errors(observations.guardrails.values())
             self.count_errors(d.problem for d in observations.comparisons.values() if d.problem is not None)
         d = engine.reconcile(

@@ -7,6 +7,7 @@ import math
 import re
 import threading
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -14,6 +15,49 @@ from prometheus_api_client import PrometheusApiClientException, PrometheusConnec
 from urllib3.util.retry import Retry
 
 from model_rollouts.metrics.provider import Result
+
+#: Largest query response (after decompression) that is read; a longer one is refused while it is
+#: being read, never held or parsed whole (``--max-query-response-bytes``). One series is a few
+#: hundred bytes; 1 MiB leaves room for any single-series answer.
+MAX_RESPONSE_BYTES = 1 << 20
+#: Longest error body kept (only its HTTP status is ever shown).
+_ERROR_BODY_BYTES = 4096
+
+
+class ResponseTooLarge(Exception):
+    """The response exceeded MAX_RESPONSE_BYTES; its text is fixed."""
+
+
+def _bounded_body(timeout_s: float) -> Any:
+    """A requests response hook that reads the body as a stream, at most MAX_RESPONSE_BYTES (decoded),
+    within ``timeout_s`` in total (the client's own timeout is per socket read), and stores it as the
+    response's content, so the Prometheus client parses only what was allowed in."""
+
+    def hook(r: requests.Response, *args: object, **kwargs: object) -> requests.Response:
+        limit = MAX_RESPONSE_BYTES if r.status_code == 200 else _ERROR_BODY_BYTES
+        length = r.headers.get("Content-Length", "")
+        if r.status_code == 200 and length.isdigit() and int(length) > limit:
+            r.close()
+            raise ResponseTooLarge()
+        deadline = time.monotonic() + timeout_s
+        buf = bytearray()
+        try:
+            # read1: what has arrived, never waiting for a whole chunk (the deadline is checked often)
+            while chunk := r.raw.read1(65536, decode_content=True):
+                buf += chunk
+                if len(buf) > limit:
+                    if r.status_code != 200:
+                        del buf[limit:]  # an error page: its status is all that is kept
+                        break
+                    raise ResponseTooLarge()
+                if time.monotonic() > deadline:
+                    raise requests.Timeout()
+        finally:
+            r.close()
+        r._content = bytes(buf)  # what .json() and .content read from now on
+        return r
+
+    return hook
 
 
 class PrometheusProvider:
@@ -32,6 +76,7 @@ class PrometheusProvider:
         session = requests.Session()
         session.verify = verify_tls  # False, True or the path of a CA bundle
         session.max_redirects = 0  # an allowed address may not send the query (or a token) elsewhere
+        session.hooks["response"] = [_bounded_body(timeout_s)]
         self.unusable: str | None = None
         headers = None
         if token is not None:
@@ -50,18 +95,25 @@ class PrometheusProvider:
             timeout=timeout_s,
         )
 
-    def query(self, promql: str) -> Result:
-        """One instant query. An address that timed out or refused is not waited on again (see _Gate):
-        one blackholed provider holds at most one thread, so it cannot delay other objects."""
+    def query(self, promql: str, budget: str | None = None) -> Result:
+        """One instant query, within the ``budget`` (a tenant's key, e.g. provider and namespace; default:
+        the address): a key that timed out or was refused is not waited on again (see _Gate), and that
+        cool-down, concurrency and "slow" mark are the key's alone, never another tenant's."""
         if self.unusable:
             return Result("error", message=self.unusable)
-        gate = _gate(self.address)
+        gate = _gate(budget or _address_key(self.address))
         ticket, why = _enter(gate)
         if ticket is None:
             return Result("error", message=f"query failed: {why}")
         failure = None
         try:
             data = self._client.custom_query(promql)
+        except ResponseTooLarge:
+            return Result(
+                "error",
+                message=f"query failed: the response is larger than {MAX_RESPONSE_BYTES} bytes; "
+                "aggregate the query to one series (sum)",
+            )
         except PrometheusApiClientException as e:
             # The exception text quotes the response body: only the HTTP status is kept.
             return Result("error", message=f"query failed: {type(e).__name__}{_status(str(e))}")
@@ -91,7 +143,8 @@ MAX_INFLIGHT = 4
 
 
 class _Gate:
-    """Per provider address: queries in flight, whether it has answered, and any cool-down."""
+    """Per budget key (a tenant's use of a provider): queries in flight, whether it has answered, and
+    any cool-down."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
@@ -106,11 +159,25 @@ _gates_lock = threading.Lock()
 _tickets = itertools.count()
 
 
-def _gate(address: str) -> _Gate:
+#: Budget keys kept; beyond this, idle keys (nothing in flight, no cool-down) are forgotten.
+MAX_GATES = 1024
+
+
+def _address_key(address: str) -> str:
     parts = urlsplit(address)
-    key = f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _gate(key: str) -> _Gate:
     with _gates_lock:
-        return _gates.setdefault(key, _Gate())
+        gate = _gates.get(key)
+        if gate is None:
+            if len(_gates) >= MAX_GATES:
+                now = time.monotonic()
+                for k in [k for k, g in _gates.items() if not g.inflight and g.down_until <= now]:
+                    del _gates[k]
+            gate = _gates[key] = _Gate()
+        return gate
 
 
 def _enter(gate: _Gate) -> tuple[int | None, str]:

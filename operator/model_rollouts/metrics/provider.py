@@ -70,20 +70,100 @@ def check_template(template: str, extra: tuple[str, ...] = ()) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Where a placeholder stands in a PromQL template.
+
+    ``context``: ``label`` (a quoted value after ``=`` or ``!=``), ``regex`` (a quoted value after
+    ``=~`` or ``!~``), ``string`` (another quoted string), ``range`` (inside ``[...]``) or ``bare``
+    (anywhere else: a metric name, a number, an operand). ``selector``: the ``{...}`` it is in, if any.
+    """
+
+    match: re.Match[str]
+    context: Literal["label", "regex", "string", "range", "bare"]
+    quote: str = ""
+    selector: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.match.group(1)
+
+
+def slots(template: str) -> list[Slot]:
+    """Every placeholder of a (checked) template with its context, by a small PromQL scan: strings
+    (with escapes), comments, range brackets and selector braces; placeholders are text anywhere."""
+    out: list[tuple[re.Match[str], str, str, int | None]] = []
+    selectors: list[tuple[int, int]] = []
+    quote, qctx, sel, depth, i, n = "", "", None, 0, 0, len(template)
+    while i < n:
+        m = _PLACEHOLDER.match(template, i)
+        if m:
+            ctx = qctx if quote else ("range" if depth else "bare")
+            out.append((m, ctx, quote, sel))
+            i = m.end()
+            continue
+        c = template[i]
+        if quote:
+            if c == "\\" and quote != "`":
+                i += 2
+                continue
+            if c == quote:
+                quote = ""
+        elif c in "\"'`":
+            before = template[:i].rstrip()
+            quote = c
+            qctx = (
+                "regex"
+                if before.endswith(("=~", "!~"))
+                else "label"
+                if before.endswith("=") and not before.endswith(("==", "<=", ">="))
+                else "string"
+            )
+        elif c == "#":
+            end = template.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c == "[":
+            depth += 1
+        elif c == "]":
+            depth = max(0, depth - 1)
+        elif c == "{":
+            sel = i
+        elif c == "}" and sel is not None:
+            selectors.append((sel, i + 1))
+            sel = None
+        i += 1
+    spans = {start: (start, end) for start, end in selectors}
+    return [
+        Slot(m, ctx, q, spans.get(start) if start is not None else None)  # type: ignore[arg-type]
+        for m, ctx, q, start in out
+    ]
+
+
+def escape_regex(value: str, quote: str) -> str:
+    """``value`` as a literal inside a quoted regular-expression matcher (RE2): ``.`` matches a dot."""
+    return value.replace(".", "\\." if quote == "`" else "\\\\.")
+
+
 def render(template: str, values: dict[str, str], extra: tuple[str, ...] = ()) -> str:
-    """Fill ``{{ name }}`` placeholders; malformed templates, unknown names and unsafe values are refused."""
+    """Fill ``{{ name }}`` placeholders; malformed templates, unknown names and unsafe values are refused.
+
+    Inside a regular-expression matcher (``=~``, ``!~``) a value is escaped so that it matches only
+    itself (a ``.`` in a name is not a wildcard)."""
     check_template(template, extra)
-
-    def sub(m: re.Match[str]) -> str:
-        name = m.group(1)
-        value = values.get(name)
+    out, last = [], 0
+    for slot in slots(template):
+        m = slot.match
+        value = values.get(slot.name)
         if value is None:
-            raise TemplateError(f"placeholder {{{{ {name} }}}} has no value here")
+            raise TemplateError(f"placeholder {{{{ {slot.name} }}}} has no value here")
         if not _SAFE_VALUE.match(value):
-            raise TemplateError(f"unsafe value {redact(value)} for {{{{ {name} }}}}")
-        return value
-
-    return _PLACEHOLDER.sub(sub, template)
+            raise TemplateError(f"unsafe value {redact(value)} for {{{{ {slot.name} }}}}")
+        if slot.context == "regex":
+            value = escape_regex(value, slot.quote)
+        out += [template[last : m.start()], value]
+        last = m.end()
+    return "".join([*out, template[last:]])
 
 
 def redact(text: str, limit: int = SNIPPET_MAX) -> str:
