@@ -14,18 +14,24 @@ import pytest
 # Measured wall time of each integration module on 2 cores (make test -n 2, seconds), longest
 # first. A module that is not listed runs after these and before the unit tests.
 SLOWEST_FIRST = [
-    "test_rollout_faults.py",
-    "test_experiment.py",
-    "test_tenancy.py",
-    "test_cli.py",
-    "test_notifications.py",
-    "test_rollout.py",
-    "test_observability.py",
-    "test_report.py",
-    "test_tenancy_hostile.py",
-    "test_tenancy_rbac.py",
-    "test_tenancy_isolation.py",
-    "test_smoke.py",
+    "test_rollout_faults.py",  # 543 s
+    "test_experiment.py",  # 289 s
+    "test_cli.py",  # 246 s
+    "test_tenancy_fairness.py",  # 190 s
+    "test_observability.py",  # 180 s
+    "test_rollout.py",  # 162 s
+    "test_tenancy_bounds.py",
+    "test_tenancy.py",  # 128 s
+    "test_notifications.py",  # 118 s
+    "test_report.py",  # 115 s
+    "test_examples.py",
+    "test_tenancy_rbac.py",  # 98 s
+    "test_probes.py",
+    "test_tenancy_isolation.py",  # 69 s
+    "test_smoke.py",  # 57 s
+    "test_dataplane.py",  # 40 s
+    "test_alert_no_leader.py",
+    "test_tenancy_hostile.py",  # 17 s
 ]
 
 
