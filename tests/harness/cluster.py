@@ -180,6 +180,9 @@ class ControlPlane:
     #: one JSON event per line at ``workdir/audit.log``): who asked, which verb, which resource.
     audit: bool = False
     audit_log: Path | None = None
+    #: The audit policy's rules when ``audit`` is on; None: the mlrollouts.io rule above
+    #: (``make bench-scale`` logs every request of the operator's user instead).
+    audit_rules: list[dict[str, Any]] | None = None
     pids: dict[str, int] = field(default_factory=dict)
     server: str = ""
     token: str = ""
@@ -287,7 +290,8 @@ class ControlPlane:
                     "apiVersion": "audit.k8s.io/v1",
                     "kind": "Policy",
                     "omitStages": ["RequestReceived"],
-                    "rules": [
+                    "rules": self.audit_rules
+                    or [
                         {"level": "Metadata", "resources": [{"group": "mlrollouts.io"}]},
                         {"level": "None"},
                     ],
