@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from tests.bench.bench_scale import (
     OPERATOR_USER,
     analysis_gaps,
+    audit_events,
     count_requests,
     p95,
     proc_cpu_seconds,
@@ -146,3 +148,12 @@ def test_series_left_counts_only_the_named_objects() -> None:
     )
     assert series_left(text, "ml", ["scale-0", "scale-1"]) == 2
     assert series_left(text, "ml", []) == 0
+
+
+def test_audit_events_streams_rotated_files_first_and_skips_partial_lines(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    (tmp_path / "audit-2026-12-07T13-00-00.000.log").write_text(json.dumps(ev("get", "a")) + "\n")
+    log.write_text(json.dumps(ev("get", "b")) + "\n" + '{"kind": "Ev')
+    (tmp_path / "audit-policy.json").write_text("{}")
+    got = [e["objectRef"]["resource"] for e in audit_events(log)]
+    assert got == ["a", "b"]
