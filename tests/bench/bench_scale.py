@@ -521,6 +521,9 @@ class Bench:
                 f"active: RSS {rss:.0f} MiB; {len(gaps)} analysis gaps, p95 {gap}s, max {max(gaps)}s"
                 if gaps
                 else f"active: RSS {rss:.0f} MiB; no analysis gap in the window",
+                f"; {series_left(self.operator_metrics(), s.namespace, self.names)} per-object series "
+                "on the operator's /metrics",
+                sep="",
                 flush=True,
             )
 
