@@ -17,6 +17,7 @@ from typing import Any
 from model_rollouts.api.common import (
     ArmCounts,
     Condition,
+    action_annotations,
     Measurement,
     dump,
     get_condition,
@@ -146,7 +147,7 @@ def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapp
     except ValueError:
         return False  # an invalid edit of a finished rollout changes nothing
     handled = status.get("handled") or {}
-    retry = annotations.get(ANNOTATION_RETRY)
+    retry = action_annotations(annotations).get(ANNOTATION_RETRY)
     return bool(retry) and phase in ("RolledBack", "Aborted") and retry != handled.get("retry")
 
 
@@ -202,11 +203,12 @@ def reconcile(
         status,
         now=now,
         generation=generation,
-        annotations=annotations,
+        annotations=action_annotations(annotations),
         observations=observations,
         gates=(gates or {}, asks),
     )
     d.asks = asks
+    status_.bound_texts(d.status)
     if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
         series.append(d.status.series, series.rollout_point(d.status, now))
     return d

@@ -47,6 +47,7 @@ from model_rollouts.api.template import (
 )
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
+from model_rollouts.engine.status import bound_texts
 from model_rollouts.engine.status import invalid as invalid_status
 from model_rollouts.metrics import policy
 from model_rollouts.metrics.prometheus import PrometheusProvider
@@ -748,6 +749,7 @@ class Controller(Generic[SpecT, StatusT]):
         self, obj: dict[str, Any], old: ResourceStatus, status: ResourceStatus, actions: Iterable[object]
     ) -> None:
         """Status (the record; skipped when nothing changed), then Events and metrics."""
+        bound_texts(status)
         if dump(status) != dump(old) and not write_status(self.plural, obj, dump(status)):
             self._not_before = 0.0  # conflict: read again and decide afresh at the next wake-up
             return

@@ -1,0 +1,147 @@
+"""Bounded inputs (issue 15): action annotations, status texts, notification messages, the dedupe set."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tracemalloc
+from datetime import timedelta
+
+from model_rollouts.api.common import (
+    MAX_ANNOTATION_VALUE,
+    MAX_MESSAGE,
+    TRUNCATED,
+    annotation_value,
+    dump,
+    truncate,
+)
+from model_rollouts.api.rollout import ANNOTATION_ABORT, ANNOTATION_PROMOTE, ANNOTATION_RETRY
+from model_rollouts.engine import experiment as exp_engine
+from model_rollouts.engine import rollout as eng
+from model_rollouts.notify import events, slack, teams, webhook
+from tests.unit.test_experiment_engine import make_spec, start, step
+from tests.unit.test_notify import notice
+from tests.unit.test_rollout_engine import Driver, spec
+
+BIG = 150_000  # the issue's 150 kB annotation value
+STATUS_LIMIT = 64 * 1024
+
+
+def size(model: object) -> int:
+    return len(json.dumps(dump(model)).encode())  # type: ignore[arg-type]
+
+
+def test_a_150_kb_abort_annotation_leaves_a_rollout_status_under_64_kb() -> None:
+    d = Driver(spec([{"setWeight": 20}, {"pause": {}}]))
+    d.tick()
+    value = "A" * BIG
+    st = d.tick(annotations={ANNOTATION_ABORT: value})
+    assert st.phase == "Aborted" and st.weight == 0
+    n = size(st)
+    print(f"\nrollout status after a {BIG} B abort annotation: {n} B (was 901,986 B before bounding)")
+    assert n < 8 * 1024, n  # a handful of bounded copies, far under the 64 kB bound
+    assert st.handled.abort is not None and len(st.handled.abort) == MAX_ANNOTATION_VALUE
+    assert st.handled.abort.startswith("AAAA") and "…[truncated " in st.handled.abort
+    assert "…[truncated " in st.message and len(st.message) <= MAX_MESSAGE
+    assert all(len(h.message) <= MAX_MESSAGE for h in st.history)
+    assert all(len(c.message) <= MAX_MESSAGE for c in st.conditions)
+
+
+def test_two_long_annotation_values_with_the_same_start_still_act_once_each() -> None:
+    """Cut values keep a digest of the whole value: a new long retry value is a new request."""
+    a, b = "r" * BIG + "1", "r" * BIG + "2"
+    assert annotation_value(a) != annotation_value(b)
+    assert annotation_value(a) == annotation_value(a) and len(annotation_value(a)) == MAX_ANNOTATION_VALUE
+    assert annotation_value("go-1") == "go-1"
+
+    d = Driver(spec([{"setWeight": 20}, {"pause": {}}]))
+    d.tick()
+    assert d.tick(annotations={ANNOTATION_ABORT: a}).phase == "Aborted"
+    # The same long value (as the timer sees it on every wake-up) does not keep the object active...
+    raw = {"phase": "Aborted", "revision": d.status.revision, "handled": dump(d.status.handled)}
+    spec_raw = d.spec.model_dump(mode="json", exclude_none=True)
+    raw["handled"]["retry"] = annotation_value(a)
+    assert not eng.active(spec_raw, raw, {ANNOTATION_RETRY: a})
+    # ...and a different one does.
+    assert eng.active(spec_raw, raw, {ANNOTATION_RETRY: b})
+    st = d.tick(annotations={ANNOTATION_ABORT: a, ANNOTATION_RETRY: b})
+    assert st.phase == "Progressing" and st.handled.retry == annotation_value(b)
+
+
+def test_a_150_kb_annotation_leaves_an_experiment_status_under_64_kb() -> None:
+    s = make_spec(2)
+    d = start(s)
+    d = step(s, d, 6, None, annotations={exp_engine.ANNOTATION_ABORT: "B" * BIG})
+    assert d.status.phase == "Aborted"
+    n = size(d.status)
+    print(f"\nexperiment status after a {BIG} B abort annotation: {n} B")
+    assert n < 8 * 1024, n
+    assert d.status.handled.abort is not None and len(d.status.handled.abort) == MAX_ANNOTATION_VALUE
+
+
+def test_notices_and_every_payload_format_are_bounded() -> None:
+    d = Driver(spec([{"setWeight": 20}, {"pause": {}}]))
+    d.tick()
+    old = d.status
+    st = d.tick(annotations={ANNOTATION_PROMOTE: "P" * BIG})
+    got = events.notices("ModelRollout", "ml", "fraud", old, st, [])
+    assert got and all(len(n.message) <= MAX_MESSAGE for n in got)
+    huge = notice(message="M" * BIG)
+    n = events.notices("ModelRollout", "ml", "fraud", old, old, [eng.Event("Warning", "InvalidSpec", "M" * BIG)])
+    assert len(n[0].message) == MAX_MESSAGE and n[0].message.endswith(TRUNCATED)
+    for fmt in (webhook.payload, slack.payload, teams.payload):
+        body = len(json.dumps(fmt(n[0])))
+        assert body < 8 * 1024, (fmt.__module__, body)
+    # A format given an unbounded notice still cuts it (chat limits).
+    assert len(json.dumps(slack.payload(huge))) < 16 * 1024
+    assert len(json.dumps(teams.payload(huge))) < 16 * 1024
+
+
+def test_truncate_marks_what_it_cut_and_keeps_the_limit() -> None:
+    assert truncate("short", 10) == "short"
+    cut = truncate("x" * 100, 50)
+    assert len(cut) == 50 and cut.endswith(TRUNCATED)
+
+
+def test_the_dedupe_set_keeps_keys_not_messages() -> None:
+    """300 notices of 150 kB held 45 MB before (the set kept each message); now their keys take ~100 B each."""
+    dedupe = events.Dedupe()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(300):
+            n = notice(message=f"{i}:" + "m" * BIG, time=f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}+00:00")
+            assert dedupe.first(events.key("uid", "team-webhook", n))
+            del n
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    grew = held - before
+    print(f"\ndedupe set after 300 notices of {BIG} B: {grew / 1024:.1f} KiB held ({grew / 300:.0f} B each)")
+    assert grew < 512 * 1024, grew  # 45 MB before
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in dedupe._seen)
+    # Still a set of transitions: the same one is not first again, a different message is.
+    same = notice(message="0:" + "m" * BIG, time="2026-01-01T00:00:00+00:00")
+    assert not dedupe.first(events.key("uid", "team-webhook", same))
+    assert dedupe.first(events.key("uid", "team-webhook", notice(message="other")))
+
+
+def test_the_dedupe_set_is_capped() -> None:
+    dedupe = events.Dedupe(size=64)
+    for i in range(200):
+        dedupe.first(events.key("u", "p", notice(time=str(i))))
+    assert len(dedupe._seen) == 64
+    # The oldest were forgotten first; the newest are still known.
+    assert not dedupe.first(events.key("u", "p", notice(time="199")))
+    assert dedupe.first(events.key("u", "p", notice(time="0")))
+
+
+def test_status_texts_are_bounded_even_from_a_long_internal_message() -> None:
+    from model_rollouts.api.rollout import ModelRolloutStatus
+    from model_rollouts.engine.status import bound_texts, invalid
+
+    s, _ = invalid(ModelRolloutStatus(), "spec.x: " + "y" * BIG, eng.EPOCH + timedelta(0), 1)
+    bound_texts(s)
+    assert size(s) < 8 * 1024 and s.message.endswith(TRUNCATED)
