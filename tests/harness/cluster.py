@@ -29,6 +29,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.harness import procs
 from tests.harness.procs import LOOPBACK, REPO, free_port, spawn, stop_pid, stop_proc, wait_until
@@ -175,6 +176,10 @@ class ControlPlane:
 
     workdir: Path | None = None
     controller_manager: bool = False
+    #: Opt-in audit log of every request for the ``mlrollouts.io`` group's resources (Metadata level,
+    #: one JSON event per line at ``workdir/audit.log``): who asked, which verb, which resource.
+    audit: bool = False
+    audit_log: Path | None = None
     pids: dict[str, int] = field(default_factory=dict)
     server: str = ""
     token: str = ""
@@ -254,6 +259,7 @@ class ControlPlane:
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
                 "--profiling=false",
+                *self._audit_flags(wd),
             ],
             log,
         )
@@ -270,6 +276,44 @@ class ControlPlane:
                 return bool(r.status == 200)
 
         wait_until(ready, timeout, "kube-apiserver", self._procs["kube-apiserver"], log)
+
+    def _audit_flags(self, wd: Path) -> list[str]:
+        if not self.audit:
+            return []
+        policy = wd / "audit-policy.json"
+        policy.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived"],
+                    "rules": [
+                        {"level": "Metadata", "resources": [{"group": "mlrollouts.io"}]},
+                        {"level": "None"},
+                    ],
+                }
+            )
+        )
+        self.audit_log = wd / "audit.log"
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-mode=blocking",
+            "--audit-log-maxsize=200",
+        ]
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """Every audit event logged so far (``audit=True``), oldest first; [] before the first."""
+        if self.audit_log is None or not self.audit_log.exists():
+            return []
+        out = []
+        for line in self.audit_log.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written
+        return out
 
     def _start_controller_manager(self, binary: Path, wd: Path, timeout: float) -> None:
         pki = wd / "pki"

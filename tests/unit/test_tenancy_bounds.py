@@ -87,7 +87,9 @@ def test_notices_and_every_payload_format_are_bounded() -> None:
     got = events.notices("ModelRollout", "ml", "fraud", old, st, [])
     assert got and all(len(n.message) <= MAX_MESSAGE for n in got)
     huge = notice(message="M" * BIG)
-    n = events.notices("ModelRollout", "ml", "fraud", old, old, [eng.Event("Warning", "InvalidSpec", "M" * BIG)])
+    n = events.notices(
+        "ModelRollout", "ml", "fraud", old, old, [eng.Event("Warning", "InvalidSpec", "M" * BIG)]
+    )
     assert len(n[0].message) == MAX_MESSAGE and n[0].message.endswith(TRUNCATED)
     for fmt in (webhook.payload, slack.payload, teams.payload):
         body = len(json.dumps(fmt(n[0])))
@@ -104,7 +106,7 @@ def test_truncate_marks_what_it_cut_and_keeps_the_limit() -> None:
 
 
 def test_the_dedupe_set_keeps_keys_not_messages() -> None:
-    """300 notices of 150 kB held 45 MB before (the set kept each message); now their keys take ~100 B each."""
+    """300 notices of 150 kB held 45 MB before (the set kept each message); now ~100 B of key each."""
     dedupe = events.Dedupe()
     gc.collect()
     tracemalloc.start()

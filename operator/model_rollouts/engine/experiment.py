@@ -77,8 +77,8 @@ from pydantic import ValidationError
 
 from model_rollouts.api.common import (
     Condition,
-    action_annotations,
     Measurement,
+    action_annotations,
     dump,
     get_condition,
     parse_duration,
