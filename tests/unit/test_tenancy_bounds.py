@@ -147,3 +147,71 @@ def test_status_texts_are_bounded_even_from_a_long_internal_message() -> None:
     s, _ = invalid(ModelRolloutStatus(), "spec.x: " + "y" * BIG, eng.EPOCH + timedelta(0), 1)
     bound_texts(s)
     assert size(s) < 8 * 1024 and s.message.endswith(TRUNCATED)
+
+
+def test_kopfs_record_in_status_keeps_no_annotation_or_label_but_bounded_actions() -> None:
+    """Kopf's diffbase (status.kopf.diffbase) copied every annotation: 154 kB for one 150 kB abort."""
+    import kopf
+
+    from model_rollouts.main import BoundedDiffBaseStorage
+
+    body = kopf.Body(
+        {
+            "apiVersion": "mlrollouts.io/v1alpha1",
+            "kind": "ModelRollout",
+            "metadata": {
+                "name": "r",
+                "namespace": "ml",
+                "annotations": {
+                    ANNOTATION_ABORT: "a" * BIG,
+                    **{f"team.example/k{i}": "v" * 250 for i in range(500)},
+                },
+                "labels": {f"l{i}": "x" * 63 for i in range(500)},
+            },
+            "spec": {"steps": [{"setWeight": 10}]},
+        }
+    )
+    essence = BoundedDiffBaseStorage(field="status.kopf.diffbase").build(body=body)
+    n = len(json.dumps(essence))
+    print(f"\nKopf's essence of an object with {BIG} B of action annotation and 160 kB of others: {n} B")
+    assert n < 1024, n
+    assert essence["spec"] == {"steps": [{"setWeight": 10}]}
+    assert essence["metadata"]["annotations"] == {ANNOTATION_ABORT: annotation_value("a" * BIG)}
+
+
+HOSTILE = (
+    "*bold* _it_ ~strike~ `code` <!channel> <!here|here> <@U0123> <http://evil.example|click here> "
+    "@channel @here & [x](http://evil.example) ![i](http://evil.example/i.png)\n> quoted\n# heading\n- item"
+)
+
+
+def test_slack_payloads_cannot_format_mention_or_link_from_an_objects_text() -> None:
+    body = slack.payload(notice(message=HOSTILE, name="fraud"))
+    dumped = json.dumps(body, ensure_ascii=False)
+    # Every block text is plain_text: Slack renders it as written (no formatting, mention or link).
+    texts = [body["blocks"][0]["text"], body["blocks"][1]["text"], *body["blocks"][1]["fields"]]
+    texts += body["blocks"][2]["elements"]
+    assert all(t["type"] == "plain_text" for t in texts), texts
+    assert '"mrkdwn"' not in dumped
+    # The fallback text is mrkdwn: nothing in it can act.
+    text = body["text"]
+    for bad in ("<!", "<@", "<http", "*bold*", "_it_", "~strike~", "`code`", "@channel", "@here", "\n"):
+        assert bad not in text, (bad, text)
+    assert "&lt;!channel&gt;" in text and "&amp;" in text
+    assert text.startswith(":warning: ") and len(text) <= slack.TEXT_MAX
+    long = slack.payload(notice(message="m" * 20_000, reason="r" * 5_000))
+    assert len(long["blocks"][1]["text"]["text"]) <= slack.TEXT_MAX
+    assert all(len(f["text"]) <= slack.FIELD_MAX for f in long["blocks"][1]["fields"])
+
+
+def test_teams_cards_cannot_format_mention_or_link_from_an_objects_text() -> None:
+    card = teams.payload(notice(message=HOSTILE))
+    text = card["sections"][0]["text"]
+    assert "\n" not in text and "<" not in text and ">" not in text.replace("&gt;", "")
+    assert "&lt;\\!channel&gt;" in text and "&amp;" in text
+    # Every Markdown character is escaped: no emphasis, link, image, strike or heading.
+    for i, c in enumerate(text):
+        if c in "*_~`[]#!|":
+            assert text[i - 1] == "\\", (c, text[max(0, i - 10) : i + 10])
+    long = teams.payload(notice(message="m" * 20_000))
+    assert len(long["sections"][0]["text"]) <= teams.TEXT_MAX

@@ -28,6 +28,8 @@ PromQL = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 #: Longest value of an action annotation (``mlrollouts.io/abort``, ``promote``, ``resume``, ``retry``) that
 #: the operator copies into status, Events and notifications; a longer one is cut and marked.
 MAX_ANNOTATION_VALUE = 256
+#: The action annotations (each new value acts once); ModelExperiment has all but promote.
+ACTION_ANNOTATIONS = (f"{GROUP}/promote", f"{GROUP}/abort", f"{GROUP}/resume", f"{GROUP}/retry")
 #: Longest free text (status.message, a condition's or history entry's message, a notification's
 #: message) the operator writes; a longer one is cut and ends with TRUNCATED.
 MAX_MESSAGE = 1024
@@ -54,12 +56,10 @@ def annotation_value(value: str) -> str:
 
 
 def action_annotations(annotations: Mapping[str, Any] | None) -> dict[str, str]:
-    """The object's ``mlrollouts.io/`` annotations, each value bounded by :func:`annotation_value`."""
-    return {
-        k: annotation_value(str(v))
-        for k, v in (annotations or {}).items()
-        if isinstance(k, str) and k.startswith(f"{GROUP}/")
-    }
+    """The object's action annotations (ACTION_ANNOTATIONS; no other), each bounded by
+    :func:`annotation_value`: all the operator ever reads or copies of an object's annotations."""
+    got = annotations or {}
+    return {k: annotation_value(str(got[k])) for k in ACTION_ANNOTATIONS if k in got}
 
 
 def parse_duration(value: str) -> float:
