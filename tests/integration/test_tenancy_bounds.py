@@ -293,3 +293,31 @@ def test_an_admitting_provider_by_list_or_selector_is_used(fresh: Stack, sink: R
 
     wait(lambda: "Promoted" in events("/own") and "Promoted" in events("/selected"), 15, "notifications")
     assert "GateRequest" in events("/selected"), "the gate was asked through the selected provider"
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"allowedNamespaces": ["Team_B"]}, "spec.allowedNamespaces[0]"),
+        ({"allowedNamespaces": [f"ns-{i}" for i in range(257)]}, "spec.allowedNamespaces"),
+        ({"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In"}]}}, "values"),
+        (
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [{"key": "t", "operator": "Exists", "values": ["a"]}]
+                }
+            },
+            "values",
+        ),
+        ({"namespaceSelector": {"matchExpressions": [{"key": "t", "operator": "Near"}]}}, "operator"),
+    ],
+)
+def test_the_api_server_refuses_a_bad_admission_naming_the_field(
+    stack: Stack, sink: Recorder, spec: dict[str, Any], says: str
+) -> None:
+    co = client.CustomObjectsApi(stack.api)
+    with pytest.raises(client.exceptions.ApiException) as e:
+        co.create_cluster_custom_object(
+            G, V, PROVIDERS, provider("tb-bad", "webhook", sink.url + "/bad", **spec)
+        )
+    assert e.value.status == 422 and says in str(e.value.body), e.value.body

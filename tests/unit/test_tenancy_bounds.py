@@ -215,3 +215,55 @@ def test_teams_cards_cannot_format_mention_or_link_from_an_objects_text() -> Non
             assert text[i - 1] == "\\", (c, text[max(0, i - 10) : i + 10])
     long = teams.payload(notice(message="m" * 20_000))
     assert len(long["sections"][0]["text"]) <= teams.TEXT_MAX
+
+
+def test_a_provider_admits_its_listed_and_selected_namespaces_and_by_default_only_the_operators() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from model_rollouts.api.notification import ClusterNotificationProviderSpec
+    from model_rollouts.metrics import policy
+    from model_rollouts.notify import sender as snd
+
+    def spec(**kw: object) -> ClusterNotificationProviderSpec:
+        return ClusterNotificationProviderSpec.model_validate(
+            {"type": "webhook", "address": "http://h.example/x", **kw}
+        )
+
+    own = policy.POLICY.secret_namespace
+    default = spec()
+    assert default.admits(own, {}, own) and not default.admits("team-a", {}, own)
+    listed = spec(allowedNamespaces=["team-a"])
+    assert listed.admits("team-a", None, own) and not listed.admits("team-b", None, own)
+    sel = spec(
+        namespaceSelector={
+            "matchLabels": {"tier": "ml"},
+            "matchExpressions": [
+                {"key": "env", "operator": "In", "values": ["prod", "stage"]},
+                {"key": "frozen", "operator": "DoesNotExist"},
+                {"key": "owner", "operator": "Exists"},
+                {"key": "region", "operator": "NotIn", "values": ["cn"]},
+            ],
+        }
+    )
+    ok = {"tier": "ml", "env": "prod", "owner": "x"}
+    assert sel.admits("a", ok, own)
+    for bad in (
+        {**ok, "tier": "web"},
+        {**ok, "env": "dev"},
+        {**ok, "frozen": "1"},
+        {"tier": "ml", "env": "prod"},
+    ):
+        assert not sel.admits("a", bad, own), bad
+    assert not sel.admits("a", {**ok, "region": "cn"}, own)
+    by_name = spec(namespaceSelector={"matchLabels": {"kubernetes.io/metadata.name": "team-c"}})
+    assert by_name.admits("team-c", None, own) and not by_name.admits("team-d", None, own)
+    with pytest.raises(ValidationError, match="values"):
+        spec(namespaceSelector={"matchExpressions": [{"key": "k", "operator": "In"}]})
+    # The sender refuses with a fixed text; {} selects every namespace without reading its labels.
+    target = snd.Target("p", "webhook", "http://h.example/x", 1.0, listed)
+    why = snd.refusal(target, "team-b")
+    assert why is not None and "does not admit namespace team-b" in why
+    assert snd.refusal(target, "team-a") is None and snd.refusal(target, own) is None
+    assert snd.refusal(snd.Target("p", "webhook", "u", 1.0, spec(namespaceSelector={})), "any") is None
+    assert snd.refusal(snd.Target("p", "webhook", "u", 1.0, None), "team-a") is not None

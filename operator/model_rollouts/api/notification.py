@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, field_validator
+from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from model_rollouts.api.common import (
     MAX_TIMEOUT,
@@ -44,6 +44,19 @@ class AddressSecretRef(SecretKeyRef):
 
 
 class LabelSelectorRequirement(Model):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                    "In and NotIn need values; Exists and DoesNotExist take none",
+                    ".values",
+                )
+            ]
+        },
+    )
+
     key: str = Field(min_length=1, max_length=317)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     values: list[Annotated[str, StringConstraints(max_length=63)]] = Field(
@@ -58,6 +71,16 @@ class LabelSelector(Model):
         default_factory=dict, max_length=32
     )
     matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _values(self) -> LabelSelector:
+        for i, r in enumerate(self.matchExpressions):
+            if (r.operator in ("In", "NotIn")) != bool(r.values):
+                raise ValueError(
+                    f"matchExpressions[{i}].values: In and NotIn need values; "
+                    "Exists and DoesNotExist take none"
+                )
+        return self
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         if any(labels.get(k) != v for k, v in self.matchLabels.items()):
