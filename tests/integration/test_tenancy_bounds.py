@@ -180,7 +180,7 @@ def test_60_invalid_objects_cause_no_list_per_tick(fresh: Stack) -> None:
         r = rollout(f"inv-r{i}", prom(fresh), [{"setWeight": 50}], route=f"missing-{i}", compare=False)
         co.create_namespaced_custom_object(G, V, fresh.namespace, ROLLOUTS, r)
         variants = [{"name": "a", "service": STABLE, "control": True}, {"name": "b", "service": CANDIDATE}]
-        e = experiment(f"inv-e{i}", prom(fresh), variants, f"missing-{i}")
+        e = experiment(f"inv-e{i}", prom(fresh), variants, f"missing-e{i}")
         co.create_namespaced_custom_object(G, V, fresh.namespace, EXPERIMENTS, e)
         names += [(ROLLOUTS, f"inv-r{i}"), (EXPERIMENTS, f"inv-e{i}")]
 
@@ -211,6 +211,7 @@ def test_60_invalid_objects_cause_no_list_per_tick(fresh: Stack) -> None:
     print(f"LISTs of mlrollouts.io resources: {lists} (120 before the index: 2 per object per 15 s)")
     assert gets >= 60, f"every object was re-checked in the window: {dict(seen)}"
     assert lists == 0, dict(seen)
+    assert not writes, "a re-check that finds the same problem writes nothing"
 
 
 def test_one_route_has_one_owner_from_the_watch(fresh: Stack) -> None:
