@@ -322,3 +322,42 @@ def test_the_api_server_refuses_a_bad_admission_naming_the_field(
             G, V, PROVIDERS, provider("tb-bad", "webhook", sink.url + "/bad", **spec)
         )
     assert e.value.status == 422 and says in str(e.value.body), e.value.body
+
+
+def test_an_experiment_naming_a_provider_of_another_team_is_refused_and_nothing_is_sent(
+    fresh: Stack, sink: Recorder
+) -> None:
+    before = len(sink.at("/other-chat"))
+    variants = [{"name": "a", "service": STABLE, "control": True}, {"name": "b", "service": CANDIDATE}]
+    doc = experiment("exp-intruder", prom(fresh), variants, "fraud")
+    doc["spec"]["notifications"] = [{"provider": "tb-other-chat"}]
+    fresh.apply(doc)
+    obj = fresh.wait_for(EXPERIMENTS, "exp-intruder", lambda o: phase(o) == "Invalid", 30)
+    valid = cond(obj, "Valid")
+    assert valid["status"] == "False" and valid["message"].startswith("spec.notifications[0].provider: ")
+    time.sleep(5)
+    assert fresh.route_weights() == {STABLE: 100, CANDIDATE: 0}
+    assert len(sink.at("/other-chat")) == before
+
+
+def test_a_provider_that_starts_admitting_the_namespace_makes_the_object_valid(
+    fresh: Stack, sink: Recorder
+) -> None:
+    co = client.CustomObjectsApi(fresh.api)
+    co.create_cluster_custom_object(G, V, PROVIDERS, provider("tb-later", "webhook", sink.url + "/later"))
+    try:
+        doc = rollout("later", prom(fresh), [{"setWeight": 50}], compare=False)
+        doc["spec"]["notifications"] = [{"provider": "tb-later"}]
+        fresh.apply(doc)
+        fresh.wait_for(ROLLOUTS, "later", lambda o: phase(o) == "Invalid", 30)
+        assert not sink.at("/later")
+        co.patch_cluster_custom_object(G, V, PROVIDERS, "tb-later", {"spec": {"allowedNamespaces": ["ml"]}})
+        t0 = time.monotonic()
+        # Re-checked every 15 s; the provider is re-read within 10 s.
+        obj = fresh.wait_for(ROLLOUTS, "later", lambda o: cond(o, "Valid").get("status") == "True", 45)
+        print(f"\nvalid {time.monotonic() - t0:.1f}s after the provider admitted the namespace")
+        fresh.wait_for(ROLLOUTS, "later", lambda o: phase(o) == "Promoted", 90)
+        wait(lambda: any(b'"Promoted"' in b for b in sink.at("/later")), 15, "the Promoted notification")
+        assert obj["status"]["phase"] != "Invalid"
+    finally:
+        co.delete_cluster_custom_object(G, V, PROVIDERS, "tb-later")
