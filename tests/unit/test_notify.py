@@ -361,3 +361,30 @@ def test_the_example_providers_and_the_rollout_fields_in_its_comment_are_valid()
     assert spec_.gates[0].provider == "release-board"
     allowed = re_.search(r"--allowed-notification-address '([^']+)'", text)
     assert allowed is not None and re_.fullmatch(allowed.group(1), str(providers[1].address))
+
+
+def test_a_provider_that_does_not_admit_the_namespace_is_never_posted_to(sink: Sink) -> None:
+    """Checked again at send time: a notice of an object in a namespace the provider does not admit
+    (here: it admits only team-b) is counted as refused and nothing reaches the server."""
+    spec = ClusterNotificationProviderSpec.model_validate(
+        {"type": "webhook", "address": "http://unused.example/x", "allowedNamespaces": ["team-b"]}
+    )
+    sender = snd.Sender(lambda name: snd.Target(name, "webhook", sink.url, 1.0, spec))
+    refused = counter("refused")
+    assert sender.publish("uid-refused", [NotificationRef(provider="other-team")], [notice()]) == 1
+    wait_for(lambda: counter("refused") == refused + 1)
+    time.sleep(0.3)
+    assert sink.bodies == []
+
+
+def test_a_gate_that_does_not_admit_the_namespace_is_closed_and_never_asked(
+    monkeypatch: pytest.MonkeyPatch, sink: Sink
+) -> None:
+    spec = ClusterNotificationProviderSpec.model_validate(
+        {"type": "webhook", "address": "http://unused.example/x", "allowedNamespaces": ["team-b"]}
+    )
+    monkeypatch.setattr(snd, "_resolver", lambda name: snd.Target(name, "webhook", sink.url, 1.0, spec))
+    reply = snd.ask("their-gate", {"gate": "qa"}, "ml")
+    assert not reply.open and not reply.busy and "does not admit namespace ml" in reply.message
+    assert snd.check("their-gate", "ml") == reply.message and snd.check("their-gate", "team-b") is None
+    assert sink.bodies == []
