@@ -267,3 +267,62 @@ def test_a_provider_admits_its_listed_and_selected_namespaces_and_by_default_onl
     assert snd.refusal(target, "team-a") is None and snd.refusal(target, own) is None
     assert snd.refusal(snd.Target("p", "webhook", "u", 1.0, spec(namespaceSelector={})), "any") is None
     assert snd.refusal(snd.Target("p", "webhook", "u", 1.0, None), "team-a") is not None
+
+
+def test_the_one_owner_check_reads_the_index_and_lists_nothing() -> None:
+    """check_owner works from the Kopf indices (route -> claims); any API call would fail here."""
+    import pytest
+
+    from model_rollouts.handlers import common
+    from model_rollouts.handlers.rollout import RolloutController
+    from model_rollouts.traffic.router import RouterError
+
+    def body(
+        kind: str, name: str, created: str, phase: str | None, deleting: bool = False
+    ) -> dict[str, object]:
+        meta: dict[str, object] = {
+            "name": name,
+            "namespace": "ml",
+            "uid": f"uid-{name}",
+            "creationTimestamp": created,
+        }
+        if deleting:
+            meta["deletionTimestamp"] = created
+        return {
+            "metadata": meta,
+            "spec": {"trafficRouting": {"gatewayAPI": {"httpRoute": "r"}}},
+            "status": {"phase": phase} if phase else {},
+        }
+
+    rollouts: dict[tuple[str, str, int], list[common.RouteClaim]] = {}
+    experiments: dict[tuple[str, str, int], list[common.RouteClaim]] = {}
+    docs = [
+        ("ModelRollout", body("ModelRollout", "old-done", "2026-01-01T00:00:00Z", "Promoted"), rollouts),
+        (
+            "ModelRollout",
+            body("ModelRollout", "old-going", "2026-01-01T00:00:00Z", None, deleting=True),
+            rollouts,
+        ),
+        ("ModelExperiment", body("ModelExperiment", "exp", "2026-01-02T00:00:00Z", "Running"), experiments),
+        ("ModelRollout", body("ModelRollout", "me", "2026-01-03T00:00:00Z", "Pending"), rollouts),
+    ]
+    for kind, doc, index in docs:
+        entry = common.route_claim(kind, doc)
+        assert entry is not None
+        for key, claim in entry.items():
+            index.setdefault(key, []).append(claim)
+    assert common.route_claim("ModelRollout", {"metadata": {}, "spec": {}}) is None
+    owners = common.route_owners(rollouts, experiments)
+    assert {c.name for c in owners(("ml", "r", 0))} == {"old-done", "old-going", "exp", "me"}
+    assert owners(("other-ns", "r", 0)) == []
+
+    spec_ = spec([{"setWeight": 10}])
+    me = docs[3][1]
+    with pytest.raises(
+        RouterError, match=r"already managed by ModelExperiment ml/exp; one route has one owner"
+    ):
+        RolloutController("ml", "me").check_owner(me, spec_, owners)
+    # The older experiment is not refused by the younger rollout, nor by the finished or deleted ones.
+    exp_ctl = RolloutController("ml", "exp")
+    exp_ctl.kind = "ModelExperiment"
+    exp_ctl.check_owner(docs[2][1], spec_, owners)
