@@ -71,11 +71,12 @@ class Watcher:
     """Polls the route and the object in the background: every distinct route state, in order,
     every distinct lastAnalysisTime, and every phase.
 
-    Leaving the context without an error takes one more complete sample synchronously (retried
-    until it succeeds), so a sequence asserted after the context always ends with the state the
-    test waited for: the background poll may not have seen the last route or status write yet
-    when ``wait`` returned. Inside the context, ``wait_for`` waits until the watcher itself has
-    seen a state.
+    Entering the context takes one complete sample synchronously, so every sequence starts with
+    the state before the test acted (the background thread may start late on a loaded machine).
+    Leaving it without an error takes one more, so a sequence asserted after the context always
+    ends with the state the test waited for: the background poll may not have seen the last
+    route or status write yet when ``wait`` returned. Inside the context, ``wait_for`` waits
+    until the watcher itself has seen a state.
     """
 
     def __init__(self, s: Stack, name: str) -> None:
@@ -88,6 +89,7 @@ class Watcher:
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> Watcher:
+        self.settle()  # the state before the test acts is the first in every sequence
         self._t.start()
         return self
 
@@ -101,7 +103,12 @@ class Watcher:
         """One sample of the route and the object; False if either read failed."""
         try:
             r = self.s.route_weights()
-            st = self.s.get(P, self.name).get("status") or {}
+            try:
+                st = self.s.get(P, self.name).get("status") or {}
+            except ApiException as e:
+                if e.status != 404:  # not created yet: the route alone is the state
+                    raise
+                st = {}
         except Exception:
             return False
         with self._lock:
