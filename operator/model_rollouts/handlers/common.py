@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from model_rollouts import leader, telemetry
 from model_rollouts.api.common import (
     GROUP,
+    MAX_MESSAGE,
     MAX_TIMEOUT,
     VERSION,
     AnalysisBase,
@@ -38,6 +39,7 @@ from model_rollouts.api.common import (
     dump,
     parse_duration,
     set_condition,
+    truncate,
 )
 from model_rollouts.api.provider import PROVIDER_PLURAL, ClusterMetricProviderSpec, inline_query_fields
 from model_rollouts.api.template import (
@@ -179,7 +181,7 @@ def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) 
             resource_version=meta.get("resourceVersion"),
         ),
         reason=reason,
-        message=message[:1024],
+        message=truncate(message, MAX_MESSAGE),
         type=event_type,
         first_timestamp=ts,
         last_timestamp=ts,
