@@ -210,6 +210,8 @@ def test_60_invalid_objects_cause_no_list_per_tick(fresh: Stack) -> None:
     print(f"\noperator requests in {window:.0f}s with 60 Invalid objects: {dict(seen)}")
     print(f"LISTs of mlrollouts.io resources: {lists} (120 before the index: 2 per object per 15 s)")
     assert gets >= 60, f"every object was re-checked in the window: {dict(seen)}"
+    # One read per re-check (every 15 s), none in between: 300 reads in 20 s before (one every 5 s).
+    assert gets <= 2 * 60, f"at most two re-checks per object in {window:.0f}s: {dict(seen)}"
     assert lists == 0, dict(seen)
     assert not writes, "a re-check that finds the same problem writes nothing"
 

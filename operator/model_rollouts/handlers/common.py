@@ -650,6 +650,13 @@ class Controller(Generic[SpecT, StatusT]):
             tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
         )
 
+    def _wait(self, obj: Mapping[str, Any]) -> float:
+        """Seconds until this object is due for a tick (<= 0: now), from its status alone."""
+        if (obj.get("status") or {}).get("phase") == "Invalid":
+            return INVALID_RECHECK - (time.monotonic() - self._invalid_checked)
+        due = self.due_at(obj)
+        return INVALID_RECHECK if due is None else (due - now()).total_seconds()
+
     def wake(self, seen: Mapping[str, Any], owners: RouteOwners | None = None) -> None:
         if not leader.ELECTOR.is_leader() or seen["metadata"].get("deletionTimestamp"):
             return
@@ -658,16 +665,19 @@ class Controller(Generic[SpecT, StatusT]):
         if not changed and time.monotonic() < self._not_before:
             return
         try:
+            if not changed:
+                # Nothing due by the watch's copy: no API read at all (an Invalid object or one
+                # between analyses costs nothing at the API server until it is due).
+                wait = self._wait(seen)
+                if wait > 0:
+                    self._not_before = time.monotonic() + min(wait, 5.0)
+                    return
             obj = get_object(self.plural, self.namespace, self.name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return
             self._last_key = self._key(obj)
             if not changed:
-                due = self.due_at(obj)
-                if (obj.get("status") or {}).get("phase") == "Invalid":
-                    wait = INVALID_RECHECK - (time.monotonic() - self._invalid_checked)
-                else:
-                    wait = INVALID_RECHECK if due is None else (due - now()).total_seconds()
+                wait = self._wait(obj)  # the fresh read decides
                 if wait > 0:
                     self._not_before = time.monotonic() + min(wait, 5.0)
                     return
