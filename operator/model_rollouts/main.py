@@ -9,12 +9,13 @@ import json
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from prometheus_client import start_http_server
 
 from model_rollouts import health, leader
+from model_rollouts.api.common import action_annotations
 from model_rollouts.metrics import policy, prometheus
 from model_rollouts.notify import sender as notify_sender
 
@@ -36,6 +37,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class BoundedDiffBaseStorage(kopf.StatusDiffBaseStorage):
+    """Kopf's last-handled essence in status, without the object's labels and annotations but the action
+    annotations (bounded): Kopf would otherwise copy every annotation, of any size, into status."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        essence = cast(dict[str, Any], super().build(body=body, extra_fields=extra_fields))
+        essence.pop("metadata", None)
+        kept = action_annotations(body.metadata.annotations)
+        if kept:
+            essence["metadata"] = {"annotations": kept}
+        return cast(kopf.BodyEssence, essence)
+
+
 #: Namespaces given with --namespace (empty: cluster-wide).
 WATCHED_NAMESPACES: list[str] = []
 
@@ -44,7 +58,7 @@ WATCHED_NAMESPACES: list[str] = []
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Kopf's own bookkeeping goes to our status, never to the user's annotations.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
-    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diffbase")
+    settings.persistence.diffbase_storage = BoundedDiffBaseStorage(field="status.kopf.diffbase")
     settings.persistence.finalizer = "mlrollouts.io/finalizer"
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60

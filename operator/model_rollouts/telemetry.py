@@ -50,7 +50,8 @@ LEADER = Gauge("mlrollouts_leader", "1 while this replica holds the leader Lease
 NOTIFICATIONS = Counter(
     "mlrollouts_notifications_total",
     "Notifications to ClusterNotificationProviders, by result: sent (a 2xx), failed (no answer, not 2xx, "
-    "provider unusable) or dropped (the bounded queue was full)",
+    "provider unusable), dropped (the bounded queue was full) or refused (the provider does not admit the "
+    "object's namespace: nothing sent)",
     ["result"],
 )
 

@@ -20,6 +20,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tests.harness.cluster import ControlPlane
 from tests.harness.queries import ERROR_RATE, FEEDBACK, POSITIVE
 from tests.harness.stack import Stack, httproute
 
@@ -116,13 +117,19 @@ def delete_one(stack: Stack, plural: str, name: str, timeout: float = 30) -> Non
 
 # -- the two-variant stack --------------------------------------------------------------------------
 @contextlib.contextmanager
-def fraud_stack(max_seconds: int, rps: int = 50, operator_args: list[str] | None = None) -> Iterator[Stack]:
-    """The stack with a healthy stable and candidate behind the route ``fraud``, the operator running."""
+def fraud_stack(
+    max_seconds: int, rps: int = 50, operator_args: list[str] | None = None, audit: bool = False
+) -> Iterator[Stack]:
+    """The stack with a healthy stable and candidate behind the route ``fraud``, the operator running.
+
+    ``audit``: the API server logs every request for mlrollouts.io resources (``stack.cluster.audit_events``).
+    """
     with Stack(
         variants={STABLE: {"error_rate": 0.0}, CANDIDATE: {"error_rate": 0.0}},
         route=ROUTE,
         rps=rps,
         max_seconds=max_seconds,
+        cluster=ControlPlane(audit=audit),
     ) as s:
         s.start_operator(operator_args)
         yield s

@@ -77,7 +77,8 @@ class Sink:
 
 
 def provider(name: str, type_: str | None = None, **spec: Any) -> dict[str, Any]:
-    body = {"timeout": "2s", **spec, **({"type": type_} if type_ else {})}
+    """A provider that admits the stack's namespace (ml): by default only the operator's may use one."""
+    body = {"timeout": "2s", "allowedNamespaces": ["ml"], **spec, **({"type": type_} if type_ else {})}
     return {
         "apiVersion": f"{G}/{V}",
         "kind": "ClusterNotificationProvider",

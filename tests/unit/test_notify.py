@@ -203,6 +203,14 @@ def wait_for(cond: Any, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def target(name: str, type_: str, url: str, timeout: float) -> snd.Target:
+    """A resolved provider that admits the namespace of :func:`notice` (ml)."""
+    spec = ClusterNotificationProviderSpec.model_validate(
+        {"type": type_, "address": "http://unused.example/x", "allowedNamespaces": ["ml"]}
+    )
+    return snd.Target(name, type_, url, timeout, spec)
+
+
 def counter(result: str) -> float:
     from model_rollouts import telemetry
 
@@ -210,7 +218,7 @@ def counter(result: str) -> float:
 
 
 def test_the_sender_posts_each_transition_once_in_the_providers_format(sink: Sink) -> None:
-    targets = {"chat": snd.Target("chat", "slack", sink.url, 2.0)}
+    targets = {"chat": target("chat", "slack", sink.url, 2.0)}
     sender = snd.Sender(lambda name: targets[name])
     refs = [NotificationRef(provider="chat")]
     sent = counter("sent")
@@ -230,7 +238,7 @@ def test_publish_never_blocks_and_failures_are_counted_and_logged_without_the_ur
     slow = Sink(status=500, delay=1.5)
     try:
         url = slow.url + "/secret-token-xyz"
-        sender = snd.Sender(lambda name: snd.Target(name, "webhook", url, 0.5), workers=1, maxsize=2)
+        sender = snd.Sender(lambda name: target(name, "webhook", url, 0.5), workers=1, maxsize=2)
         failed, dropped = counter("failed"), counter("dropped")
         refs = [NotificationRef(provider="hook")]
         t0 = time.monotonic()
@@ -270,16 +278,16 @@ def test_a_gate_is_open_only_on_a_2xx_from_a_webhook_provider(
     monkeypatch: pytest.MonkeyPatch, sink: Sink
 ) -> None:
     kinds = {"gate": "webhook", "chat": "slack"}
-    monkeypatch.setattr(snd, "_resolver", lambda name: snd.Target(name, kinds[name], sink.url, 1.0))
-    assert snd.ask("gate", {"gate": "qa"}) == (True, "answered 2xx")
+    monkeypatch.setattr(snd, "_resolver", lambda name: target(name, kinds[name], sink.url, 1.0))
+    assert snd.ask("gate", {"gate": "qa"}, "ml") == snd.GateReply(True, "answered 2xx")
     assert sink.bodies[-1] == {"gate": "qa"}
     sink.status = 403
-    assert snd.ask("gate", {"gate": "qa"}) == (False, "answered HTTP 403")
-    ok_, why = snd.ask("chat", {})
-    assert not ok_ and "a gate needs webhook" in why
+    assert snd.ask("gate", {"gate": "qa"}, "ml") == snd.GateReply(False, "answered HTTP 403")
+    reply = snd.ask("chat", {}, "ml")
+    assert not reply.open and "a gate needs webhook" in reply.message
     sink.status, sink.delay = 200, 2.0
-    ok_, why = snd.ask("gate", {})
-    assert not ok_ and why == "no answer within 1s"
+    reply = snd.ask("gate", {}, "ml")
+    assert not reply.open and not reply.busy and reply.message == "no answer within 1s"
 
 
 def test_the_shared_sender_and_resolver_are_made_once() -> None:
@@ -293,24 +301,26 @@ def test_the_shared_sender_and_resolver_are_made_once() -> None:
 def test_a_gate_that_does_not_answer_holds_one_thread_and_the_others_are_held_at_once(
     monkeypatch: pytest.MonkeyPatch, sink: Sink
 ) -> None:
-    monkeypatch.setattr(snd, "_resolver", lambda name: snd.Target(name, "webhook", sink.url + "/slow", 3.0))
+    monkeypatch.setattr(snd, "_resolver", lambda name: target(name, "webhook", sink.url + "/slow", 3.0))
     sink.delay = 1.5
-    first: list[tuple[bool, str]] = []
-    t = threading.Thread(target=lambda: first.append(snd.ask("gate", {})))
+    first: list[snd.GateReply] = []
+    t = threading.Thread(target=lambda: first.append(snd.ask("gate", {}, "ml")))
     t.start()
     wait_for(lambda: len(sink.bodies) == 1)
     t0 = time.monotonic()
-    assert snd.ask("gate", {}) == (False, "an earlier request to this gate has not been answered yet")
+    busy = snd.ask("gate", {}, "ml")
+    assert not busy.open and busy.busy, "busy for another object: held, not an answer of the gate"
+    assert "not been answered yet" in busy.message
     assert time.monotonic() - t0 < 0.5
     t.join(10)
-    assert first == [(True, "answered 2xx")]
+    assert first == [snd.GateReply(True, "answered 2xx")]
     sink.delay = 0.0
-    assert snd.ask("gate", {}) == (True, "answered 2xx"), "free again once answered"
+    assert snd.ask("gate", {}, "ml") == snd.GateReply(True, "answered 2xx"), "free again once answered"
 
 
 def test_an_objects_notices_to_a_provider_arrive_in_order_whatever_the_workers(sink: Sink) -> None:
     sink.delay = 0.05
-    sender = snd.Sender(lambda name: snd.Target(name, "webhook", sink.url, 2.0), workers=4)
+    sender = snd.Sender(lambda name: target(name, "webhook", sink.url, 2.0), workers=4)
     refs = [NotificationRef(provider="hook")]
     sent = [
         notice(event=e, time=f"t{i}")
@@ -351,3 +361,30 @@ def test_the_example_providers_and_the_rollout_fields_in_its_comment_are_valid()
     assert spec_.gates[0].provider == "release-board"
     allowed = re_.search(r"--allowed-notification-address '([^']+)'", text)
     assert allowed is not None and re_.fullmatch(allowed.group(1), str(providers[1].address))
+
+
+def test_a_provider_that_does_not_admit_the_namespace_is_never_posted_to(sink: Sink) -> None:
+    """Checked again at send time: a notice of an object in a namespace the provider does not admit
+    (here: it admits only team-b) is counted as refused and nothing reaches the server."""
+    spec = ClusterNotificationProviderSpec.model_validate(
+        {"type": "webhook", "address": "http://unused.example/x", "allowedNamespaces": ["team-b"]}
+    )
+    sender = snd.Sender(lambda name: snd.Target(name, "webhook", sink.url, 1.0, spec))
+    refused = counter("refused")
+    assert sender.publish("uid-refused", [NotificationRef(provider="other-team")], [notice()]) == 1
+    wait_for(lambda: counter("refused") == refused + 1)
+    time.sleep(0.3)
+    assert sink.bodies == []
+
+
+def test_a_gate_that_does_not_admit_the_namespace_is_closed_and_never_asked(
+    monkeypatch: pytest.MonkeyPatch, sink: Sink
+) -> None:
+    spec = ClusterNotificationProviderSpec.model_validate(
+        {"type": "webhook", "address": "http://unused.example/x", "allowedNamespaces": ["team-b"]}
+    )
+    monkeypatch.setattr(snd, "_resolver", lambda name: snd.Target(name, "webhook", sink.url, 1.0, spec))
+    reply = snd.ask("their-gate", {"gate": "qa"}, "ml")
+    assert not reply.open and not reply.busy and "does not admit namespace ml" in reply.message
+    assert snd.check("their-gate", "ml") == reply.message and snd.check("their-gate", "team-b") is None
+    assert sink.bodies == []

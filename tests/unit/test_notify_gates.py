@@ -136,3 +136,55 @@ def test_gate_answers_are_forgotten_by_a_new_revision_and_pace_the_weight_0_asks
     d.spec = d.spec.model_copy(update={"candidate": d.spec.candidate.model_copy(update={"service": "v3"})})
     d.tick()
     assert d.status.gates == []
+
+
+BUSY = eng.GateAnswer(False, "busy: an earlier request to this gate has not been answered yet", busy=True)
+
+
+def test_a_gate_busy_with_another_objects_request_holds_without_counting_as_closed() -> None:
+    d = GateDriver(gated({"name": "qa", "provider": "ci"}), {"qa": BUSY})
+    for _ in range(8):
+        d.tick()
+    assert d.weights == [0, 20, 50], "held: a busy gate is not an open one"
+    assert "GateClosed" not in d.events and "GateClosed" not in [h.reason for h in d.status.history]
+    progressing = next(c for c in d.status.conditions if c.type == "Progressing")
+    assert progressing.reason == "GateBusy" and "busy" in d.status.message
+    assert d.status.gates[0].busy is True and d.status.gates[0].open is False
+    # Its real answer then counts: a 403 is the first GateClosed, a 2xx lets it through.
+    d.answers["qa"] = CLOSED
+    d.tick()
+    assert d.events.count("GateClosed") == 1 and not d.status.gates[0].busy
+    d.answers["qa"] = OPEN
+    for _ in range(3):
+        d.tick()
+    assert d.status.phase == "Promoted"
+
+
+def test_a_gate_hold_counts_towards_progress_deadline_after_its_max_hold() -> None:
+    s = gated({"name": "qa", "provider": "ci", "maxHold": "60s"}, progressDeadline="30s")
+    d = GateDriver(s, {"qa": CLOSED})
+    for _ in range(8):  # 80 s at 50: past maxHold (60 s) but not past maxHold + progressDeadline
+        d.tick()
+    assert d.status.phase == "Progressing" and d.status.weight == 50
+    for _ in range(6):  # the hold now counts: 30 s later, onProgressDeadline (rollback) applies
+        d.tick()
+    assert d.status.phase == "RolledBack" and d.status.weight == 0
+    assert "maxHold 60s" in d.status.message and "progressDeadline 30s" in d.status.message
+
+
+def test_a_busy_gate_also_counts_after_its_max_hold() -> None:
+    s = gated({"name": "qa", "provider": "ci", "maxHold": "30s"}, progressDeadline="30s")
+    d = GateDriver(s, {"qa": BUSY})
+    for _ in range(12):
+        d.tick()
+    assert d.status.phase == "RolledBack" and "maxHold 30s" in d.status.message
+
+
+def test_the_default_max_hold_is_an_hour() -> None:
+    d = GateDriver(gated({"name": "qa", "provider": "ci"}, progressDeadline="30s"), {"qa": CLOSED})
+    for _ in range(350):  # 58 min
+        d.tick()
+    assert d.status.phase == "Progressing" and d.status.weight == 50
+    for _ in range(20):  # past 1 h + 30 s from the first hold (at 20 s)
+        d.tick()
+    assert d.status.phase == "RolledBack"

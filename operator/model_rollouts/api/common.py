@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -21,6 +23,43 @@ Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN, max_length
 # DNS-1123 label: every name that ends up inside PromQL or an API path is one, so it cannot inject.
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 PromQL = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+#: Longest value of an action annotation (``mlrollouts.io/abort``, ``promote``, ``resume``, ``retry``) that
+#: the operator copies into status, Events and notifications; a longer one is cut and marked.
+MAX_ANNOTATION_VALUE = 256
+#: The action annotations (each new value acts once); ModelExperiment has all but promote.
+ACTION_ANNOTATIONS = (f"{GROUP}/promote", f"{GROUP}/abort", f"{GROUP}/resume", f"{GROUP}/retry")
+#: Longest free text (status.message, a condition's or history entry's message, a notification's
+#: message) the operator writes; a longer one is cut and ends with TRUNCATED.
+MAX_MESSAGE = 1024
+TRUNCATED = "…[truncated]"
+
+
+def truncate(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start and TRUNCATED (``limit`` in all)."""
+    if len(text) <= limit:
+        return text
+    return text[: max(0, limit - len(TRUNCATED))] + TRUNCATED
+
+
+def annotation_value(value: str) -> str:
+    """An action annotation's value as the operator records it: at most MAX_ANNOTATION_VALUE characters.
+
+    A longer value keeps its start and ends with ``…[truncated <12 hex of its SHA-256>]``, so two
+    different long values stay different (each new value of an action annotation acts once).
+    """
+    if len(value) <= MAX_ANNOTATION_VALUE:
+        return value
+    mark = f"…[truncated {hashlib.sha256(value.encode()).hexdigest()[:12]}]"
+    return value[: MAX_ANNOTATION_VALUE - len(mark)] + mark
+
+
+def action_annotations(annotations: Mapping[str, Any] | None) -> dict[str, str]:
+    """The object's action annotations (ACTION_ANNOTATIONS; no other), each bounded by
+    :func:`annotation_value`: all the operator ever reads or copies of an object's annotations."""
+    got = annotations or {}
+    return {k: annotation_value(str(got[k])) for k in ACTION_ANNOTATIONS if k in got}
 
 
 def parse_duration(value: str) -> float:

@@ -11,10 +11,11 @@ destination together.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from model_rollouts.api.common import (
     MAX_TIMEOUT,
@@ -40,6 +41,61 @@ GateType = Literal["confirm-promotion", "confirm-rollout"]
 
 class AddressSecretRef(SecretKeyRef):
     key: str = Field(default="address", min_length=1, max_length=253)
+
+
+class LabelSelectorRequirement(Model):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                    "In and NotIn need values; Exists and DoesNotExist take none",
+                    ".values",
+                )
+            ]
+        },
+    )
+
+    key: str = Field(min_length=1, max_length=317)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+
+class LabelSelector(Model):
+    """A Kubernetes label selector over Namespace labels: ``{}`` selects every namespace."""
+
+    matchLabels: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _values(self) -> LabelSelector:
+        for i, r in enumerate(self.matchExpressions):
+            if (r.operator in ("In", "NotIn")) != bool(r.values):
+                raise ValueError(
+                    f"matchExpressions[{i}].values: In and NotIn need values; "
+                    "Exists and DoesNotExist take none"
+                )
+        return self
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in self.matchLabels.items()):
+            return False
+        for r in self.matchExpressions:
+            has = r.key in labels
+            if r.operator == "Exists" and not has:
+                return False
+            if r.operator == "DoesNotExist" and has:
+                return False
+            if r.operator == "In" and (not has or labels[r.key] not in r.values):
+                return False
+            if r.operator == "NotIn" and has and labels[r.key] in r.values:
+                return False
+        return True
 
 
 class ClusterNotificationProviderSpec(Model):
@@ -74,8 +130,32 @@ class ClusterNotificationProviderSpec(Model):
         description="Secret in the operator's own namespace whose key (default: address) holds the URL.",
     )
     timeout: Duration = Field(default="5s", description="Per-request timeout (more than 0s, at most 30s).")
+    allowedNamespaces: list[Name] = Field(
+        default_factory=list,
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Namespaces whose ModelRollouts and ModelExperiments may use this provider "
+        "(notifications and gates), besides those namespaceSelector selects. With neither set, only the "
+        "operator's own namespace may use it: a provider is the platform's, and a team's channel or gate "
+        "is opened to other namespaces only by naming them.",
+    )
+    namespaceSelector: LabelSelector | None = Field(
+        default=None,
+        description="Namespaces (by their labels) that may use this provider, besides allowedNamespaces. "
+        "{} selects every namespace.",
+    )
 
     _timeout = field_validator("timeout")(check_timeout)
+
+    def admits(self, namespace: str, labels: Mapping[str, str] | None, own: str) -> bool:
+        """Whether an object in ``namespace`` (with these Namespace labels, None: unknown) may use it."""
+        if namespace == own or namespace in self.allowedNamespaces:
+            return True
+        if self.namespaceSelector is None:
+            return False
+        # Every Namespace carries kubernetes.io/metadata.name (set by the API server).
+        known = {"kubernetes.io/metadata.name": namespace, **(labels or {})}
+        return self.namespaceSelector.matches(known)
 
 
 NOTIFICATION_PROVIDER_COLUMNS: list[dict[str, Any]] = [
@@ -117,7 +197,15 @@ class Gate(Model):
         description="confirm-promotion: asked before the weight goes to 100. confirm-rollout: asked before "
         "every weight increase.",
     )
-    provider: Name = Field(description="A ClusterNotificationProvider of type webhook: the gate's URL.")
+    provider: Name = Field(
+        description="A ClusterNotificationProvider of type webhook that admits this namespace: the gate's "
+        "URL."
+    )
+    maxHold: Duration = Field(
+        default="1h",
+        description="How long this gate may hold the rollout (closed, or busy with another object's request) "
+        "before the hold counts towards progressDeadline like any other hold.",
+    )
 
 
 GATES_FIELD: Any = Field(
@@ -125,8 +213,9 @@ GATES_FIELD: Any = Field(
     max_length=4,
     json_schema_extra=list_map("name"),
     description="Gates asked (HTTP POST) at each analysis before the weight moves past them; anything but a "
-    "2xx, or no answer within the provider's timeout, holds the weight. A closed gate, like a manual "
-    "pause, does not count towards progressDeadline. The promote annotation skips gates.",
+    "2xx, or no answer within the provider's timeout, holds the weight. A gate still answering another "
+    "object's request is busy: it holds without counting as closed. A gate's hold does not count towards "
+    "progressDeadline for its maxHold (default 1h); after that it does. The promote annotation skips gates.",
 )
 
 
@@ -137,3 +226,11 @@ class GateState(Model):
     open: bool
     message: str = Field(default="", max_length=1024)
     lastAskedTime: datetime
+    busy: bool | None = Field(
+        default=None,
+        description="True: not asked, because it was still answering another object's request (a hold, "
+        "not a closed gate).",
+    )
+    heldSince: datetime | None = Field(
+        default=None, description="Since when this gate has held the rollout (closed or busy), if it does."
+    )

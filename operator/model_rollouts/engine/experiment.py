@@ -78,6 +78,7 @@ from pydantic import ValidationError
 from model_rollouts.api.common import (
     Condition,
     Measurement,
+    action_annotations,
     dump,
     get_condition,
     parse_duration,
@@ -382,7 +383,7 @@ def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapp
     new retry annotation is waiting (a finished object costs nothing but a slow guard)."""
     if status.get("phase") not in TERMINAL_PHASES:
         return True
-    retry = annotations.get(ANNOTATION_RETRY)
+    retry = action_annotations(annotations).get(ANNOTATION_RETRY)
     if retry and retry != (status.get("handled") or {}).get("retry"):
         return True
     try:
@@ -416,8 +417,14 @@ def reconcile(
 ) -> Decision:
     """One decision; an analysis made in it is also appended to the bounded status.series."""
     d = _reconcile(
-        spec, status, now=now, generation=generation, annotations=annotations, observations=observations
+        spec,
+        status,
+        now=now,
+        generation=generation,
+        annotations=action_annotations(annotations),
+        observations=observations,
     )
+    status_.bound_texts(d.status)
     if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
         series.append(d.status.series, series.experiment_point(d.status, now))
     return d

@@ -18,6 +18,7 @@ from model_rollouts.api.common import (
     ArmCounts,
     Condition,
     Measurement,
+    action_annotations,
     dump,
     get_condition,
     parse_duration,
@@ -79,6 +80,8 @@ class GateAnswer:
 
     open: bool
     message: str
+    #: Not asked: still answering another object's request. Holds, but is not a closed gate.
+    busy: bool = False
 
 
 def revision_of(spec: ModelRolloutSpec) -> str:
@@ -146,7 +149,7 @@ def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapp
     except ValueError:
         return False  # an invalid edit of a finished rollout changes nothing
     handled = status.get("handled") or {}
-    retry = annotations.get(ANNOTATION_RETRY)
+    retry = action_annotations(annotations).get(ANNOTATION_RETRY)
     return bool(retry) and phase in ("RolledBack", "Aborted") and retry != handled.get("retry")
 
 
@@ -202,11 +205,12 @@ def reconcile(
         status,
         now=now,
         generation=generation,
-        annotations=annotations,
+        annotations=action_annotations(annotations),
         observations=observations,
         gates=(gates or {}, asks),
     )
     d.asks = asks
+    status_.bound_texts(d.status)
     if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
         series.append(d.status.series, series.rollout_point(d.status, now))
     return d
@@ -391,6 +395,7 @@ def _reconcile(
     # Steps: advance while nothing blocks; at most one weight change per analysis.
     gate_ok = not hold_reasons and (analysed_here or s.weight == 0)
     gate_hold: str | None = None
+    gate_reason = "GateClosed"
     waiting_evidence: list[str] = []
     evidence_only = False
     while True:
@@ -481,9 +486,11 @@ def _reconcile(
             if s.currentStep < len(spec.steps)
             else "all steps done"
         )
-        closed = _gates_closed(spec, s, actions, now, nxt, *gates)
-        if closed:
-            gate_hold = s.message = f"holding at weight {s.weight} before weight {nxt}: {closed}"
+        hold = _gates_closed(spec, s, actions, now, nxt, *gates)
+        if hold.why:
+            gate_hold = s.message = f"holding at weight {s.weight} before weight {nxt}: {hold.why}"
+            gate_reason = "GateBusy" if hold.busy else "GateClosed"
+            hold_reasons += hold.overdue  # past maxHold, a gate's hold counts towards progressDeadline
             break
         split = f" (split by maxWeightStep {spec.maxWeightStep})" if nxt != target else ""
         _set_weight(s, actions, now, nxt, where + split, observations)
@@ -516,7 +523,7 @@ def _reconcile(
 
     s.phase = "Paused" if s.phase == "Paused" else "Progressing"
     if gate_hold:  # like a manual pause: a deliberate hold, not counted towards progressDeadline
-        _conditions(s, now, generation, progressing_reason="GateClosed", progressing_message=gate_hold)
+        _conditions(s, now, generation, progressing_reason=gate_reason, progressing_message=gate_hold)
     else:
         _conditions(s, now, generation)
     return Decision(s, actions)
@@ -532,6 +539,17 @@ def gates_before(spec: ModelRolloutSpec, weight: int, nxt: int) -> list[Gate]:
     ]
 
 
+@dataclass
+class GateHold:
+    """Why the gates before a move hold it ('' if they all answered 2xx)."""
+
+    why: str = ""
+    #: Every holding gate was busy with another object's request (not closed).
+    busy: bool = False
+    #: Holds longer than the gate's maxHold: they count towards progressDeadline.
+    overdue: list[str] = field(default_factory=list)
+
+
 def _gates_closed(
     spec: ModelRolloutSpec,
     s: ModelRolloutStatus,
@@ -540,33 +558,62 @@ def _gates_closed(
     nxt: int,
     answers: Mapping[str, GateAnswer],
     asks: list[str],
-) -> str:
-    """Why the gates before this move hold it ('' if they all answered 2xx); records each answer."""
+) -> GateHold:
+    """Why the gates before this move hold it; records each answer.
+
+    A gate that is busy (still answering another object's request) holds like a closed one but is
+    not recorded as closed: no GateClosed Event or notification. A gate's hold is exempt from
+    progressDeadline for its ``maxHold``; after that it is named in ``overdue``.
+    """
     closed: list[str] = []
+    busy: list[bool] = []
+    overdue: list[str] = []
     for g in gates_before(spec, s.weight, nxt):
         a = answers.get(g.name)
         if a is None:
             asks.append(g.name)
             closed.append(f"gate {g.name} ({g.type}) has not been asked yet")
+            busy.append(False)
             continue
         old = next((x for x in s.gates if x.name == g.name), None)
-        state = GateState(name=g.name, open=a.open, message=a.message[:1024], lastAskedTime=now)
-        s.gates = [*(x for x in s.gates if x.name != g.name), state]
+        was_closed = old is not None and not old.open and not old.busy
         if a.open:
-            if old is not None and not old.open:
+            state = GateState(name=g.name, open=True, message=a.message[:1024], lastAskedTime=now)
+            s.gates = [*(x for x in s.gates if x.name != g.name), state]
+            if was_closed:
                 msg = f"gate {g.name} ({g.type}, provider {g.provider}) opened: {a.message}"
                 actions.append(Event("Normal", "GateOpened", msg))
                 _history(s, now, "GateOpened", "GateOpened", msg)
+            continue
+        since = old.heldSince if old is not None and not old.open and old.heldSince is not None else now
+        state = GateState(
+            name=g.name,
+            open=False,
+            message=a.message[:1024],
+            lastAskedTime=now,
+            busy=True if a.busy else None,
+            heldSince=since,
+        )
+        s.gates = [*(x for x in s.gates if x.name != g.name), state]
+        held = (now - since).total_seconds()
+        if held >= parse_duration(g.maxHold):
+            overdue.append(f"gate {g.name} has held for {held:.0f}s, more than its maxHold {g.maxHold}")
+        busy.append(a.busy)
+        if a.busy:
+            closed.append(
+                f"gate {g.name} ({g.type}, provider {g.provider}) is busy with another request; "
+                "asked again at the next analysis"
+            )
             continue
         why = (
             f"gate {g.name} ({g.type}, provider {g.provider}) is closed: {a.message}; "
             "asked again at the next analysis"
         )
         closed.append(why)
-        if old is None or old.open:
+        if not was_closed:
             actions.append(Event("Warning", "GateClosed", why))
             _history(s, now, "GateClosed", "GateClosed", why)
-    return "; ".join(closed)
+    return GateHold("; ".join(closed), bool(busy) and all(busy), overdue)
 
 
 def _stable(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> str:

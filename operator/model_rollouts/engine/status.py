@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from model_rollouts.api.common import HistoryEntry, ResourceStatus, set_condition
+from pydantic import BaseModel
+
+from model_rollouts.api.common import MAX_MESSAGE, HistoryEntry, ResourceStatus, set_condition, truncate
 from model_rollouts.engine.actions import Event
 
 HISTORY_LIMIT = 30
@@ -55,3 +57,31 @@ def invalid(status: S, message: str, now: datetime, generation: int) -> tuple[S,
         s.conditions, "Progressing", "False", "InvalidSpec", message, now, generation
     )
     return s, events
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str):
+        return truncate(value, MAX_MESSAGE)
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            old = getattr(value, name)
+            new = _bounded(old)
+            if new is not old:
+                setattr(value, name, new)
+        return value
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            value[i] = _bounded(item)
+        return value
+    if isinstance(value, dict):
+        for k, item in value.items():
+            value[k] = _bounded(item)
+        return value
+    return value
+
+
+def bound_texts(s: S) -> S:
+    """Every text in a status (messages, reasons, recorded annotation values) cut to MAX_MESSAGE
+    characters with a marker, in place: no input can make a status grow past its fixed shape."""
+    _bounded(s)
+    return s

@@ -16,6 +16,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 from model_rollouts import leader, telemetry
 from model_rollouts.api.common import (
     GROUP,
+    MAX_MESSAGE,
     MAX_TIMEOUT,
     VERSION,
     AnalysisBase,
@@ -41,6 +43,7 @@ from model_rollouts.api.common import (
     dump,
     parse_duration,
     set_condition,
+    truncate,
 )
 from model_rollouts.api.provider import (
     PROVIDER_PLURAL,
@@ -56,6 +59,7 @@ from model_rollouts.api.template import (
 )
 from model_rollouts.engine import stats
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
+from model_rollouts.engine.status import bound_texts
 from model_rollouts.engine.status import invalid as invalid_status
 from model_rollouts.metrics import policy, pools
 from model_rollouts.metrics.prometheus import PrometheusProvider
@@ -186,7 +190,7 @@ def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) 
             resource_version=meta.get("resourceVersion"),
         ),
         reason=reason,
-        message=message[:1024],
+        message=truncate(message, MAX_MESSAGE),
         type=event_type,
         first_timestamp=ts,
         last_timestamp=ts,
@@ -554,6 +558,67 @@ class Measuring(Exception):
 
 
 T = TypeVar("T")
+
+#: Phases in which an object no longer claims its route (the one-owner check skips it).
+FINISHED_PHASES = ("Promoted", "RolledBack", "Aborted", "Concluded", "Idle", "Invalid")
+
+
+@dataclass(frozen=True)
+class RouteClaim:
+    """One object's claim on one HTTPRoute rule, as the operator's watch last saw it (a Kopf index value)."""
+
+    created: str
+    kind: str
+    name: str
+    uid: str
+    phase: str | None
+    deleting: bool
+
+
+#: (namespace, HTTPRoute, rule index) -> the claims on it, read from the operator's indices.
+RouteOwners = Callable[[tuple[str, str, int]], list[RouteClaim]]
+
+
+def route_claim(kind: str, body: Mapping[str, Any]) -> dict[tuple[str, str, int], RouteClaim] | None:
+    """The index entry of one ModelRollout or ModelExperiment: its route rule and who it is."""
+    spec = body.get("spec") or {}
+    gw = ((spec.get("trafficRouting") or {}) if isinstance(spec, Mapping) else {}).get("gatewayAPI") or {}
+    route = gw.get("httpRoute") if isinstance(gw, Mapping) else None
+    if not isinstance(route, str) or not route:
+        return None
+    try:
+        rule = int(gw.get("ruleIndex") or 0)
+    except (TypeError, ValueError):
+        return None
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    claim = RouteClaim(
+        created=str(meta.get("creationTimestamp") or ""),
+        kind=kind,
+        name=str(meta.get("name") or ""),
+        uid=str(meta.get("uid") or ""),
+        phase=status.get("phase") if isinstance(status, Mapping) else None,
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+    return {(str(meta.get("namespace") or ""), route, rule): claim}
+
+
+def route_owners(*indices: Mapping[tuple[str, str, int], Iterable[RouteClaim]]) -> RouteOwners:
+    """A reader of Kopf's route indices for a handler thread (they are updated on the event loop)."""
+
+    def owners(key: tuple[str, str, int]) -> list[RouteClaim]:
+        for attempt in range(5):
+            try:
+                return [c for index in indices for c in (index.get(key) or ())]
+            except RuntimeError:  # changed while read: read again
+                if attempt == 4:
+                    raise
+                time.sleep(0.01)
+        return []
+
+    return owners
+
+
 SpecT = TypeVar("SpecT", bound=ResourceSpec)
 StatusT = TypeVar("StatusT", bound=ResourceStatus)
 
@@ -688,7 +753,14 @@ class Controller(Generic[SpecT, StatusT]):
             tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
         )
 
-    def wake(self, seen: Mapping[str, Any]) -> None:
+    def _wait(self, obj: Mapping[str, Any]) -> float:
+        """Seconds until this object is due for a tick (<= 0: now), from its status alone."""
+        if (obj.get("status") or {}).get("phase") == "Invalid":
+            return INVALID_RECHECK - (time.monotonic() - self._invalid_checked)
+        due = self.due_at(obj)
+        return INVALID_RECHECK if due is None else (due - now()).total_seconds()
+
+    def wake(self, seen: Mapping[str, Any], owners: RouteOwners | None = None) -> None:
         if not leader.ELECTOR.is_leader() or seen["metadata"].get("deletionTimestamp"):
             return
         key = self._key(seen)
@@ -698,21 +770,24 @@ class Controller(Generic[SpecT, StatusT]):
         if not changed and self._measuring is not None and not self._measuring[1].done():
             return  # a query is running in the tenant's pool: nothing to read or decide yet
         try:
+            if not changed:
+                # Nothing due by the watch's copy: no API read at all (an Invalid object or one
+                # between analyses costs nothing at the API server until it is due).
+                wait = self._wait(seen)
+                if wait > 0:
+                    self._not_before = time.monotonic() + min(wait, 5.0)
+                    return
             obj = get_object(self.plural, self.namespace, self.name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return
             self._last_key = self._key(obj)
             if not changed:
-                due = self.due_at(obj)
-                if (obj.get("status") or {}).get("phase") == "Invalid":
-                    wait = INVALID_RECHECK - (time.monotonic() - self._invalid_checked)
-                else:
-                    wait = INVALID_RECHECK if due is None else (due - now()).total_seconds()
+                wait = self._wait(obj)  # the fresh read decides
                 if wait > 0:
                     self._not_before = time.monotonic() + min(wait, 5.0)
                     return
             self._invalid_checked = time.monotonic()
-            self.tick(obj)
+            self.tick(obj, owners)
             self._not_before = time.monotonic() + 0.4
         except Exception as e:
             # Never the exception's text (an API or HTTP error may quote a body or a header): its
@@ -731,8 +806,10 @@ class Controller(Generic[SpecT, StatusT]):
                     self.reconcile_error(obj, self._status(obj), "ReconcileFailed", safe_error(e))
 
     # -- the tick -----------------------------------------------------------------------------------
-    def tick(self, obj: dict[str, Any]) -> None:
-        """Validate, measure, decide, apply. An unusable spec gives Valid=False and no traffic change."""
+    def tick(self, obj: dict[str, Any], owners: RouteOwners | None = None) -> None:
+        """Validate, measure, decide, apply. An unusable spec gives Valid=False and no traffic change.
+
+        ``owners``: who claims which route, from the operator's watch (see :func:`route_owners`)."""
         t0 = time.monotonic()
         meta = obj["metadata"]
         generation = int(meta.get("generation") or 0)
@@ -752,8 +829,9 @@ class Controller(Generic[SpecT, StatusT]):
             return self.write(obj, status, *invalid_status(status, problem, now_, generation))
         try:
             check_queries(self.queries(spec))
+            self.check_providers(spec)
             if status.phase in ("Pending", "Invalid") or status.observedGeneration != generation:
-                self.check_owner(obj, spec)
+                self.check_owner(obj, spec, owners)
             router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
             router.check(self.services(spec, status))
             provider = make_provider(
@@ -801,34 +879,44 @@ class Controller(Generic[SpecT, StatusT]):
         self.write(obj, status, new, actions)
         telemetry.ANALYSIS_SECONDS.labels(self.kind).observe(time.monotonic() - t0)
 
-    def check_owner(self, obj: Mapping[str, Any], spec: SpecT) -> None:
-        """One route, one owner: another active object managing the same route rule wins if older."""
+    def check_owner(self, obj: Mapping[str, Any], spec: SpecT, owners: RouteOwners | None) -> None:
+        """One route, one owner: another active object managing the same route rule wins if older.
+
+        Read from the operator's watch (the Kopf indices ``rollout_routes`` and ``experiment_routes``),
+        never from a LIST: checking costs nothing at the API server however many objects there are.
+        """
         mine = self.route(spec)
-        if mine is None:
+        if mine is None or owners is None:
             return
         me = obj["metadata"]
         my_key = (str(me.get("creationTimestamp") or ""), self.kind, self.name)
-        for plural, kind in (("modelrollouts", "ModelRollout"), ("modelexperiments", "ModelExperiment")):
-            listing = client.CustomObjectsApi(api()).list_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, plural, _request_timeout=REQUEST_TIMEOUT
-            )
-            items = cast(dict[str, Any], listing)["items"]
-            for other in items:
-                om = other["metadata"]
-                if om.get("uid") == me.get("uid") or om.get("deletionTimestamp"):
-                    continue
-                phase = (other.get("status") or {}).get("phase")
-                if phase in ("Promoted", "RolledBack", "Aborted", "Concluded", "Idle", "Invalid"):
-                    continue
-                gw = ((other.get("spec") or {}).get("trafficRouting") or {}).get("gatewayAPI") or {}
-                if (gw.get("httpRoute"), int(gw.get("ruleIndex") or 0)) != mine:
-                    continue
-                if (str(om.get("creationTimestamp") or ""), kind, om["name"]) < my_key:
-                    raise RouterError(
-                        "spec.trafficRouting.gatewayAPI.httpRoute",
-                        f"HTTPRoute {mine[0]} rule {mine[1]} is already managed by {kind} "
-                        f"{self.namespace}/{om['name']}; one route has one owner",
-                    )
+        for other in owners((self.namespace, *mine)):
+            if other.uid == me.get("uid") or other.deleting or other.phase in FINISHED_PHASES:
+                continue
+            if (other.created, other.kind, other.name) < my_key:
+                raise RouterError(
+                    "spec.trafficRouting.gatewayAPI.httpRoute",
+                    f"HTTPRoute {mine[0]} rule {mine[1]} is already managed by {other.kind} "
+                    f"{self.namespace}/{other.name}; one route has one owner",
+                )
+
+    def check_providers(self, spec: SpecT) -> None:
+        """RouterError naming the field of the first notification provider or gate that does not admit
+        this namespace (its allowedNamespaces / namespaceSelector): the object is Valid=False."""
+        named = [
+            *(
+                (f"spec.notifications[{i}].provider", r.provider)
+                for i, r in enumerate(getattr(spec, "notifications", None) or [])
+            ),
+            *(
+                (f"spec.gates[{i}].provider", g.provider)
+                for i, g in enumerate(getattr(spec, "gates", None) or [])
+            ),
+        ]
+        for field, provider in named:
+            why = notify_sender.check(provider, self.namespace)
+            if why is not None:
+                raise RouterError(field, why)
 
     def measured(self, provider: MetricProvider, measure: Callable[[], T]) -> T:
         """The result of ``measure`` for the status this tick was asked about, run in the pool of the
@@ -878,6 +966,7 @@ class Controller(Generic[SpecT, StatusT]):
         self, obj: dict[str, Any], old: ResourceStatus, status: ResourceStatus, actions: Iterable[object]
     ) -> None:
         """Status (the record; skipped when nothing changed), then Events and metrics."""
+        bound_texts(status)
         if dump(status) != dump(old) and not write_status(self.plural, obj, dump(status)):
             self._not_before = 0.0  # conflict: read again and decide afresh at the next wake-up
             return

@@ -182,9 +182,18 @@ def _guarded(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") in ("RolledBack", "Aborted")
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def experiment_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], common.RouteClaim] | None:
+    """Which route rule each ModelExperiment claims, kept from the watch (the one-owner check
+    reads it instead of listing every object of the namespace)."""
+    return common.route_claim(KIND, body)
+
+
 @kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=_active)
-def experiment_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    _controller(namespace, name, uid).wake(body)
+def experiment_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
+    # Kopf passes its indices (rollout_routes, experiment_routes) as keyword arguments.
+    owners = common.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
+    _controller(namespace, name, uid).wake(body, owners)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=GUARD_INTERVAL, initial_delay=GUARD_INTERVAL, when=_guarded)

@@ -185,7 +185,8 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
     def ask_gate(
         self, gate: Gate, spec: ModelRolloutSpec, status: ModelRolloutStatus, held: ModelRolloutStatus
     ) -> engine.GateAnswer:
-        """POST the gate request to the gate's provider (bounded by its timeout); any failure is closed."""
+        """POST the gate request to the gate's provider (bounded by its timeout); any failure is closed,
+        a gate still answering another object's request is busy (a hold, not closed)."""
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "GateRequest",
@@ -198,8 +199,8 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
             "candidate": spec.candidate.service,
             "stable": held.stableService or spec.stable.service,
         }
-        ok, message = notify_sender.ask(gate.provider, body)
-        return engine.GateAnswer(open=ok, message=message)
+        reply = notify_sender.ask(gate.provider, body, self.namespace)
+        return engine.GateAnswer(open=reply.open, message=reply.message, busy=reply.busy)
 
     def weights(
         self, spec: ModelRolloutSpec, status: ModelRolloutStatus
@@ -238,9 +239,18 @@ def _guarded(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") in ("RolledBack", "Aborted")
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def rollout_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], common.RouteClaim] | None:
+    """Which route rule each ModelRollout claims, kept from the watch (the one-owner check
+    reads it instead of listing every object of the namespace)."""
+    return common.route_claim(KIND, body)
+
+
 @kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=_active)
-def rollout_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    _controller(namespace, name, uid).wake(body)
+def rollout_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
+    # Kopf passes its indices (rollout_routes, experiment_routes) as keyword arguments.
+    owners = common.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
+    _controller(namespace, name, uid).wake(body, owners)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=GUARD_INTERVAL, initial_delay=GUARD_INTERVAL, when=_guarded)

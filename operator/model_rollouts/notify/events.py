@@ -8,6 +8,7 @@ event, reason, message and history time).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
@@ -15,7 +16,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from model_rollouts.api.common import ResourceStatus
+from model_rollouts.api.common import MAX_MESSAGE, ResourceStatus, truncate
 from model_rollouts.api.notification import NOTIFICATION_EVENTS, NotificationRef
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.notify import Notice
@@ -81,7 +82,7 @@ def notices(
             name=name,
             phase=new.phase,
             reason=reason,
-            message=message,
+            message=truncate(message, MAX_MESSAGE),
             severity="warning" if warning else "info",
             time=when,
             revision=revision,
@@ -118,7 +119,7 @@ def reconcile_error(
             name=name,
             phase=status.phase,
             reason=reason,
-            message=message,
+            message=truncate(message, MAX_MESSAGE),
             severity="warning",
             time=when,
             revision=getattr(status, "revision", None),
@@ -146,7 +147,11 @@ def wants(ref: NotificationRef, event: str) -> bool:
 
 
 class Dedupe:
-    """A bounded set of transitions already published (oldest forgotten first)."""
+    """A bounded set of transitions already published (oldest forgotten first).
+
+    It holds keys (32-byte digests from :func:`key`), never notices or their messages: at its
+    4,096-entry cap it holds well under 1 MB whatever the messages were.
+    """
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
@@ -165,5 +170,11 @@ class Dedupe:
             return True
 
 
-def key(uid: str, provider: str, n: Notice) -> tuple[str, ...]:
-    return (uid, provider, n.event, n.reason, n.message, n.time)
+def key(uid: str, provider: str, n: Notice) -> bytes:
+    """A transition's identity (object, provider, event, reason, message, time) as a SHA-256 digest."""
+    h = hashlib.sha256()
+    for part in (uid, provider, n.event, n.reason, n.message, n.time):
+        b = part.encode()
+        h.update(len(b).to_bytes(8, "big"))
+        h.update(b)
+    return h.digest()

@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import requests
@@ -62,6 +62,58 @@ class Target:
     type: str
     url: str
     timeout: float
+    #: Who may use it (allowedNamespaces, namespaceSelector); None admits only the operator's namespace.
+    spec: ClusterNotificationProviderSpec | None = field(default=None, compare=False)
+
+
+#: Seconds a Namespace's labels are reused for namespaceSelector.
+NAMESPACE_CACHE_SECONDS = 30.0
+_namespace_labels: dict[str, tuple[float, dict[str, str] | None]] = {}
+_namespace_lock = threading.Lock()
+
+
+def namespace_labels(
+    namespace: str, api: Callable[[], client.ApiClient] | None = None
+) -> dict[str, str] | None:
+    """A Namespace's labels (one GET, cached briefly); None if they cannot be read (e.g. a namespaced
+    install without access to Namespaces: then only kubernetes.io/metadata.name is known)."""
+    with _namespace_lock:
+        hit = _namespace_labels.get(namespace)
+    if hit is not None and time.monotonic() - hit[0] < NAMESPACE_CACHE_SECONDS:
+        return hit[1]
+    labels: dict[str, str] | None
+    try:
+        ns = client.CoreV1Api((api or _api)()).read_namespace(namespace, _request_timeout=REQUEST_TIMEOUT)
+        labels = dict((ns.metadata.labels if ns.metadata else None) or {})
+    except Exception:
+        labels = None
+    with _namespace_lock:
+        if len(_namespace_labels) > 4096:
+            _namespace_labels.clear()
+        _namespace_labels[namespace] = (time.monotonic(), labels)
+    return labels
+
+
+def refusal(target: Target, namespace: str) -> str | None:
+    """None if an object in ``namespace`` may use this provider; else a fixed text saying why not."""
+    own = policy.POLICY.secret_namespace
+    spec = target.spec
+    if namespace == own:
+        return None
+    if spec is not None:
+        if namespace in spec.allowedNamespaces:
+            return None
+        sel = spec.namespaceSelector
+        if sel is not None and (
+            not (sel.matchLabels or sel.matchExpressions)  # {}: every namespace, no labels needed
+            or spec.admits(namespace, namespace_labels(namespace), own)
+        ):
+            return None
+    return (
+        f"{NOTIFICATION_PROVIDER_KIND} {target.name} does not admit namespace {namespace} "
+        "(its spec.allowedNamespaces and spec.namespaceSelector; with neither set only the operator's "
+        "namespace may use it): ask the platform team to admit this namespace"
+    )
 
 
 def _secret(name: str, key_: str, provider: str, api: client.ApiClient) -> str:
@@ -140,7 +192,7 @@ class Resolver:
             url = spec.address
         else:
             raise ProviderError(f"{what}: set address or secretRef")
-        return Target(name, spec.type, url, parse_duration(spec.timeout))
+        return Target(name, spec.type, url, parse_duration(spec.timeout), spec)
 
 
 def post(target: Target, body: dict[str, Any], session: requests.Session) -> str | None:
@@ -232,6 +284,11 @@ class Sender:
             telemetry.NOTIFICATIONS.labels("failed").inc()
             logger.warning("%s not sent: %s", where, e)
             return False
+        refused = refusal(target, n.namespace)
+        if refused is not None:
+            telemetry.NOTIFICATIONS.labels("refused").inc()
+            logger.warning("%s not sent: %s", where, refused)
+            return False
         problem = post(target, formats()[target.type](n), session)
         if problem is not None:
             telemetry.NOTIFICATIONS.labels("failed").inc()
@@ -271,17 +328,43 @@ def sender() -> Sender:
         return _sender
 
 
-def ask(provider: str, body: dict[str, Any]) -> tuple[bool, str]:
-    """Ask a gate: (open, fixed text). Open only on a 2xx from a webhook-type provider."""
+@dataclass(frozen=True)
+class GateReply:
+    """A gate's answer: open (a 2xx), or not with a fixed text; ``busy``: not asked at all, because an
+    earlier request to the same gate (for another object) is still waiting for its answer."""
+
+    open: bool
+    message: str
+    busy: bool = False
+
+
+def check(provider: str, namespace: str) -> str | None:
+    """Why an object in ``namespace`` may not name this provider (a fixed text), or None.
+
+    A provider that cannot be read or found is not refused here: a notification to it is not sent
+    and a gate on it stays closed, each saying why.
+    """
+    try:
+        target = resolver()(provider)
+    except ProviderError:
+        return None
+    return refusal(target, namespace)
+
+
+def ask(provider: str, body: dict[str, Any], namespace: str) -> GateReply:
+    """Ask a gate for an object in ``namespace``. Open only on a 2xx from a webhook-type provider that
+    admits the namespace; nothing is sent to a provider that does not."""
     global _gate_session
     try:
         target = resolver()(provider)
     except ProviderError as e:
-        return False, str(e)
+        return GateReply(False, str(e))
+    refused = refusal(target, namespace)
+    if refused is not None:
+        return GateReply(False, refused)
     if target.type != "webhook":
-        return (
-            False,
-            f"{NOTIFICATION_PROVIDER_KIND} {provider} is of type {target.type}; a gate needs webhook",
+        return GateReply(
+            False, f"{NOTIFICATION_PROVIDER_KIND} {provider} is of type {target.type}; a gate needs webhook"
         )
     with _singleton_lock:
         if _gate_session is None:
@@ -292,9 +375,9 @@ def ask(provider: str, body: dict[str, Any]) -> tuple[bool, str]:
     # One request per gate URL at a time: a gate that does not answer holds at most one handler
     # thread (for its timeout); every other object asking it meanwhile is held at once.
     if not busy.acquire(blocking=False):
-        return False, "an earlier request to this gate has not been answered yet"
+        return GateReply(False, "busy: an earlier request to this gate has not been answered yet", busy=True)
     try:
         problem = post(target, body, session)
     finally:
         busy.release()
-    return (True, "answered 2xx") if problem is None else (False, problem)
+    return GateReply(True, "answered 2xx") if problem is None else GateReply(False, problem)
