@@ -287,7 +287,9 @@ def test_mean_comparison_without_data_writes_only_finite_numbers() -> None:
     s = spec(
         [{"setWeight": 50}, {"pause": {}}],
         analysis={
-            "comparisons": [{"name": "reward", "type": "mean", "sum": "s", "count": "c", "sumSquares": "q"}]
+            "comparisons": [
+                {"name": "reward", "type": "mean", "sum": "s", "count": "c", "sumSquares": "q", "margin": 0.1}
+            ]
         },
     )
     d = Driver(s)

@@ -730,7 +730,7 @@ def _compare(
         "alpha": alpha,
         "better": c.better,
         "test": "nonInferiority" if c.test == "nonInferiority" else "superiority",
-        "margin": c.margin,
+        "margin": c.margin or 0.0,
         "allocation": weight / 100.0,  # the split in force, for the running test's sample estimate
     }
     if c.type == "proportion":
@@ -760,7 +760,8 @@ def _compare(
         variant="candidate",
         outcome="value",
         value=r.difference if math.isfinite(r.difference) else None,
-        threshold=f"{c.test} margin {c.margin:g}, alpha {alpha:.4g}" + (", advisory" if c.advisory else ""),
+        threshold=f"{c.test} margin {c.margin or 0.0:g}, alpha {alpha:.4g}"
+        + (", advisory" if c.advisory else ""),
         verdict=r.verdict,
         message=f"{c.name}: {r.reason}",
         details=details,
