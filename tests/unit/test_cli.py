@@ -144,7 +144,7 @@ def test_rollout_rendering_shows_arms_difference_interval_and_the_current_step(
 
 def test_finished_rollouts_and_exit_codes() -> None:
     spec = rollout_spec([{"setWeight": 50}])
-    promoted, _ = drive(spec, 3, annotations={"mlrollouts.io/promote": "now"})
+    promoted, _ = drive(spec, 3, annotations={"mlrollouts.io/promote-full": "now"})
     assert promoted.phase == "Promoted"
     o = obj_of("ModelRollout", "p", spec, promoted)
     assert view.finished(o) and view.outcome(o) == 0
@@ -262,7 +262,7 @@ class FakeKube(Kube):
 @pytest.fixture()
 def cluster(monkeypatch: pytest.MonkeyPatch, gated: tuple[dict[str, Any], datetime]) -> FakeKube:
     spec = rollout_spec([{"setWeight": 50}])
-    promoted, _ = drive(spec, 3, annotations={"mlrollouts.io/promote": "now"})
+    promoted, _ = drive(spec, 3, annotations={"mlrollouts.io/promote-full": "now"})
     bad_spec = rollout_spec([{"setWeight": 50}, {"pause": {"duration": "5m"}}])
     bad, _ = drive(bad_spec, 6, error_rate=0.5)
     fake = FakeKube([gated[0], obj_of("ModelRollout", "done", spec, promoted),
@@ -303,10 +303,11 @@ def test_get_and_list_outputs(cluster: FakeKube) -> None:
 
 
 def test_actions_write_the_documented_annotations_and_refuse_what_cannot_act(cluster: FakeKube) -> None:
-    assert run("promote", "fraud").exit_code == 0  # at the manual gate: release it
-    assert cluster.written[-1] == ("fraud", "mlrollouts.io/resume", "token")
-    assert run("promote", "fraud", "--full").exit_code == 0
+    res = run("promote", "fraud")  # at the manual gate: move past it (one step)
+    assert res.exit_code == 0 and "manual gate" in res.output
     assert cluster.written[-1] == ("fraud", "mlrollouts.io/promote", "token")
+    assert run("promote", "fraud", "--full").exit_code == 0
+    assert cluster.written[-1] == ("fraud", "mlrollouts.io/promote-full", "token")
     assert run("abort", "fraud", "-o", "json").exit_code == 0
     assert cluster.written[-1] == ("fraud", "mlrollouts.io/abort", "token")
     assert run("pause", "fraud").exit_code == 0

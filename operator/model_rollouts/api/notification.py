@@ -126,7 +126,7 @@ GATES_FIELD: Any = Field(
     json_schema_extra=list_map("name"),
     description="Gates asked (HTTP POST) at each analysis before the weight moves past them; anything but a "
     "2xx, or no answer within the provider's timeout, holds the weight. A closed gate, like a manual "
-    "pause, does not count towards progressDeadline. The promote annotation skips gates.",
+    "pause, does not count towards progressDeadline. The promote-full annotation skips gates.",
 )
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from model_rollouts.api.common import (
+    COUNT_METRIC_RULES,
     AnalysisBase,
     ArmCounts,
     CountMetric,
@@ -28,9 +29,14 @@ from model_rollouts.api.notification import GATES_FIELD, NOTIFICATIONS_FIELD, Ga
 KIND = "ModelRollout"
 PLURAL = "modelrollouts"
 
-# Annotations a user (or the kubectl plugin) sets to act on a rollout. The operator never
-# writes them: it remembers the last value it acted on in status.handled.
+# Annotations a user (or the kubectl plugin, or an Argo CD action) sets to act on a rollout. The
+# operator never writes them: it remembers the last value it acted on in status.handled.
+#: Move past the current pause or analysis step (a manual gate included); analysis, guardrails and
+#: gates still apply to every later step. As Argo Rollouts' `promote`.
 ANNOTATION_PROMOTE = "mlrollouts.io/promote"
+#: Skip every remaining step, analysis and gate: 100% to the candidate now. As Argo Rollouts'
+#: `promote --full`.
+ANNOTATION_PROMOTE_FULL = "mlrollouts.io/promote-full"
 ANNOTATION_ABORT = "mlrollouts.io/abort"
 ANNOTATION_RESUME = "mlrollouts.io/resume"
 ANNOTATION_RETRY = "mlrollouts.io/retry"
@@ -91,7 +97,7 @@ class Comparison(CountMetric):
         extra="forbid",
         json_schema_extra={
             "x-kubernetes-validations": [
-                *CountMetric.model_config["json_schema_extra"]["x-kubernetes-validations"],  # type: ignore[index,call-overload]
+                *COUNT_METRIC_RULES,
                 cel(MARGIN_RULE, MARGIN_MESSAGE, ".margin"),
             ]
         },
@@ -168,6 +174,7 @@ class ModelRolloutSpec(ResourceSpec):
 
 class Handled(Model):
     promote: str | None = None
+    promoteFull: str | None = None
     abort: str | None = None
     resume: str | None = None
     retry: str | None = None

@@ -1,6 +1,7 @@
 """The ``kubectl mlrollouts`` plugin (Click + rich).
 
-Inspect: ``list``, ``get``, ``status``. Act: ``promote``, ``abort``, ``retry``, ``pause``, ``resume``.
+Inspect: ``list``, ``get``, ``status``. Act: ``promote [--full]``, ``abort``, ``retry``, ``pause``,
+``resume``.
 Offline: ``lint``. Every command takes ``-o json|yaml``; cluster commands take ``--kubeconfig``,
 ``--context`` and ``-n/--namespace`` (default: the context's namespace).
 
@@ -299,14 +300,34 @@ def _action(f: F) -> F:
     return click.argument("ref", nargs=-1, required=True, metavar="[KIND] NAME")(f)
 
 
+def _step_to_promote(obj: dict[str, Any]) -> str | None:
+    """The rollout's current pause or analysis step ("manual gate", "pause 5m", "analysis 10m"), or None."""
+    st = obj.get("status") or {}
+    steps = (obj.get("spec") or {}).get("steps") or []
+    i = int(st.get("currentStep") or 0)
+    if obj["kind"] != ROLLOUT or i >= len(steps):
+        return None
+    step = steps[i]
+    if "pause" in step:
+        duration = (step.get("pause") or {}).get("duration")
+        return f"pause {duration}" if duration else "manual gate"
+    if "analysis" in step:
+        return f"analysis {(step.get('analysis') or {}).get('duration')}"
+    return None
+
+
 @cli.command()
 @click.option(
-    "--full", is_flag=True, help="Skip all remaining steps and analysis: 100% to the candidate now."
+    "--full",
+    is_flag=True,
+    help="Skip every remaining step, analysis and gate: 100% to the candidate now "
+    "(mlrollouts.io/promote-full).",
 )
 @_action
 def promote(ref: tuple[str, ...], full: bool, output: str, **kw: Any) -> None:
-    """Release the waiting manual gate (next step), or with --full promote now (mlrollouts.io/promote)."""
-    from model_rollouts.api.rollout import ANNOTATION_PROMOTE, ANNOTATION_RESUME
+    """Move past the current pause or analysis step, a manual gate included (mlrollouts.io/promote);
+    later steps are analysed as usual. With --full, skip to 100% now (mlrollouts.io/promote-full)."""
+    from model_rollouts.api.rollout import ANNOTATION_PROMOTE, ANNOTATION_PROMOTE_FULL
 
     kube, obj = _target(ref, kw)
     if obj["kind"] != ROLLOUT:
@@ -315,18 +336,22 @@ def promote(ref: tuple[str, ...], full: bool, output: str, **kw: Any) -> None:
         )
     _unfinished(obj, "promote")
     if full:
-        token = kube.annotate(obj, ANNOTATION_PROMOTE)
-        return _report(obj, "promote --full", output, {ANNOTATION_PROMOTE: token},
+        token = kube.annotate(obj, ANNOTATION_PROMOTE_FULL)
+        return _report(obj, "promote --full", output, {ANNOTATION_PROMOTE_FULL: token},
                        "the operator sets the candidate to 100% and Promoted")  # fmt: skip
-    if not _at_manual_gate(obj):
+    step = _step_to_promote(obj)
+    if step is None:
+        i = int((obj.get("status") or {}).get("currentStep") or 0)
         raise CliError(
-            "not waiting at a manual gate (pause: {}): there is no step to release; "
-            "`promote --full` skips the remaining steps and analysis"
+            f"step {i} is not a pause or analysis step: there is no step to move past (the weight moves "
+            "on by analysis); `promote --full` skips the remaining steps and analysis"
         )
-    token = kube.annotate(obj, ANNOTATION_RESUME)
+    token = kube.annotate(obj, ANNOTATION_PROMOTE)
+    i = int((obj.get("status") or {}).get("currentStep") or 0)
     _report(
-        obj, "promote", output, {ANNOTATION_RESUME: token}, "the manual gate is released; the steps go on"
-    )
+        obj, "promote", output, {ANNOTATION_PROMOTE: token},
+        f"step {i} ({step}) ends at the next analysis; the next weights still wait for passing analysis",
+    )  # fmt: skip
 
 
 @cli.command()
