@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from model_rollouts import leader
+from model_rollouts import __version__, leader
 from model_rollouts.metrics import policy
 from model_rollouts.notify import sender as notify_sender
 
@@ -62,6 +62,7 @@ def release_lease(**_: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="model-rollouts", description="The Model Rollouts operator.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--namespace",
         "-n",

@@ -26,11 +26,21 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
+from model_rollouts import __version__
+
 # Heavy imports (the API models, the engines with scipy, the kubernetes client, lint's jsonschema,
 # the report's matplotlib) happen inside the commands that need them: `--help` starts quickly.
 from model_rollouts.cli import render
 from model_rollouts.cli import view as view_
-from model_rollouts.cli.kube import EXPERIMENT, FIELD_MANAGER, ROLLOUT, CliError, Kube, parse_ref
+from model_rollouts.cli.kube import (
+    EXPERIMENT,
+    FIELD_MANAGER,
+    ROLLOUT,
+    CliError,
+    Kube,
+    connection_options,
+    parse_ref,
+)
 from model_rollouts.report.command import report as report_command
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,13 +49,9 @@ EXIT_SUCCESS, EXIT_FAILED, EXIT_TIMEOUT, EXIT_ERROR = 0, 1, 2, 3
 
 
 def kube_options(f: F) -> F:
-    """--kubeconfig, --context, -n/--namespace."""
-    f = click.option("-n", "--namespace", default=None, help="Namespace (default: the context's).")(f)
-    f = click.option("--context", default=None, help="kubeconfig context (default: the current one).")(f)
-    f = click.option(
-        "--kubeconfig", default=None, envvar="KUBECONFIG", show_envvar=True, help="Path to the kubeconfig."
-    )(f)
-    return f
+    """kubectl's flags: --kubeconfig, --context, -n/--namespace, --server, --token,
+    --certificate-authority, --insecure-skip-tls-verify, --as, --as-group, --request-timeout."""
+    return connection_options(f)
 
 
 def output_option(f: F) -> F:
@@ -63,8 +69,8 @@ def emit(data: Any, output: str) -> None:
         click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
 
 
-def connect(kubeconfig: str | None, context: str | None, namespace: str | None) -> Kube:
-    return Kube.connect(kubeconfig, context, namespace)
+def connect(**connection: Any) -> Kube:
+    return Kube.connect(**connection)
 
 
 def _unreachable(e: Exception) -> bool:
@@ -104,6 +110,9 @@ def console() -> Console:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(
+    __version__, "--version", prog_name="kubectl-mlrollouts", message="%(prog)s %(version)s"
+)
 def cli() -> None:
     """Inspect and act on ModelRollouts (mro) and ModelExperiments (mexp).
 
@@ -474,6 +483,53 @@ def lint(files: tuple[str, ...], crd_files: tuple[str, ...], output: str) -> Non
         verdict = f"[red]{len(errors)} error(s)[/]" if errors else "[green]valid[/]"
         con.print(f"{verdict} ({len(findings) - len(errors)} other finding(s))")
     sys.exit(1 if errors else 0)
+
+
+# -- version and shell completion ----------------------------------------------------------------------
+
+
+@cli.command()
+@output_option
+def version(output: str) -> None:
+    """The plugin's version (the model-rollouts package it comes with)."""
+    if output == "text":
+        return click.echo(f"kubectl-mlrollouts {__version__}")
+    emit({"plugin": "kubectl-mlrollouts", "version": __version__}, output)
+
+
+#: Shells with a completion script, and the variable Click reads to complete.
+SHELLS = ("bash", "zsh")
+COMPLETE_VAR = "_KUBECTL_MLROLLOUTS_COMPLETE"
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(SHELLS))
+def completion(shell: str) -> None:
+    """Print a completion script for SHELL (bash or zsh): commands, flags, kinds and choices.
+
+    \b
+    bash:  source <(kubectl-mlrollouts completion bash)
+    zsh:   source <(kubectl-mlrollouts completion zsh)
+    `kubectl mlrollouts <TAB>` (kubectl >= 1.26) also needs `kubectl_complete-mlrollouts` on PATH,
+    which pip installs with the plugin.
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(cli, {}, "kubectl-mlrollouts", COMPLETE_VAR).source())
+
+
+def complete_for_kubectl() -> None:
+    """``kubectl_complete-mlrollouts ARGS... INCOMPLETE``: kubectl's plugin completion protocol (the one
+    of cobra's ``__complete``): one candidate per line, then ``:4`` (no file completion)."""
+    from click.shell_completion import ShellComplete
+
+    words = sys.argv[1:]
+    incomplete = words.pop() if words else ""
+    for item in ShellComplete(cli, {}, "kubectl mlrollouts", COMPLETE_VAR).get_completions(words, incomplete):
+        click.echo(item.value if not item.help else f"{item.value}\t{item.help}")
+    click.echo(":4")
 
 
 # -- report (model_rollouts.report: matplotlib, the `report` extra) ------------------------------------
