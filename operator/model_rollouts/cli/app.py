@@ -537,4 +537,4 @@ cli.add_command(report_command, "report")
 
 
 def main() -> None:
-    cli(prog_name="kubectl mlrollouts")
+    cli(prog_name="kubectl mlrollouts", complete_var=COMPLETE_VAR)

@@ -131,18 +131,34 @@ class Kube:
                 if server is None:
                     where = kubeconfig or "~/.kube/config"
                     raise CliError(f"cannot load the kubeconfig {where}: {e}") from None
-        if server:
-            cfg.host = server.rstrip("/")
-        if certificate_authority:
-            cfg.ssl_ca_cert = certificate_authority
-        if insecure_skip_tls_verify:
-            cfg.verify_ssl = False
-            cfg.ssl_ca_cert = None
-        if token:
-            cfg.api_key = {"authorization": f"Bearer {token}"}
-            cfg.api_key_prefix = {}
+
+        def override(c: client.Configuration) -> None:
+            if server:
+                c.host = server.rstrip("/")
+            if certificate_authority:
+                c.ssl_ca_cert = certificate_authority
+            if insecure_skip_tls_verify:
+                c.verify_ssl = False
+                c.ssl_ca_cert = None
+            if token:
+                c.api_key = {"BearerToken": f"Bearer {token}"}
+                c.api_key_prefix = {}
+                c.username = c.password = None
+
+        override(cfg)
+        # The kubeconfig loader reloads the kubeconfig into the configuration before each request
+        # (to refresh an exec or OIDC credential): the flags must win again after it.
+        reload = None if token else cfg.refresh_api_key_hook
+        if reload is not None:
+
+            def refresh(c: client.Configuration) -> None:
+                reload(c)  # which also puts its own hook back
+                override(c)
+                c.refresh_api_key_hook = refresh
+
+            cfg.refresh_api_key_hook = refresh
+        else:
             cfg.refresh_api_key_hook = None
-            cfg.username = cfg.password = None
         api = client.ApiClient(cfg)
         if as_user:
             api.set_default_header("Impersonate-User", as_user)
