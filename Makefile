@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv system-deps kube-bins setup crds crds-check lint test test-unit test-integration \
+.PHONY: help venv system-deps kube-bins setup crds crds-check lint test test-unit test-integration test-repeat \
         demo bench-stats bench-rollback cluster-up cluster-down clean \
         tools image manifests chart e2e argocd-testdata
 
@@ -46,8 +46,17 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/mypy
 
-test: setup lint ## the whole suite: unit, API, integration on the real local stack
-	$(PY) -m pytest -q --durations=15
+# Two workers: real-stack tests mostly wait on intervals; a module stays on one worker (its stack is shared).
+PYTEST_WORKERS ?= 2
+
+test: setup lint ## the whole suite: unit, API, integration on the real local stack (2 workers)
+	$(PY) -m pytest -q -rs --durations=25 -n $(PYTEST_WORKERS) --dist loadfile
+
+T ?= tests/integration/test_rollout_faults.py
+N ?= 10
+J ?= 1
+test-repeat: setup ## run T (a module or test id) N times in a row on the real stack: make test-repeat T=... N=10
+	$(PY) -m tests.harness.repeat --count $(N) --jobs $(J) $(T)
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit

@@ -69,38 +69,81 @@ def fresh(stack: Stack) -> Iterator[Stack]:
 
 class Watcher:
     """Polls the route and the object in the background: every distinct route state, in order,
-    every distinct lastAnalysisTime, and every (status weight, route weight) pair seen together."""
+    every distinct lastAnalysisTime, and every phase.
+
+    Entering the context takes one complete sample synchronously, so every sequence starts with
+    the state before the test acted (the background thread may start late on a loaded machine).
+    Leaving it without an error takes one more, so a sequence asserted after the context always
+    ends with the state the test waited for: the background poll may not have seen the last
+    route or status write yet when ``wait`` returned. Inside the context, ``wait_for`` waits
+    until the watcher itself has seen a state.
+    """
 
     def __init__(self, s: Stack, name: str) -> None:
         self.s, self.name = s, name
         self.routes: list[dict[str, int]] = []
         self.analyses: list[str] = []
         self.phases: list[str] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> Watcher:
+        self.settle()  # the state before the test acts is the first in every sequence
         self._t.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self._stop.set()
         self._t.join(5)
+        if exc_type is None:
+            self.settle()
+
+    def _sample(self) -> bool:
+        """One sample of the route and the object; False if either read failed."""
+        try:
+            r = self.s.route_weights()
+            try:
+                st = self.s.get(P, self.name).get("status") or {}
+            except ApiException as e:
+                if e.status != 404:  # not created yet: the route alone is the state
+                    raise
+                st = {}
+        except Exception:
+            return False
+        with self._lock:
+            if not self.routes or self.routes[-1] != r:
+                self.routes.append(r)
+            t = st.get("lastAnalysisTime")
+            if t and (not self.analyses or self.analyses[-1] != t):
+                self.analyses.append(t)
+            ph = st.get("phase")
+            if ph and (not self.phases or self.phases[-1] != ph):
+                self.phases.append(ph)
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                r = self.s.route_weights()
-                if not self.routes or self.routes[-1] != r:
-                    self.routes.append(r)
-            with contextlib.suppress(Exception):
-                st = self.s.get(P, self.name).get("status") or {}
-                t = st.get("lastAnalysisTime")
-                if t and (not self.analyses or self.analyses[-1] != t):
-                    self.analyses.append(t)
-                ph = st.get("phase")
-                if ph and (not self.phases or self.phases[-1] != ph):
-                    self.phases.append(ph)
+            self._sample()
+            time.sleep(0.1)
+
+    def settle(self, timeout: float = 15) -> None:
+        """Take one complete sample now: the sequence then ends with the current state."""
+        deadline = time.monotonic() + timeout
+        while not self._sample():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"watcher of {self.name}: no complete sample in {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def wait_for(self, pred: Callable[[Watcher], bool], timeout: float = 15) -> None:
+        """Wait until what the watcher has seen satisfies ``pred``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if pred(self):
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"watcher of {self.name} saw routes={self.routes} phases={self.phases}")
             time.sleep(0.1)
 
     def seen(self, svc: str) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -459,7 +460,8 @@ def test_cli_reads_the_route_through_the_kubernetes_client(
         api.server_close()
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].startswith("t=1.0s weights={'svc-stable': 0, 'svc-canary': 1}")
+    # the first progress line comes about a second in (later on a loaded machine); its weights are exact
+    assert re.match(r"t=1\.\ds weights=\{'svc-stable': 0, 'svc-canary': 1\}", lines[0]), lines[0]
     assert lines[-1].startswith("done ")
     assert "'svc-stable': 0" in lines[-1]  # weight 0: no traffic
     assert "weight_errors=0" in lines[-1]
