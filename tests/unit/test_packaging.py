@@ -5,6 +5,7 @@ libraries out of the operator's dependencies."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,6 +24,13 @@ PLUGIN_ONLY = ("rich", "jsonschema", "cel-python")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """``pip wheel --no-deps .`` as a user runs it (an isolated build with the declared setuptools)."""
     out = tmp_path_factory.mktemp("wheel")
+    # A copy of what the sdist holds, so the build leaves no build/ or egg-info in the checkout.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(
+        REPO / "operator", src / "operator", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -34,7 +42,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
             "--no-cache-dir",
             "-w",
             str(out),
-            str(REPO),
+            str(src),
         ],
         capture_output=True,
         text=True,
