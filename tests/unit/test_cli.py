@@ -382,3 +382,15 @@ def test_an_unreachable_api_server_is_an_error_not_a_rollback(tmp_path: Any) -> 
         res = run(command, "fraud", "--kubeconfig", str(path))
         assert res.exit_code == 1 and "cannot reach the Kubernetes API server" in res.output, res.output
         assert "Traceback" not in res.output
+
+
+def test_promote_is_refused_at_a_weight_step_and_names_the_step(cluster: FakeKube) -> None:
+    obj = cluster.objects[("ModelRollout", "fraud")]
+    obj["status"] = {**obj["status"], "currentStep": 0, "phase": "Progressing"}  # setWeight 20
+    n = len(cluster.written)
+    res = run("promote", "fraud")
+    assert res.exit_code == 1 and "step 0 is not a pause or analysis step" in res.output
+    assert "promote --full" in res.output and len(cluster.written) == n
+    obj["status"]["currentStep"] = 1  # the manual gate again: accepted, one step
+    res = run("promote", "fraud", "-o", "json")
+    assert res.exit_code == 0 and json.loads(res.output)["mlrollouts.io/promote"] == "token"
