@@ -197,3 +197,18 @@ def test_kubectl_plugin_completion_protocol() -> None:
     out = subprocess.run([str(exe), "promote", "x", "--fu"], capture_output=True, text=True, timeout=60)
     lines = out.stdout.splitlines()
     assert lines[-1] == ":4" and lines[0].startswith("--full")
+
+
+def test_the_real_kubectl_completes_the_plugin(tmp_path: Path) -> None:
+    from tests.harness.cluster import CACHE, KUBE_VERSION
+
+    kubectl = CACHE / "kube" / KUBE_VERSION / "bin" / "kubectl"
+    if not kubectl.exists():
+        pytest.skip(f"no kubectl at {kubectl} (make kube-bins)")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "KUBECONFIG": str(tmp_path / "none")}
+    out = subprocess.run(
+        [str(kubectl), "__complete", "mlrollouts", "promote", "x", "--f"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert out.stdout.splitlines()[0].startswith("--full\t"), out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == ":4"
