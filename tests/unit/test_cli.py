@@ -118,7 +118,7 @@ def test_rollout_view_at_a_manual_gate(gated: tuple[dict[str, Any], datetime]) -
     mark = max(view.parse_time(st["lastAnalysisTime"]), view.parse_time(st["epochStartedAt"]))  # type: ignore[type-var]
     assert view.parse_time(v["nextAnalysisAt"]) == mark + timedelta(seconds=10)
     waiting = "\n".join(v["waitingFor"])
-    assert "a resume at the manual gate of step 1" in waiting
+    assert "a resume at the manual gate of step 1" in waiting and "or `promote fraud`" in waiting
     assert f"about {c['moreSamplesNeeded']:,.0f} more samples (both arms)" in waiting
     assert not v["finished"] and view.outcome(obj) is None
 
