@@ -12,13 +12,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=igno
 RUN python3 -m venv /opt/model-rollouts
 WORKDIR /src
 COPY hack/image/constraints.txt ./constraints.txt
-# Dependencies first (their own layer, cached while the pins do not change), then the package.
+COPY pyproject.toml ./
+# Dependencies first (their own layer, cached while the pins and pyproject.toml do not change), then
+# the package. Only the operator's own dependencies (project.dependencies), pinned by
+# constraints.txt: not the extras (the kubectl plugin's rich, jsonschema and cel-python; the
+# report's matplotlib; the dev tools).
 # An optional build secret `pip_ca` is a CA bundle for pip (a TLS-intercepting proxy's); it is
 # used in this stage only and is not part of any layer.
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
- && /opt/model-rollouts/bin/pip install --no-compile -r constraints.txt
-COPY pyproject.toml README.md ./
+ && /opt/model-rollouts/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" >requirements.txt \
+ && /opt/model-rollouts/bin/pip install --no-compile -c constraints.txt -r requirements.txt
+COPY README.md LICENSE ./
 COPY operator ./operator
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \

@@ -15,10 +15,10 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,plugin]"
 	touch $(STAMP)
 
-venv: $(STAMP) ## create .venv with the package and dev tools
+venv: $(STAMP) ## create .venv with the package, the plugin's extra and the dev tools
 
 system-deps: ## Debian packages: prometheus, openssl, tmux, chromium, nginx (installed when run as root)
 	@command -v go >/dev/null || { echo "Go >= 1.25 is needed to build the Kubernetes test binaries (or set KUBEBUILDER_ASSETS)"; exit 1; }

@@ -56,7 +56,7 @@ fi
 # pip in the build trusts the same CAs as pip here (a build secret: never stored in the image).
 ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 [ -s "$ca" ] && build_flags+=(--secret "id=pip_ca,src=$ca")
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' operator/model_rollouts/__init__.py)  # the one source
 start=$(date +%s)
 podman "${podman_flags[@]}" build "${build_flags[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   --build-arg "VERSION=$version" -t "$IMAGE" -t "localhost/model-rollouts:$version" -f Dockerfile . >&2

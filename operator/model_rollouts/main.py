@@ -14,7 +14,7 @@ from typing import Any, cast
 import kopf
 from prometheus_client import start_http_server
 
-from model_rollouts import health, leader
+from model_rollouts import __version__, health, leader
 from model_rollouts.api.common import action_annotations
 from model_rollouts.metrics import policy, prometheus
 from model_rollouts.notify import sender as notify_sender
@@ -84,6 +84,7 @@ def release_lease(**_: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="model-rollouts", description="The Model Rollouts operator.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--namespace",
         "-n",

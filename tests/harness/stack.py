@@ -147,12 +147,13 @@ class Stack:
 
     # -- operator process -------------------------------------------------------------------------
     def start_operator(
-        self, extra_args: list[str] | None = None, log_name: str = "operator.log"
+        self, extra_args: list[str] | None = None, log_name: str = "operator.log", allow_inline: bool = True
     ) -> subprocess.Popen[bytes]:
         """Start the operator as its ServiceAccount; the first one started is ``self.operator``.
 
         Leader election runs as in production (a Lease in the operator's namespace), with a short
-        lease so takeover tests stay quick.
+        lease so takeover tests stay quick. ``allow_inline=False`` leaves out the harness's
+        ``--allowed-provider-address`` for its Prometheus: the empty allowlist of a default install.
         """
         assert self.workdir is not None
         env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig), "PYTHONUNBUFFERED": "1"}
@@ -176,7 +177,11 @@ class Stack:
                 "--leader-election-retry-period",
                 "1",
                 # Tenants' inline analysis.prometheus may name the stack's Prometheus (and only it).
-                *(["--allowed-provider-address", re.escape(self.prom.url)] if self.prom is not None else []),
+                *(
+                    ["--allowed-provider-address", re.escape(self.prom.url)]
+                    if self.prom is not None and allow_inline
+                    else []
+                ),
                 *(extra_args or []),
             ],
             self.workdir / log_name,

@@ -234,7 +234,7 @@ def test_status_timeout_gate_promote_pause_resume_and_promote_full(fresh: Stack)
     assert "timed out after 3s" in waited.stderr
     shown = plugin(fresh, "get", "gate").stdout
     assert "a resume at the manual gate of step 1" in shown
-    # promote (not --full) at a manual gate releases it: the ramp starts
+    # promote (not --full) at a manual gate moves past it (mlrollouts.io/promote): the ramp starts
     assert plugin(fresh, "promote", "gate").returncode == 0
     fresh.wait_for(P, "gate", lambda o: o["status"]["currentStep"] >= 2, 30)
     # pause: spec.paused by server-side apply as kubectl-mlrollouts; the operator stops the ramp
@@ -268,6 +268,41 @@ def test_status_timeout_gate_promote_pause_resume_and_promote_full(fresh: Stack)
     assert obj["status"]["weight"] == 100
     fresh.wait_route({CANDIDATE: 100}, timeout=15)
     assert plugin(fresh, "status", "gate", "--timeout", "10s").returncode == 0
+
+
+def test_promote_moves_past_one_timed_pause_or_analysis_step_and_the_steps_go_on(fresh: Stack) -> None:
+    """`promote` (mlrollouts.io/promote) ends the current pause or analysis step, one step only: the
+    next weight still comes from a passing analysis, and it never jumps to 100 as `--full` does."""
+    assert fresh.prom is not None
+    steps = [
+        {"setWeight": 10}, {"pause": {"duration": "1h"}}, {"setWeight": 30},
+        {"analysis": {"duration": "1h"}}, {"setWeight": 50}, {"pause": {}},
+    ]  # fmt: skip
+    fresh.apply(rollout("steps", fresh.prom.url, steps))
+    fresh.wait_for(
+        P,
+        "steps",
+        lambda o: (o.get("status") or {}).get("currentStep") == 1 and o["status"]["weight"] == 10,
+        60,
+    )
+    refused = plugin(fresh, "promote", "steps", "--context", "no-such-context")
+    assert refused.returncode == 1 and "no-such-context" in refused.stderr
+    done = plugin(fresh, "promote", "steps")
+    assert done.returncode == 0 and "step 1 (pause 1h)" in done.stdout, done.stdout + done.stderr
+    obj = fresh.wait_for(P, "steps", lambda o: o["status"]["currentStep"] == 3, 40)
+    assert obj["status"]["weight"] == 30 and phase(obj) == "Progressing"
+    fresh.wait_route({STABLE: 70, CANDIDATE: 30}, timeout=15)
+    skipped = [h for h in obj["status"]["history"] if h["reason"] == "PromoteRequested"]
+    assert len(skipped) == 1 and "pause step 1 skipped" in skipped[0]["message"]
+    time.sleep(12)  # the 1 h analysis step holds: two more analyses and no move
+    assert fresh.get(P, "steps")["status"]["weight"] == 30
+    # At the analysis step promote ends it; the next weight comes from the passing analysis.
+    assert plugin(fresh, "promote", "steps").returncode == 0
+    obj = fresh.wait_for(P, "steps", lambda o: phase(o) == "Paused" and o["status"]["currentStep"] == 5, 40)
+    assert obj["status"]["weight"] == 50
+    fresh.wait_route({STABLE: 50, CANDIDATE: 50}, timeout=15)
+    weights = [h.get("weight") for h in obj["status"]["history"] if h["event"] == "WeightChanged"]
+    assert weights == [10, 30, 50], obj["status"]["history"]
 
 
 def test_promote_full_below_100_leaves_no_traffic_on_the_replaced_stable(fresh: Stack) -> None:

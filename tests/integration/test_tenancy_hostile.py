@@ -70,6 +70,9 @@ REJECTED: list[tuple[str, Callable[[Doc], None], str]] = [
         "guardrails",
     ),
     ("duplicate guardrails", lambda d: a(d).update(guardrails=[g(d), g(d)]), "guardrails"),
+    # A nonInferiority test at margin 0 can never pass for an equal candidate: no margin, no object.
+    ("nonInferiority without a margin", drop(c, "margin"), "comparisons[0].margin"),
+    ("nonInferiority at margin 0", setter(c, margin=0), "comparisons[0].margin"),
     (
         "11 comparisons",
         lambda d: a(d).update(comparisons=[dict(c(d), name=f"c{i}") for i in range(11)]),

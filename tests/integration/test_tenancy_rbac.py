@@ -264,7 +264,7 @@ def test_a_route_without_the_opt_in_is_never_patched(stack: Stack) -> None:
     )
     withdrawn = _route(stack)["metadata"]["resourceVersion"]
     stack.wait_for("modelrollouts", "canary", invalid_naming_the_route, 30)
-    stack.annotate("modelrollouts", "canary", {"mlrollouts.io/promote": "now"})  # asks for a write
+    stack.annotate("modelrollouts", "canary", {"mlrollouts.io/promote-full": "now"})  # asks for a write
     time.sleep(20)
     after = _route(stack)
     assert after["metadata"]["resourceVersion"] == withdrawn, (

@@ -140,3 +140,39 @@ def test_bearer_token_and_query_reach_the_prometheus_api() -> None:
         server.shutdown()
     assert r.outcome == "value" and r.value == 0.5
     assert seen == {"auth": "Bearer s3cret", "query": "sum(up)"}
+
+
+def _with_comparison(comparison: dict[str, object]) -> dict[str, object]:
+    return {
+        "stable": {"service": "a"},
+        "candidate": {"service": "b"},
+        "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
+        "steps": [{"setWeight": 50}],
+        "analysis": {
+            "provider": "p",
+            "comparisons": [{"name": "fb", "successes": "s", "trials": "t", **comparison}],
+        },
+    }
+
+
+@pytest.mark.parametrize("comparison", [{}, {"margin": 0}, {"test": "nonInferiority", "margin": 0.0}])
+def test_non_inferiority_without_a_positive_margin_is_refused_naming_the_field(
+    comparison: dict[str, object],
+) -> None:
+    # At margin 0 a candidate equal to stable can never show non-inferiority: the default test would
+    # hold every healthy rollout until its deadline. No default margin fits every metric's scale.
+    with pytest.raises(ValidationError) as e:
+        ModelRolloutSpec.model_validate(_with_comparison(comparison))
+    assert "analysis.comparisons.0.margin" in str(e.value) and "must be > 0" in str(e.value)
+    root = crdgen.all_crds()["modelrollouts.yaml"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    item = root["properties"]["spec"]["properties"]["analysis"]["properties"]["comparisons"]["items"]
+    rule = next(r for r in item["x-kubernetes-validations"] if r.get("fieldPath") == ".margin")
+    assert "nonInferiority" in rule["rule"]
+    assert "default" not in item["properties"]["margin"]
+
+
+def test_a_superiority_comparison_needs_no_margin() -> None:
+    spec = ModelRolloutSpec.model_validate(_with_comparison({"test": "superiority"}))
+    assert spec.analysis.comparisons[0].margin is None
+    ok = ModelRolloutSpec.model_validate(_with_comparison({"margin": 0.01}))
+    assert ok.analysis.comparisons[0].margin == 0.01

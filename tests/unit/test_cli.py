@@ -118,7 +118,7 @@ def test_rollout_view_at_a_manual_gate(gated: tuple[dict[str, Any], datetime]) -
     mark = max(view.parse_time(st["lastAnalysisTime"]), view.parse_time(st["epochStartedAt"]))  # type: ignore[type-var]
     assert view.parse_time(v["nextAnalysisAt"]) == mark + timedelta(seconds=10)
     waiting = "\n".join(v["waitingFor"])
-    assert "a resume at the manual gate of step 1" in waiting
+    assert "a resume at the manual gate of step 1" in waiting and "or `promote fraud`" in waiting
     assert f"about {c['moreSamplesNeeded']:,.0f} more samples (both arms)" in waiting
     assert not v["finished"] and view.outcome(obj) is None
 
@@ -144,7 +144,7 @@ def test_rollout_rendering_shows_arms_difference_interval_and_the_current_step(
 
 def test_finished_rollouts_and_exit_codes() -> None:
     spec = rollout_spec([{"setWeight": 50}])
-    promoted, _ = drive(spec, 3, annotations={"mlrollouts.io/promote": "now"})
+    promoted, _ = drive(spec, 3, annotations={"mlrollouts.io/promote-full": "now"})
     assert promoted.phase == "Promoted"
     o = obj_of("ModelRollout", "p", spec, promoted)
     assert view.finished(o) and view.outcome(o) == 0
@@ -262,7 +262,7 @@ class FakeKube(Kube):
 @pytest.fixture()
 def cluster(monkeypatch: pytest.MonkeyPatch, gated: tuple[dict[str, Any], datetime]) -> FakeKube:
     spec = rollout_spec([{"setWeight": 50}])
-    promoted, _ = drive(spec, 3, annotations={"mlrollouts.io/promote": "now"})
+    promoted, _ = drive(spec, 3, annotations={"mlrollouts.io/promote-full": "now"})
     bad_spec = rollout_spec([{"setWeight": 50}, {"pause": {"duration": "5m"}}])
     bad, _ = drive(bad_spec, 6, error_rate=0.5)
     fake = FakeKube([gated[0], obj_of("ModelRollout", "done", spec, promoted),
@@ -303,10 +303,11 @@ def test_get_and_list_outputs(cluster: FakeKube) -> None:
 
 
 def test_actions_write_the_documented_annotations_and_refuse_what_cannot_act(cluster: FakeKube) -> None:
-    assert run("promote", "fraud").exit_code == 0  # at the manual gate: release it
-    assert cluster.written[-1] == ("fraud", "mlrollouts.io/resume", "token")
-    assert run("promote", "fraud", "--full").exit_code == 0
+    res = run("promote", "fraud")  # at the manual gate: move past it (one step)
+    assert res.exit_code == 0 and "manual gate" in res.output
     assert cluster.written[-1] == ("fraud", "mlrollouts.io/promote", "token")
+    assert run("promote", "fraud", "--full").exit_code == 0
+    assert cluster.written[-1] == ("fraud", "mlrollouts.io/promote-full", "token")
     assert run("abort", "fraud", "-o", "json").exit_code == 0
     assert cluster.written[-1] == ("fraud", "mlrollouts.io/abort", "token")
     assert run("pause", "fraud").exit_code == 0
@@ -381,3 +382,15 @@ def test_an_unreachable_api_server_is_an_error_not_a_rollback(tmp_path: Any) -> 
         res = run(command, "fraud", "--kubeconfig", str(path))
         assert res.exit_code == 1 and "cannot reach the Kubernetes API server" in res.output, res.output
         assert "Traceback" not in res.output
+
+
+def test_promote_is_refused_at_a_weight_step_and_names_the_step(cluster: FakeKube) -> None:
+    obj = cluster.objects[("ModelRollout", "fraud")]
+    obj["status"] = {**obj["status"], "currentStep": 0, "phase": "Progressing"}  # setWeight 20
+    n = len(cluster.written)
+    res = run("promote", "fraud")
+    assert res.exit_code == 1 and "step 0 is not a pause or analysis step" in res.output
+    assert "promote --full" in res.output and len(cluster.written) == n
+    obj["status"]["currentStep"] = 1  # the manual gate again: accepted, one step
+    res = run("promote", "fraud", "-o", "json")
+    assert res.exit_code == 0 and json.loads(res.output)["mlrollouts.io/promote"] == "token"

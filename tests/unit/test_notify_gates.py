@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from model_rollouts.api.rollout import ANNOTATION_PROMOTE
+from model_rollouts.api.rollout import ANNOTATION_PROMOTE, ANNOTATION_PROMOTE_FULL
 from model_rollouts.engine import rollout as eng
 from tests.unit.test_rollout_engine import Driver, ok, spec
 
@@ -119,11 +119,14 @@ def test_a_breach_still_rolls_back_while_a_gate_holds() -> None:
     assert d.status.phase == "RolledBack" and d.status.weight == 0
 
 
-def test_the_promote_annotation_skips_gates() -> None:
+def test_promote_full_skips_gates_and_promote_does_not() -> None:
     d = GateDriver(gated({"name": "qa", "provider": "ci"}), {"qa": CLOSED})
     for _ in range(4):
         d.tick()
-    d.tick(annotations={ANNOTATION_PROMOTE: "now"})
+    held = d.status.weight
+    d.tick(annotations={ANNOTATION_PROMOTE: "step"})  # moves past pause/analysis steps only
+    assert d.status.phase != "Promoted" and d.status.weight == held
+    d.tick(annotations={ANNOTATION_PROMOTE: "step", ANNOTATION_PROMOTE_FULL: "now"})
     assert d.status.phase == "Promoted" and d.status.weight == 100
 
 

@@ -57,10 +57,10 @@ def promoted_by_hand() -> dict[str, Any]:
     spec = rollout_spec()
     status, _ = drive_rollout(spec, [0.01], ticks=3)
     assert status.phase == "Progressing" and len(status.series) == 2
-    ann = {"mlrollouts.io/promote": "oncall-42"}
+    ann = {"mlrollouts.io/promote-full": "oncall-42"}
     d = eng.reconcile(spec, status, now=T0 + timedelta(minutes=1), generation=1, annotations=ann)
     assert d.status.phase == "Promoted"
-    return rollout_obj("by-hand", spec, d.status, annotations={"mlrollouts.io/promote": "oncall-42"})
+    return rollout_obj("by-hand", spec, d.status, annotations={"mlrollouts.io/promote-full": "oncall-42"})
 
 
 def thompson_spec() -> ModelExperimentSpec:
@@ -156,8 +156,8 @@ def test_html_embeds_every_figure_with_caption_and_the_decision_table(
     captions = re.findall(r"<figcaption>Figure (\d+)\. <b>([^<]+)</b>", text)
     assert [c[1] for c in captions] == [t.replace("&", "&amp;") for t in w.panels]
     # Who promoted it: the annotation, named as the trigger, and its token.
-    assert "PromoteRequested" in text and "user: annotation mlrollouts.io/promote" in text
-    assert "mlrollouts.io/promote=oncall-42" in text
+    assert "PromoteFullRequested" in text and "user: annotation mlrollouts.io/promote-full" in text
+    assert "mlrollouts.io/promote-full=oncall-42" in text
     assert "(Promoted)" in text
 
 

@@ -11,6 +11,7 @@ import pytest
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
+    ANNOTATION_PROMOTE_FULL,
     ANNOTATION_RESUME,
     ModelRolloutSpec,
     ModelRolloutStatus,
@@ -166,19 +167,91 @@ def test_abort_and_promote_annotations() -> None:
     d.tick()
     st = d.tick(annotations={ANNOTATION_ABORT: "now"})
     assert st.phase == "Aborted" and st.weight == 0
-    d = Driver(spec([{"setWeight": 20}, {"pause": {}}]))
+    d = Driver(spec([{"setWeight": 20}, {"pause": {}}, {"setWeight": 60}]))
     d.tick()
-    st = d.tick(annotations={ANNOTATION_PROMOTE: "yes"})
+    st = d.tick(annotations={ANNOTATION_PROMOTE_FULL: "yes"})
     assert st.phase == "Promoted" and st.weight == 100
+    assert st.history[-1].reason == "PromoteFullRequested"
 
 
 def test_a_promotion_below_100_takes_all_traffic_off_the_replaced_stable() -> None:
     d = Driver(spec([{"setWeight": 40}, {"pause": {}}]))
     d.tick()
     assert eng.route_weights(d.spec, d.status) == {"v1": 60, "v2": 40}
-    st = d.tick(annotations={ANNOTATION_PROMOTE: "full"})
+    st = d.tick(annotations={ANNOTATION_PROMOTE_FULL: "full"})
     assert st.phase == "Promoted" and st.stableService == "v2"
     assert eng.route_weights(d.spec, st) == {"v1": 0, "v2": 100}
+
+
+def test_promote_moves_past_a_timed_pause_and_analysis_still_gates_the_next_weight() -> None:
+    d = Driver(
+        spec([{"setWeight": 20}, {"pause": {"duration": "1h"}}, {"setWeight": 50}, {"setWeight": 100}])
+    )
+    d.tick()
+    assert d.tick().weight == 20 and "pause" in d.status.message
+    # A breach (below failureLimit) when the promote arrives: the pause is skipped, the weight is not.
+    st = d.tick(ok(0.2), annotations={ANNOTATION_PROMOTE: "p1"})
+    assert st.currentStep == 2 and st.weight == 20 and st.handled.promote == "p1"
+    assert st.history[-1].reason == "PromoteRequested" and "pause step 1 skipped" in st.history[-1].message
+    assert "holding at weight 20" in st.message
+    # The same token does nothing more; the next passing analysis moves on, one step at a time.
+    st = d.tick(annotations={ANNOTATION_PROMOTE: "p1"})
+    assert st.weight == 50 and st.phase == "Progressing"
+    st = run_until_done(d, annotations={ANNOTATION_PROMOTE: "p1"})
+    assert st.phase == "Promoted" and d.weights == [0, 20, 50, 100]
+    assert st.history[-1].reason == "AnalysisPassed"
+
+
+def test_promote_ends_an_analysis_step_but_never_skips_a_required_comparison() -> None:
+    d = Driver(
+        spec(
+            [{"setWeight": 20}, {"analysis": {"duration": "1h"}}],
+            analysis={"comparisons": [{"name": "fb", "successes": "s", "trials": "t", "margin": 0.01}]},
+        )
+    )
+    undecided = eng.Observations(
+        guardrails={"errors": Result("value", 0.01)},
+        comparisons={"fb": eng.ComparisonData(ProportionData(50, 100), ProportionData(10, 20))},
+    )
+    d.tick()
+    d.tick(undecided)
+    st = d.tick(undecided, annotations={ANNOTATION_PROMOTE: "p"})
+    assert st.currentStep == 2 and st.weight == 20
+    for _ in range(5):  # past the steps, but the comparison has not passed: no full traffic
+        st = d.tick(undecided, annotations={ANNOTATION_PROMOTE: "p"})
+        assert st.weight == 20 and st.phase == "Progressing"
+    assert "before full traffic" in st.message
+
+
+def test_promote_releases_a_manual_gate_like_resume() -> None:
+    d = Driver(spec([{"setWeight": 20}, {"pause": {}}, {"setWeight": 100}]))
+    d.tick()
+    assert d.tick().phase == "Paused"
+    st = d.tick(annotations={ANNOTATION_PROMOTE: "go"})  # with a passing analysis: the next weight at once
+    assert st.phase == "Progressing" and st.weight == 100
+    assert any("manual gate step 1 skipped" in h.message for h in st.history)
+    assert run_until_done(d, annotations={ANNOTATION_PROMOTE: "go"}).phase == "Promoted"
+
+
+def test_promote_at_a_weight_step_is_ignored_and_never_skips_a_later_pause() -> None:
+    d = Driver(spec([{"setWeight": 20}, {"setWeight": 40}, {"pause": {}}, {"setWeight": 100}]))
+    d.tick()
+    st = d.tick(ok(0.2), annotations={ANNOTATION_PROMOTE: "early"})  # at step 1 (setWeight), held
+    assert st.handled.promote == "early" and "PromoteIgnored" in d.events and st.weight == 20
+    assert "promote-full" in st.history[-1].message
+    for _ in range(4):
+        st = d.tick(annotations={ANNOTATION_PROMOTE: "early"})
+    assert st.phase == "Paused" and st.currentStep == 2 and st.weight == 40
+
+
+def test_promote_and_promote_full_are_separate_requests() -> None:
+    d = Driver(spec([{"setWeight": 20}, {"pause": {}}, {"setWeight": 60}, {"pause": {}}]))
+    d.tick()
+    d.tick()
+    st = d.tick(annotations={ANNOTATION_PROMOTE: "a"})
+    assert st.weight == 60 and st.phase == "Progressing"
+    st = d.tick(annotations={ANNOTATION_PROMOTE: "a", ANNOTATION_PROMOTE_FULL: "b"})
+    assert st.phase == "Promoted" and st.weight == 100 and st.handled.promoteFull == "b"
 
 
 def test_annotation_present_at_start_is_not_acted_on() -> None:
@@ -287,7 +360,9 @@ def test_mean_comparison_without_data_writes_only_finite_numbers() -> None:
     s = spec(
         [{"setWeight": 50}, {"pause": {}}],
         analysis={
-            "comparisons": [{"name": "reward", "type": "mean", "sum": "s", "count": "c", "sumSquares": "q"}]
+            "comparisons": [
+                {"name": "reward", "type": "mean", "sum": "s", "count": "c", "sumSquares": "q", "margin": 0.1}
+            ]
         },
     )
     d = Driver(s)

@@ -364,8 +364,8 @@ def test_inline_query_fields_finds_every_inline_query_and_no_templated_one() -> 
                     {"name": "g1", "query": "up", "max": 1},
                 ],
                 "comparisons": [
-                    {"name": "c0", "successes": "s", "trials": "t"},
-                    {"name": "c1", "templateRef": ref},
+                    {"name": "c0", "successes": "s", "trials": "t", "margin": 0.01},
+                    {"name": "c1", "templateRef": ref, "margin": 0.01},
                 ],
             },
         }

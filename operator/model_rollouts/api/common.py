@@ -29,7 +29,13 @@ PromQL = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 #: the operator copies into status, Events and notifications; a longer one is cut and marked.
 MAX_ANNOTATION_VALUE = 256
 #: The action annotations (each new value acts once); ModelExperiment has all but promote.
-ACTION_ANNOTATIONS = (f"{GROUP}/promote", f"{GROUP}/abort", f"{GROUP}/resume", f"{GROUP}/retry")
+ACTION_ANNOTATIONS = (
+    f"{GROUP}/promote",
+    f"{GROUP}/promote-full",
+    f"{GROUP}/abort",
+    f"{GROUP}/resume",
+    f"{GROUP}/retry",
+)
 #: Longest free text (status.message, a condition's or history entry's message, a notification's
 #: message) the operator writes; a longer one is cut and ends with TRUNCATED.
 MAX_MESSAGE = 1024
@@ -240,30 +246,30 @@ class Guardrail(Model):
     )
 
 
+#: The CEL rules of every count metric (a rollout's comparison adds its own to these).
+COUNT_METRIC_RULES: list[JsonDict] = [
+    cel(
+        "has(self.templateRef) || self.type != 'proportion' || (has(self.successes) && has(self.trials))",
+        "a proportion metric needs successes and trials queries (or templateRef)",
+    ),
+    cel(
+        "has(self.templateRef) || self.type != 'mean' || "
+        "(has(self.sum) && has(self.count) && has(self.sumSquares))",
+        "a mean metric needs sum, count and sumSquares queries (or templateRef)",
+    ),
+    cel(
+        "!has(self.templateRef) || !(has(self.successes) || has(self.trials) || has(self.sum) "
+        "|| has(self.count) || has(self.sumSquares))",
+        "set templateRef or the metric's own queries, not both",
+    ),
+]
+
+
 class CountMetric(Model):
     """A metric read as cumulative counts: a proportion (successes of trials) or a mean (n, Σx, Σx²)."""
 
     model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "has(self.templateRef) || self.type != 'proportion' || "
-                    "(has(self.successes) && has(self.trials))",
-                    "a proportion metric needs successes and trials queries (or templateRef)",
-                ),
-                cel(
-                    "has(self.templateRef) || self.type != 'mean' || "
-                    "(has(self.sum) && has(self.count) && has(self.sumSquares))",
-                    "a mean metric needs sum, count and sumSquares queries (or templateRef)",
-                ),
-                cel(
-                    "!has(self.templateRef) || !(has(self.successes) || has(self.trials) || has(self.sum) "
-                    "|| has(self.count) || has(self.sumSquares))",
-                    "set templateRef or the metric's own queries, not both",
-                ),
-            ]
-        },
+        extra="forbid", json_schema_extra={"x-kubernetes-validations": list(COUNT_METRIC_RULES)}
     )
     name: Name
     type: Literal["proportion", "mean"] = "proportion"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from model_rollouts.api.common import (
+    COUNT_METRIC_RULES,
     AnalysisBase,
     ArmCounts,
     CountMetric,
@@ -28,9 +29,14 @@ from model_rollouts.api.notification import GATES_FIELD, NOTIFICATIONS_FIELD, Ga
 KIND = "ModelRollout"
 PLURAL = "modelrollouts"
 
-# Annotations a user (or the kubectl plugin) sets to act on a rollout. The operator never
-# writes them: it remembers the last value it acted on in status.handled.
+# Annotations a user (or the kubectl plugin, or an Argo CD action) sets to act on a rollout. The
+# operator never writes them: it remembers the last value it acted on in status.handled.
+#: Move past the current pause or analysis step (a manual gate included); analysis, guardrails and
+#: gates still apply to every later step. As Argo Rollouts' `promote`.
 ANNOTATION_PROMOTE = "mlrollouts.io/promote"
+#: Skip every remaining step, analysis and gate: 100% to the candidate now. As Argo Rollouts'
+#: `promote --full`.
+ANNOTATION_PROMOTE_FULL = "mlrollouts.io/promote-full"
 ANNOTATION_ABORT = "mlrollouts.io/abort"
 ANNOTATION_RESUME = "mlrollouts.io/resume"
 ANNOTATION_RETRY = "mlrollouts.io/retry"
@@ -73,11 +79,50 @@ class Step(Model):
     analysis: AnalysisStep | None = None
 
 
+#: A non-inferiority test at margin 0 can never pass for a candidate equal to stable (it would have
+#: to show "not worse by more than nothing"), so the default test would hold every healthy rollout
+#: forever. There is no margin that fits every metric's scale, so there is no default: the API server
+#: refuses a nonInferiority comparison without a margin > 0, naming the field.
+MARGIN_RULE = "self.test != 'nonInferiority' || (has(self.margin) && self.margin > 0.0)"
+MARGIN_MESSAGE = (
+    "margin is required and must be > 0 for a nonInferiority comparison (the largest worsening, on the "
+    "metric's own scale, that still counts as no worse); a candidate equal to stable can never pass at 0"
+)
+
+
 class Comparison(CountMetric):
     """Candidate vs stable on one metric, tested with an always-valid sequential test."""
 
-    test: Literal["nonInferiority", "superiority"] = "nonInferiority"
-    margin: float = Field(default=0.0, ge=0, description="Absolute non-inferiority margin.")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                *COUNT_METRIC_RULES,
+                cel(MARGIN_RULE, MARGIN_MESSAGE, ".margin"),
+            ]
+        },
+    )
+
+    test: Literal["nonInferiority", "superiority"] = Field(
+        default="nonInferiority",
+        description="nonInferiority (default): pass when the candidate is shown to be no worse than stable "
+        "by more than margin (required, > 0). superiority: pass when it is shown to be better.",
+    )
+    margin: float | None = Field(
+        default=None,
+        ge=0,
+        validate_default=True,
+        description="Absolute non-inferiority margin, on the metric's scale (e.g. 0.01 = one percentage "
+        "point of a proportion). Required and > 0 for nonInferiority; ignored by superiority.",
+    )
+
+    @field_validator("margin")
+    @classmethod
+    def _margin_for_non_inferiority(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if info.data.get("test", "nonInferiority") == "nonInferiority" and not (v is not None and v > 0):
+            raise ValueError(MARGIN_MESSAGE)
+        return v
+
     advisory: bool = Field(
         default=False,
         description="false (default): the candidate is never given full traffic until this comparison "
@@ -129,6 +174,7 @@ class ModelRolloutSpec(ResourceSpec):
 
 class Handled(Model):
     promote: str | None = None
+    promoteFull: str | None = None
     abort: str | None = None
     resume: str | None = None
     retry: str | None = None

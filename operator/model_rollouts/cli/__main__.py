@@ -1,3 +1,3 @@
-from model_rollouts.cli.app import main
+from model_rollouts.cli import main
 
 main()

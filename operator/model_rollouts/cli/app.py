@@ -1,6 +1,7 @@
 """The ``kubectl mlrollouts`` plugin (Click + rich).
 
-Inspect: ``list``, ``get``, ``status``. Act: ``promote``, ``abort``, ``retry``, ``pause``, ``resume``.
+Inspect: ``list``, ``get``, ``status``. Act: ``promote [--full]``, ``abort``, ``retry``, ``pause``,
+``resume``.
 Offline: ``lint``. Every command takes ``-o json|yaml``; cluster commands take ``--kubeconfig``,
 ``--context`` and ``-n/--namespace`` (default: the context's namespace).
 
@@ -25,11 +26,21 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 
+from model_rollouts import __version__
+
 # Heavy imports (the API models, the engines with scipy, the kubernetes client, lint's jsonschema,
 # the report's matplotlib) happen inside the commands that need them: `--help` starts quickly.
 from model_rollouts.cli import render
 from model_rollouts.cli import view as view_
-from model_rollouts.cli.kube import EXPERIMENT, FIELD_MANAGER, ROLLOUT, CliError, Kube, parse_ref
+from model_rollouts.cli.kube import (
+    EXPERIMENT,
+    FIELD_MANAGER,
+    ROLLOUT,
+    CliError,
+    Kube,
+    connection_options,
+    parse_ref,
+)
 from model_rollouts.report.command import report as report_command
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,13 +49,9 @@ EXIT_SUCCESS, EXIT_FAILED, EXIT_TIMEOUT, EXIT_ERROR = 0, 1, 2, 3
 
 
 def kube_options(f: F) -> F:
-    """--kubeconfig, --context, -n/--namespace."""
-    f = click.option("-n", "--namespace", default=None, help="Namespace (default: the context's).")(f)
-    f = click.option("--context", default=None, help="kubeconfig context (default: the current one).")(f)
-    f = click.option(
-        "--kubeconfig", default=None, envvar="KUBECONFIG", show_envvar=True, help="Path to the kubeconfig."
-    )(f)
-    return f
+    """kubectl's flags: --kubeconfig, --context, -n/--namespace, --server, --token,
+    --certificate-authority, --insecure-skip-tls-verify, --as, --as-group, --request-timeout."""
+    return connection_options(f)
 
 
 def output_option(f: F) -> F:
@@ -62,8 +69,8 @@ def emit(data: Any, output: str) -> None:
         click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
 
 
-def connect(kubeconfig: str | None, context: str | None, namespace: str | None) -> Kube:
-    return Kube.connect(kubeconfig, context, namespace)
+def connect(**connection: Any) -> Kube:
+    return Kube.connect(**connection)
 
 
 def _unreachable(e: Exception) -> bool:
@@ -103,6 +110,9 @@ def console() -> Console:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(
+    __version__, "--version", prog_name="kubectl-mlrollouts", message="%(prog)s %(version)s"
+)
 def cli() -> None:
     """Inspect and act on ModelRollouts (mro) and ModelExperiments (mexp).
 
@@ -299,14 +309,34 @@ def _action(f: F) -> F:
     return click.argument("ref", nargs=-1, required=True, metavar="[KIND] NAME")(f)
 
 
+def _step_to_promote(obj: dict[str, Any]) -> str | None:
+    """The rollout's current pause or analysis step ("manual gate", "pause 5m", "analysis 10m"), or None."""
+    st = obj.get("status") or {}
+    steps = (obj.get("spec") or {}).get("steps") or []
+    i = int(st.get("currentStep") or 0)
+    if obj["kind"] != ROLLOUT or i >= len(steps):
+        return None
+    step = steps[i]
+    if "pause" in step:
+        duration = (step.get("pause") or {}).get("duration")
+        return f"pause {duration}" if duration else "manual gate"
+    if "analysis" in step:
+        return f"analysis {(step.get('analysis') or {}).get('duration')}"
+    return None
+
+
 @cli.command()
 @click.option(
-    "--full", is_flag=True, help="Skip all remaining steps and analysis: 100% to the candidate now."
+    "--full",
+    is_flag=True,
+    help="Skip every remaining step, analysis and gate: 100% to the candidate now "
+    "(mlrollouts.io/promote-full).",
 )
 @_action
 def promote(ref: tuple[str, ...], full: bool, output: str, **kw: Any) -> None:
-    """Release the waiting manual gate (next step), or with --full promote now (mlrollouts.io/promote)."""
-    from model_rollouts.api.rollout import ANNOTATION_PROMOTE, ANNOTATION_RESUME
+    """Move past the current pause or analysis step, a manual gate included (mlrollouts.io/promote);
+    later steps are analysed as usual. With --full, skip to 100% now (mlrollouts.io/promote-full)."""
+    from model_rollouts.api.rollout import ANNOTATION_PROMOTE, ANNOTATION_PROMOTE_FULL
 
     kube, obj = _target(ref, kw)
     if obj["kind"] != ROLLOUT:
@@ -315,18 +345,22 @@ def promote(ref: tuple[str, ...], full: bool, output: str, **kw: Any) -> None:
         )
     _unfinished(obj, "promote")
     if full:
-        token = kube.annotate(obj, ANNOTATION_PROMOTE)
-        return _report(obj, "promote --full", output, {ANNOTATION_PROMOTE: token},
+        token = kube.annotate(obj, ANNOTATION_PROMOTE_FULL)
+        return _report(obj, "promote --full", output, {ANNOTATION_PROMOTE_FULL: token},
                        "the operator sets the candidate to 100% and Promoted")  # fmt: skip
-    if not _at_manual_gate(obj):
+    step = _step_to_promote(obj)
+    if step is None:
+        i = int((obj.get("status") or {}).get("currentStep") or 0)
         raise CliError(
-            "not waiting at a manual gate (pause: {}): there is no step to release; "
-            "`promote --full` skips the remaining steps and analysis"
+            f"step {i} is not a pause or analysis step: there is no step to move past (the weight moves "
+            "on by analysis); `promote --full` skips the remaining steps and analysis"
         )
-    token = kube.annotate(obj, ANNOTATION_RESUME)
+    token = kube.annotate(obj, ANNOTATION_PROMOTE)
+    i = int((obj.get("status") or {}).get("currentStep") or 0)
     _report(
-        obj, "promote", output, {ANNOTATION_RESUME: token}, "the manual gate is released; the steps go on"
-    )
+        obj, "promote", output, {ANNOTATION_PROMOTE: token},
+        f"step {i} ({step}) ends at the next analysis; the next weights still wait for passing analysis",
+    )  # fmt: skip
 
 
 @cli.command()
@@ -451,9 +485,56 @@ def lint(files: tuple[str, ...], crd_files: tuple[str, ...], output: str) -> Non
     sys.exit(1 if errors else 0)
 
 
+# -- version and shell completion ----------------------------------------------------------------------
+
+
+@cli.command()
+@output_option
+def version(output: str) -> None:
+    """The plugin's version (the model-rollouts package it comes with)."""
+    if output == "text":
+        return click.echo(f"kubectl-mlrollouts {__version__}")
+    emit({"plugin": "kubectl-mlrollouts", "version": __version__}, output)
+
+
+#: Shells with a completion script, and the variable Click reads to complete.
+SHELLS = ("bash", "zsh")
+COMPLETE_VAR = "_KUBECTL_MLROLLOUTS_COMPLETE"
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(SHELLS))
+def completion(shell: str) -> None:
+    """Print a completion script for SHELL (bash or zsh): commands, flags, kinds and choices.
+
+    \b
+    bash:  source <(kubectl-mlrollouts completion bash)
+    zsh:   source <(kubectl-mlrollouts completion zsh)
+    `kubectl mlrollouts <TAB>` (kubectl >= 1.26) also needs `kubectl_complete-mlrollouts` on PATH,
+    which pip installs with the plugin.
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(cli, {}, "kubectl-mlrollouts", COMPLETE_VAR).source())
+
+
+def complete_for_kubectl() -> None:
+    """``kubectl_complete-mlrollouts ARGS... INCOMPLETE``: kubectl's plugin completion protocol (the one
+    of cobra's ``__complete``): one candidate per line, then ``:4`` (no file completion)."""
+    from click.shell_completion import ShellComplete
+
+    words = sys.argv[1:]
+    incomplete = words.pop() if words else ""
+    for item in ShellComplete(cli, {}, "kubectl mlrollouts", COMPLETE_VAR).get_completions(words, incomplete):
+        click.echo(item.value if not item.help else f"{item.value}\t{item.help}")
+    click.echo(":4")
+
+
 # -- report (model_rollouts.report: matplotlib, the `report` extra) ------------------------------------
 cli.add_command(report_command, "report")
 
 
 def main() -> None:
-    cli(prog_name="kubectl mlrollouts")
+    cli(prog_name="kubectl mlrollouts", complete_var=COMPLETE_VAR)

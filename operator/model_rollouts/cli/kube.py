@@ -1,12 +1,17 @@
 """Cluster access for the plugin: the usual kubeconfig (``--kubeconfig``, ``KUBECONFIG``, ``--context``,
-``-n``), lookup of both kinds by name, and the documented ways to act on them."""
+``-n``) and kubectl's connection and auth flags (``--server``, ``--token``, ``--as``, ...), lookup of
+both kinds by name, and the documented ways to act on them."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import click
 
 if TYPE_CHECKING:
     from kubernetes import client
@@ -22,11 +27,57 @@ KIND_WORDS = {
 }
 #: The field manager the plugin applies ``spec.paused`` with (server-side apply).
 FIELD_MANAGER = "kubectl-mlrollouts"
-TIMEOUT = 15
+#: Seconds before one request to the API server gives up (``--request-timeout``; 0 = never).
+TIMEOUT = 15.0
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 1 (3 for ``status``)."""
+
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_request_timeout(text: str) -> float | None:
+    """kubectl's ``--request-timeout``: ``0`` = no timeout, a plain number = seconds, else a Go
+    duration (``500ms``, ``30s``, ``1m30s``). None means no timeout."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise CliError(f"--request-timeout: invalid duration {text!r} (e.g. 0, 30, 30s, 1m)")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    return None if seconds == 0 else seconds
+
+
+def connection_options(f: F) -> F:
+    """kubectl's connection and auth flags: the kubeconfig and context, the namespace, and overrides
+    of the server, its CA, the credential and the identity (impersonation)."""
+    options = [
+        click.option("--kubeconfig", default=None, envvar="KUBECONFIG", show_envvar=True,
+                     help="Path to the kubeconfig."),
+        click.option("--context", default=None, help="kubeconfig context (default: the current one)."),
+        click.option("-n", "--namespace", default=None, help="Namespace (default: the context's)."),
+        click.option("-s", "--server", default=None, metavar="URL",
+                     help="The API server's address, instead of the kubeconfig's."),
+        click.option("--token", default=None, help="Bearer token, instead of the kubeconfig's credential."),
+        click.option("--certificate-authority", default=None, metavar="FILE",
+                     type=click.Path(exists=True, dir_okay=False), help="CA file for the API server."),
+        click.option("--insecure-skip-tls-verify", is_flag=True, default=False,
+                     help="Do not check the server's certificate (insecure)."),
+        click.option("--as", "as_user", default=None, metavar="USER",
+                     help="Act as this user (impersonation; needs `impersonate` RBAC)."),
+        click.option("--as-group", "as_group", multiple=True, metavar="GROUP",
+                     help="Act as a member of this group (repeatable; with --as)."),
+        click.option("--request-timeout", default="15s", show_default=True, metavar="DURATION",
+                     help="Give up on one API request after this long (0: never)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 def parse_ref(args: tuple[str, ...]) -> tuple[str | None, str]:
@@ -47,29 +98,81 @@ def parse_ref(args: tuple[str, ...]) -> tuple[str | None, str]:
 class Kube:
     api: client.ApiClient
     namespace: str
+    timeout: float | None = field(default=TIMEOUT)
 
     @classmethod
-    def connect(cls, kubeconfig: str | None, context: str | None, namespace: str | None) -> Kube:
+    def connect(
+        cls,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        namespace: str | None = None,
+        *,
+        server: str | None = None,
+        token: str | None = None,
+        certificate_authority: str | None = None,
+        insecure_skip_tls_verify: bool = False,
+        as_user: str | None = None,
+        as_group: tuple[str, ...] = (),
+        request_timeout: str | None = None,
+    ) -> Kube:
+        """The kubeconfig (or the in-cluster config), then kubectl's overrides on top of it."""
         from kubernetes import client, config
 
+        timeout = parse_request_timeout(request_timeout) if request_timeout is not None else TIMEOUT
+        if as_group and not as_user:
+            raise CliError("--as-group needs --as (kubectl's rule: groups are impersonated with a user)")
+        cfg = client.Configuration()
         try:
-            api = config.new_client_from_config(config_file=kubeconfig, context=context)
+            config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
         except (config.ConfigException, FileNotFoundError, OSError) as e:
             try:
-                config.load_incluster_config()
-                api = client.ApiClient()
+                config.load_incluster_config(client_configuration=cfg)
             except config.ConfigException:
-                where = kubeconfig or "~/.kube/config"
-                raise CliError(f"cannot load the kubeconfig {where}: {e}") from None
+                if server is None:
+                    where = kubeconfig or "~/.kube/config"
+                    raise CliError(f"cannot load the kubeconfig {where}: {e}") from None
+
+        def override(c: client.Configuration) -> None:
+            if server:
+                c.host = server.rstrip("/")
+            if certificate_authority:
+                c.ssl_ca_cert = certificate_authority
+            if insecure_skip_tls_verify:
+                c.verify_ssl = False
+                c.ssl_ca_cert = None
+            if token:
+                c.api_key = {"BearerToken": f"Bearer {token}"}
+                c.api_key_prefix = {}
+                c.username = c.password = None
+
+        override(cfg)
+        # The kubeconfig loader reloads the kubeconfig into the configuration before each request
+        # (to refresh an exec or OIDC credential): the flags must win again after it.
+        reload = None if token else cfg.refresh_api_key_hook
+        if reload is not None:
+
+            def refresh(c: client.Configuration) -> None:
+                reload(c)  # which also puts its own hook back
+                override(c)
+                c.refresh_api_key_hook = refresh
+
+            cfg.refresh_api_key_hook = refresh
+        else:
+            cfg.refresh_api_key_hook = None
+        api = client.ApiClient(cfg)
+        if as_user:
+            api.set_default_header("Impersonate-User", as_user)
+        if as_group:
+            _impersonate_groups(api, as_group)
         if namespace is None:
             namespace = "default"
             try:
                 contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
                 chosen = next((c for c in contexts if c["name"] == context), active) if context else active
                 namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
-            except (config.ConfigException, OSError, KeyError):
+            except (config.ConfigException, OSError, KeyError, TypeError, StopIteration):
                 pass
-        return cls(api, namespace)
+        return cls(api, namespace, timeout)
 
     @property
     def co(self) -> client.CustomObjectsApi:
@@ -87,7 +190,7 @@ class Kube:
             return cast(
                 dict[str, Any],
                 self.co.get_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURALS[kind], name, _request_timeout=TIMEOUT
+                    GROUP, VERSION, self.namespace, PLURALS[kind], name, _request_timeout=self.timeout
                 ),
             )
         except ApiException as e:
@@ -119,11 +222,11 @@ class Kube:
             try:
                 if all_namespaces:
                     items = self.co.list_cluster_custom_object(
-                        GROUP, VERSION, plural, _request_timeout=TIMEOUT
+                        GROUP, VERSION, plural, _request_timeout=self.timeout
                     )
                 else:
                     items = self.co.list_namespaced_custom_object(
-                        GROUP, VERSION, self.namespace, plural, _request_timeout=TIMEOUT
+                        GROUP, VERSION, self.namespace, plural, _request_timeout=self.timeout
                     )
             except ApiException as e:
                 raise CliError(f"listing {plural}: HTTP {e.status} {e.reason}") from None
@@ -147,7 +250,7 @@ class Kube:
             self.co.patch_namespaced_custom_object(
                 GROUP, VERSION, meta["namespace"], PLURALS[obj["kind"]], meta["name"],
                 {"metadata": {"annotations": {key: token}}},
-                _content_type="application/merge-patch+json", _request_timeout=TIMEOUT,
+                _content_type="application/merge-patch+json", _request_timeout=self.timeout,
             )  # fmt: skip
         except ApiException as e:
             raise CliError(f"annotating {obj['kind']} {meta['name']}: HTTP {e.status} {e.reason}") from None
@@ -186,13 +289,31 @@ class Kube:
             self.co.patch_namespaced_custom_object(
                 GROUP, VERSION, meta["namespace"], PLURALS[obj["kind"]], meta["name"], body,
                 field_manager=FIELD_MANAGER, force=True, _content_type="application/apply-patch+yaml",
-                _request_timeout=TIMEOUT,
+                _request_timeout=self.timeout,
             )  # fmt: skip
         except ApiException as e:
             raise CliError(
                 f"applying spec.paused={str(paused).lower()} to {obj['kind']} {meta['name']}: "
                 f"HTTP {e.status} {e.reason}"
             ) from None
+
+
+def _impersonate_groups(api: client.ApiClient, groups: tuple[str, ...]) -> None:
+    """One ``Impersonate-Group`` header per group, as kubectl sends them (the client's default headers
+    are a plain dict, which holds one value per name)."""
+    import urllib3
+
+    pool = api.rest_client.pool_manager
+    send = pool.request
+
+    def request(method: str, url: str, **kwargs: Any) -> Any:
+        h = urllib3.HTTPHeaderDict(kwargs.pop("headers", None) or {})
+        h.discard("Impersonate-Group")
+        for g in groups:
+            h.add("Impersonate-Group", g)
+        return send(method, url, headers=h, **kwargs)
+
+    pool.request = request  # type: ignore[method-assign,assignment]
 
 
 def paused_owners(obj: dict[str, Any]) -> list[tuple[str, str]]:

@@ -279,14 +279,15 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
         if step is not None and step.pause is not None and step.pause.duration is None:
             waiting.append(
                 f"a resume at the manual gate of step {current} "
-                f"(`kubectl mlrollouts resume {name}`; `promote --full` skips the rest)"
+                f"(`kubectl mlrollouts resume {name}` or `promote {name}`; `promote --full` skips the rest)"
             )
         elif step is not None and (step.pause or step.analysis) and status.stepStartedAt:
             d = parse_duration((step.pause.duration if step.pause else step.analysis.duration) or "0s")  # type: ignore[union-attr]
             left = d - (now - status.stepStartedAt).total_seconds()
             if left > 0:
                 waiting.append(
-                    f"step {current} ({step_text(steps[current])}) to end: {human_seconds(left)} left"
+                    f"step {current} ({step_text(steps[current])}) to end: {human_seconds(left)} left "
+                    f"(`kubectl mlrollouts promote {name}` ends it at the next analysis)"
                 )
         if status.weight > 0:
             due = rollout_engine.next_due(spec, status)

@@ -28,6 +28,7 @@ from model_rollouts.api.notification import Gate, GateState
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
+    ANNOTATION_PROMOTE_FULL,
     ANNOTATION_RESUME,
     ANNOTATION_RETRY,
     TERMINAL_PHASES,
@@ -279,12 +280,13 @@ def _reconcile(
             s, actions, now, generation, "Aborted", 0, "AbortRequested",
             f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to {_stable(spec, s)}",
         )  # fmt: skip
-    promote = ann.get(ANNOTATION_PROMOTE)
-    if promote and promote != s.handled.promote:
-        s.handled.promote = promote
+    full = ann.get(ANNOTATION_PROMOTE_FULL)
+    if full and full != s.handled.promoteFull:
+        s.handled.promoteFull = full
         return _finish(
-            s, actions, now, generation, "Promoted", 100, "PromoteRequested",
-            f"promoted by annotation {ANNOTATION_PROMOTE}={promote}: skipping remaining steps and analysis",
+            s, actions, now, generation, "Promoted", 100, "PromoteFullRequested",
+            f"promoted by annotation {ANNOTATION_PROMOTE_FULL}={full}: skipping remaining steps, "
+            "analysis and gates",
         )  # fmt: skip
 
     # Measurements: guardrails at every interval, comparisons against stable within the epoch.
@@ -389,6 +391,22 @@ def _reconcile(
         actions.append(Event("Normal", "ResumeIgnored", msg))
         _history(s, now, "ResumeIgnored", "ResumeIgnored", msg)
 
+    # Promote (one step) moves past the pause or analysis step that is current when it arrives; one
+    # that arrives at any other step is consumed without effect, so it never skips a later step.
+    promote = ann.get(ANNOTATION_PROMOTE)
+    promote_step: int | None = None
+    if promote and promote != s.handled.promote:
+        if _at_pause_or_analysis(spec, s):
+            promote_step = s.currentStep
+        else:
+            s.handled.promote = promote
+            msg = (
+                f"promote annotation {ANNOTATION_PROMOTE}={promote} ignored: step {s.currentStep} is not a "
+                f"pause or analysis step; {ANNOTATION_PROMOTE_FULL} skips to 100%"
+            )
+            actions.append(Event("Normal", "PromoteIgnored", msg))
+            _history(s, now, "PromoteIgnored", "PromoteIgnored", msg)
+
     if observations is not None and observations.candidate_ready is False:
         hold_reasons.append(f"candidate {spec.candidate.service} has no ready endpoints")
 
@@ -404,6 +422,24 @@ def _reconcile(
         else:
             step = spec.steps[s.currentStep]
             if step.setWeight is None:
+                if promote_step == s.currentStep and promote:
+                    s.handled.promote = promote
+                    promote_step = None
+                    kind = (
+                        "manual gate"
+                        if step.pause and step.pause.duration is None
+                        else ("pause" if step.pause else "analysis")
+                    )
+                    msg = (
+                        f"{kind} step {s.currentStep} skipped by annotation {ANNOTATION_PROMOTE}={promote}; "
+                        "later steps are analysed as usual"
+                    )
+                    actions.append(Event("Normal", "PromoteRequested", msg))
+                    _history(s, now, "StepSkipped", "PromoteRequested", msg)
+                    if s.phase == "Paused":
+                        s.phase = "Progressing"
+                    _advance(s, now)
+                    continue
                 if step.pause is not None and step.pause.duration is None:
                     if resume and resume != s.handled.resume:
                         s.handled.resume = resume
@@ -627,6 +663,10 @@ def _at_manual_gate(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> bool:
     return st.pause is not None and st.pause.duration is None
 
 
+def _at_pause_or_analysis(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> bool:
+    return s.currentStep < len(spec.steps) and spec.steps[s.currentStep].setWeight is None
+
+
 def _deadline_promotes(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> bool:
     if spec.analysis.onInconclusive != "promote" or s.heldSince is None:
         return False
@@ -661,6 +701,7 @@ def _new_revision(
     # Annotations present before this revision started were meant for an earlier one.
     for key, attr in (
         (ANNOTATION_PROMOTE, "promote"),
+        (ANNOTATION_PROMOTE_FULL, "promoteFull"),
         (ANNOTATION_ABORT, "abort"),
         (ANNOTATION_RESUME, "resume"),
         (ANNOTATION_RETRY, "retry"),
@@ -777,7 +818,7 @@ def _compare(
         "alpha": alpha,
         "better": c.better,
         "test": "nonInferiority" if c.test == "nonInferiority" else "superiority",
-        "margin": c.margin,
+        "margin": c.margin or 0.0,
         "allocation": weight / 100.0,  # the split in force, for the running test's sample estimate
     }
     if c.type == "proportion":
@@ -807,7 +848,8 @@ def _compare(
         variant="candidate",
         outcome="value",
         value=r.difference if math.isfinite(r.difference) else None,
-        threshold=f"{c.test} margin {c.margin:g}, alpha {alpha:.4g}" + (", advisory" if c.advisory else ""),
+        threshold=f"{c.test} margin {c.margin or 0.0:g}, alpha {alpha:.4g}"
+        + (", advisory" if c.advisory else ""),
         verdict=r.verdict,
         message=f"{c.name}: {r.reason}",
         details=details,

@@ -15,6 +15,7 @@ from model_rollouts.api.notification import Gate
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
+    ANNOTATION_PROMOTE_FULL,
     ANNOTATION_RESUME,
     ANNOTATION_RETRY,
     PLURAL,
@@ -32,7 +33,13 @@ from model_rollouts.notify import sender as notify_sender
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
 PHASES = ("Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid", "Idle")
-ANNOTATIONS = (ANNOTATION_PROMOTE, ANNOTATION_ABORT, ANNOTATION_RESUME, ANNOTATION_RETRY)
+ANNOTATIONS = (
+    ANNOTATION_PROMOTE,
+    ANNOTATION_PROMOTE_FULL,
+    ANNOTATION_ABORT,
+    ANNOTATION_RESUME,
+    ANNOTATION_RETRY,
+)
 #: Seconds between checks that a rolled-back candidate still gets no traffic.
 GUARD_INTERVAL = 30.0
 

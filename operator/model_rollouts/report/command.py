@@ -9,6 +9,7 @@ from typing import Any
 import click
 import yaml
 
+from model_rollouts.cli.kube import connection_options
 from model_rollouts.report.data import ReportError
 
 
@@ -32,16 +33,14 @@ def _from_file(path: str, ref: tuple[str, ...]) -> dict[str, Any]:
     return objs[0]
 
 
-def _from_cluster(
-    ref: tuple[str, ...], kubeconfig: str | None, context: str | None, namespace: str | None
-) -> Any:
+def _from_cluster(ref: tuple[str, ...], connection: dict[str, Any]) -> Any:
     import urllib3  # with the kubernetes client: loaded only for a report from the cluster
 
     from model_rollouts.cli.kube import CliError, Kube, parse_ref
 
     try:
         kind, name = parse_ref(ref)
-        return Kube.connect(kubeconfig, context, namespace).find(kind, name)
+        return Kube.connect(**connection).find(kind, name)
     except CliError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -77,19 +76,9 @@ def _from_cluster(
     metavar="FILE",
     help="Render from a saved object (kubectl get mro NAME -o yaml > FILE) instead of the cluster.",
 )
-@click.option("-n", "--namespace", default=None, help="Namespace (default: the context's).")
-@click.option("--context", default=None, help="kubeconfig context (default: the current one).")
-@click.option(
-    "--kubeconfig", default=None, envvar="KUBECONFIG", show_envvar=True, help="Path to the kubeconfig."
-)
+@connection_options
 def report(
-    ref: tuple[str, ...],
-    fmt: str,
-    out: Path | None,
-    from_file: str | None,
-    namespace: str | None,
-    context: str | None,
-    kubeconfig: str | None,
+    ref: tuple[str, ...], fmt: str, out: Path | None, from_file: str | None, **connection: Any
 ) -> None:
     """Write a decision report of a rollout or an experiment: weights, each comparison's estimate with its
     confidence sequence, guardrails against thresholds, the decisions and who or what triggered them;
@@ -102,7 +91,7 @@ def report(
 
     if not ref and not from_file:
         raise click.UsageError("give NAME (or --from-file FILE)")
-    obj = _from_file(from_file, ref) if from_file else _from_cluster(ref, kubeconfig, context, namespace)
+    obj = _from_file(from_file, ref) if from_file else _from_cluster(ref, connection)
     try:
         w = write(obj, fmt, out)
     except ReportError as e:

@@ -15,10 +15,11 @@ ROLLOUT, EXPERIMENT = "ModelRollout", "ModelExperiment"
 ANNOTATION_PREFIX = "mlrollouts.io/"
 
 #: History events that are decisions or interventions (weight steps are drawn as the weight line).
-QUIET_EVENTS = {"WeightChanged", "WeightsChanged", "ResumeIgnored", "Valid"}
+QUIET_EVENTS = {"WeightChanged", "WeightsChanged", "ResumeIgnored", "PromoteIgnored", "Valid"}
 #: Reasons that a person (or a tool acting for one) caused, and how.
 USER_REASONS = {
     "PromoteRequested": "annotation mlrollouts.io/promote",
+    "PromoteFullRequested": "annotation mlrollouts.io/promote-full",
     "AbortRequested": "annotation mlrollouts.io/abort",
     "RetryRequested": "annotation mlrollouts.io/retry",
     "ResumeRequested": "annotation mlrollouts.io/resume",
