@@ -215,7 +215,8 @@ GATES_FIELD: Any = Field(
     description="Gates asked (HTTP POST) at each analysis before the weight moves past them; anything but a "
     "2xx, or no answer within the provider's timeout, holds the weight. A gate still answering another "
     "object's request is busy: it holds without counting as closed. A gate's hold does not count towards "
-    "progressDeadline for its maxHold (default 1h); after that it does. The promote-full annotation skips gates.",
+    "progressDeadline for its maxHold (default 1h); after that it does. The promote-full annotation "
+    "skips gates.",
 )
 
 
