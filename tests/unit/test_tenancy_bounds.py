@@ -15,7 +15,7 @@ from model_rollouts.api.common import (
     dump,
     truncate,
 )
-from model_rollouts.api.rollout import ANNOTATION_ABORT, ANNOTATION_PROMOTE, ANNOTATION_RETRY
+from model_rollouts.api.rollout import ANNOTATION_ABORT, ANNOTATION_PROMOTE_FULL, ANNOTATION_RETRY
 from model_rollouts.engine import experiment as exp_engine
 from model_rollouts.engine import rollout as eng
 from model_rollouts.notify import events, slack, teams, webhook
@@ -83,7 +83,7 @@ def test_notices_and_every_payload_format_are_bounded() -> None:
     d = Driver(spec([{"setWeight": 20}, {"pause": {}}]))
     d.tick()
     old = d.status
-    st = d.tick(annotations={ANNOTATION_PROMOTE: "P" * BIG})
+    st = d.tick(annotations={ANNOTATION_PROMOTE_FULL: "P" * BIG})
     got = events.notices("ModelRollout", "ml", "fraud", old, st, [])
     assert got and all(len(n.message) <= MAX_MESSAGE for n in got)
     huge = notice(message="M" * BIG)
