@@ -338,6 +338,12 @@ def test_argocd_applications_keep_operator_weights() -> None:
     assert "RespectIgnoreDifferences=true" in app["spec"]["syncPolicy"]["syncOptions"]
     route = next(d for d in app["spec"]["ignoreDifferences"] if d["kind"] == "HTTPRoute")
     assert route["jqPathExpressions"] == [".spec.rules[].backendRefs[].weight"]
+    # every action annotation the operator acts on is ignored, so a sync never strips a pending one
+    from model_rollouts.api.common import ACTION_ANNOTATIONS
+
+    rollout = next(d for d in app["spec"]["ignoreDifferences"] if d["kind"] == "ModelRollout")
+    ignored = {e.split('"')[1] for e in rollout["jqPathExpressions"]}
+    assert ignored == set(ACTION_ANNOTATIONS), ignored
 
 
 def test_dashboards_and_alerts_are_the_repositorys_files() -> None:
