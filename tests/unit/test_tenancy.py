@@ -274,7 +274,7 @@ def test_a_provider_ca_bundle_verifies_the_server_and_nothing_else_does(tmp_path
     import ssl
     import subprocess
 
-    from model_rollouts.handlers.common import _ca_file
+    from model_rollouts.metrics.resolve import _ca_file
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a test certificate")

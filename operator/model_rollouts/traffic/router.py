@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from model_rollouts.api.errors import SpecError
 
-class RouterError(Exception):
+
+class RouterError(SpecError):
     """The router's target cannot be used; ``field`` names the spec field at fault."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class NotOptedIn(RouterError):
