@@ -14,9 +14,9 @@ from typing import Any, cast
 import kopf
 from prometheus_client import start_http_server
 
-from model_rollouts import __version__, health, kube, leader
+from model_rollouts import __version__, health, kube, leader, policy
 from model_rollouts.api.common import action_annotations
-from model_rollouts.metrics import policy, prometheus
+from model_rollouts.metrics import prometheus
 from model_rollouts.notify import sender as notify_sender
 
 #: Record attributes our decision log lines carry (``extra=``), copied into JSON lines.

@@ -10,10 +10,10 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from model_rollouts import policy
 from model_rollouts.api.common import AnalysisBase, PrometheusConfig
 from model_rollouts.api.provider import ClusterMetricProviderSpec
 from model_rollouts.handlers.common import safe_error
-from model_rollouts.metrics import policy
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import TemplateError, check_template, render
 from tests.harness import queries

@@ -24,6 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from model_rollouts import policy
 from model_rollouts.api.common import (
     GROUP,
     MAX_TIMEOUT,
@@ -42,7 +43,6 @@ from model_rollouts.api.template import (
     MetricTemplateSpec,
 )
 from model_rollouts.kube.client import REQUEST_TIMEOUT, api
-from model_rollouts.metrics import policy
 from model_rollouts.metrics.errors import ProviderError
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import Budgeted, Result, TemplateError, check_template

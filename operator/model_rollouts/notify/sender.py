@@ -25,7 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from model_rollouts import kube, telemetry
+from model_rollouts import kube, policy, telemetry
 from model_rollouts.api.common import GROUP, VERSION, parse_duration
 from model_rollouts.api.notification import (
     NOTIFICATION_PROVIDER_KIND,
@@ -33,7 +33,6 @@ from model_rollouts.api.notification import (
     ClusterNotificationProviderSpec,
     NotificationRef,
 )
-from model_rollouts.metrics import policy
 from model_rollouts.notify import Notice
 from model_rollouts.notify.events import Dedupe, key, wants
 from model_rollouts.notify.payloads import formats
