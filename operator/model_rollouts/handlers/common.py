@@ -6,28 +6,21 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
-import json
-import logging
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-import kopf
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from model_rollouts import leader, telemetry
 from model_rollouts.api.common import (
     GROUP,
     MAX_MESSAGE,
@@ -35,21 +28,15 @@ from model_rollouts.api.common import (
     VERSION,
     AnalysisBase,
     Model,
-    ResourceSpec,
-    ResourceStatus,
     SecretKeyRef,
     TemplateRef,
     TrafficRouting,
-    dump,
     parse_duration,
-    set_condition,
     truncate,
 )
 from model_rollouts.api.provider import (
     PROVIDER_PLURAL,
     ClusterMetricProviderSpec,
-    inline_query_fields,
-    namespaced_template_fields,
 )
 from model_rollouts.api.template import (
     CLUSTER_TEMPLATE_PLURAL,
@@ -58,10 +45,7 @@ from model_rollouts.api.template import (
     MetricTemplateSpec,
 )
 from model_rollouts.engine import stats
-from model_rollouts.engine.actions import LIMIT_REASONS, Event
-from model_rollouts.engine.status import bound_texts
-from model_rollouts.engine.status import invalid as invalid_status
-from model_rollouts.metrics import policy, pools
+from model_rollouts.metrics import policy
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import (
     Budgeted,
@@ -72,11 +56,8 @@ from model_rollouts.metrics.provider import (
     render,
 )
 from model_rollouts.metrics.templates import check_platform_template, fill
-from model_rollouts.notify import Notice
-from model_rollouts.notify import events as notify_events
-from model_rollouts.notify import sender as notify_sender
-from model_rollouts.traffic.gateway_api import GatewayAPIRouter
-from model_rollouts.traffic.router import NotOptedIn, RouterError, TrafficRouter
+from model_rollouts.traffic import registry
+from model_rollouts.traffic.router import RouterError, TrafficRouter
 
 #: Seconds any single Kubernetes API call may take.
 REQUEST_TIMEOUT = 10
@@ -203,22 +184,6 @@ def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) 
         client.CoreV1Api(api()).create_namespaced_event(
             meta["namespace"], ev, _request_timeout=REQUEST_TIMEOUT
         )
-
-
-def make_router(
-    routing: TrafficRouting, namespace: str, owner: tuple[str, str] | None = None
-) -> TrafficRouter:
-    """``owner`` (kind, name) writes the weights (the route must opt in to it); None: read only."""
-    if routing.gatewayAPI is not None:
-        gw = routing.gatewayAPI
-        return GatewayAPIRouter(api(), namespace, gw.httpRoute, gw.ruleIndex, owner=owner)
-    for field in ("istio", "replicas", "kserve"):
-        if getattr(routing, field) is not None:
-            raise RouterError(
-                f"spec.trafficRouting.{field}",
-                "this router is not implemented in this version; use gatewayAPI",
-            )
-    raise RouterError("spec.trafficRouting", "set exactly one router")
 
 
 #: Seconds a list of ClusterMetricProviders (for the inline-address allowlist) is reused.
@@ -553,533 +518,36 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class Measuring(Exception):
-    """The due analysis is being measured in its tenant's pool; a later wake-up picks up the result."""
+# -- moved: the route registry (traffic/registry.py) and the Controller (handlers/controller.py) --
+#: Importable from here for callers of the old names.
+from model_rollouts.traffic.registry import FINISHED_PHASES as FINISHED_PHASES  # noqa: E402
+from model_rollouts.traffic.registry import RouteClaim as RouteClaim  # noqa: E402
+from model_rollouts.traffic.registry import RouteOwners as RouteOwners  # noqa: E402
+from model_rollouts.traffic.registry import route_claim as route_claim  # noqa: E402
+from model_rollouts.traffic.registry import route_owners as route_owners  # noqa: E402
+
+_MOVED = (
+    "Controller",
+    "Measuring",
+    "backoff",
+    "safe_error",
+    "DELETE_RETRIES",
+    "INVALID_RECHECK",
+    "MAX_BACKOFF",
+)
 
 
-T = TypeVar("T")
+def __getattr__(name: str) -> Any:
+    """The Controller and its helpers, from handlers/controller.py (which imports this module)."""
+    if name in _MOVED:
+        from model_rollouts.handlers import controller
 
-#: Phases in which an object no longer claims its route (the one-owner check skips it).
-FINISHED_PHASES = ("Promoted", "RolledBack", "Aborted", "Concluded", "Idle", "Invalid")
-
-
-@dataclass(frozen=True)
-class RouteClaim:
-    """One object's claim on one HTTPRoute rule, as the operator's watch last saw it (a Kopf index value)."""
-
-    created: str
-    kind: str
-    name: str
-    uid: str
-    phase: str | None
-    deleting: bool
+        return getattr(controller, name)
+    raise AttributeError(name)
 
 
-#: (namespace, HTTPRoute, rule index) -> the claims on it, read from the operator's indices.
-RouteOwners = Callable[[tuple[str, str, int]], list[RouteClaim]]
-
-
-def route_claim(kind: str, body: Mapping[str, Any]) -> dict[tuple[str, str, int], RouteClaim] | None:
-    """The index entry of one ModelRollout or ModelExperiment: its route rule and who it is."""
-    spec = body.get("spec") or {}
-    gw = ((spec.get("trafficRouting") or {}) if isinstance(spec, Mapping) else {}).get("gatewayAPI") or {}
-    route = gw.get("httpRoute") if isinstance(gw, Mapping) else None
-    if not isinstance(route, str) or not route:
-        return None
-    try:
-        rule = int(gw.get("ruleIndex") or 0)
-    except (TypeError, ValueError):
-        return None
-    meta = body.get("metadata") or {}
-    status = body.get("status") or {}
-    claim = RouteClaim(
-        created=str(meta.get("creationTimestamp") or ""),
-        kind=kind,
-        name=str(meta.get("name") or ""),
-        uid=str(meta.get("uid") or ""),
-        phase=status.get("phase") if isinstance(status, Mapping) else None,
-        deleting=bool(meta.get("deletionTimestamp")),
-    )
-    return {(str(meta.get("namespace") or ""), route, rule): claim}
-
-
-def route_owners(*indices: Mapping[tuple[str, str, int], Iterable[RouteClaim]]) -> RouteOwners:
-    """A reader of Kopf's route indices for a handler thread (they are updated on the event loop)."""
-
-    def owners(key: tuple[str, str, int]) -> list[RouteClaim]:
-        for attempt in range(5):
-            try:
-                return [c for index in indices for c in (index.get(key) or ())]
-            except RuntimeError:  # changed while read: read again
-                if attempt == 4:
-                    raise
-                time.sleep(0.01)
-        return []
-
-    return owners
-
-
-SpecT = TypeVar("SpecT", bound=ResourceSpec)
-StatusT = TypeVar("StatusT", bound=ResourceStatus)
-
-#: Seconds between re-checks of an object whose spec is invalid (an edit re-checks at once).
-INVALID_RECHECK = 15.0
-#: Longest backoff between attempts to apply a decision that failed.
-MAX_BACKOFF = 300.0
-
-
-def backoff(errors: int) -> float:
-    return min(MAX_BACKOFF, 2.0 ** max(0, errors - 1))
-
-
-def safe_error(e: BaseException) -> str:
-    """A fixed, sanitised description of an exception: never a response body or a header."""
-    if isinstance(e, ApiException):
-        return f"Kubernetes API answered HTTP {e.status} {str(e.reason or '')[:60]}".strip()
-    if isinstance(e, RouterError):
-        return str(e)[:300]
-    return type(e).__name__
-
-
-class Controller(Generic[SpecT, StatusT]):
-    """Per-object loop shared by the resource handlers; subclasses supply the kind-specific hooks.
-
-    Kopf calls :func:`wake` every half second for objects that are not finished. Pacing lives in
-    the object's status: a tick is due when the engine's ``next_due`` (one interval after
-    ``status.lastAnalysisTime``) has passed, after a failed write's backoff, or when the generation
-    or an action annotation changed. Nothing in memory decides when to measure or advance: a
-    restart, retry, conflict or second replica never adds an analysis. The only memory here is a
-    hint that saves API reads between due times.
-
-    Write order: the route first, read back and verified; then status; then Events. A failed or
-    unverified route write keeps the old status, adds ``ReconcileError`` and backs off.
-    """
-
-    kind = ""
-    plural = ""
-    phases: tuple[str, ...] = ()
-    terminal: tuple[str, ...] = ()
-    annotations: tuple[str, ...] = ()
-    spec_model: type[SpecT]
-    status_model: type[StatusT]
-
-    def __init__(self, namespace: str, name: str) -> None:
-        self.namespace, self.name = namespace, name
-        self.logger = logging.getLogger(f"model_rollouts.{self.kind.lower()}")
-        self._last_key: tuple[Any, ...] | None = None
-        self._not_before = 0.0
-        self._invalid_checked = 0.0
-        #: The analysis being measured: (what it was asked for, its result to come).
-        self._measuring: tuple[Any, Future[Any], dt.datetime] | None = None
-        self._asked: Any = None
-        self._tick_now = now()
-
-    # -- hooks --------------------------------------------------------------------------------------
-    def problem(self, spec: SpecT) -> str | None:
-        """A semantic problem the schema cannot express, naming the field; None if there is none."""
-        return None
-
-    def queries(self, spec: SpecT) -> list[tuple[str, str | None]]:
-        """(field, PromQL template) pairs to check for unknown placeholders."""
-        raise NotImplementedError
-
-    def services(self, spec: SpecT, status: StatusT) -> list[str]:
-        """The Services the router must be able to weight."""
-        raise NotImplementedError
-
-    def route(self, spec: SpecT) -> tuple[str, int] | None:
-        """(HTTPRoute name, rule index) this object manages, for the one-owner check."""
-        gw = spec.trafficRouting.gatewayAPI
-        return (gw.httpRoute, gw.ruleIndex) if gw is not None else None
-
-    def decide(
-        self,
-        spec: SpecT,
-        status: StatusT,
-        provider: MetricProvider,
-        now: dt.datetime,
-        generation: int,
-        annotations: dict[str, str],
-    ) -> tuple[StatusT, list[object]]:
-        """Measure if the engine says an analysis is due, then ask the engine."""
-        raise NotImplementedError
-
-    def weights(self, spec: SpecT, status: StatusT) -> tuple[dict[str, int], dict[str, int]] | None:
-        """(weights per Service, the same per variant label) that the route must carry, or None."""
-        raise NotImplementedError
-
-    def next_due(self, spec: SpecT, status: StatusT) -> dt.datetime | None:
-        """When the engine next wants a tick (from status); None: not until the object changes."""
-        raise NotImplementedError
-
-    def guard_weights(self, spec: SpecT, status: StatusT) -> dict[str, int] | None:
-        """After RolledBack/Aborted: weights a slow guard re-asserts if the route drifts."""
-        return None
-
-    def deletion_weights(self, spec: SpecT, status: StatusT) -> dict[str, int] | None:
-        """What the route gets when the object is deleted; None leaves it alone."""
-        return None
-
-    @staticmethod
-    def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
-        """The object needs the fast timer (finished objects do not)."""
-        raise NotImplementedError
-
-    # -- pacing -------------------------------------------------------------------------------------
-    def _status(self, obj: Mapping[str, Any]) -> StatusT:
-        return self.status_model.model_validate(
-            {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
-        )
-
-    def due_at(self, obj: Mapping[str, Any]) -> dt.datetime | None:
-        """When this object next needs a tick, read from its status alone."""
-        status = self._status(obj)
-        if status.phase == "Invalid":
-            return None  # re-checked on edits and every INVALID_RECHECK seconds
-        try:
-            spec = self.spec_model.model_validate(obj["spec"])
-        except ValidationError:
-            return None
-        due = self.next_due(spec, status)
-        if status.reconcileErrors and status.lastReconcileErrorTime is not None:
-            retry = status.lastReconcileErrorTime + dt.timedelta(seconds=backoff(status.reconcileErrors))
-            due = retry if due is None else max(due, retry)
-        return due
-
-    def _key(self, obj: Mapping[str, Any]) -> tuple[Any, ...]:
-        meta = obj["metadata"]
-        return (
-            meta.get("generation"),
-            tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
-        )
-
-    def _wait(self, obj: Mapping[str, Any]) -> float:
-        """Seconds until this object is due for a tick (<= 0: now), from its status alone."""
-        if (obj.get("status") or {}).get("phase") == "Invalid":
-            return INVALID_RECHECK - (time.monotonic() - self._invalid_checked)
-        due = self.due_at(obj)
-        return INVALID_RECHECK if due is None else (due - now()).total_seconds()
-
-    def wake(self, seen: Mapping[str, Any], owners: RouteOwners | None = None) -> None:
-        if not leader.ELECTOR.is_leader() or seen["metadata"].get("deletionTimestamp"):
-            return
-        key = self._key(seen)
-        changed = key != self._last_key
-        if not changed and time.monotonic() < self._not_before:
-            return
-        if not changed and self._measuring is not None and not self._measuring[1].done():
-            return  # a query is running in the tenant's pool: nothing to read or decide yet
-        try:
-            if not changed:
-                # Nothing due by the watch's copy: no API read at all (an Invalid object or one
-                # between analyses costs nothing at the API server until it is due).
-                wait = self._wait(seen)
-                if wait > 0:
-                    self._not_before = time.monotonic() + min(wait, 5.0)
-                    return
-            obj = get_object(self.plural, self.namespace, self.name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return
-            self._last_key = self._key(obj)
-            if not changed:
-                wait = self._wait(obj)  # the fresh read decides
-                if wait > 0:
-                    self._not_before = time.monotonic() + min(wait, 5.0)
-                    return
-            self._invalid_checked = time.monotonic()
-            self.tick(obj, owners)
-            self._not_before = time.monotonic() + 0.4
-        except Exception as e:
-            # Never the exception's text (an API or HTTP error may quote a body or a header): its
-            # class and where it was raised.
-            self.logger.error(
-                "%s/%s: tick failed: %s\n%s",
-                self.namespace,
-                self.name,
-                safe_error(e),
-                "".join(traceback.format_tb(e.__traceback__)).rstrip(),
-            )
-            self._not_before = time.monotonic() + 5.0
-            with contextlib.suppress(Exception):
-                obj = get_object(self.plural, self.namespace, self.name)
-                if obj is not None:
-                    self.reconcile_error(obj, self._status(obj), "ReconcileFailed", safe_error(e))
-
-    # -- the tick -----------------------------------------------------------------------------------
-    def tick(self, obj: dict[str, Any], owners: RouteOwners | None = None) -> None:
-        """Validate, measure, decide, apply. An unusable spec gives Valid=False and no traffic change.
-
-        ``owners``: who claims which route, from the operator's watch (see :func:`route_owners`)."""
-        t0 = time.monotonic()
-        meta = obj["metadata"]
-        generation = int(meta.get("generation") or 0)
-        annotations = dict(meta.get("annotations") or {})
-        status = self._status(obj)
-        if status.phase in self.terminal and not self.active(
-            obj.get("spec") or {}, obj.get("status") or {}, annotations
-        ):
-            return  # finished: nothing is re-validated, nothing can move traffic
-        now_ = now()
-        try:
-            spec = self.spec_model.model_validate(obj["spec"])
-        except ValidationError as e:
-            return self.write(obj, status, *invalid_status(status, validation_message(e), now_, generation))
-        problem = self.problem(spec)
-        if problem:
-            return self.write(obj, status, *invalid_status(status, problem, now_, generation))
-        try:
-            check_queries(self.queries(spec))
-            self.check_providers(spec)
-            if status.phase in ("Pending", "Invalid") or status.observedGeneration != generation:
-                self.check_owner(obj, spec, owners)
-            router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
-            router.check(self.services(spec, status))
-            provider = make_provider(
-                spec.analysis,
-                self.namespace,
-                inline_query_fields(spec, "spec"),
-                namespaced_template_fields(spec, "spec"),
-            )
-        except RouterError as e:
-            return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
-        self._asked = (generation, json.dumps(dump(status), sort_keys=True))
-        if self._measuring is not None and self._measuring[0] == self._asked:
-            now_ = self._measuring[2]  # decided as of when it was measured: pacing as if measured inline
-        self._tick_now = now_
-        try:
-            new, actions = self.decide(spec, status, provider, now_, generation, annotations)
-        except Measuring:
-            return  # the handler thread never waits on a provider; the next wake-up reads the result
-        finished_before = status.phase in self.terminal
-        route = None if finished_before and new.phase in self.terminal else self.weights(spec, new)
-        if route is not None:
-            desired, labels = route
-            try:
-                carried = router.set_weights(desired)
-            except Exception as e:
-                return self.reconcile_error(obj, status, "RouteWriteFailed", safe_error(e))
-            wrong = {k: carried.get(k) for k, v in desired.items() if carried.get(k, 0) != v}
-            if wrong:
-                return self.reconcile_error(
-                    obj, status, "RouteNotVerified", f"route carries {wrong} after the write, not {desired}"
-                )
-            for label, w in labels.items():
-                telemetry.WEIGHT.labels(self.kind, self.namespace, self.name, label).set(w)
-        if new.reconcileErrors:
-            new.reconcileErrors, new.lastReconcileErrorTime = 0, None
-            new.conditions = set_condition(
-                new.conditions,
-                "ReconcileError",
-                "False",
-                "Applied",
-                "the last decision was applied",
-                now_,
-                generation,
-            )
-        self.write(obj, status, new, actions)
-        telemetry.ANALYSIS_SECONDS.labels(self.kind).observe(time.monotonic() - t0)
-
-    def check_owner(self, obj: Mapping[str, Any], spec: SpecT, owners: RouteOwners | None) -> None:
-        """One route, one owner: another active object managing the same route rule wins if older.
-
-        Read from the operator's watch (the Kopf indices ``rollout_routes`` and ``experiment_routes``),
-        never from a LIST: checking costs nothing at the API server however many objects there are.
-        """
-        mine = self.route(spec)
-        if mine is None or owners is None:
-            return
-        me = obj["metadata"]
-        my_key = (str(me.get("creationTimestamp") or ""), self.kind, self.name)
-        for other in owners((self.namespace, *mine)):
-            if other.uid == me.get("uid") or other.deleting or other.phase in FINISHED_PHASES:
-                continue
-            if (other.created, other.kind, other.name) < my_key:
-                raise RouterError(
-                    "spec.trafficRouting.gatewayAPI.httpRoute",
-                    f"HTTPRoute {mine[0]} rule {mine[1]} is already managed by {other.kind} "
-                    f"{self.namespace}/{other.name}; one route has one owner",
-                )
-
-    def check_providers(self, spec: SpecT) -> None:
-        """RouterError naming the field of the first notification provider or gate that does not admit
-        this namespace (its allowedNamespaces / namespaceSelector): the object is Valid=False."""
-        named = [
-            *(
-                (f"spec.notifications[{i}].provider", r.provider)
-                for i, r in enumerate(getattr(spec, "notifications", None) or [])
-            ),
-            *(
-                (f"spec.gates[{i}].provider", g.provider)
-                for i, g in enumerate(getattr(spec, "gates", None) or [])
-            ),
-        ]
-        for field, provider in named:
-            why = notify_sender.check(provider, self.namespace)
-            if why is not None:
-                raise RouterError(field, why)
-
-    def measured(self, provider: MetricProvider, measure: Callable[[], T]) -> T:
-        """The result of ``measure`` for the status this tick was asked about, run in the pool of the
-        provider's budget key (the tenant's: provider and namespace, see metrics/pools.py); raises
-        Measuring until it is ready. A measurement asked for an older status or generation is dropped."""
-        pending = self._measuring
-        if pending is not None and pending[0] == self._asked:
-            if not pending[1].done():
-                raise Measuring()
-            self._measuring = None
-            return cast(T, pending[1].result())  # the measurement's own exception, if any, is raised here
-        key = str(getattr(provider, "key", None) or f"namespace@{self.namespace}")
-        self._measuring = (self._asked, pools.submit(key, measure), self._tick_now)
-        raise Measuring()
-
-    def count_errors(self, results: Iterable[Result]) -> None:
-        errors = sum(1 for r in results if r.outcome == "error")
-        if errors:
-            telemetry.MEASUREMENT_ERRORS.labels(self.kind, self.namespace, self.name).inc(errors)
-
-    def reconcile_error(self, obj: dict[str, Any], status: ResourceStatus, reason: str, message: str) -> None:
-        """Hold: keep the old status (so nothing advances), record the failure and back off."""
-        s = status.model_copy(deep=True)
-        s.reconcileErrors += 1
-        s.lastReconcileErrorTime = now()
-        wait = backoff(s.reconcileErrors)
-        msg = f"attempt {s.reconcileErrors}: {message}; holding, next attempt in {wait:.0f}s or later"
-        s.conditions = set_condition(
-            s.conditions,
-            "ReconcileError",
-            "True",
-            reason,
-            msg,
-            s.lastReconcileErrorTime,
-            s.observedGeneration,
-        )
-        telemetry.RECONCILE_ERRORS.labels(self.kind, self.namespace, self.name, reason).inc()
-        telemetry.record(self.kind, self.namespace, self.name, dump(s), obj.get("spec") or {})
-        self.logger.warning("%s/%s %s: %s", self.namespace, self.name, reason, msg)
-        self._not_before = time.monotonic() + wait
-        if write_status(self.plural, obj, dump(s)):
-            post_event(obj, "Warning", reason, msg)
-            errs = notify_events.reconcile_error(self.kind, self.namespace, self.name, s, reason, msg)
-            self.notify(obj, errs)
-
-    def write(
-        self, obj: dict[str, Any], old: ResourceStatus, status: ResourceStatus, actions: Iterable[object]
-    ) -> None:
-        """Status (the record; skipped when nothing changed), then Events and metrics."""
-        bound_texts(status)
-        if dump(status) != dump(old) and not write_status(self.plural, obj, dump(status)):
-            self._not_before = 0.0  # conflict: read again and decide afresh at the next wake-up
-            return
-        for e in actions:
-            if not isinstance(e, Event):
-                continue
-            post_event(obj, e.type, e.reason, e.message)
-            telemetry.DECISIONS.labels(self.kind, self.namespace, self.name, e.reason).inc()
-            if e.reason in LIMIT_REASONS:
-                telemetry.LIMITS.labels(self.kind, self.namespace, self.name, e.reason).inc()
-            log = self.logger.warning if e.type == "Warning" else self.logger.info
-            log(
-                "%s/%s %s: %s",
-                self.namespace,
-                self.name,
-                e.reason,
-                e.message,
-                extra={
-                    "namespace": self.namespace,
-                    "object": self.name,
-                    "kind": self.kind,
-                    "phase": status.phase,
-                    "revision": getattr(status, "revision", None),
-                    "weight": getattr(status, "weight", None),
-                    "decision": e.reason,
-                },
-            )
-        telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
-        telemetry.record(self.kind, self.namespace, self.name, dump(status), obj.get("spec") or {})
-        self.notify(obj, notify_events.notices(self.kind, self.namespace, self.name, old, status, actions))
-
-    def notify(self, obj: Mapping[str, Any], notices: list[Notice]) -> None:
-        """Queue the notifications of a written transition (spec.notifications); never blocks or raises."""
-        if not notices:
-            return
-        refs = notify_events.subscriptions(obj.get("spec"))
-        if refs:
-            try:
-                notify_sender.sender().publish(str(obj["metadata"].get("uid") or self.name), refs, notices)
-            except Exception as e:
-                self.logger.warning("%s/%s notifications: %s", self.namespace, self.name, safe_error(e))
-
-    # -- after the end ------------------------------------------------------------------------------
-    def guard(self, obj: Mapping[str, Any]) -> None:
-        """Slow timer for RolledBack/Aborted objects: a rolled-back candidate gets no traffic again."""
-        if not leader.ELECTOR.is_leader():
-            return
-        try:
-            spec = self.spec_model.model_validate(obj["spec"])
-            status = self._status(obj)
-            if not obj["metadata"].get("deletionTimestamp"):  # a new leader exports it too: the alert stays
-                telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
-                telemetry.record(self.kind, self.namespace, self.name, dump(status), dict(obj["spec"]))
-            want = self.guard_weights(spec, status)
-            if not want:
-                return
-            router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
-            current = router.get_weights()
-            drift = {k: current[k] for k, v in want.items() if v == 0 and current.get(k, 0) > 0}
-            if not drift:
-                return
-            router.set_weights({k: v for k, v in want.items() if k in current})
-            msg = f"route gave traffic to {drift} after {status.phase}; set back to {want}"
-            post_event(dict(obj), "Warning", "RouteRestored", msg)
-            self.logger.warning("%s/%s RouteRestored: %s", self.namespace, self.name, msg)
-        except Exception as e:  # never Kopf's logging of the exception's text
-            self.logger.info("%s/%s guard: %s", self.namespace, self.name, safe_error(e))
-
-    def delete(self, spec_body: Mapping[str, Any], status_body: Mapping[str, Any], retry: int) -> None:
-        """Finalizer: move traffic only if the engine says so; a persistent failure ends bounded."""
-        if not leader.ELECTOR.is_leader():
-            raise kopf.TemporaryError("not the leader; the leader handles the deletion", delay=5)
-        telemetry.forget(self.kind, self.namespace, self.name)
-        try:
-            spec = self.spec_model.model_validate(dict(spec_body))
-            status = self.status_model.model_validate(
-                {k: v for k, v in dict(status_body).items() if k != "kopf"}
-            )
-        except ValidationError:
-            self.logger.warning(
-                "%s/%s deleted with an invalid spec: route left alone", self.namespace, self.name
-            )
-            return
-        want = self.deletion_weights(spec, status)
-        if not want:
-            self.logger.info(
-                "%s/%s deleted after %s: route left alone", self.namespace, self.name, status.phase
-            )
-            return
-        try:
-            router = make_router(spec.trafficRouting, self.namespace, (self.kind, self.name))
-            current = router.get_weights()
-            router.set_weights({k: v for k, v in want.items() if k in current})
-            self.logger.info(
-                "%s/%s deleted while %s: route set to %s", self.namespace, self.name, status.phase, want
-            )
-        except NotOptedIn:  # permanent: the route's owner has withdrawn it; no retries
-            msg = "the route does not opt in to this object (any more): route left alone; deleting"
-            self.logger.warning("%s/%s %s", self.namespace, self.name, msg)
-            post_event({"apiVersion": f"{GROUP}/{VERSION}", "kind": self.kind,
-                        "metadata": {"name": self.name, "namespace": self.namespace}},
-                       "Warning", "RouteLeftAlone", msg)  # fmt: skip
-        except Exception as e:  # never Kopf's logging of the exception's text
-            if retry < DELETE_RETRIES:
-                raise kopf.TemporaryError(
-                    f"restoring the route failed: {safe_error(e)}", delay=2 + 2 * retry
-                ) from e
-            msg = f"gave up restoring the route after {retry + 1} attempts ({safe_error(e)}); deleting anyway"
-            self.logger.warning("%s/%s %s", self.namespace, self.name, msg)
-            post_event({"apiVersion": f"{GROUP}/{VERSION}", "kind": self.kind,
-                        "metadata": {"name": self.name, "namespace": self.namespace}},
-                       "Warning", "RouteRestoreFailed", msg)  # fmt: skip
-
-
-#: Attempts to restore a route on deletion before the finalizer is released anyway.
-DELETE_RETRIES = 4
+def make_router(
+    routing: TrafficRouting, namespace: str, owner: tuple[str, str] | None = None
+) -> TrafficRouter:
+    """``owner`` (kind, name) writes the weights (the route must opt in to it); None: read only."""
+    return registry.make_router(api(), routing, namespace, owner)
