@@ -83,6 +83,7 @@ class GatewayAPIRouter:
 
     def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
         value = optin.require(state.raw, self.owner, self.what, FIELD)
+        self.capabilities.fit(FIELD, weights)
         want = {a.backend: int(w) for a, w in weights.items()}
         # A Service without a backendRef already gets no traffic: asking for 0 there is satisfied.
         unknown = {k for k, v in want.items() if v != 0} - set(state.weights)

@@ -50,6 +50,17 @@ class Capabilities:
     mirroring: bool = False
     header_match: bool = False
 
+    def fit(self, field: str, weights: Mapping[Arm, int]) -> None:
+        """RouterError naming ``field`` unless this router can carry these weights."""
+        live = [a for a, w in weights.items() if a.role != RETIRED or w]
+        if self.max_arms is not None and len(live) > self.max_arms:
+            raise RouterError(field, f"this router weights at most {self.max_arms} arms, not {len(live)}")
+        off = sorted(a.backend for a, w in weights.items() if w % self.granularity)
+        if off:
+            raise RouterError(
+                field, f"this router sets weights in steps of {self.granularity}; not so for {', '.join(off)}"
+            )
+
 
 @dataclass(frozen=True)
 class RouteState:
