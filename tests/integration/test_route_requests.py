@@ -30,8 +30,8 @@ from tests.harness.objects import (
     weight,
 )
 from tests.harness.stack import Stack
+from tests.integration.test_tenancy_bounds import OPERATOR_USER, prom
 
-OPERATOR_USER = "system:serviceaccount:model-rollouts:model-rollouts"
 AUDIT_RULES: list[dict[str, Any]] = [
     {"level": "Metadata", "resources": [{"group": "gateway.networking.k8s.io", "resources": ["httproutes"]}]},
     {"level": "Metadata", "resources": [{"group": "mlrollouts.io"}]},
@@ -55,11 +55,6 @@ def stack(real_components: None) -> Iterator[Stack]:
 @pytest.fixture()
 def fresh(stack: Stack) -> Iterator[Stack]:
     yield from fresh_fraud(stack, ROLLOUTS, EXPERIMENTS)
-
-
-def prom(stack: Stack) -> str:
-    assert stack.prom is not None
-    return stack.prom.url
 
 
 def ticks(stack: Stack, since: int, plural: str, name: str) -> list[dict[str, int]]:

@@ -30,7 +30,6 @@ from model_rollouts.api.common import (
     Model,
     SecretKeyRef,
     TemplateRef,
-    TrafficRouting,
     parse_duration,
     truncate,
 )
@@ -56,8 +55,7 @@ from model_rollouts.metrics.provider import (
     render,
 )
 from model_rollouts.metrics.templates import check_platform_template, fill
-from model_rollouts.traffic import registry
-from model_rollouts.traffic.router import RouterError, TrafficRouter
+from model_rollouts.traffic.router import RouterError
 
 #: Seconds any single Kubernetes API call may take.
 REQUEST_TIMEOUT = 10
@@ -544,10 +542,3 @@ def __getattr__(name: str) -> Any:
 
         return getattr(controller, name)
     raise AttributeError(name)
-
-
-def make_router(
-    routing: TrafficRouting, namespace: str, owner: tuple[str, str] | None = None
-) -> TrafficRouter:
-    """``owner`` (kind, name) writes the weights (the route must opt in to it); None: read only."""
-    return registry.make_router(api(), routing, namespace, owner)
