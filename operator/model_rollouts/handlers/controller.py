@@ -93,8 +93,11 @@ class Controller(Generic[SpecT, StatusT]):
     restart, retry, conflict or second replica never adds an analysis. The only memory here is a
     hint that saves API reads between due times.
 
-    Write order: the route first, read back and verified; then status; then Events. A failed or
-    unverified route write keeps the old status, adds ``ReconcileError`` and backs off.
+    A tick: measure (in the tenant's pool; a tick that only starts a measurement touches no route),
+    read the route once, check it, ask the engine, write the engine's ``route_weights`` for the
+    decided status at most once (none when the route already carries them) and verify them from the
+    write's response; then status; then Events. A failed or unverified route write keeps the old
+    status, adds ``ReconcileError`` and backs off.
     """
 
     kind = ""
