@@ -156,6 +156,7 @@ def operator_problems(kind: str, spec: BaseModel) -> list[tuple[str, str]]:
     from model_rollouts.handlers import common
     from model_rollouts.handlers import experiment as experiment_handler
     from model_rollouts.handlers import rollout as rollout_handler
+    from model_rollouts.traffic import registry
 
     out: list[tuple[str, str]] = []
 
@@ -195,12 +196,10 @@ def operator_problems(kind: str, spec: BaseModel) -> list[tuple[str, str]]:
                 common.check_queries(experiment_handler._queries(inline_e))
         except SpecError as e:
             out.append(split(str(e)))
-        routing = spec.trafficRouting
-        if routing.gatewayAPI is None:  # the other routers are refused before any API call
-            try:
-                common.make_router(routing, "default")
-            except SpecError as e:
-                out.append(split(str(e)))
+        try:  # the router registry's answer (a router the CRD offers but this version lacks)
+            registry.selected(spec.trafficRouting)
+        except SpecError as e:
+            out.append(split(str(e)))
         prom = spec.analysis.prometheus
         if prom is not None and prom.bearerTokenSecret is not None:  # refused before any API call
             try:

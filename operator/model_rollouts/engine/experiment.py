@@ -144,12 +144,9 @@ class Observations:
     variants: dict[str, VariantObservation] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class SetWeights:
-    weights: dict[str, int]  # per variant Service; sums to 100 (retired Services: 0)
-
-
-Action = SetWeights | Event
+#: The engine's actions besides its status. The weights are not an action: the route carries
+#: ``route_weights(spec, status)`` of the status decided (the one source of weights).
+Action = Event
 
 
 @dataclass
@@ -657,7 +654,7 @@ def _start(
     s.conditions = set_condition(
         s.conditions, "Healthy", "Unknown", "NotMeasured", "not measured yet", now, generation
     )
-    actions += [SetWeights(route_weights(spec, s) or {}), Event("Normal", reason, msg)]
+    actions.append(Event("Normal", reason, msg))
     _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
     _conditions(s, now, generation, "Running")
     return Decision(s, actions)
@@ -684,7 +681,6 @@ def _finish(
     if move and target is not None:
         for v in s.variants:
             v.weight = 100 if v.name == target else 0
-        actions.append(SetWeights(route_weights(spec, s) or {}))
     s.phase = phase  # type: ignore[assignment]
     s.decision = decision
     s.winner = winner
@@ -1581,7 +1577,6 @@ def _set_weights(
     change = ", ".join(f"{n} {old.get(n, 0)}->{w}" for n, w in weights.items() if old.get(n, 0) != w)
     msg = f"weights {change}: {why}"
     s.message = msg
-    actions.append(SetWeights(route_weights(spec, s) or {}))
     if event:
         actions.append(Event("Normal", "WeightsChanged", msg))
     if record:
