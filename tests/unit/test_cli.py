@@ -23,7 +23,7 @@ from model_rollouts.cli import app, render, view
 from model_rollouts.cli.kube import CliError, Kube, manifest_owner, parse_ref
 from model_rollouts.engine import experiment as xeng
 from model_rollouts.engine import rollout as eng
-from model_rollouts.engine.stats import ProportionData
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 from tests.unit.test_experiment_engine import make_spec, obs
 

@@ -24,7 +24,7 @@ from model_rollouts.engine.experiment import (
     reconcile,
     revision_of,
 )
-from model_rollouts.engine.stats import MeanData, ProportionData
+from model_rollouts.analysis.stats import MeanData, ProportionData
 from model_rollouts.metrics.provider import Result
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

@@ -26,7 +26,7 @@ from model_rollouts.engine.experiment import (
     route_weights,
     validate,
 )
-from model_rollouts.engine.stats import ProportionData
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 from tests.unit.test_experiment_engine import (
     T0,

@@ -12,7 +12,7 @@ from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus, Rol
 from model_rollouts.engine import experiment as xeng
 from model_rollouts.engine import rollout as eng
 from model_rollouts.engine import series
-from model_rollouts.engine.stats import ProportionData
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

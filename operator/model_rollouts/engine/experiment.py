@@ -92,7 +92,8 @@ from model_rollouts.api.experiment import (
     Variant,
     VariantStatus,
 )
-from model_rollouts.engine import bandit, series, stats
+from model_rollouts.analysis import stats
+from model_rollouts.engine import bandit, series
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
 from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
@@ -1093,7 +1094,7 @@ def _compare_all(
     c_status.estimate = _estimate(cdata)
     c_status.verdict, c_status.reason = "control", "the control: every variant is compared with it"
     treatments = [n for n in active if n != ctrl]
-    results: dict[str, stats.Comparison] = {}
+    results: dict[str, stats.ComparisonResult] = {}
     for n in treatments:
         kwargs = {
             "alpha": sc.alpha,

@@ -37,7 +37,8 @@ from model_rollouts.api.rollout import (
     ModelRolloutSpec,
     ModelRolloutStatus,
 )
-from model_rollouts.engine import series, stats
+from model_rollouts.analysis import stats
+from model_rollouts.engine import series
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures

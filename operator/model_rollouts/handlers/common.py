@@ -57,7 +57,7 @@ from model_rollouts.api.template import (
     TEMPLATE_PLURAL,
     MetricTemplateSpec,
 )
-from model_rollouts.engine import stats
+from model_rollouts.analysis import stats
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.status import bound_texts
 from model_rollouts.engine.status import invalid as invalid_status
