@@ -54,9 +54,9 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from model_rollouts.analysis import stats
 from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
 from model_rollouts.engine import rollout as eng
-from model_rollouts.analysis import stats
 from model_rollouts.engine.bandit import thompson_weights
 
 ALPHA = 0.05

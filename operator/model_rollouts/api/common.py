@@ -362,7 +362,7 @@ Verdict = Literal["pass", "fail", "inconclusive", "noData", "error"]
 #: Where an experiment variant stands, as stored in status.variants[].verdict.
 VariantVerdict = Literal["control", "better", "worse", "inconclusive", "dropped", "notSelected"]
 #: What a measurement returned: a finite value, no series, NaN/inf, or the provider could not be asked.
-Outcome = Literal["value", "noData", "nan", "error"]
+Outcome = Literal["value", "noData", "error", "nan"]
 
 
 class Measurement(Model):

@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from model_rollouts import leader, telemetry
+from model_rollouts.analysis import stats
 from model_rollouts.api.common import (
     GROUP,
     MAX_MESSAGE,
@@ -57,7 +58,6 @@ from model_rollouts.api.template import (
     TEMPLATE_PLURAL,
     MetricTemplateSpec,
 )
-from model_rollouts.analysis import stats
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.status import bound_texts
 from model_rollouts.engine.status import invalid as invalid_status
