@@ -66,3 +66,8 @@ def with_names(shared: Mapping[str, Any], names: tuple[str, str]) -> dict[str, A
         f"{base}N": shared.get("baselineN"),
         f"{cand}N": shared.get("candidateN"),
     }
+
+
+def baseline_name(spec: Mapping[str, Any]) -> str:
+    """The baseline arm's name in a spec: an experiment's control variant, else a rollout's stable."""
+    return next((str(v.get("name")) for v in spec.get("variants") or [] if v.get("control")), "stable")

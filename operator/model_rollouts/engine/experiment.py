@@ -29,9 +29,10 @@ Rules, in the order they are applied at each analysis:
    the counts each active variant received since the split came into effect, against the weights in
    force. Counting starts at the first analysis *after* the split was written (so the start-up
    transient, e.g. from a route that still sent 100% to the control, is not counted) and restarts
-   whenever the split changes. The test is anytime-valid (see :func:`_srm_p_value`); below
-   ``stoppingRules.srmAlpha`` the experiment pauses (weights unchanged) until the
-   ``mlrollouts.io/resume`` annotation is set, which also restarts the count.
+   whenever the split changes. The test is anytime-valid (see
+   :func:`model_rollouts.analysis.srm.p_value`); below ``stoppingRules.srmAlpha`` the experiment
+   pauses (weights unchanged) until the ``mlrollouts.io/resume`` annotation is set, which also
+   restarts the count.
 4. The decision, once every active variant has ``minSamplesPerVariant`` samples (fixedHorizon: the
    planned sample size, since that test is valid at one look only): every active non-control variant
    is compared with the control, p-values are Holm-adjusted across variants (frequentist methods);
