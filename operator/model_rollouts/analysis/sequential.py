@@ -38,21 +38,31 @@ class SequentialSpec:
 
 def compare(spec: SequentialSpec, strata: Strata) -> stats.ComparisonResult:
     """The statistics of the candidate against the baseline (all strata of one type)."""
-    common = {
-        "alpha": spec.alpha,
-        "better": spec.better,
-        "allocation": spec.allocation,
-        "labels": spec.labels,
-    }
     proportions = isinstance(strata[-1][0], stats.ProportionData)
     if spec.method is None:
-        kw = {**common, "test": spec.test, "margin": spec.margin}
-        fn = stats.compare_proportions_stratified if proportions else stats.compare_means_stratified
-        return fn(strata, **kw)  # type: ignore[arg-type]
-    b, c = strata[-1]
-    kw = {**common, "method": spec.method, "mde": spec.mde, "max_samples": spec.max_samples}
+        stratified = stats.compare_proportions_stratified if proportions else stats.compare_means_stratified
+        return stratified(
+            strata,  # type: ignore[arg-type]
+            alpha=spec.alpha,
+            better=spec.better,
+            test=spec.test,
+            margin=spec.margin,
+            allocation=spec.allocation,
+            labels=spec.labels,
+        )
     single = stats.compare_proportions if proportions else stats.compare_means
-    return single(b, c, **kw)  # type: ignore[arg-type]
+    baseline, candidate = strata[-1]
+    return single(
+        baseline,  # type: ignore[arg-type]
+        candidate,  # type: ignore[arg-type]
+        alpha=spec.alpha,
+        better=spec.better,
+        method=spec.method,
+        mde=spec.mde,
+        max_samples=spec.max_samples,
+        allocation=spec.allocation,
+        labels=spec.labels,
+    )
 
 
 def numbers(spec: SequentialSpec, r: stats.ComparisonResult) -> dict[str, float]:

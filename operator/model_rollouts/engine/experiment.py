@@ -83,6 +83,7 @@ from model_rollouts.analysis.vocabulary import Result
 from model_rollouts.api.common import (
     Condition,
     Measurement,
+    VariantVerdict,
     action_annotations,
     dump,
     get_condition,
@@ -1142,7 +1143,7 @@ def _compare_all(
         better = _in_better_direction(r.difference, pm.better)
         if frequentist:
             adj = adjusted[n]
-            verdict = ("better" if better else "worse") if adj < sc.alpha else "inconclusive"
+            verdict: VariantVerdict = ("better" if better else "worse") if adj < sc.alpha else "inconclusive"
             note = f"; Holm-adjusted p = {adj:.3g} (alpha {sc.alpha:g}, {len(treatments)} comparison(s))"
         else:
             p_best = ptb.get(n)
