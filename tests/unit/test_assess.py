@@ -38,7 +38,49 @@ MEASURED = {
 }
 
 
-class Rollout:
+class Kind:
+    """What a test reads of either kind."""
+
+    status: ModelRolloutStatus | ModelExperimentStatus
+    events: list[str]
+    #: The key of the candidate's guardrail in status.guardrailFailures.
+    failure_key = "errors"
+
+    @property
+    def phase(self) -> str:
+        return self.status.phase
+
+    @property
+    def running(self) -> bool:
+        return self.status.phase in ("Progressing", "Running", "Paused")
+
+    @property
+    def failures(self) -> int:
+        return self.status.guardrailFailures.get(self.failure_key, 0)
+
+    @property
+    def errors(self) -> int:
+        return self.status.consecutiveErrors
+
+    @property
+    def message(self) -> str:
+        return self.status.message or ""
+
+    def healthy(self) -> Condition:
+        c = get_condition(self.status.conditions, "Healthy")
+        assert c is not None
+        return c
+
+    def analyse(self, outcome: str) -> None:
+        """One analysis in which the candidate's guardrail measures ``outcome`` (see MEASURED)."""
+        raise NotImplementedError
+
+    @property
+    def candidate_weight(self) -> int:
+        raise NotImplementedError
+
+
+class Rollout(Kind):
     """A rollout at weight 20 before a step to 100: every tick is one analysis of the candidate."""
 
     kind = "rollout"
@@ -74,40 +116,16 @@ class Rollout:
         self._reconcile(reng.Observations(guardrails={"errors": MEASURED[outcome]}))
 
     @property
-    def phase(self) -> str:
-        return self.status.phase
-
-    @property
-    def running(self) -> bool:
-        return self.status.phase in ("Progressing", "Paused")
-
-    @property
     def candidate_weight(self) -> int:
         return self.status.weight
 
-    @property
-    def failures(self) -> int:
-        return self.status.guardrailFailures.get("errors", 0)
 
-    @property
-    def errors(self) -> int:
-        return self.status.consecutiveErrors
-
-    def healthy(self) -> Condition:
-        c = get_condition(self.status.conditions, "Healthy")
-        assert c is not None
-        return c
-
-    @property
-    def message(self) -> str:
-        return self.status.message
-
-
-class Experiment:
+class Experiment(Kind):
     """A two-variant experiment far from its decision: every tick is one analysis of both variants,
     the control always measuring well, the variant ``v1`` as the test says."""
 
     kind = "experiment"
+    failure_key = "v1/errors"
 
     def __init__(self, **analysis: Any) -> None:
         self.spec = ModelExperimentSpec.model_validate(
@@ -149,41 +167,15 @@ class Experiment:
         self._reconcile(xeng.Observations(variants=variants))
 
     @property
-    def phase(self) -> str:
-        return self.status.phase
-
-    @property
-    def running(self) -> bool:
-        return self.status.phase in ("Running", "Paused")
-
-    @property
     def candidate_weight(self) -> int:
         return next(v.weight for v in self.status.variants if v.name == "v1")
 
-    @property
-    def failures(self) -> int:
-        return self.status.guardrailFailures.get("v1/errors", 0)
-
-    @property
-    def errors(self) -> int:
-        return self.status.consecutiveErrors
-
-    def healthy(self) -> Condition:
-        c = get_condition(self.status.conditions, "Healthy")
-        assert c is not None
-        return c
-
-    @property
-    def message(self) -> str:
-        return self.status.message
-
 
 KINDS = [pytest.param(Rollout, id="rollout"), pytest.param(Experiment, id="experiment")]
-Kind = type[Rollout] | type[Experiment]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_failure_limit_counts_consecutive_breaches_and_then_rolls_back(kind: Kind) -> None:
+def test_failure_limit_counts_consecutive_breaches_and_then_rolls_back(kind: type[Kind]) -> None:
     k = kind()
     k.analyse("breach")
     assert k.running and k.failures == 1
@@ -199,7 +191,7 @@ def test_failure_limit_counts_consecutive_breaches_and_then_rolls_back(kind: Kin
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_error_limit_rollback_after_consecutive_failed_measurements(kind: Kind) -> None:
+def test_error_limit_rollback_after_consecutive_failed_measurements(kind: type[Kind]) -> None:
     k = kind(errorLimit=3)
     k.analyse("error")
     k.analyse("error")
@@ -215,7 +207,7 @@ def test_error_limit_rollback_after_consecutive_failed_measurements(kind: Kind) 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_error_limit_hold_keeps_the_weights_and_warns_once(kind: Kind) -> None:
+def test_error_limit_hold_keeps_the_weights_and_warns_once(kind: type[Kind]) -> None:
     k = kind(errorLimit=2, onErrorLimit="hold")
     before = k.candidate_weight
     for _ in range(5):
@@ -232,7 +224,7 @@ def test_error_limit_hold_keeps_the_weights_and_warns_once(kind: Kind) -> None:
 @pytest.mark.parametrize(
     ("outcome", "reason"), [("noData", "NoData"), ("nan", "NoData"), ("error", "MeasurementError")]
 )
-def test_missing_data_holds_under_no_data_hold(kind: Kind, outcome: str, reason: str) -> None:
+def test_missing_data_holds_under_no_data_hold(kind: type[Kind], outcome: str, reason: str) -> None:
     k = kind(errorLimit=50)
     before = k.candidate_weight
     for _ in range(4):
@@ -244,7 +236,7 @@ def test_missing_data_holds_under_no_data_hold(kind: Kind, outcome: str, reason:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_data_under_no_data_fail_rolls_back_at_once(kind: Kind) -> None:
+def test_no_data_under_no_data_fail_rolls_back_at_once(kind: type[Kind]) -> None:
     k = kind(noData="fail")
     k.analyse("noData")
     assert k.phase == "RolledBack" and k.candidate_weight == 0
@@ -253,14 +245,14 @@ def test_no_data_under_no_data_fail_rolls_back_at_once(kind: Kind) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_data_fail_policy_never_fails_on_a_failed_measurement(kind: Kind) -> None:
+def test_no_data_fail_policy_never_fails_on_a_failed_measurement(kind: type[Kind]) -> None:
     k = kind(noData="fail", errorLimit=5)
     k.analyse("error")
     assert k.running and k.healthy().reason == "MeasurementError"
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_healthy_is_true_when_every_measurement_passes(kind: Kind) -> None:
+def test_healthy_is_true_when_every_measurement_passes(kind: type[Kind]) -> None:
     k = kind()
     k.analyse("pass")
     h = k.healthy()

@@ -725,6 +725,41 @@ def _policy(spec: ModelExperimentSpec) -> Policy:
     return Policy(spec.analysis, spec.guardrails, per_arm=True, breach_holds=False, breach_unhealthy=True)
 
 
+@dataclass
+class _Analysis:
+    """One analysis in progress: what the steps of :func:`_analyse` share."""
+
+    spec: ModelExperimentSpec
+    s: ModelExperimentStatus
+    actions: list[Action]
+    now: datetime
+    generation: int
+    a: Assessment
+    #: Each variant's primary-metric data (cumulative).
+    data: dict[str, Data]
+
+    @property
+    def control(self) -> str:
+        return control_of(self.spec).name
+
+    def variant(self, name: str) -> VariantStatus:
+        return next(v for v in self.s.variants if v.name == name)
+
+    def guard_values(self) -> dict[str, float]:
+        guard = [m for m in self.a.fresh if m.kind == "guardrail"]
+        return {f"{m.variant}/{m.name}": m.value for m in guard if m.value is not None}
+
+    def roll_back(
+        self, decision: str, reason: str, message: str, values: dict[str, float] | None
+    ) -> Decision:
+        """RolledBack, all traffic to the control."""
+        self.s.lastAnalysis = [m for ms in self.a.by_arm.values() for m in ms]
+        return _finish(
+            self.spec, self.s, self.actions, self.now, self.generation, "RolledBack", decision, None, reason,
+            message, values, to_control=True,
+        )  # fmt: skip
+
+
 def _analyse(
     spec: ModelExperimentSpec,
     s: ModelExperimentStatus,
@@ -738,25 +773,24 @@ def _analyse(
     s.lastAnalysisTime = now
     prev_healthy = get_condition(s.conditions, "Healthy")
     data, per_variant = _observe(spec, s, obs)
-    measurements = [m for ms in per_variant.values() for m in ms]
     a = assess(_policy(spec), per_variant, s.guardrailFailures, s.consecutiveErrors)
     s.guardrailFailures, s.consecutiveErrors = a.failures, a.consecutive_errors
+    x = _Analysis(spec, s, actions, now, generation, a, data)
     # 1. Which variants fail: the assessment's, or no data for noDataTimeout under onNoDataTimeout: drop.
-    failed = _failed(spec, s, a, now)
-    ended = _control_failure(spec, s, actions, a, failed, prev_healthy, now, generation)
-    ended = ended or _drop(spec, s, actions, a, failed, data, now, generation)
+    failed = _failed(x)
+    ended = _control_failure(x, failed, prev_healthy) or _drop(x, failed)
     # 2. The error limit; any missing measurement of an active variant holds.
-    ended = ended or _error_limit(spec, s, actions, a, now, generation)
+    ended = ended or _error_limit(x)
     if ended is not None:
         return ended
-    by_name = {v.name: v for v in s.variants}
-    active_names = [v.name for v in spec.variants if by_name[v.name].active]
+    active = {v.name for v in s.variants if v.active}
+    active_names = [v.name for v in spec.variants if v.name in active]
     if holding := a.missing(active_names):
-        s.lastAnalysis = measurements
-        return _hold(spec, s, actions, holding, now, generation)
+        s.lastAnalysis = [m for ms in per_variant.values() for m in ms]
+        return _hold(x, holding)
     # 3. Sample-ratio mismatch.
     _srm(spec, s, actions, active_names, now, generation)
-    return _decide_and_allocate(spec, s, actions, data, active_names, a, now, generation)
+    return _decide_and_allocate(x, active_names)
 
 
 def _observe(
@@ -792,26 +826,23 @@ def _variant_measurements(
     return ms
 
 
-def _failed(
-    spec: ModelExperimentSpec, s: ModelExperimentStatus, a: Assessment, now: datetime
-) -> dict[str, list[str]]:
+def _failed(x: _Analysis) -> dict[str, list[str]]:
     """The variants that fail now, with why: the assessment's (failureLimit, noData: fail), or no
     data for analysis.noDataTimeout under onNoDataTimeout: drop."""
-    an = spec.analysis
+    an = x.spec.analysis
     timeout = parse_duration(an.noDataTimeout)
-    shared = a.failed()
-    by_name = {v.name: v for v in s.variants}
+    shared = x.a.failed()
     out: dict[str, list[str]] = {}
-    for name, ms in a.by_arm.items():
-        vs = by_name[name]
+    for name, ms in x.a.by_arm.items():
+        vs = x.variant(name)
         why = list(shared.get(name, []))
         if any(m.verdict == "noData" for m in ms):
-            vs.noDataSince = vs.noDataSince or now
-            silent = (now - vs.noDataSince).total_seconds()
-            if an.onNoDataTimeout == "drop" and silent >= timeout and name not in a.no_data_fail:
+            vs.noDataSince = vs.noDataSince or x.now
+            silent = (x.now - vs.noDataSince).total_seconds()
+            if an.onNoDataTimeout == "drop" and silent >= timeout and name not in x.a.no_data_fail:
                 why.append(
                     f"no data for {silent:.0f}s, analysis.noDataTimeout {an.noDataTimeout} "
-                    f"(onNoDataTimeout drop): {'; '.join(m.message for m in a.missing([name]))}"
+                    f"(onNoDataTimeout drop): {'; '.join(m.message for m in x.a.missing([name]))}"
                 )
         else:
             vs.noDataSince = None
@@ -820,86 +851,42 @@ def _failed(
     return out
 
 
-def _guard_values(a: Assessment) -> dict[str, float]:
-    return {
-        f"{m.variant}/{m.name}": m.value for m in a.fresh if m.kind == "guardrail" and m.value is not None
-    }
-
-
-def _roll_back(
-    spec: ModelExperimentSpec,
-    s: ModelExperimentStatus,
-    actions: list[Action],
-    a: Assessment,
-    now: datetime,
-    generation: int,
-    ending: tuple[str, str, str],
-    values: dict[str, float] | None,
-) -> Decision:
-    """RolledBack, all traffic to the control. ``ending``: (decision, reason, message)."""
-    s.lastAnalysis = [m for ms in a.by_arm.values() for m in ms]
-    decision, reason, message = ending
-    return _finish(
-        spec, s, actions, now, generation, "RolledBack", decision, None, reason, message, values,
-        to_control=True,
-    )  # fmt: skip
-
-
 def _control_failure(
-    spec: ModelExperimentSpec,
-    s: ModelExperimentStatus,
-    actions: list[Action],
-    a: Assessment,
-    failed: dict[str, list[str]],
-    prev_healthy: Condition | None,
-    now: datetime,
-    generation: int,
+    x: _Analysis, failed: dict[str, list[str]], prev_healthy: Condition | None
 ) -> Decision | None:
     """A failing control leaves no safe variant: roll back (onFailure rollback) or warn and keep.
     Sets the Healthy condition of this analysis."""
-    ctrl = control_of(spec).name
+    ctrl, s = x.control, x.s
     failing: tuple[str, str] | None = None
     if ctrl in failed:
         why_c = f"the control {ctrl} fails: " + "; ".join(failed[ctrl])
-        if spec.onFailure == "rollback":
+        if x.spec.onFailure == "rollback":
             for vst in s.variants:
                 vst.active = vst.name == ctrl
             msg = f"{why_c}: no variant is safe, all traffic to the control (onFailure rollback)"
-            return _roll_back(
-                spec, s, actions, a, now, generation, ("rolledBack", "GuardrailFailed", msg), _guard_values(a)
-            )
+            return x.roll_back("rolledBack", "GuardrailFailed", msg, x.guard_values())
         failing = ("ControlFailing", f"{why_c}; onFailure is keep: traffic unchanged")
         # Warn when the control starts failing, not at every failing analysis after it.
         if prev_healthy is None or prev_healthy.reason != "ControlFailing":
-            actions.append(Event("Warning", "ControlGuardrailFailed", failing[1]))
-            _history(s, now, "GuardrailFailed", "ControlGuardrailFailed", failing[1], _guard_values(a))
-    h = a.health(failed, failing)
-    s.conditions = set_condition(s.conditions, "Healthy", h.status, h.reason, h.message, now, generation)
+            x.actions.append(Event("Warning", "ControlGuardrailFailed", failing[1]))
+            _history(s, x.now, "GuardrailFailed", "ControlGuardrailFailed", failing[1], x.guard_values())
+    h = x.a.health(failed, failing)
+    s.conditions = set_condition(s.conditions, "Healthy", h.status, h.reason, h.message, x.now, x.generation)
     return None
 
 
-def _drop(
-    spec: ModelExperimentSpec,
-    s: ModelExperimentStatus,
-    actions: list[Action],
-    a: Assessment,
-    failed: dict[str, list[str]],
-    data: dict[str, Data],
-    now: datetime,
-    generation: int,
-) -> Decision | None:
+def _drop(x: _Analysis, failed: dict[str, list[str]]) -> Decision | None:
     """Failing non-control variants leave (weight 0); rolled back when none but the control is left."""
-    ctrl = control_of(spec).name
-    by_name = {v.name: v for v in s.variants}
+    ctrl, s = x.control, x.s
     dropped = [n for n in failed if n != ctrl]
     for name in dropped:
-        vs = by_name[name]
+        vs = x.variant(name)
         vs.active = False
         vs.verdict = "dropped"
         vs.reason = "; ".join(failed[name])
         msg = f"variant {name} dropped (weight {vs.weight} -> 0): " + "; ".join(failed[name])
-        actions.append(Event("Warning", "VariantDropped", msg))
-        _history(s, now, "VariantDropped", "VariantFailed", msg, _guard_values(a))
+        x.actions.append(Event("Warning", "VariantDropped", msg))
+        _history(s, x.now, "VariantDropped", "VariantFailed", msg, x.guard_values())
     if not dropped:
         return None
     active = {v.name for v in s.variants if v.active}
@@ -909,89 +896,61 @@ def _drop(
             if s.confirmation is not None
             else "every non-control variant was dropped: all traffic to the control"
         )
-        return _roll_back(
-            spec, s, actions, a, now, generation, ("rolledBack", "GuardrailFailed", msg), _guard_values(a)
-        )
-    if spec.allocation.strategy == "fixed":
-        new = fixed_weights(spec, active)
+        return x.roll_back("rolledBack", "GuardrailFailed", msg, x.guard_values())
+    if x.spec.allocation.strategy == "fixed":
+        new = fixed_weights(x.spec, active)
         because = f"redistributed after dropping {', '.join(dropped)}"
     else:
-        new = _thompson(spec, s, data, generation, now)
+        new = _thompson(x.spec, s, x.data, x.generation, x.now)
         because = f"bandit excludes {', '.join(dropped)}"
-    _set_weights(spec, s, actions, now, new, because, event=False)
+    _set_weights(x.spec, s, x.actions, x.now, new, because, event=False)
     return None
 
 
-def _error_limit(
-    spec: ModelExperimentSpec,
-    s: ModelExperimentStatus,
-    actions: list[Action],
-    a: Assessment,
-    now: datetime,
-    generation: int,
-) -> Decision | None:
+def _error_limit(x: _Analysis) -> Decision | None:
     """At analysis.errorLimit: roll back (onErrorLimit rollback) or hold, warning once."""
-    if not a.error_limit_reached:
+    if not x.a.error_limit_reached:
         return None
-    msg = a.error_limit_message()
-    if spec.analysis.onErrorLimit == "rollback":
-        ending = (
-            "errorLimit",
-            "ErrorLimitReached",
-            f"{msg}; all traffic to the control (onErrorLimit rollback)",
-        )
-        return _roll_back(spec, s, actions, a, now, generation, ending, None)
-    if a.error_limit_first:
-        actions.append(Event("Warning", "ErrorLimitReached", f"{msg}; holding (onErrorLimit hold)"))
-        _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
+    msg = x.a.error_limit_message()
+    if x.spec.analysis.onErrorLimit == "rollback":
+        why = f"{msg}; all traffic to the control (onErrorLimit rollback)"
+        return x.roll_back("errorLimit", "ErrorLimitReached", why, None)
+    if x.a.error_limit_first:
+        x.actions.append(Event("Warning", "ErrorLimitReached", f"{msg}; holding (onErrorLimit hold)"))
+        _history(x.s, x.now, "ErrorLimitReached", "ErrorLimitReached", msg)
     return None
 
 
-def _hold(
-    spec: ModelExperimentSpec,
-    s: ModelExperimentStatus,
-    actions: list[Action],
-    holding: list[Measurement],
-    now: datetime,
-    generation: int,
-) -> Decision | None:
+def _hold(x: _Analysis, holding: list[Measurement]) -> Decision | None:
     """Missing measurements hold the analysis; the deadline still holds (missing evidence never makes
     a winner)."""
     kind = "measurement error" if any(m.verdict == "error" for m in holding) else "no data"
-    s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
-    elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
-    if elapsed < parse_duration(spec.stoppingRules.maxDuration):
+    x.s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
+    elapsed = (x.now - x.s.startedAt).total_seconds() if x.s.startedAt else 0.0
+    if elapsed < parse_duration(x.spec.stoppingRules.maxDuration):
         return None
-    msg = f"no winner: maxDuration {spec.stoppingRules.maxDuration} elapsed while {s.message}"
-    return _null(spec, s, actions, now, generation, "noWinner", "NoWinner", msg, {})
+    msg = f"no winner: maxDuration {x.spec.stoppingRules.maxDuration} elapsed while {x.s.message}"
+    return _null(x.spec, x.s, x.actions, x.now, x.generation, "noWinner", "NoWinner", msg, {})
 
 
-def _decide_and_allocate(
-    spec: ModelExperimentSpec,
-    s: ModelExperimentStatus,
-    actions: list[Action],
-    data: dict[str, Data],
-    active_names: list[str],
-    a: Assessment,
-    now: datetime,
-    generation: int,
-) -> Decision | None:
+def _decide_and_allocate(x: _Analysis, active_names: list[str]) -> Decision | None:
+    spec, s, actions, data = x.spec, x.s, x.actions, x.data
     # 4. The decision, on the confirmation's own samples during a Thompson confirmation.
     cmp_data = _confirmation_data(s, data) if s.confirmation is not None else data
     comparisons = _compare_all(spec, s, cmp_data, active_names)
-    s.lastAnalysis = [m for m in a.fresh if m.kind == "guardrail"] + comparisons
+    s.lastAnalysis = [m for m in x.a.fresh if m.kind == "guardrail"] + comparisons
     _sample_size(spec, s, cmp_data, active_names)
     if spec.paused or _srm_held(s):
         return None
-    ended = _decide(spec, s, actions, cmp_data, data, active_names, now, generation)
+    ended = _decide(spec, s, actions, cmp_data, data, active_names, x.now, x.generation)
     if ended is not None:
         return ended
     # 5. Allocation (the bandit phase only: a confirmation holds its fixed split).
     if spec.allocation.strategy == "thompson" and s.confirmation is None:
-        new = _thompson(spec, s, data, generation, now)
+        new = _thompson(spec, s, data, x.generation, x.now)
         if new != _weights(s):
             analysis = s.message
-            _set_weights(spec, s, actions, now, new, "thompson sampling update", event=False, record=False)
+            _set_weights(spec, s, actions, x.now, new, "thompson sampling update", event=False, record=False)
             s.message = f"{analysis}; {s.message}"
     return None
 
