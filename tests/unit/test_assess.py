@@ -281,12 +281,7 @@ def _rollout_object() -> dict[str, Any]:
     st = reng.reconcile(spec, ModelRolloutStatus(), now=T0, generation=1).status
     obs = reng.Observations(comparisons={"ctr": reng.ComparisonData(STABLE, CANDIDATE)})
     st = reng.reconcile(spec, st, now=T0 + timedelta(seconds=10), generation=1, observations=obs).status
-    return {
-        "kind": "ModelRollout",
-        "metadata": {"name": "r", "namespace": "ml"},
-        "spec": dump(spec),
-        "status": dump(st),
-    }
+    return _object("ModelRollout", spec, st)
 
 
 def _experiment_object() -> dict[str, Any]:
@@ -310,11 +305,15 @@ def _experiment_object() -> dict[str, Any]:
     }
     obs = xeng.Observations(variants=variants)
     st = xeng.reconcile(spec, st, now=T0 + timedelta(seconds=10), generation=1, observations=obs).status
+    return _object("ModelExperiment", spec, st)
+
+
+def _object(kind: str, spec: Any, status: Any) -> dict[str, Any]:
     return {
-        "kind": "ModelExperiment",
-        "metadata": {"name": "x", "namespace": "ml"},
+        "kind": kind,
+        "metadata": {"name": "a", "namespace": "ml"},
         "spec": dump(spec),
-        "status": dump(st),
+        "status": dump(status),
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from model_rollouts.analysis import stats
 from model_rollouts.analysis.comparison import with_names
@@ -39,30 +40,19 @@ class SequentialSpec:
 def compare(spec: SequentialSpec, strata: Strata) -> stats.ComparisonResult:
     """The statistics of the candidate against the baseline (all strata of one type)."""
     proportions = isinstance(strata[-1][0], stats.ProportionData)
+    common: dict[str, Any] = {
+        "alpha": spec.alpha,
+        "better": spec.better,
+        "allocation": spec.allocation,
+        "labels": spec.labels,
+    }
     if spec.method is None:
         stratified = stats.compare_proportions_stratified if proportions else stats.compare_means_stratified
-        return stratified(
-            strata,  # type: ignore[arg-type]
-            alpha=spec.alpha,
-            better=spec.better,
-            test=spec.test,
-            margin=spec.margin,
-            allocation=spec.allocation,
-            labels=spec.labels,
-        )
+        return stratified(strata, test=spec.test, margin=spec.margin, **common)  # type: ignore[arg-type]
     single = stats.compare_proportions if proportions else stats.compare_means
+    extra = {"method": spec.method, "mde": spec.mde, "max_samples": spec.max_samples}
     baseline, candidate = strata[-1]
-    return single(
-        baseline,  # type: ignore[arg-type]
-        candidate,  # type: ignore[arg-type]
-        alpha=spec.alpha,
-        better=spec.better,
-        method=spec.method,
-        mde=spec.mde,
-        max_samples=spec.max_samples,
-        allocation=spec.allocation,
-        labels=spec.labels,
-    )
+    return single(baseline, candidate, **extra, **common)  # type: ignore[arg-type]
 
 
 def numbers(spec: SequentialSpec, r: stats.ComparisonResult) -> dict[str, float]:
