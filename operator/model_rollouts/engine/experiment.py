@@ -1099,17 +1099,7 @@ def _compare_all(
         vs.ciLow = r.ci_low if math.isfinite(r.ci_low) else None
         vs.ciHigh = r.ci_high if math.isfinite(r.ci_high) else None
         vs.adjustedPValue = adjusted.get(n)
-        better = _in_better_direction(r.difference, pm.better)
-        if frequentist:
-            adj = adjusted[n]
-            verdict: VariantVerdict = ("better" if better else "worse") if adj < sc.alpha else "inconclusive"
-            note = f"; Holm-adjusted p = {adj:.3g} (alpha {sc.alpha:g}, {len(treatments)} comparison(s))"
-        else:
-            p_best = ptb.get(n)
-            verdict = "better" if r.verdict == "pass" else "worse" if r.verdict == "fail" else "inconclusive"
-            note = f"; P(best) = {p_best:.3g}" if p_best is not None else ""
-        if verdict == "inconclusive" and r.more_samples_needed is not None:
-            note += f"; about {r.more_samples_needed:.0f} more samples (both arms) to decide"
+        verdict, note = _variant_verdict(spec, r, adjusted.get(n), ptb.get(n), len(treatments))
         vs.verdict = verdict
         vs.reason = r.reason + note
         details = sequential.numbers(specs[n], r)
@@ -1133,6 +1123,25 @@ def _compare_all(
             )
         )
     return out
+
+
+def _variant_verdict(
+    spec: ModelExperimentSpec, r: stats.ComparisonResult, adjusted: float | None, p_best: float | None, m: int
+) -> tuple[VariantVerdict, str]:
+    """A variant against the control: better, worse or inconclusive (on its Holm-adjusted p-value for
+    the frequentist methods, of ``m`` comparisons), and a note saying on what."""
+    sc = spec.successCriteria
+    verdict: VariantVerdict
+    if adjusted is not None:
+        better = _in_better_direction(r.difference, spec.primaryMetric.better)
+        verdict = ("better" if better else "worse") if adjusted < sc.alpha else "inconclusive"
+        note = f"; Holm-adjusted p = {adjusted:.3g} (alpha {sc.alpha:g}, {m} comparison(s))"
+    else:
+        verdict = "better" if r.verdict == "pass" else "worse" if r.verdict == "fail" else "inconclusive"
+        note = f"; P(best) = {p_best:.3g}" if p_best is not None else ""
+    if verdict == "inconclusive" and r.more_samples_needed is not None:
+        note += f"; about {r.more_samples_needed:.0f} more samples (both arms) to decide"
+    return verdict, note
 
 
 def _allocation(s: ModelExperimentStatus, control: str, treatment: str) -> float:
