@@ -5,12 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model_rollouts.api.common import Measurement, Outcome, VariantVerdict, Verdict
+from model_rollouts.api.common import ArmCounts, Measurement, Outcome, VariantVerdict, Verdict
 
-__all__ = ["ROLES", "Finding", "Outcome", "Result", "Role", "VariantVerdict", "Verdict", "measurement"]
+__all__ = [
+    "ROLES",
+    "ArmCounts",
+    "Finding",
+    "Outcome",
+    "Result",
+    "Role",
+    "VariantVerdict",
+    "Verdict",
+    "measurement",
+]
 
 #: The two sides of every comparison: the baseline (a rollout's stable, an experiment's control) and
 #: the candidate (a rollout's candidate, an experiment's variant).
+#: Per arm, its sufficient statistics are ``ArmCounts`` (n, total, squares), stored per epoch in status.
 Role = Literal["baseline", "candidate"]
 ROLES: tuple[Role, Role] = ("baseline", "candidate")
 
