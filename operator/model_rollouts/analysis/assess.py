@@ -136,6 +136,9 @@ class Assessment:
             f"analysis.errorLimit {self.policy.analysis.errorLimit}: {errors}"
         )
 
+    def error_limit_hold_message(self) -> str:
+        return f"{self.error_limit_message()}; holding (onErrorLimit hold)"
+
     # -- holds and health
 
     def hold_reasons(self, arms: Sequence[str] | None = None) -> list[str]:
@@ -152,9 +155,7 @@ class Assessment:
         engine's own (reason, message) for a failure it tolerates (e.g. a failing control it keeps)."""
         failed = self.failed() if failed is None else failed
         if self.error_limit_reached:
-            return Health(
-                "False", "ErrorLimitReached", f"{self.error_limit_message()}; holding (onErrorLimit hold)"
-            )
+            return Health("False", "ErrorLimitReached", self.error_limit_hold_message())
         if failing is not None:
             return Health("False", *failing)
         breaches = [

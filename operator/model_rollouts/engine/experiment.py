@@ -916,7 +916,7 @@ def _error_limit(x: _Analysis) -> Decision | None:
         why = f"{msg}; all traffic to the control (onErrorLimit rollback)"
         return x.roll_back("errorLimit", "ErrorLimitReached", why, None)
     if x.a.error_limit_first:
-        x.actions.append(Event("Warning", "ErrorLimitReached", f"{msg}; holding (onErrorLimit hold)"))
+        x.actions.append(Event("Warning", "ErrorLimitReached", x.a.error_limit_hold_message()))
         _history(x.s, x.now, "ErrorLimitReached", "ErrorLimitReached", msg)
     return None
 

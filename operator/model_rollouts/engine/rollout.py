@@ -721,9 +721,8 @@ def _measure(
     if end is not None:
         return _finish(s, actions, now, generation, "RolledBack", 0, *end, _values(results)), []
     if a.error_limit_reached and a.error_limit_first:
-        msg = a.error_limit_message()
-        actions.append(Event("Warning", "ErrorLimitReached", msg + "; holding (onErrorLimit hold)"))
-        _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
+        actions.append(Event("Warning", "ErrorLimitReached", a.error_limit_hold_message()))
+        _history(s, now, "ErrorLimitReached", "ErrorLimitReached", a.error_limit_message())
     h = a.health()
     s.conditions = set_condition(s.conditions, "Healthy", h.status, h.reason, h.message, now, generation)
     return None, a.hold_reasons()
