@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from model_rollouts.analysis.stats import MeanData, ProportionData
 from model_rollouts.api.common import dump, get_condition
 from model_rollouts.api.experiment import ModelExperimentSpec, ModelExperimentStatus
 from model_rollouts.engine import experiment as engine
@@ -23,7 +24,6 @@ from model_rollouts.engine.experiment import (
     reconcile,
     revision_of,
 )
-from model_rollouts.engine.stats import MeanData, ProportionData
 from model_rollouts.metrics.provider import Result
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

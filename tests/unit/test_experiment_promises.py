@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.api.common import get_condition
 from model_rollouts.api.crdgen import openapi_schema
 from model_rollouts.api.experiment import ModelExperimentSpec, ModelExperimentStatus
@@ -26,7 +27,6 @@ from model_rollouts.engine.experiment import (
     route_weights,
     validate,
 )
-from model_rollouts.engine.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 from tests.unit.test_experiment_engine import (
     T0,

@@ -20,7 +20,7 @@ Rules, in the order they are applied at each analysis:
    weights, which keeps every pair's ratio and so the pooled comparisons honest; thompson: the
    bandit excludes it). A failing control leaves no safe variant: with ``onFailure: rollback`` the
    experiment is RolledBack with all traffic to the control; with ``keep`` it only warns.
-2. The shared gate (:func:`model_rollouts.engine.guardrails.gate`): no data, NaN and failed
+2. The shared assessment (:func:`model_rollouts.analysis.assess.assess`): no data, NaN and failed
    measurements never pass and are never zero. Any of them on an active variant holds the analysis
    (no SRM check, no decision, no allocation change). Failed measurements count toward
    ``analysis.errorLimit`` consecutive analyses; reaching it applies ``onErrorLimit`` (rollback:
@@ -29,9 +29,10 @@ Rules, in the order they are applied at each analysis:
    the counts each active variant received since the split came into effect, against the weights in
    force. Counting starts at the first analysis *after* the split was written (so the start-up
    transient, e.g. from a route that still sent 100% to the control, is not counted) and restarts
-   whenever the split changes. The test is anytime-valid (see :func:`_srm_p_value`); below
-   ``stoppingRules.srmAlpha`` the experiment pauses (weights unchanged) until the
-   ``mlrollouts.io/resume`` annotation is set, which also restarts the count.
+   whenever the split changes. The test is anytime-valid (see
+   :func:`model_rollouts.analysis.srm.p_value`); below ``stoppingRules.srmAlpha`` the experiment
+   pauses (weights unchanged) until the ``mlrollouts.io/resume`` annotation is set, which also
+   restarts the count.
 4. The decision, once every active variant has ``minSamplesPerVariant`` samples (fixedHorizon: the
    planned sample size, since that test is valid at one look only): every active non-control variant
    is compared with the control, p-values are Holm-adjusted across variants (frequentist methods);
@@ -71,13 +72,18 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
+from model_rollouts.analysis import sequential, srm, stats, threshold
+from model_rollouts.analysis.assess import Assessment, Policy, assess
+from model_rollouts.analysis.comparison import EXPERIMENT_NAMES
+from model_rollouts.analysis.vocabulary import Result
 from model_rollouts.api.common import (
     Condition,
     Measurement,
+    VariantVerdict,
     action_annotations,
     dump,
     get_condition,
@@ -92,11 +98,9 @@ from model_rollouts.api.experiment import (
     Variant,
     VariantStatus,
 )
-from model_rollouts.engine import bandit, series, stats
+from model_rollouts.engine import bandit, series
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
-from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
-from model_rollouts.metrics.provider import Result
 
 # The same annotations as ModelRollout (the kubectl plugin sets them on either kind).
 ANNOTATION_ABORT = "mlrollouts.io/abort"
@@ -712,6 +716,46 @@ def _primary_problem(metric: str, variant: str, p: Result) -> Measurement:
     )
 
 
+def _policy(spec: ModelExperimentSpec) -> Policy:
+    """Every active variant is an arm; a breach makes Healthy False at once but holds no decision."""
+    return Policy(spec.analysis, spec.guardrails, per_arm=True, breach_holds=False, breach_unhealthy=True)
+
+
+@dataclass
+class _Analysis:
+    """One analysis in progress: what the steps of :func:`_analyse` share."""
+
+    spec: ModelExperimentSpec
+    s: ModelExperimentStatus
+    actions: list[Action]
+    now: datetime
+    generation: int
+    a: Assessment
+    #: Each variant's primary-metric data (cumulative).
+    data: dict[str, Data]
+
+    @property
+    def control(self) -> str:
+        return control_of(self.spec).name
+
+    def variant(self, name: str) -> VariantStatus:
+        return next(v for v in self.s.variants if v.name == name)
+
+    def guard_values(self) -> dict[str, float]:
+        guard = [m for m in self.a.fresh if m.kind == "guardrail"]
+        return {f"{m.variant}/{m.name}": m.value for m in guard if m.value is not None}
+
+    def roll_back(
+        self, decision: str, reason: str, message: str, values: dict[str, float] | None
+    ) -> Decision:
+        """RolledBack, all traffic to the control."""
+        self.s.lastAnalysis = [m for ms in self.a.by_arm.values() for m in ms]
+        return _finish(
+            self.spec, self.s, self.actions, self.now, self.generation, "RolledBack", decision, None, reason,
+            message, values, to_control=True,
+        )  # fmt: skip
+
+
 def _analyse(
     spec: ModelExperimentSpec,
     s: ModelExperimentStatus,
@@ -720,11 +764,35 @@ def _analyse(
     now: datetime,
     generation: int,
 ) -> Decision | None:
-    """One analysis: guardrails and the gate, SRM, decision, allocation. A Decision when it ends."""
+    """One analysis: guardrails and the shared assessment, SRM, decision, allocation. A Decision when
+    it ends."""
     s.lastAnalysisTime = now
     prev_healthy = get_condition(s.conditions, "Healthy")
-    an = spec.analysis
-    ctrl = control_of(spec).name
+    data, per_variant = _observe(spec, s, obs)
+    a = assess(_policy(spec), per_variant, s.guardrailFailures, s.consecutiveErrors)
+    s.guardrailFailures, s.consecutiveErrors = a.failures, a.consecutive_errors
+    x = _Analysis(spec, s, actions, now, generation, a, data)
+    # 1. Which variants fail: the assessment's, or no data for noDataTimeout under onNoDataTimeout: drop.
+    failed = _failed(x)
+    ended = _control_failure(x, failed, prev_healthy) or _drop(x, failed)
+    # 2. The error limit; any missing measurement of an active variant holds.
+    ended = ended or _error_limit(x)
+    if ended is not None:
+        return ended
+    active = {v.name for v in s.variants if v.active}
+    active_names = [v.name for v in spec.variants if v.name in active]
+    if holding := a.missing(active_names):
+        s.lastAnalysis = [m for ms in per_variant.values() for m in ms]
+        return _hold(x, holding)
+    # 3. Sample-ratio mismatch.
+    _srm(spec, s, actions, active_names, now, generation)
+    return _decide_and_allocate(x, active_names)
+
+
+def _observe(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, obs: Observations
+) -> tuple[dict[str, Data], dict[str, list[Measurement]]]:
+    """Each variant's primary data, and the measurements of every active variant (its arm)."""
     by_name = {v.name: v for v in s.variants}
     data: dict[str, Data] = {}
     per_variant: dict[str, list[Measurement]] = {}
@@ -736,227 +804,151 @@ def _analyse(
         if o is not None and o.primary is not None and o.problem is None:
             data[v.name] = o.primary
             vs.n = _n(o.primary)
-        if not vs.active:
-            continue
-        ms: list[Measurement] = []
-        if v.name not in data:
-            p = (
-                o.problem
-                if o is not None and o.problem is not None
-                else Result("error", message="not measured")
-            )
-            ms.append(_primary_problem(spec.primaryMetric.name, v.name, p))
-        gms = []
-        for g in spec.guardrails:
-            r = (o.guardrails.get(g.name) if o is not None else None) or Result(
-                "error", message="not measured"
-            )
-            m = evaluate(g, r, v.name)
-            gms.append(m.model_copy(update={"message": f"{v.name}: {m.message}"}))
-        s.guardrailFailures = update_failures(s.guardrailFailures, gms, key_prefix=f"{v.name}/")
-        per_variant[v.name] = ms + gms
-    measurements = [m for ms in per_variant.values() for m in ms]
-    guard_ms = [m for m in measurements if m.kind == "guardrail"]
-    s.consecutiveErrors = consecutive_errors(s.consecutiveErrors, gate(measurements, an.noData))
+        if vs.active:
+            per_variant[v.name] = _variant_measurements(spec, v.name, o, v.name in data)
+    return data, per_variant
 
-    # 1. Which variants fail: guardrail breaches at failureLimit, no data under noData: fail (at once),
-    #    or no data for noDataTimeout under onNoDataTimeout: drop.
+
+def _variant_measurements(
+    spec: ModelExperimentSpec, name: str, o: VariantObservation | None, has_primary: bool
+) -> list[Measurement]:
+    ms: list[Measurement] = []
+    if not has_primary:
+        p = o.problem if o is not None and o.problem is not None else threshold.NOT_MEASURED
+        ms.append(_primary_problem(spec.primaryMetric.name, name, p))
+    for g in spec.guardrails:
+        m = threshold.measure(g, o.guardrails.get(g.name) if o is not None else None, name)
+        ms.append(m.model_copy(update={"message": f"{name}: {m.message}"}))
+    return ms
+
+
+def _failed(x: _Analysis) -> dict[str, list[str]]:
+    """The variants that fail now, with why: the assessment's (failureLimit, noData: fail), or no
+    data for analysis.noDataTimeout under onNoDataTimeout: drop."""
+    an = x.spec.analysis
     timeout = parse_duration(an.noDataTimeout)
-    failed: dict[str, list[str]] = {}
-    for v in spec.variants:
-        vs = by_name[v.name]
-        if not vs.active:
-            continue
-        why: list[str] = []
-        for g in spec.guardrails:
-            count = s.guardrailFailures.get(f"{v.name}/{g.name}", 0)
-            if count >= g.failureLimit:
-                m = next(m for m in guard_ms if m.variant == v.name and m.name == g.name)
-                why.append(
-                    f"{m.message}; {count} consecutive breach(es) reached failureLimit {g.failureLimit}"
-                )
-        vg = gate(per_variant[v.name], an.noData)
-        if vg.fail is not None:
-            why.append(f"{vg.fail.message} (analysis.noData is fail)")
-        if any(m.verdict == "noData" for m in per_variant[v.name]):
-            vs.noDataSince = vs.noDataSince or now
-            silent = (now - vs.noDataSince).total_seconds()
-            if an.onNoDataTimeout == "drop" and silent >= timeout and vg.fail is None:
+    shared = x.a.failed()
+    out: dict[str, list[str]] = {}
+    for name, ms in x.a.by_arm.items():
+        vs = x.variant(name)
+        why = list(shared.get(name, []))
+        if any(m.verdict == "noData" for m in ms):
+            vs.noDataSince = vs.noDataSince or x.now
+            silent = (x.now - vs.noDataSince).total_seconds()
+            if an.onNoDataTimeout == "drop" and silent >= timeout and name not in x.a.no_data_fail:
                 why.append(
                     f"no data for {silent:.0f}s, analysis.noDataTimeout {an.noDataTimeout} "
-                    f"(onNoDataTimeout drop): {'; '.join(vg.reasons())}"
+                    f"(onNoDataTimeout drop): {'; '.join(m.message for m in x.a.missing([name]))}"
                 )
         else:
             vs.noDataSince = None
         if why:
-            failed[v.name] = why
+            out[name] = why
+    return out
 
-    breaches = [m for m in guard_ms if m.verdict == "fail"]
-    missing = [m for m in measurements if m.verdict in ("noData", "error")]
-    healthy: tuple[Literal["True", "False", "Unknown"], str, str]
-    if breaches or failed:
-        healthy = ("False", "GuardrailBreached", "; ".join(m.message for m in breaches) or _why(failed))
-    elif missing:
-        kind = "MeasurementError" if any(m.verdict == "error" for m in missing) else "NoData"
-        healthy = ("Unknown", kind, "; ".join(m.message for m in missing))
-    else:
-        healthy = (
-            "True",
-            "AnalysisPassing",
-            "; ".join(m.message for m in guard_ms) or "no guardrails configured",
-        )
-    s.conditions = set_condition(s.conditions, "Healthy", healthy[0], healthy[1], healthy[2], now, generation)
 
-    gvalues = {f"{m.variant}/{m.name}": m.value for m in guard_ms if m.value is not None}
+def _control_failure(
+    x: _Analysis, failed: dict[str, list[str]], prev_healthy: Condition | None
+) -> Decision | None:
+    """A failing control leaves no safe variant: roll back (onFailure rollback) or warn and keep.
+    Sets the Healthy condition of this analysis."""
+    ctrl, s = x.control, x.s
+    failing: tuple[str, str] | None = None
     if ctrl in failed:
         why_c = f"the control {ctrl} fails: " + "; ".join(failed[ctrl])
-        if spec.onFailure == "rollback":
-            s.lastAnalysis = measurements
+        if x.spec.onFailure == "rollback":
             for vst in s.variants:
                 vst.active = vst.name == ctrl
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "RolledBack",
-                "rolledBack",
-                None,
-                "GuardrailFailed",
-                f"{why_c}: no variant is safe, all traffic to the control (onFailure rollback)",
-                gvalues,
-                to_control=True,
-            )
-        msg = f"{why_c}; onFailure is keep: traffic unchanged"
+            msg = f"{why_c}: no variant is safe, all traffic to the control (onFailure rollback)"
+            return x.roll_back("rolledBack", "GuardrailFailed", msg, x.guard_values())
+        failing = ("ControlFailing", f"{why_c}; onFailure is keep: traffic unchanged")
         # Warn when the control starts failing, not at every failing analysis after it.
         if prev_healthy is None or prev_healthy.reason != "ControlFailing":
-            actions.append(Event("Warning", "ControlGuardrailFailed", msg))
-            _history(s, now, "GuardrailFailed", "ControlGuardrailFailed", msg, gvalues)
-        s.conditions = set_condition(s.conditions, "Healthy", "False", "ControlFailing", msg, now, generation)
+            x.actions.append(Event("Warning", "ControlGuardrailFailed", failing[1]))
+            _history(s, x.now, "GuardrailFailed", "ControlGuardrailFailed", failing[1], x.guard_values())
+    h = x.a.health(failed, failing)
+    s.conditions = set_condition(s.conditions, "Healthy", h.status, h.reason, h.message, x.now, x.generation)
+    return None
+
+
+def _drop(x: _Analysis, failed: dict[str, list[str]]) -> Decision | None:
+    """Failing non-control variants leave (weight 0); rolled back when none but the control is left."""
+    ctrl, s = x.control, x.s
     dropped = [n for n in failed if n != ctrl]
     for name in dropped:
-        vs = by_name[name]
+        vs = x.variant(name)
         vs.active = False
         vs.verdict = "dropped"
         vs.reason = "; ".join(failed[name])
         msg = f"variant {name} dropped (weight {vs.weight} -> 0): " + "; ".join(failed[name])
-        actions.append(Event("Warning", "VariantDropped", msg))
-        _history(s, now, "VariantDropped", "VariantFailed", msg, gvalues)
-    if dropped:
-        active = {v.name for v in s.variants if v.active}
-        if not active - {ctrl}:
-            s.lastAnalysis = measurements
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "RolledBack",
-                "rolledBack",
-                None,
-                "GuardrailFailed",
-                (
-                    f"the leader {dropped[0]} under confirmation was dropped: all traffic to the control"
-                    if s.confirmation is not None
-                    else "every non-control variant was dropped: all traffic to the control"
-                ),
-                gvalues,
-                to_control=True,
-            )
-        if spec.allocation.strategy == "fixed":
-            new = fixed_weights(spec, active)
-            because = f"redistributed after dropping {', '.join(dropped)}"
-        else:
-            new = _thompson(spec, s, data, generation, now)
-            because = f"bandit excludes {', '.join(dropped)}"
-        _set_weights(spec, s, actions, now, new, because, event=False)
-
-    # 2. The gate: failed measurements count toward errorLimit; any missing measurement holds.
-    limit = an.errorLimit
-    if s.consecutiveErrors >= limit:
-        errors = "; ".join(m.message for m in measurements if m.verdict == "error")
+        x.actions.append(Event("Warning", "VariantDropped", msg))
+        _history(s, x.now, "VariantDropped", "VariantFailed", msg, x.guard_values())
+    if not dropped:
+        return None
+    active = {v.name for v in s.variants if v.active}
+    if not active - {ctrl}:
         msg = (
-            f"{s.consecutiveErrors} analyses in a row had a failed measurement, reaching "
-            f"analysis.errorLimit {limit}: {errors}"
+            f"the leader {dropped[0]} under confirmation was dropped: all traffic to the control"
+            if s.confirmation is not None
+            else "every non-control variant was dropped: all traffic to the control"
         )
-        if an.onErrorLimit == "rollback":
-            s.lastAnalysis = measurements
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "RolledBack",
-                "errorLimit",
-                None,
-                "ErrorLimitReached",
-                f"{msg}; all traffic to the control (onErrorLimit rollback)",
-                to_control=True,
-            )
-        s.conditions = set_condition(
-            s.conditions,
-            "Healthy",
-            "False",
-            "ErrorLimitReached",
-            f"{msg}; holding (onErrorLimit hold)",
-            now,
-            generation,
-        )
-        if s.consecutiveErrors == limit:
-            actions.append(Event("Warning", "ErrorLimitReached", f"{msg}; holding (onErrorLimit hold)"))
-            _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
-
-    active_names = [v.name for v in spec.variants if by_name[v.name].active]
-    holding = [m for m in measurements if m.verdict in ("noData", "error") and m.variant in active_names]
-    if holding:
-        kind = "measurement error" if any(m.verdict == "error" for m in holding) else "no data"
-        s.lastAnalysis = measurements
-        s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
-        elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
-        if elapsed >= parse_duration(spec.stoppingRules.maxDuration):
-            # The deadline holds during a hold too; missing evidence never makes a winner.
-            return _null(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "noWinner",
-                "NoWinner",
-                f"no winner: maxDuration {spec.stoppingRules.maxDuration} elapsed while {s.message}",
-                {},
-            )
-        return None
-
-    # 3. Sample-ratio mismatch.
-    _srm(spec, s, actions, active_names, now, generation)
-
-    # 4. The decision, on the confirmation's own samples during a Thompson confirmation.
-    cmp_data = _confirmation_data(s, data) if s.confirmation is not None else data
-    comparisons = _compare_all(spec, s, cmp_data, active_names)
-    s.lastAnalysis = guard_ms + comparisons
-    _sample_size(spec, s, cmp_data, active_names)
-    if spec.paused or _srm_held(s):
-        return None
-    ended = _decide(spec, s, actions, cmp_data, data, active_names, now, generation)
-    if ended is not None:
-        return ended
-
-    # 5. Allocation (the bandit phase only: a confirmation holds its fixed split).
-    if spec.allocation.strategy == "thompson" and s.confirmation is None:
-        new = _thompson(spec, s, data, generation, now)
-        if new != _weights(s):
-            analysis = s.message
-            _set_weights(spec, s, actions, now, new, "thompson sampling update", event=False, record=False)
-            s.message = f"{analysis}; {s.message}"
+        return x.roll_back("rolledBack", "GuardrailFailed", msg, x.guard_values())
+    if x.spec.allocation.strategy == "fixed":
+        new = fixed_weights(x.spec, active)
+        because = f"redistributed after dropping {', '.join(dropped)}"
+    else:
+        new = _thompson(x.spec, s, x.data, x.generation, x.now)
+        because = f"bandit excludes {', '.join(dropped)}"
+    _set_weights(x.spec, s, x.actions, x.now, new, because, event=False)
     return None
 
 
-def _why(failed: dict[str, list[str]]) -> str:
-    return "; ".join(f"{n}: {'; '.join(w)}" for n, w in failed.items())
+def _error_limit(x: _Analysis) -> Decision | None:
+    """At analysis.errorLimit: roll back (onErrorLimit rollback) or hold, warning once."""
+    if not x.a.error_limit_reached:
+        return None
+    msg = x.a.error_limit_message()
+    if x.spec.analysis.onErrorLimit == "rollback":
+        why = f"{msg}; all traffic to the control (onErrorLimit rollback)"
+        return x.roll_back("errorLimit", "ErrorLimitReached", why, None)
+    if x.a.error_limit_first:
+        x.actions.append(Event("Warning", "ErrorLimitReached", x.a.error_limit_hold_message()))
+        _history(x.s, x.now, "ErrorLimitReached", "ErrorLimitReached", msg)
+    return None
+
+
+def _hold(x: _Analysis, holding: list[Measurement]) -> Decision | None:
+    """Missing measurements hold the analysis; the deadline still holds (missing evidence never makes
+    a winner)."""
+    kind = "measurement error" if any(m.verdict == "error" for m in holding) else "no data"
+    x.s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
+    elapsed = (x.now - x.s.startedAt).total_seconds() if x.s.startedAt else 0.0
+    if elapsed < parse_duration(x.spec.stoppingRules.maxDuration):
+        return None
+    msg = f"no winner: maxDuration {x.spec.stoppingRules.maxDuration} elapsed while {x.s.message}"
+    return _null(x.spec, x.s, x.actions, x.now, x.generation, "noWinner", "NoWinner", msg, {})
+
+
+def _decide_and_allocate(x: _Analysis, active_names: list[str]) -> Decision | None:
+    spec, s, actions, data = x.spec, x.s, x.actions, x.data
+    # 4. The decision, on the confirmation's own samples during a Thompson confirmation.
+    cmp_data = _confirmation_data(s, data) if s.confirmation is not None else data
+    comparisons = _compare_all(spec, s, cmp_data, active_names)
+    s.lastAnalysis = [m for m in x.a.fresh if m.kind == "guardrail"] + comparisons
+    _sample_size(spec, s, cmp_data, active_names)
+    if spec.paused or _srm_held(s):
+        return None
+    ended = _decide(spec, s, actions, cmp_data, data, active_names, x.now, x.generation)
+    if ended is not None:
+        return ended
+    # 5. Allocation (the bandit phase only: a confirmation holds its fixed split).
+    if spec.allocation.strategy == "thompson" and s.confirmation is None:
+        new = _thompson(spec, s, data, x.generation, x.now)
+        if new != _weights(s):
+            analysis = s.message
+            _set_weights(spec, s, actions, x.now, new, "thompson sampling update", event=False, record=False)
+            s.message = f"{analysis}; {s.message}"
+    return None
 
 
 def _confirmation_data(s: ModelExperimentStatus, data: dict[str, Data]) -> dict[str, Data]:
@@ -971,24 +963,6 @@ def _confirmation_data(s: ModelExperimentStatus, data: dict[str, Data]) -> dict[
         succ = min(trials, max(0.0, d.successes - base[0]))
         out[n] = stats.ProportionData(succ, trials)
     return out
-
-
-def _srm_p_value(
-    counts: list[float], weights: list[float], previous: float | None, horizon: float | None
-) -> float:
-    """The SRM p-value, valid however often it is looked at.
-
-    ``stats.srm_sequential``: an anytime-valid test (a Dirichlet-multinomial mixture, Lindon & Malek
-    2022, with a capped linear boundary when ``horizon`` is known). Its p-value only ever falls during
-    one count, so the running minimum is kept (``previous``: the value at the last analysis since the
-    count started). Until the statistics module has it, the fixed-horizon chi-square of
-    ``stats.srm_test`` (which is not valid under repeated looks).
-    """
-    sequential = getattr(stats, "srm_sequential", None)
-    if sequential is None:
-        return stats.srm_test(counts, weights)
-    p = float(sequential(counts, weights, horizon=horizon))
-    return min(p, previous) if previous is not None else p
 
 
 def _srm(
@@ -1038,8 +1012,15 @@ def _srm(
     base = s.srmBaseline
     counts = [max(0.0, _traffic(by_name[n]) - base.get(n, 0.0)) for n in active]
     need = max(SRM_MIN_SAMPLES, spec.stoppingRules.minSamplesPerVariant / 2)
-    detail = ", ".join(
-        f"{n} {c:.0f} at weight {w:.0f}" for n, c, w in zip(active, counts, weights, strict=True)
+    # The capped boundary needs a horizon fixed in advance, in the units counted: the sample cap when
+    # the primary metric's samples are counted; none (the mixture alone) for analysis.requests.
+    cap = spec.stoppingRules.maxSamplesPerVariant
+    judge_spec = srm.SrmSpec(
+        alpha=spec.stoppingRules.srmAlpha,
+        names=tuple(active),
+        weights=tuple(weights),
+        horizon=float(cap * len(active)) if cap and not spec.analysis.requests else None,
+        previous=s.srmPValue,
     )
     if min(counts, default=0) < need:
         s.conditions = set_condition(
@@ -1047,33 +1028,21 @@ def _srm(
             SRM_REASON,
             "Unknown",
             "NotEnoughSamples",
-            f"waiting for {need:.0f} samples per active variant since the split came into effect ({detail})",
+            f"waiting for {need:.0f} samples per active variant since the split came into effect "
+            f"({srm.samples_text(judge_spec, counts)})",
             now,
             generation,
         )
         return
-    # The capped boundary needs a horizon fixed in advance, in the units counted: the sample cap when
-    # the primary metric's samples are counted; none (the mixture alone) for analysis.requests.
-    cap = spec.stoppingRules.maxSamplesPerVariant
-    horizon = float(cap * len(active)) if cap and not spec.analysis.requests else None
-    p = _srm_p_value(counts, weights, s.srmPValue, horizon)
-    s.srmPValue = p
-    alpha = spec.stoppingRules.srmAlpha
-    if p < alpha:
-        msg = f"sample-ratio mismatch: p = {p:.3g} < srmAlpha {alpha:g}; samples {detail}"
-        s.conditions = set_condition(s.conditions, SRM_REASON, "True", SRM_REASON, msg, now, generation)
-        actions.append(Event("Warning", SRM_REASON, msg))
-        values = {"pValue": p, **{f"n/{n}": c for n, c in zip(active, counts, strict=True)}}
-        _history(s, now, "Paused", SRM_REASON, msg, values)
+    f = srm.judge(judge_spec, counts)
+    s.srmPValue = f.value
+    if f.verdict == "fail":
+        s.conditions = set_condition(s.conditions, SRM_REASON, "True", SRM_REASON, f.message, now, generation)
+        actions.append(Event("Warning", SRM_REASON, f.message))
+        _history(s, now, "Paused", SRM_REASON, f.message, f.numbers)
     else:
         s.conditions = set_condition(
-            s.conditions,
-            SRM_REASON,
-            "False",
-            "SplitMatches",
-            f"p = {p:.3g} >= srmAlpha {alpha:g}; samples {detail}",
-            now,
-            generation,
+            s.conditions, SRM_REASON, "False", "SplitMatches", f.message, now, generation
         )
 
 
@@ -1089,22 +1058,21 @@ def _compare_all(
     c_status.estimate = _estimate(cdata)
     c_status.verdict, c_status.reason = "control", "the control: every variant is compared with it"
     treatments = [n for n in active if n != ctrl]
-    results: dict[str, stats.Comparison] = {}
+    results: dict[str, stats.ComparisonResult] = {}
+    specs: dict[str, sequential.SequentialSpec] = {}
     for n in treatments:
-        kwargs = {
-            "alpha": sc.alpha,
-            "method": sc.method,
-            "better": pm.better,
-            "mde": sc.minimumDetectableEffect,
-            "max_samples": spec.stoppingRules.maxSamplesPerVariant if sc.method == "sequential" else None,
-            "allocation": _allocation(s, ctrl, n),
-            "labels": (ctrl, n),
-        }
-        d = data[n]
-        if isinstance(cdata, stats.ProportionData) and isinstance(d, stats.ProportionData):
-            results[n] = stats.compare_proportions(cdata, d, **kwargs)  # type: ignore[arg-type]
-        elif isinstance(cdata, stats.MeanData) and isinstance(d, stats.MeanData):
-            results[n] = stats.compare_means(cdata, d, **kwargs)  # type: ignore[arg-type]
+        specs[n] = sequential.SequentialSpec(
+            alpha=sc.alpha,
+            better=pm.better,
+            allocation=_allocation(s, ctrl, n),
+            method=sc.method,
+            mde=sc.minimumDetectableEffect,
+            max_samples=spec.stoppingRules.maxSamplesPerVariant if sc.method == "sequential" else None,
+            labels=(ctrl, n),
+            names=EXPERIMENT_NAMES,
+        )
+        if type(cdata) is type(data[n]):
+            results[n] = sequential.compare(specs[n], [(cdata, data[n])])
     frequentist = sc.method != "bayesian"
     adjusted = (
         dict(zip(treatments, stats.holm([results[n].p_value for n in treatments]), strict=True))
@@ -1127,36 +1095,14 @@ def _compare_all(
         vs.ciLow = r.ci_low if math.isfinite(r.ci_low) else None
         vs.ciHigh = r.ci_high if math.isfinite(r.ci_high) else None
         vs.adjustedPValue = adjusted.get(n)
-        better = _in_better_direction(r.difference, pm.better)
-        if frequentist:
-            adj = adjusted[n]
-            verdict = ("better" if better else "worse") if adj < sc.alpha else "inconclusive"
-            note = f"; Holm-adjusted p = {adj:.3g} (alpha {sc.alpha:g}, {len(treatments)} comparison(s))"
-        else:
-            p_best = ptb.get(n)
-            verdict = "better" if r.verdict == "pass" else "worse" if r.verdict == "fail" else "inconclusive"
-            note = f"; P(best) = {p_best:.3g}" if p_best is not None else ""
-        if verdict == "inconclusive" and r.more_samples_needed is not None:
-            note += f"; about {r.more_samples_needed:.0f} more samples (both arms) to decide"
+        verdict, note = _variant_verdict(spec, r, adjusted.get(n), ptb.get(n), len(treatments))
         vs.verdict = verdict
         vs.reason = r.reason + note
-        details = {
-            "control": r.control_estimate,
-            "variant": r.treatment_estimate,
-            "controlN": r.control_n,
-            "variantN": r.treatment_n,
-            "difference": r.difference,
-            "ciLow": r.ci_low,
-            "ciHigh": r.ci_high,
-            "pValue": r.p_value,
-            "alpha": sc.alpha,
-        }
+        details = sequential.numbers(specs[n], r)
         if n in adjusted:
             details["adjustedPValue"] = adjusted[n]
         if n in ptb:
             details["probabilityToBeBest"] = ptb[n]
-        if r.more_samples_needed is not None:
-            details["moreSamplesNeeded"] = r.more_samples_needed
         out.append(
             Measurement(
                 name=pm.name,
@@ -1173,6 +1119,25 @@ def _compare_all(
             )
         )
     return out
+
+
+def _variant_verdict(
+    spec: ModelExperimentSpec, r: stats.ComparisonResult, adjusted: float | None, p_best: float | None, m: int
+) -> tuple[VariantVerdict, str]:
+    """A variant against the control: better, worse or inconclusive (on its Holm-adjusted p-value for
+    the frequentist methods, of ``m`` comparisons), and a note saying on what."""
+    sc = spec.successCriteria
+    verdict: VariantVerdict
+    if adjusted is not None:
+        better = _in_better_direction(r.difference, spec.primaryMetric.better)
+        verdict = ("better" if better else "worse") if adjusted < sc.alpha else "inconclusive"
+        note = f"; Holm-adjusted p = {adjusted:.3g} (alpha {sc.alpha:g}, {m} comparison(s))"
+    else:
+        verdict = "better" if r.verdict == "pass" else "worse" if r.verdict == "fail" else "inconclusive"
+        note = f"; P(best) = {p_best:.3g}" if p_best is not None else ""
+    if verdict == "inconclusive" and r.more_samples_needed is not None:
+        note += f"; about {r.more_samples_needed:.0f} more samples (both arms) to decide"
+    return verdict, note
 
 
 def _allocation(s: ModelExperimentStatus, control: str, treatment: str) -> float:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from model_rollouts.analysis import sequential, stats, threshold
+from model_rollouts.analysis.assess import Policy, assess
+from model_rollouts.analysis.comparison import ROLLOUT_NAMES
+from model_rollouts.analysis.vocabulary import Result
 from model_rollouts.api.common import (
     ArmCounts,
     Condition,
@@ -37,11 +40,9 @@ from model_rollouts.api.rollout import (
     ModelRolloutSpec,
     ModelRolloutStatus,
 )
-from model_rollouts.engine import series, stats
+from model_rollouts.engine import series
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
-from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
-from model_rollouts.metrics.provider import Result
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Closed epochs kept per comparison (each weight change closes one).
@@ -294,74 +295,9 @@ def _reconcile(
     measured = observations is not None and s.weight > 0
     if measured:
         assert observations is not None
-        s.lastAnalysisTime = now
-        results = _analyse(spec, s, observations)
-        s.lastAnalysis = results
-        # A pass of an always-valid test stays valid at any later time: latch it for the gate.
-        for m in results:
-            if (
-                m.kind == "comparison"
-                and m.verdict == "pass"
-                and not m.carried
-                and m.name not in s.passedComparisons
-            ):
-                s.passedComparisons.append(m.name)
-        s.guardrailFailures = update_failures(
-            s.guardrailFailures, [m for m in results if m.kind == "guardrail"]
-        )
-        for g in spec.analysis.guardrails:
-            if s.guardrailFailures.get(g.name, 0) >= g.failureLimit:
-                m = next(m for m in results if m.name == g.name and m.kind == "guardrail")
-                return _finish(
-                    s, actions, now, generation, "RolledBack", 0, "GuardrailFailed",
-                    f"guardrail {m.message}; {s.guardrailFailures[g.name]} consecutive breach(es) "
-                    f"reached failureLimit {g.failureLimit}",
-                    _values(results),
-                )  # fmt: skip
-        for m in results:
-            if m.kind == "comparison" and m.verdict == "fail" and not m.carried:
-                return _finish(
-                    s, actions, now, generation, "RolledBack", 0, "ComparisonFailed",
-                    f"candidate is worse than stable: {m.message}", _values(results),
-                )  # fmt: skip
-        g8 = gate([m for m in results if not m.carried], spec.analysis.noData)
-        if g8.fail is not None:
-            return _finish(
-                s, actions, now, generation, "RolledBack", 0, "NoData",
-                f"{g8.fail.message} and analysis.noData is fail", _values(results),
-            )  # fmt: skip
-        s.consecutiveErrors = consecutive_errors(s.consecutiveErrors, g8)
-        if s.consecutiveErrors >= spec.analysis.errorLimit:
-            msg = (
-                f"{s.consecutiveErrors} consecutive analyses with failed measurements reached "
-                f"analysis.errorLimit {spec.analysis.errorLimit}"
-            )
-            if spec.analysis.onErrorLimit == "rollback":
-                return _finish(s, actions, now, generation, "RolledBack", 0, "ErrorLimitReached", msg)
-            if s.consecutiveErrors == spec.analysis.errorLimit:
-                actions.append(Event("Warning", "ErrorLimitReached", msg + "; holding (onErrorLimit: hold)"))
-                _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
-        hold_reasons += g8.reasons()
-        # A breach below failureLimit does not roll back yet, but nothing advances or promotes on it.
-        limits = {g.name: g.failureLimit for g in spec.analysis.guardrails}
-        hold_reasons += [
-            f"{m.message} ({s.guardrailFailures.get(m.name, 0)} of failureLimit {limits.get(m.name, 1)})"
-            for m in results
-            if m.kind == "guardrail" and m.verdict == "fail"
-        ]
-        healthy = g8.ok
-        reason = "AnalysisPassing" if healthy else ("MeasurementError" if g8.error else "NoData")
-        if s.consecutiveErrors >= spec.analysis.errorLimit:
-            reason = "ErrorLimitReached"
-        s.conditions = set_condition(
-            s.conditions,
-            "Healthy",
-            "True" if healthy else ("False" if reason == "ErrorLimitReached" else "Unknown"),
-            reason,
-            "; ".join(m.message for m in results) or "no guardrails configured",
-            now,
-            generation,
-        )
+        ended, hold_reasons = _measure(spec, s, observations, actions, now, generation)
+        if ended is not None:
+            return ended
     elif s.weight > 0 and s.lastAnalysisTime is None:
         hold_reasons.append("waiting for the first analysis at this weight")
     analysed_here = measured and not hold_reasons
@@ -747,16 +683,65 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.stepsHash = steps_hash(spec)
 
 
+def _measure(
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    obs: Observations,
+    actions: list[Event],
+    now: datetime,
+    generation: int,
+) -> tuple[Decision | None, list[str]]:
+    """One analysis, judged by the shared :func:`assess`: a Decision when it ends the rollout, else
+    why nothing may advance (empty: the analysis passed)."""
+    s.lastAnalysisTime = now
+    results = _analyse(spec, s, obs)
+    s.lastAnalysis = results
+    # A pass of an always-valid test stays valid at any later time: latch it for the gate.
+    for m in results:
+        if (
+            m.kind == "comparison"
+            and m.verdict == "pass"
+            and not m.carried
+            and m.name not in s.passedComparisons
+        ):
+            s.passedComparisons.append(m.name)
+    a = assess(_policy(spec), {"candidate": results}, s.guardrailFailures, s.consecutiveErrors)
+    s.guardrailFailures, s.consecutiveErrors = a.failures, a.consecutive_errors
+    end: tuple[str, str] | None = None
+    if limit := a.at_limit("candidate"):
+        end = ("GuardrailFailed", f"guardrail {limit[0].text()}")
+    elif a.worse is not None:
+        end = ("ComparisonFailed", f"candidate is worse than stable: {a.worse.message}")
+    elif "candidate" in a.no_data_fail:
+        end = ("NoData", f"{a.no_data_fail['candidate'].message} and analysis.noData is fail")
+    elif a.error_limit_reached and spec.analysis.onErrorLimit == "rollback":
+        return _finish(
+            s, actions, now, generation, "RolledBack", 0, "ErrorLimitReached", a.error_limit_message()
+        ), []
+    if end is not None:
+        return _finish(s, actions, now, generation, "RolledBack", 0, *end, _values(results)), []
+    if a.error_limit_reached and a.error_limit_first:
+        actions.append(Event("Warning", "ErrorLimitReached", a.error_limit_hold_message()))
+        _history(s, now, "ErrorLimitReached", "ErrorLimitReached", a.error_limit_message())
+    h = a.health()
+    s.conditions = set_condition(s.conditions, "Healthy", h.status, h.reason, h.message, now, generation)
+    return None, a.hold_reasons()
+
+
+def _policy(spec: ModelRolloutSpec) -> Policy:
+    """One measured arm (the candidate); a breach below failureLimit holds the steps, Healthy waits
+    for the limit (then the rollout rolls back)."""
+    g = spec.analysis.guardrails
+    return Policy(spec.analysis, g, per_arm=False, breach_holds=True, breach_unhealthy=False)
+
+
 def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -> list[Measurement]:
     """Guardrails on the candidate; comparisons stratified by epoch (closed epochs + the current one).
 
     At weight 100 the stable arm gets no traffic, so comparisons are not measured: their last
     measurement is carried (marked ``carried``) and does not gate anything.
     """
-    out = [
-        evaluate(g, obs.guardrails.get(g.name, Result("error", message="not measured")), "candidate")
-        for g in spec.analysis.guardrails
-    ]
+    out = [threshold.measure(g, obs.guardrails.get(g.name), "candidate") for g in spec.analysis.guardrails]
     m = len(spec.analysis.comparisons)
     if not measure_comparisons(s):
         prev = {x.name: x for x in s.lastAnalysis if x.kind == "comparison"}
@@ -814,45 +799,26 @@ def _compare(
         )  # fmt: skip
     strata = [(_to_data(c, e.stable), _to_data(c, e.candidate)) for e in closed]
     strata.append((data.stable, data.candidate))
-    kwargs = {
-        "alpha": alpha,
-        "better": c.better,
-        "test": "nonInferiority" if c.test == "nonInferiority" else "superiority",
-        "margin": c.margin or 0.0,
-        "allocation": weight / 100.0,  # the split in force, for the running test's sample estimate
-    }
-    if c.type == "proportion":
-        r = stats.compare_proportions_stratified(strata, **kwargs)  # type: ignore[arg-type,attr-defined,unused-ignore]
-    else:
-        r = stats.compare_means_stratified(strata, **kwargs)  # type: ignore[arg-type,attr-defined,unused-ignore]
-    details = {
-        "stable": r.control_estimate,
-        "candidate": r.treatment_estimate,
-        "stableN": r.control_n,
-        "candidateN": r.treatment_n,
-        "difference": r.difference,
-        "ciLow": r.ci_low,
-        "ciHigh": r.ci_high,
-        "pValue": r.p_value,
-        "alpha": alpha,
-        "epochs": float(len(strata)),
-    }
-    more = getattr(r, "more_samples_needed", None)
-    if more is not None:
-        details["moreSamplesNeeded"] = float(more)
-    # Status is JSON: an unbounded interval end (no data yet for a mean) is left out, not written as inf.
-    details = {k: v for k, v in details.items() if math.isfinite(v)}
+    spec = sequential.SequentialSpec(
+        alpha=alpha,
+        better=c.better,
+        test="nonInferiority" if c.test == "nonInferiority" else "superiority",
+        margin=c.margin or 0.0,
+        allocation=weight / 100.0,  # the split in force, for the running test's sample estimate
+        names=ROLLOUT_NAMES,
+    )
+    f = sequential.judge(spec, strata)
     return Measurement(
         name=c.name,
         kind="comparison",
         variant="candidate",
         outcome="value",
-        value=r.difference if math.isfinite(r.difference) else None,
+        value=f.value,
         threshold=f"{c.test} margin {c.margin or 0.0:g}, alpha {alpha:.4g}"
         + (", advisory" if c.advisory else ""),
-        verdict=r.verdict,
-        message=f"{c.name}: {r.reason}",
-        details=details,
+        verdict=f.verdict,
+        message=f"{c.name}: {f.message}",
+        details={**f.numbers, "epochs": float(len(strata))},
     )
 
 

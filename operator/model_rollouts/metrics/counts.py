@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model_rollouts.engine import stats
+from model_rollouts.analysis import stats
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 
 #: The query fields of each metric type, in the order read_counts reads them.
