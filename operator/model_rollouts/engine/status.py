@@ -7,7 +7,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from model_rollouts.api.common import MAX_MESSAGE, HistoryEntry, ResourceStatus, set_condition, truncate
+from model_rollouts.api.common import (
+    MAX_MESSAGE,
+    Condition,
+    HistoryEntry,
+    ResourceStatus,
+    set_condition,
+    truncate,
+)
 from model_rollouts.engine.actions import Event
 
 HISTORY_LIMIT = 30
@@ -40,6 +47,11 @@ def record(
         )
     )
     del s.history[:-HISTORY_LIMIT]
+
+
+def spec_valid(conditions: list[Condition], now: datetime, generation: int) -> list[Condition]:
+    """Valid=True: the spec was accepted at this generation (both kinds)."""
+    return set_condition(conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
 
 
 def invalid(status: S, message: str, now: datetime, generation: int) -> tuple[S, list[Event]]:
