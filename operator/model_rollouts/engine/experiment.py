@@ -492,18 +492,14 @@ def _reconcile(
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != s.handled.abort:
         s.handled.abort = abort
+        msg = f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to the control"
         return _finish(
             spec,
             s,
             actions,
             now,
             generation,
-            "Aborted",
-            "aborted",
-            None,
-            "AbortRequested",
-            f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to the control",
-            to_control=True,
+            Outcome("Aborted", "aborted", "AbortRequested", msg, to_control=True),
         )
     resume = ann.get(ANNOTATION_RESUME)
     if resume and resume != s.handled.resume:
@@ -663,37 +659,48 @@ def _start(
     return Decision(s, actions)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How an experiment ends: the terminal phase and decision, why, and where traffic goes.
+
+    Traffic: all to ``winner``; else all to the control when ``to_control``; unchanged when
+    ``move`` is False (or there is neither).
+    """
+
+    phase: str
+    decision: str
+    reason: str
+    message: str
+    winner: str | None = None
+    values: dict[str, float] | None = None
+    to_control: bool = False
+    move: bool = True
+
+
 def _finish(
     spec: ModelExperimentSpec,
     s: ModelExperimentStatus,
     actions: list[Action],
     now: datetime,
     generation: int,
-    phase: str,
-    decision: str,
-    winner: str | None,
-    reason: str,
-    message: str,
-    values: dict[str, float] | None = None,
-    to_control: bool = False,
-    move: bool = True,
+    outcome: Outcome,
 ) -> Decision:
-    """Enter a terminal phase. Traffic: all to the winner, or to the control, or (move=False) unchanged."""
-    ctrl = control_of(spec).name
-    target = winner if winner is not None else (ctrl if to_control else None)
-    if move and target is not None:
+    """Enter the terminal phase ``outcome`` names and move traffic as it says."""
+    o = outcome
+    target = o.winner if o.winner is not None else (control_of(spec).name if o.to_control else None)
+    if o.move and target is not None:
         for v in s.variants:
             v.weight = 100 if v.name == target else 0
         actions.append(SetWeights(route_weights(spec, s) or {}))
-    s.phase = phase  # type: ignore[assignment]
-    s.decision = decision
-    s.winner = winner
-    s.decisionReason = message
-    s.message = message
-    warn = phase in ("RolledBack", "Aborted")
-    actions.append(Event("Warning" if warn else "Normal", reason, message))
-    _history(s, now, phase, reason, message, values)
-    _conditions(s, now, generation, reason)
+    s.phase = o.phase  # type: ignore[assignment]
+    s.decision = o.decision
+    s.winner = o.winner
+    s.decisionReason = o.message
+    s.message = o.message
+    warn = o.phase in ("RolledBack", "Aborted")
+    actions.append(Event("Warning" if warn else "Normal", o.reason, o.message))
+    _history(s, now, o.phase, o.reason, o.message, o.values)
+    _conditions(s, now, generation, o.reason)
     return Decision(s, actions)
 
 
@@ -824,13 +831,14 @@ def _analyse(
                 actions,
                 now,
                 generation,
-                "RolledBack",
-                "rolledBack",
-                None,
-                "GuardrailFailed",
-                f"{why_c}: no variant is safe, all traffic to the control (onFailure rollback)",
-                gvalues,
-                to_control=True,
+                Outcome(
+                    "RolledBack",
+                    "rolledBack",
+                    "GuardrailFailed",
+                    f"{why_c}: no variant is safe, all traffic to the control (onFailure rollback)",
+                    values=gvalues,
+                    to_control=True,
+                ),
             )
         msg = f"{why_c}; onFailure is keep: traffic unchanged"
         # Warn when the control starts failing, not at every failing analysis after it.
@@ -857,17 +865,18 @@ def _analyse(
                 actions,
                 now,
                 generation,
-                "RolledBack",
-                "rolledBack",
-                None,
-                "GuardrailFailed",
-                (
-                    f"the leader {dropped[0]} under confirmation was dropped: all traffic to the control"
-                    if s.confirmation is not None
-                    else "every non-control variant was dropped: all traffic to the control"
+                Outcome(
+                    "RolledBack",
+                    "rolledBack",
+                    "GuardrailFailed",
+                    (
+                        f"the leader {dropped[0]} under confirmation was dropped: all traffic to the control"
+                        if s.confirmation is not None
+                        else "every non-control variant was dropped: all traffic to the control"
+                    ),
+                    values=gvalues,
+                    to_control=True,
                 ),
-                gvalues,
-                to_control=True,
             )
         if spec.allocation.strategy == "fixed":
             new = fixed_weights(spec, active)
@@ -893,12 +902,13 @@ def _analyse(
                 actions,
                 now,
                 generation,
-                "RolledBack",
-                "errorLimit",
-                None,
-                "ErrorLimitReached",
-                f"{msg}; all traffic to the control (onErrorLimit rollback)",
-                to_control=True,
+                Outcome(
+                    "RolledBack",
+                    "errorLimit",
+                    "ErrorLimitReached",
+                    f"{msg}; all traffic to the control (onErrorLimit rollback)",
+                    to_control=True,
+                ),
             )
         s.conditions = set_condition(
             s.conditions,
@@ -1253,6 +1263,51 @@ def _sample_size(
         s.sampleSizePerVariant = max(sizes)
 
 
+@dataclass(frozen=True)
+class _Look:
+    """What one decision looks at: samples per active variant and where the stopping rules stand."""
+
+    least: float  # samples of the active variant with the fewest
+    need: int  # samples per variant a decision needs
+    at_cap: bool  # every active variant reached maxSamplesPerVariant
+    timed_out: bool  # maxDuration elapsed
+    exploring: bool  # the bandit phase of a Thompson experiment (before a confirmation)
+    samples: str  # the counts, for messages
+    values: dict[str, float]  # recorded with the decision
+    treatments: list[str]  # the active variants other than the control
+
+
+def _look(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    data: dict[str, Data],
+    active: list[str],
+    now: datetime,
+) -> _Look:
+    sr = spec.stoppingRules
+    ns = {n: (_n(data[n]) if n in data else 0.0) for n in active}
+    least = min(ns.values())
+    phase_note = ""
+    if s.confirmation is not None:
+        since = s.confirmation.since.strftime("%Y-%m-%dT%H:%M:%SZ")
+        phase_note = f" (confirmation of {s.confirmation.variant}: samples since {since})"
+    elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
+    need = sr.minSamplesPerVariant
+    if spec.successCriteria.method == "fixedHorizon" and s.sampleSizePerVariant:
+        need = max(need, s.sampleSizePerVariant)
+    ctrl = control_of(spec).name
+    return _Look(
+        least=least,
+        need=need,
+        at_cap=sr.maxSamplesPerVariant is not None and least >= sr.maxSamplesPerVariant,
+        timed_out=elapsed >= parse_duration(sr.maxDuration),
+        exploring=spec.allocation.strategy == "thompson" and s.confirmation is None,
+        samples=", ".join(f"{n} n={ns[n]:.0f}" for n in active) + phase_note,
+        values=_decision_values(s, active, ns),
+        treatments=[n for n in active if n != ctrl],
+    )
+
+
 def _decide(
     spec: ModelExperimentSpec,
     s: ModelExperimentStatus,
@@ -1264,115 +1319,78 @@ def _decide(
     generation: int,
 ) -> Decision | None:
     """``data``: the samples the test uses (a confirmation's own); ``raw``: cumulative since the start."""
-    sc, sr, pm = spec.successCriteria, spec.stoppingRules, spec.primaryMetric
-    ctrl = control_of(spec).name
-    by_name = {v.name: v for v in s.variants}
-    ns = {n: (_n(data[n]) if n in data else 0.0) for n in active}
-    least = min(ns.values())
-    exploring = spec.allocation.strategy == "thompson" and s.confirmation is None
-    phase_note = ""
-    if s.confirmation is not None:
-        since = s.confirmation.since.strftime("%Y-%m-%dT%H:%M:%SZ")
-        phase_note = f" (confirmation of {s.confirmation.variant}: samples since {since})"
-    elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
-    max_duration = parse_duration(sr.maxDuration)
-    timed_out = elapsed >= max_duration
-    at_cap = sr.maxSamplesPerVariant is not None and least >= sr.maxSamplesPerVariant
-    need = sr.minSamplesPerVariant
-    if sc.method == "fixedHorizon" and s.sampleSizePerVariant:
-        need = max(need, s.sampleSizePerVariant)
-    samples = ", ".join(f"{n} n={ns[n]:.0f}" for n in active) + phase_note
-    values = _decision_values(s, active, ns)
-    treatments = [n for n in active if n != ctrl]
-
-    if least >= need or at_cap or timed_out:
-        winner = _winner(spec, s, treatments)
-        if winner is not None and exploring and not (at_cap or timed_out):
+    look = _look(spec, s, data, active, now)
+    stopping = look.at_cap or look.timed_out
+    if look.least < look.need and not stopping:
+        extra = look.need > spec.stoppingRules.minSamplesPerVariant
+        s.message = f"collecting samples: {look.samples}; a decision needs {look.need} per variant" + (
+            " (planned sample size of the fixed-horizon test)" if extra else ""
+        )
+        return None
+    winner = _winner(spec, s, look.treatments)
+    if winner is not None and look.exploring:
+        if not stopping:
             _confirm(spec, s, actions, winner, raw, now)
             return None
-        if winner is not None and exploring:
-            winner = None  # no time or samples left to confirm the bandit's leader: no winner
-        if winner is not None:
-            w = by_name[winner]
-            stat = (
-                f"P(best) = {w.probabilityToBeBest:.3g} >= {sc.probabilityToBeBest:g}"
-                if sc.method == "bayesian"
-                else f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}"
-            )
-            detail = (
-                f"{winner} {pm.name} = {w.estimate:.4g} vs {ctrl} (control) {by_name[ctrl].estimate:.4g} "
-                f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
-                f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {samples})"
-            )
-            if spec.onSuccess == "promoteWinner":
-                return _finish(
-                    spec,
-                    s,
-                    actions,
-                    now,
-                    generation,
-                    "Concluded",
-                    "promoted",
-                    winner,
-                    "WinnerPromoted",
-                    f"winner {winner}: {detail}; all traffic to {winner}",
-                    values,
-                )
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "Concluded",
-                "winnerKept",
-                winner,
-                "WinnerFound",
-                f"winner {winner}: {detail}; onSuccess is keep: traffic unchanged",
-                values,
-                move=False,
-            )
-        futile = _futile(spec, s, treatments)
-        if futile:
-            return _null(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "futile",
-                "Futile",
-                f"futile: no variant can beat the control {ctrl} by the MDE "
-                f"{sc.minimumDetectableEffect:g} ({futile}; {samples})",
-                values,
-            )
-        one_look = sc.method == "fixedHorizon" and least >= need
-        if at_cap or timed_out or one_look:
-            why = (
-                f"every active variant reached maxSamplesPerVariant {sr.maxSamplesPerVariant}"
-                if at_cap
-                else f"maxDuration {sr.maxDuration} elapsed"
-                if timed_out
-                else f"the fixed-horizon test at its planned {need} samples per variant ended"
-            )
-            return _null(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "noWinner",
-                "NoWinner",
-                f"no winner: {why} without a significant improvement over the control {ctrl} "
-                f"({_summary(s, treatments)}; {samples})",
-                values,
-            )
-        s.message = f"analysing: no decision yet ({_summary(s, treatments)}; {samples})"
+        winner = None  # no time or samples left to confirm the bandit's leader: no winner
+    outcome = _won(spec, s, winner, look) if winner is not None else _no_winner(spec, s, look)
+    if outcome is None:
+        s.message = f"analysing: no decision yet ({_summary(s, look.treatments)}; {look.samples})"
         return None
-    s.message = f"collecting samples: {samples}; a decision needs {need} per variant" + (
-        " (planned sample size of the fixed-horizon test)" if need > sr.minSamplesPerVariant else ""
+    return _finish(spec, s, actions, now, generation, outcome)
+
+
+def _won(spec: ModelExperimentSpec, s: ModelExperimentStatus, winner: str, look: _Look) -> Outcome:
+    """The winner found: promoted (all traffic to it) or kept (traffic unchanged), by onSuccess."""
+    sc, pm = spec.successCriteria, spec.primaryMetric
+    ctrl = control_of(spec).name
+    by_name = {v.name: v for v in s.variants}
+    w = by_name[winner]
+    stat = (
+        f"P(best) = {w.probabilityToBeBest:.3g} >= {sc.probabilityToBeBest:g}"
+        if sc.method == "bayesian"
+        else f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}"
     )
-    return None
+    detail = (
+        f"{winner} {pm.name} = {w.estimate:.4g} vs {ctrl} (control) {by_name[ctrl].estimate:.4g} "
+        f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
+        f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {look.samples})"
+    )
+    if spec.onSuccess == "promoteWinner":
+        msg = f"winner {winner}: {detail}; all traffic to {winner}"
+        return Outcome("Concluded", "promoted", "WinnerPromoted", msg, winner=winner, values=look.values)
+    msg = f"winner {winner}: {detail}; onSuccess is keep: traffic unchanged"
+    return Outcome(
+        "Concluded", "winnerKept", "WinnerFound", msg, winner=winner, values=look.values, move=False
+    )
+
+
+def _no_winner(spec: ModelExperimentSpec, s: ModelExperimentStatus, look: _Look) -> Outcome | None:
+    """Futility, the sample cap, maxDuration or the fixed-horizon look end it without a winner."""
+    sc, sr = spec.successCriteria, spec.stoppingRules
+    ctrl = control_of(spec).name
+    futile = _futile(spec, s, look.treatments)
+    if futile:
+        msg = (
+            f"futile: no variant can beat the control {ctrl} by the MDE "
+            f"{sc.minimumDetectableEffect:g} ({futile}; {look.samples})"
+        )
+        return _null_outcome(spec, "futile", "Futile", msg, look.values)
+    one_look = sc.method == "fixedHorizon" and look.least >= look.need
+    if not (look.at_cap or look.timed_out or one_look):
+        return None
+    why = (
+        f"every active variant reached maxSamplesPerVariant {sr.maxSamplesPerVariant}"
+        if look.at_cap
+        else f"maxDuration {sr.maxDuration} elapsed"
+        if look.timed_out
+        else f"the fixed-horizon test at its planned {look.need} samples per variant ended"
+    )
+    msg = (
+        f"no winner: {why} without a significant improvement over the control {ctrl} "
+        f"({_summary(s, look.treatments)}; {look.samples})"
+    )
+    return _null_outcome(spec, "noWinner", "NoWinner", msg, look.values)
 
 
 def _winner(spec: ModelExperimentSpec, s: ModelExperimentStatus, treatments: list[str]) -> str | None:
@@ -1427,22 +1445,24 @@ def _null(
     message: str,
     values: dict[str, float],
 ) -> Decision:
+    """Concluded without a winner (see :func:`_null_outcome`)."""
+    return _finish(spec, s, actions, now, generation, _null_outcome(spec, decision, reason, message, values))
+
+
+def _null_outcome(
+    spec: ModelExperimentSpec, decision: str, reason: str, message: str, values: dict[str, float]
+) -> Outcome:
+    """A null result is not a failure: Concluded, all traffic to the control (or kept, by onSuccess)."""
     if spec.onSuccess == "promoteWinner":
         message += "; all traffic to the control"
     else:
         message += "; onSuccess is keep: traffic unchanged"
-    return _finish(
-        spec,
-        s,
-        actions,
-        now,
-        generation,
+    return Outcome(
         "Concluded",
         decision,
-        None,
         reason,
         message,
-        values,
+        values=values,
         to_control=True,
         move=spec.onSuccess == "promoteWinner",
     )
