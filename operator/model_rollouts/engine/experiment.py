@@ -442,16 +442,7 @@ def _reconcile(
     ann = annotations or {}
     problem = validate(spec)
     rev = revision_of(spec)
-    finished = FINISHED_PHASE.get(status.decision or "")
-    if status.phase == "Invalid" and finished and status.revision == rev and not problem:
-        # It had finished before the spec (or its route, Secret...) became unusable: it still has.
-        s = status.model_copy(deep=True)
-        s.phase = finished  # type: ignore[assignment]
-        s.message = s.decisionReason or s.message
-        msg = f"spec is valid again; the experiment had finished: {finished} again, traffic left as it is"
-        _history(s, now, "Valid", "SpecValid", msg)
-        _conditions(s, now, generation, finished)
-        status = s
+    status = _valid_again(status, rev, problem, now, generation)
     if status.phase in TERMINAL_PHASES:
         retry = ann.get(ANNOTATION_RETRY)
         wants_retry = bool(retry) and retry != status.handled.retry
@@ -464,7 +455,7 @@ def _reconcile(
     s = status.model_copy(deep=True)
     actions: list[Action] = []
     s.observedGeneration = generation
-    s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
+    s.conditions = status_.spec_valid(s.conditions, now, generation)
     # The route write that made this status current carried the 0s of retired Services.
     s.retiredServices = []
 
@@ -482,13 +473,41 @@ def _reconcile(
     if s.phase == "Invalid":
         s.phase = "Running"
         _history(s, now, "Valid", "SpecValid", "spec is valid again; resuming")
+    done = _user_actions(spec, s, actions, ann, now, generation)
+    if done is None and observations is not None and analysis_due(spec, s, now):
+        done = _analyse(spec, s, actions, observations, now, generation)
+    return done or _run_or_hold(spec, s, actions, now, generation)
 
-    # A retry annotation acts only on a finished experiment; on a running one it is recorded.
+
+def _valid_again(
+    status: ModelExperimentStatus, rev: str, problem: str | None, now: datetime, generation: int
+) -> ModelExperimentStatus:
+    """An experiment that had finished before the spec (or its route, Secret...) became unusable
+    still has: back to its terminal phase once the spec is valid again."""
+    finished = FINISHED_PHASE.get(status.decision or "")
+    if status.phase != "Invalid" or not finished or status.revision != rev or problem:
+        return status
+    s = status.model_copy(deep=True)
+    s.phase = finished  # type: ignore[assignment]
+    s.message = s.decisionReason or s.message
+    msg = f"spec is valid again; the experiment had finished: {finished} again, traffic left as it is"
+    _history(s, now, "Valid", "SpecValid", msg)
+    _conditions(s, now, generation, finished)
+    return s
+
+
+def _user_actions(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    ann: dict[str, str],
+    now: datetime,
+    generation: int,
+) -> Decision | None:
+    """Retry (recorded only, while running), abort and resume annotations: each new value acts once."""
     retry = ann.get(ANNOTATION_RETRY)
     if retry and retry != s.handled.retry:
         s.handled.retry = retry
-
-    # User actions, by annotation: each new value acts once.
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != s.handled.abort:
         s.handled.abort = abort
@@ -514,13 +533,13 @@ def _reconcile(
             s.phase = "Running"
             actions.append(Event("Normal", "Resumed", msg))
             _history(s, now, "Resumed", "ResumeRequested", msg)
+    return None
 
-    if observations is not None and analysis_due(spec, s, now):
-        done = _analyse(spec, s, actions, observations, now, generation)
-        if done is not None:
-            return done
 
-    # Pausing: by spec, or held by a sample-ratio mismatch until resumed.
+def _run_or_hold(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], now: datetime, generation: int
+) -> Decision:
+    """Pausing: by spec, or held by a sample-ratio mismatch until resumed; else Running."""
     if spec.paused:
         if s.phase != "Paused" or _progress_reason(s) != "SpecPaused":
             actions.append(Event("Normal", "Paused", "paused by spec.paused"))
@@ -568,9 +587,7 @@ def _finished(
                 Event("Warning", "RetryRejected", f"{ANNOTATION_RETRY}={retry} not acted on: {problem}")
             )
     else:
-        s.conditions = set_condition(
-            s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation
-        )
+        s.conditions = status_.spec_valid(s.conditions, now, generation)
     return Decision(s, actions)
 
 
@@ -593,25 +610,11 @@ def _start(
     write (``retiredServices``), so the route always sums to 100.
     """
     weights = fixed_weights(spec)
-    ctrl = control_of(spec).name
-    split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
     spec_services = {v.service for v in spec.variants}
     retired = sorted(
         {v.service for v in s.variants if v.service and v.service not in spec_services and v.weight > 0}
     )
-    before = ", ".join(f"{v.name} {v.weight}%" for v in s.variants)
-    if reason == "Started":
-        msg = f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}"
-    elif reason == "Retried":
-        msg = (
-            f"retried by annotation {ANNOTATION_RETRY}={ann.get(ANNOTATION_RETRY)} after {s.phase}: "
-            f"restarting the experiment from scratch with {split}"
-        )
-    else:
-        msg = (
-            f"variants, their weights or the primary metric changed (revision {s.revision or 'unrecorded'} "
-            f"-> {rev}; was {before or 'nothing'}): restarting the experiment from scratch with {split}"
-        )
+    msg = _start_message(spec, s, ann, rev, reason, weights)
     if retired:
         msg += f"; removed Service(s) {', '.join(retired)} set to 0"
     # Annotations present when this revision starts were meant for an earlier one: recorded, not acted on.
@@ -631,7 +634,7 @@ def _start(
         variants=[
             VariantStatus(name=v.name, service=v.service, weight=weights[v.name]) for v in spec.variants
         ],
-        conditions=s.conditions,
+        conditions=_start_conditions(s.conditions, now, generation),
         history=s.history,
         handled=handled,
         reconcileErrors=s.reconcileErrors,
@@ -640,9 +643,41 @@ def _start(
         srmBaseline={},
         srmSince=now,
     )
-    s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
-    s.conditions = set_condition(
-        s.conditions,
+    actions += [SetWeights(route_weights(spec, s) or {}), Event("Normal", reason, msg)]
+    _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
+    _conditions(s, now, generation, "Running")
+    return Decision(s, actions)
+
+
+def _start_message(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    ann: dict[str, str],
+    rev: str,
+    reason: str,
+    weights: dict[str, int],
+) -> str:
+    """Why it (re)starts and with which split: Started, Retried or NewRevision."""
+    split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
+    if reason == "Started":
+        return f"started: {split}; {spec.allocation.strategy} allocation, control {control_of(spec).name}"
+    if reason == "Retried":
+        return (
+            f"retried by annotation {ANNOTATION_RETRY}={ann.get(ANNOTATION_RETRY)} after {s.phase}: "
+            f"restarting the experiment from scratch with {split}"
+        )
+    before = ", ".join(f"{v.name} {v.weight}%" for v in s.variants)
+    return (
+        f"variants, their weights or the primary metric changed (revision {s.revision or 'unrecorded'} "
+        f"-> {rev}; was {before or 'nothing'}): restarting the experiment from scratch with {split}"
+    )
+
+
+def _start_conditions(conditions: list[Condition], now: datetime, generation: int) -> list[Condition]:
+    """Valid, and SRM and Healthy not known yet."""
+    c = status_.spec_valid(conditions, now, generation)
+    c = set_condition(
+        c,
         SRM_REASON,
         "Unknown",
         "NotChecked",
@@ -650,13 +685,7 @@ def _start(
         now,
         generation,
     )
-    s.conditions = set_condition(
-        s.conditions, "Healthy", "Unknown", "NotMeasured", "not measured yet", now, generation
-    )
-    actions += [SetWeights(route_weights(spec, s) or {}), Event("Normal", reason, msg)]
-    _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
-    _conditions(s, now, generation, "Running")
-    return Decision(s, actions)
+    return set_condition(c, "Healthy", "Unknown", "NotMeasured", "not measured yet", now, generation)
 
 
 @dataclass(frozen=True)
