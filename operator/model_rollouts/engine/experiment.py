@@ -65,12 +65,10 @@ experiment or a new revision starts are recorded and not acted on), ``srmBaselin
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -92,16 +90,15 @@ from model_rollouts.api.experiment import (
     Variant,
     VariantStatus,
 )
+
+# The same annotations as ModelRollout (the kubectl plugin sets them on either kind).
+from model_rollouts.api.rollout import ANNOTATION_ABORT, ANNOTATION_RESUME, ANNOTATION_RETRY
 from model_rollouts.engine import bandit, series, stats
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
 from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
+from model_rollouts.engine.status import EPOCH
 from model_rollouts.metrics.provider import Result
-
-# The same annotations as ModelRollout (the kubectl plugin sets them on either kind).
-ANNOTATION_ABORT = "mlrollouts.io/abort"
-ANNOTATION_RESUME = "mlrollouts.io/resume"
-ANNOTATION_RETRY = "mlrollouts.io/retry"
 
 HISTORY_LIMIT = status_.HISTORY_LIMIT
 #: SRM is never tested before each active variant has this many samples since the split changed.
@@ -279,8 +276,7 @@ def revision_of(spec: ModelExperimentSpec) -> str:
         if v.weight is not None:
             item["weight"] = v.weight
         variants.append(item)
-    body = json.dumps({"variants": variants, "primaryMetric": dump(spec.primaryMetric)}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:10]
+    return status_.digest({"variants": variants, "primaryMetric": dump(spec.primaryMetric)})
 
 
 def needs_measurement(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> bool:
@@ -300,9 +296,6 @@ def next_analysis(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> d
     last = status.lastAnalysisTime or status.startedAt
     assert last is not None  # needs_measurement: started
     return last + timedelta(seconds=parse_duration(spec.analysis.interval))
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def next_due(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> datetime | None:

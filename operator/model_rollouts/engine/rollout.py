@@ -2,16 +2,18 @@
 
 No I/O happens here. The handler measures, calls :func:`reconcile`, then applies the actions
 (weights, Events) and writes the returned status. Every transition is explained in status.
+
+A tick is a short composition: revision, terminal phase and the abort/promote-full annotations
+(:func:`_begin`), the analysis of this tick, then the step walk (:mod:`model_rollouts.engine.steps`)
+and the conditions it ends with (:func:`_steps`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from model_rollouts.api.common import (
@@ -39,10 +41,9 @@ from model_rollouts.engine import series, stats, steps
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
+from model_rollouts.engine.status import EPOCH
 from model_rollouts.engine.steps import GateAnswer
 from model_rollouts.metrics.provider import Result
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,11 @@ class Decision:
 
 def revision_of(spec: ModelRolloutSpec) -> str:
     """A new revision starts when the candidate changes; the baseline is whatever is serving."""
-    return hashlib.sha256(json.dumps(dump(spec.candidate), sort_keys=True).encode()).hexdigest()[:10]
+    return status_.digest(dump(spec.candidate))
 
 
 def steps_hash(spec: ModelRolloutSpec) -> str:
-    body = json.dumps([dump(st) for st in spec.steps], sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:10]
+    return status_.digest([dump(st) for st in spec.steps])
 
 
 def interval_of(spec: ModelRolloutSpec) -> float:

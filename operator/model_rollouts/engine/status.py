@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import hashlib
+import json
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -18,8 +20,15 @@ from model_rollouts.api.common import (
 from model_rollouts.engine.actions import Event
 
 HISTORY_LIMIT = 30
+#: "Now": what ``next_due`` returns when something is to start at once.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 S = TypeVar("S", bound=ResourceStatus)
+
+
+def digest(body: Any) -> str:
+    """A short, stable hash of a JSON-able value: how revisions (and the rollout's steps) are named."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def record(
