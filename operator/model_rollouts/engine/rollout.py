@@ -219,8 +219,8 @@ def _reconcile(
     Longer than the others: the measurements block below is kept inline (it becomes one call to the
     shared assessment of issue 17); everything before and after it is one call each.
     """
-    ann = annotations or {}
-    s, actions, early = _begin(spec, status, now, generation, ann)
+    tick = _Tick(spec, now, generation, annotations or {}, observations, *gates)
+    s, actions, early = _begin(tick, status)
     if early is not None:
         return early
 
@@ -305,14 +305,26 @@ def _reconcile(
         _conditions(s, now, generation)
         return Decision(s, actions)
 
-    return _steps(spec, s, actions, now, generation, ann, observations, gates, hold_reasons, analysed_here)
+    return _steps(tick, s, actions, hold_reasons, analysed_here)
 
 
-def _begin(
-    spec: ModelRolloutSpec, status: ModelRolloutStatus, now: datetime, generation: int, ann: dict[str, str]
-) -> tuple[ModelRolloutStatus, list[Event], Decision | None]:
+@dataclass(frozen=True)
+class _Tick:
+    """One call of reconcile: what each of its parts reads."""
+
+    spec: ModelRolloutSpec
+    now: datetime
+    generation: int
+    annotations: dict[str, str]
+    observations: Observations | None
+    answers: Mapping[str, GateAnswer]
+    asks: list[str]
+
+
+def _begin(t: _Tick, status: ModelRolloutStatus) -> tuple[ModelRolloutStatus, list[Event], Decision | None]:
     """Everything before the analysis: a new revision, a finished rollout, steps edits, abort and
     promote-full. A Decision when the tick ends here."""
+    spec, now, generation, ann = t.spec, t.now, t.generation, t.annotations
     s = status.model_copy(deep=True)
     actions: list[Event] = []
     s.observedGeneration = generation
@@ -325,7 +337,7 @@ def _begin(
             _conditions(s, now, generation)
             return s, actions, Decision(s, actions)
 
-    if s.phase in TERMINAL_PHASES and _stays_finished(spec, s, ann, now, actions):
+    if s.phase in TERMINAL_PHASES and _stays_finished(t, s, actions):
         _conditions(s, now, generation)
         return s, actions, Decision(s, actions)
     if s.phase == "Invalid":  # the spec became valid again: carry on where it stood
@@ -340,14 +352,13 @@ def _begin(
             _history(s, now, "StepsChanged", "StepsChanged", msg)
             s.currentStep, s.stepStartedAt, s.stepWeight = 0, now, None
         s.stepsHash = sh
-    return s, actions, _user_finish(spec, s, ann, now, generation, actions)
+    return s, actions, _user_finish(t, s, actions)
 
 
-def _stays_finished(
-    spec: ModelRolloutSpec, s: ModelRolloutStatus, ann: dict[str, str], now: datetime, actions: list[Event]
-) -> bool:
+def _stays_finished(t: _Tick, s: ModelRolloutStatus, actions: list[Event]) -> bool:
     """A finished rollout stays finished (True) unless a new retry restarts a rolled-back one."""
-    retry = ann.get(ANNOTATION_RETRY)
+    spec, now = t.spec, t.now
+    retry = t.annotations.get(ANNOTATION_RETRY)
     if retry and retry != s.handled.retry and s.phase in ("RolledBack", "Aborted"):
         s.handled.retry = retry
         msg = f"retry requested by annotation {ANNOTATION_RETRY}={retry}: steps restart from weight 0"
@@ -366,15 +377,9 @@ def _stays_finished(
     return True
 
 
-def _user_finish(
-    spec: ModelRolloutSpec,
-    s: ModelRolloutStatus,
-    ann: dict[str, str],
-    now: datetime,
-    generation: int,
-    actions: list[Event],
-) -> Decision | None:
+def _user_finish(t: _Tick, s: ModelRolloutStatus, actions: list[Event]) -> Decision | None:
     """User actions, by annotation: each new value acts once."""
+    spec, now, generation, ann = t.spec, t.now, t.generation, t.annotations
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != s.handled.abort:
         s.handled.abort = abort
@@ -394,30 +399,25 @@ def _user_finish(
 
 
 def _steps(
-    spec: ModelRolloutSpec,
-    s: ModelRolloutStatus,
-    actions: list[Event],
-    now: datetime,
-    generation: int,
-    ann: dict[str, str],
-    observations: Observations | None,
-    gates: tuple[Mapping[str, GateAnswer], list[str]],
-    hold_reasons: list[str],
-    analysed: bool,
+    t: _Tick, s: ModelRolloutStatus, actions: list[Event], hold_reasons: list[str], analysed: bool
 ) -> Decision:
-    """The step walk (engine/steps.py) after the analysis, and the conditions it ends with."""
+    """The step walk (engine/steps.py) after the analysis, and the conditions it ends with.
+
+    ``hold_reasons``: why the analysis holds the weight; ``analysed``: an analysis ran and passed.
+    """
+    now, generation, observations = t.now, t.generation, t.observations
     ctx = steps.StepContext(
-        spec=spec,
+        spec=t.spec,
         now=now,
-        annotations=ann,
+        annotations=t.annotations,
         hold_reasons=hold_reasons,
         analysed=analysed,
         candidate_ready=observations.candidate_ready if observations is not None else None,
-        missing_evidence=_required_not_passed(spec.analysis.comparisons, s),
+        missing_evidence=_required_not_passed(t.spec.analysis.comparisons, s),
         values=_values(s.lastAnalysis),
         epoch=current_epoch(s, observations),
-        answers=gates[0],
-        asks=gates[1],
+        answers=t.answers,
+        asks=t.asks,
     )
     out = steps.run(s, ctx)
     actions += out.events
