@@ -418,7 +418,7 @@ def reconcile(
         observations=observations,
     )
     status_.bound_texts(d.status)
-    if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
+    if series.analysed_now(status, d.status, now, observations is not None):
         series.append(d.status.series, series.experiment_point(d.status, now))
     return d
 

@@ -199,7 +199,7 @@ def reconcile(
     )
     d.asks = asks
     status_.bound_texts(d.status)
-    if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
+    if series.analysed_now(status, d.status, now, observations is not None):
         series.append(d.status.series, series.rollout_point(d.status, now))
     return d
 
