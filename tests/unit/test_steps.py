@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from model_rollouts.api.common import ArmCounts
-from model_rollouts.api.rollout import (
-    ANNOTATION_PROMOTE,
-    EpochCounts,
-    ModelRolloutSpec,
-    ModelRolloutStatus,
-)
+from model_rollouts.api.rollout import ANNOTATION_PROMOTE, EpochCounts, ModelRolloutSpec, ModelRolloutStatus
 from model_rollouts.engine import steps
-
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def spec(step_list: list[dict[str, Any]], **extra: Any) -> ModelRolloutSpec:
-    analysis = {"interval": "10s", "prometheus": {"address": "http://prom:9090"}, **extra.pop("analysis", {})}
-    return ModelRolloutSpec.model_validate(
-        {
-            "stable": {"service": "v1"},
-            "candidate": {"service": "v2"},
-            "trafficRouting": {"gatewayAPI": {"httpRoute": "r"}},
-            "steps": step_list,
-            "analysis": analysis,
-            **extra,
-        }
-    )
+from tests.unit.test_rollout_engine import T0, spec
 
 
 def context(sp: ModelRolloutSpec, **kw: Any) -> steps.StepContext:
