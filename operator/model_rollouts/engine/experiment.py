@@ -66,12 +66,10 @@ experiment or a new revision starts are recorded and not acted on), ``srmBaselin
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -98,14 +96,13 @@ from model_rollouts.api.experiment import (
     Variant,
     VariantStatus,
 )
+
+# The same annotations as ModelRollout (the kubectl plugin sets them on either kind).
+from model_rollouts.api.rollout import ANNOTATION_ABORT, ANNOTATION_RESUME, ANNOTATION_RETRY
 from model_rollouts.engine import bandit, series
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import Event
-
-# The same annotations as ModelRollout (the kubectl plugin sets them on either kind).
-ANNOTATION_ABORT = "mlrollouts.io/abort"
-ANNOTATION_RESUME = "mlrollouts.io/resume"
-ANNOTATION_RETRY = "mlrollouts.io/retry"
+from model_rollouts.engine.status import EPOCH
 
 HISTORY_LIMIT = status_.HISTORY_LIMIT
 #: SRM is never tested before each active variant has this many samples since the split changed.
@@ -280,8 +277,7 @@ def revision_of(spec: ModelExperimentSpec) -> str:
         if v.weight is not None:
             item["weight"] = v.weight
         variants.append(item)
-    body = json.dumps({"variants": variants, "primaryMetric": dump(spec.primaryMetric)}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:10]
+    return status_.digest({"variants": variants, "primaryMetric": dump(spec.primaryMetric)})
 
 
 def needs_measurement(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> bool:
@@ -301,9 +297,6 @@ def next_analysis(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> d
     last = status.lastAnalysisTime or status.startedAt
     assert last is not None  # needs_measurement: started
     return last + timedelta(seconds=parse_duration(spec.analysis.interval))
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def next_due(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> datetime | None:
@@ -426,7 +419,7 @@ def reconcile(
         observations=observations,
     )
     status_.bound_texts(d.status)
-    if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
+    if series.analysed_now(status, d.status, now, observations is not None):
         series.append(d.status.series, series.experiment_point(d.status, now))
     return d
 
@@ -443,16 +436,7 @@ def _reconcile(
     ann = annotations or {}
     problem = validate(spec)
     rev = revision_of(spec)
-    finished = FINISHED_PHASE.get(status.decision or "")
-    if status.phase == "Invalid" and finished and status.revision == rev and not problem:
-        # It had finished before the spec (or its route, Secret...) became unusable: it still has.
-        s = status.model_copy(deep=True)
-        s.phase = finished  # type: ignore[assignment]
-        s.message = s.decisionReason or s.message
-        msg = f"spec is valid again; the experiment had finished: {finished} again, traffic left as it is"
-        _history(s, now, "Valid", "SpecValid", msg)
-        _conditions(s, now, generation, finished)
-        status = s
+    status = _valid_again(status, rev, problem, now, generation)
     if status.phase in TERMINAL_PHASES:
         retry = ann.get(ANNOTATION_RETRY)
         wants_retry = bool(retry) and retry != status.handled.retry
@@ -465,7 +449,7 @@ def _reconcile(
     s = status.model_copy(deep=True)
     actions: list[Action] = []
     s.observedGeneration = generation
-    s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
+    s.conditions = status_.spec_valid(s.conditions, now, generation)
     # The route write that made this status current carried the 0s of retired Services.
     s.retiredServices = []
 
@@ -483,28 +467,52 @@ def _reconcile(
     if s.phase == "Invalid":
         s.phase = "Running"
         _history(s, now, "Valid", "SpecValid", "spec is valid again; resuming")
+    done = _user_actions(spec, s, actions, ann, now, generation)
+    if done is None and observations is not None and analysis_due(spec, s, now):
+        done = _analyse(spec, s, actions, observations, now, generation)
+    return done or _run_or_hold(spec, s, actions, now, generation)
 
-    # A retry annotation acts only on a finished experiment; on a running one it is recorded.
+
+def _valid_again(
+    status: ModelExperimentStatus, rev: str, problem: str | None, now: datetime, generation: int
+) -> ModelExperimentStatus:
+    """An experiment that had finished before the spec (or its route, Secret...) became unusable
+    still has: back to its terminal phase once the spec is valid again."""
+    finished = FINISHED_PHASE.get(status.decision or "")
+    if status.phase != "Invalid" or not finished or status.revision != rev or problem:
+        return status
+    s = status.model_copy(deep=True)
+    s.phase = finished  # type: ignore[assignment]
+    s.message = s.decisionReason or s.message
+    msg = f"spec is valid again; the experiment had finished: {finished} again, traffic left as it is"
+    _history(s, now, "Valid", "SpecValid", msg)
+    _conditions(s, now, generation, finished)
+    return s
+
+
+def _user_actions(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    ann: dict[str, str],
+    now: datetime,
+    generation: int,
+) -> Decision | None:
+    """Retry (recorded only, while running), abort and resume annotations: each new value acts once."""
     retry = ann.get(ANNOTATION_RETRY)
     if retry and retry != s.handled.retry:
         s.handled.retry = retry
-
-    # User actions, by annotation: each new value acts once.
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != s.handled.abort:
         s.handled.abort = abort
+        msg = f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to the control"
         return _finish(
             spec,
             s,
             actions,
             now,
             generation,
-            "Aborted",
-            "aborted",
-            None,
-            "AbortRequested",
-            f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to the control",
-            to_control=True,
+            Outcome("Aborted", "aborted", "AbortRequested", msg, to_control=True),
         )
     resume = ann.get(ANNOTATION_RESUME)
     if resume and resume != s.handled.resume:
@@ -519,13 +527,13 @@ def _reconcile(
             s.phase = "Running"
             actions.append(Event("Normal", "Resumed", msg))
             _history(s, now, "Resumed", "ResumeRequested", msg)
+    return None
 
-    if observations is not None and analysis_due(spec, s, now):
-        done = _analyse(spec, s, actions, observations, now, generation)
-        if done is not None:
-            return done
 
-    # Pausing: by spec, or held by a sample-ratio mismatch until resumed.
+def _run_or_hold(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], now: datetime, generation: int
+) -> Decision:
+    """Pausing: by spec, or held by a sample-ratio mismatch until resumed; else Running."""
     if spec.paused:
         if s.phase != "Paused" or _progress_reason(s) != "SpecPaused":
             actions.append(Event("Normal", "Paused", "paused by spec.paused"))
@@ -573,9 +581,7 @@ def _finished(
                 Event("Warning", "RetryRejected", f"{ANNOTATION_RETRY}={retry} not acted on: {problem}")
             )
     else:
-        s.conditions = set_condition(
-            s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation
-        )
+        s.conditions = status_.spec_valid(s.conditions, now, generation)
     return Decision(s, actions)
 
 
@@ -598,25 +604,11 @@ def _start(
     write (``retiredServices``), so the route always sums to 100.
     """
     weights = fixed_weights(spec)
-    ctrl = control_of(spec).name
-    split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
     spec_services = {v.service for v in spec.variants}
     retired = sorted(
         {v.service for v in s.variants if v.service and v.service not in spec_services and v.weight > 0}
     )
-    before = ", ".join(f"{v.name} {v.weight}%" for v in s.variants)
-    if reason == "Started":
-        msg = f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}"
-    elif reason == "Retried":
-        msg = (
-            f"retried by annotation {ANNOTATION_RETRY}={ann.get(ANNOTATION_RETRY)} after {s.phase}: "
-            f"restarting the experiment from scratch with {split}"
-        )
-    else:
-        msg = (
-            f"variants, their weights or the primary metric changed (revision {s.revision or 'unrecorded'} "
-            f"-> {rev}; was {before or 'nothing'}): restarting the experiment from scratch with {split}"
-        )
+    msg = _start_message(spec, s, ann, rev, reason, weights)
     if retired:
         msg += f"; removed Service(s) {', '.join(retired)} set to 0"
     # Annotations present when this revision starts were meant for an earlier one: recorded, not acted on.
@@ -636,7 +628,7 @@ def _start(
         variants=[
             VariantStatus(name=v.name, service=v.service, weight=weights[v.name]) for v in spec.variants
         ],
-        conditions=s.conditions,
+        conditions=_start_conditions(s.conditions, now, generation),
         history=s.history,
         handled=handled,
         reconcileErrors=s.reconcileErrors,
@@ -645,9 +637,41 @@ def _start(
         srmBaseline={},
         srmSince=now,
     )
-    s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
-    s.conditions = set_condition(
-        s.conditions,
+    actions.append(Event("Normal", reason, msg))
+    _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
+    _conditions(s, now, generation, "Running")
+    return Decision(s, actions)
+
+
+def _start_message(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    ann: dict[str, str],
+    rev: str,
+    reason: str,
+    weights: dict[str, int],
+) -> str:
+    """Why it (re)starts and with which split: Started, Retried or NewRevision."""
+    split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
+    if reason == "Started":
+        return f"started: {split}; {spec.allocation.strategy} allocation, control {control_of(spec).name}"
+    if reason == "Retried":
+        return (
+            f"retried by annotation {ANNOTATION_RETRY}={ann.get(ANNOTATION_RETRY)} after {s.phase}: "
+            f"restarting the experiment from scratch with {split}"
+        )
+    before = ", ".join(f"{v.name} {v.weight}%" for v in s.variants)
+    return (
+        f"variants, their weights or the primary metric changed (revision {s.revision or 'unrecorded'} "
+        f"-> {rev}; was {before or 'nothing'}): restarting the experiment from scratch with {split}"
+    )
+
+
+def _start_conditions(conditions: list[Condition], now: datetime, generation: int) -> list[Condition]:
+    """Valid, and SRM and Healthy not known yet."""
+    c = status_.spec_valid(conditions, now, generation)
+    c = set_condition(
+        c,
         SRM_REASON,
         "Unknown",
         "NotChecked",
@@ -655,13 +679,25 @@ def _start(
         now,
         generation,
     )
-    s.conditions = set_condition(
-        s.conditions, "Healthy", "Unknown", "NotMeasured", "not measured yet", now, generation
-    )
-    actions.append(Event("Normal", reason, msg))
-    _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
-    _conditions(s, now, generation, "Running")
-    return Decision(s, actions)
+    return set_condition(c, "Healthy", "Unknown", "NotMeasured", "not measured yet", now, generation)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an experiment ends: the terminal phase and decision, why, and where traffic goes.
+
+    Traffic: all to ``winner``; else all to the control when ``to_control``; unchanged when
+    ``move`` is False (or there is neither).
+    """
+
+    phase: str
+    decision: str
+    reason: str
+    message: str
+    winner: str | None = None
+    values: dict[str, float] | None = None
+    to_control: bool = False
+    move: bool = True
 
 
 def _finish(
@@ -670,30 +706,23 @@ def _finish(
     actions: list[Action],
     now: datetime,
     generation: int,
-    phase: str,
-    decision: str,
-    winner: str | None,
-    reason: str,
-    message: str,
-    values: dict[str, float] | None = None,
-    to_control: bool = False,
-    move: bool = True,
+    outcome: Outcome,
 ) -> Decision:
-    """Enter a terminal phase. Traffic: all to the winner, or to the control, or (move=False) unchanged."""
-    ctrl = control_of(spec).name
-    target = winner if winner is not None else (ctrl if to_control else None)
-    if move and target is not None:
+    """Enter the terminal phase ``outcome`` names and move traffic as it says."""
+    o = outcome
+    target = o.winner if o.winner is not None else (control_of(spec).name if o.to_control else None)
+    if o.move and target is not None:
         for v in s.variants:
             v.weight = 100 if v.name == target else 0
-    s.phase = phase  # type: ignore[assignment]
-    s.decision = decision
-    s.winner = winner
-    s.decisionReason = message
-    s.message = message
-    warn = phase in ("RolledBack", "Aborted")
-    actions.append(Event("Warning" if warn else "Normal", reason, message))
-    _history(s, now, phase, reason, message, values)
-    _conditions(s, now, generation, reason)
+    s.phase = o.phase  # type: ignore[assignment]
+    s.decision = o.decision
+    s.winner = o.winner
+    s.decisionReason = o.message
+    s.message = o.message
+    warn = o.phase in ("RolledBack", "Aborted")
+    actions.append(Event("Warning" if warn else "Normal", o.reason, o.message))
+    _history(s, now, o.phase, o.reason, o.message, o.values)
+    _conditions(s, now, generation, o.reason)
     return Decision(s, actions)
 
 
@@ -750,10 +779,8 @@ class _Analysis:
     ) -> Decision:
         """RolledBack, all traffic to the control."""
         self.s.lastAnalysis = [m for ms in self.a.by_arm.values() for m in ms]
-        return _finish(
-            self.spec, self.s, self.actions, self.now, self.generation, "RolledBack", decision, None, reason,
-            message, values, to_control=True,
-        )  # fmt: skip
+        outcome = Outcome("RolledBack", decision, reason, message, values=values, to_control=True)
+        return _finish(self.spec, self.s, self.actions, self.now, self.generation, outcome)
 
 
 def _analyse(
@@ -1214,6 +1241,51 @@ def _sample_size(
         s.sampleSizePerVariant = max(sizes)
 
 
+@dataclass(frozen=True)
+class _Look:
+    """What one decision looks at: samples per active variant and where the stopping rules stand."""
+
+    least: float  # samples of the active variant with the fewest
+    need: int  # samples per variant a decision needs
+    at_cap: bool  # every active variant reached maxSamplesPerVariant
+    timed_out: bool  # maxDuration elapsed
+    exploring: bool  # the bandit phase of a Thompson experiment (before a confirmation)
+    samples: str  # the counts, for messages
+    values: dict[str, float]  # recorded with the decision
+    treatments: list[str]  # the active variants other than the control
+
+
+def _look(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    data: dict[str, Data],
+    active: list[str],
+    now: datetime,
+) -> _Look:
+    sr = spec.stoppingRules
+    ns = {n: (_n(data[n]) if n in data else 0.0) for n in active}
+    least = min(ns.values())
+    phase_note = ""
+    if s.confirmation is not None:
+        since = s.confirmation.since.strftime("%Y-%m-%dT%H:%M:%SZ")
+        phase_note = f" (confirmation of {s.confirmation.variant}: samples since {since})"
+    elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
+    need = sr.minSamplesPerVariant
+    if spec.successCriteria.method == "fixedHorizon" and s.sampleSizePerVariant:
+        need = max(need, s.sampleSizePerVariant)
+    ctrl = control_of(spec).name
+    return _Look(
+        least=least,
+        need=need,
+        at_cap=sr.maxSamplesPerVariant is not None and least >= sr.maxSamplesPerVariant,
+        timed_out=elapsed >= parse_duration(sr.maxDuration),
+        exploring=spec.allocation.strategy == "thompson" and s.confirmation is None,
+        samples=", ".join(f"{n} n={ns[n]:.0f}" for n in active) + phase_note,
+        values=_decision_values(s, active, ns),
+        treatments=[n for n in active if n != ctrl],
+    )
+
+
 def _decide(
     spec: ModelExperimentSpec,
     s: ModelExperimentStatus,
@@ -1225,115 +1297,78 @@ def _decide(
     generation: int,
 ) -> Decision | None:
     """``data``: the samples the test uses (a confirmation's own); ``raw``: cumulative since the start."""
-    sc, sr, pm = spec.successCriteria, spec.stoppingRules, spec.primaryMetric
-    ctrl = control_of(spec).name
-    by_name = {v.name: v for v in s.variants}
-    ns = {n: (_n(data[n]) if n in data else 0.0) for n in active}
-    least = min(ns.values())
-    exploring = spec.allocation.strategy == "thompson" and s.confirmation is None
-    phase_note = ""
-    if s.confirmation is not None:
-        since = s.confirmation.since.strftime("%Y-%m-%dT%H:%M:%SZ")
-        phase_note = f" (confirmation of {s.confirmation.variant}: samples since {since})"
-    elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
-    max_duration = parse_duration(sr.maxDuration)
-    timed_out = elapsed >= max_duration
-    at_cap = sr.maxSamplesPerVariant is not None and least >= sr.maxSamplesPerVariant
-    need = sr.minSamplesPerVariant
-    if sc.method == "fixedHorizon" and s.sampleSizePerVariant:
-        need = max(need, s.sampleSizePerVariant)
-    samples = ", ".join(f"{n} n={ns[n]:.0f}" for n in active) + phase_note
-    values = _decision_values(s, active, ns)
-    treatments = [n for n in active if n != ctrl]
-
-    if least >= need or at_cap or timed_out:
-        winner = _winner(spec, s, treatments)
-        if winner is not None and exploring and not (at_cap or timed_out):
+    look = _look(spec, s, data, active, now)
+    stopping = look.at_cap or look.timed_out
+    if look.least < look.need and not stopping:
+        extra = look.need > spec.stoppingRules.minSamplesPerVariant
+        s.message = f"collecting samples: {look.samples}; a decision needs {look.need} per variant" + (
+            " (planned sample size of the fixed-horizon test)" if extra else ""
+        )
+        return None
+    winner = _winner(spec, s, look.treatments)
+    if winner is not None and look.exploring:
+        if not stopping:
             _confirm(spec, s, actions, winner, raw, now)
             return None
-        if winner is not None and exploring:
-            winner = None  # no time or samples left to confirm the bandit's leader: no winner
-        if winner is not None:
-            w = by_name[winner]
-            stat = (
-                f"P(best) = {w.probabilityToBeBest:.3g} >= {sc.probabilityToBeBest:g}"
-                if sc.method == "bayesian"
-                else f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}"
-            )
-            detail = (
-                f"{winner} {pm.name} = {w.estimate:.4g} vs {ctrl} (control) {by_name[ctrl].estimate:.4g} "
-                f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
-                f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {samples})"
-            )
-            if spec.onSuccess == "promoteWinner":
-                return _finish(
-                    spec,
-                    s,
-                    actions,
-                    now,
-                    generation,
-                    "Concluded",
-                    "promoted",
-                    winner,
-                    "WinnerPromoted",
-                    f"winner {winner}: {detail}; all traffic to {winner}",
-                    values,
-                )
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "Concluded",
-                "winnerKept",
-                winner,
-                "WinnerFound",
-                f"winner {winner}: {detail}; onSuccess is keep: traffic unchanged",
-                values,
-                move=False,
-            )
-        futile = _futile(spec, s, treatments)
-        if futile:
-            return _null(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "futile",
-                "Futile",
-                f"futile: no variant can beat the control {ctrl} by the MDE "
-                f"{sc.minimumDetectableEffect:g} ({futile}; {samples})",
-                values,
-            )
-        one_look = sc.method == "fixedHorizon" and least >= need
-        if at_cap or timed_out or one_look:
-            why = (
-                f"every active variant reached maxSamplesPerVariant {sr.maxSamplesPerVariant}"
-                if at_cap
-                else f"maxDuration {sr.maxDuration} elapsed"
-                if timed_out
-                else f"the fixed-horizon test at its planned {need} samples per variant ended"
-            )
-            return _null(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "noWinner",
-                "NoWinner",
-                f"no winner: {why} without a significant improvement over the control {ctrl} "
-                f"({_summary(s, treatments)}; {samples})",
-                values,
-            )
-        s.message = f"analysing: no decision yet ({_summary(s, treatments)}; {samples})"
+        winner = None  # no time or samples left to confirm the bandit's leader: no winner
+    outcome = _won(spec, s, winner, look) if winner is not None else _no_winner(spec, s, look)
+    if outcome is None:
+        s.message = f"analysing: no decision yet ({_summary(s, look.treatments)}; {look.samples})"
         return None
-    s.message = f"collecting samples: {samples}; a decision needs {need} per variant" + (
-        " (planned sample size of the fixed-horizon test)" if need > sr.minSamplesPerVariant else ""
+    return _finish(spec, s, actions, now, generation, outcome)
+
+
+def _won(spec: ModelExperimentSpec, s: ModelExperimentStatus, winner: str, look: _Look) -> Outcome:
+    """The winner found: promoted (all traffic to it) or kept (traffic unchanged), by onSuccess."""
+    sc, pm = spec.successCriteria, spec.primaryMetric
+    ctrl = control_of(spec).name
+    by_name = {v.name: v for v in s.variants}
+    w = by_name[winner]
+    stat = (
+        f"P(best) = {w.probabilityToBeBest:.3g} >= {sc.probabilityToBeBest:g}"
+        if sc.method == "bayesian"
+        else f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}"
     )
-    return None
+    detail = (
+        f"{winner} {pm.name} = {w.estimate:.4g} vs {ctrl} (control) {by_name[ctrl].estimate:.4g} "
+        f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
+        f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {look.samples})"
+    )
+    if spec.onSuccess == "promoteWinner":
+        msg = f"winner {winner}: {detail}; all traffic to {winner}"
+        return Outcome("Concluded", "promoted", "WinnerPromoted", msg, winner=winner, values=look.values)
+    msg = f"winner {winner}: {detail}; onSuccess is keep: traffic unchanged"
+    return Outcome(
+        "Concluded", "winnerKept", "WinnerFound", msg, winner=winner, values=look.values, move=False
+    )
+
+
+def _no_winner(spec: ModelExperimentSpec, s: ModelExperimentStatus, look: _Look) -> Outcome | None:
+    """Futility, the sample cap, maxDuration or the fixed-horizon look end it without a winner."""
+    sc, sr = spec.successCriteria, spec.stoppingRules
+    ctrl = control_of(spec).name
+    futile = _futile(spec, s, look.treatments)
+    if futile:
+        msg = (
+            f"futile: no variant can beat the control {ctrl} by the MDE "
+            f"{sc.minimumDetectableEffect:g} ({futile}; {look.samples})"
+        )
+        return _null_outcome(spec, "futile", "Futile", msg, look.values)
+    one_look = sc.method == "fixedHorizon" and look.least >= look.need
+    if not (look.at_cap or look.timed_out or one_look):
+        return None
+    why = (
+        f"every active variant reached maxSamplesPerVariant {sr.maxSamplesPerVariant}"
+        if look.at_cap
+        else f"maxDuration {sr.maxDuration} elapsed"
+        if look.timed_out
+        else f"the fixed-horizon test at its planned {look.need} samples per variant ended"
+    )
+    msg = (
+        f"no winner: {why} without a significant improvement over the control {ctrl} "
+        f"({_summary(s, look.treatments)}; {look.samples})"
+    )
+    return _null_outcome(spec, "noWinner", "NoWinner", msg, look.values)
 
 
 def _winner(spec: ModelExperimentSpec, s: ModelExperimentStatus, treatments: list[str]) -> str | None:
@@ -1388,22 +1423,24 @@ def _null(
     message: str,
     values: dict[str, float],
 ) -> Decision:
+    """Concluded without a winner (see :func:`_null_outcome`)."""
+    return _finish(spec, s, actions, now, generation, _null_outcome(spec, decision, reason, message, values))
+
+
+def _null_outcome(
+    spec: ModelExperimentSpec, decision: str, reason: str, message: str, values: dict[str, float]
+) -> Outcome:
+    """A null result is not a failure: Concluded, all traffic to the control (or kept, by onSuccess)."""
     if spec.onSuccess == "promoteWinner":
         message += "; all traffic to the control"
     else:
         message += "; onSuccess is keep: traffic unchanged"
-    return _finish(
-        spec,
-        s,
-        actions,
-        now,
-        generation,
+    return Outcome(
         "Concluded",
         decision,
-        None,
         reason,
         message,
-        values,
+        values=values,
         to_control=True,
         move=spec.onSuccess == "promoteWinner",
     )
