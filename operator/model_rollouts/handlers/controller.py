@@ -127,6 +127,10 @@ class Controller(Generic[SpecT, StatusT]):
         """The arms the route must be able to weight (retired ones need not be there)."""
         raise NotImplementedError
 
+    def due(self, spec: SpecT, status: StatusT, now: dt.datetime) -> bool:
+        """Whether the engine wants an analysis measured now (pacing from status)."""
+        raise NotImplementedError
+
     def observe(self, spec: SpecT, status: StatusT, provider: MetricProvider, now: dt.datetime) -> Any:
         """The observations of the analysis the engine says is due (None if none is): measured in
         the tenant's pool, so this raises Measuring until they are ready (see :meth:`measured`)."""
@@ -278,27 +282,27 @@ class Controller(Generic[SpecT, StatusT]):
             if status.phase in ("Pending", "Invalid") or status.observedGeneration != generation:
                 self.check_owner(obj, spec, owners)
             router = registry.make_router(api(), spec.trafficRouting, self.namespace, (self.kind, self.name))
-            provider = make_provider(
-                spec.analysis,
-                self.namespace,
-                inline_query_fields(spec, "spec"),
-                namespaced_template_fields(spec, "spec"),
-            )
         except SpecError as e:  # a router, provider, template or Secret the object cannot use
             return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
         self._asked = (generation, json.dumps(dump(status), sort_keys=True))
-        if self._measuring is not None and self._measuring[0] == self._asked:
-            now_ = self._measuring[2]  # decided as of when it was measured: pacing as if measured inline
+        pending = self._measuring
+        measured = pending is not None and pending[0] == self._asked
+        if pending is not None and measured:
+            now_ = pending[2]  # decided as of when it was measured: pacing as if measured inline
         self._tick_now = now_
         try:
-            observations = self.observe(spec, status, provider, now_)
-        except Measuring:
-            return  # the handler thread never waits on a provider; the next wake-up reads the result
-        try:  # the one read of the route in this tick: checked, compared and written against
+            if not measured and self.due(spec, status, now_):
+                # This tick only starts the measurement (in the tenant's pool): no route read; the
+                # wake-up that picks up the result reads, checks and writes the route.
+                self.observe(spec, status, self._provider(spec), now_)
+            # The one read of the route in this tick: checked, compared and written against.
             state = router.read()
             router.admit(state, self.arms(spec, status))
-        except RouterError as e:
+            observations = self.observe(spec, status, self._provider(spec), now_)
+        except SpecError as e:  # a router, provider, template or Secret the object cannot use
             return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
+        except Measuring:
+            return  # the handler thread never waits on a provider; the next wake-up reads the result
         new, actions = self.decide(spec, status, observations, now_, generation, annotations)
         finished_before = status.phase in self.terminal
         route = None if finished_before and new.phase in self.terminal else self.weights(spec, new)
@@ -340,7 +344,7 @@ class Controller(Generic[SpecT, StatusT]):
             registry.check_owner(self.kind, self.namespace, obj["metadata"], spec.trafficRouting, owners)
 
     def check_providers(self, spec: SpecT) -> None:
-        """RouterError naming the field of the first notification provider or gate that does not admit
+        """SpecError naming the field of the first notification provider or gate that does not admit
         this namespace (its allowedNamespaces / namespaceSelector): the object is Valid=False."""
         named = [
             *(
@@ -355,7 +359,7 @@ class Controller(Generic[SpecT, StatusT]):
         for field, provider in named:
             why = notify_sender.check(provider, self.namespace)
             if why is not None:
-                raise RouterError(field, why)
+                raise SpecError(field, why)
 
     def measured(self, provider: MetricProvider, measure: Callable[[], T]) -> T:
         """The result of ``measure`` for the status this tick was asked about, run in the pool of the
@@ -447,6 +451,15 @@ class Controller(Generic[SpecT, StatusT]):
                 notify_sender.sender().publish(str(obj["metadata"].get("uid") or self.name), refs, notices)
             except Exception as e:
                 self.logger.warning("%s/%s notifications: %s", self.namespace, self.name, safe_error(e))
+
+    def _provider(self, spec: SpecT) -> MetricProvider:
+        """The object's provider (ProviderError naming the field when it may not use one)."""
+        return make_provider(
+            spec.analysis,
+            self.namespace,
+            inline_query_fields(spec, "spec"),
+            namespaced_template_fields(spec, "spec"),
+        )
 
     def _router(self, spec: SpecT) -> TrafficRouter:
         return registry.make_router(api(), spec.trafficRouting, self.namespace, (self.kind, self.name))

@@ -125,6 +125,9 @@ class ExperimentController(Controller[ModelExperimentSpec, ModelExperimentStatus
         roles.update({v.service: v.name for v in status.variants if v.service})
         return {Arm(roles.get(svc, RETIRED), svc): w for svc, w in per_service.items()}
 
+    def due(self, spec: ModelExperimentSpec, status: ModelExperimentStatus, now: datetime) -> bool:
+        return engine.analysis_due(spec, status, now)
+
     def observe(
         self,
         spec: ModelExperimentSpec,
@@ -132,7 +135,7 @@ class ExperimentController(Controller[ModelExperimentSpec, ModelExperimentStatus
         provider: MetricProvider,
         now: datetime,
     ) -> engine.Observations | None:
-        if not engine.analysis_due(spec, status, now):  # pacing lives in status
+        if not self.due(spec, status, now):  # pacing lives in status  # pacing lives in status
             return None
         observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
         self.count_errors(
