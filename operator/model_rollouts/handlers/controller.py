@@ -47,7 +47,7 @@ from model_rollouts.notify import events as notify_events
 from model_rollouts.notify import sender as notify_sender
 from model_rollouts.traffic import registry
 from model_rollouts.traffic.registry import RouteOwners
-from model_rollouts.traffic.router import Arm, NotOptedIn, RouterError, TrafficRouter
+from model_rollouts.traffic.router import Arm, NotOptedIn, TrafficRouter
 
 
 class Measuring(Exception):

@@ -44,7 +44,7 @@ def _placeholders(v: Variant, namespace: str, window: str) -> dict[str, str]:
 
 
 def resolve(spec: ModelExperimentSpec, namespace: str) -> ModelExperimentSpec:
-    """The spec with every templateRef replaced by its template's queries (RouterError naming the field)."""
+    """The spec with every templateRef replaced by its template's queries (ProviderError naming the field)."""
     if not (spec.primaryMetric.templateRef or any(g.templateRef for g in spec.guardrails)):
         return spec
     guardrails = [

@@ -58,7 +58,7 @@ def _placeholders(v: VariantRef, role: str, namespace: str, window: str) -> dict
 
 
 def resolve(spec: ModelRolloutSpec, namespace: str) -> ModelRolloutSpec:
-    """The spec with every templateRef replaced by its template's queries (RouterError naming the field)."""
+    """The spec with every templateRef replaced by its template's queries (ProviderError naming the field)."""
     a = spec.analysis
     if not (any(g.templateRef for g in a.guardrails) or any(c.templateRef for c in a.comparisons)):
         return spec
