@@ -199,6 +199,11 @@ class VariantStatus(Model):
     noDataSince: datetime | None = Field(
         default=None, description="Since when every analysis of this variant had a no-data measurement."
     )
+    unready: bool = Field(
+        default=False,
+        description="Its Service had no ready endpoint at the last analysis: weight 0 (a non-control "
+        "variant; the control is never zeroed, the analysis holds) until it is ready again.",
+    )
 
 
 class Handled(Model):

@@ -206,6 +206,11 @@ class ModelRolloutStatus(ResourceStatus):
     stepStartedAt: datetime | None = None
     stepWeight: int | None = Field(default=None, description="Intermediate weight while a jump is split.")
     weight: int = 0
+    candidateUnready: bool = Field(
+        default=False,
+        description="The candidate has no ready endpoint: the route gives it 0 (the stable the rest) "
+        "until it is ready again, then `weight` (the step's weight, kept) again.",
+    )
     candidateService: str | None = Field(default=None, description="The candidate of this revision.")
     stableService: str | None = Field(
         default=None, description="The Service serving as the baseline: rolled back to, compared against."

@@ -143,6 +143,8 @@ class VariantObservation:
 @dataclass(frozen=True)
 class Observations:
     variants: dict[str, VariantObservation] = field(default_factory=dict)
+    #: Per variant: does its Service have a ready endpoint? None (or absent): unknown, nothing changes.
+    ready: dict[str, bool | None] = field(default_factory=dict)
 
 
 #: The engine's actions besides its status. The weights are not an action: the route carries
@@ -796,6 +798,7 @@ def _analyse(
     s.lastAnalysisTime = now
     prev_healthy = get_condition(s.conditions, "Healthy")
     data, per_variant = _observe(spec, s, obs)
+    _readiness(spec, s, actions, obs.ready, data, now, generation)
     a = assess(_policy(spec), per_variant, s.guardrailFailures, s.consecutiveErrors)
     s.guardrailFailures, s.consecutiveErrors = a.failures, a.consecutive_errors
     x = _Analysis(spec, s, actions, now, generation, a, data)
@@ -808,6 +811,10 @@ def _analyse(
         return ended
     active = {v.name for v in s.variants if v.active}
     active_names = [v.name for v in spec.variants if v.name in active]
+    if x.variant(x.control).unready:
+        s.lastAnalysis = [m for ms in per_variant.values() for m in ms]
+        s.message = f"holding: the control {x.control} has no ready endpoints (it is never set to 0)"
+        return None
     if holding := a.missing(active_names):
         s.lastAnalysis = [m for ms in per_variant.values() for m in ms]
         return _hold(x, holding)
@@ -921,7 +928,7 @@ def _drop(x: _Analysis, failed: dict[str, list[str]]) -> Decision | None:
         )
         return x.roll_back("rolledBack", "GuardrailFailed", msg, x.guard_values())
     if x.spec.allocation.strategy == "fixed":
-        new = fixed_weights(x.spec, active)
+        new = fixed_weights(x.spec, _serving(x.spec, s))
         because = f"redistributed after dropping {', '.join(dropped)}"
     else:
         new = _thompson(x.spec, s, x.data, x.generation, x.now)
@@ -976,6 +983,85 @@ def _decide_and_allocate(x: _Analysis, active_names: list[str]) -> Decision | No
             _set_weights(spec, s, actions, x.now, new, "thompson sampling update", event=False, record=False)
             s.message = f"{analysis}; {s.message}"
     return None
+
+
+def _serving(spec: ModelExperimentSpec, s: ModelExperimentStatus) -> set[str]:
+    """The variants that get traffic: the active ones, but a non-control one without ready endpoints."""
+    ctrl = control_of(spec).name
+    return {v.name for v in s.variants if v.active and (v.name == ctrl or not v.unready)}
+
+
+def _readiness(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    ready: Mapping[str, bool | None],
+    data: dict[str, Data],
+    now: datetime,
+    generation: int,
+) -> None:
+    """A non-control variant whose Service has no ready endpoint gets 0, its share spread the way a
+    dropped variant's is (fixed split, bandit, or to the control in a confirmation); it gets its share
+    back when ready again. A dead control is flagged (the analysis then holds), never zeroed. Unknown
+    readiness (None) changes nothing."""
+    ctrl = control_of(spec).name
+    moved: list[str] = []
+    for v in s.variants:
+        r = ready.get(v.name)
+        if r is None or not v.active or r != v.unready:
+            continue
+        v.unready = not r
+        svc = v.service or v.name
+        if v.name == ctrl:
+            msg = (
+                f"the control {ctrl} ({svc}) has no ready endpoints: holding, no decision (the control is "
+                "never set to 0)"
+                if v.unready
+                else f"the control {ctrl} ({svc}) is ready again"
+            )
+        else:
+            moved.append(v.name)
+            msg = (
+                f"variant {v.name} ({svc}) has no ready endpoints: weight {v.weight} -> 0 until it is ready"
+                if v.unready
+                else f"variant {v.name} ({svc}) is ready again: it gets its share back"
+            )
+        reason = ("ControlUnready" if v.name == ctrl else "ArmUnready") if v.unready else "ArmReady"
+        actions.append(Event("Warning" if v.unready else "Normal", reason, msg))
+        _history(s, now, reason, reason, msg)
+    if moved:
+        _set_weights(
+            spec, s, actions, now, _serving_weights(spec, s, data, generation, now), "readiness", event=False
+        )
+    _ready_condition(s, ctrl, now, generation)
+
+
+def _serving_weights(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data], generation: int, now: datetime
+) -> dict[str, int]:
+    """The split over the serving variants (:func:`_serving`)."""
+    serving = _serving(spec, s)
+    if s.confirmation is not None:
+        ctrl, leader = control_of(spec).name, s.confirmation.variant
+        out = {v.name: 0 for v in s.variants}
+        out[leader] = CONFIRMATION_WEIGHT if leader in serving else 0
+        out[ctrl] = 100 - out[leader]
+        return out
+    if spec.allocation.strategy == "fixed":
+        return fixed_weights(spec, serving)
+    return _thompson(spec, s, data, generation, now)
+
+
+def _ready_condition(s: ModelExperimentStatus, ctrl: str, now: datetime, generation: int) -> None:
+    """ArmsReady: False naming the variants without ready endpoints; True again when none is left."""
+    unready = [v.name for v in s.variants if v.active and v.unready]
+    if unready:
+        reason = "ControlUnready" if ctrl in unready else "ArmUnready"
+        msg = f"no ready endpoints: {', '.join(unready)} (weight 0 but the control's)"
+        s.conditions = set_condition(s.conditions, "ArmsReady", "False", reason, msg, now, generation)
+    elif get_condition(s.conditions, "ArmsReady") is not None:
+        msg = "every active variant has a ready endpoint"
+        s.conditions = set_condition(s.conditions, "ArmsReady", "True", "AllReady", msg, now, generation)
 
 
 def _confirmation_data(s: ModelExperimentStatus, data: dict[str, Data]) -> dict[str, Data]:
@@ -1522,7 +1608,8 @@ def _thompson(
     spec: ModelExperimentSpec, s: ModelExperimentStatus, data: dict[str, Data], generation: int, now: datetime
 ) -> dict[str, int]:
     """Bandit weights; seeded from the generation and the analysis time, so the engine stays pure."""
-    excluded = [v.name for v in s.variants if not v.active]
+    serving = _serving(spec, s)
+    excluded = [v.name for v in s.variants if v.name not in serving]
     arms: dict[str, stats.ProportionData] = {}
     for v in spec.variants:
         d = data.get(v.name)

@@ -149,9 +149,16 @@ def route_weights(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict[st
     if spec.candidate.service == stable:
         out[stable] = 100
         return out
-    out[stable] = 100 - status.weight
-    out[spec.candidate.service] = status.weight
+    w = candidate_weight(status)
+    out[stable] = 100 - w
+    out[spec.candidate.service] = w
     return out
+
+
+def candidate_weight(status: ModelRolloutStatus) -> int:
+    """The candidate's weight on the route: 0 while it has no ready endpoint in a running rollout
+    (``status.weight`` keeps the step's weight it gets back), else ``status.weight``."""
+    return 0 if status.candidateUnready and status.phase not in TERMINAL_PHASES else status.weight
 
 
 def guard_weights(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict[str, int] | None:
@@ -438,6 +445,7 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.epochs = {}
     s.passedComparisons = []
     s.heldSince = None
+    s.candidateUnready = False
     s.guardrailFailures = {}
     s.consecutiveErrors = 0
     s.lastAnalysis = []
@@ -638,6 +646,7 @@ def _finish(
     s.weight = weight
     s.stepWeight = None
     s.heldSince = None
+    s.candidateUnready = False
     s.message = message
     if phase == "Promoted":
         replaced = s.stableService

@@ -109,14 +109,35 @@ def run(s: ModelRolloutStatus, ctx: StepContext) -> StepOutcome:
     if _paused_by_spec(ctx, s, w):
         return StepOutcome(w.events)
     _early_annotations(ctx, s, w)
-    if ctx.candidate_ready is False:
-        w.holds.append(f"candidate {ctx.spec.candidate.service} has no ready endpoints")
+    _readiness(ctx, s, w)
     # Steps: advance while nothing blocks; at most one weight change per analysis.
     w.ok = not w.holds and (ctx.analysed or s.weight == 0)
     finish = _walk(ctx, s, w)
     if finish is not None:
         return StepOutcome(w.events, finish=finish)
     return _deadline(ctx, s, w)
+
+
+def _readiness(ctx: StepContext, s: ModelRolloutStatus, w: _Walk) -> None:
+    """An unready candidate gets 0 on the route (``candidateUnready``) and holds at its step; once
+    ready it gets the step's weight back. Unknown readiness (None) changes nothing."""
+    cand = ctx.spec.candidate.service
+    if ctx.candidate_ready is None and s.candidateUnready:
+        w.holds.append(
+            f"candidate {cand} had no ready endpoints at the last look (weight 0 until it is ready)"
+        )
+    elif ctx.candidate_ready is False:
+        w.holds.append(f"candidate {cand} has no ready endpoints (weight 0 until it is ready)")
+        if not s.candidateUnready:
+            s.candidateUnready = True
+            msg = f"candidate {cand} has no ready endpoints: weight {s.weight} -> 0 until it is ready"
+            w.events.append(Event("Warning", "CandidateUnready", msg))
+            record(s, ctx.now, "CandidateUnready", "CandidateUnready", msg)
+    elif ctx.candidate_ready and s.candidateUnready:
+        s.candidateUnready = False
+        msg = f"candidate {cand} is ready again: weight 0 -> {s.weight} (step {s.currentStep})"
+        w.events.append(Event("Normal", "CandidateReady", msg))
+        record(s, ctx.now, "CandidateReady", "CandidateReady", msg)
 
 
 def record(

@@ -20,6 +20,7 @@ from model_rollouts.api.experiment import (
 from model_rollouts.engine import experiment as engine
 from model_rollouts.handlers import common
 from model_rollouts.handlers.controller import Controller
+from model_rollouts.kube.readiness import service_ready
 from model_rollouts.metrics.provider import MetricProvider, render
 from model_rollouts.traffic import registry
 from model_rollouts.traffic.router import RETIRED, Arm
@@ -97,7 +98,8 @@ def measure(
         out[v.name] = engine.VariantObservation(
             primary=primary, problem=problem, guardrails=guardrails, requests=requests
         )
-    return engine.Observations(variants=out)
+    ready = {v.name: service_ready(namespace, v.service) for v in spec.variants if v.name in active}
+    return engine.Observations(variants=out, ready=ready)
 
 
 class ExperimentController(Controller[ModelExperimentSpec, ModelExperimentStatus]):

@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 import kopf
-from kubernetes import client
 
 from model_rollouts.api.common import GROUP, VERSION, format_duration
 from model_rollouts.api.notification import Gate
@@ -28,6 +27,7 @@ from model_rollouts.api.rollout import (
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common
 from model_rollouts.handlers.controller import Controller
+from model_rollouts.kube.readiness import service_ready
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.notify import sender as notify_sender
 from model_rollouts.traffic import registry
@@ -118,21 +118,7 @@ def measure(
 
 def candidate_ready(spec: ModelRolloutSpec, namespace: str) -> bool | None:
     """False when the candidate Service has EndpointSlices and none has a ready endpoint; None if unknown."""
-    try:
-        slices = client.DiscoveryV1Api(common.api()).list_namespaced_endpoint_slice(
-            namespace,
-            label_selector=f"kubernetes.io/service-name={spec.candidate.service}",
-            _request_timeout=common.REQUEST_TIMEOUT,
-        )
-    except Exception:
-        return None
-    if not slices.items:
-        return None
-    return any(
-        (ep.conditions is None or ep.conditions.ready is not False)
-        for sl in slices.items
-        for ep in (sl.endpoints or [])
-    )
+    return service_ready(namespace, spec.candidate.service)
 
 
 def _comparison_data(
@@ -235,7 +221,8 @@ class RolloutController(Controller[ModelRolloutSpec, ModelRolloutStatus]):
         if status.phase == "Invalid" or status.revision is None:
             return None
         w = self.arm_weights(spec, status, engine.route_weights(spec, status))
-        return w, {"stable": 100 - status.weight, "candidate": status.weight}
+        cw = engine.candidate_weight(status)
+        return w, {"stable": 100 - cw, "candidate": cw}
 
     def next_due(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> datetime | None:
         return engine.next_due(spec, status)
