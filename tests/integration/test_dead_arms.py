@@ -12,6 +12,7 @@ probe with period 0.5 s and failureThreshold 1). The operator reads only the End
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -26,7 +27,7 @@ from kubernetes import client
 from tests.harness.modelserver import ModelServerProcess
 from tests.harness.objects import delete_all, event_reasons, status
 from tests.harness.stack import Stack, httproute
-from tests.integration.test_experiment import A, B, C, PLURAL, ROUTE, experiment
+from tests.integration.test_experiment import PLURAL, ROUTE, A, B, C, experiment
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ def _slice(svc: str, port: int, ready: bool) -> dict[str, Any]:
 
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=0.4) as r:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(f"{url}/healthz", timeout=0.4) as r:
             return bool(r.status == 200)
     except Exception:
         return False
@@ -84,10 +85,8 @@ class Prober:
         self.stopped.set()
         self.thread.join(timeout=5)
         for svc in self.ready:
-            try:
+            with contextlib.suppress(client.ApiException):
                 self.api.delete_namespaced_endpoint_slice(f"{svc}-h8", self.stack.namespace)
-            except client.ApiException:
-                pass
 
 
 @pytest.fixture(scope="module")
