@@ -1,6 +1,7 @@
 """Dead arms get no traffic, on the real stack: SIGKILL one non-control variant's model server of a
 running 3-variant experiment; its weight goes to 0 on the HTTPRoute within about interval + 2 s, with
-an ``ArmUnready`` Event; restarted, it gets its weight back (``ArmReady``).
+an ``ArmUnready`` Event; restarted, it gets its weight back (``ArmReady``). The same for a rollout's
+candidate (``CandidateUnready``/``CandidateReady``), which keeps its step and is not rolled back.
 
 The harness's model servers are plain processes, not Pods, so nothing in it keeps EndpointSlices. This
 module plays the kubelet and the EndpointSlice controller: one EndpointSlice per variant Service
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from tests.harness import objects
 from tests.harness.modelserver import ModelServerProcess
 from tests.harness.objects import delete_all, event_reasons, status
 from tests.harness.stack import Stack, httproute
@@ -102,6 +104,10 @@ def stack(real_components: None) -> Iterator[Stack]:
         yield s
 
 
+def _variant(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    return next((v for v in status(obj).get("variants", []) if v["name"] == name), {})
+
+
 def _wait_route(stack: Stack, pred: Any, timeout: float) -> tuple[float, dict[str, int]]:
     t0 = time.monotonic()
     while True:
@@ -137,7 +143,8 @@ def test_a_killed_variant_loses_its_weight_and_gets_it_back_when_ready(stack: St
         print(f"\nSIGKILL of {C} -> weight 0 on the route in {took:.1f}s (interval {INTERVAL:.0f}s): {w}")
         assert took <= INTERVAL + 2 + SLACK, f"{took:.1f}s"
         assert w == {A: 50, B: 50, C: 0}  # the fixed equal split over the two that serve
-        obj = stack.get(PLURAL, "dead-arm")
+        # The route is written before the status (the status records what the route carries).
+        obj = stack.wait_for(PLURAL, "dead-arm", lambda o: _variant(o, "c").get("unready") is True, 10)
         st = status(obj)
         assert st["phase"] == "Running", st
         vc = next(v for v in st["variants"] if v["name"] == "c")
@@ -146,14 +153,76 @@ def test_a_killed_variant_loses_its_weight_and_gets_it_back_when_ready(stack: St
         assert cond["status"] == "False" and "c" in cond["message"], cond
         stack.wait_for(PLURAL, "dead-arm", lambda _o: "ArmUnready" in event_reasons(stack, "dead-arm"), 10)
 
-        victim.stop()  # reap the killed child
-        stack.servers[C] = ModelServerProcess(variant=C, port=port, positive_rate=0.5).start()
+        _restart(stack, C, port)
         took, w = _wait_route(stack, lambda w: w.get(C, 0) > 0, INTERVAL + 2 + SLACK + 10)
         print(f"{C} restarted -> weight back on the route in {took:.1f}s: {w}")
         assert w == {A: 34, B: 33, C: 33}
         stack.wait_for(PLURAL, "dead-arm", lambda _o: "ArmReady" in event_reasons(stack, "dead-arm"), 10)
-        st = status(stack.get(PLURAL, "dead-arm"))
+        obj = stack.wait_for(PLURAL, "dead-arm", lambda o: _variant(o, "c").get("unready") is False, 10)
+        st = status(obj)
         assert st["phase"] == "Running" and not any(v.get("unready") for v in st["variants"]), st
     finally:
         prober.close()
         delete_all(stack, PLURAL)
+
+
+def _restart(stack: Stack, svc: str, port: int) -> None:
+    stack.servers[svc].stop()  # reap the killed child
+    stack.servers[svc] = ModelServerProcess(variant=svc, port=port, positive_rate=0.5).start()
+
+
+def test_a_killed_candidate_goes_to_0_keeps_its_step_and_gets_its_weight_back(stack: Stack) -> None:
+    assert stack.prom is not None
+    stack.apply(httproute(ROUTE, stack.namespace, {A: 100, B: 0}))
+    prober = Prober(stack)
+    try:
+        doc = objects.rollout(
+            "dead-candidate",
+            stack.prom.url,
+            [{"setWeight": 30}, {"pause": {}}],
+            stable=A,
+            candidate={"service": B},
+            route=ROUTE,
+            compare=False,
+            analysis={"interval": f"{INTERVAL:.0f}s"},
+        )
+        stack.apply(doc)
+        stack.wait_route({A: 70, B: 30}, timeout=60)
+        stack.wait_for(
+            "modelrollouts", "dead-candidate", lambda o: bool(status(o).get("lastAnalysisTime")), 60
+        )
+        step = status(stack.get("modelrollouts", "dead-candidate"))["currentStep"]
+
+        port = stack.servers[B].port
+        os.kill(stack.servers[B].pid, signal.SIGKILL)
+        took, w = _wait_route(stack, lambda w: w.get(B) == 0, INTERVAL + 2 + SLACK + 10)
+        print(f"\nSIGKILL of candidate {B} -> weight 0 on the route in {took:.1f}s: {w}")
+        assert took <= INTERVAL + 2 + SLACK, f"{took:.1f}s"
+        assert w == {A: 100, B: 0}
+        obj = stack.wait_for(
+            "modelrollouts", "dead-candidate", lambda o: status(o).get("candidateUnready") is True, 10
+        )
+        st = status(obj)
+        assert st["candidateUnready"] is True and st["weight"] == 30 and st["currentStep"] == step, st
+        assert st["phase"] not in ("RolledBack", "Aborted") and "no ready endpoints" in st["message"], st
+        stack.wait_for(
+            "modelrollouts",
+            "dead-candidate",
+            lambda _o: "CandidateUnready" in event_reasons(stack, "dead-candidate"),
+            10,
+        )
+
+        _restart(stack, B, port)
+        took, w = _wait_route(stack, lambda w: w.get(B, 0) > 0, INTERVAL + 2 + SLACK + 10)
+        print(f"candidate {B} restarted -> weight back on the route in {took:.1f}s: {w}")
+        assert w == {A: 70, B: 30}
+        obj = stack.wait_for(
+            "modelrollouts", "dead-candidate", lambda o: not status(o).get("candidateUnready"), 10
+        )
+        st = status(obj)
+        assert not st.get("candidateUnready") and st["currentStep"] == step, st
+        assert st["phase"] not in ("RolledBack", "Aborted"), st
+        assert "CandidateReady" in event_reasons(stack, "dead-candidate")
+    finally:
+        prober.close()
+        delete_all(stack, "modelrollouts")

@@ -153,3 +153,13 @@ def test_candidate_readiness_unknown_before_it_was_unready_changes_nothing() -> 
     st = d.tick(_obs(None))
     assert not st.candidateUnready and st.weight == 60
     assert reng.route_weights(d.spec, st) == {"v1": 40, "v2": 60}
+
+
+def test_an_unready_candidate_at_a_manual_gate_says_so_in_its_message() -> None:
+    d = Driver(spec([{"setWeight": 30}, {"pause": {}}], progressDeadline="1h"))
+    d.tick()
+    st = d.tick(_obs(False))
+    assert reng.route_weights(d.spec, st) == {"v1": 100, "v2": 0} and st.weight == 30
+    assert "no ready endpoints" in st.message, st.message
+    st = d.tick(_obs(True))
+    assert reng.route_weights(d.spec, st) == {"v1": 70, "v2": 30} and "no ready endpoints" not in st.message

@@ -115,7 +115,10 @@ def run(s: ModelRolloutStatus, ctx: StepContext) -> StepOutcome:
     finish = _walk(ctx, s, w)
     if finish is not None:
         return StepOutcome(w.events, finish=finish)
-    return _deadline(ctx, s, w)
+    out = _deadline(ctx, s, w)
+    if s.candidateUnready and "no ready endpoints" not in (s.message or ""):  # e.g. waiting at a gate
+        s.message = f"{s.message}; candidate {ctx.spec.candidate.service} has no ready endpoints (weight 0)"
+    return out
 
 
 def _readiness(ctx: StepContext, s: ModelRolloutStatus, w: _Walk) -> None:
