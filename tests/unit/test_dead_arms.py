@@ -163,3 +163,20 @@ def test_an_unready_candidate_at_a_manual_gate_says_so_in_its_message() -> None:
     assert "no ready endpoints" in st.message, st.message
     st = d.tick(_obs(True))
     assert reng.route_weights(d.spec, st) == {"v1": 70, "v2": 30} and "no ready endpoints" not in st.message
+
+
+def test_a_leader_under_confirmation_that_dies_waits_at_0_and_gets_its_half_back() -> None:
+    spec_ = make_spec(3, allocation={"strategy": "thompson", "minWeight": 10, "maxStep": 20})
+    d = start(spec_)
+    d = step(spec_, d, 5, obs({n: ProportionData(0, 0) for n in ("control", "v1", "v2")}))
+    big = {
+        "control": ProportionData(500, 1000),
+        "v1": ProportionData(510, 1000),
+        "v2": ProportionData(800, 1000),
+    }
+    d = step(spec_, d, 10, obs(big))
+    assert d.status.confirmation is not None and weights(d) == {"control": 50, "v1": 0, "v2": 50}
+    d = step(spec_, d, 15, replace(obs(big), ready={"v2": False}))
+    assert weights(d) == {"control": 100, "v1": 0, "v2": 0} and "ArmUnready" in events(d)
+    d = step(spec_, d, 20, replace(obs(big), ready={"v2": True}))
+    assert weights(d) == {"control": 50, "v1": 0, "v2": 50} and "ArmReady" in events(d)

@@ -1595,9 +1595,7 @@ def _confirm(
             v.active = False
             v.verdict = "notSelected"
             v.reason = f"thompson: {leader} leads and is being confirmed"
-    weights = {v.name: 0 for v in s.variants}
-    weights[ctrl] = 100 - CONFIRMATION_WEIGHT
-    weights[leader] = CONFIRMATION_WEIGHT
+    weights = _serving_weights(spec, s, raw, 0, now)  # an unready leader waits at 0 until it is ready
     actions.append(Event("Normal", "ConfirmationStarted", why))
     _history(s, now, "ConfirmationStarted", "ConfirmationStarted", why, {f"{leader}/n": lead.n})
     _set_weights(spec, s, actions, now, weights, "confirmation split", event=False, record=False)
