@@ -1,0 +1,253 @@
+"""Per-segment (cohort) comparison: "no cohort left behind". Pure: no I/O.
+
+A pooled comparison can pass while one cohort (a region, a device class) is clearly harmed: a
+candidate better for most users and worse for a few, or Simpson's paradox when the cohorts' shares
+differ between the arms. This judge runs the same anytime-valid non-inferiority comparison as a pooled
+comparison (``engine.stats.compare_*_stratified``, epochs as strata) inside every segment and decides:
+
+* **fail** when any segment is harmed beyond the margin. Each segment's harm p-value is the
+  comparison's anytime-valid p-value when its estimate is on the bad side of the margin (1 otherwise);
+  the p-values are Holm-adjusted across the judged segments. A p-value valid at every look stays valid
+  for its running minimum, and Holm is valid for any dependence, so the chance that an unharmed
+  segment is ever called harmed is at most ``alpha`` over all segments and all looks.
+* **pass** when every judged segment shows non-inferiority on its own (its (1 - alpha) confidence
+  sequence lies above the margin). This is an intersection-union test: a candidate harmed in any
+  one segment passes with probability at most ``alpha`` (no correction is needed for that side).
+* a segment whose smaller arm has fewer than ``min_samples`` is **tooSmall**: reported as such, never
+  a pass and never a fail, and it does not hold the others up (the user's ``minSamples`` says which
+  cohorts are big enough to judge). When every segment is too small the verdict is inconclusive.
+
+The price of the per-segment pass is power: each segment must show non-inferiority with its own share
+of the data, so with k equal segments a healthy candidate needs about k times the samples of a pooled
+comparison (measured in ``make bench-stats``, scenario ``segments``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from model_rollouts.engine import stats
+
+Data = stats.ProportionData | stats.MeanData
+SegmentStatus = Literal["pass", "fail", "inconclusive", "tooSmall"]
+
+#: Samples the smaller arm of a segment needs before the segment is judged at all.
+DEFAULT_MIN_SAMPLES = 200
+#: Name of the segment that collects the values left out by ``values`` or ``top``.
+OTHER = "(other)"
+
+
+@dataclass(frozen=True)
+class SegmentFinding:
+    """One segment's row of the table."""
+
+    segment: str
+    status: SegmentStatus
+    comparison: stats.Comparison
+    #: Anytime-valid p-value of "harmed beyond the margin" (1 when the estimate is on the good side).
+    harm_p_value: float
+    #: ``harm_p_value`` Holm-adjusted over the judged segments (1 for a segment too small to judge).
+    adjusted_p_value: float
+    reason: str
+
+    @property
+    def smaller_arm(self) -> float:
+        return min(self.comparison.control_n, self.comparison.treatment_n)
+
+
+@dataclass(frozen=True)
+class SegmentsResult:
+    """The judge's verdict over all segments, the per-segment table and the pooled comparison."""
+
+    verdict: stats.Verdict
+    segments: tuple[SegmentFinding, ...]
+    pooled: stats.Comparison
+    reason: str
+
+    @property
+    def harmed(self) -> tuple[str, ...]:
+        return tuple(f.segment for f in self.segments if f.status == "fail")
+
+    @property
+    def too_small(self) -> tuple[str, ...]:
+        return tuple(f.segment for f in self.segments if f.status == "tooSmall")
+
+
+def select_segments(
+    data: Mapping[str, Sequence[tuple[Data, Data]]],
+    *,
+    values: Sequence[str] | None = None,
+    top: int | None = None,
+) -> dict[str, list[tuple[Data, Data]]]:
+    """Keep the segments named in ``values`` (in that order), or the ``top`` segments by traffic.
+
+    What is left out is merged, epoch by epoch, into one segment named :data:`OTHER` (so no traffic
+    escapes the judge). With neither option every segment is kept, sorted by name.
+    """
+    if values is not None and top is not None:
+        raise ValueError("give values or top, not both")
+    if top is not None and top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    names = sorted(data)
+    if values is not None:
+        kept = [v for v in values if v in data]
+    elif top is not None:
+        kept = sorted(names, key=lambda n: (-_traffic(data[n]), n))[:top]
+    else:
+        kept = names
+    out = {n: list(data[n]) for n in kept}
+    rest = [n for n in names if n not in out]
+    if rest:
+        out[OTHER] = _pool([data[n] for n in rest])
+    return out
+
+
+def _traffic(strata: Sequence[tuple[Data, Data]]) -> float:
+    return sum(_n(c) + _n(t) for c, t in strata)
+
+
+def _n(d: Data) -> float:
+    return d.trials if isinstance(d, stats.ProportionData) else d.count
+
+
+def _add(a: Data, b: Data) -> Data:
+    if isinstance(a, stats.ProportionData) and isinstance(b, stats.ProportionData):
+        return stats.ProportionData(a.successes + b.successes, a.trials + b.trials)
+    if isinstance(a, stats.MeanData) and isinstance(b, stats.MeanData):
+        return stats.MeanData(a.count + b.count, a.total + b.total, a.sum_squares + b.sum_squares)
+    raise ValueError("all segments must have data of the same type")
+
+
+def _pool(groups: Sequence[Sequence[tuple[Data, Data]]]) -> list[tuple[Data, Data]]:
+    """Sum several segments epoch by epoch (epoch i of every segment is the same time span)."""
+    depth = max((len(g) for g in groups), default=0)
+    out: list[tuple[Data, Data]] = []
+    for i in range(depth):
+        pairs = [g[i] for g in groups if i < len(g)]
+        c, t = pairs[0]
+        for c2, t2 in pairs[1:]:
+            c, t = _add(c, c2), _add(t, t2)
+        out.append((c, t))
+    return out
+
+
+def _compare(
+    strata: Sequence[tuple[Data, Data]],
+    *,
+    alpha: float,
+    better: stats.Better,
+    margin: float,
+    max_information: float | None,
+    labels: tuple[str, str],
+) -> stats.Comparison:
+    kinds = {type(x) for pair in strata for x in pair}
+    fn = stats.compare_means_stratified if kinds == {stats.MeanData} else stats.compare_proportions_stratified
+    if not kinds <= {stats.ProportionData} and kinds != {stats.MeanData}:
+        raise ValueError("a segment's arms must have data of the same type")
+    return fn(
+        strata,  # type: ignore[arg-type]
+        alpha=alpha,
+        better=better,
+        test="nonInferiority",
+        margin=margin,
+        max_information=max_information,
+        labels=labels,
+    )
+
+
+def _harm_p(c: stats.Comparison, better: stats.Better, margin: float) -> float:
+    """The comparison's p-value for its threshold when the estimate is on the harmful side, else 1."""
+    threshold = -margin if better == "higher" else margin
+    bad = c.difference < threshold if better == "higher" else c.difference > threshold
+    return c.p_value if bad else 1.0
+
+
+def judge_segments(
+    data: Mapping[str, Sequence[tuple[Data, Data]]],
+    *,
+    margin: float,
+    better: stats.Better = "higher",
+    alpha: float = 0.05,
+    min_samples: float = DEFAULT_MIN_SAMPLES,
+    max_information: float | None = None,
+    labels: tuple[str, str] = ("stable", "candidate"),
+) -> SegmentsResult:
+    """Judge every segment; see the module docstring for the rule.
+
+    ``data``: {segment: [(baseline, candidate) per epoch, in time order]}, each epoch's own counts (as
+    for :func:`engine.stats.compare_proportions_stratified`); every segment lists the same epochs.
+    ``margin`` (absolute, > 0): how much worse a segment may be. ``max_information``: the capped design
+    per segment (default: planned for 80% power at the margin, as for a pooled comparison).
+    """
+    if not margin > 0 or not math.isfinite(margin):
+        raise ValueError(f"margin must be > 0, got {margin}")
+    if not data:
+        raise ValueError("data must name at least one segment")
+    if not min_samples >= 0:
+        raise ValueError(f"min_samples must be >= 0, got {min_samples}")
+    kw = {"alpha": alpha, "better": better, "margin": margin, "max_information": max_information}
+    comps = {s: _compare(strata, labels=labels, **kw) for s, strata in data.items()}  # type: ignore[arg-type]
+    pooled = _compare(_pool(list(data.values())), labels=labels, **kw)  # type: ignore[arg-type]
+    judged = [s for s, c in comps.items() if min(c.control_n, c.treatment_n) >= min_samples]
+    harm = {s: _harm_p(comps[s], better, margin) for s in comps}
+    adjusted = dict(zip(judged, stats.holm([harm[s] for s in judged]), strict=True))
+    rows = tuple(_row(s, comps[s], harm[s], adjusted.get(s), alpha, min_samples, len(judged)) for s in comps)
+    return SegmentsResult(_overall(rows), rows, pooled, _summary(rows, pooled))
+
+
+def _row(
+    segment: str,
+    c: stats.Comparison,
+    harm: float,
+    adjusted: float | None,
+    alpha: float,
+    min_samples: float,
+    judged: int,
+) -> SegmentFinding:
+    n_small = min(c.control_n, c.treatment_n)
+    if adjusted is None:
+        why = f"too small to judge (smaller arm n={n_small:g} < minSamples {min_samples:g})"
+        return SegmentFinding(segment, "tooSmall", c, harm, 1.0, why)
+    status: SegmentStatus
+    if adjusted <= alpha:
+        status = "fail"
+        why = f"harmed beyond the margin: {c.reason}; Holm-adjusted p={adjusted:.3g} over {judged} segments"
+    elif c.verdict == "pass":
+        status, why = "pass", c.reason
+    else:
+        status, why = "inconclusive", c.reason
+    return SegmentFinding(segment, status, c, harm, adjusted, why)
+
+
+def _overall(rows: Sequence[SegmentFinding]) -> stats.Verdict:
+    if any(r.status == "fail" for r in rows):
+        return "fail"
+    judged = [r for r in rows if r.status != "tooSmall"]
+    if judged and all(r.status == "pass" for r in judged):
+        return "pass"
+    return "inconclusive"
+
+
+def _summary(rows: Sequence[SegmentFinding], pooled: stats.Comparison) -> str:
+    harmed = [r for r in rows if r.status == "fail"]
+    small = [r.segment for r in rows if r.status == "tooSmall"]
+    if harmed:
+        parts = [
+            f"{r.segment} (diff {r.comparison.difference:+.4g}, p={r.adjusted_p_value:.3g})" for r in harmed
+        ]
+        text = "harmed beyond the margin in " + ", ".join(parts)
+        if pooled.verdict == "pass":
+            text += " although the pooled comparison passes"
+    else:
+        open_ = [r.segment for r in rows if r.status == "inconclusive"]
+        text = (
+            "not worse than the margin in every judged segment"
+            if not open_
+            else ("waiting for evidence in " + ", ".join(open_))
+        )
+    if small:
+        text += "; too small to judge: " + ", ".join(small)
+    return text
