@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -181,6 +182,17 @@ def simulate_delay(rng: np.random.Generator, runs: int, effect: float) -> dict[s
     return out
 
 
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _at(tick: int) -> datetime:
+    return T0 + timedelta(seconds=tick * TICK)
+
+
+def _tick(at: datetime) -> int:
+    return round((at - T0).total_seconds() / TICK)
+
+
 def _window_sum(x: np.ndarray, lo: int, hi: int) -> float:
     """Sum of ticks lo..hi-1 (ticks are half-open intervals; empty when hi <= lo)."""
     return float(x[lo:hi].sum()) if hi > lo else 0.0
@@ -188,7 +200,6 @@ def _window_sum(x: np.ndarray, lo: int, hi: int) -> float:
 
 def _delay_strata(sim: dict[str, np.ndarray], run: int, t_end: int, delayed: bool) -> list[Any]:
     _, starts = _delay_schedule()
-    d = int(DELAY_MAX / TICK)
     strata = []
     for i, s in enumerate(starts):
         if s >= t_end:
@@ -196,10 +207,13 @@ def _delay_strata(sim: dict[str, np.ndarray], run: int, t_end: int, delayed: boo
         e = starts[i + 1] if i + 1 < len(starts) else t_end
         e = min(e, t_end)
         if delayed:
-            # Labels arriving after S + delay, trials made up to E - delay (analysis.delay).
-            lab, tri = (s + d, e), (s, e - d)
-            if tri[1] <= tri[0]:
+            # Labels arriving after S + delay, trials made up to E - delay: analysis.delay's windows.
+            win = delay.label_window(_at(s), _at(e), DELAY_MAX)
+            if win is None:
                 continue
+            lab = (_tick(win.labels_from), _tick(win.labels_to))
+            t_hi = _tick(win.labels_to) - round(win.trials_offset_seconds / TICK)
+            tri = (t_hi - round(win.seconds / TICK), t_hi)
         else:
             lab = tri = (s, e)
         pair = []
