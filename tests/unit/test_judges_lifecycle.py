@@ -327,3 +327,31 @@ def test_label_windows_are_unbiased_where_the_undelayed_count_is_not() -> None:
     assert abs(o[:, 2].mean()) < 0.002
     assert n[:, 1].mean() < bl.DELAY_RATE - 0.005  # the undelayed candidate rate is too low
     assert n[:, 2].mean() < -0.005  # and the difference is biased against the candidate
+
+
+def test_segment_rows_for_status() -> None:
+    data = _seg({s: ((10000, 100000), (10000, 100000)) for s in ("a", "b")})
+    data["tiny"] = [(P(5, 50), P(5, 50))]
+    table = segments.rows(segments.judge_segments(data, margin=0.01, min_samples=200))
+    by = {r.segment: r for r in table}
+    assert by["a"].status == "pass" and by["a"].stableN == 100000 and by["a"].pValue is not None
+    assert by["tiny"].status == "tooSmall" and by["tiny"].pValue is None and by["tiny"].candidateN == 50
+
+
+def test_segments_spec_model() -> None:
+    from pydantic import ValidationError
+
+    from model_rollouts.api.segments import Segments
+
+    s = Segments.model_validate({"label": "region", "values": ["eu-west", "us"]})
+    assert s.minSamples == 200
+    for bad in (
+        {"label": "region", "values": ["eu"]},
+        {"label": "region", "values": ["eu", "eu"]},
+        {"label": "region", "values": ["EU", "us"]},
+        {"label": "region", "values": ['eu"}', "us"]},
+        {"label": "re-gion", "values": ["eu", "us"]},
+        {"label": "region", "values": ["eu", "us"], "minSamples": 0},
+    ):
+        with pytest.raises(ValidationError):
+            Segments.model_validate(bad)

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from model_rollouts.api.segments import SegmentRow
 from model_rollouts.engine import stats
 
 Data = stats.ProportionData | stats.MeanData
@@ -267,3 +268,24 @@ def _summary(rows: Sequence[SegmentFinding], pooled: stats.Comparison) -> str:
     if small:
         text += "; too small to judge: " + ", ".join(small)
     return text
+
+
+def rows(res: SegmentsResult) -> list[SegmentRow]:
+    """The per-segment table as status stores it (only finite numbers)."""
+
+    def fin(x: float) -> float | None:
+        return float(x) if math.isfinite(x) else None
+
+    return [
+        SegmentRow(
+            segment=f.segment,
+            status=f.status,
+            stableN=f.comparison.control_n,
+            candidateN=f.comparison.treatment_n,
+            difference=fin(f.comparison.difference),
+            ciLow=fin(f.comparison.ci_low),
+            ciHigh=fin(f.comparison.ci_high),
+            pValue=fin(f.adjusted_p_value) if f.status != "tooSmall" else None,
+        )
+        for f in res.segments
+    ]
