@@ -355,3 +355,25 @@ def test_segments_spec_model() -> None:
     ):
         with pytest.raises(ValidationError):
             Segments.model_validate(bad)
+
+
+def test_segmented_comparison_verdict_combines_pooled_and_segments() -> None:
+    assert segments.combine("pass", "fail") == "fail"
+    assert segments.combine("fail", "pass") == "fail"
+    assert segments.combine("pass", "inconclusive") == "inconclusive"
+    assert segments.combine("pass", "pass") == "pass"
+    assert segments.combine("noData", "fail") == "noData"
+    data = _seg(
+        {
+            "north": ((1000, 10000), (1200, 10000)),
+            "south": ((1000, 10000), (1200, 10000)),
+            "east": ((1000, 10000), (1200, 10000)),
+            "west": ((1000, 10000), (600, 10000)),
+        }
+    )
+    verdict, text, table = segments.judge_comparison(
+        "pass", data, label="region", margin=0.01, better="higher", alpha=0.05, min_samples=200
+    )
+    assert verdict == "fail"
+    assert text.startswith("region west harmed beyond the margin")
+    assert [r.segment for r in table if r.status == "fail"] == ["west"]

@@ -289,3 +289,46 @@ def rows(res: SegmentsResult) -> list[SegmentRow]:
         )
         for f in res.segments
     ]
+
+
+def combine(pooled: str, segmented: stats.Verdict) -> str:
+    """A segmented comparison's verdict: the pooled comparison's, held back or failed by the segments.
+
+    Fails when either fails; passes only when both pass; a pooled noData or error stays as it is.
+    """
+    if pooled in ("noData", "error"):
+        return pooled
+    if "fail" in (pooled, segmented):
+        return "fail"
+    if pooled == "pass" and segmented == "pass":
+        return "pass"
+    return "inconclusive"
+
+
+def judge_comparison(
+    pooled_verdict: str,
+    strata: Mapping[str, Sequence[tuple[Data, Data]]],
+    *,
+    label: str,
+    margin: float,
+    better: stats.Better,
+    alpha: float,
+    min_samples: float,
+) -> tuple[str, str, list[SegmentRow]]:
+    """(verdict, a sentence naming the segments, the table) of a comparison judged per segment.
+
+    ``pooled_verdict``: the comparison's own (pooled) verdict; ``strata``: {segment value: its
+    (stable, candidate) counts per epoch}; ``label`` names the segments in the sentence.
+    """
+    res = judge_segments(
+        strata,
+        margin=margin,
+        better=better,
+        alpha=alpha,
+        min_samples=min_samples,
+        labels=("stable", "candidate"),
+    )
+    text = f"by {label}: {res.reason}"
+    if res.harmed:
+        text = f"{label} " + ", ".join(res.harmed) + f" harmed beyond the margin; {text}"
+    return combine(pooled_verdict, res.verdict), text, rows(res)
