@@ -377,3 +377,14 @@ def test_segmented_comparison_verdict_combines_pooled_and_segments() -> None:
     assert verdict == "fail"
     assert text.startswith("region west harmed beyond the margin")
     assert [r.segment for r in table if r.status == "fail"] == ["west"]
+
+
+def test_bench_lifecycle_scenarios_report_the_shared_keys() -> None:
+    res = bl.run_all(6, 4, seed=1, workers=1)
+    assert set(res) == {"segments", "label_delay", "prediction_shift"}
+    for row in res.values():
+        ours = row["ours"]
+        assert {"false_rollback", "bad_promoted", "runs", "miss", "mc_se"} <= set(ours)
+        assert ours["runs"] == {"null": 6, "bad": 4}
+    assert "undelayed" in res["label_delay"]["ours"] and "power" in res["segments"]["ours"]
+    assert res["prediction_shift"]["ours"]["true_psi_bad"] == pytest.approx(0.2)
