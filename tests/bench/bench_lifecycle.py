@@ -33,8 +33,7 @@ import numpy as np
 from scipy import optimize
 from scipy import stats as sps
 
-from model_rollouts.analysis import delay, segments, shift
-from model_rollouts.engine import stats
+from model_rollouts.analysis import delay, segments, shift, stats
 
 ALPHA = 0.05
 

@@ -10,9 +10,8 @@ import pytest
 from scipy import stats as sps
 
 from model_rollouts.analysis import calibration as cal
-from model_rollouts.analysis import delay, segments, shift
-from model_rollouts.engine import stats
-from model_rollouts.engine.stats import MeanData, ProportionData
+from model_rollouts.analysis import delay, segments, shift, stats
+from model_rollouts.analysis.stats import MeanData, ProportionData
 from tests.bench import bench_lifecycle as bl
 
 P = ProportionData
@@ -52,7 +51,7 @@ def test_equal_candidate_with_enough_data_passes_in_every_segment() -> None:
     assert res.harmed == () and res.too_small == ()
 
 
-def test_a_too_small_segment_is_reported_never_passed_and_does_not_hold_the_others() -> None:
+def test_a_too_small_segment_is_reported_never_passed_and_holds_unless_ignored() -> None:
     data = _seg({s: ((10000, 100000), (10000, 100000)) for s in ("a", "b", "c")})
     data["tiny"] = [(P(5, 50), P(5, 50))]
     res = segments.judge_segments(data, margin=0.01, min_samples=200)
@@ -60,13 +59,18 @@ def test_a_too_small_segment_is_reported_never_passed_and_does_not_hold_the_othe
     assert rows["tiny"].status == "tooSmall"
     assert "too small" in rows["tiny"].reason and "minSamples 200" in rows["tiny"].reason
     assert res.too_small == ("tiny",)
-    assert res.verdict == "pass"
-    assert "too small to judge: tiny" in res.reason
-    only_tiny = segments.judge_segments({"tiny": data["tiny"]}, margin=0.01, min_samples=200)
+    # By default a segment that cannot be judged yet holds the pass back.
+    assert res.verdict == "inconclusive"
+    assert "too small to judge: tiny (held until they reach minSamples)" in res.reason
+    ignored = segments.judge_segments(data, margin=0.01, min_samples=200, too_small="ignore")
+    assert ignored.verdict == "pass" and "too small to judge: tiny" in ignored.reason
+    only_tiny = segments.judge_segments(
+        {"tiny": data["tiny"]}, margin=0.01, min_samples=200, too_small="ignore"
+    )
     assert only_tiny.verdict == "inconclusive"
     # Even a tiny segment that looks harmed is not failed: it is too small to judge.
     harmed_tiny = segments.judge_segments(
-        {**data, "tiny": [(P(40, 50), P(0, 50))]}, margin=0.01, min_samples=200
+        {**data, "tiny": [(P(40, 50), P(0, 50))]}, margin=0.01, min_samples=200, too_small="ignore"
     )
     assert harmed_tiny.verdict == "pass" and harmed_tiny.too_small == ("tiny",)
 
@@ -371,11 +375,16 @@ def test_segmented_comparison_verdict_combines_pooled_and_segments() -> None:
             "west": ((1000, 10000), (600, 10000)),
         }
     )
-    verdict, text, table = segments.judge_comparison(
-        "pass", data, label="region", margin=0.01, better="higher", alpha=0.05, min_samples=200
+    from model_rollouts.api.segments import Segments
+
+    spec = segments.SegmentsSpec(
+        Segments(label="region", values=list(data)), margin=0.01, better="higher", alpha=0.05
     )
-    assert verdict == "fail"
-    assert text.startswith("region west harmed beyond the margin")
+    f = segments.judge(spec, data)
+    assert f.verdict == "fail" and segments.combine("pass", f.verdict) == "fail"
+    assert f.message.startswith("region west harmed beyond the margin")
+    assert f.numbers["segmentsHarmed"] == 1 and f.numbers["segments"] == 4
+    table = segments.rows(segments.evaluate(spec, data))
     assert [r.segment for r in table if r.status == "fail"] == ["west"]
 
 
@@ -388,3 +397,25 @@ def test_bench_lifecycle_scenarios_report_the_shared_keys() -> None:
         assert ours["runs"] == {"null": 6, "bad": 4}
     assert "undelayed" in res["label_delay"]["ours"] and "power" in res["segments"]["ours"]
     assert res["prediction_shift"]["ours"]["true_psi_bad"] == pytest.approx(0.2)
+
+
+def test_shift_and_calibration_judges_behind_the_judge_interface() -> None:
+    from model_rollouts.analysis.judge import Arms
+    from model_rollouts.api.calibration import Calibration
+    from model_rollouts.api.shift import PredictionShift
+
+    edges = [round(0.1 * i, 1) for i in range(1, 10)]
+    base, wide = bl.beta_bin_probs(0.3, 20), bl.beta_bin_probs(0.3, 4)
+    spec = shift.ShiftSpec(PredictionShift(name="scores", buckets="q"))
+    b = _buckets(list(base * 20000), edges)
+    f = shift.judge(spec, Arms(b, _buckets(list(wide * 3000), edges)))
+    assert f.verdict == "fail" and f.value is not None and f.value > 0.25 and "scores:" in f.message
+    assert shift.judge(spec, Arms(b, None)).verdict == "noData"
+    assert shift.judge(spec, Arms(b, {"0.5": 1.0})).verdict == "error"  # no +Inf bucket
+
+    rng = np.random.default_rng(4)
+    cspec = cal.CalibrationSpec(Calibration(name="ece", outcomes="q"))
+    stable = _arm(rng, 20000, 0.0)
+    g = cal.judge(cspec, Arms(stable, _arm(rng, 5000, 0.1)))
+    assert g.verdict == "fail" and g.numbers["eceCandidate"] > 0.08
+    assert cal.judge(cspec, Arms(None, stable)).verdict == "noData"

@@ -30,8 +30,11 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats as sps
 
+from model_rollouts.analysis import stats
+from model_rollouts.analysis.judge import Arms, Judge
 from model_rollouts.analysis.shift import look_alpha
-from model_rollouts.engine import stats
+from model_rollouts.analysis.vocabulary import Finding
+from model_rollouts.api.calibration import Calibration
 
 DEFAULT_MARGIN = 0.05
 DEFAULT_MIN_SAMPLES = 500
@@ -176,3 +179,45 @@ def judge_calibration(
     if hi < margin:
         return result("pass", f"the candidate's calibration is within {margin:g} of the stable's")
     return result("inconclusive", "not enough evidence yet")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """The judge's spec: the user's ``Calibration`` with the analysis's alpha and the look number."""
+
+    spec: Calibration
+    alpha: float = 0.05
+    look: int = 1
+
+
+def judge(s: CalibrationSpec, arms: Arms[CalibrationBins]) -> Finding:
+    """The calibration judge: :func:`judge_calibration` on the two arms' bins (noData if one is missing)."""
+    name, thr = s.spec.name, f"ECE difference < {s.spec.margin:g}"
+    for role, b in (("stable", arms.baseline), ("candidate", arms.candidate)):
+        if b is None:
+            return Finding("noData", f"{name}: no calibration counts for the {role}", "noData", threshold=thr)
+    assert arms.baseline is not None and arms.candidate is not None
+    r = judge_calibration(
+        arms.baseline,
+        arms.candidate,
+        margin=s.spec.margin,
+        alpha=s.alpha,
+        min_samples=s.spec.minSamples,
+        look=s.look,
+    )
+    numbers = {
+        "eceBaseline": r.ece_baseline,
+        "eceCandidate": r.ece_candidate,
+        "difference": r.difference,
+        "ciLow": r.ci_low,
+        "ciHigh": r.ci_high,
+        "baselineN": r.n_baseline,
+        "candidateN": r.n_candidate,
+        "alpha": r.look_alpha,
+    }
+    finite = {k: v for k, v in numbers.items() if math.isfinite(v)}
+    value = r.difference if math.isfinite(r.difference) else None
+    return Finding(r.verdict, f"{name}: {r.reason}", value=value, threshold=thr, numbers=finite)
+
+
+_: Judge[CalibrationSpec, Arms[CalibrationBins]] = judge

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from model_rollouts.engine import stats
+from model_rollouts.analysis import stats
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,11 @@ comparison (``engine.stats.compare_*_stratified``, epochs as strata) inside ever
   sequence lies above the margin). This is an intersection-union test: a candidate harmed in any
   one segment passes with probability at most ``alpha`` (no correction is needed for that side).
 * a segment whose smaller arm has fewer than ``min_samples`` is **tooSmall**: reported as such, never
-  a pass and never a fail, and it does not hold the others up (the user's ``minSamples`` says which
-  cohorts are big enough to judge). When every segment is too small the verdict is inconclusive.
+  a pass and never a fail. With ``too_small="hold"`` (the default) it holds the verdict at
+  inconclusive: a candidate is not passed while a cohort cannot be judged (a harmed segment that is
+  merely slower to fill than the others would otherwise slip through). With ``"ignore"`` it is left
+  out of the decision (the user's ``minSamples`` then says which cohorts are big enough to matter).
+  When every segment is too small the verdict is inconclusive.
 
 The price of the per-segment pass is power: each segment must show non-inferiority with its own share
 of the data, so with k equal segments a healthy candidate needs about k times the samples of a pooled
@@ -29,11 +32,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from model_rollouts.api.segments import SegmentRow
-from model_rollouts.engine import stats
+from model_rollouts.analysis import stats
+from model_rollouts.analysis.judge import Judge
+from model_rollouts.analysis.vocabulary import Finding
+from model_rollouts.api.common import Verdict
+from model_rollouts.api.segments import SegmentRow, Segments
 
 Data = stats.ProportionData | stats.MeanData
 SegmentStatus = Literal["pass", "fail", "inconclusive", "tooSmall"]
+TooSmall = Literal["hold", "ignore"]
 
 #: Samples the smaller arm of a segment needs before the segment is judged at all.
 DEFAULT_MIN_SAMPLES = 200
@@ -47,7 +54,7 @@ class SegmentFinding:
 
     segment: str
     status: SegmentStatus
-    comparison: stats.Comparison
+    comparison: stats.ComparisonResult
     #: Anytime-valid p-value of "harmed beyond the margin" (1 when the estimate is on the good side).
     harm_p_value: float
     #: ``harm_p_value`` Holm-adjusted over the judged segments (1 for a segment too small to judge).
@@ -65,7 +72,7 @@ class SegmentsResult:
 
     verdict: stats.Verdict
     segments: tuple[SegmentFinding, ...]
-    pooled: stats.Comparison
+    pooled: stats.ComparisonResult
     reason: str
 
     @property
@@ -114,6 +121,16 @@ def _n(d: Data) -> float:
     return d.trials if isinstance(d, stats.ProportionData) else d.count
 
 
+def segment_key(name: str, value: str) -> str:
+    """Where a segment's counts are kept next to its comparison's (``status.epochs``, observations)."""
+    return f"{name}/{value}"
+
+
+def add(a: Data, b: Data) -> Data:
+    """Two arms' counts of the same kind, summed."""
+    return _add(a, b)
+
+
 def _add(a: Data, b: Data) -> Data:
     if isinstance(a, stats.ProportionData) and isinstance(b, stats.ProportionData):
         return stats.ProportionData(a.successes + b.successes, a.trials + b.trials)
@@ -143,7 +160,7 @@ def _compare(
     margin: float,
     max_information: float | None,
     labels: tuple[str, str],
-) -> stats.Comparison:
+) -> stats.ComparisonResult:
     kinds = {type(x) for pair in strata for x in pair}
     fn = stats.compare_means_stratified if kinds == {stats.MeanData} else stats.compare_proportions_stratified
     if not kinds <= {stats.ProportionData} and kinds != {stats.MeanData}:
@@ -159,7 +176,7 @@ def _compare(
     )
 
 
-def _harm_p(c: stats.Comparison, better: stats.Better, margin: float) -> float:
+def _harm_p(c: stats.ComparisonResult, better: stats.Better, margin: float) -> float:
     """The comparison's p-value for its threshold when the estimate is on the harmful side, else 1."""
     threshold = -margin if better == "higher" else margin
     bad = c.difference < threshold if better == "higher" else c.difference > threshold
@@ -187,6 +204,7 @@ def judge_segments(
     min_samples: float = DEFAULT_MIN_SAMPLES,
     max_information: float | None = None,
     labels: tuple[str, str] = ("stable", "candidate"),
+    too_small: TooSmall = "hold",
 ) -> SegmentsResult:
     """Judge every segment; see the module docstring for the rule.
 
@@ -212,12 +230,12 @@ def judge_segments(
     harm = {s: _harm_p(comps[s], better, margin) for s in comps}
     adjusted = dict(zip(judged, stats.holm([harm[s] for s in judged]), strict=True))
     rows = tuple(_row(s, comps[s], harm[s], adjusted.get(s), alpha, min_samples, len(judged)) for s in comps)
-    return SegmentsResult(_overall(rows), rows, pooled, _summary(rows, pooled))
+    return SegmentsResult(_overall(rows, too_small), rows, pooled, _summary(rows, pooled, too_small))
 
 
 def _row(
     segment: str,
-    c: stats.Comparison,
+    c: stats.ComparisonResult,
     harm: float,
     adjusted: float | None,
     alpha: float,
@@ -239,16 +257,18 @@ def _row(
     return SegmentFinding(segment, status, c, harm, adjusted, why)
 
 
-def _overall(rows: Sequence[SegmentFinding]) -> stats.Verdict:
+def _overall(rows: Sequence[SegmentFinding], too_small: TooSmall) -> stats.Verdict:
     if any(r.status == "fail" for r in rows):
         return "fail"
     judged = [r for r in rows if r.status != "tooSmall"]
+    if too_small == "hold" and len(judged) < len(rows):
+        return "inconclusive"
     if judged and all(r.status == "pass" for r in judged):
         return "pass"
     return "inconclusive"
 
 
-def _summary(rows: Sequence[SegmentFinding], pooled: stats.Comparison) -> str:
+def _summary(rows: Sequence[SegmentFinding], pooled: stats.ComparisonResult, too_small: TooSmall) -> str:
     harmed = [r for r in rows if r.status == "fail"]
     small = [r.segment for r in rows if r.status == "tooSmall"]
     if harmed:
@@ -266,7 +286,8 @@ def _summary(rows: Sequence[SegmentFinding], pooled: stats.Comparison) -> str:
             else ("waiting for evidence in " + ", ".join(open_))
         )
     if small:
-        text += "; too small to judge: " + ", ".join(small)
+        held = " (held until they reach minSamples)" if too_small == "hold" and not harmed else ""
+        text += "; too small to judge: " + ", ".join(small) + held
     return text
 
 
@@ -291,7 +312,7 @@ def rows(res: SegmentsResult) -> list[SegmentRow]:
     ]
 
 
-def combine(pooled: str, segmented: stats.Verdict) -> str:
+def combine(pooled: Verdict, segmented: Verdict) -> Verdict:
     """A segmented comparison's verdict: the pooled comparison's, held back or failed by the segments.
 
     Fails when either fails; passes only when both pass; a pooled noData or error stays as it is.
@@ -305,30 +326,49 @@ def combine(pooled: str, segmented: stats.Verdict) -> str:
     return "inconclusive"
 
 
-def judge_comparison(
-    pooled_verdict: str,
-    strata: Mapping[str, Sequence[tuple[Data, Data]]],
-    *,
-    label: str,
-    margin: float,
-    better: stats.Better,
-    alpha: float,
-    min_samples: float,
-) -> tuple[str, str, list[SegmentRow]]:
-    """(verdict, a sentence naming the segments, the table) of a comparison judged per segment.
+@dataclass(frozen=True)
+class SegmentsSpec:
+    """The judge's spec: the user's ``Segments`` with its comparison's margin and direction."""
 
-    ``pooled_verdict``: the comparison's own (pooled) verdict; ``strata``: {segment value: its
-    (stable, candidate) counts per epoch}; ``label`` names the segments in the sentence.
-    """
-    res = judge_segments(
+    spec: Segments
+    margin: float
+    better: stats.Better = "higher"
+    alpha: float = 0.05
+
+
+Strata = Sequence[tuple[Data, Data]]
+
+
+def evaluate(s: SegmentsSpec, strata: Mapping[str, Strata]) -> SegmentsResult:
+    """:func:`judge_segments` with the spec's settings (the table and the pooled result included)."""
+    return judge_segments(
         strata,
-        margin=margin,
-        better=better,
-        alpha=alpha,
-        min_samples=min_samples,
+        margin=s.margin,
+        better=s.better,
+        alpha=s.alpha,
+        min_samples=s.spec.minSamples,
         labels=("stable", "candidate"),
+        too_small=s.spec.tooSmall,
     )
+
+
+def finding(s: SegmentsSpec, res: SegmentsResult) -> Finding:
+    """The verdict over all segments, with a sentence that names the harmed and the too-small ones."""
+    label = s.spec.label
     text = f"by {label}: {res.reason}"
     if res.harmed:
         text = f"{label} " + ", ".join(res.harmed) + f" harmed beyond the margin; {text}"
-    return combine(pooled_verdict, res.verdict), text, rows(res)
+    numbers = {
+        "segments": float(len(res.segments)),
+        "segmentsHarmed": float(len(res.harmed)),
+        "segmentsTooSmall": float(len(res.too_small)),
+    }
+    return Finding(res.verdict, text, threshold=f"every {label} within margin {s.margin:g}", numbers=numbers)
+
+
+def judge(s: SegmentsSpec, strata: Mapping[str, Strata]) -> Finding:
+    """The segments judge: {segment: its (stable, candidate) counts per epoch} -> one verdict."""
+    return finding(s, evaluate(s, strata))
+
+
+_: Judge[SegmentsSpec, Mapping[str, Strata]] = judge

@@ -36,7 +36,10 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats as sps
 
-from model_rollouts.engine import stats
+from model_rollouts.analysis import stats
+from model_rollouts.analysis.judge import Arms, Judge
+from model_rollouts.analysis.vocabulary import Finding
+from model_rollouts.api.shift import PredictionShift
 
 #: Pooled count each (merged) bin must have for the chi-square approximation.
 MIN_BIN_COUNT = 5
@@ -189,3 +192,53 @@ def judge_shift(
     if float(sps.ncx2.cdf(x2, dof, max_psi / h)) <= a_k:
         return result("pass", f"the shift is shown to be below {max_psi:g}")
     return result("inconclusive", "not enough evidence yet")
+
+
+@dataclass(frozen=True)
+class ShiftSpec:
+    """The judge's spec: the user's ``PredictionShift`` with the analysis's alpha and the look number."""
+
+    spec: PredictionShift
+    alpha: float = 0.05
+    look: int = 1
+
+
+def _missing(arms: Arms[Buckets]) -> str | None:
+    for role, b in (("stable", arms.baseline), ("candidate", arms.candidate)):
+        if not b:
+            return role
+    return None
+
+
+def judge(s: ShiftSpec, arms: Arms[Buckets]) -> Finding:
+    """The prediction-shift judge: :func:`judge_shift` on the two arms' buckets (noData if one is missing)."""
+    name, thr = s.spec.name, f"PSI < {s.spec.maxPSI:g}"
+    missing = _missing(arms)
+    if missing is not None:
+        return Finding("noData", f"{name}: no score histogram for the {missing}", "noData", threshold=thr)
+    assert arms.baseline is not None and arms.candidate is not None
+    try:
+        r = judge_shift(
+            arms.baseline,
+            arms.candidate,
+            max_psi=s.spec.maxPSI,
+            alpha=s.alpha,
+            min_samples=s.spec.minSamples,
+            look=s.look,
+        )
+    except ValueError as e:
+        return Finding("error", f"{name}: {e}", "error", threshold=thr)
+    numbers = {
+        "psi": r.psi,
+        "psiDebiased": r.psi_debiased,
+        "chi2": r.chi2,
+        "pValue": r.p_value,
+        "bins": float(r.bins),
+        "baselineN": r.n_baseline,
+        "candidateN": r.n_candidate,
+        "alpha": r.look_alpha,
+    }
+    return Finding(r.verdict, f"{name}: {r.reason}", value=r.psi, threshold=thr, numbers=numbers)
+
+
+_: Judge[ShiftSpec, Arms[Buckets]] = judge

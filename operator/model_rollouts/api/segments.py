@@ -6,13 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, field_validator
 
-from model_rollouts.api.common import Model
+from model_rollouts.api.common import Model, SegmentRow
 
 #: The placeholder a segmented comparison's queries use for the segment's value.
 SEGMENT_PLACEHOLDER = "segment"
 #: Default smallest sample (the smaller arm) for a segment to be judged at all.
 DEFAULT_MIN_SAMPLES = 200
 MAX_SEGMENTS = 20
+__all__ = ["DEFAULT_MIN_SAMPLES", "SEGMENT_PLACEHOLDER", "SegmentRow", "Segments"]
 
 # A Prometheus label name, and a value that is safe inside a PromQL string (the operator renders it
 # into the queries, so only DNS-label-like values are accepted: no quote, brace or backslash).
@@ -40,7 +41,13 @@ class Segments(Model):
         ge=1,
         le=10_000_000,
         description="A segment whose smaller arm has fewer samples is reported tooSmall: never a pass or a "
-        "fail, and it does not hold the others up.",
+        "fail.",
+    )
+    tooSmall: Literal["hold", "ignore"] = Field(
+        default="hold",
+        description="hold (default): while a segment is tooSmall the comparison cannot pass (the candidate "
+        "stays below 100% until it fills, or progressDeadline applies). ignore: a tooSmall segment is "
+        "reported and left out of the decision.",
     )
 
     @field_validator("values")
@@ -49,18 +56,3 @@ class Segments(Model):
         if len(set(v)) != len(v):
             raise ValueError("segment values must be distinct")
         return v
-
-
-class SegmentRow(Model):
-    """One segment of a segmented comparison, as the last analysis judged it."""
-
-    segment: str
-    status: Literal["pass", "fail", "inconclusive", "tooSmall"]
-    stableN: float = 0.0
-    candidateN: float = 0.0
-    difference: float | None = None
-    ciLow: float | None = None
-    ciHigh: float | None = None
-    pValue: float | None = Field(
-        default=None, description="Anytime-valid p-value of harm beyond the margin, Holm-adjusted."
-    )
