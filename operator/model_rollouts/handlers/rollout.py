@@ -137,14 +137,19 @@ def _measure_comparison(
     ``offset``) shifts the trials' window back by the delay. Before the first labels of the epoch
     are complete there are no counts to compare (zero: no verdict), and nothing is queried.
     """
-    delay = parse_duration(c.labelDelay) if c.labelDelay else 0.0
-    win = label_window(started, common.now(), delay)
-    if win is None:
-        zero = engine.ComparisonData(stable=_zero(c), candidate=_zero(c))
-        keys = [c.name] + [segments.segment_key(c.name, v) for v in (c.segments.values if c.segments else [])]
-        return dict.fromkeys(keys, zero)
-    since = format_duration(win.seconds)
-    extra = {"labelDelay": format_duration(win.trials_offset_seconds)} if c.labelDelay else {}
+    since, extra = format_duration((common.now() - started).total_seconds()), {}
+    if c.labelDelay:
+        win = label_window(started, common.now(), parse_duration(c.labelDelay))
+        if win is None:
+            zero = engine.ComparisonData(stable=_zero(c), candidate=_zero(c))
+            keys = [c.name] + [
+                segments.segment_key(c.name, v) for v in (c.segments.values if c.segments else [])
+            ]
+            return dict.fromkeys(keys, zero)
+        since, extra = (
+            format_duration(win.seconds),
+            {"labelDelay": format_duration(win.trials_offset_seconds)},
+        )
     arms = {role: {**_placeholders(ref, role, namespace, since), **extra} for role, ref in refs.items()}
     if c.segments is None:
         return {c.name: _comparison_data(c, provider, arms)}
