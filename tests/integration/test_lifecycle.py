@@ -163,3 +163,33 @@ def test_late_labels_give_no_verdict_before_the_delay_then_a_healthy_candidate_i
     # The first analysis of the 50% epoch comes 5 s after it began: before the 8 s delay, nothing is
     # counted and nothing is decided.
     assert seen[0] == ("inconclusive", 0), seen[:5]
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "text"),
+    [
+        (
+            {"trials": 'sum(increase(model_feedback_total{service="{{ service }}"}[{{ window }}]))'},
+            "segments",
+            "{{ segment }}",
+        ),
+        ({"test": "superiority"}, "segments", "nonInferiority"),
+        ({"segments": {"label": "region", "values": ["north", 'x"}']}}, "segments.values", "values"),
+        ({"labelDelay": "25h"}, "labelDelay", "24h"),
+    ],
+)
+def test_the_api_server_rejects_bad_segments_and_label_delay(
+    stack: Stack, change: dict[str, Any], field: str, text: str
+) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    assert stack.prom is not None
+    doc = _segmented("rejected", stack.prom.url)
+    doc["spec"]["analysis"]["comparisons"][0].update(change)
+    doc["metadata"]["namespace"] = stack.namespace
+    with pytest.raises(ApiException) as e:
+        client.CustomObjectsApi(stack.api).create_namespaced_custom_object(
+            "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", doc
+        )
+    assert e.value.status == 422
+    assert f"spec.analysis.comparisons[0].{field}" in e.value.body and text in e.value.body
