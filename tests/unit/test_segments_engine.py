@@ -254,3 +254,17 @@ def test_a_pooled_pass_without_the_segments_counts_is_not_a_pass() -> None:
     m = next(x for x in st.lastAnalysis if x.name == "fb")
     assert m.verdict == "inconclusive" and "region north not measured" in m.message
     assert st.phase == "Progressing" and st.weight == 50
+
+
+def test_telemetry_exports_each_segment_with_bounded_labels() -> None:
+    from model_rollouts import telemetry
+    from model_rollouts.api.common import dump
+
+    d = _driver()
+    d.tick()
+    d.tick(_obs({"north": (0.5, 0.7), "south": (0.5, 0.7), "east": (0.5, 0.7), "west": (0.5, 0.3)}, 3000))
+    values = telemetry.analysis_values("ModelRollout", dump(d.status), dump(d.spec))
+    diff = values[telemetry.SEGMENT_DIFFERENCE]
+    assert diff[("fb", "west")] == pytest.approx(-0.2) and diff[("fb", "north")] == pytest.approx(0.2)
+    assert values[telemetry.SEGMENT_STATUS][("fb", "west", "fail")] == 1.0
+    assert {k[1] for k in values[telemetry.SEGMENT_STATUS]} == set(REGIONS)
