@@ -86,6 +86,12 @@ class Step(Model):
 #: to show "not worse by more than nothing"), so the default test would hold every healthy rollout
 #: forever. There is no margin that fits every metric's scale, so there is no default: the API server
 #: refuses a nonInferiority comparison without a margin > 0, naming the field.
+MARGIN_RULE = "self.test != 'nonInferiority' || (has(self.margin) && self.margin > 0.0)"
+MARGIN_MESSAGE = (
+    "margin is required and must be > 0 for a nonInferiority comparison (the largest worsening, on the "
+    "metric's own scale, that still counts as no worse); a candidate equal to stable can never pass at 0"
+)
+#: A comparison with segments: judged against its margin, with queries that select one segment.
 SEGMENTS_TEST_RULE = "!has(self.segments) || self.test == 'nonInferiority'"
 SEGMENTS_TEST_MESSAGE = "segments need test nonInferiority (a segment is judged against the margin)"
 SEGMENT_SLOT = re.compile(r"\{\{\s*segment\s*\}\}")
@@ -103,11 +109,6 @@ SEGMENTS_QUERY_RULE = (
 SEGMENTS_QUERY_MESSAGE = (
     "segments need the comparison's own queries (not templateRef), each selecting one segment with "
     '{{ segment }}, e.g. region="{{ segment }}"'
-)
-MARGIN_RULE = "self.test != 'nonInferiority' || (has(self.margin) && self.margin > 0.0)"
-MARGIN_MESSAGE = (
-    "margin is required and must be > 0 for a nonInferiority comparison (the largest worsening, on the "
-    "metric's own scale, that still counts as no worse); a candidate equal to stable can never pass at 0"
 )
 
 
