@@ -67,7 +67,7 @@ test-integration: setup
 demo: setup ## real control plane + Prometheus + model servers + traffic: one rollout promoted, one rolled back
 	$(PY) -m tests.harness.demo
 
-bench-stats: venv ## seeded simulation of our engine vs Flagger/Argo/Kayenta-style judges (8 scenarios; JSON last line)
+bench-stats: venv ## seeded simulation of our engine vs Flagger/Argo/Kayenta-style judges (11 scenarios; JSON last line)
 	$(PY) -m tests.bench.bench_stats
 
 bench-rollback: setup ## breach-to-weight-0 latency on the real stack (5 runs, 5s interval)

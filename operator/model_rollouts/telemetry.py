@@ -93,6 +93,16 @@ CI_HIGH = Gauge(
     "Upper end of the confidence interval (sequence) of the difference; absent while unbounded",
     [*OBJ, "metric", "variant"],
 )
+SEGMENT_DIFFERENCE = Gauge(
+    "mlrollouts_segment_difference",
+    "A segmented comparison's difference (candidate minus stable) in each segment (its spec's values)",
+    [*OBJ, "metric", "segment"],
+)
+SEGMENT_STATUS = Gauge(
+    "mlrollouts_segment_status",
+    "1 for each segment's status in the latest analysis (pass, fail, inconclusive, tooSmall)",
+    [*OBJ, "metric", "segment", "status"],
+)
 P_VALUE = Gauge(
     "mlrollouts_comparison_p_value",
     "p-value of a comparison's test (experiments: unadjusted)",
@@ -130,7 +140,8 @@ RECONCILE_FAILING = Gauge(
 DEADLINE_REASONS = ("ProgressDeadlineExceeded", "Inconclusive")
 _ANALYSIS: tuple[Gauge, ...] = (
     ESTIMATE, SAMPLES, DIFFERENCE, CI_LOW, CI_HIGH, P_VALUE, GUARDRAIL, GUARDRAIL_THRESHOLD,
-    SRM_P_VALUE, SRM_MISMATCH, VARIANT_REQUESTS, DEADLINE, RECONCILE_FAILING,
+    SEGMENT_DIFFERENCE, SEGMENT_STATUS, SRM_P_VALUE, SRM_MISMATCH, VARIANT_REQUESTS, DEADLINE,
+    RECONCILE_FAILING,
 )  # fmt: skip
 #: Every metric with per-object series: what :func:`forget` removes.
 PER_OBJECT: tuple[MetricWrapperBase, ...] = (
@@ -211,6 +222,11 @@ def analysis_values(
         for gauge, key, value in pairs:
             if value is not None:
                 out[gauge][key] = value
+        for r in m.get("segments") or []:
+            seg = str(r.get("segment"))
+            if (d := _num(r.get("difference"))) is not None:
+                out[SEGMENT_DIFFERENCE][(metric, seg)] = d
+            out[SEGMENT_STATUS][(metric, seg, str(r.get("status")))] = 1.0
     analysis = spec.get("analysis") or {}
     for g in (analysis.get("guardrails") if not experiment else spec.get("guardrails")) or []:
         for bound in ("min", "max"):

@@ -58,6 +58,7 @@ from model_rollouts.analysis import stats
 from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
 from model_rollouts.engine import rollout as eng
 from model_rollouts.engine.bandit import thompson_weights
+from tests.bench import bench_lifecycle
 
 ALPHA = 0.05
 SRM_ALPHA = 0.001
@@ -678,6 +679,8 @@ class Settings:
     srm_runs: int = 10000
     seed: int = 20261128
     workers: int = 2
+    lifecycle_null_runs: int = 1000
+    lifecycle_bad_runs: int = 500
 
 
 def run_benchmark(cfg: Settings) -> dict[str, Any]:
@@ -727,6 +730,9 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
     }
     thompson_stratified = thompson_common_drift(max(cfg.thompson_runs // 2, 1), cfg.seed + 78)
     results["srm_continuous"] = {"ours": srm_continuous(cfg.srm_runs, cfg.seed + 99)}
+    results.update(
+        bench_lifecycle.run_all(cfg.lifecycle_null_runs, cfg.lifecycle_bad_runs, cfg.seed, cfg.workers)
+    )
     settings = {
         "seed": cfg.seed,
         "interval_seconds": INTERVAL,
@@ -827,8 +833,32 @@ def format_table(res: dict[str, Any]) -> str:
         f"{th['bad_promoted']:.4f}, miss {th['miss']:.4f}; the naive pooled test on the same Thompson "
         f"data: {th['pooled_false_winner']:.4f} false winners ({th['runs']['null']} runs)"
     )
+    lines += lifecycle_lines(res["scenarios"])
     lines.append(f"elapsed {s['seconds']} s")
     return "\n".join(lines)
+
+
+def lifecycle_lines(scenarios: dict[str, Any]) -> list[str]:
+    """The lifecycle scenarios' own numbers (tests/bench/bench_lifecycle.py)."""
+    seg = scenarios["segments"]["ours"]
+    dl = scenarios["label_delay"]["ours"]
+    un = dl["undelayed"]
+    sh = scenarios["prediction_shift"]["ours"]
+    return [
+        f"segments: power {seg['power']:.4f} (harmed in 1 of 4 segments, median look "
+        f"{_f(seg['median_looks_to_rollback'])}); the pooled comparison alone would promote it in "
+        f"{seg['pooled_only_promoted']:.4f}; healthy candidates promoted {seg['promoted_null']:.4f}, "
+        f"undecided after {seg['looks']} looks {seg['undecided_null']:.4f}",
+        f"label_delay: false_rollback ours {dl['false_rollback']:.4f} vs undelayed "
+        f"{un['false_rollback']:.4f}; "
+        f"bias of the difference (null, bad) ours {dl['bias_difference_null']:+.5f}, "
+        f"{dl['bias_difference_bad']:+.5f} vs undelayed {un['bias_difference_null']:+.5f}, "
+        f"{un['bias_difference_bad']:+.5f}; rate bias stable/candidate ours {dl['bias_rate_stable']:+.5f}/"
+        f"{dl['bias_rate_candidate']:+.5f} vs undelayed {un['bias_rate_stable']:+.5f}/"
+        f"{un['bias_rate_candidate']:+.5f}",
+        f"prediction_shift: power {sh['power']:.4f} at true PSI {sh['true_psi_bad']:.3f} (max_psi 0.1), "
+        f"unshifted promoted {sh['promoted_null']:.4f}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -839,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = Settings(seed=args.seed, workers=args.workers)
     if args.quick:
-        cfg = Settings(40, 30, 30, 10, 400, args.seed, args.workers)
+        cfg = Settings(40, 30, 30, 10, 400, args.seed, args.workers, 60, 40)
     res = run_benchmark(cfg)
     print(format_table(res))
     print(json.dumps(res, default=float))

@@ -20,12 +20,32 @@ Endpoints
 Metric names are a contract with the PromQL used elsewhere (see ``METRIC_NAMES``);
 every series carries the label ``variant``.
 
+Model lifecycle signals (``LIFECYCLE_METRIC_NAMES``, added after the metrics above, which are
+unchanged):
+
+* every prediction belongs to a segment, label ``region`` (``--segments``, default four regions,
+  drawn by ``segment_share`` or taken from the request's ``"region"``); each segment's positive rate is
+  ``segment_positive_rate[region]`` (default ``positive_rate``): ``model_segment_requests_total`` and
+  ``model_segment_feedback_total{region,feedback}``;
+* the model's predicted probability (``score`` in the reply) is the request's true positive rate
+  (``satisfaction``), drawn from Beta(mean = the segment's rate, concentration =
+  ``score_concentration``; 0 = always the rate itself), plus ``score_bias`` (miscalibration), clipped
+  to [0, 1]: ``model_prediction_score`` (a histogram, buckets 0.1 .. 1.0);
+* calibration counters by predicted-probability bin (``bin`` = the bin's upper bound, 0.1 .. 1) and
+  outcome: ``model_calibration_outcomes_total{bin,outcome}`` and
+  ``model_calibration_score_sum_total{bin}``;
+* labels (feedback, rewards and all the counters they move) are counted ``label delay`` seconds after
+  they are posted: uniform on [``label_delay_min_s``, ``label_delay_max_s``], or, with
+  ``label_delay_mean_s`` > 0, that minimum plus an exponential with that mean truncated at the maximum.
+  With the defaults (0) feedback counts at once, as before.
+
 :class:`ModelServerProcess` starts the module as a subprocess for tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import http.client
 import ipaddress
 import json
@@ -39,8 +59,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -79,6 +99,24 @@ METRIC_NAMES: tuple[str, ...] = (
     DRIFT_SCORE,
     CALIBRATION_ERROR,
 )
+SEGMENT_REQUESTS_TOTAL = "model_segment_requests_total"
+SEGMENT_FEEDBACK_TOTAL = "model_segment_feedback_total"
+PREDICTION_SCORE = "model_prediction_score"
+CALIBRATION_OUTCOMES_TOTAL = "model_calibration_outcomes_total"
+CALIBRATION_SCORE_SUM_TOTAL = "model_calibration_score_sum_total"
+LIFECYCLE_METRIC_NAMES: tuple[str, ...] = (
+    SEGMENT_REQUESTS_TOTAL,
+    SEGMENT_FEEDBACK_TOTAL,
+    PREDICTION_SCORE,
+    CALIBRATION_OUTCOMES_TOTAL,
+    CALIBRATION_SCORE_SUM_TOTAL,
+)
+#: The segment label's name and its default values.
+SEGMENT_LABEL = "region"
+DEFAULT_SEGMENTS: tuple[str, ...] = ("north", "south", "east", "west")
+#: Upper bounds of the score histogram's buckets and of the calibration bins.
+SCORE_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MAX_LABEL_DELAY_S = 86_400.0
 
 #: Histogram buckets for request latency: 1 ms to 2 s.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -126,10 +164,21 @@ class Params:
     reward_sd: float = 0.5
     drift: float = 0.05
     calibration_error: float = 0.02
+    score_concentration: float = 0.0
+    score_bias: float = 0.0
+    label_delay_min_s: float = 0.0
+    label_delay_max_s: float = 0.0
+    label_delay_mean_s: float = 0.0
+    #: {segment: positive rate}; a segment not named uses ``positive_rate``.
+    segment_positive_rate: dict[str, float] = field(default_factory=dict)
+    #: {segment: share of the traffic} (relative weights); a segment not named has weight 1.
+    segment_share: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         for f in fields(self):
             _check_param(f.name, getattr(self, f.name))
+        if self.label_delay_max_s < self.label_delay_min_s:
+            raise ParamError("label_delay_max_s", "must be >= label_delay_min_s")
 
     def updated(self, changes: Mapping[str, Any]) -> Params:
         """Return a copy with ``changes`` applied; raise :class:`ParamError` naming the bad field."""
@@ -141,14 +190,20 @@ class Params:
             if name not in known:
                 raise ParamError(str(name), f"unknown field; allowed: {', '.join(sorted(known))}")
             values[name] = _check_param(name, value)
-        return Params(**values)
+        new = Params(**values)
+        new.validate()
+        return new
 
 
 _UNIT_INTERVAL = ("error_rate", "positive_rate", "calibration_error")
-_NON_NEGATIVE = ("reward_sd", "drift")
+_NON_NEGATIVE = ("reward_sd", "drift", "score_concentration")
+_DELAYS = ("label_delay_min_s", "label_delay_max_s", "label_delay_mean_s")
+_MAPPINGS = {"segment_positive_rate": (0.0, 1.0), "segment_share": (0.0, math.inf)}
 
 
-def _check_param(name: str, value: Any) -> float:
+def _check_param(name: str, value: Any) -> Any:
+    if name in _MAPPINGS:
+        return _check_mapping(name, value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ParamError(name, f"must be a number, got {value!r}")
     number = float(value)
@@ -160,14 +215,46 @@ def _check_param(name: str, value: Any) -> float:
         raise ParamError(name, f"must be >= 0, got {value!r}")
     if name == "latency_ms" and not 0.0 <= number <= MAX_LATENCY_MS:
         raise ParamError(name, f"must be in [0, {MAX_LATENCY_MS:g}], got {value!r}")
+    if name == "score_bias" and not -1.0 <= number <= 1.0:
+        raise ParamError(name, f"must be in [-1, 1], got {value!r}")
+    if name in _DELAYS and not 0.0 <= number <= MAX_LABEL_DELAY_S:
+        raise ParamError(name, f"must be in [0, {MAX_LABEL_DELAY_S:g}], got {value!r}")
     return number
+
+
+def _check_mapping(name: str, value: Any) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise ParamError(name, f"must be an object of segment: number, got {value!r}")
+    lo, hi = _MAPPINGS[name]
+    out: dict[str, float] = {}
+    for key, v in value.items():
+        if not isinstance(key, str) or not key:
+            raise ParamError(name, f"segment names must be non-empty strings, got {key!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+            raise ParamError(name, f"{key}: must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        out[key] = float(v)
+    return out
+
+
+def score_bin(score: float) -> str:
+    """The calibration bin of a predicted probability: its upper bound as text ("0.1" .. "1")."""
+    for upper in SCORE_BUCKETS:
+        if score <= upper:
+            return f"{upper:g}"
+    return f"{SCORE_BUCKETS[-1]:g}"
 
 
 class ModelMetrics:
     """The server's Prometheus metrics, in a private registry."""
 
-    def __init__(self, variant: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        variant: str,
+        registry: CollectorRegistry | None = None,
+        segments: tuple[str, ...] = DEFAULT_SEGMENTS,
+    ) -> None:
         self.variant = variant
+        self.segments = segments
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         # prometheus_client appends "_total" to counter names when it exposes them.
@@ -206,6 +293,49 @@ class ModelMetrics:
         self.reward_sum.labels(variant=variant)
         self.reward_count.labels(variant=variant)
         self.reward_squares.labels(variant=variant)
+        self._lifecycle_metrics(r)
+
+    def _lifecycle_metrics(self, r: CollectorRegistry) -> None:
+        """Segments, scores and calibration, registered after (and exposed after) the metrics above."""
+        v, seg = self.variant, SEGMENT_LABEL
+        self.segment_requests = Counter(
+            "model_segment_requests", "Predictions served, by segment.", ["variant", seg], registry=r
+        )
+        self.segment_feedback = Counter(
+            "model_segment_feedback",
+            "User feedback received, by segment and polarity.",
+            ["variant", seg, "feedback"],
+            registry=r,
+        )
+        self.score = Histogram(
+            "model_prediction_score",
+            "The model's predicted probability.",
+            ["variant"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.calibration_outcomes = Counter(
+            "model_calibration_outcomes",
+            "Labelled predictions by predicted-probability bin (upper bound) and outcome.",
+            ["variant", "bin", "outcome"],
+            registry=r,
+        )
+        self.calibration_score_sum = Counter(
+            "model_calibration_score_sum",
+            "Sum of the predicted probabilities of labelled predictions, by bin.",
+            ["variant", "bin"],
+            registry=r,
+        )
+        for s in self.segments:
+            self.segment_requests.labels(v, s)
+            for polarity in ("positive", "negative"):
+                self.segment_feedback.labels(v, s, polarity)
+        self.score.labels(variant=v)
+        for upper in SCORE_BUCKETS:
+            b = f"{upper:g}"
+            self.calibration_score_sum.labels(v, b)
+            for outcome in ("positive", "negative"):
+                self.calibration_outcomes.labels(v, b, outcome)
 
     def set_model_signals(self, params: Params) -> None:
         self.drift.labels(variant=self.variant).set(params.drift)
@@ -218,15 +348,28 @@ class ModelMetrics:
 class ModelState:
     """Parameters, random source and metrics shared by all request threads."""
 
-    def __init__(self, variant: str, params: Params, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        variant: str,
+        params: Params,
+        seed: int | None = None,
+        segments: tuple[str, ...] = DEFAULT_SEGMENTS,
+    ) -> None:
         params.validate()
+        if not segments or len(set(segments)) != len(segments) or not all(segments):
+            raise ParamError("segments", "must be distinct non-empty names")
         self.variant = variant
-        self.metrics = ModelMetrics(variant)
+        self.segments = segments
+        self.metrics = ModelMetrics(variant, segments=segments)
         self._params = params
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
+        # Segments, scores and delays draw from their own source: the sequence above is unchanged.
+        self._life_rng = random.Random(None if seed is None else seed + 1_000_003)
         self.feedback_unknown = 0  # feedback for request ids this server never issued
-        self._issued: dict[str, None] = {}  # bounded, insertion-ordered set of recent request ids
+        # Bounded, insertion-ordered map of recent request ids to their (segment, score).
+        self._issued: dict[str, tuple[str, float] | None] = {}
+        self.labels = LabelQueue()
         self.metrics.set_model_signals(params)
 
     @property
@@ -249,18 +392,90 @@ class ModelState:
             prediction = self._rng.random()
         return u, jitter, prediction
 
-    def new_request_id(self) -> str:
+    def draw_lifecycle(self, params: Params, region: Any = None) -> tuple[str, float, float]:
+        """(segment, true positive rate, predicted probability) of one prediction.
+
+        ``region``: the request's own segment when it names a known one; otherwise one is drawn by
+        ``segment_share``.
+        """
+        with self._lock:
+            rng = self._life_rng
+            if not (isinstance(region, str) and region in self.segments):
+                shares = [params.segment_share.get(s, 1.0) for s in self.segments]
+                region = (
+                    rng.choices(self.segments, weights=shares)[0] if sum(shares) > 0 else self.segments[0]
+                )
+            rate = params.segment_positive_rate.get(region, params.positive_rate)
+            k = params.score_concentration
+            truth = rate
+            if k > 0 and 0.0 < rate < 1.0:
+                truth = rng.betavariate(rate * k, (1.0 - rate) * k)
+        score = min(1.0, max(0.0, truth + params.score_bias))
+        return region, truth, score
+
+    def label_delay(self, params: Params) -> float:
+        """Seconds until a label posted now is counted (see the module docstring)."""
+        lo, hi, mean = params.label_delay_min_s, params.label_delay_max_s, params.label_delay_mean_s
+        if hi <= lo:
+            return lo
+        with self._lock:
+            u = self._life_rng.random()
+        if mean <= 0:
+            return lo + u * (hi - lo)
+        # Inverse CDF of an exponential with this mean, truncated to [0, hi - lo].
+        return lo - mean * math.log(1.0 - u * (1.0 - math.exp(-(hi - lo) / mean)))
+
+    def new_request_id(self, info: tuple[str, float] | None = None) -> str:
         rid = f"{self.variant}-{uuid.uuid4().hex[:16]}"
         with self._lock:
-            self._issued[rid] = None
+            self._issued[rid] = info
             if len(self._issued) > 100_000:
                 self._issued.pop(next(iter(self._issued)))
         return rid
 
-    def note_feedback_id(self, request_id: str) -> None:
+    def note_feedback_id(self, request_id: str) -> tuple[str, float] | None:
+        """The request's (segment, score), or None (and counted) for an id this server never issued."""
         with self._lock:
             if request_id not in self._issued:
                 self.feedback_unknown += 1
+                return None
+            return self._issued[request_id]
+
+
+class LabelQueue:
+    """Runs label callbacks after their delay, in due order, on one daemon thread (started lazily)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, delay: float, fn: Callable[[], None]) -> None:
+        if delay <= 0:
+            fn()
+            return
+        with self._cond:
+            self._seq += 1
+            heapq.heappush(self._heap, (time.monotonic() + delay, self._seq, fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="labels", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    timeout = None if not self._heap else self._heap[0][0] - time.monotonic()
+                    self._cond.wait(timeout)
+                _, _, fn = heapq.heappop(self._heap)
+            fn()
 
 
 class ModelRequestHandler(BaseHTTPRequestHandler):
@@ -359,7 +574,7 @@ class ModelRequestHandler(BaseHTTPRequestHandler):
     # ---- endpoints ------------------------------------------------------------------------------
     def _predict(self) -> None:
         start = time.perf_counter()
-        ok, _payload = self._read_json(required=False)
+        ok, payload = self._read_json(required=False)
         if not ok:
             return
         state = self.server.state
@@ -373,17 +588,24 @@ class ModelRequestHandler(BaseHTTPRequestHandler):
             if delay > 0:
                 time.sleep(delay)
             code = HTTPStatus.OK
+            hint = payload.get(SEGMENT_LABEL) if isinstance(payload, dict) else None
+            region, truth, score = state.draw_lifecycle(params, hint)
             body = {
                 "variant": state.variant,
-                "request_id": state.new_request_id(),
+                "request_id": state.new_request_id((region, score)),
                 "prediction": prediction,
-                "satisfaction": params.positive_rate,
+                "satisfaction": truth,
                 "reward_mean": params.reward_mean,
                 "reward_sd": params.reward_sd,
+                SEGMENT_LABEL: region,
+                "score": score,
             }
         m = state.metrics
         m.requests.labels(variant=state.variant, code=str(int(code))).inc()
         m.duration.labels(variant=state.variant).observe(time.perf_counter() - start)
+        if code == HTTPStatus.OK:
+            m.segment_requests.labels(state.variant, body[SEGMENT_LABEL]).inc()
+            m.score.labels(variant=state.variant).observe(body["score"])
         self._send_json(code, body)
 
     def _feedback(self) -> None:
@@ -408,15 +630,11 @@ class ModelRequestHandler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.BAD_REQUEST, "reward: must be a finite number")
             return
         state = self.server.state
-        m = state.metrics
-        state.note_feedback_id(request_id)
-        m.feedback.labels(variant=state.variant, feedback="positive" if positive else "negative").inc()
-        if reward is not None:
-            x = float(reward)
-            # Counter.inc() rejects negative amounts; Σx may go down, so adjust the value directly.
-            _add(m.reward_sum.labels(variant=state.variant), x)
-            m.reward_count.labels(variant=state.variant).inc()
-            m.reward_squares.labels(variant=state.variant).inc(x * x)
+        info = state.note_feedback_id(request_id)
+        label = _Label(
+            state.metrics, state.variant, positive, None if reward is None else float(reward), info
+        )
+        state.labels.schedule(state.label_delay(state.params), label.count)
         self._send(HTTPStatus.NO_CONTENT)
 
     def _admin(self) -> None:
@@ -430,6 +648,34 @@ class ModelRequestHandler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc), "field": exc.field})
             return
         self._send_json(HTTPStatus.OK, {"variant": state.variant, **asdict(new)})
+
+
+@dataclass(frozen=True)
+class _Label:
+    """One posted label, counted when its delay has passed."""
+
+    metrics: ModelMetrics
+    variant: str
+    positive: bool
+    reward: float | None
+    info: tuple[str, float] | None  # the prediction's (segment, score), if this server issued it
+
+    def count(self) -> None:
+        m, v = self.metrics, self.variant
+        polarity = "positive" if self.positive else "negative"
+        m.feedback.labels(variant=v, feedback=polarity).inc()
+        if self.reward is not None:
+            x = self.reward
+            # Counter.inc() rejects negative amounts; Σx may go down, so adjust the value directly.
+            _add(m.reward_sum.labels(variant=v), x)
+            m.reward_count.labels(variant=v).inc()
+            m.reward_squares.labels(variant=v).inc(x * x)
+        if self.info is not None:
+            region, score = self.info
+            m.segment_feedback.labels(v, region, polarity).inc()
+            b = score_bin(score)
+            m.calibration_outcomes.labels(v, b, polarity).inc()
+            m.calibration_score_sum.labels(v, b).inc(score)
 
 
 def _add(counter_child: Any, amount: float) -> None:
@@ -466,6 +712,23 @@ def _host(value: str) -> str:
     return value
 
 
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return obj
+
+
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--segments must be distinct non-empty names, got {value!r}")
+    return names
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tests.harness.modelserver", description=__doc__.split("\n")[0]
@@ -486,6 +749,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-sd", type=float, default=defaults.reward_sd)
     p.add_argument("--drift", type=float, default=defaults.drift)
     p.add_argument("--calibration-error", type=float, default=defaults.calibration_error)
+    for name in ("score_concentration", "score_bias", *_DELAYS):
+        p.add_argument(_flag(name), type=float, default=getattr(defaults, name))
+    for name in _MAPPINGS:
+        p.add_argument(_flag(name), type=_json_object, default={}, help="a JSON object {segment: number}")
+    p.add_argument(
+        "--segments",
+        type=_names,
+        default=DEFAULT_SEGMENTS,
+        help=f"comma-separated values of the {SEGMENT_LABEL!r} label (default {','.join(DEFAULT_SEGMENTS)})",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=3600.0, help="exit after this long (default 3600)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
@@ -503,17 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         parser_error("--port must be in [0, 65535]")
     if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
         parser_error("--max-seconds must be a positive number")
-    params = Params(
-        error_rate=args.error_rate,
-        latency_ms=args.latency_ms,
-        positive_rate=args.positive_rate,
-        reward_mean=args.reward_mean,
-        reward_sd=args.reward_sd,
-        drift=args.drift,
-        calibration_error=args.calibration_error,
-    )
     try:
-        params.validate()
+        params = Params().updated({f.name: getattr(args, f.name) for f in fields(Params)})
     except ParamError as exc:
         parser_error(f"--{exc}")
 
@@ -524,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - older prometheus_client
         pass
 
-    state = ModelState(args.variant, params, seed=args.seed)
+    state = ModelState(args.variant, params, seed=args.seed, segments=args.segments)
     server = ModelHTTPServer((args.host, args.port), state, verbose=args.verbose)
     stop = threading.Event()
 
@@ -567,8 +831,9 @@ class ModelServerProcess:
     >>> with ModelServerProcess("candidate", error_rate=0.0, seed=1) as srv:  # doctest: +SKIP
     ...     srv.set(error_rate=0.5)
 
-    Parameters are those of :class:`Params` (``error_rate=...`` etc.); ``seed`` and
-    ``max_seconds`` are passed through. The child exits on its own when this process dies.
+    Parameters are those of :class:`Params` (``error_rate=...`` etc.); ``seed``,
+    ``max_seconds`` and ``segments`` are passed through. The child exits on its own when this
+    process dies.
     """
 
     def __init__(
@@ -583,9 +848,11 @@ class ModelServerProcess:
         stop_timeout: float = 5.0,
         stderr: IO[Any] | int | None = None,
         verbose: bool = False,
-        **params: float,
+        segments: tuple[str, ...] | None = None,
+        **params: Any,
     ) -> None:
         Params().updated(params)  # validate names and values early (raises ParamError)
+        self.segments = segments
         self.variant = variant
         self.host = host
         self.requested_port = port
@@ -593,7 +860,7 @@ class ModelServerProcess:
         self.max_seconds = max_seconds
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
-        self.params: dict[str, float] = dict(params)
+        self.params: dict[str, Any] = dict(params)
         self._stderr = stderr
         self._verbose = verbose
         self.proc: subprocess.Popen[str] | None = None
@@ -618,7 +885,9 @@ class ModelServerProcess:
         if self.seed is not None:
             cmd += ["--seed", str(self.seed)]
         for name, value in self.params.items():
-            cmd += [_flag(name), repr(float(value))]
+            cmd += [_flag(name), json.dumps(value) if name in _MAPPINGS else repr(float(value))]
+        if self.segments is not None:
+            cmd += ["--segments", ",".join(self.segments)]
         if self._verbose:
             cmd.append("--verbose")
         return cmd
@@ -728,7 +997,7 @@ class ModelServerProcess:
         finally:
             conn.close()
 
-    def set(self, **params: float) -> dict[str, Any]:
+    def set(self, **params: Any) -> dict[str, Any]:
         """Change parameters at run time (``POST /admin``); return the new parameters."""
         status, body = self.request("POST", "/admin", params)
         if status != HTTPStatus.OK:

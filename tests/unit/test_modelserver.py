@@ -13,7 +13,16 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness.modelserver import METRIC_NAMES, REPO_ROOT, ModelServerProcess, ParamError, Params
+from tests.harness.modelserver import (
+    DEFAULT_SEGMENTS,
+    LIFECYCLE_METRIC_NAMES,
+    METRIC_NAMES,
+    REPO_ROOT,
+    ModelServerProcess,
+    ModelState,
+    ParamError,
+    Params,
+)
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -228,3 +237,162 @@ def test_sigint_is_a_clean_shutdown() -> None:
     srv.proc.send_signal(signal.SIGINT)
     assert srv.proc.wait(timeout=10) == 0
     srv.stop()
+
+
+# ---- model lifecycle signals: segments, scores, calibration, label delay ---------------------------
+
+
+def test_existing_metrics_come_first_and_lifecycle_metrics_follow(server: ModelServerProcess) -> None:
+    server.request("POST", "/predict", {})
+    text = server.metrics_text()
+    first_new = min(text.index(f"# HELP {n}") for n in LIFECYCLE_METRIC_NAMES)
+    for name in METRIC_NAMES:
+        assert text.index(f"# HELP {name}") < first_new
+    s = samples(text)
+    label = ("variant", "cand")
+    for region in DEFAULT_SEGMENTS:
+        assert ("model_segment_requests_total", frozenset({label, ("region", region)})) in s
+        for fb in ("positive", "negative"):
+            key = ("model_segment_feedback_total", frozenset({label, ("region", region), ("feedback", fb)}))
+            assert key in s
+    for b in ("0.1", "0.5", "1"):
+        for outcome in ("positive", "negative"):
+            key = ("model_calibration_outcomes_total", frozenset({label, ("bin", b), ("outcome", outcome)}))
+            assert key in s
+        assert ("model_calibration_score_sum_total", frozenset({label, ("bin", b)})) in s
+    assert ("model_prediction_score_bucket", frozenset({label, ("le", "0.1")})) in s
+    assert value(text, "model_prediction_score_count", variant="cand") >= 1
+
+
+@pytest.fixture(scope="module")
+def life() -> Iterator[ModelServerProcess]:
+    with ModelServerProcess(
+        "life",
+        seed=11,
+        latency_ms=0.0,
+        max_seconds=120,
+        segments=("eu", "us", "apac", "latam"),
+        segment_positive_rate={"latam": 0.2},
+        segment_share={"apac": 0.0},
+    ) as srv:
+        yield srv
+
+
+def _predict(srv: ModelServerProcess, body: dict[str, object] | None = None) -> dict[str, object]:
+    status, raw = srv.request("POST", "/predict", body or {})
+    assert status == 200
+    reply: dict[str, object] = json.loads(raw)
+    return reply
+
+
+def test_segments_have_their_own_quality_share_and_counters(life: ModelServerProcess) -> None:
+    seen = {_predict(life)["region"] for _ in range(60)}
+    assert seen == {"eu", "us", "latam"}  # apac has share 0
+    reply = _predict(life, {"region": "latam"})
+    assert reply["region"] == "latam" and reply["satisfaction"] == pytest.approx(0.2)
+    assert reply["score"] == pytest.approx(0.2)  # concentration 0: the score is the rate itself
+    eu = _predict(life, {"region": "eu"})
+    assert eu["satisfaction"] == pytest.approx(0.6)
+    before = samples(life.metrics_text())
+    for positive in (True, False, False):
+        rid = _predict(life, {"region": "latam"})["request_id"]
+        assert life.request("POST", "/feedback", {"request_id": rid, "positive": positive})[0] == 204
+    text = life.metrics_text()
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset({("variant", "life"), *labels.items()}))
+        return samples(text)[key] - before[key]
+
+    assert delta("model_segment_requests_total", region="latam") == 3
+    assert delta("model_segment_feedback_total", region="latam", feedback="positive") == 1
+    assert delta("model_segment_feedback_total", region="latam", feedback="negative") == 2
+    assert delta("model_segment_feedback_total", region="eu", feedback="negative") == 0
+    # Scores of 0.2 fall in the bin with upper bound 0.2.
+    assert delta("model_calibration_outcomes_total", bin="0.2", outcome="negative") == 2
+    assert delta("model_calibration_score_sum_total", bin="0.2") == pytest.approx(0.6)
+
+
+def test_score_spread_and_bias_keep_the_outcome_rate(life: ModelServerProcess) -> None:
+    life.set(score_concentration=5.0, score_bias=0.1)
+    try:
+        replies = [_predict(life, {"region": "eu"}) for _ in range(300)]
+    finally:
+        life.set(score_concentration=0.0, score_bias=0.0)
+    truth = [float(r["satisfaction"]) for r in replies]  # type: ignore[arg-type]
+    score = [float(r["score"]) for r in replies]  # type: ignore[arg-type]
+    assert 0.5 < sum(truth) / len(truth) < 0.7  # the outcome rate stays the segment's rate
+    assert len({round(t, 6) for t in truth}) > 100  # a spread of true rates
+    for t, sc in zip(truth, score, strict=True):
+        assert sc == pytest.approx(min(1.0, t + 0.1))  # miscalibrated by +0.1
+
+
+def test_labels_are_counted_after_their_delay(life: ModelServerProcess) -> None:
+    life.set(label_delay_min_s=1.0, label_delay_max_s=1.0)
+    try:
+        rid = _predict(life)["request_id"]
+        before = value(life.metrics_text(), "model_feedback_total", variant="life", feedback="positive")
+        t0 = time.monotonic()
+        assert life.request("POST", "/feedback", {"request_id": rid, "positive": True})[0] == 204
+        assert time.monotonic() - t0 < 0.8  # the reply does not wait for the label
+        now = value(life.metrics_text(), "model_feedback_total", variant="life", feedback="positive")
+        assert now == before
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if (
+                value(life.metrics_text(), "model_feedback_total", variant="life", feedback="positive")
+                > before
+            ):
+                break
+            time.sleep(0.1)
+        assert time.monotonic() - t0 >= 0.9
+        after = value(life.metrics_text(), "model_feedback_total", variant="life", feedback="positive")
+        assert after == before + 1
+    finally:
+        life.set(label_delay_min_s=0.0, label_delay_max_s=0.0)
+
+
+def test_label_delay_distributions() -> None:
+    state = ModelState("x", Params(), seed=1)
+    uniform = Params(label_delay_min_s=60.0, label_delay_max_s=600.0)
+    draws = [state.label_delay(uniform) for _ in range(4000)]
+    assert min(draws) >= 60 and max(draws) <= 600
+    assert sum(draws) / len(draws) == pytest.approx(330, rel=0.05)
+    expo = Params(label_delay_max_s=600.0, label_delay_mean_s=120.0)
+    draws = [state.label_delay(expo) for _ in range(4000)]
+    assert min(draws) >= 0 and max(draws) <= 600
+    # The mean of an exponential (mean 120 s) truncated at 600 s is about 115.9 s.
+    assert sum(draws) / len(draws) == pytest.approx(115.9, rel=0.06)
+    assert state.label_delay(Params()) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"score_bias": 2}, "score_bias"),
+        ({"score_concentration": -1}, "score_concentration"),
+        ({"label_delay_max_s": -1}, "label_delay_max_s"),
+        ({"label_delay_min_s": 10, "label_delay_max_s": 5}, "label_delay_max_s"),
+        ({"segment_positive_rate": {"eu": 1.5}}, "segment_positive_rate"),
+        ({"segment_share": [1, 2]}, "segment_share"),
+    ],
+)
+def test_invalid_lifecycle_params_are_rejected_naming_the_field(
+    life: ModelServerProcess, body: dict[str, object], field: str
+) -> None:
+    before = life.get_params()
+    status, payload = life.request("POST", "/admin", body)
+    assert status == 400
+    assert json.loads(payload)["field"] == field
+    assert life.get_params() == before
+
+
+def test_cli_rejects_bad_segments() -> None:
+    for extra in (["--segments", "a,,b"], ["--segments", "a,a"], ["--segment-share", "[1]"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.harness.modelserver", "--variant", "x", *extra],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert proc.returncode == 2, (extra, proc.stderr)

@@ -365,6 +365,21 @@ VariantVerdict = Literal["control", "better", "worse", "inconclusive", "dropped"
 Outcome = Literal["value", "noData", "error", "nan"]
 
 
+class SegmentRow(Model):
+    """One segment of a segmented comparison, as the last analysis judged it."""
+
+    segment: str
+    status: Literal["pass", "fail", "inconclusive", "tooSmall"]
+    stableN: float = 0.0
+    candidateN: float = 0.0
+    difference: float | None = None
+    ciLow: float | None = None
+    ciHigh: float | None = None
+    pValue: float | None = Field(
+        default=None, description="Anytime-valid p-value of harm beyond the margin, Holm-adjusted."
+    )
+
+
 class Measurement(Model):
     """One evaluated metric with the numbers behind its verdict."""
 
@@ -380,6 +395,9 @@ class Measurement(Model):
     carried: bool | None = Field(
         default=None,
         description="Not measured in this analysis (e.g. a comparison at weight 100): the last value.",
+    )
+    segments: list[SegmentRow] | None = Field(
+        default=None, description="A comparison with segments: each segment's verdict and numbers."
     )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from model_rollouts.api.common import (
     COUNT_METRIC_RULES,
@@ -23,8 +24,10 @@ from model_rollouts.api.common import (
     TrafficRouting,
     cel,
     list_map,
+    parse_duration,
 )
 from model_rollouts.api.notification import GATES_FIELD, NOTIFICATIONS_FIELD, Gate, GateState, NotificationRef
+from model_rollouts.api.segments import Segments
 
 KIND = "ModelRollout"
 PLURAL = "modelrollouts"
@@ -88,6 +91,25 @@ MARGIN_MESSAGE = (
     "margin is required and must be > 0 for a nonInferiority comparison (the largest worsening, on the "
     "metric's own scale, that still counts as no worse); a candidate equal to stable can never pass at 0"
 )
+#: A comparison with segments: judged against its margin, with queries that select one segment.
+SEGMENTS_TEST_RULE = "!has(self.segments) || self.test == 'nonInferiority'"
+SEGMENTS_TEST_MESSAGE = "segments need test nonInferiority (a segment is judged against the margin)"
+SEGMENT_SLOT = re.compile(r"\{\{\s*segment\s*\}\}")
+LABEL_DELAY_SLOT = re.compile(r"\{\{\s*labelDelay\s*\}\}")
+SEGMENT_FIELDS = {"proportion": ("successes", "trials"), "mean": ("sum", "count", "sumSquares")}
+_SLOT_RE = "[{][{] *segment *[}][}]"
+SEGMENTS_QUERY_RULE = (
+    "!has(self.segments) || (!has(self.templateRef) && (self.type == 'mean' ? "
+    f"(has(self.sum) && self.sum.matches('{_SLOT_RE}') && "
+    f"has(self.count) && self.count.matches('{_SLOT_RE}') "
+    f"&& has(self.sumSquares) && self.sumSquares.matches('{_SLOT_RE}')) : "
+    f"(has(self.successes) && self.successes.matches('{_SLOT_RE}') && has(self.trials) && "
+    f"self.trials.matches('{_SLOT_RE}'))))"
+)
+SEGMENTS_QUERY_MESSAGE = (
+    "segments need the comparison's own queries (not templateRef), each selecting one segment with "
+    '{{ segment }}, e.g. region="{{ segment }}"'
+)
 
 
 class Comparison(CountMetric):
@@ -99,6 +121,13 @@ class Comparison(CountMetric):
             "x-kubernetes-validations": [
                 *COUNT_METRIC_RULES,
                 cel(MARGIN_RULE, MARGIN_MESSAGE, ".margin"),
+                cel(SEGMENTS_TEST_RULE, SEGMENTS_TEST_MESSAGE, ".segments"),
+                cel(SEGMENTS_QUERY_RULE, SEGMENTS_QUERY_MESSAGE, ".segments"),
+                cel(
+                    "!has(self.labelDelay) || duration(self.labelDelay) <= duration('24h')",
+                    "labelDelay must be at most 24h",
+                    ".labelDelay",
+                ),
             ]
         },
     )
@@ -122,6 +151,42 @@ class Comparison(CountMetric):
         if info.data.get("test", "nonInferiority") == "nonInferiority" and not (v is not None and v > 0):
             raise ValueError(MARGIN_MESSAGE)
         return v
+
+    segments: Segments | None = Field(
+        default=None,
+        description="Judge the comparison in every segment too (no cohort left behind): fail when any "
+        "segment is shown worse than the margin, even if the pooled comparison passes; pass only when "
+        "every segment with minSamples shows non-inferiority. Needs test nonInferiority and queries that "
+        'select one segment with {{ segment }}, e.g. region="{{ segment }}".',
+    )
+
+    labelDelay: Duration | None = Field(
+        default=None,
+        description="Labels (successes, or a mean's sums) arrive up to this long after their prediction. "
+        "Per epoch, {{ window }} then spans the labels that arrived after the epoch start plus labelDelay, "
+        "and the trials query shifts its window back with offset {{ labelDelay }}, so labels are compared "
+        "with the predictions they belong to; no verdict from an epoch before its start plus labelDelay. "
+        "At most 24h.",
+    )
+
+    @field_validator("labelDelay")
+    @classmethod
+    def _label_delay_at_most_a_day(cls, v: str | None) -> str | None:
+        if v is not None and parse_duration(v) > 86400:
+            raise ValueError("labelDelay must be at most 24h")
+        return v
+
+    @model_validator(mode="after")
+    def _segments_need_their_placeholder(self) -> Comparison:
+        if self.segments is None:
+            return self
+        if self.test != "nonInferiority":
+            raise ValueError(SEGMENTS_TEST_MESSAGE)
+        if self.templateRef is not None or not all(
+            SEGMENT_SLOT.search(getattr(self, f) or "") for f in SEGMENT_FIELDS[self.type]
+        ):
+            raise ValueError(SEGMENTS_QUERY_MESSAGE)
+        return self
 
     advisory: bool = Field(
         default=False,

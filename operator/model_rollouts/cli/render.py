@@ -170,10 +170,28 @@ def rollout(v: dict[str, Any], compact: bool = False) -> RenderableType:
             ci = interval(c.get("ciLow"), c.get("ciHigh"))
             t.add_row(c["name"], test, *_arms(c), ci, num(c.get("pValue"), 3), verdict)
         parts.append(t)
+        parts += [_segments(c) for c in v["comparisons"] if c.get("segments")]
     for extra in (_guardrails(v), None if compact else _conditions(v)):
         if extra is not None:
             parts.append(extra)
     return Group(*parts)
+
+
+def _segments(c: dict[str, Any]) -> RenderableType:
+    """A segmented comparison's table: each segment's samples, difference, interval, Holm p, status."""
+    label = str(c.get("segmentLabel", "segment"))
+    t = _table(f"{c['name']} by {label}")
+    for col, j in ((label, "left"), ("n cand/stable", "right"), ("difference", "right"), ("CI", "right"),
+                   ("Holm p", "right"), ("status", "left")):  # fmt: skip
+        t.add_column(col, justify=j)  # type: ignore[arg-type]
+    for r in c["segments"]:
+        n = f"{count(r.get('candidateN'))}/{count(r.get('stableN'))}"
+        status = r.get("status", "?")
+        style = {"pass": "green", "fail": "red", "tooSmall": "yellow"}.get(status, "")
+        ci = interval(r.get("ciLow"), r.get("ciHigh"))
+        t.add_row(str(r.get("segment")), n, signed(r.get("difference")), ci, num(r.get("pValue"), 3),
+                  Text(status, style=style))  # fmt: skip
+    return t
 
 
 def _arms(c: dict[str, Any]) -> tuple[str, str, str, str]:

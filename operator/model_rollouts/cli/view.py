@@ -249,6 +249,9 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
         cs = specs.get(m.get("name"), {})
         c.update(test=cs.get("test", "nonInferiority"), margin=cs.get("margin", 0.0),
                  advisory=bool(cs.get("advisory")), passed=m.get("name") in passed)  # fmt: skip
+        if m.get("segments"):
+            c["segmentLabel"] = (cs.get("segments") or {}).get("label", "segment")
+            c["segments"] = [dict(r) for r in m["segments"]]
         comparisons.append(c)
     view["comparisons"] = comparisons
     view["conditions"] = _conditions(raw_status)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from model_rollouts.analysis import sequential, stats, threshold
+from model_rollouts.analysis import segments, sequential, stats, threshold
 from model_rollouts.analysis.assess import Policy, assess
 from model_rollouts.analysis.comparison import ROLLOUT_NAMES
 from model_rollouts.analysis.vocabulary import Result
@@ -23,6 +23,7 @@ from model_rollouts.api.common import (
     ArmCounts,
     Condition,
     Measurement,
+    Verdict,
     action_annotations,
     dump,
     parse_duration,
@@ -523,16 +524,38 @@ def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -
         ]
         return out + carried
     for c in spec.analysis.comparisons:
-        out.append(
-            _compare(
-                c,
-                obs.comparisons.get(c.name),
-                s.epochs.get(c.name, []),
-                spec.analysis.alpha / max(m, 1),
-                s.weight,
-            )
-        )
+        alpha = spec.analysis.alpha / max(m, 1)
+        pooled = _compare(c, obs.comparisons.get(c.name), s.epochs.get(c.name, []), alpha, s.weight)
+        out.append(_segmented(c, pooled, obs, s, alpha))
     return out
+
+
+def _segmented(
+    c: Comparison, pooled: Measurement, obs: Observations, s: ModelRolloutStatus, alpha: float
+) -> Measurement:
+    """A comparison with ``segments``: its pooled measurement, judged in every segment too."""
+    if c.segments is None or pooled.outcome != "value":
+        return pooled
+    strata = {}
+    for v in c.segments.values:
+        key = segments.segment_key(c.name, v)
+        d = obs.comparisons.get(key)
+        if d is None or d.stable is None or d.candidate is None:
+            # Never a pass without every segment's counts (the handler measures them with the pool).
+            held: Verdict = "inconclusive" if pooled.verdict == "pass" else pooled.verdict
+            why = f"{c.name}: {c.segments.label} {v} not measured; {pooled.message}"
+            return pooled.model_copy(update={"verdict": held, "message": why})
+        closed = [(_to_data(c, e.stable), _to_data(c, e.candidate)) for e in s.epochs.get(key, [])]
+        strata[v] = [*closed, (d.stable, d.candidate)]
+    spec = segments.SegmentsSpec(c.segments, margin=c.margin or 0.0, better=c.better, alpha=alpha)
+    res = segments.evaluate(spec, strata)
+    f = segments.finding(spec, res)
+    verdict = segments.combine(pooled.verdict, f.verdict)
+    pooled_text = pooled.message.removeprefix(f"{c.name}: ")
+    message = f"{c.name}: {f.message}; pooled: {pooled_text}"
+    details = {**(pooled.details or {}), **f.numbers}
+    update = {"verdict": verdict, "message": message, "segments": segments.rows(res), "details": details}
+    return pooled.model_copy(update=update)
 
 
 def _to_data(c: Comparison, arm: ArmCounts) -> stats.ProportionData | stats.MeanData:

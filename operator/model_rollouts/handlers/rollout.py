@@ -9,7 +9,9 @@ from typing import Any
 
 import kopf
 
-from model_rollouts.api.common import GROUP, VERSION, format_duration
+from model_rollouts.analysis import segments, stats
+from model_rollouts.analysis.delay import label_window
+from model_rollouts.api.common import GROUP, VERSION, format_duration, parse_duration
 from model_rollouts.api.notification import Gate
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
@@ -17,7 +19,9 @@ from model_rollouts.api.rollout import (
     ANNOTATION_PROMOTE_FULL,
     ANNOTATION_RESUME,
     ANNOTATION_RETRY,
+    LABEL_DELAY_SLOT,
     PLURAL,
+    SEGMENT_SLOT,
     TERMINAL_PHASES,
     Comparison,
     ModelRolloutSpec,
@@ -81,11 +85,21 @@ def _queries(spec: ModelRolloutSpec, namespace: str = "default") -> list[tuple[s
     ]
     for i, c in enumerate(spec.analysis.comparisons):
         out += [
-            (f"spec.analysis.comparisons[{i}].{f}", getattr(c, f))
+            (f"spec.analysis.comparisons[{i}].{f}", _segment_free(c, getattr(c, f)))
             for fs in common.METRIC_FIELDS.values()
             for f in fs
         ]
     return out
+
+
+def _segment_free(c: Comparison, query: str | None) -> str | None:
+    """A comparison's query with the placeholders only it has set aside for the template check:
+    {{ segment }} (with segments, filled per segment) and {{ labelDelay }} (with labelDelay)."""
+    if query and c.segments is not None:
+        query = SEGMENT_SLOT.sub("segment", query)
+    if query and c.labelDelay is not None:
+        query = LABEL_DELAY_SLOT.sub("0s", query)
+    return query
 
 
 def measure(
@@ -101,19 +115,49 @@ def measure(
     comparisons: dict[str, engine.ComparisonData] = {}
     if spec.analysis.comparisons and engine.measure_comparisons(status):
         started = status.epochStartedAt or status.revisionStartedAt or common.now()
-        since = format_duration((common.now() - started).total_seconds())
         for c in spec.analysis.comparisons:
-            comparisons[c.name] = _comparison_data(
-                c,
-                provider,
-                {
-                    "stable": _placeholders(stable_ref, "stable", namespace, since),
-                    "candidate": _placeholders(spec.candidate, "candidate", namespace, since),
-                },
-            )
+            refs = {"stable": stable_ref, "candidate": spec.candidate}
+            comparisons.update(_measure_comparison(c, provider, refs, namespace, started))
     return engine.Observations(
         guardrails=guardrails, comparisons=comparisons, candidate_ready=candidate_ready(spec, namespace)
     )
+
+
+def _measure_comparison(
+    c: Comparison,
+    provider: MetricProvider,
+    refs: dict[str, VariantRef],
+    namespace: str,
+    started: datetime,
+) -> dict[str, engine.ComparisonData]:
+    """One comparison's counts in the current epoch (and its segments').
+
+    With ``labelDelay`` the windows are ``analysis.delay``'s: ``{{ window }}`` spans the labels that
+    arrived after the epoch start plus the delay, and ``{{ labelDelay }}`` (the trials query's
+    ``offset``) shifts the trials' window back by the delay. Before the first labels of the epoch
+    are complete there are no counts to compare (zero: no verdict), and nothing is queried.
+    """
+    since, extra = format_duration((common.now() - started).total_seconds()), {}
+    if c.labelDelay:
+        win = label_window(started, common.now(), parse_duration(c.labelDelay))
+        if win is None:
+            zero = engine.ComparisonData(stable=_zero(c), candidate=_zero(c))
+            keys = [c.name] + [
+                segments.segment_key(c.name, v) for v in (c.segments.values if c.segments else [])
+            ]
+            return dict.fromkeys(keys, zero)
+        since, extra = (
+            format_duration(win.seconds),
+            {"labelDelay": format_duration(win.trials_offset_seconds)},
+        )
+    arms = {role: {**_placeholders(ref, role, namespace, since), **extra} for role, ref in refs.items()}
+    if c.segments is None:
+        return {c.name: _comparison_data(c, provider, arms)}
+    return _segment_data(c, provider, arms)
+
+
+def _zero(c: Comparison) -> stats.ProportionData | stats.MeanData:
+    return stats.ProportionData(0.0, 0.0) if c.type == "proportion" else stats.MeanData(0.0, 0.0, 0.0)
 
 
 def candidate_ready(spec: ModelRolloutSpec, namespace: str) -> bool | None:
@@ -131,6 +175,37 @@ def _comparison_data(
             return engine.ComparisonData(stable=stable, candidate=candidate)
         return engine.ComparisonData(problem=Result(problem.outcome, message=f"candidate {problem.message}"))
     return engine.ComparisonData(problem=Result(problem.outcome, message=f"stable {problem.message}"))
+
+
+def _segment_data(
+    c: Comparison, provider: MetricProvider, arms: dict[str, dict[str, str]]
+) -> dict[str, engine.ComparisonData]:
+    """Each segment's counts (under ``segments.segment_key``) and the comparison's: their sum.
+
+    A segment that cannot be measured makes the whole comparison unmeasured (no data is not zero).
+    """
+    assert c.segments is not None
+    out: dict[str, engine.ComparisonData] = {}
+    pooled: engine.ComparisonData | None = None
+    for v in c.segments.values:
+        d = _comparison_data(c, provider, {k: {**a, "segment": v} for k, a in arms.items()})
+        out[segments.segment_key(c.name, v)] = d
+        if d.problem is not None or d.stable is None or d.candidate is None:
+            problem = d.problem or Result("error", message="not measured")
+            msg = f"{c.segments.label} {v}: {problem.message}"
+            out[c.name] = engine.ComparisonData(problem=Result(problem.outcome, message=msg))
+            return out
+        pooled = (
+            d
+            if pooled is None or pooled.stable is None or pooled.candidate is None
+            else engine.ComparisonData(
+                stable=segments.add(pooled.stable, d.stable),
+                candidate=segments.add(pooled.candidate, d.candidate),
+            )
+        )
+    assert pooled is not None
+    out[c.name] = pooled
+    return out
 
 
 class RolloutController(Controller[ModelRolloutSpec, ModelRolloutStatus]):

@@ -21,7 +21,9 @@ def read_counts(
     """
     nums: list[float] = []
     for f in METRIC_FIELDS[metric.type]:
-        r = provider.query(render(getattr(metric, f) or "", values))
+        # A comparison's own placeholders: {{ segment }} (segments) and {{ labelDelay }} (labelDelay).
+        extra = tuple(k for k in ("segment", "labelDelay") if k in values)
+        r = provider.query(render(getattr(metric, f) or "", values, extra))
         # No data is not zero: a query that matches no series (a typo, a counter that does not
         # exist yet) is a measurement problem that holds, never "zero events".
         if not r.ok or r.value is None:

@@ -114,6 +114,19 @@ def comparison_rows(r: Report) -> list[list[str]]:
     return rows
 
 
+def segment_rows(r: Report) -> list[list[str]]:
+    """Each segment of each segmented comparison of the last analysis (only the header without any)."""
+    rows = [["metric", "segment", "status", "n candidate", "n baseline", "difference", "interval", "Holm p"]]
+    for m in r.status.get("lastAnalysis") or []:
+        for s in m.get("segments") or []:
+            bounded = s.get("ciLow") is not None or s.get("ciHigh") is not None
+            ci = f"[{_fmt(s.get('ciLow'))}, {_fmt(s.get('ciHigh'))}]" if bounded else "—"
+            n = [_fmt(s.get("candidateN"), 6), _fmt(s.get("stableN"), 6)]
+            rows.append([str(m.get("name")), str(s.get("segment")), str(s.get("status")), *n,
+                         _fmt(s.get("difference")), ci, _fmt(s.get("pValue"))])  # fmt: skip
+    return rows
+
+
 # -- html ----------------------------------------------------------------------------------------------
 
 _CSS = """
@@ -148,6 +161,8 @@ def to_html(r: Report, panels: list[Panel]) -> str:
             f'src="data:image/png;base64,{data}"><figcaption>Figure {i}. <b>{html.escape(p.title)}</b>. '
             f"{html.escape(p.caption)}</figcaption></figure>"
         )
+    seg = segment_rows(r)
+    segments = "<h2>Segments</h2>" + _html_table(seg, "segments") if len(seg) > 1 else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>Decision report: {html.escape(r.title)}</title><style>{_CSS}</style></head><body>"
@@ -157,7 +172,7 @@ def to_html(r: Report, panels: list[Panel]) -> str:
         f'<table class="summary">{facts}</table>'
         "<h2>Decisions</h2>" + _html_table(decision_rows(r), "decisions") +
         "<h2>Last analysis</h2>" + _html_table(result_rows(r), "results") +
-        "<h2>Comparisons</h2>" + _html_table(comparison_rows(r), "comparisons") +
+        "<h2>Comparisons</h2>" + _html_table(comparison_rows(r), "comparisons") + segments +
         "<h2>Over time</h2>" + "".join(figs) + "</body></html>\n"
     )  # fmt: skip
 
@@ -180,6 +195,8 @@ def to_markdown(r: Report, panels: list[Panel], images: list[str]) -> str:
     lines += [f"- **{k}**: {_md_cell(v)}" for k, v in summary_rows(r)]
     lines += ["", "## Decisions", "", _md_table(decision_rows(r)), "", "## Last analysis", ""]
     lines += [_md_table(result_rows(r)), "", "## Comparisons", "", _md_table(comparison_rows(r))]
+    if len(seg := segment_rows(r)) > 1:
+        lines += ["", "## Segments", "", _md_table(seg)]
     lines += ["", "## Over time", ""]
     for i, (p, img) in enumerate(zip(panels, images, strict=True), 1):
         lines += [f"![{p.title}]({img})", "", f"*Figure {i}. {p.title}.* {p.caption}", ""]
