@@ -1,0 +1,139 @@
+"""A rollout's plan before ramping: from the first analysis, will each required comparison decide in time?
+
+After each analysis with both arms measured, every required comparison that has not decided gets an
+estimate (:mod:`model_rollouts.analysis.plan`) in ``status.plan``, and the condition ``Planned`` sums
+them up:
+
+- ``True``/``DecisionExpected``: every undecided required comparison is expected to decide in time;
+- ``False``/``DecisionUnlikely``: at least one is not (a Warning Event when it becomes so, once);
+- ``Unknown``/``Estimating``: a rate or a sample need cannot be told yet;
+- ``True``/``Decided``: every required comparison has passed.
+
+``Planned`` is its own condition, not a reason on ``Progressing``: the step runner rewrites
+``Progressing`` every tick from the phase, and the rollout does keep progressing while its plan is
+unlikely to end in a decision; ``Planned=False`` is a forecast, not a state of the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Protocol
+
+from model_rollouts.analysis import plan, stats
+from model_rollouts.api.common import get_condition, parse_duration, set_condition
+from model_rollouts.api.rollout import DecisionPlan, ModelRolloutSpec, ModelRolloutStatus, WeightEstimate
+from model_rollouts.engine import steps
+from model_rollouts.engine.actions import Event
+
+CONDITION = "Planned"
+UNLIKELY = "DecisionUnlikely"
+
+
+class Counts(Protocol):
+    """One comparison's counts in the current epoch (engine.rollout.ComparisonData)."""
+
+    @property
+    def stable(self) -> stats.ProportionData | stats.MeanData | None: ...
+    @property
+    def candidate(self) -> stats.ProportionData | stats.MeanData | None: ...
+
+
+def _n(d: stats.ProportionData | stats.MeanData | None) -> float:
+    if d is None:
+        return 0.0
+    return d.trials if isinstance(d, stats.ProportionData) else d.count
+
+
+def path(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> tuple[list[plan.Segment], int]:
+    """The planned stretches before the promotion gate, and the weight held there.
+
+    A timed pause or analysis step is its (remaining) duration at the weight then in force; a setWeight
+    below 100 is one analysis interval at its weight (a weight waits for one analysis before the next
+    step); a manual pause counts nothing (it does not count towards progressDeadline either).
+    """
+    interval = parse_duration(spec.analysis.interval)
+    weight, out = s.weight, []
+    for i in range(s.currentStep, len(spec.steps)):
+        step = spec.steps[i]
+        if step.setWeight is not None:
+            if step.setWeight >= 100:
+                break
+            weight = step.setWeight
+            out.append(plan.Segment(weight, interval))
+            continue
+        d = step.pause.duration if step.pause is not None else step.analysis.duration if step.analysis else None
+        if d is None:
+            continue
+        spent = (now - s.stepStartedAt).total_seconds() if i == s.currentStep and s.stepStartedAt else 0.0
+        out.append(plan.Segment(weight, max(0.0, parse_duration(d) - spent)))
+    return out, weight
+
+
+def _one(
+    spec: ModelRolloutSpec, s: ModelRolloutStatus, name: str, counts: Counts | None, now: datetime
+) -> DecisionPlan:
+    m = next((x for x in s.lastAnalysis if x.kind == "comparison" and x.name == name), None)
+    more = (m.details or {}).get("moreSamplesNeeded") if m is not None else None
+    elapsed = (now - s.epochStartedAt).total_seconds() if s.epochStartedAt else 0.0
+    n_stable, n_candidate = (_n(counts.stable), _n(counts.candidate)) if counts else (0.0, 0.0)
+    rates = plan.Rates.observed(s.weight, n_stable, n_candidate, elapsed)
+    if rates is None or more is None:
+        why = "no samples per second yet" if rates is None else "no estimate of the samples needed"
+        return DecisionPlan(name=name, message=f"comparison {name}: {why}")
+    segments, hold = path(spec, s, now)
+    held = (now - s.heldSince).total_seconds() if s.heldSince else 0.0
+    e = plan.estimate(more, rates, segments, hold, parse_duration(spec.progressDeadline) - held)
+    at = ", ".join(f"{plan.human(t)} at weight {w}" for w, t in e.at_weights.items())
+    text = (
+        f"comparison {name}: about {more:,.0f} more samples needed; at {rates.total:.3g} samples/s "
+        f"(both arms, weight {s.weight}) a decision is expected in ~{plan.human(e.seconds)} ({at})"
+    )
+    if e.feasible:
+        text += f", within the {plan.human(e.budget)} left"
+    else:
+        text += (
+            f", more than the {plan.human(e.budget)} left (remaining steps + progressDeadline "
+            f"{spec.progressDeadline}): a larger margin, more traffic or a longer progressDeadline"
+        )
+    return DecisionPlan(
+        name=name,
+        feasible=e.feasible,
+        expectedDecisionSeconds=round(e.seconds, 1) if e.seconds != float("inf") else None,
+        budgetSeconds=round(e.budget, 1),
+        samplesPerSecond=round(rates.total, 4),
+        moreSamplesNeeded=round(more, 1),
+        atWeights=[WeightEstimate(weight=w, seconds=round(t, 1)) for w, t in e.at_weights.items()],
+        message=text,
+    )
+
+
+def update(
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    comparisons: Mapping[str, Counts],
+    actions: list[Event],
+    now: datetime,
+    generation: int,
+) -> None:
+    """After an analysis: ``status.plan``, the ``Planned`` condition and, when it turns False, an Event."""
+    required = [c for c in spec.analysis.comparisons if not c.advisory]
+    if not required or not 0 < s.weight < 100:
+        return
+    verdicts = {m.name: m.verdict for m in s.lastAnalysis if m.kind == "comparison"}
+    open_ = [c.name for c in required if c.name not in s.passedComparisons and verdicts.get(c.name) != "pass"]
+    s.plan = [_one(spec, s, name, comparisons.get(name), now) for name in open_]
+    late = [p for p in s.plan if p.feasible is False]
+    if not open_:
+        status, reason, msg = "True", "Decided", "every required comparison has passed"
+    elif late:
+        status, reason, msg = "False", UNLIKELY, "; ".join(p.message for p in late)
+    elif any(p.feasible is None for p in s.plan):
+        status, reason, msg = "Unknown", "Estimating", "; ".join(p.message for p in s.plan)
+    else:
+        status, reason, msg = "True", "DecisionExpected", "; ".join(p.message for p in s.plan)
+    old = get_condition(s.conditions, CONDITION)
+    if status == "False" and (old is None or old.status != "False"):
+        actions.append(Event("Warning", UNLIKELY, msg))
+        steps.record(s, now, UNLIKELY, UNLIKELY, msg)
+    s.conditions = set_condition(s.conditions, CONDITION, status, reason, msg, now, generation)  # type: ignore[arg-type]
