@@ -71,9 +71,8 @@ def spec(margin: float, deadline: str = "5m", steps: list[dict[str, Any]] | None
                 "interval": "10s",
                 "prometheus": {"address": "http://prom:9090"},
                 "comparisons": [
-                    {"name": "ok", "successes": "s", "trials": "t",
-                     "margin": margin, "better": "higher"},
-                ],  # fmt: skip
+                    {"name": "ok", "successes": "s", "trials": "t", "margin": margin, "better": "higher"}
+                ],
             },
         }
     )
@@ -167,3 +166,24 @@ def test_the_plan_counts_the_remaining_timed_steps_and_their_weights() -> None:
     at = {w.weight: w.seconds for w in p.atWeights}
     assert at[50] < at[10]  # more evidence per second at 50% than at 10%
     assert p.budgetSeconds is not None and 3600 < p.budgetSeconds <= 3600 + 10 + 300
+
+
+def test_the_plugin_shows_an_unlikely_decision() -> None:
+    from model_rollouts.api.common import dump
+    from model_rollouts.cli import view
+
+    def obj(d: Traffic) -> dict[str, Any]:
+        return {"kind": "ModelRollout", "metadata": {"name": "r", "generation": 1},
+                "spec": dump(d.spec), "status": dump(d.status)}  # fmt: skip
+
+    late = Traffic(spec(margin=0.001, deadline="5m"), rate=5)
+    late.tick()
+    late.tick()
+    v = view.rollout_view(obj(late), now=late.now)
+    [line] = [w for w in v["waitingFor"] if "Planned=False" in w]
+    assert "DecisionUnlikely" in line and "more samples needed" in line
+    assert v["plan"][0]["feasible"] is False and v["plan"][0]["expectedDecisionSeconds"] > 300
+    fine = Traffic(spec(margin=0.1, deadline="5m"), rate=200)
+    fine.tick()
+    fine.tick()
+    assert view.plan_line(obj(fine)) is None

@@ -216,7 +216,7 @@ class DecisionPlan(Model):
         default=None, description="Expected seconds from the last analysis to a decision along the steps."
     )
     budgetSeconds: float | None = Field(
-        default=None, description="Seconds the plan has: the remaining timed steps plus progressDeadline left."
+        default=None, description="Seconds the plan has: remaining timed steps plus progressDeadline left."
     )
     samplesPerSecond: float | None = Field(
         default=None, description="Observed samples per second, both arms, in the current epoch."

@@ -62,7 +62,8 @@ def path(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> tuple[
             weight = step.setWeight
             out.append(plan.Segment(weight, interval))
             continue
-        d = step.pause.duration if step.pause is not None else step.analysis.duration if step.analysis else None
+        timed = step.pause or step.analysis
+        d = timed.duration if timed is not None else None
         if d is None:
             continue
         spent = (now - s.stepStartedAt).total_seconds() if i == s.currentStep and s.stepStartedAt else 0.0
@@ -94,7 +95,7 @@ def _one(
     else:
         text += (
             f", more than the {plan.human(e.budget)} left (remaining steps + progressDeadline "
-            f"{spec.progressDeadline}): a larger margin, more traffic or a longer progressDeadline"
+            f"{spec.progressDeadline}); a larger margin, more traffic or a longer progressDeadline would help"
         )
     return DecisionPlan(
         name=name,
