@@ -50,6 +50,14 @@ def test_the_candidate_rate_scales_with_its_weight() -> None:
     assert e.seconds == pytest.approx(20 + (100 - done) * 0.09 / 0.25)
 
 
+def test_non_inferiority_is_planned_for_a_candidate_equal_to_stable() -> None:
+    # At the margin's distance (estimate 0, threshold -margin) the stats' need stands.
+    assert plan.at_margin(100, 1000, 0.0, -0.01, 0.01) == pytest.approx(100)
+    # A lucky early estimate (+0.01, twice the margin from the threshold) does not shorten the plan:
+    # the interval must still shrink to the margin, a quarter of the width, four times the information.
+    assert plan.at_margin(100, 1000, 0.01, -0.01, 0.01) == pytest.approx(1100 * 4 - 1000)
+
+
 def test_no_rate_without_samples_in_both_arms() -> None:
     assert plan.Rates.observed(50, 0, 10, 60) is None
     assert plan.Rates.observed(50, 10, 10, 0) is None

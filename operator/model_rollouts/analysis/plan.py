@@ -111,6 +111,22 @@ def estimate(
     return Estimate(seconds_here=here, seconds=seconds, budget=budget, at_weights=at)
 
 
+def at_margin(more: float, n_now: float, difference: float, threshold: float, margin: float) -> float:
+    """More samples (both arms) until a candidate equal to the baseline passes non-inferiority.
+
+    The statistics give the wait at the current estimate's distance from the threshold (at least the
+    margin): early on a lucky estimate makes that short. A plan asks what a healthy candidate needs:
+    its interval must shrink to the margin. Information grows with the samples and the needed
+    information with 1 / distance², so the stats' need (``more`` beyond ``n_now``) is rescaled from
+    their distance to the margin (approximate: it assumes the same information per sample in every epoch).
+    """
+    used = max(abs(difference - threshold), margin)
+    if not n_now > 0 or not margin > 0:
+        return more
+    needed = (n_now + more) * (used / margin) ** 2
+    return max(more, needed - n_now)
+
+
 def human(seconds: float) -> str:
     """A duration for a message: 45s, 12m, 3.5h, 4.2d."""
     if not math.isfinite(seconds):

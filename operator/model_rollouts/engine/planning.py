@@ -9,6 +9,10 @@ them up:
 - ``Unknown``/``Estimating``: a rate or a sample need cannot be told yet;
 - ``True``/``Decided``: every required comparison has passed.
 
+A non-inferiority comparison is planned for a candidate equal to stable (its interval must shrink to
+the margin), not at the current estimate: early estimates are noisy, and a lucky one would promise a
+decision that a healthy candidate will not get in time (:func:`model_rollouts.analysis.plan.at_margin`).
+
 ``Planned`` is its own condition, not a reason on ``Progressing``: the step runner rewrites
 ``Progressing`` every tick from the phase, and the rollout does keep progressing while its plan is
 unlikely to end in a decision; ``Planned=False`` is a forecast, not a state of the steps.
@@ -75,7 +79,13 @@ def _one(
     spec: ModelRolloutSpec, s: ModelRolloutStatus, name: str, counts: Counts | None, now: datetime
 ) -> DecisionPlan:
     m = next((x for x in s.lastAnalysis if x.kind == "comparison" and x.name == name), None)
-    more = (m.details or {}).get("moreSamplesNeeded") if m is not None else None
+    details = (m.details or {}) if m is not None else {}
+    more = details.get("moreSamplesNeeded")
+    c = next(c for c in spec.analysis.comparisons if c.name == name)
+    if more is not None and c.test == "nonInferiority" and c.margin and "difference" in details:
+        threshold = -c.margin if c.better == "higher" else c.margin
+        n_now = details.get("baselineN", 0.0) + details.get("candidateN", 0.0)
+        more = plan.at_margin(more, n_now, details["difference"], threshold, c.margin)
     elapsed = (now - s.epochStartedAt).total_seconds() if s.epochStartedAt else 0.0
     n_stable, n_candidate = (_n(counts.stable), _n(counts.candidate)) if counts else (0.0, 0.0)
     rates = plan.Rates.observed(s.weight, n_stable, n_candidate, elapsed)
@@ -85,9 +95,10 @@ def _one(
     segments, hold = path(spec, s, now)
     held = (now - s.heldSince).total_seconds() if s.heldSince else 0.0
     e = plan.estimate(more, rates, segments, hold, parse_duration(spec.progressDeadline) - held)
+    by = " by a candidate equal to stable" if c.test == "nonInferiority" else ""
     at = ", ".join(f"{plan.human(t)} at weight {w}" for w, t in e.at_weights.items())
     text = (
-        f"comparison {name}: about {more:,.0f} more samples needed; at {rates.total:.3g} samples/s "
+        f"comparison {name}: about {more:,.0f} more samples needed{by}; at {rates.total:.3g} samples/s "
         f"(both arms, weight {s.weight}) a decision is expected in ~{plan.human(e.seconds)} ({at})"
     )
     if e.feasible:
