@@ -51,11 +51,18 @@ def test_the_candidate_rate_scales_with_its_weight() -> None:
 
 
 def test_non_inferiority_is_planned_for_a_candidate_equal_to_stable() -> None:
-    # At the margin's distance (estimate 0, threshold -margin) the stats' need stands.
-    assert plan.at_margin(100, 1000, 0.0, -0.01, 0.01) == pytest.approx(100)
-    # A lucky early estimate (+0.01, twice the margin from the threshold) does not shorten the plan:
-    # the interval must still shrink to the margin, a quarter of the width, four times the information.
-    assert plan.at_margin(100, 1000, 0.01, -0.01, 0.01) == pytest.approx(1100 * 4 - 1000)
+    from model_rollouts.analysis import sequential
+
+    s = sequential.SequentialSpec(
+        alpha=0.05, better="higher", test="nonInferiority", margin=0.01, allocation=0.5
+    )
+    lucky = [(ProportionData(700, 1000), ProportionData(760, 1000))]  # +0.06: five margins to spare
+    equal = [(ProportionData(700, 1000), ProportionData(700, 1000))]
+    assert plan.equal_candidate(lucky) == equal
+    lucky_need = sequential.compare(s, lucky).more_samples_needed
+    equal_need = sequential.compare(s, plan.equal_candidate(lucky)).more_samples_needed
+    assert lucky_need is not None and equal_need is not None
+    assert equal_need > 5 * lucky_need  # the lucky estimate would promise a decision far too soon
 
 
 def test_no_rate_without_samples_in_both_arms() -> None:

@@ -19,6 +19,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from model_rollouts.analysis import stats
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -111,20 +113,28 @@ def estimate(
     return Estimate(seconds_here=here, seconds=seconds, budget=budget, at_weights=at)
 
 
-def at_margin(more: float, n_now: float, difference: float, threshold: float, margin: float) -> float:
-    """More samples (both arms) until a candidate equal to the baseline passes non-inferiority.
+def equal_candidate(
+    strata: Sequence[tuple[stats.ProportionData | stats.MeanData, stats.ProportionData | stats.MeanData]],
+) -> list[tuple[stats.ProportionData | stats.MeanData, stats.ProportionData | stats.MeanData]]:
+    """The same samples per arm and epoch, with the candidate's estimate set to the baseline's.
 
-    The statistics give the wait at the current estimate's distance from the threshold (at least the
-    margin): early on a lucky estimate makes that short. A plan asks what a healthy candidate needs:
-    its interval must shrink to the margin. Information grows with the samples and the needed
-    information with 1 / distance², so the stats' need (``more`` beyond ``n_now``) is rescaled from
-    their distance to the margin (approximate: it assumes the same information per sample in every epoch).
+    A non-inferiority plan asks what a healthy candidate needs (its interval must shrink to the
+    margin), not what the current estimate needs: early estimates are noisy, and a lucky one would
+    promise a decision that a candidate equal to stable does not get in time. The statistics' own
+    ``more_samples_needed`` on these strata is that need (the candidate keeps its own variance).
     """
-    used = max(abs(difference - threshold), margin)
-    if not n_now > 0 or not margin > 0:
-        return more
-    needed = (n_now + more) * (used / margin) ** 2
-    return max(more, needed - n_now)
+    out: list[tuple[stats.ProportionData | stats.MeanData, stats.ProportionData | stats.MeanData]] = []
+    for base, cand in strata:
+        if isinstance(base, stats.ProportionData) and isinstance(cand, stats.ProportionData):
+            rate = base.successes / base.trials if base.trials > 0 else 0.0
+            out.append((base, stats.ProportionData(rate * cand.trials, cand.trials)))
+        elif isinstance(base, stats.MeanData) and isinstance(cand, stats.MeanData) and cand.count > 0:
+            n, mean = cand.count, base.mean
+            squares = cand.variance * (n - 1) + n * mean * mean
+            out.append((base, stats.MeanData(n, n * mean, squares)))
+        else:
+            out.append((base, cand))
+    return out
 
 
 def human(seconds: float) -> str:

@@ -11,7 +11,7 @@ them up:
 
 A non-inferiority comparison is planned for a candidate equal to stable (its interval must shrink to
 the margin), not at the current estimate: early estimates are noisy, and a lucky one would promise a
-decision that a healthy candidate will not get in time (:func:`model_rollouts.analysis.plan.at_margin`).
+decision that a healthy candidate will not get in time (:func:`model_rollouts.analysis.plan.equal_candidate`).
 
 ``Planned`` is its own condition, not a reason on ``Progressing``: the step runner rewrites
 ``Progressing`` every tick from the phase, and the rollout does keep progressing while its plan is
@@ -24,13 +24,20 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol
 
-from model_rollouts.analysis import plan, stats
-from model_rollouts.api.common import get_condition, parse_duration, set_condition
-from model_rollouts.api.rollout import DecisionPlan, ModelRolloutSpec, ModelRolloutStatus, WeightEstimate
+from model_rollouts.analysis import plan, sequential, stats
+from model_rollouts.api.common import ArmCounts, get_condition, parse_duration, set_condition
+from model_rollouts.api.rollout import (
+    Comparison,
+    DecisionPlan,
+    ModelRolloutSpec,
+    ModelRolloutStatus,
+    WeightEstimate,
+)
 from model_rollouts.engine import steps
 from model_rollouts.engine.actions import Event
 
 CONDITION = "Planned"
+Data = stats.ProportionData | stats.MeanData
 UNLIKELY = "DecisionUnlikely"
 
 
@@ -38,12 +45,12 @@ class Counts(Protocol):
     """One comparison's counts in the current epoch (engine.rollout.ComparisonData)."""
 
     @property
-    def stable(self) -> stats.ProportionData | stats.MeanData | None: ...
+    def stable(self) -> Data | None: ...
     @property
-    def candidate(self) -> stats.ProportionData | stats.MeanData | None: ...
+    def candidate(self) -> Data | None: ...
 
 
-def _n(d: stats.ProportionData | stats.MeanData | None) -> float:
+def _n(d: Data | None) -> float:
     if d is None:
         return 0.0
     return d.trials if isinstance(d, stats.ProportionData) else d.count
@@ -75,17 +82,39 @@ def path(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> tuple[
     return out, weight
 
 
+def _data(c: Comparison, arm: ArmCounts) -> Data:
+    if c.type == "proportion":
+        return stats.ProportionData(min(arm.total, arm.n), arm.n)
+    return stats.MeanData(arm.n, arm.total, arm.squares) if arm.n > 0 else stats.MeanData(0.0, 0.0, 0.0)
+
+
+def _equal_candidate_need(
+    spec: ModelRolloutSpec, s: ModelRolloutStatus, c: Comparison, stable: Data, candidate: Data
+) -> float | None:
+    """The statistics' more samples for a candidate equal to stable on the same samples (all epochs)."""
+    strata = [(_data(c, e.stable), _data(c, e.candidate)) for e in s.epochs.get(c.name, [])]
+    strata.append((stable, candidate))
+    test = sequential.SequentialSpec(
+        alpha=spec.analysis.alpha / max(len(spec.analysis.comparisons), 1),
+        better=c.better,
+        test="nonInferiority",
+        margin=c.margin or 0.0,
+        allocation=s.weight / 100.0,
+    )
+    try:
+        return sequential.compare(test, plan.equal_candidate(strata)).more_samples_needed
+    except ValueError:  # counts the statistics refuse (they already gave the measurement its verdict)
+        return None
+
+
 def _one(
     spec: ModelRolloutSpec, s: ModelRolloutStatus, name: str, counts: Counts | None, now: datetime
 ) -> DecisionPlan:
     m = next((x for x in s.lastAnalysis if x.kind == "comparison" and x.name == name), None)
-    details = (m.details or {}) if m is not None else {}
-    more = details.get("moreSamplesNeeded")
+    more = (m.details or {}).get("moreSamplesNeeded") if m is not None else None
     c = next(c for c in spec.analysis.comparisons if c.name == name)
-    if more is not None and c.test == "nonInferiority" and c.margin and "difference" in details:
-        threshold = -c.margin if c.better == "higher" else c.margin
-        n_now = details.get("baselineN", 0.0) + details.get("candidateN", 0.0)
-        more = plan.at_margin(more, n_now, details["difference"], threshold, c.margin)
+    if c.test == "nonInferiority" and counts and counts.stable and counts.candidate:
+        more = _equal_candidate_need(spec, s, c, counts.stable, counts.candidate)
     elapsed = (now - s.epochStartedAt).total_seconds() if s.epochStartedAt else 0.0
     n_stable, n_candidate = (_n(counts.stable), _n(counts.candidate)) if counts else (0.0, 0.0)
     rates = plan.Rates.observed(s.weight, n_stable, n_candidate, elapsed)
