@@ -202,3 +202,13 @@ def test_the_plugin_shows_an_unlikely_decision() -> None:
     fine.tick()
     fine.tick()
     assert view.plan_line(obj(fine)) is None
+
+
+def test_a_new_revision_starts_without_the_old_forecast() -> None:
+    d = Traffic(spec(margin=0.001, deadline="5m"), rate=5)
+    d.tick()
+    d.tick()
+    assert planned(d.status) == ("False", "DecisionUnlikely") and d.status.plan
+    d.spec = d.spec.model_copy(update={"candidate": d.spec.candidate.model_copy(update={"service": "v3"})})
+    d.tick()  # the new revision starts over
+    assert planned(d.status) is None and d.status.plan == []

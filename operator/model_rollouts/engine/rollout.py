@@ -444,6 +444,7 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.lastAnalysis = []
     s.lastAnalysisTime = None
     s.plan = []
+    s.conditions = [c for c in s.conditions if c.type != planning.CONDITION]  # the old revision's forecast
     s.gates = []
     s.stepsHash = steps_hash(spec)
 
