@@ -212,3 +212,15 @@ def test_a_new_revision_starts_without_the_old_forecast() -> None:
     d.spec = d.spec.model_copy(update={"candidate": d.spec.candidate.model_copy(update={"service": "v3"})})
     d.tick()  # the new revision starts over
     assert planned(d.status) is None and d.status.plan == []
+
+
+def test_a_comparison_without_data_is_estimating_not_unlikely() -> None:
+    d = Traffic(spec(margin=0.001, deadline="5m"), rate=5)
+    d.observe = lambda: eng.Observations(  # type: ignore[method-assign]
+        comparisons={"ok": eng.ComparisonData(problem=eng.Result("noData", message="no series"))}
+    )
+    d.tick()
+    d.tick()
+    assert planned(d.status) == ("Unknown", "Estimating")
+    assert "not measured" in d.status.plan[0].message and d.status.plan[0].feasible is None
+    assert ("Warning", "DecisionUnlikely") not in d.events

@@ -113,13 +113,21 @@ def _one(
     m = next((x for x in s.lastAnalysis if x.kind == "comparison" and x.name == name), None)
     more = (m.details or {}).get("moreSamplesNeeded") if m is not None else None
     c = next(c for c in spec.analysis.comparisons if c.name == name)
-    if c.test == "nonInferiority" and counts and counts.stable and counts.candidate:
+    if m is None or m.verdict != "inconclusive":
+        more = None  # not measured (no data, an error): no need to plan from
+    elif c.test == "nonInferiority" and counts and counts.stable and counts.candidate:
         more = _equal_candidate_need(spec, s, c, counts.stable, counts.candidate)
     elapsed = (now - s.epochStartedAt).total_seconds() if s.epochStartedAt else 0.0
     n_stable, n_candidate = (_n(counts.stable), _n(counts.candidate)) if counts else (0.0, 0.0)
     rates = plan.Rates.observed(s.weight, n_stable, n_candidate, elapsed)
     if rates is None or more is None:
-        why = "no samples per second yet" if rates is None else "no estimate of the samples needed"
+        why = (
+            f"not measured at this analysis ({m.verdict})"
+            if m is not None and m.verdict != "inconclusive"
+            else "no samples per second yet"
+            if rates is None
+            else "no estimate of the samples needed"
+        )
         return DecisionPlan(name=name, message=f"comparison {name}: {why}")
     segments, hold = path(spec, s, now)
     held = (now - s.heldSince).total_seconds() if s.heldSince else 0.0
