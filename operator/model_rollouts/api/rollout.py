@@ -263,6 +263,34 @@ class RolloutSeriesPoint(Model):
     values: list[SeriesValue] = Field(default_factory=list)
 
 
+class WeightEstimate(Model):
+    weight: int = Field(description="Candidate traffic percentage.")
+    seconds: float = Field(description="Expected seconds to a decision if sampled at this weight alone.")
+
+
+class DecisionPlan(Model):
+    """When a required comparison is expected to decide, at the observed rate (see analysis/plan.py)."""
+
+    name: str = Field(description="The comparison.")
+    feasible: bool | None = Field(
+        default=None,
+        description="Whether the decision is expected within the remaining steps plus what is left of "
+        "progressDeadline; unset while the rate or the sample need is unknown.",
+    )
+    expectedDecisionSeconds: float | None = Field(
+        default=None, description="Expected seconds from the last analysis to a decision along the steps."
+    )
+    budgetSeconds: float | None = Field(
+        default=None, description="Seconds the plan has: remaining timed steps plus progressDeadline left."
+    )
+    samplesPerSecond: float | None = Field(
+        default=None, description="Observed samples per second, both arms, in the current epoch."
+    )
+    moreSamplesNeeded: float | None = None
+    atWeights: list[WeightEstimate] = Field(default_factory=list)
+    message: str = ""
+
+
 class ModelRolloutStatus(ResourceStatus):
     phase: Phase = "Pending"
     revision: str | None = None
@@ -300,6 +328,11 @@ class ModelRolloutStatus(ResourceStatus):
     guardrailFailures: dict[str, int] = Field(default_factory=dict)
     lastAnalysis: list[Measurement] = Field(default_factory=list)
     handled: Handled = Field(default_factory=Handled)
+    plan: list[DecisionPlan] = Field(
+        default_factory=list,
+        description="Per required comparison not yet decided: its expected time to a decision at the "
+        "observed rate and at each planned weight, against the time left (condition Planned).",
+    )
     gates: list[GateState] = Field(
         default_factory=list, description="The last answer of each gate asked in this revision."
     )

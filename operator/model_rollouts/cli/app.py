@@ -241,6 +241,8 @@ def status(ref: tuple[str, ...], timeout: str | None, interval: float, output: s
             else:
                 where = " ".join(f"{v.get('name')}:{v.get('weight', 0)}" for v in st.get("variants") or [])
             line = f"{st.get('phase') or 'Pending'} ({where}): {st.get('message') or ''}"
+            if kind == ROLLOUT and (planned := view_.plan_line(obj)):
+                line += f"\n  {planned}"
             key = re.sub(r"\d+s left", "", line)  # a countdown alone is not news
             if key != last:
                 click.echo(line)

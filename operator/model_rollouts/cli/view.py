@@ -188,6 +188,15 @@ def _samples_eta(more: float | None, n_so_far: float, since: datetime | None, no
 # -- ModelRollout -------------------------------------------------------------------------------------
 
 
+def plan_line(obj: dict[str, Any]) -> str | None:
+    """The Planned condition in one line when a decision is unlikely in time (status.plan), else None."""
+    st = obj.get("status") or {}
+    c = next((c for c in st.get("conditions") or [] if c.get("type") == "Planned"), None)
+    if c is None or c.get("status") != "False":
+        return None
+    return f"decision unlikely in time (Planned=False, {c.get('reason')}): {c.get('message') or ''}"
+
+
 def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
     from pydantic import ValidationError
 
@@ -256,6 +265,7 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
     view["comparisons"] = comparisons
     view["conditions"] = _conditions(raw_status)
     view["history"] = (raw_status.get("history") or [])[-6:]
+    view["plan"] = raw_status.get("plan") or []
 
     # What it waits for, from the engine's own rules.
     waiting: list[str] = []
@@ -317,6 +327,8 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
             if any(x["name"] == cmp.name for x in comparisons) or cmp.advisory:
                 continue
             waiting.append(f"comparison {cmp.name}: its first measurement")
+        if line := plan_line(obj):
+            waiting.append(line)
         if status.heldSince is not None:
             deadline = status.heldSince + timedelta(seconds=parse_duration(spec.progressDeadline))
             waiting.append(

@@ -41,7 +41,7 @@ from model_rollouts.api.rollout import (
     ModelRolloutSpec,
     ModelRolloutStatus,
 )
-from model_rollouts.engine import series, steps
+from model_rollouts.engine import planning, series, steps
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.status import EPOCH
@@ -241,6 +241,7 @@ def _reconcile(
         ended, hold_reasons = _measure(spec, s, observations, actions, now, generation)
         if ended is not None:
             return ended
+        planning.update(spec, s, observations.comparisons, actions, now, generation)
     elif s.weight > 0 and s.lastAnalysisTime is None:
         hold_reasons.append("waiting for the first analysis at this weight")
     analysed_here = measured and not hold_reasons
@@ -451,6 +452,8 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.consecutiveErrors = 0
     s.lastAnalysis = []
     s.lastAnalysisTime = None
+    s.plan = []
+    s.conditions = [c for c in s.conditions if c.type != planning.CONDITION]  # the old revision's forecast
     s.gates = []
     s.stepsHash = steps_hash(spec)
 

@@ -1,0 +1,188 @@
+"""A rollout's plan before ramping: from the first analysis, will each required comparison decide in time?
+
+After each analysis with both arms measured, every required comparison that has not decided gets an
+estimate (:mod:`model_rollouts.analysis.plan`) in ``status.plan``, and the condition ``Planned`` sums
+them up:
+
+- ``True``/``DecisionExpected``: every undecided required comparison is expected to decide in time;
+- ``False``/``DecisionUnlikely``: at least one is not (a Warning Event when it becomes so, once);
+- ``Unknown``/``Estimating``: a rate or a sample need cannot be told yet;
+- ``True``/``Decided``: every required comparison has passed.
+
+A non-inferiority comparison is planned for a candidate equal to stable (its interval must shrink to
+the margin), not at the current estimate: early estimates are noisy, and a lucky one would promise a
+decision that a healthy candidate will not get in time (:func:`model_rollouts.analysis.plan.equal_candidate`).
+
+``Planned`` is its own condition, not a reason on ``Progressing``: the step runner rewrites
+``Progressing`` every tick from the phase, and the rollout does keep progressing while its plan is
+unlikely to end in a decision; ``Planned=False`` is a forecast, not a state of the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Protocol
+
+from model_rollouts.analysis import plan, sequential, stats
+from model_rollouts.api.common import ArmCounts, get_condition, parse_duration, set_condition
+from model_rollouts.api.rollout import (
+    Comparison,
+    DecisionPlan,
+    ModelRolloutSpec,
+    ModelRolloutStatus,
+    WeightEstimate,
+)
+from model_rollouts.engine import steps
+from model_rollouts.engine.actions import Event
+
+CONDITION = "Planned"
+Data = stats.ProportionData | stats.MeanData
+UNLIKELY = "DecisionUnlikely"
+
+
+class Counts(Protocol):
+    """One comparison's counts in the current epoch (engine.rollout.ComparisonData)."""
+
+    @property
+    def stable(self) -> Data | None: ...
+    @property
+    def candidate(self) -> Data | None: ...
+
+
+def _n(d: Data | None) -> float:
+    if d is None:
+        return 0.0
+    return d.trials if isinstance(d, stats.ProportionData) else d.count
+
+
+def path(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> tuple[list[plan.Segment], int]:
+    """The planned stretches before the promotion gate, and the weight held there.
+
+    A timed pause or analysis step is its (remaining) duration at the weight then in force; a setWeight
+    below 100 is one analysis interval at its weight (a weight waits for one analysis before the next
+    step); a manual pause counts nothing (it does not count towards progressDeadline either).
+    """
+    interval = parse_duration(spec.analysis.interval)
+    weight, out = s.weight, []
+    for i in range(s.currentStep, len(spec.steps)):
+        step = spec.steps[i]
+        if step.setWeight is not None:
+            if step.setWeight >= 100:
+                break
+            weight = step.setWeight
+            out.append(plan.Segment(weight, interval))
+            continue
+        timed = step.pause or step.analysis
+        d = timed.duration if timed is not None else None
+        if d is None:
+            continue
+        spent = (now - s.stepStartedAt).total_seconds() if i == s.currentStep and s.stepStartedAt else 0.0
+        out.append(plan.Segment(weight, max(0.0, parse_duration(d) - spent)))
+    return out, weight
+
+
+def _data(c: Comparison, arm: ArmCounts) -> Data:
+    if c.type == "proportion":
+        return stats.ProportionData(min(arm.total, arm.n), arm.n)
+    return stats.MeanData(arm.n, arm.total, arm.squares) if arm.n > 0 else stats.MeanData(0.0, 0.0, 0.0)
+
+
+def _equal_candidate_need(
+    spec: ModelRolloutSpec, s: ModelRolloutStatus, c: Comparison, stable: Data, candidate: Data
+) -> float | None:
+    """The statistics' more samples for a candidate equal to stable on the same samples (all epochs)."""
+    strata = [(_data(c, e.stable), _data(c, e.candidate)) for e in s.epochs.get(c.name, [])]
+    strata.append((stable, candidate))
+    test = sequential.SequentialSpec(
+        alpha=spec.analysis.alpha / max(len(spec.analysis.comparisons), 1),
+        better=c.better,
+        test="nonInferiority",
+        margin=c.margin or 0.0,
+        allocation=s.weight / 100.0,
+    )
+    try:
+        return sequential.compare(test, plan.equal_candidate(strata)).more_samples_needed
+    except ValueError:  # counts the statistics refuse (they already gave the measurement its verdict)
+        return None
+
+
+def _one(
+    spec: ModelRolloutSpec, s: ModelRolloutStatus, name: str, counts: Counts | None, now: datetime
+) -> DecisionPlan:
+    m = next((x for x in s.lastAnalysis if x.kind == "comparison" and x.name == name), None)
+    more = (m.details or {}).get("moreSamplesNeeded") if m is not None else None
+    c = next(c for c in spec.analysis.comparisons if c.name == name)
+    if m is None or m.verdict != "inconclusive":
+        more = None  # not measured (no data, an error): no need to plan from
+    elif c.test == "nonInferiority" and counts and counts.stable and counts.candidate:
+        more = _equal_candidate_need(spec, s, c, counts.stable, counts.candidate)
+    elapsed = (now - s.epochStartedAt).total_seconds() if s.epochStartedAt else 0.0
+    n_stable, n_candidate = (_n(counts.stable), _n(counts.candidate)) if counts else (0.0, 0.0)
+    rates = plan.Rates.observed(s.weight, n_stable, n_candidate, elapsed)
+    if rates is None or more is None:
+        why = (
+            f"not measured at this analysis ({m.verdict})"
+            if m is not None and m.verdict != "inconclusive"
+            else "no samples per second yet"
+            if rates is None
+            else "no estimate of the samples needed"
+        )
+        return DecisionPlan(name=name, message=f"comparison {name}: {why}")
+    segments, hold = path(spec, s, now)
+    held = (now - s.heldSince).total_seconds() if s.heldSince else 0.0
+    e = plan.estimate(more, rates, segments, hold, parse_duration(spec.progressDeadline) - held)
+    by = " by a candidate equal to stable" if c.test == "nonInferiority" else ""
+    at = ", ".join(f"{plan.human(t)} at weight {w}" for w, t in e.at_weights.items())
+    text = (
+        f"comparison {name}: about {more:,.0f} more samples needed{by}; at {rates.total:.3g} samples/s "
+        f"(both arms, weight {s.weight}) a decision is expected in ~{plan.human(e.seconds)} ({at})"
+    )
+    if e.feasible:
+        text += f", within the {plan.human(e.budget)} left"
+    else:
+        text += (
+            f", more than the {plan.human(e.budget)} left (remaining steps + progressDeadline "
+            f"{spec.progressDeadline}); a larger margin, more traffic or a longer progressDeadline would help"
+        )
+    return DecisionPlan(
+        name=name,
+        feasible=e.feasible,
+        expectedDecisionSeconds=round(e.seconds, 1) if e.seconds != float("inf") else None,
+        budgetSeconds=round(e.budget, 1),
+        samplesPerSecond=round(rates.total, 4),
+        moreSamplesNeeded=round(more, 1),
+        atWeights=[WeightEstimate(weight=w, seconds=round(t, 1)) for w, t in e.at_weights.items()],
+        message=text,
+    )
+
+
+def update(
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    comparisons: Mapping[str, Counts],
+    actions: list[Event],
+    now: datetime,
+    generation: int,
+) -> None:
+    """After an analysis: ``status.plan``, the ``Planned`` condition and, when it turns False, an Event."""
+    required = [c for c in spec.analysis.comparisons if not c.advisory]
+    if not required or not 0 < s.weight < 100:
+        return
+    verdicts = {m.name: m.verdict for m in s.lastAnalysis if m.kind == "comparison"}
+    open_ = [c.name for c in required if c.name not in s.passedComparisons and verdicts.get(c.name) != "pass"]
+    s.plan = [_one(spec, s, name, comparisons.get(name), now) for name in open_]
+    late = [p for p in s.plan if p.feasible is False]
+    if not open_:
+        status, reason, msg = "True", "Decided", "every required comparison has passed"
+    elif late:
+        status, reason, msg = "False", UNLIKELY, "; ".join(p.message for p in late)
+    elif any(p.feasible is None for p in s.plan):
+        status, reason, msg = "Unknown", "Estimating", "; ".join(p.message for p in s.plan)
+    else:
+        status, reason, msg = "True", "DecisionExpected", "; ".join(p.message for p in s.plan)
+    old = get_condition(s.conditions, CONDITION)
+    if status == "False" and (old is None or old.status != "False"):
+        actions.append(Event("Warning", UNLIKELY, msg))
+        steps.record(s, now, UNLIKELY, UNLIKELY, msg)
+    s.conditions = set_condition(s.conditions, CONDITION, status, reason, msg, now, generation)  # type: ignore[arg-type]
