@@ -1,31 +1,42 @@
-"""A real data plane for the harness: Debian's nginx, configured from an HTTPRoute.
+"""A real data plane for the harness: Debian's nginx, configured from an HTTPRoute or a VirtualService.
 
-On a real cluster a gateway splits traffic by the weights the operator writes. Here
-:class:`Gateway` plays that gateway with a real proxy: it watches one HTTPRoute on the API
-server, renders an nginx configuration from it (:func:`render_nginx`, a pure function of the
-route object and :class:`NginxSettings`), and reloads nginx (SIGHUP to its master) on every
-change. nginx runs as a plain child process (``daemon off``, one worker, a temporary prefix
+On a real cluster a gateway or mesh splits traffic by the weights the operator writes. Here
+:class:`Gateway` plays that part with a real proxy: it watches one route object on the API server
+(an HTTPRoute, or an Istio VirtualService with ``kind="VirtualService"``), renders an nginx
+configuration from it (:func:`render_nginx`, a pure function of the route object and
+:class:`NginxSettings`, through :func:`plan_route`), and reloads nginx (SIGHUP to its master) on
+every change. nginx runs as a plain child process (``daemon off``, one worker, a temporary prefix
 directory), listening only on 127.0.0.1.
 
 What the rendered configuration does:
 
 - ``/__gateway_version`` answers with the resourceVersion of the route it was rendered from;
-  every proxied response carries it in ``X-Gateway-Version`` and the backendRef name that served
+  every proxied response carries it in ``X-Gateway-Version`` and the backend name that served
   it in ``X-Gateway-Backend``.
-- Every other path goes to the rule's backendRefs by weight. Without a user key this is one
+- Rules are tried in order (an HTTPRoute's by Gateway API precedence: more header matches first;
+  a VirtualService's ``http`` routes as listed): the first whose header conditions all hold (exact,
+  prefix or regex; a cookie is matched as the ``cookie`` header) takes the request; a rule without
+  conditions takes everything left; no rule: 404. Path matches are not looked at.
+- Within a rule, requests go to its destinations by weight. Without a user key this is one
   upstream with ``weight=`` per backend (nginx's smooth weighted round robin, one worker): the
   proportions are exact, not sampled. With a user key (e.g. ``$http_x_user_id`` or
   ``$cookie_uid``) requests that carry one are split by ``split_clients`` on it, so one user
   always reaches the same backend; requests without one keep the exact round robin.
-- Weight 0 gets no request; when every weight is 0 (or there is no route) nginx answers 503.
-  A backendRef the test gave no model server for answers 500 for its share (a Gateway API
+- A mirror (HTTPRoute ``RequestMirror`` with ``percent`` or ``fraction``; VirtualService ``mirror``
+  with ``mirrorPercentage``) sends a copy of that share of the rule's requests, picked at random
+  by ``$request_id``, to the mirror backend with nginx's ``mirror``; its answers are dropped.
+- Response headers of a backend (HTTPRoute ``ResponseHeaderModifier``, VirtualService
+  ``headers.response``) are added to the answers it serves through that rule: a ``Set-Cookie``
+  there plus a cookie match rule per arm is sticky affinity, as on a real mesh.
+- Weight 0 gets no request; a rule whose weights are all 0 (or no route at all) answers 503.
+  A backend the test gave no model server for answers 500 for its share (a Gateway API
   gateway answers 500 for an unresolvable backend).
 - A failed request is never retried on another backend (``proxy_next_upstream off``) and no
   backend is ever marked down (``max_fails=0``): the model server's own counters see exactly
   the split.
 
-Header and cookie match rules and a RequestMirror filter (issue 19) belong in
-:func:`plan_route` / :func:`render_nginx` as further ``map`` and ``mirror`` blocks.
+Backend names: an HTTPRoute's backendRef ``name``; a VirtualService destination's ``subset``, else
+its ``host`` in short form (as the Istio router names them).
 
 :attr:`Gateway.changes` records, for each route change seen, the watch event time, the reload
 time and the time nginx first served the new version; :meth:`Gateway.wait_version` waits for a
@@ -1015,11 +1026,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m tests.harness.gateway", description="nginx following an HTTPRoute"
+        prog="python -m tests.harness.gateway", description="nginx following an HTTPRoute or VirtualService"
     )
+    p.add_argument("--kind", choices=sorted(ROUTE_KINDS), default="HTTPRoute")
     p.add_argument("--kubeconfig", required=True)
     p.add_argument("--namespace", required=True)
-    p.add_argument("--httproute", required=True)
+    p.add_argument("--httproute", required=True, help="name of the route object (of --kind) to follow")
     p.add_argument("--backend", action="append", required=True, metavar="SERVICE=URL", help="repeatable")
     p.add_argument("--user-key", default=None, help="nginx variable with a user id, e.g. '$http_x_user_id'")
     p.add_argument("--port", type=int, default=0)
@@ -1038,7 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with Gateway(api, args.namespace, args.httproute, backends, user_key=args.user_key, port=args.port) as gw:
+    with Gateway(
+        api, args.namespace, args.httproute, backends, user_key=args.user_key, port=args.port, kind=args.kind
+    ) as gw:
         print(f"listening {gw.url} (nginx prefix {gw.workdir})", flush=True)
         shown = 0
         deadline = time.monotonic() + args.max_seconds
