@@ -299,3 +299,90 @@ def test_a_route_without_the_opt_in_is_never_written(fresh: Routed) -> None:
     time.sleep(20)  # re-checks come and go: still no write
     assert fresh.resource_version(closed) == rv, f"the operator wrote a {fresh.kind} that did not opt in"
     assert fresh.weights(closed) == {STABLE: 100, CANDIDATE: 0}
+
+
+def test_operator_sigkill_resumes_from_status_without_repeating_steps(fresh: Routed) -> None:
+    stack = fresh.stack
+    seen: list[int] = []
+
+    def record(_: dict[str, Any] | None = None) -> None:
+        w = fresh.weights().get(CANDIDATE)
+        if w is not None and (not seen or seen[-1] != w):
+            seen.append(w)
+
+    record()
+    steps: list[dict[str, Any]] = []
+    for w in (20, 40, 60):
+        steps += [{"setWeight": w}, {"pause": {"duration": "5s"}}]
+    stack.apply(fresh.rollout("restart", [*steps, {"setWeight": 100}]))
+    stack.wait_for(
+        ROLLOUTS, "restart", lambda o: (o.get("status") or {}).get("weight") == 40, 90, on_poll=record
+    )
+    step_before = stack.get(ROLLOUTS, "restart")["status"]["currentStep"]
+    stack.stop_operator(kill=True)
+    time.sleep(7)
+    record()
+    assert stack.get(ROLLOUTS, "restart")["status"]["currentStep"] == step_before
+    stack.start_operator()
+    obj = stack.wait_for(ROLLOUTS, "restart", lambda o: phase(o) == "Promoted", 150, on_poll=record, poll=0.2)
+    fresh.wait_weights({STABLE: 0, CANDIDATE: 100})
+    record()
+    changes = [h["weight"] for h in obj["status"]["history"] if h["event"] == "WeightChanged"]
+    assert seen == [0, 20, 40, 60, 100], seen
+    assert changes == [20, 40, 60, 100]
+
+
+OPERATOR_USER = "system:serviceaccount:model-rollouts:model-rollouts"
+
+
+def test_a_denied_route_write_holds_the_weight_and_resumes_when_allowed(fresh: Routed) -> None:
+    stack = fresh.stack
+    group, plural = (
+        (ISTIO_GROUP, VS_PLURAL) if fresh.router == "istio" else ("gateway.networking.k8s.io", "httproutes")
+    )
+    name = "deny-operator-route-writes"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [group],
+                        "apiVersions": ["*"],
+                        "operations": ["UPDATE"],
+                        "resources": [plural],
+                    }
+                ]
+            },
+            "validations": [
+                {"expression": f"request.userInfo.username != '{OPERATOR_USER}'", "message": "denied by test"}
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
+    }
+    adm = client.AdmissionregistrationV1Api(stack.api)
+    stack.apply(fresh.rollout("denied", [{"setWeight": 20}, {"setWeight": 50}, {"setWeight": 100}]))
+    stack.wait_for(ROLLOUTS, "denied", lambda o: (o.get("status") or {}).get("weight") == 20, 60)
+    kubectl_apply(stack.api, [policy, binding])
+    try:
+        obj = stack.wait_for(
+            ROLLOUTS, "denied", lambda o: cond(o, "ReconcileError").get("status") == "True", 60
+        )
+        assert cond(obj, "ReconcileError")["reason"] == "RouteWriteFailed"
+        time.sleep(12)  # several intervals: nothing may advance while the route cannot be written
+        obj = stack.get(ROLLOUTS, "denied")
+        assert (obj["status"]["weight"], phase(obj)) == (20, "Progressing")
+        assert fresh.weights()[CANDIDATE] == 20
+    finally:
+        adm.delete_validating_admission_policy_binding(name)
+        adm.delete_validating_admission_policy(name)
+    stack.wait_for(ROLLOUTS, "denied", lambda o: phase(o) == "Promoted", 120)
+    fresh.wait_weights({STABLE: 0, CANDIDATE: 100})
