@@ -386,3 +386,26 @@ def test_a_denied_route_write_holds_the_weight_and_resumes_when_allowed(fresh: R
         adm.delete_validating_admission_policy(name)
     stack.wait_for(ROLLOUTS, "denied", lambda o: phase(o) == "Promoted", 120)
     fresh.wait_weights({STABLE: 0, CANDIDATE: 100})
+
+
+def test_two_rollouts_on_one_route_the_second_is_invalid_and_the_route_never_flips(fresh: Routed) -> None:
+    stack = fresh.stack
+    stack.apply(fresh.rollout("first", [{"setWeight": 20}, {"pause": {}}]))
+    stack.wait_for(ROLLOUTS, "first", lambda o: (o.get("status") or {}).get("weight") == 20, 60)
+    fresh.wait_weights({STABLE: 80, CANDIDATE: 20})
+    stack.apply(fresh.rollout("second", [{"setWeight": 50}, {"pause": {}}]))
+    seen: set[int] = set()
+    obj = stack.wait_for(
+        ROLLOUTS,
+        "second",
+        lambda o: phase(o) == "Invalid",
+        30,
+        on_poll=lambda _: seen.add(fresh.weights()[CANDIDATE]),
+        poll=0.2,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seen.add(fresh.weights()[CANDIDATE])
+        time.sleep(0.2)
+    assert "ModelRollout ml/first" in cond(obj, "Valid")["message"]
+    assert seen == {20}, seen
