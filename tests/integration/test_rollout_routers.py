@@ -26,11 +26,11 @@ from model_rollouts.traffic.istio import IstioRouter
 from tests.harness.cluster import MissingComponent, istio_crds, kubectl_apply
 from tests.harness.gateway import Gateway, find_nginx
 from tests.harness.loadgen import LoadGenerator
-from tests.harness.objects import CANDIDATE, ROUTE, STABLE, cond, delete_all, phase, rollout
+from tests.harness.objects import CANDIDATE, ROUTE, STABLE, cond, delete_all, experiment, phase, rollout
 from tests.harness.stack import MANAGED_BY, Stack, httproute
 
 ROUTERS = ("gatewayAPI", "istio")
-ROLLOUTS = "modelrollouts"
+ROLLOUTS, EXPERIMENTS = "modelrollouts", "modelexperiments"
 
 
 def virtualservice(
@@ -174,7 +174,7 @@ def routed(request: pytest.FixtureRequest, real_components: None) -> Iterator[Ro
 
 @pytest.fixture()
 def fresh(routed: Routed) -> Iterator[Routed]:
-    """All traffic on a healthy stable; afterwards every rollout deleted."""
+    """All traffic on a healthy stable; afterwards every rollout and experiment deleted."""
     stack = routed.stack
     stack.servers[CANDIDATE].set(error_rate=0.0)
     if stack.operator is None:
@@ -182,7 +182,7 @@ def fresh(routed: Routed) -> Iterator[Routed]:
     kubectl_apply(stack.api, [routed.route_doc({STABLE: 100, CANDIDATE: 0})])
     routed.wait_weights({STABLE: 100, CANDIDATE: 0})
     yield routed
-    delete_all(stack, ROLLOUTS)
+    delete_all(stack, ROLLOUTS, EXPERIMENTS)
 
 
 def served(stack: Stack) -> dict[str, int]:
@@ -409,3 +409,25 @@ def test_two_rollouts_on_one_route_the_second_is_invalid_and_the_route_never_fli
         time.sleep(0.2)
     assert "ModelRollout ml/first" in cond(obj, "Valid")["message"]
     assert seen == {20}, seen
+
+
+def test_an_experiment_writes_its_allocation_and_nginx_splits_by_it(fresh: Routed) -> None:
+    stack = fresh.stack
+    assert stack.prom is not None
+    variants = [
+        {"name": "control", "service": STABLE, "control": True, "weight": 60},
+        {"name": "b", "service": CANDIDATE, "weight": 40},
+    ]
+    doc = experiment("ab", stack.prom.url, variants, ROUTE)
+    doc["spec"]["trafficRouting"] = fresh.routing()
+    stack.apply(doc)
+    fresh.wait_weights({STABLE: 60, CANDIDATE: 40}, timeout=60)
+    t0 = served(stack)
+    time.sleep(8)  # 50 requests/s through nginx
+    after = served(stack)
+    counted = {svc: after[svc] - t0[svc] for svc in after}
+    share = counted[CANDIDATE] / max(1, sum(counted.values()))
+    print(
+        f"\n{fresh.kind}: experiment 60/40 written; counted at the servers {counted} (candidate {share:.3f})"
+    )
+    assert sum(counted.values()) >= 200 and abs(share - 0.4) <= 0.05, counted
