@@ -14,9 +14,9 @@ from typing import Any, cast
 import kopf
 from prometheus_client import start_http_server
 
-from model_rollouts import __version__, health, leader
+from model_rollouts import __version__, health, kube, leader, policy
 from model_rollouts.api.common import action_annotations
-from model_rollouts.metrics import policy, prometheus
+from model_rollouts.metrics import prometheus
 from model_rollouts.notify import sender as notify_sender
 
 #: Record attributes our decision log lines carry (``extra=``), copied into JSON lines.
@@ -185,11 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     WATCHED_NAMESPACES[:] = args.namespace
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    from model_rollouts.handlers import common, experiment, rollout  # noqa: F401  (registers the handlers)
+    from model_rollouts.handlers import experiment, rollout  # noqa: F401  (registers the handlers)
 
     if args.leader_election:
         leader.ELECTOR = leader.Elector(
-            common.api(),
+            kube.api(),
             args.leader_election_namespace,
             args.leader_election_id,
             lease_seconds=args.leader_election_lease_duration,
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             health.serve(args.liveness)
         except ValueError as e:
             parser.error(f"--liveness: {e}")
-        health.PROBES.list_check = health.list_check(common.api(), list(args.namespace))
+        health.PROBES.list_check = health.list_check(kube.api(), list(args.namespace))
         health.PROBES.start_list_checks()
 
     kopf.run(
