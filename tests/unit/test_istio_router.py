@@ -280,3 +280,45 @@ def test_missing_virtualservice_is_a_router_error() -> None:
     with pytest.raises(RouterError) as err:
         router(Missing(virtualservice())).get_weights()
     assert err.value.field == FIELD and "not found" in err.value.message
+
+
+# ---- the registry and the one-read/one-write interface (issue 17's router registry) ---------------
+
+
+def test_the_registry_selects_the_istio_router_for_spec_traffic_routing_istio() -> None:
+    from model_rollouts.api.common import TrafficRouting
+    from model_rollouts.traffic import registry
+
+    assert {"gatewayAPI", "istio"} <= set(registry.ROUTERS)
+    routing = TrafficRouting.model_validate({"istio": {"virtualService": "fraud", "routeName": "primary"}})
+    router = registry.make_router(None, routing, "ml", ("ModelRollout", "fraud"))
+    assert isinstance(router, IstioRouter)
+    assert (router.name, router.route_name, router.owner) == ("fraud", "primary", ("ModelRollout", "fraud"))
+
+
+def test_one_owner_key_is_the_virtualservice_route() -> None:
+    from model_rollouts.traffic import registry
+
+    key = registry.route_key("ml", {"istio": {"virtualService": "fraud", "routeName": "primary"}})
+    assert key is not None and key[0] == ("ml", "fraud/primary", 0) and key[1].name == "istio"
+    assert key[1].describe("fraud/primary", 0) == "VirtualService fraud route primary"
+    other = registry.route_key("ml", {"istio": {"virtualService": "fraud", "routeName": "testers"}})
+    assert other is not None and other[0] != key[0]  # another route of the same VirtualService
+    assert registry.route_key("ml", {"istio": {"routeName": "x"}}) is None
+
+
+def test_one_read_then_no_write_when_the_virtualservice_already_carries_the_weights() -> None:
+    from model_rollouts.traffic.router import RETIRED, Arm
+
+    fake = FakeVirtualServices(virtualservice({OPT_IN: "ModelExperiment/ab"}))
+    r = router(fake, ("ModelExperiment", "ab"))
+    state = r.read()
+    arms = [Arm("control", "fraud-v1"), Arm("treatment", "fraud-v2")]
+    r.admit(state, arms)
+    same = {arms[0]: 100, arms[1]: 0, Arm(RETIRED, "gone"): 0}
+    assert state.carries(same) and r.write(state, same) is state
+    assert (fake.gets, fake.patches) == (1, [])
+    moved = r.write(state, {arms[0]: 60, arms[1]: 40})
+    assert moved.weights == {"fraud-v1": 60, "fraud-v2": 40}
+    assert fake.gets == 1 and len(fake.patches) == 1  # verified from the PATCH response, not a re-read
+    r.admit(state, [*arms, Arm(RETIRED, "fraud-v3")])  # a retired arm need not be in the route
