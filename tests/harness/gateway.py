@@ -841,7 +841,7 @@ class Gateway:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(
-                        f"nginx did not serve HTTPRoute version {version} in {timeout:.0f}s; "
+                        f"nginx did not serve {self.kind} version {version} in {timeout:.0f}s; "
                         f"serving {self._version!r}; last error {self._last_error!r}\n{tail(self.log)}"
                     )
                 self._cond.wait(min(left, 0.2))
@@ -952,9 +952,10 @@ class Gateway:
         while not self._stop.is_set():
             try:
                 if not resource_version:  # (re-)list: pick up what happened while not watching
-                    route = self._read_route()
+                    # The route and the version to watch from come from one LIST: a GET and then a
+                    # LIST would miss a write that lands between them (watched from after it).
+                    route, resource_version = self._list()
                     self._apply(route, time.monotonic())
-                    resource_version = self._list_version()
                 w = watch.Watch()
                 for event in w.stream(
                     self._custom().list_namespaced_custom_object,
@@ -984,14 +985,19 @@ class Gateway:
                 resource_version = ""
                 self._stop.wait(0.2)
 
-    def _list_version(self) -> str:
+    def _list(self) -> tuple[dict[str, Any] | None, str]:
+        """The route (None: absent) and the list's resourceVersion, read in one request."""
         lst = self._custom().list_namespaced_custom_object(
             *self._gvp[:2],
             self.namespace,
             self._gvp[2],
             field_selector=f"metadata.name={self.httproute}",
         )
-        return str(lst.get("metadata", {}).get("resourceVersion") or "")
+        items = lst.get("items") or []
+        route = items[0] if items else None
+        if route is not None:  # list items carry no kind; the plan tells the kinds apart by it
+            route.setdefault("kind", self.kind)
+        return route, str(lst.get("metadata", {}).get("resourceVersion") or "")
 
 
 def _children(pid: int) -> set[int]:

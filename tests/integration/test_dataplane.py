@@ -450,7 +450,7 @@ def test_virtualservice_weights_written_by_the_istio_router_are_served_fast_and_
         for weights in sequence:
             t0 = time.monotonic()
             assert router.set_weights(weights) == weights  # read back from the API server's answer
-            rv = str(router._vs()["metadata"]["resourceVersion"])
+            rv = str(router.read().raw["metadata"]["resourceVersion"])
             change = gw.wait_version(rv, timeout=15.0)
             assert change.weights == weights, change
             assert change.settled_at is not None

@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from model_rollouts.traffic.gateway_api import OPT_IN
 from model_rollouts.traffic.istio import GROUP, PLURAL, VERSION, IstioRouter
-from model_rollouts.traffic.router import NotOptedIn
+from model_rollouts.traffic.router import Arm, NotOptedIn
 from tests.harness.cluster import ControlPlane, MissingComponent, install_crds, istio_crds
 
 NAMESPACE = "ml"
@@ -125,16 +125,15 @@ def test_a_virtualservice_without_the_opt_in_is_never_written(
 def test_the_api_server_refuses_the_patch_when_a_destination_moved(api: Any) -> None:
     create(api, virtualservice("moved", {OPT_IN: "*"}))
     r = IstioRouter(api, NAMESPACE, "moved", route_name="primary", owner=("ModelRollout", "fraud"))
-    stale = r._vs()
+    stale = r.read()
     # Someone reorders the destinations after the router read the VirtualService.
     current = read(api, "moved")
     current["spec"]["http"][1]["route"].reverse()
     client.CustomObjectsApi(api).replace_namespaced_custom_object(
         GROUP, VERSION, NAMESPACE, PLURAL, "moved", current
     )
-    r._vs = lambda: copy.deepcopy(stale)  # type: ignore[method-assign]
-    with pytest.raises(ApiException) as err:
-        r.set_weights({"fraud-v1": 10, "fraud-v2": 90})
+    with pytest.raises(ApiException) as err:  # a write from the state as read before the reorder
+        r.write(stale, {Arm("stable", "fraud-v1"): 10, Arm("candidate", "fraud-v2"): 90})
     assert err.value.status == 422
     routes = read(api, "moved")["spec"]["http"][1]["route"]
     assert [(d["destination"]["host"], d["weight"]) for d in routes] == [("fraud-v2", 0), ("fraud-v1", 100)]
@@ -143,7 +142,7 @@ def test_the_api_server_refuses_the_patch_when_a_destination_moved(api: Any) -> 
 def test_opt_in_withdrawn_after_the_read_refuses_the_patch(api: Any) -> None:
     create(api, virtualservice("withdrawn", {OPT_IN: "ModelRollout/fraud"}))
     r = IstioRouter(api, NAMESPACE, "withdrawn", route_name="primary", owner=("ModelRollout", "fraud"))
-    stale = r._vs()
+    stale = r.read()
     client.CustomObjectsApi(api).patch_namespaced_custom_object(
         GROUP,
         VERSION,
@@ -152,9 +151,8 @@ def test_opt_in_withdrawn_after_the_read_refuses_the_patch(api: Any) -> None:
         "withdrawn",
         {"metadata": {"annotations": {OPT_IN: "ModelRollout/b"}}},
     )
-    r._vs = lambda: copy.deepcopy(stale)  # type: ignore[method-assign]
-    with pytest.raises(ApiException) as err:
-        r.set_weights({"fraud-v1": 10, "fraud-v2": 90})
+    with pytest.raises(ApiException) as err:  # a write from the state as read before the withdrawal
+        r.write(stale, {Arm("stable", "fraud-v1"): 10, Arm("candidate", "fraud-v2"): 90})
     assert err.value.status == 422
     fresh = IstioRouter(api, NAMESPACE, "withdrawn", route_name="primary")
     assert fresh.get_weights() == {"fraud-v1": 100, "fraud-v2": 0}
