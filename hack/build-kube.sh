@@ -6,11 +6,13 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 KUBE_VERSION=v1.36.3
 GATEWAY_API_VERSION=v1.6.3
+ISTIO_API_VERSION=v1.32.0
 cache=${MODEL_ROLLOUTS_CACHE:-$root/.cache}
 out=$cache/kube/$KUBE_VERSION/bin
 crd_out=$cache/gateway-api/$GATEWAY_API_VERSION
+istio_out=$cache/istio-api/$ISTIO_API_VERSION
 export GOMODCACHE=$cache/gomod GOCACHE=$cache/go-build GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
-mkdir -p "$out" "$crd_out"
+mkdir -p "$out" "$crd_out" "$istio_out"
 cd "$root/hack/kube"
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION"
 ldflags+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36"
@@ -31,5 +33,27 @@ if [ ! -f "$crd_out/httproutes.yaml" ]; then
     cp "$dir/config/crd/standard/gateway.networking.k8s.io_$kind.yaml" "$crd_out/$kind.yaml"
   done
   chmod u+w "$crd_out"/*.yaml
+fi
+# Istio's CRDs (VirtualService, DestinationRule, Gateway, ...) as generated in the istio.io/api
+# module; one file per networking.istio.io CRD, for the harness to install (issue 19).
+if [ ! -f "$istio_out/virtualservices.yaml" ]; then
+  dir=$(go mod download -json "istio.io/api@$ISTIO_API_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  tmp=$(mktemp -d "$istio_out/.split.XXXXXX")
+  # Split the generated multi-document file; keep the networking.istio.io CRDs by their names.
+  awk -v dir="$tmp" '
+    /^---/ { if (name != "") { close(file) } name = ""; buf = ""; next }
+    { buf = buf $0 "\n" }
+    /^  name: [a-z]+\.networking\.istio\.io$/ && name == "" {
+      name = $2; sub(/\.networking\.istio\.io$/, "", name); file = dir "/" name ".yaml"
+      printf "%s", buf > file; buf = ""; next
+    }
+    name != "" { print > file; buf = "" }
+  ' "$dir/kubernetes/customresourcedefinitions.gen.yaml"
+  for kind in virtualservices destinationrules gateways serviceentries; do
+    grep -q "^kind: CustomResourceDefinition" "$tmp/$kind.yaml"
+    mv "$tmp/$kind.yaml" "$istio_out/$kind.yaml"
+  done
+  rm -rf "$tmp"
+  chmod u+w "$istio_out"/*.yaml
 fi
 echo "$out"

@@ -36,6 +36,10 @@ from tests.harness.procs import LOOPBACK, REPO, free_port, spawn, stop_pid, stop
 
 KUBE_VERSION = "v1.36.3"
 GATEWAY_API_VERSION = "v1.6.3"
+#: istio.io/api module version whose generated CRDs (VirtualService, DestinationRule, ...) the
+#: harness installs; ``hack/build-kube.sh`` splits them into the cache (``make kube-bins``).
+ISTIO_API_VERSION = "v1.32.0"
+ISTIO_CRDS = ("virtualservices", "destinationrules", "gateways", "serviceentries")
 CACHE = Path(os.environ.get("MODEL_ROLLOUTS_CACHE", REPO / ".cache"))
 STATE_DIR = REPO / ".run" / "cluster"
 
@@ -88,6 +92,16 @@ def gateway_api_crds() -> list[Path]:
     files = sorted(d.glob("*.yaml"))
     if not files:
         raise MissingComponent(f"Gateway API CRDs not found in {d}; run `make kube-bins`")
+    return files
+
+
+def istio_crds() -> list[Path]:
+    """Istio's networking CRDs (VirtualService, DestinationRule, Gateway, ServiceEntry), real YAML."""
+    d = CACHE / "istio-api" / ISTIO_API_VERSION
+    files = [d / f"{kind}.yaml" for kind in ISTIO_CRDS]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MissingComponent(f"Istio CRDs {', '.join(missing)} not found in {d}; run `make kube-bins`")
     return files
 
 
@@ -452,7 +466,7 @@ def _cli() -> int:
     cp = ControlPlane(workdir=STATE_DIR, controller_manager=not args.no_controller_manager)
     t0 = time.monotonic()
     cp.start()
-    install_crds(cp.api_client(), gateway_api_crds() + project_crds())
+    install_crds(cp.api_client(), gateway_api_crds() + istio_crds() + project_crds())
     # The processes belong to their own sessions and outlive this command.
     cp._procs.clear()
     state.write_text(json.dumps({"pids": cp.pids, "kubeconfig": str(cp.kubeconfig), "server": cp.server}))

@@ -19,12 +19,20 @@ every request goes to that URL (a real proxy, e.g. :class:`tests.harness.gateway
 and each response is counted for the backend the proxy names in its ``X-Gateway-Backend``
 header; feedback still goes straight to that backend's model server (as a feedback pipeline
 would), not through the proxy.
+
+With ``users=N`` the requests come from N simulated users in turn (user ``user-<i>`` sends every
+N-th request): each request carries the user's id in ``user_header`` (``X-User-Id``) and, with
+``cookies=True``, the cookies the proxy set for that user before (``Set-Cookie`` answers are kept
+per user, like a browser's cookie jar). :attr:`LoadGenerator.user_backends` counts, per user, the
+backends that answered, so a test sees whether each user stayed on one arm. ``headers`` adds fixed
+headers to every request (e.g. a tester's header that a route matches).
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import http.cookies
 import json
 import math
 import queue
@@ -45,6 +53,7 @@ HTTPROUTE_PLURAL = "httproutes"
 MAX_RPS = 2000.0
 MAX_WORKERS = 256
 MAX_HISTORY = 10_000
+MAX_USERS = 100_000
 #: How far the scheduler may fall behind before it stops trying to catch up (seconds).
 MAX_LAG_S = 1.0
 
@@ -217,10 +226,14 @@ class _Connections:
         return status, payload
 
     def post_with_headers(
-        self, backend: _Backend, path: str, body: Mapping[str, Any] | None
+        self,
+        backend: _Backend,
+        path: str,
+        body: Mapping[str, Any] | None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes, http.client.HTTPMessage]:
         data = json.dumps(body if body is not None else {}).encode()
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(extra_headers or {})}
         for attempt in range(2):
             conn = self._conns.get(backend.name)
             reused = conn is not None
@@ -284,6 +297,10 @@ class LoadGenerator:
         poll_interval: float = 1.0,
         request_timeout: float = 2.0,
         via: str | None = None,
+        users: int = 0,
+        user_header: str | None = "X-User-Id",
+        cookies: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if not backends:
             raise ValueError("backends must name at least one backend")
@@ -297,6 +314,14 @@ class LoadGenerator:
             raise ValueError(f"workers must be in [1, {MAX_WORKERS}], got {workers}")
         if not (math.isfinite(poll_interval) and poll_interval > 0):
             raise ValueError(f"poll_interval must be positive, got {poll_interval}")
+        if not 0 <= users <= MAX_USERS:
+            raise ValueError(f"users must be in [0, {MAX_USERS}], got {users}")
+        self.users = users
+        self.user_header = user_header
+        self.cookies = cookies
+        self.headers = dict(headers or {})
+        self._jars: dict[int, dict[str, str]] = {}
+        self._user_backends: dict[int, dict[str, int]] = {}
         self.namespace = namespace
         self.httproute = httproute
         self.rps = float(rps)
@@ -337,7 +362,7 @@ class LoadGenerator:
         self._latency_sum = 0.0
 
         self._rng = random.Random(seed)
-        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=max(4, workers * 4))
+        self._queue: queue.Queue[tuple[str, int | None] | None] = queue.Queue(maxsize=max(4, workers * 4))
         self._stop = threading.Event()
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -515,13 +540,14 @@ class LoadGenerator:
                     weights = dict(self._weights)
                     skew = dict(self._skew)
                 name = VIA_UNATTRIBUTED if self._via is not None else choose(weights, self._rng, skew)
+                user = issued % self.users if self.users else None
                 issued += 1
                 if name is None:
                     with self._lock:
                         self._no_route += 1
                     continue
                 try:
-                    self._queue.put_nowait(name)
+                    self._queue.put_nowait((name, user))
                 except queue.Full:
                     with self._lock:
                         self._dropped += 1
@@ -550,20 +576,60 @@ class LoadGenerator:
         try:
             while True:
                 try:
-                    name = self._queue.get(timeout=0.2)
+                    item = self._queue.get(timeout=0.2)
                 except queue.Empty:
                     if self._stop.is_set():
                         return
                     continue
-                if name is None or self._stop.is_set():
+                if item is None or self._stop.is_set():
                     return
-                self._one_request(name, rng, conns)
+                self._one_request(item[0], rng, conns, item[1])
         finally:
             conns.close()
 
-    def _one_request(self, name: str, rng: random.Random, conns: _Connections) -> None:
+    def _request_headers(self, user: int | None) -> dict[str, str]:
+        """Fixed headers, then the user's id and the cookies the proxy set for this user."""
+        out = dict(self.headers)
+        if user is None:
+            return out
+        if self.user_header:
+            out[self.user_header] = f"user-{user}"
+        with self._lock:
+            jar = dict(self._jars.get(user, {}))
+        if jar:
+            out["Cookie"] = "; ".join(f"{k}={v}" for k, v in jar.items())
+        return out
+
+    def _remember(self, user: int | None, name: str, headers: http.client.HTTPMessage | None) -> None:
+        """Keep the cookies set for ``user`` and count which backend answered it."""
+        if user is None:
+            return
+        jar: dict[str, str] = {}
+        if self.cookies and headers is not None:
+            for value in headers.get_all("Set-Cookie") or []:
+                cookie = http.cookies.SimpleCookie()
+                try:
+                    cookie.load(value)
+                except http.cookies.CookieError:
+                    continue
+                jar.update({k: m.value for k, m in cookie.items()})
+        with self._lock:
+            if jar:
+                self._jars.setdefault(user, {}).update(jar)
+            seen = self._user_backends.setdefault(user, {})
+            seen[name] = seen.get(name, 0) + 1
+
+    @property
+    def user_backends(self) -> dict[str, dict[str, int]]:
+        """Per simulated user (``user-<i>``): how many of its requests each backend answered."""
+        with self._lock:
+            return {f"user-{u}": dict(seen) for u, seen in self._user_backends.items()}
+
+    def _one_request(
+        self, name: str, rng: random.Random, conns: _Connections, user: int | None = None
+    ) -> None:
         if self._via is not None:
-            self._one_request_via(self._via, rng, conns)
+            self._one_request_via(self._via, rng, conns, user)
             return
         backend = self._backends.get(name)
         with self._lock:
@@ -573,10 +639,14 @@ class LoadGenerator:
                 return
         t0 = time.monotonic()
         try:
-            status, body = conns.post(backend, "/predict", {"input": rng.random()})
+            status, body, _ = conns.post_with_headers(
+                backend, "/predict", {"input": rng.random()}, self._request_headers(user)
+            )
         except (OSError, http.client.HTTPException):
             status, body = 0, b""
         latency = time.monotonic() - t0
+        if status == 200:
+            self._remember(user, name, None)
         reply: dict[str, Any] = {}
         if status == 200:
             try:
@@ -595,14 +665,21 @@ class LoadGenerator:
             return
         self._send_feedback(backend, reply, rng, conns)
 
-    def _one_request_via(self, via: _Backend, rng: random.Random, conns: _Connections) -> None:
+    def _one_request_via(
+        self, via: _Backend, rng: random.Random, conns: _Connections, user: int | None = None
+    ) -> None:
         t0 = time.monotonic()
+        headers: http.client.HTTPMessage | None = None
         try:
-            status, body, headers = conns.post_with_headers(via, "/predict", {"input": rng.random()})
+            status, body, headers = conns.post_with_headers(
+                via, "/predict", {"input": rng.random()}, self._request_headers(user)
+            )
             name = headers.get(VIA_BACKEND_HEADER) or VIA_UNATTRIBUTED
         except (OSError, http.client.HTTPException):
             status, body, name = 0, b"", VIA_UNATTRIBUTED
         latency = time.monotonic() - t0
+        if status == 200:
+            self._remember(user, name, headers)
         reply: dict[str, Any] = {}
         if status == 200:
             try:
@@ -699,6 +776,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-feedback", action="store_true", help="do not post simulated user feedback")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--users", type=int, default=0, help="simulated users sending in turn (0: anonymous)")
+    p.add_argument("--user-header", default="X-User-Id", help="header carrying each user's id")
+    p.add_argument("--cookies", action="store_true", help="keep the cookies set for each user and send them")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        type=lambda v: _pair("header", v),
+        metavar="NAME=VALUE",
+        help="a header on every request (repeatable)",
+    )
     return p
 
 
@@ -740,6 +828,10 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             rule_index=args.rule_index,
             via=args.via,
+            users=args.users,
+            user_header=args.user_header or None,
+            cookies=args.cookies,
+            headers=dict(args.header),
         )
     except ValueError as exc:
         parser.error(str(exc))

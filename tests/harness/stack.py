@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.cluster import ControlPlane, gateway_api_crds, install_crds, kubectl_apply, project_crds
+from tests.harness.cluster import (
+    ControlPlane,
+    gateway_api_crds,
+    install_crds,
+    istio_crds,
+    kubectl_apply,
+    project_crds,
+)
 from tests.harness.loadgen import LoadGenerator
 from tests.harness.modelserver import ModelServerProcess
 from tests.harness.procs import REPO, free_port, spawn, stop_proc
@@ -64,6 +71,8 @@ class Stack:
     #: Prometheus rules files (e.g. dashboards/alerts.rules.yaml) the stack's Prometheus evaluates.
     prometheus_rules: list[Path] = field(default_factory=list)
     controller_manager: bool = False
+    #: Also install Istio's CRDs (VirtualService, DestinationRule, ...): about 5 s more at start.
+    istio: bool = False
     cluster: ControlPlane = field(default_factory=ControlPlane)
     servers: dict[str, ModelServerProcess] = field(default_factory=dict)
     prom: Prometheus | None = None
@@ -81,7 +90,8 @@ class Stack:
             self.workdir = self.cluster.workdir
             self.api = self.cluster.api_client()
             tenancy_crds = sorted((REPO / "crds" / "tenancy").glob("*.yaml"))
-            install_crds(self.api, gateway_api_crds() + project_crds() + tenancy_crds)
+            extra = istio_crds() if self.istio else []
+            install_crds(self.api, gateway_api_crds() + extra + project_crds() + tenancy_crds)
             from kubernetes import client
 
             client.CoreV1Api(self.api).create_namespace(client.V1Namespace(metadata={"name": self.namespace}))

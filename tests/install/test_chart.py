@@ -342,6 +342,8 @@ def test_argocd_applications_keep_operator_weights() -> None:
     assert "RespectIgnoreDifferences=true" in app["spec"]["syncPolicy"]["syncOptions"]
     route = next(d for d in app["spec"]["ignoreDifferences"] if d["kind"] == "HTTPRoute")
     assert route["jqPathExpressions"] == [".spec.rules[].backendRefs[].weight"]
+    vs = next(d for d in app["spec"]["ignoreDifferences"] if d["kind"] == "VirtualService")
+    assert (vs["group"], vs["jqPathExpressions"]) == ("networking.istio.io", [".spec.http[].route[].weight"])
     # every action annotation the operator acts on is ignored, so a sync never strips a pending one
     from model_rollouts.api.common import ACTION_ANNOTATIONS
 

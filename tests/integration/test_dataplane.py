@@ -1,7 +1,10 @@
-"""The harness's real data plane: nginx configured from an HTTPRoute on the real API server.
+"""The harness's real data plane: nginx configured from an HTTPRoute or a VirtualService on the
+real API server (Gateway API's and Istio's real CRDs).
 
 Real kube-apiserver + etcd, real nginx (Debian's package, a plain process on 127.0.0.1), real
-model-server processes; every request goes through nginx and is counted at the model servers.
+model-server processes; every request goes through nginx and is counted at the model servers
+(their own ``model_requests_total``). Weights, mirrors, header and cookie matches and sticky
+cohorts are all checked there, never in the traffic generator.
 """
 
 from __future__ import annotations
@@ -17,11 +20,16 @@ from typing import Any
 
 import pytest
 
+from model_rollouts.traffic.istio import GROUP as ISTIO_GROUP
+from model_rollouts.traffic.istio import PLURAL as VS_PLURAL
+from model_rollouts.traffic.istio import VERSION as ISTIO_VERSION
+from model_rollouts.traffic.istio import IstioRouter
 from tests.harness.cluster import (
     ControlPlane,
     MissingComponent,
     gateway_api_crds,
     install_crds,
+    istio_crds,
     kubectl_apply,
 )
 from tests.harness.gateway import Gateway, find_nginx
@@ -33,7 +41,7 @@ from tests.harness.loadgen import (
     LoadGenerator,
 )
 from tests.harness.modelserver import ModelServerProcess
-from tests.harness.stack import httproute
+from tests.harness.stack import MANAGED_BY, httproute
 
 NAMESPACE, ROUTE = "ml", "model"
 SERVICES = ("model-v1", "model-v2", "model-v3")
@@ -47,6 +55,7 @@ SPLIT_TOLERANCE = 0.03
 def nginx_available() -> None:
     try:
         find_nginx()
+        istio_crds()
     except MissingComponent as e:
         if os.environ.get("MODEL_ROLLOUTS_REQUIRE_INTEGRATION") == "1":
             pytest.fail(f"integration components missing and required: {e}")
@@ -86,12 +95,40 @@ class DataPlane:
             )
         return out
 
-    def run(self, requests: int, rps: float = 400.0) -> tuple[dict[str, int], dict[str, Any]]:
+    def gateway_for(self, kind: str, name: str, **kw: Any) -> Gateway:
+        """A further nginx following route ``name`` of ``kind`` (the caller closes it)."""
+        assert self.cluster.workdir is not None
+        return Gateway(
+            self.api,
+            NAMESPACE,
+            name,
+            {n: s.url for n, s in self.servers.items()},
+            kind=kind,
+            workdir=self.cluster.workdir / f"gateway-{kind}-{name}",
+            **kw,
+        ).start()
+
+    def settled(self) -> dict[str, int]:
+        """The servers' counters once they stopped moving (mirrored copies finish after the answers)."""
+        last = self.served()
+        for _ in range(50):
+            time.sleep(0.1)
+            now = self.served()
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def run(
+        self, requests: int, rps: float = 400.0, gateway: Gateway | None = None, **kw: Any
+    ) -> tuple[dict[str, int], dict[str, Any]]:
         """Send exactly ``requests`` through nginx (topping up what an overloaded machine dropped).
 
         Returns what each model server counted meanwhile and the generators' summed counts.
+        ``kw`` goes to :class:`LoadGenerator` (``headers``, ...).
         """
-        before = self.served()
+        gateway = gateway or self.gateway
+        before = self.settled()
         totals: dict[str, Any] = {"total_sent": 0, "total_ok": 0, "total_errors": 0, "ok": {}, "errors": {}}
         for _ in range(5):
             left = requests - totals["total_sent"]
@@ -107,7 +144,8 @@ class DataPlane:
                 max_requests=left,
                 feedback=False,
                 workers=24,
-                via=self.gateway.url,
+                via=gateway.url,
+                **kw,
             )
             gen.start()
             assert gen.wait(70.0), "load generator did not finish"
@@ -119,7 +157,7 @@ class DataPlane:
                 for name, n in stats[key].items():
                     totals[key][name] = totals[key].get(name, 0) + n
         assert totals["total_sent"] == requests, totals
-        after = self.served()
+        after = self.settled()
         return {name: after[name] - before[name] for name in after}, totals
 
 
@@ -131,7 +169,7 @@ def plane(nginx_available: None) -> Iterator[DataPlane]:
     try:
         cluster.start()
         api = cluster.api_client()
-        install_crds(api, gateway_api_crds())
+        install_crds(api, gateway_api_crds() + istio_crds())
         from kubernetes import client
 
         client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata={"name": NAMESPACE}))
@@ -283,3 +321,250 @@ def test_user_key_keeps_each_user_on_one_backend(plane: DataPlane) -> None:
     print(f"\nusers per backend (200 users x 10 requests, weights {weights}): {users}")
     assert users["model-v3"] == 0
     assert abs(users["model-v1"] / 200 - 0.7) < 0.1  # users are split by a hash of their id
+
+
+# ---- VirtualService, mirrors, header matches, sticky cohorts (issue 19) ---------------------------
+
+KINDS = ("HTTPRoute", "VirtualService")
+V1, V2, V3 = SERVICES
+COOKIE = "mr-arm"
+
+
+def route_doc(kind: str, name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
+    """An opted-in HTTPRoute (``rules``) or VirtualService (``rules`` are its ``http`` routes)."""
+    meta = {"name": name, "namespace": NAMESPACE, "annotations": {MANAGED_BY: "*"}}
+    if kind == "VirtualService":
+        return {
+            "apiVersion": f"{ISTIO_GROUP}/{ISTIO_VERSION}",
+            "kind": kind,
+            "metadata": meta,
+            "spec": {"hosts": ["model"], "http": rules},
+        }
+    return {
+        "apiVersion": f"{GATEWAY_GROUP}/{GATEWAY_VERSION}",
+        "kind": kind,
+        "metadata": meta,
+        "spec": {"parentRefs": [{"name": "gateway"}], "rules": rules},
+    }
+
+
+def target(kind: str, service: str, weight: int | None = None, cookie: bool = False) -> dict[str, Any]:
+    """A backendRef or a route destination; ``cookie``: its answers set ``mr-arm=<service>``."""
+    set_cookie = f"{COOKIE}={service}; Path=/"
+    out: dict[str, Any]
+    if kind == "VirtualService":
+        out = {"destination": {"host": service, "port": {"number": 80}}}
+        if cookie:
+            out["headers"] = {"response": {"add": {"set-cookie": set_cookie}}}
+    else:
+        out = {"name": service, "port": 80}
+        if cookie:
+            out["filters"] = [
+                {
+                    "type": "ResponseHeaderModifier",
+                    "responseHeaderModifier": {"add": [{"name": "Set-Cookie", "value": set_cookie}]},
+                }
+            ]
+    if weight is not None:
+        out["weight"] = weight
+    return out
+
+
+def weighted_rule(kind: str, weights: dict[str, int], cookie: bool = False) -> dict[str, Any]:
+    targets = [target(kind, s, w, cookie) for s, w in weights.items()]
+    if kind == "VirtualService":
+        return {"name": "primary", "route": targets}
+    return {"backendRefs": targets}
+
+
+def header_rule(kind: str, header: str, kind_of_match: str, value: str, service: str) -> dict[str, Any]:
+    """A rule sending requests whose ``header`` matches ``value`` to ``service``."""
+    if kind == "VirtualService":
+        return {
+            "name": f"match-{service}",
+            "match": [{"headers": {header: {kind_of_match: value}}}],
+            "route": [target(kind, service)],
+        }
+    gw_type = {"exact": "Exact", "regex": "RegularExpression"}[kind_of_match]
+    return {
+        "matches": [{"headers": [{"name": header, "type": gw_type, "value": value}]}],
+        "backendRefs": [target(kind, service)],
+    }
+
+
+def with_mirror(kind: str, rule: dict[str, Any], service: str, percent: int) -> dict[str, Any]:
+    if kind == "VirtualService":
+        return {
+            **rule,
+            "mirror": {"host": service, "port": {"number": 80}},
+            "mirrorPercentage": {"value": percent},
+        }
+    mirror = {"backendRef": {"name": service, "port": 80}, "percent": percent}
+    return {**rule, "filters": [{"type": "RequestMirror", "requestMirror": mirror}]}
+
+
+def apply_route(plane: DataPlane, doc: dict[str, Any]) -> str:
+    """Create or replace the route; its resourceVersion."""
+    from kubernetes import client
+
+    co = client.CustomObjectsApi(plane.api)
+    kind = doc["kind"]
+    group, version, plural = (
+        (ISTIO_GROUP, ISTIO_VERSION, VS_PLURAL)
+        if kind == "VirtualService"
+        else (GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTE_PLURAL)
+    )
+    kubectl_apply(plane.api, [doc])
+    obj: Any = co.get_namespaced_custom_object(group, version, NAMESPACE, plural, doc["metadata"]["name"])
+    return str(obj["metadata"]["resourceVersion"])
+
+
+def router_for(plane: DataPlane, kind: str, name: str, rule: int) -> Any:
+    """The operator's own router for the weighted rule (the writes tests make are the product's)."""
+    from model_rollouts.traffic.gateway_api import GatewayAPIRouter
+
+    owner = ("ModelRollout", "dataplane")
+    if kind == "VirtualService":
+        return IstioRouter(plane.api, NAMESPACE, name, route_name="primary", owner=owner)
+    return GatewayAPIRouter(plane.api, NAMESPACE, name, rule_index=rule, owner=owner)
+
+
+def test_virtualservice_weights_written_by_the_istio_router_are_served_fast_and_followed(
+    plane: DataPlane,
+) -> None:
+    name = "vs-weights"
+    apply_route(
+        plane, route_doc("VirtualService", name, [weighted_rule("VirtualService", {V1: 100, V2: 0, V3: 0})])
+    )
+    router = router_for(plane, "VirtualService", name, 0)
+    sequence = [
+        {V1: 90, V2: 10, V3: 0},
+        {V1: 50, V2: 25, V3: 25},
+        {V1: 10, V2: 90, V3: 0},
+        {V1: 34, V2: 33, V3: 33},
+        {V1: 75, V2: 25, V3: 0},
+    ]
+    gw = plane.gateway_for("VirtualService", name, rule_index="primary")
+    try:
+        write_to_settled = []
+        for weights in sequence:
+            t0 = time.monotonic()
+            assert router.set_weights(weights) == weights  # read back from the API server's answer
+            rv = str(router.read().raw["metadata"]["resourceVersion"])
+            change = gw.wait_version(rv, timeout=15.0)
+            assert change.weights == weights, change
+            assert change.settled_at is not None
+            write_to_settled.append(change.settled_at - t0)
+        print(
+            f"\nVirtualService write (Istio router) -> nginx serving only the new weights over "
+            f"{len(sequence)} writes: p50={statistics.median(write_to_settled) * 1000:.0f} ms "
+            f"max={max(write_to_settled) * 1000:.0f} ms"
+        )
+        assert max(write_to_settled) < SERVE_BOUND_S, write_to_settled
+        counted, stats = plane.run(2000, gateway=gw)
+    finally:
+        gw.close()
+    assert stats["total_errors"] == 0, stats
+    assert sum(counted.values()) == 2000, counted
+    assert_split(counted, sequence[-1])
+    assert counted[V3] == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mirror_copies_p_percent_to_the_candidate_and_the_client_never_sees_it(
+    plane: DataPlane, kind: str
+) -> None:
+    percent, requests = 20, 2000
+    name = f"mirror-{kind.lower()}"
+    rule = with_mirror(kind, weighted_rule(kind, {V1: 100, V2: 0}), V3, percent)
+    apply_route(plane, route_doc(kind, name, [rule]))
+    gw = plane.gateway_for(kind, name)
+    try:
+        counted, stats = plane.run(requests, gateway=gw)
+    finally:
+        gw.close()
+    share = counted[V3] / requests
+    print(
+        f"\n{kind} mirror {percent}%: {requests} client requests; the candidate's server counted "
+        f"{counted[V3]} mirrored copies ({100 * share:.2f}%); client answers by backend {stats['ok']}"
+    )
+    # Users get only the stable's answers; the candidate's server sees P% of the requests.
+    assert stats["total_ok"] == requests and stats["total_errors"] == 0, stats
+    assert stats["ok"].get(V3, 0) == 0 and stats["errors"].get(V3, 0) == 0
+    assert counted[V1] == requests and counted[V2] == 0
+    assert abs(share - percent / 100) <= SPLIT_TOLERANCE, counted
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_header_match_sends_every_tester_to_the_candidate_and_the_rest_by_weight(
+    plane: DataPlane, kind: str
+) -> None:
+    name = f"testers-{kind.lower()}"
+    weights = {V1: 80, V2: 20}
+    rules = [header_rule(kind, "x-tester", "exact", "yes", V2), weighted_rule(kind, weights)]
+    apply_route(plane, route_doc(kind, name, rules))
+    gw = plane.gateway_for(kind, name)
+    try:
+        testers, tstats = plane.run(500, gateway=gw, headers={"X-Tester": "yes"})
+        # A near miss is not a tester: it follows the weights.
+        others, ostats = plane.run(2000, gateway=gw, headers={"X-Tester": "yes-but-no"})
+    finally:
+        gw.close()
+    print(f"\n{kind} header match: testers counted {testers}; others counted {others}")
+    assert tstats["total_errors"] == 0 and ostats["total_errors"] == 0
+    assert testers == {V1: 0, V2: 500, V3: 0}
+    assert sum(others.values()) == 2000
+    assert_split({V1: others[V1], V2: others[V2]}, weights)
+
+
+def sticky_rules(kind: str, weights: dict[str, int]) -> list[dict[str, Any]]:
+    """One cookie-match rule per arm, then the weighted rule whose answers set the cookie."""
+    rules = [header_rule(kind, "cookie", "regex", rf"(.*;\s*)?{COOKIE}={s}(\s*;.*)?", s) for s in weights]
+    return [*rules, weighted_rule(kind, weights, cookie=True)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sticky_cookie_keeps_each_user_on_one_arm_while_the_weights_move(plane: DataPlane, kind: str) -> None:
+    users, per_user = 200, 20
+    name = f"sticky-{kind.lower()}"
+    weights = {V1: 70, V2: 30}
+    apply_route(plane, route_doc(kind, name, sticky_rules(kind, weights)))
+    router = router_for(plane, kind, name, len(weights))
+    gw = plane.gateway_for(kind, name)
+    try:
+        gen = LoadGenerator(
+            api=None,
+            namespace=NAMESPACE,
+            httproute=name,
+            backends={n: s.url for n, s in plane.servers.items()},
+            rps=300.0,
+            max_seconds=60.0,
+            max_requests=users * (per_user + 5),
+            feedback=False,
+            workers=16,
+            via=gw.url,
+            users=users,
+            cookies=True,
+        ).start()
+        # Move the weights while the users keep coming back: they must not move with them.
+        time.sleep(4.0)
+        assert router.set_weights({V1: 20, V2: 80}) == {V1: 20, V2: 80}
+        assert gen.wait(70.0), "load generator did not finish"
+        gen.stop()
+    finally:
+        gw.close()
+    stats = gen.stats()
+    seen = gen.user_backends
+    moved = {u: arms for u, arms in seen.items() if len(arms) > 1}
+    served = {u: sum(arms.values()) for u, arms in seen.items()}
+    per_arm = {arm: sum(1 for arms in seen.values() if arm in arms) for arm in weights}
+    print(
+        f"\n{kind} cookie affinity: {len(seen)} users, requests per user min {min(served.values())} "
+        f"max {max(served.values())}; users per arm {per_arm} (weights {weights} at their first "
+        f"request); users that changed arm: {len(moved)}; errors {stats['total_errors']}"
+    )
+    assert len(seen) == users and min(served.values()) >= per_user, served
+    assert not moved, moved
+    assert stats["total_errors"] == 0, stats
+    # Users were split by the weights in force at their first request (70/30).
+    assert abs(per_arm[V1] / users - 0.7) <= 0.1, per_arm

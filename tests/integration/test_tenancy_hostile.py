@@ -174,7 +174,7 @@ INVALID: list[tuple[str, Callable[[Doc], None], str]] = [
         ),
         "comparisons[0].templateRef",
     ),
-    ("unimplemented router", setter(spec, trafficRouting={"istio": {"virtualService": "v"}}), "istio"),
+    ("unimplemented router", setter(spec, trafficRouting={"replicas": {"totalReplicas": 4}}), "replicas"),
 ]
 
 

@@ -188,3 +188,12 @@ def test_a_platform_template_that_does_not_bind_the_namespace_is_refused() -> No
         findings(cluster_template('sum(rate(x{namespace="{{ namespace }}",service="{{ service }}"}[1m]))'))
         == []
     )
+
+
+def test_an_istio_routed_spec_is_clean_offline() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["trafficRouting"] = {"istio": {"virtualService": "fraud", "routeName": "primary"}}
+    assert findings(doc) == []
+    assert findings(experiment(trafficRouting={"istio": {"virtualService": "recsys"}})) == []
+    doc["spec"]["trafficRouting"] = {"istio": {"routeName": "primary"}}  # the VirtualService is required
+    assert any("virtualService" in f.field or "virtualService" in f.message for f in findings(doc))

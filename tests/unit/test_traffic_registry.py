@@ -17,12 +17,11 @@ from tests.unit.test_route_opt_in import FakeRoutes
 
 
 def test_the_registry_finds_the_gateway_api_router_and_answers_for_the_others() -> None:
-    assert set(registry.ROUTERS) == {"gatewayAPI"}
+    assert set(registry.ROUTERS) == {"gatewayAPI", "istio"}
     assert set(registry.OFFERED) == {"gatewayAPI", "istio", "replicas", "kserve"}
     router, config = registry.selected(TrafficRouting.model_validate({"gatewayAPI": {"httpRoute": "r"}}))
     assert router.name == "gatewayAPI" and config.httpRoute == "r"
     offered = (
-        ("istio", {"virtualService": "vs"}),
         ("replicas", {"totalReplicas": 4}),
         ("kserve", {"inferenceService": "fraud"}),
     )
@@ -31,7 +30,7 @@ def test_the_registry_finds_the_gateway_api_router_and_answers_for_the_others() 
         with pytest.raises(RouterError) as err:
             registry.selected(routing)
         assert err.value.field == f"spec.trafficRouting.{name}"
-        assert "not implemented in this version; use gatewayAPI" in err.value.message
+        assert "not implemented in this version; use gatewayAPI or istio" in err.value.message
     with pytest.raises(RouterError, match="set exactly one router"):
         registry.selected(TrafficRouting.model_construct())
 
@@ -42,7 +41,8 @@ def test_the_one_owner_key_comes_from_the_router_of_the_raw_spec() -> None:
     default = registry.route_key("ml", {"gatewayAPI": {"httpRoute": "fraud"}})
     assert default is not None and default[0] == ("ml", "fraud", 0)
     assert registry.route_key("ml", {"gatewayAPI": {"ruleIndex": "x"}}) is None
-    assert registry.route_key("ml", {"istio": {"virtualService": "vs"}}) is None  # no such router yet
+    istio = registry.route_key("ml", {"istio": {"virtualService": "vs"}})
+    assert istio is not None and istio[0] == ("ml", "vs", 0) and istio[1].name == "istio"
 
 
 def test_capabilities_refuse_what_the_router_cannot_carry() -> None:

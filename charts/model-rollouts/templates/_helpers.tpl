@@ -73,7 +73,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 What the operator does in each watched namespace: its own resources and their status, HTTPRoute
-weights (only on routes that opt in with the mlrollouts.io/managed-by annotation: RBAC cannot grant
+and Istio VirtualService weights (get and patch only; only on routes that opt in with the mlrollouts.io/managed-by annotation: RBAC cannot grant
 by annotation, so the operator checks it before every write), Events, candidate readiness
 (Services, EndpointSlices) and the namespace's MetricTemplates. No Secrets: those are read only in
 the release namespace (model-rollouts.secretsRole). Shared by the ClusterRole (cluster-wide mode)
@@ -92,6 +92,9 @@ and each Role (namespaced mode).
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [get, list, watch, patch]
+- apiGroups: [networking.istio.io]
+  resources: [virtualservices]
+  verbs: [get, patch]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

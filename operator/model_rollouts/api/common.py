@@ -164,8 +164,17 @@ class GatewayAPIRouting(Model):
 
 
 class IstioRouting(Model):
-    virtualService: Name
-    routeName: str | None = Field(default=None, max_length=253)
+    virtualService: Name = Field(
+        description="Istio VirtualService (networking.istio.io/v1) whose route destinations' weights the "
+        "operator sets; it must opt in with the mlrollouts.io/managed-by annotation."
+    )
+    routeName: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Which entry of the VirtualService's spec.http to weight, by its name; unset: the "
+        "VirtualService must have exactly one http route. A destination is an arm's Service by its "
+        "host (short or <svc>.<namespace>[.svc[.cluster.local]]), or by its subset when it has one.",
+    )
 
 
 class ReplicaRouting(Model):
@@ -190,7 +199,9 @@ class TrafficRouting(Model):
         },
     )
     gatewayAPI: GatewayAPIRouting | None = None
-    istio: IstioRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
+    istio: IstioRouting | None = Field(
+        default=None, description="Istio: weights of the destinations of one http route of a VirtualService."
+    )
     replicas: ReplicaRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
     kserve: KServeRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
 

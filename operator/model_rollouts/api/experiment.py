@@ -35,7 +35,9 @@ TERMINAL_PHASES = ("Concluded", "RolledBack", "Aborted")
 
 class Variant(Model):
     name: Name
-    service: Name = Field(description="Service named in the HTTPRoute backendRefs.")
+    service: Name = Field(
+        description="Service named in the route (HTTPRoute backendRef, VirtualService destination)."
+    )
     control: bool = Field(default=False, description="Exactly one variant is the control.")
     weight: int | None = Field(
         default=None,

@@ -50,7 +50,9 @@ TERMINAL_PHASES = ("Promoted", "RolledBack", "Aborted", "Idle")
 
 
 class VariantRef(Model):
-    service: Name = Field(description="Service named in the HTTPRoute backendRefs.")
+    service: Name = Field(
+        description="Service named in the route (HTTPRoute backendRef, VirtualService destination)."
+    )
     deployment: Name | None = Field(
         default=None, description="Deployment serving this variant (informational)."
     )
