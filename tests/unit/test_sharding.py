@@ -1,0 +1,75 @@
+"""Shards: which objects an operator instance owns, and that Kopf asks the API server to select them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import kopf
+import pytest
+from kopf._cogs.structs import references
+
+from model_rollouts import main, sharding
+from model_rollouts.sharding import INSTANCE_LABEL, label_selector, lease_name, owns, validate_instance
+
+
+def _resource(plural: str, kind: str) -> references.Resource:
+    return references.Resource(
+        "mlrollouts.io", "v1alpha1", plural, kind=kind, namespaced=True, verbs=["list", "watch", "patch"]
+    )
+
+
+@pytest.fixture()
+def instance() -> Iterator[list[str]]:
+    saved = list(main.INSTANCE)
+    yield main.INSTANCE
+    main.INSTANCE[:] = saved
+
+
+def test_the_default_instance_owns_only_unlabelled_objects() -> None:
+    assert owns("", None) and owns("", {"team": "a"})
+    assert not owns("", {INSTANCE_LABEL: "a"})
+    assert not owns("", {INSTANCE_LABEL: ""})  # the label is there, naming no instance
+    assert label_selector("") == f"!{INSTANCE_LABEL}"
+
+
+def test_a_named_instance_owns_only_objects_labelled_with_its_name() -> None:
+    assert owns("a", {INSTANCE_LABEL: "a"})
+    assert not owns("a", {INSTANCE_LABEL: "b"}) and not owns("a", {}) and not owns("a", None)
+    assert label_selector("a") == f"{INSTANCE_LABEL}=a"
+
+
+def test_each_instance_has_its_own_lease() -> None:
+    assert lease_name("model-rollouts", "") == "model-rollouts"
+    assert lease_name("model-rollouts", "shard-a") == "model-rollouts-shard-a"
+    assert lease_name("model-rollouts", "a") != lease_name("model-rollouts", "b")
+
+
+@pytest.mark.parametrize("name", ["", "a", "shard-1", "0", "x" * sharding.MAX_NAME])
+def test_valid_instance_names(name: str) -> None:
+    assert validate_instance(name) is None
+
+
+@pytest.mark.parametrize("name", ["A", "shard_a", "-a", "a-", "a.b", "a b", "x" * (sharding.MAX_NAME + 1)])
+def test_invalid_instance_names_are_named(name: str) -> None:
+    assert validate_instance(name)
+
+
+def test_the_operator_rejects_a_bad_instance_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main.main(["--instance", "Shard_A", "--no-leader-election", "--metrics-port", "0"])
+    assert e.value.code == 2
+    assert "--instance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["", "shard-a"])
+def test_kopf_lists_and_watches_both_kinds_with_the_instance_selector(instance: list[str], name: str) -> None:
+    """Server-side: the selector goes into every list and watch URL of our two kinds, none other."""
+    instance[:] = [name]
+    settings = kopf.OperatorSettings()
+    main.configure(settings=settings)
+    for plural, kind in (("modelrollouts", "ModelRollout"), ("modelexperiments", "ModelExperiment")):
+        assert list(settings.watching.label_selectors.collect(_resource(plural, kind))) == [
+            label_selector(name)
+        ]
+    other = references.Resource("mlrollouts.io", "v1alpha1", "metrictemplates", kind="MetricTemplate")
+    assert list(settings.watching.label_selectors.collect(other)) == []
