@@ -73,3 +73,33 @@ def test_kopf_lists_and_watches_both_kinds_with_the_instance_selector(instance: 
         ]
     other = references.Resource("mlrollouts.io", "v1alpha1", "metrictemplates", kind="MetricTemplate")
     assert list(settings.watching.label_selectors.collect(other)) == []
+
+
+def _series(name: str) -> int:
+    from prometheus_client import REGISTRY
+
+    return sum(
+        1
+        for family in REGISTRY.collect()
+        for s in family.samples
+        if s.labels.get("name") == name and family.name.startswith("mlrollouts_")
+    )
+
+
+def test_an_object_that_leaves_the_instance_takes_its_series_with_it() -> None:
+    """Relabelled to another shard, the watch sees it DELETED: this instance exports it no more."""
+    from model_rollouts import telemetry
+    from model_rollouts.handlers import shards
+
+    phases = ("Progressing", "Paused")
+    telemetry.set_phase("ModelRollout", "ml", "moved", "Paused", phases)
+    telemetry.WEIGHT.labels("ModelRollout", "ml", "moved", "candidate").set(20)
+    telemetry.set_phase("ModelExperiment", "ml", "moved-exp", "Progressing", phases)
+    assert _series("moved") == 3
+    shards.rollout_event(type="MODIFIED", namespace="ml", name="moved")
+    assert _series("moved") == 3
+    shards.rollout_event(type="DELETED", namespace="ml", name="moved")
+    assert _series("moved") == 0
+    assert _series("moved-exp") == 2
+    shards.experiment_event(type="DELETED", namespace="ml", name="moved-exp")
+    assert _series("moved-exp") == 0
