@@ -20,6 +20,8 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -186,22 +188,34 @@ def _decisions(log: Path, name: str) -> int:
 
 
 def _requests(s: Stack) -> list[dict[str, Any]]:
-    """The shards' completed requests (a watch counts when its response starts)."""
-    return [
-        e
-        for e in s.cluster.audit_events()
-        if e.get("stage") == ("ResponseStarted" if e.get("verb") == "watch" else "ResponseComplete")
-    ]
+    """The shards' completed requests (a watch counts when its response starts); ``objectRef`` is {}
+    for a request that names no resource (discovery)."""
+    out = []
+    for e in s.cluster.audit_events():
+        if e.get("stage") == ("ResponseStarted" if e.get("verb") == "watch" else "ResponseComplete"):
+            e["objectRef"] = e.get("objectRef") or {}
+            out.append(e)
+    return out
 
 
-def test_two_shards_each_act_only_on_their_own_objects_and_fail_over_on_their_own(stack: Stack) -> None:
+@dataclass
+class Shards:
+    """Shard a (the chart's ServiceAccount) and shard b (its own), each a leader and a standby."""
+
+    s: Stack
+    procs: dict[str, Any]
+
+    def pid(self, name: str) -> int:
+        return int(self.procs[name].pid)
+
+
+@pytest.fixture(scope="module")
+def shards(stack: Stack) -> Iterator[Shards]:
     s = stack
-    assert s.prom is not None and s.workdir is not None
     kube_b = _second_service_account(s)
     procs: dict[str, Any] = {}
     lg_b = None
     try:
-        # Shard a: the chart's ServiceAccount; shard b: its own. Each: a leader, then a standby.
         procs["a1"] = s.start_operator(["--instance", "a"], log_name="shard-a1.log")
         procs["a2"] = s.start_operator(["--instance", "a"], log_name="shard-a2.log")
         kube_a, s.operator_kubeconfig = s.operator_kubeconfig, kube_b
@@ -211,21 +225,14 @@ def test_two_shards_each_act_only_on_their_own_objects_and_fail_over_on_their_ow
         finally:
             s.operator_kubeconfig = kube_a
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while True:
             try:
-                holders = (_holder_pid(s, LEASE_A), _holder_pid(s, LEASE_B))
+                _holder_pid(s, LEASE_A), _holder_pid(s, LEASE_B)
                 break
             except Exception:
+                if time.monotonic() > deadline:
+                    raise AssertionError("the shards' Leases were not taken within 30s") from None
                 time.sleep(0.5)
-        else:
-            raise AssertionError("the shards' Leases were not taken within 30s")
-        pids = {name: p.pid for name, p in procs.items()}
-        assert holders[0] in (pids["a1"], pids["a2"]) and holders[1] in (pids["b1"], pids["b2"]), (
-            holders,
-            pids,
-        )
-        b_holder = _lease(s, LEASE_B)
-
         for route in ("rb", "reb", "ru"):
             kubectl_apply(s.api, [httproute(route, s.namespace, {V1: 100, V2: 0})])
         lg_b = LoadGenerator(
@@ -237,44 +244,68 @@ def test_two_shards_each_act_only_on_their_own_objects_and_fail_over_on_their_ow
             max_seconds=600,
             max_requests=30 * 600,
         ).start()
-
-        def rollout(name: str, route: str, instance: str | None) -> dict[str, Any]:
-            assert s.prom is not None
-            doc = objects.rollout(
-                name, s.prom.url, STEPS, stable=V1, candidate={"service": V2}, route=route, compare=False
-            )
-            return _labelled(doc, instance)
-
-        experiment = objects.experiment(
-            "eb", s.prom.url, [{"name": "control", "service": V1}, {"name": "b", "service": V2}], "reb"
-        )
-        with Routes(s, ["ra", "rb", "ru"]) as routes:
-            s.apply(rollout("u1", "ru", None))  # the default instance's: nobody here may act on it
-            s.apply(_labelled(experiment, "b"))
-            s.apply(rollout("a1", "ra", "a"))
-            s.apply(rollout("b1", "rb", "b"))
-            s.wait_for(P, "a1", lambda o: weight(o) == 40, 90)
-            a_leader = next(n for n in ("a1", "a2") if pids[n] == _holder_pid(s, LEASE_A))
-            a_standby = "a2" if a_leader == "a1" else "a1"
-            assert _decisions(s.workdir / f"shard-{a_leader}.log", "a1") >= 1
-            killed_at = time.monotonic()
-            procs[a_leader].kill()  # SIGKILL: no hand-back, the Lease must expire
-            procs[a_leader].wait(10)
-            s.wait_for(P, "a1", lambda o: (weight(o) or 0) >= 60, 60)
-            takeover = time.monotonic() - killed_at
-            s.wait_for(P, "a1", lambda o: phase(o) == "Promoted", 90)
-            s.wait_for(P, "b1", lambda o: phase(o) == "Promoted", 90)
-            eb = s.wait_for(EXP, "eb", lambda o: phase(o) is not None, 30)
-            u1 = s.get(P, "u1")
-            a_holder, b_after = _holder_pid(s, LEASE_A), _lease(s, LEASE_B)
-        time.sleep(2)  # the audit backend logs a request after its response
-        events = _requests(s)
+        yield Shards(s, procs)
     finally:
         if lg_b is not None:
             lg_b.stop()
         for p in procs.values():
             stop_proc(p)
         s.operator = None
+
+
+def _rollout(
+    s: Stack, name: str, route: str, instance: str | None, steps: list[dict[str, Any]]
+) -> dict[str, Any]:
+    assert s.prom is not None
+    doc = objects.rollout(
+        name, s.prom.url, steps, stable=V1, candidate={"service": V2}, route=route, compare=False
+    )
+    return _labelled(doc, instance)
+
+
+def _by_user(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {USER_A: [], USER_B: []}
+    for e in events:
+        user = (e.get("user") or {}).get("username")
+        if user in out:
+            out[user].append(e)
+    return out
+
+
+def test_two_shards_each_act_only_on_their_own_objects_and_fail_over_on_their_own(shards: Shards) -> None:
+    s = shards.s
+    assert s.prom is not None and s.workdir is not None
+    pids = {name: shards.pid(name) for name in shards.procs}
+    holders = (_holder_pid(s, LEASE_A), _holder_pid(s, LEASE_B))
+    assert holders[0] in (pids["a1"], pids["a2"]) and holders[1] in (pids["b1"], pids["b2"]), (holders, pids)
+    b_holder = _lease(s, LEASE_B)
+    experiment = objects.experiment(
+        "eb",
+        s.prom.url,
+        [{"name": "control", "service": V1, "control": True}, {"name": "b", "service": V2}],
+        "reb",
+    )
+    with Routes(s, ["ra", "rb", "ru"]) as routes:
+        s.apply(_rollout(s, "u1", "ru", None, STEPS))  # the default instance's: nobody here may act on it
+        s.apply(_labelled(experiment, "b"))
+        s.apply(_rollout(s, "a1", "ra", "a", STEPS))
+        s.apply(_rollout(s, "b1", "rb", "b", STEPS))
+        s.wait_for(P, "a1", lambda o: weight(o) == 40, 90)
+        a_leader = next(n for n in ("a1", "a2") if pids[n] == _holder_pid(s, LEASE_A))
+        a_standby = "a2" if a_leader == "a1" else "a1"
+        assert _decisions(s.workdir / f"shard-{a_leader}.log", "a1") >= 1
+        killed_at = time.monotonic()
+        shards.procs[a_leader].kill()  # SIGKILL: no hand-back, the Lease must expire
+        shards.procs[a_leader].wait(10)
+        s.wait_for(P, "a1", lambda o: (weight(o) or 0) >= 60, 60)
+        takeover = time.monotonic() - killed_at
+        s.wait_for(P, "a1", lambda o: phase(o) == "Promoted", 90)
+        s.wait_for(P, "b1", lambda o: phase(o) == "Promoted", 90)
+        eb = s.wait_for(EXP, "eb", lambda o: phase(o) is not None, 30)
+        u1 = s.get(P, "u1")
+        a_holder, b_after = _holder_pid(s, LEASE_A), _lease(s, LEASE_B)
+    time.sleep(2)  # the audit backend logs a request after its response
+    events = _requests(s)
 
     # a's standby continued a's rollout in step order; b's went on in order under the same leader.
     assert routes.seen["ra"] == [0, 20, 40, 60, 100], routes.seen
@@ -291,18 +322,14 @@ def test_two_shards_each_act_only_on_their_own_objects_and_fail_over_on_their_ow
     assert eb["status"]["phase"]
 
     # From the audit log: who touched what.
-    by_user: dict[str, list[dict[str, Any]]] = {USER_A: [], USER_B: []}
-    for e in events:
-        user = (e.get("user") or {}).get("username")
-        if user in by_user:
-            by_user[user].append(e)
+    by_user = _by_user(events)
     for user, own in OWN.items():
         mine = by_user[user]
         others = set().union(*(names for u, names in OWN.items() if u != user)) | UNOWNED
         named = [(e["verb"], e["objectRef"].get("resource"), e["objectRef"].get("name")) for e in mine]
         # Never a read or a write of another shard's (or the default instance's) object by name ...
         assert not [n for n in named if n[2] in others], (user, [n for n in named if n[2] in others])
-        # ... it wrote its own objects' status and routes ...
+        # ... it wrote its own objects' status and routes only ...
         writes = {(r, n) for v, r, n in named if v in WRITES}
         assert {n for r, n in writes if r in (P, EXP)} <= own and {
             n for r, n in writes if r == "httproutes"
@@ -325,3 +352,49 @@ def test_two_shards_each_act_only_on_their_own_objects_and_fail_over_on_their_ow
     }
     assert (P, "a1") in writes_a and ("httproutes", "ra") in writes_a, writes_a
     assert {(P, "b1"), (EXP, "eb"), ("httproutes", "rb")} <= writes_b, writes_b
+
+
+def test_a_rollout_relabelled_at_its_gate_moves_to_the_other_shard(shards: Shards) -> None:
+    """Paused at a manual gate in shard a, relabelled to b: b resumes and promotes it; a writes it no more."""
+    s = shards.s
+    kubectl_apply(s.api, [httproute("rm", s.namespace, {V1: 100, V2: 0})])
+    lg = LoadGenerator(
+        api=s.api,
+        namespace=s.namespace,
+        httproute="rm",
+        backends={V1: s.servers[V1].url, V2: s.servers[V2].url},
+        rps=20,
+        max_seconds=300,
+        max_requests=20 * 300,
+    ).start()
+    try:
+        with Routes(s, ["rm"]) as routes:
+            s.apply(_rollout(s, "m1", "rm", "a", [{"setWeight": 20}, {"pause": {}}, {"setWeight": 100}]))
+            s.wait_for(P, "m1", lambda o: phase(o) == "Paused" and weight(o) == 20, 90)
+            time.sleep(3)  # a's last status write at the gate has landed
+            moved = datetime.now(UTC)
+            client.CustomObjectsApi(s.api).patch_namespaced_custom_object(
+                G, V, s.namespace, P, "m1", {"metadata": {"labels": {LABEL: "b"}}}
+            )
+            time.sleep(4)  # b's watch has it
+            s.annotate(P, "m1", {"mlrollouts.io/resume": "moved"})
+            s.wait_for(P, "m1", lambda o: phase(o) == "Promoted", 90)
+    finally:
+        lg.stop()
+    time.sleep(2)
+    by_user = _by_user(_requests(s))
+
+    def touched(user: str, after: datetime) -> list[str]:
+        return [
+            f"{e['verb']} {e['objectRef'].get('resource')}"
+            for e in by_user[user]
+            if e["objectRef"].get("name") in ("m1", "rm")
+            and e["verb"] in WRITES
+            and datetime.fromisoformat(e["requestReceivedTimestamp"].replace("Z", "+00:00")) >= after
+        ]
+
+    assert routes.seen["rm"] == [0, 20, 100], routes.seen
+    # A tick a had already started when the label changed may still land (within a second or two).
+    settled = moved + timedelta(seconds=3)
+    assert touched(USER_A, settled) == [], touched(USER_A, moved)
+    assert touched(USER_B, moved), "shard b never wrote the rollout it was given"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import kopf
 import pytest
@@ -86,6 +87,13 @@ def _series(name: str) -> int:
     )
 
 
+def _body(name: str, uid: str, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "ml", "uid": uid}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-07T15:00:00Z"
+    return {"metadata": meta}
+
+
 def test_an_object_that_leaves_the_instance_takes_its_series_with_it() -> None:
     """Relabelled to another shard, the watch sees it DELETED: this instance exports it no more."""
     from model_rollouts import telemetry
@@ -96,10 +104,46 @@ def test_an_object_that_leaves_the_instance_takes_its_series_with_it() -> None:
     telemetry.WEIGHT.labels("ModelRollout", "ml", "moved", "candidate").set(20)
     telemetry.set_phase("ModelExperiment", "ml", "moved-exp", "Progressing", phases)
     assert _series("moved") == 3
-    shards.rollout_event(type="MODIFIED", namespace="ml", name="moved")
+    shards.rollout_event(type="MODIFIED", body=_body("moved", "u-1"))
     assert _series("moved") == 3
-    shards.rollout_event(type="DELETED", namespace="ml", name="moved")
+    shards.rollout_event(type="DELETED", body=_body("moved", "u-1"))
     assert _series("moved") == 0
     assert _series("moved-exp") == 2
-    shards.experiment_event(type="DELETED", namespace="ml", name="moved-exp")
+    shards.experiment_event(type="DELETED", body=_body("moved-exp", "u-2"))
     assert _series("moved-exp") == 0
+
+
+def test_an_object_that_left_is_not_here_until_it_comes_back() -> None:
+    from model_rollouts.handlers import shards
+
+    assert shards.here(uid="u-3")
+    shards.rollout_event(type="DELETED", body=_body("gone", "u-3"))  # left the selector, still exists
+    assert not shards.here(uid="u-3")
+    shards.rollout_event(type="ADDED", body=_body("gone", "u-3"))  # relabelled back
+    assert shards.here(uid="u-3")
+    shards.rollout_event(type="DELETED", body=_body("deleted", "u-4", deleting=True))  # really deleted
+    assert shards.here(uid="u-4")
+
+
+def test_every_timer_of_both_kinds_stops_for_an_object_that_left() -> None:
+    """Kopf keeps a forgotten object's timers on its last body; a timer whose ``when=`` did not
+    include ``here`` would keep ticking an object relabelled to another shard."""
+    from model_rollouts.handlers import experiment, rollout, shards  # noqa: F401  (registers them)
+
+    timers = [
+        h
+        for h in kopf.get_default_registry()._spawning.get_all_handlers()
+        if type(h).__name__ == "TimerHandler"
+    ]
+    assert len(timers) == 4, timers
+    shards._left.add("u-left")
+    try:
+        for h in timers:
+            assert h.when is not None
+            statuses = [{"phase": p} for p in ("Progressing", "Aborted", "RolledBack")]
+            kw: dict[str, Any] = {"spec": {}, "annotations": {}}
+            matching = [st for st in statuses if h.when(uid="u-here", status=st, **kw)]
+            assert matching, h.id
+            assert not any(h.when(uid="u-left", status=st, **kw) for st in matching), h.id
+    finally:
+        shards._left.discard("u-left")
