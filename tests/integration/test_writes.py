@@ -158,3 +158,26 @@ def test_a_finished_rollout_costs_no_api_request_beyond_the_watches(fresh: Stack
         if e["verb"] != "watch" and (e.get("objectRef") or {}).get("resource") != "leases"
     ]
     assert beyond == [], beyond
+
+
+def test_a_route_that_already_carries_the_first_weight_is_never_written(fresh: Stack) -> None:
+    """The route is at 80/20 before the rollout exists: reaching its first step (20) writes nothing."""
+    s = fresh
+    s.apply(httproute(ROUTE, s.namespace, {V1: 80, V2: 20}))
+    start = datetime.now(UTC)
+    s.apply(_rollout(s, "matched"))
+    s.wait_for(
+        P,
+        "matched",
+        lambda o: phase(o) == "Paused" and weight(o) == 20 and bool(o["status"].get("lastAnalysisTime")),
+        90,
+    )
+    time.sleep(2 * INTERVAL)  # two more analyses at the gate
+    reqs = _requests(s, start, datetime.now(UTC))
+    route_writes = [
+        _call(e)
+        for e in reqs
+        if e["verb"] in WRITES and (e.get("objectRef") or {}).get("resource") == "httproutes"
+    ]
+    assert route_writes == [], route_writes
+    assert s.route_weights() == {V1: 80, V2: 20}
