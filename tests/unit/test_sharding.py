@@ -147,3 +147,12 @@ def test_every_timer_of_both_kinds_stops_for_an_object_that_left() -> None:
             assert not any(h.when(uid="u-left", status=st, **kw) for st in matching), h.id
     finally:
         shards._left.discard("u-left")
+
+
+def test_a_stopped_timer_gets_time_to_end_instead_of_a_dummy_status_patch(instance: list[str]) -> None:
+    """Kopf's default (a few zero-time cycles, then a re-check 60 s later through a patch of status)
+    wrote status once per finished object without any change (tests/integration/test_writes.py)."""
+    settings = kopf.OperatorSettings()
+    assert settings.background.instant_exit_timeout is None  # Kopf's default
+    main.configure(settings=settings)
+    assert settings.background.instant_exit_timeout == 0.5
