@@ -21,8 +21,8 @@ from tests.harness.cluster import ControlPlane
 from tests.harness.objects import delete_all, phase, weight
 from tests.harness.stack import Stack, httproute
 
-V1, V2, ROUTE = "writes-v1", "writes-v2", "writes"
-P = "modelrollouts"
+V1, V2, ROUTE, EXP_ROUTE = "writes-v1", "writes-v2", "writes", "writes-exp"
+P, EXP = "modelrollouts", "modelexperiments"
 USER = "system:serviceaccount:model-rollouts:model-rollouts"
 WRITES = {"create", "update", "patch", "delete", "deletecollection"}
 INTERVAL = 10
@@ -141,14 +141,22 @@ def test_at_a_gate_status_is_written_at_most_once_per_analysis_and_the_route_nev
     assert s.route_weights() == {V1: 80, V2: 20}
 
 
-def test_a_finished_rollout_costs_no_api_request_beyond_the_watches(fresh: Stack) -> None:
+def test_finished_objects_cost_no_api_request_beyond_the_watches(fresh: Stack) -> None:
+    """An aborted rollout and an aborted experiment: no request at all but the watches and the Lease."""
     s = fresh
+    assert s.prom is not None
+    s.apply(httproute(EXP_ROUTE, s.namespace, {V1: 100, V2: 0}))
+    variants = [{"name": "control", "service": V1, "control": True}, {"name": "b", "service": V2}]
+    s.apply(objects.experiment("exp-done", s.prom.url, variants, EXP_ROUTE))
     s.apply(_rollout(s, "done"))
     s.wait_for(P, "done", lambda o: phase(o) == "Paused" and weight(o) == 20, 90)
+    s.wait_for(EXP, "exp-done", lambda o: phase(o) not in (None, "Pending"), 60)
     s.annotate(P, "done", {"mlrollouts.io/abort": "test"})
+    s.annotate(EXP, "exp-done", {"mlrollouts.io/abort": "test"})
     s.wait_for(P, "done", lambda o: phase(o) == "Aborted", 30, poll=0.1)
+    s.wait_for(EXP, "exp-done", lambda o: phase(o) == "Aborted", 30, poll=0.1)
     s.wait_route({V2: 0})
-    time.sleep(2)  # the abort's own Event
+    time.sleep(2)  # the aborts' own Events
     # From just after the abort, and longer than Kopf's 60 s re-check of a timer that did not stop
     # at once (which used to end in a status patch of its own, a write without a change).
     start = datetime.now(UTC)
@@ -161,6 +169,7 @@ def test_a_finished_rollout_costs_no_api_request_beyond_the_watches(fresh: Stack
         if e["verb"] != "watch" and (e.get("objectRef") or {}).get("resource") != "leases"
     ]
     assert beyond == [], beyond
+    delete_all(s, EXP, ignore_errors=True)
 
 
 def test_a_route_that_already_carries_the_first_weight_is_never_written(fresh: Stack) -> None:
