@@ -34,8 +34,11 @@ def route(rv: str, weights: dict[str, int], name: str = "r", **annotations: str)
 def test_nothing_is_served_until_the_watch_runs() -> None:
     c = RouteCache()
     c.seen(None, route("1", {"v1": 100}))
+    c.store(route("2", {"v1": 100}))  # a router's own write, outside the operator
     assert c.get("ml", "r") is None
     c.enabled = True
+    assert c.get("ml", "r") is None
+    c.seen(None, route("1", {"v1": 100}))
     got = c.get("ml", "r")
     assert got is not None
     assert got["spec"]["rules"][0]["backendRefs"] == [{"name": "v1", "port": 80, "weight": 100}]

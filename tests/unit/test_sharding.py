@@ -21,6 +21,7 @@ def _resource(plural: str, kind: str) -> references.Resource:
 
 @pytest.fixture()
 def instance() -> Iterator[list[str]]:
+    """main.configure() sets process-wide state: the instance (and, with the route cache, its switch)."""
     saved = list(main.INSTANCE)
     yield main.INSTANCE
     main.INSTANCE[:] = saved

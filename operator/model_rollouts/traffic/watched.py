@@ -4,8 +4,8 @@ A Kopf ``on.event`` handler on HTTPRoutes (handlers/routes.py) keeps it; a route
 server's answer to its own PATCH too. Only what a router reads is kept (name, resourceVersion, the
 opt-in annotation and each rule's backendRefs), so memory follows the number of routes, not their
 size. A copy is never older than one the cache already holds (resourceVersions compared as the
-integers the API server hands out; anything else is taken as newer). Empty until the operator's watch
-runs (``enabled``), so a router outside the operator GETs as before.
+integers the API server hands out; anything else is taken as newer). Off, and empty, unless the
+operator watches routes (``enabled``, set at its startup): a router anywhere else GETs as before.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class RouteCache:
 
     def seen(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         """One watch event (``None`` for the initial listing, as Kopf sends it)."""
+        if not self.enabled:
+            return
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
         with self._lock:
@@ -65,7 +67,9 @@ class RouteCache:
         self.store(body)
 
     def store(self, body: Mapping[str, Any]) -> None:
-        """Keep this copy of a route unless the cache holds a newer one."""
+        """Keep this copy of a route unless the cache holds a newer one (nothing outside the operator)."""
+        if not self.enabled:
+            return
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
         new = trim(body)
