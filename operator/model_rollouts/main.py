@@ -14,10 +14,11 @@ from typing import Any, cast
 import kopf
 from prometheus_client import start_http_server
 
-from model_rollouts import __version__, health, leader, sharding
+from model_rollouts import __version__, health, kube, leader, policy, sharding
 from model_rollouts.api.common import GROUP, action_annotations
-from model_rollouts.metrics import policy, prometheus
+from model_rollouts.metrics import prometheus
 from model_rollouts.notify import sender as notify_sender
+from model_rollouts.traffic import watched
 
 #: Record attributes our decision log lines carry (``extra=``), copied into JSON lines.
 _FIELDS = ("namespace", "object", "kind", "phase", "revision", "weight", "decision")
@@ -75,6 +76,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # a dummy status patch of its own: a write without a change, once per finished object. Waiting up
     # to half a second (only this object's event processing waits) lets that last run end first.
     settings.background.instant_exit_timeout = 0.5
+    # Routers read HTTPRoutes from the operator's watch (handlers/routes.py) instead of GETting them.
+    watched.ROUTES.enabled = True
     # Watching only the given namespaces: do not try to list all namespaces (a 403 in that mode).
     settings.scanning.disabled = bool(WATCHED_NAMESPACES)
     # Sharding: the API server filters every list and watch by the instance label, so this replica
@@ -221,11 +224,11 @@ def main(argv: list[str] | None = None) -> None:
     INSTANCE[0] = args.instance
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    from model_rollouts.handlers import common, experiment, rollout, shards  # noqa: F401  (registers the handlers)
+    from model_rollouts.handlers import experiment, rollout, routes, shards  # noqa: F401  (registers the handlers)
 
     if args.leader_election:
         leader.ELECTOR = leader.Elector(
-            common.api(),
+            kube.api(),
             args.leader_election_namespace,
             sharding.lease_name(args.leader_election_id, args.instance),
             lease_seconds=args.leader_election_lease_duration,
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             health.serve(args.liveness)
         except ValueError as e:
             parser.error(f"--liveness: {e}")
-        health.PROBES.list_check = health.list_check(common.api(), list(args.namespace))
+        health.PROBES.list_check = health.list_check(kube.api(), list(args.namespace))
         health.PROBES.start_list_checks()
 
     kopf.run(

@@ -11,6 +11,8 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from model_rollouts.analysis import comparison
+
 PHASE = Gauge(
     "mlrollouts_phase", "1 for the current phase of each resource", ["kind", "namespace", "name", "phase"]
 )
@@ -188,30 +190,27 @@ def analysis_values(
     """What the gauges of one object say, from its status (``lastAnalysis`` and friends) and spec."""
     out: dict[Gauge, dict[tuple[str, ...], float]] = {g: {} for g in _ANALYSIS}
     experiment = kind == "ModelExperiment"
-    variants = spec.get("variants") or []
-    control = next((str(v.get("name")) for v in variants if v.get("control")), "control")
-    base, treated = (control, None) if experiment else ("stable", "candidate")
+    base = comparison.baseline_name(spec)
     for m in status.get("lastAnalysis") or []:
-        metric, variant = str(m.get("name")), str(m.get("variant") or "candidate")
+        metric, arm = str(m.get("name")), str(m.get("variant") or "candidate")
         if m.get("kind") == "guardrail":
             if (v := _num(m.get("value"))) is not None and m.get("outcome") == "value":
-                out[GUARDRAIL][(metric, variant)] = v
+                out[GUARDRAIL][(metric, arm)] = v
             continue
-        d = m.get("details") or {}
-        arm = treated or variant
+        c = comparison.numbers(m.get("details"))
         pairs = [
-            (ESTIMATE, (metric, base), d.get("control" if experiment else "stable")),
-            (ESTIMATE, (metric, arm), d.get("variant" if experiment else "candidate")),
-            (SAMPLES, (metric, base), d.get("controlN" if experiment else "stableN")),
-            (SAMPLES, (metric, arm), d.get("variantN" if experiment else "candidateN")),
-            (DIFFERENCE, (metric, arm), d.get("difference")),
-            (CI_LOW, (metric, arm), d.get("ciLow")),
-            (CI_HIGH, (metric, arm), d.get("ciHigh")),
-            (P_VALUE, (metric, arm), d.get("pValue")),
+            (ESTIMATE, (metric, base), c["baseline"]),
+            (ESTIMATE, (metric, arm), c["candidate"]),
+            (SAMPLES, (metric, base), c["baselineN"]),
+            (SAMPLES, (metric, arm), c["candidateN"]),
+            (DIFFERENCE, (metric, arm), c["difference"]),
+            (CI_LOW, (metric, arm), c["ciLow"]),
+            (CI_HIGH, (metric, arm), c["ciHigh"]),
+            (P_VALUE, (metric, arm), c["pValue"]),
         ]
         for gauge, key, value in pairs:
-            if (x := _num(value)) is not None:
-                out[gauge][key] = x
+            if value is not None:
+                out[gauge][key] = value
     analysis = spec.get("analysis") or {}
     for g in (analysis.get("guardrails") if not experiment else spec.get("guardrails")) or []:
         for bound in ("min", "max"):

@@ -12,8 +12,8 @@ Every judge sees the same simulated canaries (same seed, same per-interval data)
   counts collected since ``status.epochStartedAt`` (the engine keeps closed epochs in status and
   stratifies by epoch itself), with traffic split at ``status.weight``.  ``thompson_common_drift`` is a
   stats-level simulation (Thompson allocation by ``engine.bandit.thompson_weights`` every interval,
-  winners by ``engine.stats.compare_variants_stratified`` over allocation epochs), and
-  ``srm_continuous`` calls ``engine.stats.srm_sequential`` at every look.
+  winners by ``analysis.stats.compare_variants_stratified`` over allocation epochs), and
+  ``srm_continuous`` calls ``analysis.stats.srm_sequential`` at every look.
 * ``flagger``: Flagger's canary analysis.  Each interval one metric check of the candidate's value in
   that interval against a fixed threshold (the stable's rate when the canary was configured, minus a
   tolerance); ``threshold: 5`` failed checks roll back, ``iterations: 10`` passed checks promote (a
@@ -54,9 +54,9 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from model_rollouts.analysis import stats
 from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
 from model_rollouts.engine import rollout as eng
-from model_rollouts.engine import stats
 from model_rollouts.engine.bandit import thompson_weights
 
 ALPHA = 0.05

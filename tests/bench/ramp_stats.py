@@ -16,8 +16,8 @@ import sys
 
 import numpy as np
 
-from model_rollouts.engine import stats
-from model_rollouts.engine.stats import MeanData, ProportionData
+from model_rollouts.analysis import stats
+from model_rollouts.analysis.stats import MeanData, ProportionData
 
 Data = ProportionData | MeanData
 

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from model_rollouts.engine import stats
+from model_rollouts.analysis import stats
 
 
 def _sums(

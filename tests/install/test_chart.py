@@ -198,7 +198,7 @@ def test_default_install_allows_no_inline_address_and_a_value_does() -> None:
     args = _operator(render({"allowedProviderAddresses": [pattern]}))["args"]
     assert f"--allowed-provider-address={pattern}" in args
     # The operator accepts the flag as rendered (the same regular expression, compiled).
-    from model_rollouts.metrics import policy
+    from model_rollouts import policy
 
     rendered = args[args.index(f"--allowed-provider-address={pattern}")].split("=", 1)[1]
     before = (list(policy.POLICY.allowed), policy.POLICY.secret_namespace)

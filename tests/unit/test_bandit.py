@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.engine.bandit import thompson_weights
-from model_rollouts.engine.stats import ProportionData
 
 ARMS = {"a": ProportionData(100, 1000), "b": ProportionData(130, 1000), "c": ProportionData(90, 1000)}
 EVEN = {"a": 34, "b": 33, "c": 33}

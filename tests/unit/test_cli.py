@@ -16,6 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.api.common import dump
 from model_rollouts.api.experiment import ModelExperimentStatus
 from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
@@ -23,7 +24,6 @@ from model_rollouts.cli import app, render, view
 from model_rollouts.cli.kube import CliError, Kube, manifest_owner, parse_ref
 from model_rollouts.engine import experiment as xeng
 from model_rollouts.engine import rollout as eng
-from model_rollouts.engine.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 from tests.unit.test_experiment_engine import make_spec, obs
 

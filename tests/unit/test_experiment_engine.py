@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from model_rollouts.analysis.stats import MeanData, ProportionData
 from model_rollouts.api.common import dump, get_condition
 from model_rollouts.api.experiment import ModelExperimentSpec, ModelExperimentStatus
 from model_rollouts.engine import experiment as engine
@@ -17,14 +18,12 @@ from model_rollouts.engine.experiment import (
     Decision,
     Event,
     Observations,
-    SetWeights,
     VariantObservation,
     fixed_weights,
     needs_measurement,
     reconcile,
     revision_of,
 )
-from model_rollouts.engine.stats import MeanData, ProportionData
 from model_rollouts.metrics.provider import Result
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -65,8 +64,19 @@ def obs(
     return Observations(variants=out)
 
 
+#: id(decision) -> (spec, the status it was decided from, the decision): see set_weights.
+_FROM: dict[int, tuple[ModelExperimentSpec, ModelExperimentStatus, Decision]] = {}
+
+
+def decided(spec: ModelExperimentSpec, before: ModelExperimentStatus, d: Decision) -> Decision:
+    """Record that ``d`` was decided from ``before`` (whose weights the route carries)."""
+    _FROM[id(d)] = (spec, before, d)
+    return d
+
+
 def start(spec: ModelExperimentSpec, **kw: Any) -> Decision:
-    return reconcile(spec, ModelExperimentStatus(), now=T0, generation=1, **kw)
+    before = ModelExperimentStatus()
+    return decided(spec, before, reconcile(spec, before, now=T0, generation=1, **kw))
 
 
 def started(spec: ModelExperimentSpec, **kw: Any) -> Decision:
@@ -79,7 +89,8 @@ def started(spec: ModelExperimentSpec, **kw: Any) -> Decision:
 def step(
     spec: ModelExperimentSpec, d: Decision, seconds: float, o: Observations | None, **kw: Any
 ) -> Decision:
-    return reconcile(spec, d.status, now=T0 + timedelta(seconds=seconds), generation=1, observations=o, **kw)
+    new = reconcile(spec, d.status, now=T0 + timedelta(seconds=seconds), generation=1, observations=o, **kw)
+    return decided(spec, d.status, new)
 
 
 def weights(d: Decision) -> dict[str, int]:
@@ -87,7 +98,12 @@ def weights(d: Decision) -> dict[str, int]:
 
 
 def set_weights(d: Decision) -> list[dict[str, int]]:
-    return [a.weights for a in d.actions if isinstance(a, SetWeights)]
+    """The weights a decision moves the route to: the engine's ``route_weights`` of the status it
+    decided (what the controller writes, the one source of weights) when they differ from those of
+    the status it was decided from; [] when the route is left as it was."""
+    spec, before, _ = _FROM[id(d)]
+    new, old = engine.route_weights(spec, d.status), engine.route_weights(spec, before)
+    return [new] if new is not None and new != old else []
 
 
 def events(d: Decision) -> list[str]:

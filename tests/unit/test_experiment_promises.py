@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.api.common import get_condition
 from model_rollouts.api.crdgen import openapi_schema
 from model_rollouts.api.experiment import ModelExperimentSpec, ModelExperimentStatus
@@ -26,10 +27,10 @@ from model_rollouts.engine.experiment import (
     route_weights,
     validate,
 )
-from model_rollouts.engine.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 from tests.unit.test_experiment_engine import (
     T0,
+    decided,
     events,
     make_spec,
     obs,
@@ -83,6 +84,7 @@ def test_a_finished_experiment_made_invalid_by_the_loop_returns_to_its_phase() -
     assert broken.phase == "Invalid"
     assert deletion_weights(spec, broken) is None  # deleting it leaves the winner serving
     back = engine.reconcile(spec, broken, now=T0 + timedelta(seconds=90), generation=2)
+    decided(spec, d.status, back)  # the route still carries the concluded split (Invalid moved nothing)
     assert back.status.phase == "Concluded" and back.status.winner == "v1" and set_weights(back) == []
     assert cond(back, "Completed").status == "True" and cond(back, "Valid").status == "True"
 

@@ -6,13 +6,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.api.common import dump
 from model_rollouts.api.experiment import ModelExperimentSpec, ModelExperimentStatus
 from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus, RolloutSeriesPoint
 from model_rollouts.engine import experiment as xeng
 from model_rollouts.engine import rollout as eng
 from model_rollouts.engine import series
-from model_rollouts.engine.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

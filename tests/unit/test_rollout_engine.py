@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
@@ -17,7 +18,6 @@ from model_rollouts.api.rollout import (
     ModelRolloutStatus,
 )
 from model_rollouts.engine import rollout as eng
-from model_rollouts.engine.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -355,7 +355,7 @@ def test_required_comparison_blocks_promotion_until_it_passes() -> None:
 
 
 def test_mean_comparison_without_data_writes_only_finite_numbers() -> None:
-    from model_rollouts.engine.stats import MeanData
+    from model_rollouts.analysis.stats import MeanData
 
     s = spec(
         [{"setWeight": 50}, {"pause": {}}],

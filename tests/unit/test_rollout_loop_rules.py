@@ -202,7 +202,7 @@ def _cmp_spec(**extra: Any) -> ModelRolloutSpec:
 
 
 def _cmp_obs(stable: tuple[float, float], cand: tuple[float, float]) -> eng.Observations:
-    from model_rollouts.engine.stats import ProportionData
+    from model_rollouts.analysis.stats import ProportionData
 
     data = eng.ComparisonData(stable=ProportionData(*stable), candidate=ProportionData(*cand))
     return eng.Observations(guardrails={"errors": Result("value", 0.0)}, comparisons={"fb": data})

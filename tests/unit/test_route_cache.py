@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from model_rollouts.traffic import watched
+from model_rollouts.traffic.gateway_api import GatewayAPIRouter
+from model_rollouts.traffic.router import Arm
 from model_rollouts.traffic.watched import OPT_IN, RouteCache, trim
+from tests.unit.test_route_opt_in import FakeRoutes
 
 
 def route(rv: str, weights: dict[str, int], name: str = "r", **annotations: str) -> dict[str, Any]:
@@ -87,3 +94,90 @@ def test_a_deleted_route_is_gone_and_a_copy_cannot_be_changed_through_get() -> N
     assert c.get("ml", "r") is None
     c.seen("ADDED", route("5", {"v1": 50}))  # created again
     assert c.get("ml", "r") is not None
+
+
+# -- the Gateway API router reading the cache ---------------------------------------------------------
+class Server(FakeRoutes):
+    """One HTTPRoute on a fake API server that counts GETs and answers a failed test op with 422."""
+
+    def __init__(self) -> None:
+        super().__init__({OPT_IN: "*"})
+        self.route["metadata"]["resourceVersion"] = "10"
+        self.gets = 0
+
+    def get_namespaced_custom_object(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        self.gets += 1
+        return super().get_namespaced_custom_object(*args, **kw)
+
+    def patch_namespaced_custom_object(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        try:
+            new = super().patch_namespaced_custom_object(*args, **kw)
+        except AssertionError:
+            raise ApiException(status=422, reason="test failed") from None
+        rv = str(int(self.route["metadata"]["resourceVersion"]) + 1)
+        self.route["metadata"]["resourceVersion"] = new["metadata"]["resourceVersion"] = rv
+        return new
+
+
+@pytest.fixture()
+def cache(monkeypatch: pytest.MonkeyPatch) -> RouteCache:
+    c = RouteCache()
+    c.enabled = True
+    monkeypatch.setattr(watched, "ROUTES", c)
+    return c
+
+
+def _router(server: Server) -> GatewayAPIRouter:
+    r = GatewayAPIRouter(None, "ml", "fraud", owner=("ModelRollout", "r"))  # type: ignore[arg-type]
+    r._co = server  # type: ignore[assignment]
+    return r
+
+
+ARMS = (Arm("stable", "v1"), Arm("candidate", "v2"))
+
+
+def test_a_router_reads_the_watched_route_and_requests_nothing_when_it_carries_the_weights(
+    cache: RouteCache,
+) -> None:
+    server = Server()
+    cache.seen(None, server.route)
+    r = _router(server)
+    state = r.read()
+    r.admit(state, list(ARMS))
+    assert r.write(state, {ARMS[0]: 100, ARMS[1]: 0}) is state
+    assert (server.gets, server.patches) == (0, [])
+
+
+def test_after_its_own_write_the_router_reads_what_the_api_server_stored(cache: RouteCache) -> None:
+    server = Server()
+    cache.seen(None, server.route)
+    r = _router(server)
+    moved = r.write(r.read(), {ARMS[0]: 80, ARMS[1]: 20})
+    assert moved.weights == {"v1": 80, "v2": 20} and len(server.patches) == 1
+    cache.seen(
+        "MODIFIED", {**server.route, "metadata": {**server.route["metadata"], "resourceVersion": "10"}}
+    )
+    assert r.read().weights == {"v1": 80, "v2": 20}  # the watch's older event does not undo it
+    assert server.gets == 0
+
+
+def test_a_stale_copy_costs_one_fresh_read_not_a_failed_tick(cache: RouteCache) -> None:
+    server = Server()
+    cache.seen(None, server.route)
+    refs = server.route["spec"]["rules"][0]["backendRefs"]
+    refs.reverse()  # someone reordered the backendRefs; the watch has not told us yet
+    r = _router(server)
+    moved = r.write(r.read(), {ARMS[0]: 70, ARMS[1]: 30})
+    assert moved.weights == {"v1": 70, "v2": 30}
+    assert server.gets == 1 and len(server.patches) == 2  # the refused patch, then the right one
+    assert {b["name"]: b["weight"] for b in server.route["spec"]["rules"][0]["backendRefs"]} == {
+        "v1": 70,
+        "v2": 30,
+    }
+
+
+def test_without_the_watch_the_router_gets_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watched, "ROUTES", RouteCache())  # not enabled: not the operator
+    server = Server()
+    r = _router(server)
+    assert r.read().weights == {"v1": 100, "v2": 0} and server.gets == 1

@@ -21,10 +21,13 @@ def _resource(plural: str, kind: str) -> references.Resource:
 
 @pytest.fixture()
 def instance() -> Iterator[list[str]]:
-    """main.configure() sets process-wide state: the instance (and, with the route cache, its switch)."""
-    saved = list(main.INSTANCE)
+    """main.configure() sets process-wide state: the instance, and the route cache switched on."""
+    from model_rollouts.traffic import watched
+
+    saved, enabled = list(main.INSTANCE), watched.ROUTES.enabled
     yield main.INSTANCE
     main.INSTANCE[:] = saved
+    watched.ROUTES.enabled = enabled
 
 
 def test_the_default_instance_owns_only_unlabelled_objects() -> None:

@@ -1,4 +1,4 @@
-"""Behaviour tests for model_rollouts.engine.stats against independent reference computations."""
+"""Behaviour tests for model_rollouts.analysis.stats against independent reference computations."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from model_rollouts.engine import stats
-from model_rollouts.engine.stats import (
+from model_rollouts.analysis import stats
+from model_rollouts.analysis.stats import (
     MeanData,
     ProportionData,
     compare_means,

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from model_rollouts.engine import stats
-from model_rollouts.engine.stats import (
+from model_rollouts.analysis import stats
+from model_rollouts.analysis.stats import (
     MeanData,
     ProportionData,
     compare_means,

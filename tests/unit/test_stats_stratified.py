@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from model_rollouts.engine import stats
-from model_rollouts.engine.stats import (
+from model_rollouts.analysis import stats
+from model_rollouts.analysis.stats import (
     MeanData,
     ProportionData,
     compare_means,
@@ -345,7 +345,7 @@ def test_more_samples_needed_is_consistent_with_the_test(
     margin = margin_sd * math.sqrt(p * (1 - p))
     nt, nc = n * share, n * (1 - share)
 
-    def at(extra: float) -> stats.Comparison:
+    def at(extra: float) -> stats.ComparisonResult:
         k = (n + extra) / n
         return compare_proportions(
             ProportionData(p * nc * k, nc * k),

@@ -10,10 +10,10 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from model_rollouts import policy
 from model_rollouts.api.common import AnalysisBase, PrometheusConfig
 from model_rollouts.api.provider import ClusterMetricProviderSpec
 from model_rollouts.handlers.common import safe_error
-from model_rollouts.metrics import policy
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import TemplateError, check_template, render
 from tests.harness import queries
@@ -274,7 +274,7 @@ def test_a_provider_ca_bundle_verifies_the_server_and_nothing_else_does(tmp_path
     import ssl
     import subprocess
 
-    from model_rollouts.handlers.common import _ca_file
+    from model_rollouts.metrics.resolve import _ca_file
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a test certificate")

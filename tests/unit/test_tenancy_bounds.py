@@ -221,8 +221,8 @@ def test_a_provider_admits_its_listed_and_selected_namespaces_and_by_default_onl
     import pytest
     from pydantic import ValidationError
 
+    from model_rollouts import policy
     from model_rollouts.api.notification import ClusterNotificationProviderSpec
-    from model_rollouts.metrics import policy
     from model_rollouts.notify import sender as snd
 
     def spec(**kw: object) -> ClusterNotificationProviderSpec:

@@ -20,12 +20,11 @@ from model_rollouts.api.common import AnalysisBase, TemplateRef
 from model_rollouts.api.provider import ClusterMetricProviderSpec, namespaced_template_fields
 from model_rollouts.api.rollout import ModelRolloutSpec
 from model_rollouts.api.template import MetricTemplateSpec
-from model_rollouts.handlers import common
-from model_rollouts.metrics import pools, prometheus
+from model_rollouts.metrics import pools, prometheus, resolve
+from model_rollouts.metrics.errors import ProviderError
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import TemplateError, render
 from model_rollouts.metrics.templates import check_platform_template, fill
-from model_rollouts.traffic.router import RouterError
 from tests.harness.tenancy import RecordingServer
 
 ONE = '{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"2"]}]}}'
@@ -116,7 +115,7 @@ def strict(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     spec = ClusterMetricProviderSpec.model_validate(
         {"prometheus": {"address": address}, "allowInlineQueries": False}
     )
-    monkeypatch.setattr(common, "_cluster_providers", lambda: [("strict", spec)])
+    monkeypatch.setattr(resolve, "_cluster_providers", lambda: [("strict", spec)])
 
     class Api:
         def __init__(self, *_: object) -> None:
@@ -125,8 +124,8 @@ def strict(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         def get_cluster_custom_object(self, *args: object, **_: object) -> dict[str, Any]:
             return {"spec": spec.model_dump(mode="json")}
 
-    monkeypatch.setattr(common.client, "CustomObjectsApi", Api)
-    monkeypatch.setattr(common, "api", lambda: None)
+    monkeypatch.setattr(resolve.client, "CustomObjectsApi", Api)
+    monkeypatch.setattr(resolve, "api", lambda: None)
     yield address
 
 
@@ -135,12 +134,12 @@ def test_an_inline_address_on_a_templates_only_providers_server_is_that_provider
     strict: str, address: str
 ) -> None:
     spec = _rollout({"prometheus": {"address": address, "timeout": "100ms"}}, {"query": "up"})
-    with pytest.raises(RouterError) as e:
-        common.make_provider(spec.analysis, "team-a", ["spec.analysis.guardrails[0].query"])
+    with pytest.raises(ProviderError) as e:
+        resolve.make_provider(spec.analysis, "team-a", ["spec.analysis.guardrails[0].query"])
     assert e.value.field == "spec.analysis.prometheus.address"
     assert "strict" in str(e.value) and "spec.analysis.guardrails[0].query" in str(e.value)
     # With a platform template only, the address is that provider: its budget, not the address's.
-    p = common.make_provider(spec.analysis, "team-a")
+    p = resolve.make_provider(spec.analysis, "team-a")
     assert p.key == "provider/strict@team-a"
 
 
@@ -149,18 +148,18 @@ def test_a_templates_only_provider_refuses_a_tenants_metric_template(strict: str
     spec = _rollout({"provider": "strict"}, ref)
     fields = namespaced_template_fields(spec, "spec")
     assert fields == ["spec.analysis.guardrails[0].templateRef.kind"]
-    with pytest.raises(RouterError) as e:
-        common.make_provider(spec.analysis, "team-a", [], fields)
+    with pytest.raises(ProviderError) as e:
+        resolve.make_provider(spec.analysis, "team-a", [], fields)
     assert e.value.field == "spec.analysis.guardrails[0].templateRef.kind"
     assert "ClusterMetricTemplate" in str(e.value)
     cluster = _rollout({"provider": "strict"}, {"templateRef": {"name": "platform"}})
     assert namespaced_template_fields(cluster, "spec") == []
-    assert common.make_provider(cluster.analysis, "team-a").key == "provider/strict@team-a"
+    assert resolve.make_provider(cluster.analysis, "team-a").key == "provider/strict@team-a"
 
 
 def test_the_budget_is_per_provider_and_namespace(strict: str) -> None:
     a = AnalysisBase.model_validate({"provider": "strict"})
-    assert common.make_provider(a, "team-a").key != common.make_provider(a, "team-b").key
+    assert resolve.make_provider(a, "team-a").key != resolve.make_provider(a, "team-b").key
 
 
 # -- platform templates bind the namespace; args are placed safely ----------------------------------
@@ -180,7 +179,7 @@ def _template(query: str, args: list[dict[str, Any]] | None = None) -> MetricTem
 )
 def test_a_platform_template_selecting_a_workload_must_bind_the_namespace(query: str) -> None:
     t = _template(query, [{"name": "app", "type": "string"}])
-    with pytest.raises(RouterError, match="namespace"):
+    with pytest.raises(ProviderError, match="namespace"):
         check_platform_template(t, "spec.analysis.guardrails[0].templateRef")
 
 
@@ -331,14 +330,14 @@ def test_ten_thousand_template_generations_leave_memory_flat(monkeypatch: pytest
                 "spec": {"args": [{"name": "c", "type": "number"}], "query": pad + query},
             }
 
-    monkeypatch.setattr(common.client, "CustomObjectsApi", Api)
-    monkeypatch.setattr(common, "api", lambda: None)
-    common._templates.clear()
+    monkeypatch.setattr(resolve.client, "CustomObjectsApi", Api)
+    monkeypatch.setattr(resolve, "api", lambda: None)
+    resolve._templates.clear()
 
     def generations(start: int, stop: int) -> None:
         for i in range(start, stop):
             ref = TemplateRef(kind="MetricTemplate", name=f"t-{i}")
-            common._template(ref, f"ns-{i % 50}", "spec.analysis.guardrails[0].templateRef")
+            resolve._template(ref, f"ns-{i % 50}", "spec.analysis.guardrails[0].templateRef")
 
     tracemalloc.start()
     generations(0, 1000)
@@ -349,18 +348,18 @@ def test_ten_thousand_template_generations_leave_memory_flat(monkeypatch: pytest
     after_10k = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     print(
-        f"\ntemplate cache: {len(common._templates)} entries; {after_1k / 1e6:.2f} MB traced after 1,000 "
+        f"\ntemplate cache: {len(resolve._templates)} entries; {after_1k / 1e6:.2f} MB traced after 1,000 "
         f"generations, {after_10k / 1e6:.2f} MB after 10,000"
     )
-    assert len(common._templates) <= common.TEMPLATE_CACHE_MAX
+    assert len(resolve._templates) <= resolve.TEMPLATE_CACHE_MAX
     assert after_10k - after_1k < 1_000_000, (after_1k, after_10k)
     # A deleted template leaves: the next look-up after its entry expires is a 404, not a stale spec.
     gone.add("t-9999")
-    monkeypatch.setattr(common, "TEMPLATE_CACHE_SECONDS", 0.0)
-    with pytest.raises(RouterError, match="not found"):
-        common._template(TemplateRef(kind="MetricTemplate", name="t-9999"), "ns-49", "f")
-    assert not any(k[2] == "t-9999" for k in common._templates)
-    common._templates.clear()
+    monkeypatch.setattr(resolve, "TEMPLATE_CACHE_SECONDS", 0.0)
+    with pytest.raises(ProviderError, match="not found"):
+        resolve._template(TemplateRef(kind="MetricTemplate", name="t-9999"), "ns-49", "f")
+    assert not any(k[2] == "t-9999" for k in resolve._templates)
+    resolve._templates.clear()
 
 
 def test_a_compressed_answer_is_limited_by_its_decompressed_size() -> None:

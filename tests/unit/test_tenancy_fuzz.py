@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from model_rollouts.analysis.stats import ProportionData
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_RESUME,
@@ -16,7 +17,6 @@ from model_rollouts.api.rollout import (
     ModelRolloutStatus,
 )
 from model_rollouts.engine import rollout as eng
-from model_rollouts.engine.stats import ProportionData
 from model_rollouts.metrics.provider import Result
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

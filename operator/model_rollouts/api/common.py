@@ -357,16 +357,24 @@ class Condition(Model):
     observedGeneration: int = 0
 
 
+#: What a measurement concludes; the strings stored in status (analysis.vocabulary re-exports it).
+Verdict = Literal["pass", "fail", "inconclusive", "noData", "error"]
+#: Where an experiment variant stands, as stored in status.variants[].verdict.
+VariantVerdict = Literal["control", "better", "worse", "inconclusive", "dropped", "notSelected"]
+#: What a measurement returned: a finite value, no series, NaN/inf, or the provider could not be asked.
+Outcome = Literal["value", "noData", "error", "nan"]
+
+
 class Measurement(Model):
     """One evaluated metric with the numbers behind its verdict."""
 
     name: str
     kind: Literal["guardrail", "comparison"]
     variant: str | None = None
-    outcome: Literal["value", "noData", "error", "nan"]
+    outcome: Outcome
     value: float | None = None
     threshold: str | None = None
-    verdict: Literal["pass", "fail", "inconclusive", "noData", "error"]
+    verdict: Verdict
     message: str
     details: dict[str, float] | None = None
     carried: bool | None = Field(

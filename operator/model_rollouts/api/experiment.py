@@ -20,6 +20,7 @@ from model_rollouts.api.common import (
     ResourceStatus,
     SeriesValue,
     TrafficRouting,
+    VariantVerdict,
     cel,
     list_map,
 )
@@ -193,7 +194,7 @@ class VariantStatus(Model):
     pValue: float | None = None
     adjustedPValue: float | None = None
     probabilityToBeBest: float | None = None
-    verdict: str | None = None
+    verdict: VariantVerdict | None = None
     reason: str | None = None
     noDataSince: datetime | None = Field(
         default=None, description="Since when every analysis of this variant had a no-data measurement."

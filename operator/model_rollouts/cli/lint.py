@@ -151,11 +151,12 @@ def cel_findings(value: Any, schema: dict[str, Any], path: list[Any]) -> list[tu
 
 def operator_problems(kind: str, spec: BaseModel) -> list[tuple[str, str]]:
     """What the handlers check before acting that needs no cluster (each names its field)."""
+    from model_rollouts.api.errors import SpecError  # RouterError, ProviderError
     from model_rollouts.engine import experiment as experiment_engine
     from model_rollouts.handlers import common
     from model_rollouts.handlers import experiment as experiment_handler
     from model_rollouts.handlers import rollout as rollout_handler
-    from model_rollouts.traffic.router import RouterError
+    from model_rollouts.traffic import registry
 
     out: list[tuple[str, str]] = []
 
@@ -168,7 +169,7 @@ def operator_problems(kind: str, spec: BaseModel) -> list[tuple[str, str]]:
 
         try:  # a platform template must bind the namespace wherever it picks a workload
             check_platform_template(spec, "spec")
-        except RouterError as e:
+        except SpecError as e:
             field, _, rest = e.message.partition(": ")
             out.append((f"spec.{field}", rest))
 
@@ -193,19 +194,17 @@ def operator_problems(kind: str, spec: BaseModel) -> list[tuple[str, str]]:
                     "primaryMetric": spec.primaryMetric.model_copy(update={"templateRef": None}),
                 })  # fmt: skip
                 common.check_queries(experiment_handler._queries(inline_e))
-        except RouterError as e:
+        except SpecError as e:
             out.append(split(str(e)))
-        routing = spec.trafficRouting
-        if routing.gatewayAPI is None:  # the other routers are refused before any API call
-            try:
-                common.make_router(routing, "default")
-            except RouterError as e:
-                out.append(split(str(e)))
+        try:  # the router registry's answer (a router the CRD offers but this version lacks)
+            registry.selected(spec.trafficRouting)
+        except SpecError as e:
+            out.append(split(str(e)))
         prom = spec.analysis.prometheus
         if prom is not None and prom.bearerTokenSecret is not None:  # refused before any API call
             try:
                 common.provider_for(spec.analysis, "default")
-            except RouterError as e:
+            except SpecError as e:
                 out.append(split(str(e)))
     return out
 

@@ -167,16 +167,19 @@ def rollout(v: dict[str, Any], compact: bool = False) -> RenderableType:
             if c.get("carried"):
                 verdict.append(" (carried)", style="dim")
             test = f"{c.get('test')} m={c.get('margin', 0):g}" + (" advisory" if c.get("advisory") else "")
-            t.add_row(
-                c["name"], test, num(c.get("candidate")), num(c.get("stable")),
-                f"{count(c.get('candidateN'))}/{count(c.get('stableN'))}", signed(c.get("difference")),
-                interval(c.get("ciLow"), c.get("ciHigh")), num(c.get("pValue"), 3), verdict,
-            )  # fmt: skip
+            ci = interval(c.get("ciLow"), c.get("ciHigh"))
+            t.add_row(c["name"], test, *_arms(c), ci, num(c.get("pValue"), 3), verdict)
         parts.append(t)
     for extra in (_guardrails(v), None if compact else _conditions(v)):
         if extra is not None:
             parts.append(extra)
     return Group(*parts)
+
+
+def _arms(c: dict[str, Any]) -> tuple[str, str, str, str]:
+    """A comparison's candidate and baseline estimates, their samples and the difference (either kind)."""
+    n = f"{count(c.get('candidateN'))}/{count(c.get('baselineN'))}"
+    return num(c.get("candidate")), num(c.get("baseline")), n, signed(c.get("difference"))
 
 
 def experiment(v: dict[str, Any], compact: bool = False) -> RenderableType:
@@ -216,10 +219,8 @@ def experiment(v: dict[str, Any], compact: bool = False) -> RenderableType:
             ct.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
         for m in v["comparisons"]:
             ct.add_row(
-                m.get("arm") or "", num(m.get("variant")), num(m.get("control")),
-                f"{count(m.get('variantN'))}/{count(m.get('controlN'))}", signed(m.get("difference")),
-                interval(m.get("ciLow"), m.get("ciHigh")), num(m.get("adjustedPValue"), 3),
-                verdict_text(m["verdict"]),
+                m.get("arm") or "", *_arms(m), interval(m.get("ciLow"), m.get("ciHigh")),
+                num(m.get("adjustedPValue"), 3), verdict_text(m["verdict"]),
             )  # fmt: skip
         parts.append(ct)
     for extra in (_guardrails(v), None if compact else _conditions(v)):

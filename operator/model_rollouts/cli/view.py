@@ -11,6 +11,8 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from model_rollouts.analysis import comparison
+
 # The API models (pydantic) and the engines (scipy, for their statistics) are imported by the
 # functions that read an object, so that `--help` and commands that never show one start quickly.
 
@@ -18,7 +20,7 @@ ROLLOUT, EXPERIMENT = "ModelRollout", "ModelExperiment"
 #: Phases that end `status` with exit code 0 (success) and 1 (rolled back or aborted).
 SUCCESS_PHASES = ("Promoted", "Idle", "Concluded")
 FAILURE_PHASES = ("RolledBack", "Aborted")
-#: Comparison details copied into the view, in the order shown (rollouts; experiments use control/variant).
+#: Comparison numbers copied into the view besides the arms', in the order shown.
 _NUMBERS = ("difference", "ciLow", "ciHigh", "pValue", "adjustedPValue", "probabilityToBeBest",
             "moreSamplesNeeded", "alpha")  # fmt: skip
 
@@ -114,21 +116,22 @@ def step_text(step: dict[str, Any]) -> str:
     return "?"
 
 
-def _comparison(m: dict[str, Any], arms: tuple[str, str]) -> dict[str, Any]:
-    """One comparison measurement: baseline arm vs the other, difference, interval, verdict."""
+def _comparison(m: dict[str, Any], names: tuple[str, str]) -> dict[str, Any]:
+    """One comparison measurement: baseline arm vs the candidate, difference, interval, verdict.
+
+    Read through the one accessor (either kind, either version of the keys); the arms' numbers are
+    under the shared keys and, for the plugin's JSON, also under the kind's ``names``."""
     d = m.get("details") or {}
-    base, other = arms
+    nums = comparison.numbers(d)
+    arms = {k: nums[k] for k in comparison.ARM_KEYS}
     out: dict[str, Any] = {
         "name": m.get("name"),
         "arm": m.get("variant"),
-        base: _finite(d.get(base)),
-        other: _finite(d.get(other)),
-        f"{base}N": _finite(d.get(f"{base}N")),
-        f"{other}N": _finite(d.get(f"{other}N")),
+        **comparison.with_names(arms, names),
     }
     for k in _NUMBERS:
         if k in d:
-            out[k] = _finite(d[k])
+            out[k] = nums[k]
     if out.get("difference") is None and m.get("value") is not None:
         out["difference"] = _finite(m.get("value"))
     out.update(
@@ -242,7 +245,7 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
     for m in last:
         if m.get("kind") != "comparison":
             continue
-        c = _comparison(m, ("stable", "candidate"))
+        c = _comparison(m, comparison.ROLLOUT_NAMES)
         cs = specs.get(m.get("name"), {})
         c.update(test=cs.get("test", "nonInferiority"), margin=cs.get("margin", 0.0),
                  advisory=bool(cs.get("advisory")), passed=m.get("name") in passed)  # fmt: skip
@@ -297,7 +300,7 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
                 )
         elif phase in ("Pending", "Progressing"):
             waiting.append("the first weight change (at the next tick)")
-        n_so_far = {c["name"]: (c.get("stableN") or 0) + (c.get("candidateN") or 0) for c in comparisons}
+        n_so_far = {c["name"]: (c.get("baselineN") or 0) + (c.get("candidateN") or 0) for c in comparisons}
         for c in comparisons:
             cs = specs.get(c["name"], {})
             if c["passed"] or cs.get("advisory") or c["verdict"] == "pass":
@@ -379,7 +382,7 @@ def experiment_view(obj: dict[str, Any], now: datetime | None = None) -> dict[st
     failures = raw_status.get("guardrailFailures") or {}
     view["guardrails"] = [_guardrail(m, limits, failures) for m in last if m.get("kind") == "guardrail"]
     view["comparisons"] = [
-        _comparison(m, ("control", "variant")) for m in last if m.get("kind") == "comparison"
+        _comparison(m, comparison.EXPERIMENT_NAMES) for m in last if m.get("kind") == "comparison"
     ]
     view["conditions"] = _conditions(raw_status)
     view["history"] = (raw_status.get("history") or [])[-6:]

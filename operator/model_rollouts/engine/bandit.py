@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 
-from model_rollouts.engine.stats import Better, ProportionData, probability_to_be_best
+from model_rollouts.analysis.stats import Better, ProportionData, probability_to_be_best
 
 TOTAL = 100
 

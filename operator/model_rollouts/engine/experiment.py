@@ -20,7 +20,7 @@ Rules, in the order they are applied at each analysis:
    weights, which keeps every pair's ratio and so the pooled comparisons honest; thompson: the
    bandit excludes it). A failing control leaves no safe variant: with ``onFailure: rollback`` the
    experiment is RolledBack with all traffic to the control; with ``keep`` it only warns.
-2. The shared gate (:func:`model_rollouts.engine.guardrails.gate`): no data, NaN and failed
+2. The shared assessment (:func:`model_rollouts.analysis.assess.assess`): no data, NaN and failed
    measurements never pass and are never zero. Any of them on an active variant holds the analysis
    (no SRM check, no decision, no allocation change). Failed measurements count toward
    ``analysis.errorLimit`` consecutive analyses; reaching it applies ``onErrorLimit`` (rollback:
@@ -29,9 +29,10 @@ Rules, in the order they are applied at each analysis:
    the counts each active variant received since the split came into effect, against the weights in
    force. Counting starts at the first analysis *after* the split was written (so the start-up
    transient, e.g. from a route that still sent 100% to the control, is not counted) and restarts
-   whenever the split changes. The test is anytime-valid (see :func:`_srm_p_value`); below
-   ``stoppingRules.srmAlpha`` the experiment pauses (weights unchanged) until the
-   ``mlrollouts.io/resume`` annotation is set, which also restarts the count.
+   whenever the split changes. The test is anytime-valid (see
+   :func:`model_rollouts.analysis.srm.p_value`); below ``stoppingRules.srmAlpha`` the experiment
+   pauses (weights unchanged) until the ``mlrollouts.io/resume`` annotation is set, which also
+   restarts the count.
 4. The decision, once every active variant has ``minSamplesPerVariant`` samples (fixedHorizon: the
    planned sample size, since that test is valid at one look only): every active non-control variant
    is compared with the control, p-values are Holm-adjusted across variants (frequentist methods);
@@ -65,19 +66,22 @@ experiment or a new revision starts are recorded and not acted on), ``srmBaselin
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import ValidationError
 
+from model_rollouts.analysis import sequential, srm, stats, threshold
+from model_rollouts.analysis.assess import Assessment, Policy, assess
+from model_rollouts.analysis.comparison import EXPERIMENT_NAMES
+from model_rollouts.analysis.vocabulary import Result
 from model_rollouts.api.common import (
     Condition,
     Measurement,
+    VariantVerdict,
     action_annotations,
     dump,
     get_condition,
@@ -92,16 +96,13 @@ from model_rollouts.api.experiment import (
     Variant,
     VariantStatus,
 )
-from model_rollouts.engine import bandit, series, stats
-from model_rollouts.engine import status as status_
-from model_rollouts.engine.actions import Event
-from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
-from model_rollouts.metrics.provider import Result
 
 # The same annotations as ModelRollout (the kubectl plugin sets them on either kind).
-ANNOTATION_ABORT = "mlrollouts.io/abort"
-ANNOTATION_RESUME = "mlrollouts.io/resume"
-ANNOTATION_RETRY = "mlrollouts.io/retry"
+from model_rollouts.api.rollout import ANNOTATION_ABORT, ANNOTATION_RESUME, ANNOTATION_RETRY
+from model_rollouts.engine import bandit, series
+from model_rollouts.engine import status as status_
+from model_rollouts.engine.actions import Event
+from model_rollouts.engine.status import EPOCH
 
 HISTORY_LIMIT = status_.HISTORY_LIMIT
 #: SRM is never tested before each active variant has this many samples since the split changed.
@@ -144,12 +145,9 @@ class Observations:
     variants: dict[str, VariantObservation] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class SetWeights:
-    weights: dict[str, int]  # per variant Service; sums to 100 (retired Services: 0)
-
-
-Action = SetWeights | Event
+#: The engine's actions besides its status. The weights are not an action: the route carries
+#: ``route_weights(spec, status)`` of the status decided (the one source of weights).
+Action = Event
 
 
 @dataclass
@@ -279,8 +277,7 @@ def revision_of(spec: ModelExperimentSpec) -> str:
         if v.weight is not None:
             item["weight"] = v.weight
         variants.append(item)
-    body = json.dumps({"variants": variants, "primaryMetric": dump(spec.primaryMetric)}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:10]
+    return status_.digest({"variants": variants, "primaryMetric": dump(spec.primaryMetric)})
 
 
 def needs_measurement(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> bool:
@@ -300,9 +297,6 @@ def next_analysis(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> d
     last = status.lastAnalysisTime or status.startedAt
     assert last is not None  # needs_measurement: started
     return last + timedelta(seconds=parse_duration(spec.analysis.interval))
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def next_due(spec: ModelExperimentSpec, status: ModelExperimentStatus) -> datetime | None:
@@ -425,7 +419,7 @@ def reconcile(
         observations=observations,
     )
     status_.bound_texts(d.status)
-    if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
+    if series.analysed_now(status, d.status, now, observations is not None):
         series.append(d.status.series, series.experiment_point(d.status, now))
     return d
 
@@ -442,16 +436,7 @@ def _reconcile(
     ann = annotations or {}
     problem = validate(spec)
     rev = revision_of(spec)
-    finished = FINISHED_PHASE.get(status.decision or "")
-    if status.phase == "Invalid" and finished and status.revision == rev and not problem:
-        # It had finished before the spec (or its route, Secret...) became unusable: it still has.
-        s = status.model_copy(deep=True)
-        s.phase = finished  # type: ignore[assignment]
-        s.message = s.decisionReason or s.message
-        msg = f"spec is valid again; the experiment had finished: {finished} again, traffic left as it is"
-        _history(s, now, "Valid", "SpecValid", msg)
-        _conditions(s, now, generation, finished)
-        status = s
+    status = _valid_again(status, rev, problem, now, generation)
     if status.phase in TERMINAL_PHASES:
         retry = ann.get(ANNOTATION_RETRY)
         wants_retry = bool(retry) and retry != status.handled.retry
@@ -464,7 +449,7 @@ def _reconcile(
     s = status.model_copy(deep=True)
     actions: list[Action] = []
     s.observedGeneration = generation
-    s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
+    s.conditions = status_.spec_valid(s.conditions, now, generation)
     # The route write that made this status current carried the 0s of retired Services.
     s.retiredServices = []
 
@@ -482,28 +467,52 @@ def _reconcile(
     if s.phase == "Invalid":
         s.phase = "Running"
         _history(s, now, "Valid", "SpecValid", "spec is valid again; resuming")
+    done = _user_actions(spec, s, actions, ann, now, generation)
+    if done is None and observations is not None and analysis_due(spec, s, now):
+        done = _analyse(spec, s, actions, observations, now, generation)
+    return done or _run_or_hold(spec, s, actions, now, generation)
 
-    # A retry annotation acts only on a finished experiment; on a running one it is recorded.
+
+def _valid_again(
+    status: ModelExperimentStatus, rev: str, problem: str | None, now: datetime, generation: int
+) -> ModelExperimentStatus:
+    """An experiment that had finished before the spec (or its route, Secret...) became unusable
+    still has: back to its terminal phase once the spec is valid again."""
+    finished = FINISHED_PHASE.get(status.decision or "")
+    if status.phase != "Invalid" or not finished or status.revision != rev or problem:
+        return status
+    s = status.model_copy(deep=True)
+    s.phase = finished  # type: ignore[assignment]
+    s.message = s.decisionReason or s.message
+    msg = f"spec is valid again; the experiment had finished: {finished} again, traffic left as it is"
+    _history(s, now, "Valid", "SpecValid", msg)
+    _conditions(s, now, generation, finished)
+    return s
+
+
+def _user_actions(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    actions: list[Action],
+    ann: dict[str, str],
+    now: datetime,
+    generation: int,
+) -> Decision | None:
+    """Retry (recorded only, while running), abort and resume annotations: each new value acts once."""
     retry = ann.get(ANNOTATION_RETRY)
     if retry and retry != s.handled.retry:
         s.handled.retry = retry
-
-    # User actions, by annotation: each new value acts once.
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != s.handled.abort:
         s.handled.abort = abort
+        msg = f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to the control"
         return _finish(
             spec,
             s,
             actions,
             now,
             generation,
-            "Aborted",
-            "aborted",
-            None,
-            "AbortRequested",
-            f"aborted by annotation {ANNOTATION_ABORT}={abort}: all traffic back to the control",
-            to_control=True,
+            Outcome("Aborted", "aborted", "AbortRequested", msg, to_control=True),
         )
     resume = ann.get(ANNOTATION_RESUME)
     if resume and resume != s.handled.resume:
@@ -518,13 +527,13 @@ def _reconcile(
             s.phase = "Running"
             actions.append(Event("Normal", "Resumed", msg))
             _history(s, now, "Resumed", "ResumeRequested", msg)
+    return None
 
-    if observations is not None and analysis_due(spec, s, now):
-        done = _analyse(spec, s, actions, observations, now, generation)
-        if done is not None:
-            return done
 
-    # Pausing: by spec, or held by a sample-ratio mismatch until resumed.
+def _run_or_hold(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, actions: list[Action], now: datetime, generation: int
+) -> Decision:
+    """Pausing: by spec, or held by a sample-ratio mismatch until resumed; else Running."""
     if spec.paused:
         if s.phase != "Paused" or _progress_reason(s) != "SpecPaused":
             actions.append(Event("Normal", "Paused", "paused by spec.paused"))
@@ -572,9 +581,7 @@ def _finished(
                 Event("Warning", "RetryRejected", f"{ANNOTATION_RETRY}={retry} not acted on: {problem}")
             )
     else:
-        s.conditions = set_condition(
-            s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation
-        )
+        s.conditions = status_.spec_valid(s.conditions, now, generation)
     return Decision(s, actions)
 
 
@@ -597,25 +604,11 @@ def _start(
     write (``retiredServices``), so the route always sums to 100.
     """
     weights = fixed_weights(spec)
-    ctrl = control_of(spec).name
-    split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
     spec_services = {v.service for v in spec.variants}
     retired = sorted(
         {v.service for v in s.variants if v.service and v.service not in spec_services and v.weight > 0}
     )
-    before = ", ".join(f"{v.name} {v.weight}%" for v in s.variants)
-    if reason == "Started":
-        msg = f"started: {split}; {spec.allocation.strategy} allocation, control {ctrl}"
-    elif reason == "Retried":
-        msg = (
-            f"retried by annotation {ANNOTATION_RETRY}={ann.get(ANNOTATION_RETRY)} after {s.phase}: "
-            f"restarting the experiment from scratch with {split}"
-        )
-    else:
-        msg = (
-            f"variants, their weights or the primary metric changed (revision {s.revision or 'unrecorded'} "
-            f"-> {rev}; was {before or 'nothing'}): restarting the experiment from scratch with {split}"
-        )
+    msg = _start_message(spec, s, ann, rev, reason, weights)
     if retired:
         msg += f"; removed Service(s) {', '.join(retired)} set to 0"
     # Annotations present when this revision starts were meant for an earlier one: recorded, not acted on.
@@ -635,7 +628,7 @@ def _start(
         variants=[
             VariantStatus(name=v.name, service=v.service, weight=weights[v.name]) for v in spec.variants
         ],
-        conditions=s.conditions,
+        conditions=_start_conditions(s.conditions, now, generation),
         history=s.history,
         handled=handled,
         reconcileErrors=s.reconcileErrors,
@@ -644,9 +637,41 @@ def _start(
         srmBaseline={},
         srmSince=now,
     )
-    s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
-    s.conditions = set_condition(
-        s.conditions,
+    actions.append(Event("Normal", reason, msg))
+    _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
+    _conditions(s, now, generation, "Running")
+    return Decision(s, actions)
+
+
+def _start_message(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    ann: dict[str, str],
+    rev: str,
+    reason: str,
+    weights: dict[str, int],
+) -> str:
+    """Why it (re)starts and with which split: Started, Retried or NewRevision."""
+    split = ", ".join(f"{v.name} ({v.service}) {weights[v.name]}%" for v in spec.variants)
+    if reason == "Started":
+        return f"started: {split}; {spec.allocation.strategy} allocation, control {control_of(spec).name}"
+    if reason == "Retried":
+        return (
+            f"retried by annotation {ANNOTATION_RETRY}={ann.get(ANNOTATION_RETRY)} after {s.phase}: "
+            f"restarting the experiment from scratch with {split}"
+        )
+    before = ", ".join(f"{v.name} {v.weight}%" for v in s.variants)
+    return (
+        f"variants, their weights or the primary metric changed (revision {s.revision or 'unrecorded'} "
+        f"-> {rev}; was {before or 'nothing'}): restarting the experiment from scratch with {split}"
+    )
+
+
+def _start_conditions(conditions: list[Condition], now: datetime, generation: int) -> list[Condition]:
+    """Valid, and SRM and Healthy not known yet."""
+    c = status_.spec_valid(conditions, now, generation)
+    c = set_condition(
+        c,
         SRM_REASON,
         "Unknown",
         "NotChecked",
@@ -654,13 +679,25 @@ def _start(
         now,
         generation,
     )
-    s.conditions = set_condition(
-        s.conditions, "Healthy", "Unknown", "NotMeasured", "not measured yet", now, generation
-    )
-    actions += [SetWeights(route_weights(spec, s) or {}), Event("Normal", reason, msg)]
-    _history(s, now, reason, reason, msg, {k: float(w) for k, w in weights.items()})
-    _conditions(s, now, generation, "Running")
-    return Decision(s, actions)
+    return set_condition(c, "Healthy", "Unknown", "NotMeasured", "not measured yet", now, generation)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an experiment ends: the terminal phase and decision, why, and where traffic goes.
+
+    Traffic: all to ``winner``; else all to the control when ``to_control``; unchanged when
+    ``move`` is False (or there is neither).
+    """
+
+    phase: str
+    decision: str
+    reason: str
+    message: str
+    winner: str | None = None
+    values: dict[str, float] | None = None
+    to_control: bool = False
+    move: bool = True
 
 
 def _finish(
@@ -669,31 +706,23 @@ def _finish(
     actions: list[Action],
     now: datetime,
     generation: int,
-    phase: str,
-    decision: str,
-    winner: str | None,
-    reason: str,
-    message: str,
-    values: dict[str, float] | None = None,
-    to_control: bool = False,
-    move: bool = True,
+    outcome: Outcome,
 ) -> Decision:
-    """Enter a terminal phase. Traffic: all to the winner, or to the control, or (move=False) unchanged."""
-    ctrl = control_of(spec).name
-    target = winner if winner is not None else (ctrl if to_control else None)
-    if move and target is not None:
+    """Enter the terminal phase ``outcome`` names and move traffic as it says."""
+    o = outcome
+    target = o.winner if o.winner is not None else (control_of(spec).name if o.to_control else None)
+    if o.move and target is not None:
         for v in s.variants:
             v.weight = 100 if v.name == target else 0
-        actions.append(SetWeights(route_weights(spec, s) or {}))
-    s.phase = phase  # type: ignore[assignment]
-    s.decision = decision
-    s.winner = winner
-    s.decisionReason = message
-    s.message = message
-    warn = phase in ("RolledBack", "Aborted")
-    actions.append(Event("Warning" if warn else "Normal", reason, message))
-    _history(s, now, phase, reason, message, values)
-    _conditions(s, now, generation, reason)
+    s.phase = o.phase  # type: ignore[assignment]
+    s.decision = o.decision
+    s.winner = o.winner
+    s.decisionReason = o.message
+    s.message = o.message
+    warn = o.phase in ("RolledBack", "Aborted")
+    actions.append(Event("Warning" if warn else "Normal", o.reason, o.message))
+    _history(s, now, o.phase, o.reason, o.message, o.values)
+    _conditions(s, now, generation, o.reason)
     return Decision(s, actions)
 
 
@@ -716,6 +745,44 @@ def _primary_problem(metric: str, variant: str, p: Result) -> Measurement:
     )
 
 
+def _policy(spec: ModelExperimentSpec) -> Policy:
+    """Every active variant is an arm; a breach makes Healthy False at once but holds no decision."""
+    return Policy(spec.analysis, spec.guardrails, per_arm=True, breach_holds=False, breach_unhealthy=True)
+
+
+@dataclass
+class _Analysis:
+    """One analysis in progress: what the steps of :func:`_analyse` share."""
+
+    spec: ModelExperimentSpec
+    s: ModelExperimentStatus
+    actions: list[Action]
+    now: datetime
+    generation: int
+    a: Assessment
+    #: Each variant's primary-metric data (cumulative).
+    data: dict[str, Data]
+
+    @property
+    def control(self) -> str:
+        return control_of(self.spec).name
+
+    def variant(self, name: str) -> VariantStatus:
+        return next(v for v in self.s.variants if v.name == name)
+
+    def guard_values(self) -> dict[str, float]:
+        guard = [m for m in self.a.fresh if m.kind == "guardrail"]
+        return {f"{m.variant}/{m.name}": m.value for m in guard if m.value is not None}
+
+    def roll_back(
+        self, decision: str, reason: str, message: str, values: dict[str, float] | None
+    ) -> Decision:
+        """RolledBack, all traffic to the control."""
+        self.s.lastAnalysis = [m for ms in self.a.by_arm.values() for m in ms]
+        outcome = Outcome("RolledBack", decision, reason, message, values=values, to_control=True)
+        return _finish(self.spec, self.s, self.actions, self.now, self.generation, outcome)
+
+
 def _analyse(
     spec: ModelExperimentSpec,
     s: ModelExperimentStatus,
@@ -724,11 +791,35 @@ def _analyse(
     now: datetime,
     generation: int,
 ) -> Decision | None:
-    """One analysis: guardrails and the gate, SRM, decision, allocation. A Decision when it ends."""
+    """One analysis: guardrails and the shared assessment, SRM, decision, allocation. A Decision when
+    it ends."""
     s.lastAnalysisTime = now
     prev_healthy = get_condition(s.conditions, "Healthy")
-    an = spec.analysis
-    ctrl = control_of(spec).name
+    data, per_variant = _observe(spec, s, obs)
+    a = assess(_policy(spec), per_variant, s.guardrailFailures, s.consecutiveErrors)
+    s.guardrailFailures, s.consecutiveErrors = a.failures, a.consecutive_errors
+    x = _Analysis(spec, s, actions, now, generation, a, data)
+    # 1. Which variants fail: the assessment's, or no data for noDataTimeout under onNoDataTimeout: drop.
+    failed = _failed(x)
+    ended = _control_failure(x, failed, prev_healthy) or _drop(x, failed)
+    # 2. The error limit; any missing measurement of an active variant holds.
+    ended = ended or _error_limit(x)
+    if ended is not None:
+        return ended
+    active = {v.name for v in s.variants if v.active}
+    active_names = [v.name for v in spec.variants if v.name in active]
+    if holding := a.missing(active_names):
+        s.lastAnalysis = [m for ms in per_variant.values() for m in ms]
+        return _hold(x, holding)
+    # 3. Sample-ratio mismatch.
+    _srm(spec, s, actions, active_names, now, generation)
+    return _decide_and_allocate(x, active_names)
+
+
+def _observe(
+    spec: ModelExperimentSpec, s: ModelExperimentStatus, obs: Observations
+) -> tuple[dict[str, Data], dict[str, list[Measurement]]]:
+    """Each variant's primary data, and the measurements of every active variant (its arm)."""
     by_name = {v.name: v for v in s.variants}
     data: dict[str, Data] = {}
     per_variant: dict[str, list[Measurement]] = {}
@@ -740,227 +831,151 @@ def _analyse(
         if o is not None and o.primary is not None and o.problem is None:
             data[v.name] = o.primary
             vs.n = _n(o.primary)
-        if not vs.active:
-            continue
-        ms: list[Measurement] = []
-        if v.name not in data:
-            p = (
-                o.problem
-                if o is not None and o.problem is not None
-                else Result("error", message="not measured")
-            )
-            ms.append(_primary_problem(spec.primaryMetric.name, v.name, p))
-        gms = []
-        for g in spec.guardrails:
-            r = (o.guardrails.get(g.name) if o is not None else None) or Result(
-                "error", message="not measured"
-            )
-            m = evaluate(g, r, v.name)
-            gms.append(m.model_copy(update={"message": f"{v.name}: {m.message}"}))
-        s.guardrailFailures = update_failures(s.guardrailFailures, gms, key_prefix=f"{v.name}/")
-        per_variant[v.name] = ms + gms
-    measurements = [m for ms in per_variant.values() for m in ms]
-    guard_ms = [m for m in measurements if m.kind == "guardrail"]
-    s.consecutiveErrors = consecutive_errors(s.consecutiveErrors, gate(measurements, an.noData))
+        if vs.active:
+            per_variant[v.name] = _variant_measurements(spec, v.name, o, v.name in data)
+    return data, per_variant
 
-    # 1. Which variants fail: guardrail breaches at failureLimit, no data under noData: fail (at once),
-    #    or no data for noDataTimeout under onNoDataTimeout: drop.
+
+def _variant_measurements(
+    spec: ModelExperimentSpec, name: str, o: VariantObservation | None, has_primary: bool
+) -> list[Measurement]:
+    ms: list[Measurement] = []
+    if not has_primary:
+        p = o.problem if o is not None and o.problem is not None else threshold.NOT_MEASURED
+        ms.append(_primary_problem(spec.primaryMetric.name, name, p))
+    for g in spec.guardrails:
+        m = threshold.measure(g, o.guardrails.get(g.name) if o is not None else None, name)
+        ms.append(m.model_copy(update={"message": f"{name}: {m.message}"}))
+    return ms
+
+
+def _failed(x: _Analysis) -> dict[str, list[str]]:
+    """The variants that fail now, with why: the assessment's (failureLimit, noData: fail), or no
+    data for analysis.noDataTimeout under onNoDataTimeout: drop."""
+    an = x.spec.analysis
     timeout = parse_duration(an.noDataTimeout)
-    failed: dict[str, list[str]] = {}
-    for v in spec.variants:
-        vs = by_name[v.name]
-        if not vs.active:
-            continue
-        why: list[str] = []
-        for g in spec.guardrails:
-            count = s.guardrailFailures.get(f"{v.name}/{g.name}", 0)
-            if count >= g.failureLimit:
-                m = next(m for m in guard_ms if m.variant == v.name and m.name == g.name)
-                why.append(
-                    f"{m.message}; {count} consecutive breach(es) reached failureLimit {g.failureLimit}"
-                )
-        vg = gate(per_variant[v.name], an.noData)
-        if vg.fail is not None:
-            why.append(f"{vg.fail.message} (analysis.noData is fail)")
-        if any(m.verdict == "noData" for m in per_variant[v.name]):
-            vs.noDataSince = vs.noDataSince or now
-            silent = (now - vs.noDataSince).total_seconds()
-            if an.onNoDataTimeout == "drop" and silent >= timeout and vg.fail is None:
+    shared = x.a.failed()
+    out: dict[str, list[str]] = {}
+    for name, ms in x.a.by_arm.items():
+        vs = x.variant(name)
+        why = list(shared.get(name, []))
+        if any(m.verdict == "noData" for m in ms):
+            vs.noDataSince = vs.noDataSince or x.now
+            silent = (x.now - vs.noDataSince).total_seconds()
+            if an.onNoDataTimeout == "drop" and silent >= timeout and name not in x.a.no_data_fail:
                 why.append(
                     f"no data for {silent:.0f}s, analysis.noDataTimeout {an.noDataTimeout} "
-                    f"(onNoDataTimeout drop): {'; '.join(vg.reasons())}"
+                    f"(onNoDataTimeout drop): {'; '.join(m.message for m in x.a.missing([name]))}"
                 )
         else:
             vs.noDataSince = None
         if why:
-            failed[v.name] = why
+            out[name] = why
+    return out
 
-    breaches = [m for m in guard_ms if m.verdict == "fail"]
-    missing = [m for m in measurements if m.verdict in ("noData", "error")]
-    healthy: tuple[Literal["True", "False", "Unknown"], str, str]
-    if breaches or failed:
-        healthy = ("False", "GuardrailBreached", "; ".join(m.message for m in breaches) or _why(failed))
-    elif missing:
-        kind = "MeasurementError" if any(m.verdict == "error" for m in missing) else "NoData"
-        healthy = ("Unknown", kind, "; ".join(m.message for m in missing))
-    else:
-        healthy = (
-            "True",
-            "AnalysisPassing",
-            "; ".join(m.message for m in guard_ms) or "no guardrails configured",
-        )
-    s.conditions = set_condition(s.conditions, "Healthy", healthy[0], healthy[1], healthy[2], now, generation)
 
-    gvalues = {f"{m.variant}/{m.name}": m.value for m in guard_ms if m.value is not None}
+def _control_failure(
+    x: _Analysis, failed: dict[str, list[str]], prev_healthy: Condition | None
+) -> Decision | None:
+    """A failing control leaves no safe variant: roll back (onFailure rollback) or warn and keep.
+    Sets the Healthy condition of this analysis."""
+    ctrl, s = x.control, x.s
+    failing: tuple[str, str] | None = None
     if ctrl in failed:
         why_c = f"the control {ctrl} fails: " + "; ".join(failed[ctrl])
-        if spec.onFailure == "rollback":
-            s.lastAnalysis = measurements
+        if x.spec.onFailure == "rollback":
             for vst in s.variants:
                 vst.active = vst.name == ctrl
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "RolledBack",
-                "rolledBack",
-                None,
-                "GuardrailFailed",
-                f"{why_c}: no variant is safe, all traffic to the control (onFailure rollback)",
-                gvalues,
-                to_control=True,
-            )
-        msg = f"{why_c}; onFailure is keep: traffic unchanged"
+            msg = f"{why_c}: no variant is safe, all traffic to the control (onFailure rollback)"
+            return x.roll_back("rolledBack", "GuardrailFailed", msg, x.guard_values())
+        failing = ("ControlFailing", f"{why_c}; onFailure is keep: traffic unchanged")
         # Warn when the control starts failing, not at every failing analysis after it.
         if prev_healthy is None or prev_healthy.reason != "ControlFailing":
-            actions.append(Event("Warning", "ControlGuardrailFailed", msg))
-            _history(s, now, "GuardrailFailed", "ControlGuardrailFailed", msg, gvalues)
-        s.conditions = set_condition(s.conditions, "Healthy", "False", "ControlFailing", msg, now, generation)
+            x.actions.append(Event("Warning", "ControlGuardrailFailed", failing[1]))
+            _history(s, x.now, "GuardrailFailed", "ControlGuardrailFailed", failing[1], x.guard_values())
+    h = x.a.health(failed, failing)
+    s.conditions = set_condition(s.conditions, "Healthy", h.status, h.reason, h.message, x.now, x.generation)
+    return None
+
+
+def _drop(x: _Analysis, failed: dict[str, list[str]]) -> Decision | None:
+    """Failing non-control variants leave (weight 0); rolled back when none but the control is left."""
+    ctrl, s = x.control, x.s
     dropped = [n for n in failed if n != ctrl]
     for name in dropped:
-        vs = by_name[name]
+        vs = x.variant(name)
         vs.active = False
         vs.verdict = "dropped"
         vs.reason = "; ".join(failed[name])
         msg = f"variant {name} dropped (weight {vs.weight} -> 0): " + "; ".join(failed[name])
-        actions.append(Event("Warning", "VariantDropped", msg))
-        _history(s, now, "VariantDropped", "VariantFailed", msg, gvalues)
-    if dropped:
-        active = {v.name for v in s.variants if v.active}
-        if not active - {ctrl}:
-            s.lastAnalysis = measurements
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "RolledBack",
-                "rolledBack",
-                None,
-                "GuardrailFailed",
-                (
-                    f"the leader {dropped[0]} under confirmation was dropped: all traffic to the control"
-                    if s.confirmation is not None
-                    else "every non-control variant was dropped: all traffic to the control"
-                ),
-                gvalues,
-                to_control=True,
-            )
-        if spec.allocation.strategy == "fixed":
-            new = fixed_weights(spec, active)
-            because = f"redistributed after dropping {', '.join(dropped)}"
-        else:
-            new = _thompson(spec, s, data, generation, now)
-            because = f"bandit excludes {', '.join(dropped)}"
-        _set_weights(spec, s, actions, now, new, because, event=False)
-
-    # 2. The gate: failed measurements count toward errorLimit; any missing measurement holds.
-    limit = an.errorLimit
-    if s.consecutiveErrors >= limit:
-        errors = "; ".join(m.message for m in measurements if m.verdict == "error")
+        x.actions.append(Event("Warning", "VariantDropped", msg))
+        _history(s, x.now, "VariantDropped", "VariantFailed", msg, x.guard_values())
+    if not dropped:
+        return None
+    active = {v.name for v in s.variants if v.active}
+    if not active - {ctrl}:
         msg = (
-            f"{s.consecutiveErrors} analyses in a row had a failed measurement, reaching "
-            f"analysis.errorLimit {limit}: {errors}"
+            f"the leader {dropped[0]} under confirmation was dropped: all traffic to the control"
+            if s.confirmation is not None
+            else "every non-control variant was dropped: all traffic to the control"
         )
-        if an.onErrorLimit == "rollback":
-            s.lastAnalysis = measurements
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "RolledBack",
-                "errorLimit",
-                None,
-                "ErrorLimitReached",
-                f"{msg}; all traffic to the control (onErrorLimit rollback)",
-                to_control=True,
-            )
-        s.conditions = set_condition(
-            s.conditions,
-            "Healthy",
-            "False",
-            "ErrorLimitReached",
-            f"{msg}; holding (onErrorLimit hold)",
-            now,
-            generation,
-        )
-        if s.consecutiveErrors == limit:
-            actions.append(Event("Warning", "ErrorLimitReached", f"{msg}; holding (onErrorLimit hold)"))
-            _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
-
-    active_names = [v.name for v in spec.variants if by_name[v.name].active]
-    holding = [m for m in measurements if m.verdict in ("noData", "error") and m.variant in active_names]
-    if holding:
-        kind = "measurement error" if any(m.verdict == "error" for m in holding) else "no data"
-        s.lastAnalysis = measurements
-        s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
-        elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
-        if elapsed >= parse_duration(spec.stoppingRules.maxDuration):
-            # The deadline holds during a hold too; missing evidence never makes a winner.
-            return _null(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "noWinner",
-                "NoWinner",
-                f"no winner: maxDuration {spec.stoppingRules.maxDuration} elapsed while {s.message}",
-                {},
-            )
-        return None
-
-    # 3. Sample-ratio mismatch.
-    _srm(spec, s, actions, active_names, now, generation)
-
-    # 4. The decision, on the confirmation's own samples during a Thompson confirmation.
-    cmp_data = _confirmation_data(s, data) if s.confirmation is not None else data
-    comparisons = _compare_all(spec, s, cmp_data, active_names)
-    s.lastAnalysis = guard_ms + comparisons
-    _sample_size(spec, s, cmp_data, active_names)
-    if spec.paused or _srm_held(s):
-        return None
-    ended = _decide(spec, s, actions, cmp_data, data, active_names, now, generation)
-    if ended is not None:
-        return ended
-
-    # 5. Allocation (the bandit phase only: a confirmation holds its fixed split).
-    if spec.allocation.strategy == "thompson" and s.confirmation is None:
-        new = _thompson(spec, s, data, generation, now)
-        if new != _weights(s):
-            analysis = s.message
-            _set_weights(spec, s, actions, now, new, "thompson sampling update", event=False, record=False)
-            s.message = f"{analysis}; {s.message}"
+        return x.roll_back("rolledBack", "GuardrailFailed", msg, x.guard_values())
+    if x.spec.allocation.strategy == "fixed":
+        new = fixed_weights(x.spec, active)
+        because = f"redistributed after dropping {', '.join(dropped)}"
+    else:
+        new = _thompson(x.spec, s, x.data, x.generation, x.now)
+        because = f"bandit excludes {', '.join(dropped)}"
+    _set_weights(x.spec, s, x.actions, x.now, new, because, event=False)
     return None
 
 
-def _why(failed: dict[str, list[str]]) -> str:
-    return "; ".join(f"{n}: {'; '.join(w)}" for n, w in failed.items())
+def _error_limit(x: _Analysis) -> Decision | None:
+    """At analysis.errorLimit: roll back (onErrorLimit rollback) or hold, warning once."""
+    if not x.a.error_limit_reached:
+        return None
+    msg = x.a.error_limit_message()
+    if x.spec.analysis.onErrorLimit == "rollback":
+        why = f"{msg}; all traffic to the control (onErrorLimit rollback)"
+        return x.roll_back("errorLimit", "ErrorLimitReached", why, None)
+    if x.a.error_limit_first:
+        x.actions.append(Event("Warning", "ErrorLimitReached", x.a.error_limit_hold_message()))
+        _history(x.s, x.now, "ErrorLimitReached", "ErrorLimitReached", msg)
+    return None
+
+
+def _hold(x: _Analysis, holding: list[Measurement]) -> Decision | None:
+    """Missing measurements hold the analysis; the deadline still holds (missing evidence never makes
+    a winner)."""
+    kind = "measurement error" if any(m.verdict == "error" for m in holding) else "no data"
+    x.s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
+    elapsed = (x.now - x.s.startedAt).total_seconds() if x.s.startedAt else 0.0
+    if elapsed < parse_duration(x.spec.stoppingRules.maxDuration):
+        return None
+    msg = f"no winner: maxDuration {x.spec.stoppingRules.maxDuration} elapsed while {x.s.message}"
+    return _null(x.spec, x.s, x.actions, x.now, x.generation, "noWinner", "NoWinner", msg, {})
+
+
+def _decide_and_allocate(x: _Analysis, active_names: list[str]) -> Decision | None:
+    spec, s, actions, data = x.spec, x.s, x.actions, x.data
+    # 4. The decision, on the confirmation's own samples during a Thompson confirmation.
+    cmp_data = _confirmation_data(s, data) if s.confirmation is not None else data
+    comparisons = _compare_all(spec, s, cmp_data, active_names)
+    s.lastAnalysis = [m for m in x.a.fresh if m.kind == "guardrail"] + comparisons
+    _sample_size(spec, s, cmp_data, active_names)
+    if spec.paused or _srm_held(s):
+        return None
+    ended = _decide(spec, s, actions, cmp_data, data, active_names, x.now, x.generation)
+    if ended is not None:
+        return ended
+    # 5. Allocation (the bandit phase only: a confirmation holds its fixed split).
+    if spec.allocation.strategy == "thompson" and s.confirmation is None:
+        new = _thompson(spec, s, data, x.generation, x.now)
+        if new != _weights(s):
+            analysis = s.message
+            _set_weights(spec, s, actions, x.now, new, "thompson sampling update", event=False, record=False)
+            s.message = f"{analysis}; {s.message}"
+    return None
 
 
 def _confirmation_data(s: ModelExperimentStatus, data: dict[str, Data]) -> dict[str, Data]:
@@ -975,24 +990,6 @@ def _confirmation_data(s: ModelExperimentStatus, data: dict[str, Data]) -> dict[
         succ = min(trials, max(0.0, d.successes - base[0]))
         out[n] = stats.ProportionData(succ, trials)
     return out
-
-
-def _srm_p_value(
-    counts: list[float], weights: list[float], previous: float | None, horizon: float | None
-) -> float:
-    """The SRM p-value, valid however often it is looked at.
-
-    ``stats.srm_sequential``: an anytime-valid test (a Dirichlet-multinomial mixture, Lindon & Malek
-    2022, with a capped linear boundary when ``horizon`` is known). Its p-value only ever falls during
-    one count, so the running minimum is kept (``previous``: the value at the last analysis since the
-    count started). Until the statistics module has it, the fixed-horizon chi-square of
-    ``stats.srm_test`` (which is not valid under repeated looks).
-    """
-    sequential = getattr(stats, "srm_sequential", None)
-    if sequential is None:
-        return stats.srm_test(counts, weights)
-    p = float(sequential(counts, weights, horizon=horizon))
-    return min(p, previous) if previous is not None else p
 
 
 def _srm(
@@ -1042,8 +1039,15 @@ def _srm(
     base = s.srmBaseline
     counts = [max(0.0, _traffic(by_name[n]) - base.get(n, 0.0)) for n in active]
     need = max(SRM_MIN_SAMPLES, spec.stoppingRules.minSamplesPerVariant / 2)
-    detail = ", ".join(
-        f"{n} {c:.0f} at weight {w:.0f}" for n, c, w in zip(active, counts, weights, strict=True)
+    # The capped boundary needs a horizon fixed in advance, in the units counted: the sample cap when
+    # the primary metric's samples are counted; none (the mixture alone) for analysis.requests.
+    cap = spec.stoppingRules.maxSamplesPerVariant
+    judge_spec = srm.SrmSpec(
+        alpha=spec.stoppingRules.srmAlpha,
+        names=tuple(active),
+        weights=tuple(weights),
+        horizon=float(cap * len(active)) if cap and not spec.analysis.requests else None,
+        previous=s.srmPValue,
     )
     if min(counts, default=0) < need:
         s.conditions = set_condition(
@@ -1051,33 +1055,21 @@ def _srm(
             SRM_REASON,
             "Unknown",
             "NotEnoughSamples",
-            f"waiting for {need:.0f} samples per active variant since the split came into effect ({detail})",
+            f"waiting for {need:.0f} samples per active variant since the split came into effect "
+            f"({srm.samples_text(judge_spec, counts)})",
             now,
             generation,
         )
         return
-    # The capped boundary needs a horizon fixed in advance, in the units counted: the sample cap when
-    # the primary metric's samples are counted; none (the mixture alone) for analysis.requests.
-    cap = spec.stoppingRules.maxSamplesPerVariant
-    horizon = float(cap * len(active)) if cap and not spec.analysis.requests else None
-    p = _srm_p_value(counts, weights, s.srmPValue, horizon)
-    s.srmPValue = p
-    alpha = spec.stoppingRules.srmAlpha
-    if p < alpha:
-        msg = f"sample-ratio mismatch: p = {p:.3g} < srmAlpha {alpha:g}; samples {detail}"
-        s.conditions = set_condition(s.conditions, SRM_REASON, "True", SRM_REASON, msg, now, generation)
-        actions.append(Event("Warning", SRM_REASON, msg))
-        values = {"pValue": p, **{f"n/{n}": c for n, c in zip(active, counts, strict=True)}}
-        _history(s, now, "Paused", SRM_REASON, msg, values)
+    f = srm.judge(judge_spec, counts)
+    s.srmPValue = f.value
+    if f.verdict == "fail":
+        s.conditions = set_condition(s.conditions, SRM_REASON, "True", SRM_REASON, f.message, now, generation)
+        actions.append(Event("Warning", SRM_REASON, f.message))
+        _history(s, now, "Paused", SRM_REASON, f.message, f.numbers)
     else:
         s.conditions = set_condition(
-            s.conditions,
-            SRM_REASON,
-            "False",
-            "SplitMatches",
-            f"p = {p:.3g} >= srmAlpha {alpha:g}; samples {detail}",
-            now,
-            generation,
+            s.conditions, SRM_REASON, "False", "SplitMatches", f.message, now, generation
         )
 
 
@@ -1093,22 +1085,21 @@ def _compare_all(
     c_status.estimate = _estimate(cdata)
     c_status.verdict, c_status.reason = "control", "the control: every variant is compared with it"
     treatments = [n for n in active if n != ctrl]
-    results: dict[str, stats.Comparison] = {}
+    results: dict[str, stats.ComparisonResult] = {}
+    specs: dict[str, sequential.SequentialSpec] = {}
     for n in treatments:
-        kwargs = {
-            "alpha": sc.alpha,
-            "method": sc.method,
-            "better": pm.better,
-            "mde": sc.minimumDetectableEffect,
-            "max_samples": spec.stoppingRules.maxSamplesPerVariant if sc.method == "sequential" else None,
-            "allocation": _allocation(s, ctrl, n),
-            "labels": (ctrl, n),
-        }
-        d = data[n]
-        if isinstance(cdata, stats.ProportionData) and isinstance(d, stats.ProportionData):
-            results[n] = stats.compare_proportions(cdata, d, **kwargs)  # type: ignore[arg-type]
-        elif isinstance(cdata, stats.MeanData) and isinstance(d, stats.MeanData):
-            results[n] = stats.compare_means(cdata, d, **kwargs)  # type: ignore[arg-type]
+        specs[n] = sequential.SequentialSpec(
+            alpha=sc.alpha,
+            better=pm.better,
+            allocation=_allocation(s, ctrl, n),
+            method=sc.method,
+            mde=sc.minimumDetectableEffect,
+            max_samples=spec.stoppingRules.maxSamplesPerVariant if sc.method == "sequential" else None,
+            labels=(ctrl, n),
+            names=EXPERIMENT_NAMES,
+        )
+        if type(cdata) is type(data[n]):
+            results[n] = sequential.compare(specs[n], [(cdata, data[n])])
     frequentist = sc.method != "bayesian"
     adjusted = (
         dict(zip(treatments, stats.holm([results[n].p_value for n in treatments]), strict=True))
@@ -1131,36 +1122,14 @@ def _compare_all(
         vs.ciLow = r.ci_low if math.isfinite(r.ci_low) else None
         vs.ciHigh = r.ci_high if math.isfinite(r.ci_high) else None
         vs.adjustedPValue = adjusted.get(n)
-        better = _in_better_direction(r.difference, pm.better)
-        if frequentist:
-            adj = adjusted[n]
-            verdict = ("better" if better else "worse") if adj < sc.alpha else "inconclusive"
-            note = f"; Holm-adjusted p = {adj:.3g} (alpha {sc.alpha:g}, {len(treatments)} comparison(s))"
-        else:
-            p_best = ptb.get(n)
-            verdict = "better" if r.verdict == "pass" else "worse" if r.verdict == "fail" else "inconclusive"
-            note = f"; P(best) = {p_best:.3g}" if p_best is not None else ""
-        if verdict == "inconclusive" and r.more_samples_needed is not None:
-            note += f"; about {r.more_samples_needed:.0f} more samples (both arms) to decide"
+        verdict, note = _variant_verdict(spec, r, adjusted.get(n), ptb.get(n), len(treatments))
         vs.verdict = verdict
         vs.reason = r.reason + note
-        details = {
-            "control": r.control_estimate,
-            "variant": r.treatment_estimate,
-            "controlN": r.control_n,
-            "variantN": r.treatment_n,
-            "difference": r.difference,
-            "ciLow": r.ci_low,
-            "ciHigh": r.ci_high,
-            "pValue": r.p_value,
-            "alpha": sc.alpha,
-        }
+        details = sequential.numbers(specs[n], r)
         if n in adjusted:
             details["adjustedPValue"] = adjusted[n]
         if n in ptb:
             details["probabilityToBeBest"] = ptb[n]
-        if r.more_samples_needed is not None:
-            details["moreSamplesNeeded"] = r.more_samples_needed
         out.append(
             Measurement(
                 name=pm.name,
@@ -1177,6 +1146,25 @@ def _compare_all(
             )
         )
     return out
+
+
+def _variant_verdict(
+    spec: ModelExperimentSpec, r: stats.ComparisonResult, adjusted: float | None, p_best: float | None, m: int
+) -> tuple[VariantVerdict, str]:
+    """A variant against the control: better, worse or inconclusive (on its Holm-adjusted p-value for
+    the frequentist methods, of ``m`` comparisons), and a note saying on what."""
+    sc = spec.successCriteria
+    verdict: VariantVerdict
+    if adjusted is not None:
+        better = _in_better_direction(r.difference, spec.primaryMetric.better)
+        verdict = ("better" if better else "worse") if adjusted < sc.alpha else "inconclusive"
+        note = f"; Holm-adjusted p = {adjusted:.3g} (alpha {sc.alpha:g}, {m} comparison(s))"
+    else:
+        verdict = "better" if r.verdict == "pass" else "worse" if r.verdict == "fail" else "inconclusive"
+        note = f"; P(best) = {p_best:.3g}" if p_best is not None else ""
+    if verdict == "inconclusive" and r.more_samples_needed is not None:
+        note += f"; about {r.more_samples_needed:.0f} more samples (both arms) to decide"
+    return verdict, note
 
 
 def _allocation(s: ModelExperimentStatus, control: str, treatment: str) -> float:
@@ -1253,6 +1241,51 @@ def _sample_size(
         s.sampleSizePerVariant = max(sizes)
 
 
+@dataclass(frozen=True)
+class _Look:
+    """What one decision looks at: samples per active variant and where the stopping rules stand."""
+
+    least: float  # samples of the active variant with the fewest
+    need: int  # samples per variant a decision needs
+    at_cap: bool  # every active variant reached maxSamplesPerVariant
+    timed_out: bool  # maxDuration elapsed
+    exploring: bool  # the bandit phase of a Thompson experiment (before a confirmation)
+    samples: str  # the counts, for messages
+    values: dict[str, float]  # recorded with the decision
+    treatments: list[str]  # the active variants other than the control
+
+
+def _look(
+    spec: ModelExperimentSpec,
+    s: ModelExperimentStatus,
+    data: dict[str, Data],
+    active: list[str],
+    now: datetime,
+) -> _Look:
+    sr = spec.stoppingRules
+    ns = {n: (_n(data[n]) if n in data else 0.0) for n in active}
+    least = min(ns.values())
+    phase_note = ""
+    if s.confirmation is not None:
+        since = s.confirmation.since.strftime("%Y-%m-%dT%H:%M:%SZ")
+        phase_note = f" (confirmation of {s.confirmation.variant}: samples since {since})"
+    elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
+    need = sr.minSamplesPerVariant
+    if spec.successCriteria.method == "fixedHorizon" and s.sampleSizePerVariant:
+        need = max(need, s.sampleSizePerVariant)
+    ctrl = control_of(spec).name
+    return _Look(
+        least=least,
+        need=need,
+        at_cap=sr.maxSamplesPerVariant is not None and least >= sr.maxSamplesPerVariant,
+        timed_out=elapsed >= parse_duration(sr.maxDuration),
+        exploring=spec.allocation.strategy == "thompson" and s.confirmation is None,
+        samples=", ".join(f"{n} n={ns[n]:.0f}" for n in active) + phase_note,
+        values=_decision_values(s, active, ns),
+        treatments=[n for n in active if n != ctrl],
+    )
+
+
 def _decide(
     spec: ModelExperimentSpec,
     s: ModelExperimentStatus,
@@ -1264,115 +1297,78 @@ def _decide(
     generation: int,
 ) -> Decision | None:
     """``data``: the samples the test uses (a confirmation's own); ``raw``: cumulative since the start."""
-    sc, sr, pm = spec.successCriteria, spec.stoppingRules, spec.primaryMetric
-    ctrl = control_of(spec).name
-    by_name = {v.name: v for v in s.variants}
-    ns = {n: (_n(data[n]) if n in data else 0.0) for n in active}
-    least = min(ns.values())
-    exploring = spec.allocation.strategy == "thompson" and s.confirmation is None
-    phase_note = ""
-    if s.confirmation is not None:
-        since = s.confirmation.since.strftime("%Y-%m-%dT%H:%M:%SZ")
-        phase_note = f" (confirmation of {s.confirmation.variant}: samples since {since})"
-    elapsed = (now - s.startedAt).total_seconds() if s.startedAt else 0.0
-    max_duration = parse_duration(sr.maxDuration)
-    timed_out = elapsed >= max_duration
-    at_cap = sr.maxSamplesPerVariant is not None and least >= sr.maxSamplesPerVariant
-    need = sr.minSamplesPerVariant
-    if sc.method == "fixedHorizon" and s.sampleSizePerVariant:
-        need = max(need, s.sampleSizePerVariant)
-    samples = ", ".join(f"{n} n={ns[n]:.0f}" for n in active) + phase_note
-    values = _decision_values(s, active, ns)
-    treatments = [n for n in active if n != ctrl]
-
-    if least >= need or at_cap or timed_out:
-        winner = _winner(spec, s, treatments)
-        if winner is not None and exploring and not (at_cap or timed_out):
+    look = _look(spec, s, data, active, now)
+    stopping = look.at_cap or look.timed_out
+    if look.least < look.need and not stopping:
+        extra = look.need > spec.stoppingRules.minSamplesPerVariant
+        s.message = f"collecting samples: {look.samples}; a decision needs {look.need} per variant" + (
+            " (planned sample size of the fixed-horizon test)" if extra else ""
+        )
+        return None
+    winner = _winner(spec, s, look.treatments)
+    if winner is not None and look.exploring:
+        if not stopping:
             _confirm(spec, s, actions, winner, raw, now)
             return None
-        if winner is not None and exploring:
-            winner = None  # no time or samples left to confirm the bandit's leader: no winner
-        if winner is not None:
-            w = by_name[winner]
-            stat = (
-                f"P(best) = {w.probabilityToBeBest:.3g} >= {sc.probabilityToBeBest:g}"
-                if sc.method == "bayesian"
-                else f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}"
-            )
-            detail = (
-                f"{winner} {pm.name} = {w.estimate:.4g} vs {ctrl} (control) {by_name[ctrl].estimate:.4g} "
-                f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
-                f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {samples})"
-            )
-            if spec.onSuccess == "promoteWinner":
-                return _finish(
-                    spec,
-                    s,
-                    actions,
-                    now,
-                    generation,
-                    "Concluded",
-                    "promoted",
-                    winner,
-                    "WinnerPromoted",
-                    f"winner {winner}: {detail}; all traffic to {winner}",
-                    values,
-                )
-            return _finish(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "Concluded",
-                "winnerKept",
-                winner,
-                "WinnerFound",
-                f"winner {winner}: {detail}; onSuccess is keep: traffic unchanged",
-                values,
-                move=False,
-            )
-        futile = _futile(spec, s, treatments)
-        if futile:
-            return _null(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "futile",
-                "Futile",
-                f"futile: no variant can beat the control {ctrl} by the MDE "
-                f"{sc.minimumDetectableEffect:g} ({futile}; {samples})",
-                values,
-            )
-        one_look = sc.method == "fixedHorizon" and least >= need
-        if at_cap or timed_out or one_look:
-            why = (
-                f"every active variant reached maxSamplesPerVariant {sr.maxSamplesPerVariant}"
-                if at_cap
-                else f"maxDuration {sr.maxDuration} elapsed"
-                if timed_out
-                else f"the fixed-horizon test at its planned {need} samples per variant ended"
-            )
-            return _null(
-                spec,
-                s,
-                actions,
-                now,
-                generation,
-                "noWinner",
-                "NoWinner",
-                f"no winner: {why} without a significant improvement over the control {ctrl} "
-                f"({_summary(s, treatments)}; {samples})",
-                values,
-            )
-        s.message = f"analysing: no decision yet ({_summary(s, treatments)}; {samples})"
+        winner = None  # no time or samples left to confirm the bandit's leader: no winner
+    outcome = _won(spec, s, winner, look) if winner is not None else _no_winner(spec, s, look)
+    if outcome is None:
+        s.message = f"analysing: no decision yet ({_summary(s, look.treatments)}; {look.samples})"
         return None
-    s.message = f"collecting samples: {samples}; a decision needs {need} per variant" + (
-        " (planned sample size of the fixed-horizon test)" if need > sr.minSamplesPerVariant else ""
+    return _finish(spec, s, actions, now, generation, outcome)
+
+
+def _won(spec: ModelExperimentSpec, s: ModelExperimentStatus, winner: str, look: _Look) -> Outcome:
+    """The winner found: promoted (all traffic to it) or kept (traffic unchanged), by onSuccess."""
+    sc, pm = spec.successCriteria, spec.primaryMetric
+    ctrl = control_of(spec).name
+    by_name = {v.name: v for v in s.variants}
+    w = by_name[winner]
+    stat = (
+        f"P(best) = {w.probabilityToBeBest:.3g} >= {sc.probabilityToBeBest:g}"
+        if sc.method == "bayesian"
+        else f"Holm-adjusted p = {w.adjustedPValue:.3g} < alpha {sc.alpha:g}"
     )
-    return None
+    detail = (
+        f"{winner} {pm.name} = {w.estimate:.4g} vs {ctrl} (control) {by_name[ctrl].estimate:.4g} "
+        f"(diff {(w.estimate or 0) - (by_name[ctrl].estimate or 0):+.4g}, "
+        f"CI [{w.ciLow:+.4g}, {w.ciHigh:+.4g}], {stat}; {look.samples})"
+    )
+    if spec.onSuccess == "promoteWinner":
+        msg = f"winner {winner}: {detail}; all traffic to {winner}"
+        return Outcome("Concluded", "promoted", "WinnerPromoted", msg, winner=winner, values=look.values)
+    msg = f"winner {winner}: {detail}; onSuccess is keep: traffic unchanged"
+    return Outcome(
+        "Concluded", "winnerKept", "WinnerFound", msg, winner=winner, values=look.values, move=False
+    )
+
+
+def _no_winner(spec: ModelExperimentSpec, s: ModelExperimentStatus, look: _Look) -> Outcome | None:
+    """Futility, the sample cap, maxDuration or the fixed-horizon look end it without a winner."""
+    sc, sr = spec.successCriteria, spec.stoppingRules
+    ctrl = control_of(spec).name
+    futile = _futile(spec, s, look.treatments)
+    if futile:
+        msg = (
+            f"futile: no variant can beat the control {ctrl} by the MDE "
+            f"{sc.minimumDetectableEffect:g} ({futile}; {look.samples})"
+        )
+        return _null_outcome(spec, "futile", "Futile", msg, look.values)
+    one_look = sc.method == "fixedHorizon" and look.least >= look.need
+    if not (look.at_cap or look.timed_out or one_look):
+        return None
+    why = (
+        f"every active variant reached maxSamplesPerVariant {sr.maxSamplesPerVariant}"
+        if look.at_cap
+        else f"maxDuration {sr.maxDuration} elapsed"
+        if look.timed_out
+        else f"the fixed-horizon test at its planned {look.need} samples per variant ended"
+    )
+    msg = (
+        f"no winner: {why} without a significant improvement over the control {ctrl} "
+        f"({_summary(s, look.treatments)}; {look.samples})"
+    )
+    return _null_outcome(spec, "noWinner", "NoWinner", msg, look.values)
 
 
 def _winner(spec: ModelExperimentSpec, s: ModelExperimentStatus, treatments: list[str]) -> str | None:
@@ -1427,22 +1423,24 @@ def _null(
     message: str,
     values: dict[str, float],
 ) -> Decision:
+    """Concluded without a winner (see :func:`_null_outcome`)."""
+    return _finish(spec, s, actions, now, generation, _null_outcome(spec, decision, reason, message, values))
+
+
+def _null_outcome(
+    spec: ModelExperimentSpec, decision: str, reason: str, message: str, values: dict[str, float]
+) -> Outcome:
+    """A null result is not a failure: Concluded, all traffic to the control (or kept, by onSuccess)."""
     if spec.onSuccess == "promoteWinner":
         message += "; all traffic to the control"
     else:
         message += "; onSuccess is keep: traffic unchanged"
-    return _finish(
-        spec,
-        s,
-        actions,
-        now,
-        generation,
+    return Outcome(
         "Concluded",
         decision,
-        None,
         reason,
         message,
-        values,
+        values=values,
         to_control=True,
         move=spec.onSuccess == "promoteWinner",
     )
@@ -1581,7 +1579,6 @@ def _set_weights(
     change = ", ".join(f"{n} {old.get(n, 0)}->{w}" for n, w in weights.items() if old.get(n, 0) != w)
     msg = f"weights {change}: {why}"
     s.message = msg
-    actions.append(SetWeights(route_weights(spec, s) or {}))
     if event:
         actions.append(Event("Normal", "WeightsChanged", msg))
     if record:

@@ -2,29 +2,32 @@
 
 No I/O happens here. The handler measures, calls :func:`reconcile`, then applies the actions
 (weights, Events) and writes the returned status. Every transition is explained in status.
+
+A tick is a short composition: revision, terminal phase and the abort/promote-full annotations
+(:func:`_begin`), the analysis of this tick, then the step walk (:mod:`model_rollouts.engine.steps`)
+and the conditions it ends with (:func:`_steps`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from model_rollouts.analysis import sequential, stats, threshold
+from model_rollouts.analysis.assess import Policy, assess
+from model_rollouts.analysis.comparison import ROLLOUT_NAMES
+from model_rollouts.analysis.vocabulary import Result
 from model_rollouts.api.common import (
     ArmCounts,
     Condition,
     Measurement,
     action_annotations,
     dump,
-    get_condition,
     parse_duration,
     set_condition,
 )
-from model_rollouts.api.notification import Gate, GateState
 from model_rollouts.api.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PROMOTE,
@@ -37,15 +40,11 @@ from model_rollouts.api.rollout import (
     ModelRolloutSpec,
     ModelRolloutStatus,
 )
-from model_rollouts.engine import series, stats
+from model_rollouts.engine import series, steps
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
-from model_rollouts.engine.guardrails import consecutive_errors, evaluate, gate, update_failures
-from model_rollouts.metrics.provider import Result
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-#: Closed epochs kept per comparison (each weight change closes one).
-EPOCH_LIMIT = 60
+from model_rollouts.engine.status import EPOCH
+from model_rollouts.engine.steps import GateAnswer
 
 
 @dataclass(frozen=True)
@@ -75,24 +74,13 @@ class Decision:
     asks: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class GateAnswer:
-    """What a gate said when the handler asked it: open (a 2xx) or not, and a fixed, sanitised text."""
-
-    open: bool
-    message: str
-    #: Not asked: still answering another object's request. Holds, but is not a closed gate.
-    busy: bool = False
-
-
 def revision_of(spec: ModelRolloutSpec) -> str:
     """A new revision starts when the candidate changes; the baseline is whatever is serving."""
-    return hashlib.sha256(json.dumps(dump(spec.candidate), sort_keys=True).encode()).hexdigest()[:10]
+    return status_.digest(dump(spec.candidate))
 
 
 def steps_hash(spec: ModelRolloutSpec) -> str:
-    body = json.dumps([dump(st) for st in spec.steps], sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:10]
+    return status_.digest([dump(st) for st in spec.steps])
 
 
 def interval_of(spec: ModelRolloutSpec) -> float:
@@ -212,7 +200,7 @@ def reconcile(
     )
     d.asks = asks
     status_.bound_texts(d.status)
-    if observations is not None and d.status.lastAnalysisTime == now != status.lastAnalysisTime:
+    if series.analysed_now(status, d.status, now, observations is not None):
         series.append(d.status.series, series.rollout_point(d.status, now))
     return d
 
@@ -227,38 +215,67 @@ def _reconcile(
     observations: Observations | None = None,
     gates: tuple[Mapping[str, GateAnswer], list[str]],
 ) -> Decision:
+    """Revision, terminal phases and annotations; the analysis; then the steps (engine/steps.py).
+
+    Longer than the others: the measurements block below is kept inline (it becomes one call to the
+    shared assessment of issue 17); everything before and after it is one call each.
+    """
+    tick = _Tick(spec, now, generation, annotations or {}, observations, *gates)
+    s, actions, early = _begin(tick, status)
+    if early is not None:
+        return early
+
+    # Measurements: guardrails at every interval, comparisons against stable within the epoch.
+    hold_reasons: list[str] = []
+    measured = observations is not None and s.weight > 0
+    if measured:
+        assert observations is not None
+        ended, hold_reasons = _measure(spec, s, observations, actions, now, generation)
+        if ended is not None:
+            return ended
+    elif s.weight > 0 and s.lastAnalysisTime is None:
+        hold_reasons.append("waiting for the first analysis at this weight")
+    analysed_here = measured and not hold_reasons
+    if not measured and s.weight > 0:
+        # Between analyses nothing moves; the next analysis is due at lastAnalysisTime + interval.
+        _conditions(s, now, generation)
+        return Decision(s, actions)
+
+    return _steps(tick, s, actions, hold_reasons, analysed_here)
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """One call of reconcile: what each of its parts reads."""
+
+    spec: ModelRolloutSpec
+    now: datetime
+    generation: int
+    annotations: dict[str, str]
+    observations: Observations | None
+    answers: Mapping[str, GateAnswer]
+    asks: list[str]
+
+
+def _begin(t: _Tick, status: ModelRolloutStatus) -> tuple[ModelRolloutStatus, list[Event], Decision | None]:
+    """Everything before the analysis: a new revision, a finished rollout, steps edits, abort and
+    promote-full. A Decision when the tick ends here."""
+    spec, now, generation, ann = t.spec, t.now, t.generation, t.annotations
     s = status.model_copy(deep=True)
     actions: list[Event] = []
-    ann = annotations or {}
     s.observedGeneration = generation
-    s.conditions = set_condition(s.conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
+    s.conditions = status_.spec_valid(s.conditions, now, generation)
 
     rev = revision_of(spec)
     if s.revision != rev:
         s = _new_revision(spec, s, rev, now, generation, ann, actions)
         if s.phase != "Progressing" or s.history[-1].reason == "NewRevision":
             _conditions(s, now, generation)
-            return Decision(s, actions)
+            return s, actions, Decision(s, actions)
 
-    if s.phase in TERMINAL_PHASES:
-        retry = ann.get(ANNOTATION_RETRY)
-        if retry and retry != s.handled.retry and s.phase in ("RolledBack", "Aborted"):
-            s.handled.retry = retry
-            msg = f"retry requested by annotation {ANNOTATION_RETRY}={retry}: steps restart from weight 0"
-            _restart(spec, s, now)
-            actions.append(Event("Normal", "RetryRequested", msg))
-            _history(s, now, "Retry", "RetryRequested", msg)
-        else:
-            if retry:
-                s.handled.retry = retry
-            stable = s.stableService or spec.stable.service
-            if s.phase == "Promoted" and spec.stable.service not in (stable, spec.candidate.service):
-                s.message = (
-                    f"promoted: {stable} is serving; spec.stable ({spec.stable.service}) is ignored until "
-                    "the candidate changes"
-                )
-            _conditions(s, now, generation)
-            return Decision(s, actions)
+    if s.phase in TERMINAL_PHASES and _stays_finished(t, s, actions):
+        _conditions(s, now, generation)
+        return s, actions, Decision(s, actions)
     if s.phase == "Invalid":  # the spec became valid again: carry on where it stood
         s.phase = "Progressing"
         _history(s, now, "Valid", "SpecValid", "spec is valid again; resuming")
@@ -271,8 +288,34 @@ def _reconcile(
             _history(s, now, "StepsChanged", "StepsChanged", msg)
             s.currentStep, s.stepStartedAt, s.stepWeight = 0, now, None
         s.stepsHash = sh
+    return s, actions, _user_finish(t, s, actions)
 
-    # User actions, by annotation: each new value acts once.
+
+def _stays_finished(t: _Tick, s: ModelRolloutStatus, actions: list[Event]) -> bool:
+    """A finished rollout stays finished (True) unless a new retry restarts a rolled-back one."""
+    spec, now = t.spec, t.now
+    retry = t.annotations.get(ANNOTATION_RETRY)
+    if retry and retry != s.handled.retry and s.phase in ("RolledBack", "Aborted"):
+        s.handled.retry = retry
+        msg = f"retry requested by annotation {ANNOTATION_RETRY}={retry}: steps restart from weight 0"
+        _restart(spec, s, now)
+        actions.append(Event("Normal", "RetryRequested", msg))
+        _history(s, now, "Retry", "RetryRequested", msg)
+        return False
+    if retry:
+        s.handled.retry = retry
+    stable = s.stableService or spec.stable.service
+    if s.phase == "Promoted" and spec.stable.service not in (stable, spec.candidate.service):
+        s.message = (
+            f"promoted: {stable} is serving; spec.stable ({spec.stable.service}) is ignored until "
+            "the candidate changes"
+        )
+    return True
+
+
+def _user_finish(t: _Tick, s: ModelRolloutStatus, actions: list[Event]) -> Decision | None:
+    """User actions, by annotation: each new value acts once."""
+    spec, now, generation, ann = t.spec, t.now, t.generation, t.annotations
     abort = ann.get(ANNOTATION_ABORT)
     if abort and abort != s.handled.abort:
         s.handled.abort = abort
@@ -288,389 +331,45 @@ def _reconcile(
             f"promoted by annotation {ANNOTATION_PROMOTE_FULL}={full}: skipping remaining steps, "
             "analysis and gates",
         )  # fmt: skip
+    return None
 
-    # Measurements: guardrails at every interval, comparisons against stable within the epoch.
-    hold_reasons: list[str] = []
-    measured = observations is not None and s.weight > 0
-    if measured:
-        assert observations is not None
-        s.lastAnalysisTime = now
-        results = _analyse(spec, s, observations)
-        s.lastAnalysis = results
-        # A pass of an always-valid test stays valid at any later time: latch it for the gate.
-        for m in results:
-            if (
-                m.kind == "comparison"
-                and m.verdict == "pass"
-                and not m.carried
-                and m.name not in s.passedComparisons
-            ):
-                s.passedComparisons.append(m.name)
-        s.guardrailFailures = update_failures(
-            s.guardrailFailures, [m for m in results if m.kind == "guardrail"]
-        )
-        for g in spec.analysis.guardrails:
-            if s.guardrailFailures.get(g.name, 0) >= g.failureLimit:
-                m = next(m for m in results if m.name == g.name and m.kind == "guardrail")
-                return _finish(
-                    s, actions, now, generation, "RolledBack", 0, "GuardrailFailed",
-                    f"guardrail {m.message}; {s.guardrailFailures[g.name]} consecutive breach(es) "
-                    f"reached failureLimit {g.failureLimit}",
-                    _values(results),
-                )  # fmt: skip
-        for m in results:
-            if m.kind == "comparison" and m.verdict == "fail" and not m.carried:
-                return _finish(
-                    s, actions, now, generation, "RolledBack", 0, "ComparisonFailed",
-                    f"candidate is worse than stable: {m.message}", _values(results),
-                )  # fmt: skip
-        g8 = gate([m for m in results if not m.carried], spec.analysis.noData)
-        if g8.fail is not None:
-            return _finish(
-                s, actions, now, generation, "RolledBack", 0, "NoData",
-                f"{g8.fail.message} and analysis.noData is fail", _values(results),
-            )  # fmt: skip
-        s.consecutiveErrors = consecutive_errors(s.consecutiveErrors, g8)
-        if s.consecutiveErrors >= spec.analysis.errorLimit:
-            msg = (
-                f"{s.consecutiveErrors} consecutive analyses with failed measurements reached "
-                f"analysis.errorLimit {spec.analysis.errorLimit}"
-            )
-            if spec.analysis.onErrorLimit == "rollback":
-                return _finish(s, actions, now, generation, "RolledBack", 0, "ErrorLimitReached", msg)
-            if s.consecutiveErrors == spec.analysis.errorLimit:
-                actions.append(Event("Warning", "ErrorLimitReached", msg + "; holding (onErrorLimit: hold)"))
-                _history(s, now, "ErrorLimitReached", "ErrorLimitReached", msg)
-        hold_reasons += g8.reasons()
-        # A breach below failureLimit does not roll back yet, but nothing advances or promotes on it.
-        limits = {g.name: g.failureLimit for g in spec.analysis.guardrails}
-        hold_reasons += [
-            f"{m.message} ({s.guardrailFailures.get(m.name, 0)} of failureLimit {limits.get(m.name, 1)})"
-            for m in results
-            if m.kind == "guardrail" and m.verdict == "fail"
-        ]
-        healthy = g8.ok
-        reason = "AnalysisPassing" if healthy else ("MeasurementError" if g8.error else "NoData")
-        if s.consecutiveErrors >= spec.analysis.errorLimit:
-            reason = "ErrorLimitReached"
-        s.conditions = set_condition(
-            s.conditions,
-            "Healthy",
-            "True" if healthy else ("False" if reason == "ErrorLimitReached" else "Unknown"),
-            reason,
-            "; ".join(m.message for m in results) or "no guardrails configured",
-            now,
-            generation,
-        )
-    elif s.weight > 0 and s.lastAnalysisTime is None:
-        hold_reasons.append("waiting for the first analysis at this weight")
-    analysed_here = measured and not hold_reasons
-    if not measured and s.weight > 0:
-        # Between analyses nothing moves; the next analysis is due at lastAnalysisTime + interval.
-        _conditions(s, now, generation)
-        return Decision(s, actions)
 
-    # Pausing.
-    if spec.paused:
-        if s.phase != "Paused":
-            actions.append(Event("Normal", "Paused", "paused by spec.paused"))
-            _history(s, now, "Paused", "SpecPaused", "paused by spec.paused")
-        s.phase, s.message, s.heldSince = "Paused", f"paused by spec.paused at weight {s.weight}", None
-        _conditions(s, now, generation)
-        return Decision(s, actions)
-    if s.phase == "Paused" and not _at_manual_gate(spec, s):
-        s.phase = "Progressing"
-        actions.append(Event("Normal", "Resumed", "spec.paused cleared"))
-        _history(s, now, "Resumed", "SpecResumed", "spec.paused cleared")
+def _steps(
+    t: _Tick, s: ModelRolloutStatus, actions: list[Event], hold_reasons: list[str], analysed: bool
+) -> Decision:
+    """The step walk (engine/steps.py) after the analysis, and the conditions it ends with.
 
-    # An early resume (no gate waiting) is consumed without effect: it never releases a later gate.
-    resume = ann.get(ANNOTATION_RESUME)
-    if resume and resume != s.handled.resume and not _at_manual_gate(spec, s):
-        s.handled.resume = resume
-        msg = f"resume annotation {ANNOTATION_RESUME}={resume} ignored: no manual gate is waiting"
-        actions.append(Event("Normal", "ResumeIgnored", msg))
-        _history(s, now, "ResumeIgnored", "ResumeIgnored", msg)
-
-    # Promote (one step) moves past the pause or analysis step that is current when it arrives; one
-    # that arrives at any other step is consumed without effect, so it never skips a later step.
-    promote = ann.get(ANNOTATION_PROMOTE)
-    promote_step: int | None = None
-    if promote and promote != s.handled.promote:
-        if _at_pause_or_analysis(spec, s):
-            promote_step = s.currentStep
-        else:
-            s.handled.promote = promote
-            msg = (
-                f"promote annotation {ANNOTATION_PROMOTE}={promote} ignored: step {s.currentStep} is not a "
-                f"pause or analysis step; {ANNOTATION_PROMOTE_FULL} skips to 100%"
-            )
-            actions.append(Event("Normal", "PromoteIgnored", msg))
-            _history(s, now, "PromoteIgnored", "PromoteIgnored", msg)
-
-    if observations is not None and observations.candidate_ready is False:
-        hold_reasons.append(f"candidate {spec.candidate.service} has no ready endpoints")
-
-    # Steps: advance while nothing blocks; at most one weight change per analysis.
-    gate_ok = not hold_reasons and (analysed_here or s.weight == 0)
-    gate_hold: str | None = None
-    gate_reason = "GateClosed"
-    waiting_evidence: list[str] = []
-    evidence_only = False
-    while True:
-        if s.currentStep >= len(spec.steps):
-            target = 100
-        else:
-            step = spec.steps[s.currentStep]
-            if step.setWeight is None:
-                if promote_step == s.currentStep and promote:
-                    s.handled.promote = promote
-                    promote_step = None
-                    kind = (
-                        "manual gate"
-                        if step.pause and step.pause.duration is None
-                        else ("pause" if step.pause else "analysis")
-                    )
-                    msg = (
-                        f"{kind} step {s.currentStep} skipped by annotation {ANNOTATION_PROMOTE}={promote}; "
-                        "later steps are analysed as usual"
-                    )
-                    actions.append(Event("Normal", "PromoteRequested", msg))
-                    _history(s, now, "StepSkipped", "PromoteRequested", msg)
-                    if s.phase == "Paused":
-                        s.phase = "Progressing"
-                    _advance(s, now)
-                    continue
-                if step.pause is not None and step.pause.duration is None:
-                    if resume and resume != s.handled.resume:
-                        s.handled.resume = resume
-                        actions.append(
-                            Event("Normal", "Resumed", f"resumed by annotation {ANNOTATION_RESUME}={resume}")
-                        )
-                        _history(
-                            s,
-                            now,
-                            "Resumed",
-                            "ResumeRequested",
-                            f"manual gate at step {s.currentStep} released",
-                        )
-                        s.phase = "Progressing"
-                        _advance(s, now)
-                        continue
-                    if s.phase != "Paused":
-                        actions.append(Event("Normal", "Paused", f"manual gate at step {s.currentStep}"))
-                        _history(
-                            s, now, "Paused", "ManualGate", f"waiting at step {s.currentStep} for a resume"
-                        )
-                    s.phase, s.heldSince = "Paused", None
-                    s.message = (
-                        f"waiting at step {s.currentStep} (weight {s.weight}) for "
-                        f"`kubectl annotate mro ... {ANNOTATION_RESUME}=<token>`"
-                    )
-                    break
-                spec_duration = (
-                    step.pause.duration if step.pause else (step.analysis and step.analysis.duration)
-                )
-                duration = parse_duration(spec_duration or "0s")
-                elapsed = (now - (s.stepStartedAt or now)).total_seconds()
-                kind = "pause" if step.pause else "analysis"
-                if elapsed < duration:
-                    s.message = (
-                        f"step {s.currentStep}: {kind} at weight {s.weight}, {duration - elapsed:.0f}s left"
-                    )
-                    if hold_reasons:
-                        s.message += f" ({'; '.join(hold_reasons)})"
-                    break
-                if not gate_ok:
-                    why = "; ".join(hold_reasons)
-                    s.message = f"holding at weight {s.weight} after {kind} step {s.currentStep}: {why}"
-                    break
-                _advance(s, now)
-                continue
-            target = step.setWeight
-        if s.weight == target:
-            if s.currentStep >= len(spec.steps):
-                if not gate_ok:
-                    s.message = f"holding at weight 100 before promotion: {'; '.join(hold_reasons)}"
-                    break
-                return _finish(
-                    s, actions, now, generation, "Promoted", 100, "AnalysisPassed",
-                    "all steps completed with passing analysis", _values(s.lastAnalysis),
-                )  # fmt: skip
-            _advance(s, now)
-            continue
-        if s.weight > 0 and not gate_ok:
-            s.message = f"holding at weight {s.weight} (step {s.currentStep}): {'; '.join(hold_reasons)}"
-            break
-        nxt = target
-        if spec.maxWeightStep and abs(target - s.weight) > spec.maxWeightStep:
-            nxt = s.weight + spec.maxWeightStep * (1 if target > s.weight else -1)
-        if nxt == 100:
-            # The promotion gate comes before the final increase: every required comparison must
-            # have shown what its test asks (fail closed), unless the deadline policy says promote.
-            waiting_evidence = _required_not_passed(spec.analysis.comparisons, s)
-            # Only a measured-but-undecided comparison is "inconclusive"; missing data is a
-            # progress problem (onProgressDeadline), never evidence.
-            evidence_only = not hold_reasons
-            if waiting_evidence and not _deadline_promotes(spec, s, now):
-                s.message = f"holding at weight {s.weight} before full traffic: " + "; ".join(
-                    waiting_evidence
-                )
-                hold_reasons += waiting_evidence
-                break
-        where = (
-            f"step {s.currentStep}: setWeight {target}"
-            if s.currentStep < len(spec.steps)
-            else "all steps done"
-        )
-        hold = _gates_closed(spec, s, actions, now, nxt, *gates)
-        if hold.why:
-            gate_hold = s.message = f"holding at weight {s.weight} before weight {nxt}: {hold.why}"
-            gate_reason = "GateBusy" if hold.busy else "GateClosed"
-            hold_reasons += hold.overdue  # past maxHold, a gate's hold counts towards progressDeadline
-            break
-        split = f" (split by maxWeightStep {spec.maxWeightStep})" if nxt != target else ""
-        _set_weight(s, actions, now, nxt, where + split, observations)
-        s.stepWeight = nxt if nxt != target else None
-        if nxt == target and s.currentStep < len(spec.steps):
-            _advance(s, now)
-        break
-
-    # Deadlines: a hold without progress ends by the user's policy.
-    if hold_reasons and s.phase != "Paused":
-        s.heldSince = s.heldSince or now
-        held = (now - s.heldSince).total_seconds()
-        deadline = parse_duration(spec.progressDeadline)
-        if held >= deadline:
-            why = f"held {held:.0f}s (progressDeadline {spec.progressDeadline}): {'; '.join(hold_reasons)}"
-            inconclusive = bool(waiting_evidence) and evidence_only
-            policy = spec.analysis.onInconclusive if inconclusive else spec.onProgressDeadline
-            reason = "Inconclusive" if inconclusive else "ProgressDeadlineExceeded"
-            if policy == "rollback":
-                return _finish(s, actions, now, generation, "RolledBack", 0, reason, why)
-            progressing = get_condition(s.conditions, "Progressing")
-            if progressing is None or progressing.reason != reason:
-                actions.append(Event("Warning", reason, why + "; holding"))
-                _history(s, now, reason, reason, why)
-            s.phase = "Paused" if s.phase == "Paused" else "Progressing"
-            _conditions(s, now, generation, progressing_reason=reason, progressing_message=why)
-            return Decision(s, actions)
-    else:
-        s.heldSince = None
-
-    s.phase = "Paused" if s.phase == "Paused" else "Progressing"
-    if gate_hold:  # like a manual pause: a deliberate hold, not counted towards progressDeadline
-        _conditions(s, now, generation, progressing_reason=gate_reason, progressing_message=gate_hold)
+    ``hold_reasons``: why the analysis holds the weight; ``analysed``: an analysis ran and passed.
+    """
+    now, generation, observations = t.now, t.generation, t.observations
+    ctx = steps.StepContext(
+        spec=t.spec,
+        now=now,
+        annotations=t.annotations,
+        hold_reasons=hold_reasons,
+        analysed=analysed,
+        candidate_ready=observations.candidate_ready if observations is not None else None,
+        missing_evidence=_required_not_passed(t.spec.analysis.comparisons, s),
+        values=_values(s.lastAnalysis),
+        epoch=current_epoch(s, observations),
+        answers=t.answers,
+        asks=t.asks,
+    )
+    out = steps.run(s, ctx)
+    actions += out.events
+    if out.finish is not None:
+        f = out.finish
+        return _finish(s, actions, now, generation, f.phase, f.weight, f.reason, f.message, f.values)
+    if out.progressing is not None:
+        reason, message = out.progressing
+        _conditions(s, now, generation, progressing_reason=reason, progressing_message=message)
     else:
         _conditions(s, now, generation)
     return Decision(s, actions)
 
 
-def gates_before(spec: ModelRolloutSpec, weight: int, nxt: int) -> list[Gate]:
-    """The gates a move from ``weight`` to ``nxt`` must pass."""
-    return [
-        g
-        for g in spec.gates
-        if (g.type == "confirm-promotion" and nxt == 100 > weight)
-        or (g.type == "confirm-rollout" and nxt > weight)
-    ]
-
-
-@dataclass
-class GateHold:
-    """Why the gates before a move hold it ('' if they all answered 2xx)."""
-
-    why: str = ""
-    #: Every holding gate was busy with another object's request (not closed).
-    busy: bool = False
-    #: Holds longer than the gate's maxHold: they count towards progressDeadline.
-    overdue: list[str] = field(default_factory=list)
-
-
-def _gates_closed(
-    spec: ModelRolloutSpec,
-    s: ModelRolloutStatus,
-    actions: list[Event],
-    now: datetime,
-    nxt: int,
-    answers: Mapping[str, GateAnswer],
-    asks: list[str],
-) -> GateHold:
-    """Why the gates before this move hold it; records each answer.
-
-    A gate that is busy (still answering another object's request) holds like a closed one but is
-    not recorded as closed: no GateClosed Event or notification. A gate's hold is exempt from
-    progressDeadline for its ``maxHold``; after that it is named in ``overdue``.
-    """
-    closed: list[str] = []
-    busy: list[bool] = []
-    overdue: list[str] = []
-    for g in gates_before(spec, s.weight, nxt):
-        a = answers.get(g.name)
-        if a is None:
-            asks.append(g.name)
-            closed.append(f"gate {g.name} ({g.type}) has not been asked yet")
-            busy.append(False)
-            continue
-        old = next((x for x in s.gates if x.name == g.name), None)
-        was_closed = old is not None and not old.open and not old.busy
-        if a.open:
-            state = GateState(name=g.name, open=True, message=a.message[:1024], lastAskedTime=now)
-            s.gates = [*(x for x in s.gates if x.name != g.name), state]
-            if was_closed:
-                msg = f"gate {g.name} ({g.type}, provider {g.provider}) opened: {a.message}"
-                actions.append(Event("Normal", "GateOpened", msg))
-                _history(s, now, "GateOpened", "GateOpened", msg)
-            continue
-        since = old.heldSince if old is not None and not old.open and old.heldSince is not None else now
-        state = GateState(
-            name=g.name,
-            open=False,
-            message=a.message[:1024],
-            lastAskedTime=now,
-            busy=True if a.busy else None,
-            heldSince=since,
-        )
-        s.gates = [*(x for x in s.gates if x.name != g.name), state]
-        held = (now - since).total_seconds()
-        if held >= parse_duration(g.maxHold):
-            overdue.append(f"gate {g.name} has held for {held:.0f}s, more than its maxHold {g.maxHold}")
-        busy.append(a.busy)
-        if a.busy:
-            closed.append(
-                f"gate {g.name} ({g.type}, provider {g.provider}) is busy with another request; "
-                "asked again at the next analysis"
-            )
-            continue
-        why = (
-            f"gate {g.name} ({g.type}, provider {g.provider}) is closed: {a.message}; "
-            "asked again at the next analysis"
-        )
-        closed.append(why)
-        if not was_closed:
-            actions.append(Event("Warning", "GateClosed", why))
-            _history(s, now, "GateClosed", "GateClosed", why)
-    return GateHold("; ".join(closed), bool(busy) and all(busy), overdue)
-
-
 def _stable(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> str:
     return s.stableService or spec.stable.service
-
-
-def _at_manual_gate(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> bool:
-    if s.currentStep >= len(spec.steps):
-        return False
-    st = spec.steps[s.currentStep]
-    return st.pause is not None and st.pause.duration is None
-
-
-def _at_pause_or_analysis(spec: ModelRolloutSpec, s: ModelRolloutStatus) -> bool:
-    return s.currentStep < len(spec.steps) and spec.steps[s.currentStep].setWeight is None
-
-
-def _deadline_promotes(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> bool:
-    if spec.analysis.onInconclusive != "promote" or s.heldSince is None:
-        return False
-    return (now - s.heldSince).total_seconds() >= parse_duration(spec.progressDeadline)
 
 
 def _new_revision(
@@ -747,16 +446,65 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.stepsHash = steps_hash(spec)
 
 
+def _measure(
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    obs: Observations,
+    actions: list[Event],
+    now: datetime,
+    generation: int,
+) -> tuple[Decision | None, list[str]]:
+    """One analysis, judged by the shared :func:`assess`: a Decision when it ends the rollout, else
+    why nothing may advance (empty: the analysis passed)."""
+    s.lastAnalysisTime = now
+    results = _analyse(spec, s, obs)
+    s.lastAnalysis = results
+    # A pass of an always-valid test stays valid at any later time: latch it for the gate.
+    for m in results:
+        if (
+            m.kind == "comparison"
+            and m.verdict == "pass"
+            and not m.carried
+            and m.name not in s.passedComparisons
+        ):
+            s.passedComparisons.append(m.name)
+    a = assess(_policy(spec), {"candidate": results}, s.guardrailFailures, s.consecutiveErrors)
+    s.guardrailFailures, s.consecutiveErrors = a.failures, a.consecutive_errors
+    end: tuple[str, str] | None = None
+    if limit := a.at_limit("candidate"):
+        end = ("GuardrailFailed", f"guardrail {limit[0].text()}")
+    elif a.worse is not None:
+        end = ("ComparisonFailed", f"candidate is worse than stable: {a.worse.message}")
+    elif "candidate" in a.no_data_fail:
+        end = ("NoData", f"{a.no_data_fail['candidate'].message} and analysis.noData is fail")
+    elif a.error_limit_reached and spec.analysis.onErrorLimit == "rollback":
+        return _finish(
+            s, actions, now, generation, "RolledBack", 0, "ErrorLimitReached", a.error_limit_message()
+        ), []
+    if end is not None:
+        return _finish(s, actions, now, generation, "RolledBack", 0, *end, _values(results)), []
+    if a.error_limit_reached and a.error_limit_first:
+        actions.append(Event("Warning", "ErrorLimitReached", a.error_limit_hold_message()))
+        _history(s, now, "ErrorLimitReached", "ErrorLimitReached", a.error_limit_message())
+    h = a.health()
+    s.conditions = set_condition(s.conditions, "Healthy", h.status, h.reason, h.message, now, generation)
+    return None, a.hold_reasons()
+
+
+def _policy(spec: ModelRolloutSpec) -> Policy:
+    """One measured arm (the candidate); a breach below failureLimit holds the steps, Healthy waits
+    for the limit (then the rollout rolls back)."""
+    g = spec.analysis.guardrails
+    return Policy(spec.analysis, g, per_arm=False, breach_holds=True, breach_unhealthy=False)
+
+
 def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -> list[Measurement]:
     """Guardrails on the candidate; comparisons stratified by epoch (closed epochs + the current one).
 
     At weight 100 the stable arm gets no traffic, so comparisons are not measured: their last
     measurement is carried (marked ``carried``) and does not gate anything.
     """
-    out = [
-        evaluate(g, obs.guardrails.get(g.name, Result("error", message="not measured")), "candidate")
-        for g in spec.analysis.guardrails
-    ]
+    out = [threshold.measure(g, obs.guardrails.get(g.name), "candidate") for g in spec.analysis.guardrails]
     m = len(spec.analysis.comparisons)
     if not measure_comparisons(s):
         prev = {x.name: x for x in s.lastAnalysis if x.kind == "comparison"}
@@ -814,45 +562,26 @@ def _compare(
         )  # fmt: skip
     strata = [(_to_data(c, e.stable), _to_data(c, e.candidate)) for e in closed]
     strata.append((data.stable, data.candidate))
-    kwargs = {
-        "alpha": alpha,
-        "better": c.better,
-        "test": "nonInferiority" if c.test == "nonInferiority" else "superiority",
-        "margin": c.margin or 0.0,
-        "allocation": weight / 100.0,  # the split in force, for the running test's sample estimate
-    }
-    if c.type == "proportion":
-        r = stats.compare_proportions_stratified(strata, **kwargs)  # type: ignore[arg-type,attr-defined,unused-ignore]
-    else:
-        r = stats.compare_means_stratified(strata, **kwargs)  # type: ignore[arg-type,attr-defined,unused-ignore]
-    details = {
-        "stable": r.control_estimate,
-        "candidate": r.treatment_estimate,
-        "stableN": r.control_n,
-        "candidateN": r.treatment_n,
-        "difference": r.difference,
-        "ciLow": r.ci_low,
-        "ciHigh": r.ci_high,
-        "pValue": r.p_value,
-        "alpha": alpha,
-        "epochs": float(len(strata)),
-    }
-    more = getattr(r, "more_samples_needed", None)
-    if more is not None:
-        details["moreSamplesNeeded"] = float(more)
-    # Status is JSON: an unbounded interval end (no data yet for a mean) is left out, not written as inf.
-    details = {k: v for k, v in details.items() if math.isfinite(v)}
+    spec = sequential.SequentialSpec(
+        alpha=alpha,
+        better=c.better,
+        test="nonInferiority" if c.test == "nonInferiority" else "superiority",
+        margin=c.margin or 0.0,
+        allocation=weight / 100.0,  # the split in force, for the running test's sample estimate
+        names=ROLLOUT_NAMES,
+    )
+    f = sequential.judge(spec, strata)
     return Measurement(
         name=c.name,
         kind="comparison",
         variant="candidate",
         outcome="value",
-        value=r.difference if math.isfinite(r.difference) else None,
+        value=f.value,
         threshold=f"{c.test} margin {c.margin or 0.0:g}, alpha {alpha:.4g}"
         + (", advisory" if c.advisory else ""),
-        verdict=r.verdict,
-        message=f"{c.name}: {r.reason}",
-        details=details,
+        verdict=f.verdict,
+        message=f"{c.name}: {f.message}",
+        details={**f.numbers, "epochs": float(len(strata))},
     )
 
 
@@ -883,40 +612,15 @@ def _variant(v: object) -> str:
     return f"{svc}" + (f" ({ver})" if ver else "")
 
 
-def _advance(s: ModelRolloutStatus, now: datetime) -> None:
-    s.currentStep += 1
-    s.stepStartedAt = now
-    s.stepWeight = None
-
-
-def close_epoch(s: ModelRolloutStatus, observations: Observations | None, now: datetime) -> None:
-    """A weight change ends the epoch: its counts join the closed ones, and a new epoch starts now."""
-    if observations is not None and 0 < s.weight < 100:
-        for name, d in observations.comparisons.items():
-            if d.problem is None and d.stable is not None and d.candidate is not None:
-                epochs = s.epochs.setdefault(name, [])
-                epochs.append(
-                    EpochCounts(weight=s.weight, stable=_to_arm(d.stable), candidate=_to_arm(d.candidate))
-                )
-                del epochs[:-EPOCH_LIMIT]
-    s.epochStartedAt = now
-
-
-def _set_weight(
-    s: ModelRolloutStatus,
-    actions: list[Event],
-    now: datetime,
-    weight: int,
-    why: str,
-    observations: Observations | None,
-) -> None:
-    msg = f"weight {s.weight} -> {weight}: {why}"
-    close_epoch(s, observations, now)
-    s.weight = weight
-    s.message = msg
-    s.heldSince = None
-    actions.append(Event("Normal", "WeightChanged", msg))
-    _history(s, now, "WeightChanged", "StepAdvanced", msg)
+def current_epoch(s: ModelRolloutStatus, observations: Observations | None) -> dict[str, EpochCounts]:
+    """The counts of the epoch in progress, per comparison: what a weight change closes."""
+    if observations is None or not 0 < s.weight < 100:
+        return {}
+    return {
+        name: EpochCounts(weight=s.weight, stable=_to_arm(d.stable), candidate=_to_arm(d.candidate))
+        for name, d in observations.comparisons.items()
+        if d.problem is None and d.stable is not None and d.candidate is not None
+    }
 
 
 def _finish(
@@ -950,15 +654,7 @@ def _finish(
     return Decision(s, actions)
 
 
-def _history(
-    s: ModelRolloutStatus,
-    now: datetime,
-    event: str,
-    reason: str,
-    message: str,
-    values: dict[str, float] | None = None,
-) -> None:
-    status_.record(s, now, event, reason, message, values, weight=s.weight, step=s.currentStep)
+_history = steps.record
 
 
 def _conditions(

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from model_rollouts.api.common import Measurement, SeriesValue, get_condition
+from model_rollouts.api.common import Measurement, ResourceStatus, SeriesValue, get_condition
 from model_rollouts.api.experiment import (
     ExperimentSeriesPoint,
     ModelExperimentStatus,
@@ -58,6 +58,11 @@ def append(series: list[P], point: P) -> None:
         total -= sizes[drop]
         drop += 1
     del series[:drop]
+
+
+def analysed_now(before: ResourceStatus, after: ResourceStatus, now: datetime, measured: bool) -> bool:
+    """Whether the tick that turned ``before`` into ``after`` made an analysis (one series point each)."""
+    return measured and after.lastAnalysisTime == now != before.lastAnalysisTime
 
 
 def _value(m: Measurement) -> SeriesValue:

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import hashlib
+import json
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from model_rollouts.api.common import MAX_MESSAGE, HistoryEntry, ResourceStatus, set_condition, truncate
+from model_rollouts.api.common import (
+    MAX_MESSAGE,
+    Condition,
+    HistoryEntry,
+    ResourceStatus,
+    set_condition,
+    truncate,
+)
 from model_rollouts.engine.actions import Event
 
 HISTORY_LIMIT = 30
+#: "Now": what ``next_due`` returns when something is to start at once.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 S = TypeVar("S", bound=ResourceStatus)
+
+
+def digest(body: Any) -> str:
+    """A short, stable hash of a JSON-able value: how revisions (and the rollout's steps) are named."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def record(
@@ -40,6 +56,11 @@ def record(
         )
     )
     del s.history[:-HISTORY_LIMIT]
+
+
+def spec_valid(conditions: list[Condition], now: datetime, generation: int) -> list[Condition]:
+    """Valid=True: the spec was accepted at this generation (both kinds)."""
+    return set_condition(conditions, "Valid", "True", "SpecValid", "spec accepted", now, generation)
 
 
 def invalid(status: S, message: str, now: datetime, generation: int) -> tuple[S, list[Event]]:

@@ -19,7 +19,10 @@ from model_rollouts.api.experiment import (
 )
 from model_rollouts.engine import experiment as engine
 from model_rollouts.handlers import common, shards
+from model_rollouts.handlers.controller import Controller
 from model_rollouts.metrics.provider import MetricProvider, render
+from model_rollouts.traffic import registry
+from model_rollouts.traffic.router import RETIRED, Arm
 
 KIND = "ModelExperiment"
 PHASES = ("Pending", "Running", "Paused", "Concluded", "RolledBack", "Aborted", "Invalid")
@@ -97,7 +100,7 @@ def measure(
     return engine.Observations(variants=out)
 
 
-class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimentStatus]):
+class ExperimentController(Controller[ModelExperimentSpec, ModelExperimentStatus]):
     kind, plural, phases, annotations = KIND, PLURAL, PHASES, ANNOTATIONS
     terminal = TERMINAL_PHASES
     spec_model, status_model = ModelExperimentSpec, ModelExperimentStatus
@@ -108,29 +111,46 @@ class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimen
     def queries(self, spec: ModelExperimentSpec) -> list[tuple[str, str | None]]:
         return _queries(spec, self.namespace)
 
-    def services(self, spec: ModelExperimentSpec, status: ModelExperimentStatus) -> list[str]:
-        """The Services the route must have: the spec's variants. Services of removed variants are set
-        to 0 in the same write when the route still has them (see :meth:`weights`); one already gone
-        from the route carries no traffic, so it is not required."""
-        return [v.service for v in spec.variants]
+    def arms(self, spec: ModelExperimentSpec, status: ModelExperimentStatus) -> list[Arm]:
+        """The arms the route must have: the spec's variants. Services of removed variants are set
+        to 0 in the same write when the route still has them; one already gone from the route carries
+        no traffic, so it is not required."""
+        return [Arm(v.name, v.service) for v in spec.variants]
 
-    def decide(
+    def arm_weights(
+        self, spec: ModelExperimentSpec, status: ModelExperimentStatus, per_service: Mapping[str, int]
+    ) -> dict[Arm, int]:
+        roles = dict.fromkeys(status.retiredServices, RETIRED)
+        roles.update({v.service: v.name for v in spec.variants})
+        roles.update({v.service: v.name for v in status.variants if v.service})
+        return {Arm(roles.get(svc, RETIRED), svc): w for svc, w in per_service.items()}
+
+    def observe(
         self,
         spec: ModelExperimentSpec,
         status: ModelExperimentStatus,
         provider: MetricProvider,
         now: datetime,
+    ) -> engine.Observations | None:
+        if not engine.analysis_due(spec, status, now):  # pacing lives in status
+            return None
+        observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
+        self.count_errors(
+            r
+            for o in observations.variants.values()
+            for r in [*o.guardrails.values(), *([o.problem] if o.problem else [])]
+        )
+        return observations
+
+    def decide(
+        self,
+        spec: ModelExperimentSpec,
+        status: ModelExperimentStatus,
+        observations: engine.Observations | None,
+        now: datetime,
         generation: int,
         annotations: dict[str, str],
     ) -> tuple[ModelExperimentStatus, list[object]]:
-        observations = None
-        if engine.analysis_due(spec, status, now):  # pacing lives in status
-            observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
-            self.count_errors(
-                r
-                for o in observations.variants.values()
-                for r in [*o.guardrails.values(), *([o.problem] if o.problem else [])]
-            )
         d = engine.reconcile(
             spec, status, now=now, generation=generation, annotations=annotations, observations=observations
         )
@@ -138,16 +158,13 @@ class ExperimentController(common.Controller[ModelExperimentSpec, ModelExperimen
 
     def weights(
         self, spec: ModelExperimentSpec, status: ModelExperimentStatus
-    ) -> tuple[dict[str, int], dict[str, int]] | None:
-        """The weights the route must carry for this status, including 0 for removed variants' Services
-        that the route still has."""
+    ) -> tuple[dict[Arm, int], dict[str, int]] | None:
+        """The engine's weights for this status, retired Services at 0 (the router leaves out one the
+        route no longer has: it carries no traffic)."""
         w = engine.route_weights(spec, status)
         if w is None:
             return None
-        if status.retiredServices:
-            present = common.make_router(spec.trafficRouting, self.namespace).get_weights()
-            w = {svc: x for svc, x in w.items() if svc not in status.retiredServices or svc in present}
-        return w, {v.name: v.weight for v in status.variants}
+        return self.arm_weights(spec, status, w), {v.name: v.weight for v in status.variants}
 
     def next_due(self, spec: ModelExperimentSpec, status: ModelExperimentStatus) -> datetime | None:
         return engine.next_due(spec, status)
@@ -183,16 +200,16 @@ def _guarded(status: kopf.Status, **_: Any) -> bool:
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def experiment_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], common.RouteClaim] | None:
+def experiment_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], registry.RouteClaim] | None:
     """Which route rule each ModelExperiment claims, kept from the watch (the one-owner check
     reads it instead of listing every object of the namespace)."""
-    return common.route_claim(KIND, body)
+    return registry.route_claim(KIND, body)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=shards.only_here(_active))
 def experiment_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
     # Kopf passes its indices (rollout_routes, experiment_routes) as keyword arguments.
-    owners = common.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
+    owners = registry.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
     _controller(namespace, name, uid).wake(body, owners)
 
 

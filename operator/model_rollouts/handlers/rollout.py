@@ -27,8 +27,11 @@ from model_rollouts.api.rollout import (
 )
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common, shards
+from model_rollouts.handlers.controller import Controller
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.notify import sender as notify_sender
+from model_rollouts.traffic import registry
+from model_rollouts.traffic.router import RETIRED, Arm
 
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
@@ -144,7 +147,7 @@ def _comparison_data(
     return engine.ComparisonData(problem=Result(problem.outcome, message=f"stable {problem.message}"))
 
 
-class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus]):
+class RolloutController(Controller[ModelRolloutSpec, ModelRolloutStatus]):
     kind, plural, phases, annotations = KIND, PLURAL, PHASES, ANNOTATIONS
     terminal = TERMINAL_PHASES
     spec_model, status_model = ModelRolloutSpec, ModelRolloutStatus
@@ -152,25 +155,39 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
     def queries(self, spec: ModelRolloutSpec) -> list[tuple[str, str | None]]:
         return _queries(spec, self.namespace)
 
-    def services(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> list[str]:
+    def arms(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> list[Arm]:
         # The serving stable (spec.stable only before the first revision) and the candidate must be in
         # the route; retired services of an earlier revision may have left it.
-        return [status.stableService or spec.stable.service, spec.candidate.service]
+        return [
+            Arm("stable", status.stableService or spec.stable.service),
+            Arm("candidate", spec.candidate.service),
+        ]
+
+    def arm_weights(
+        self, spec: ModelRolloutSpec, status: ModelRolloutStatus, per_service: Mapping[str, int]
+    ) -> dict[Arm, int]:
+        roles = {a.backend: a.role for a in reversed(self.arms(spec, status))}  # stable wins a tie
+        return {Arm(roles.get(svc, RETIRED), svc): w for svc, w in per_service.items()}
+
+    def observe(
+        self, spec: ModelRolloutSpec, status: ModelRolloutStatus, provider: MetricProvider, now: datetime
+    ) -> engine.Observations | None:
+        if not engine.needs_measurement(spec, status, now):
+            return None
+        observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
+        self.count_errors(observations.guardrails.values())
+        self.count_errors(d.problem for d in observations.comparisons.values() if d.problem is not None)
+        return observations
 
     def decide(
         self,
         spec: ModelRolloutSpec,
         status: ModelRolloutStatus,
-        provider: MetricProvider,
+        observations: engine.Observations | None,
         now: datetime,
         generation: int,
         annotations: dict[str, str],
     ) -> tuple[ModelRolloutStatus, list[object]]:
-        observations = None
-        if engine.needs_measurement(spec, status, now):
-            observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
-            self.count_errors(observations.guardrails.values())
-            self.count_errors(d.problem for d in observations.comparisons.values() if d.problem is not None)
         d = engine.reconcile(
             spec, status, now=now, generation=generation, annotations=annotations, observations=observations
         )
@@ -211,10 +228,10 @@ class RolloutController(common.Controller[ModelRolloutSpec, ModelRolloutStatus])
 
     def weights(
         self, spec: ModelRolloutSpec, status: ModelRolloutStatus
-    ) -> tuple[dict[str, int], dict[str, int]] | None:
+    ) -> tuple[dict[Arm, int], dict[str, int]] | None:
         if status.phase == "Invalid" or status.revision is None:
             return None
-        w = engine.route_weights(spec, status)
+        w = self.arm_weights(spec, status, engine.route_weights(spec, status))
         return w, {"stable": 100 - status.weight, "candidate": status.weight}
 
     def next_due(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> datetime | None:
@@ -247,16 +264,16 @@ def _guarded(status: kopf.Status, **_: Any) -> bool:
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def rollout_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], common.RouteClaim] | None:
+def rollout_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], registry.RouteClaim] | None:
     """Which route rule each ModelRollout claims, kept from the watch (the one-owner check
     reads it instead of listing every object of the namespace)."""
-    return common.route_claim(KIND, body)
+    return registry.route_claim(KIND, body)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=shards.only_here(_active))
 def rollout_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
     # Kopf passes its indices (rollout_routes, experiment_routes) as keyword arguments.
-    owners = common.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
+    owners = registry.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
     _controller(namespace, name, uid).wake(body, owners)
 
 

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-Outcome = Literal["value", "noData", "nan", "error"]
+from model_rollouts.analysis.vocabulary import Outcome as Outcome
+from model_rollouts.analysis.vocabulary import Result as Result
 
 PLACEHOLDERS = ("variant", "service", "namespace", "deployment", "window")
 # Exactly ``{{ name }}`` (spaces optional) with a plain identifier, or ``{{ args.name }}`` inside a
@@ -26,17 +27,6 @@ _BARE_FIELD = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_.]*\s*\}")
 _SAFE_VALUE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$|^[0-9]+(ms|s|m|h)$")
 #: Longest snippet of anything from outside that a message may carry.
 SNIPPET_MAX = 64
-
-
-@dataclass(frozen=True)
-class Result:
-    outcome: Outcome
-    value: float | None = None
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "value"
 
 
 class TemplateError(ValueError):

@@ -6,8 +6,8 @@ import re
 
 from model_rollouts.api.common import TemplateRef, check_window
 from model_rollouts.api.template import ARG_PATTERNS, QUERY_FIELDS, MetricTemplateSpec
+from model_rollouts.metrics.errors import ProviderError
 from model_rollouts.metrics.provider import Slot, TemplateError, check_template, escape_regex, redact, slots
-from model_rollouts.traffic.router import RouterError
 
 
 def fill(template: MetricTemplateSpec, ref: TemplateRef, names: tuple[str, ...]) -> dict[str, str]:
@@ -90,7 +90,7 @@ def check_platform_template(template: MetricTemplateSpec, where: str) -> None:
     """A ClusterMetricTemplate serves every namespace: each selector ``{...}`` that picks a workload
     (``{{ service }}``, ``{{ deployment }}``, ``{{ variant }}`` or a string arg) must also match the
     object's own namespace exactly (``namespace="{{ namespace }}"``, any label name), so a tenant
-    naming another team's Service reads nothing. Raises RouterError-ready TemplateError text."""
+    naming another team's Service reads nothing. Raises ProviderError naming ``where``."""
     strings = {f"args.{a.name}" for a in template.args if a.type == "string"}
     extra = tuple(f"args.{a.name}" for a in template.args)
     for field in QUERY_FIELDS:
@@ -100,13 +100,13 @@ def check_platform_template(template: MetricTemplateSpec, where: str) -> None:
         try:
             check_template(q, extra)
         except TemplateError as e:
-            raise RouterError(where, f"{field}: {e}") from None
+            raise ProviderError(where, f"{field}: {e}") from None
         for slot in slots(q):
             if slot.selector is None or not (slot.name in WORKLOAD or slot.name in strings):
                 continue
             selector = q[slot.selector[0] : slot.selector[1]]
             if not _NAMESPACE_MATCHER.search(selector):
-                raise RouterError(
+                raise ProviderError(
                     where,
                     f"{field}: the selector {redact(selector)} picks a workload ({{{{ {slot.name} }}}}) "
                     "but not its namespace; a ClusterMetricTemplate must also match "

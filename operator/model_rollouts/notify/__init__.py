@@ -1,7 +1,8 @@
 """Notifications and gates (issue 11): what happened, in one shape, sent in the background.
 
 - :mod:`.events`: which transitions of an object are notifications (pure).
-- :mod:`.webhook`, :mod:`.slack`, :mod:`.teams`: one payload format each, behind :class:`Format`.
+- :mod:`.webhook`, :mod:`.slack`, :mod:`.teams`: one payload format each, behind :class:`Format`;
+  :mod:`.payloads` maps each provider type to its format.
 - :mod:`.sender`: the platform's ClusterNotificationProviders resolved and POSTed to from a bounded
   background queue (never from the control loop), and the gates asked synchronously.
 """
@@ -39,10 +40,3 @@ class Format(Protocol):
     """A payload format: a JSON body for one notice."""
 
     def __call__(self, notice: Notice) -> dict[str, Any]: ...
-
-
-def formats() -> dict[str, Format]:
-    """The payload format of each ClusterNotificationProvider type."""
-    from model_rollouts.notify import slack, teams, webhook
-
-    return {"webhook": webhook.payload, "slack": slack.payload, "teams": teams.payload}

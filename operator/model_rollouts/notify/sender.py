@@ -25,7 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from model_rollouts import telemetry
+from model_rollouts import kube, policy, telemetry
 from model_rollouts.api.common import GROUP, VERSION, parse_duration
 from model_rollouts.api.notification import (
     NOTIFICATION_PROVIDER_KIND,
@@ -33,9 +33,9 @@ from model_rollouts.api.notification import (
     ClusterNotificationProviderSpec,
     NotificationRef,
 )
-from model_rollouts.metrics import policy
-from model_rollouts.notify import Notice, formats
+from model_rollouts.notify import Notice
 from model_rollouts.notify.events import Dedupe, key, wants
+from model_rollouts.notify.payloads import formats
 
 logger = logging.getLogger("model_rollouts.notify")
 
@@ -83,7 +83,7 @@ def namespace_labels(
         return hit[1]
     labels: dict[str, str] | None
     try:
-        ns = client.CoreV1Api((api or _api)()).read_namespace(namespace, _request_timeout=REQUEST_TIMEOUT)
+        ns = client.CoreV1Api((api or kube.api)()).read_namespace(namespace, _request_timeout=REQUEST_TIMEOUT)
         labels = dict((ns.metadata.labels if ns.metadata else None) or {})
     except Exception:
         labels = None
@@ -306,17 +306,11 @@ _in_flight: dict[str, threading.Lock] = {}
 _singleton_lock = threading.RLock()  # sender() builds the resolver under it
 
 
-def _api() -> client.ApiClient:
-    from model_rollouts.handlers.common import api
-
-    return api()
-
-
 def resolver() -> Resolver:
     global _resolver
     with _singleton_lock:
         if _resolver is None:
-            _resolver = Resolver(_api)
+            _resolver = Resolver(kube.api)
         return _resolver
 
 

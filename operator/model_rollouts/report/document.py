@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from model_rollouts.analysis import comparison
 from model_rollouts.report.data import EXPERIMENT, Report, load
 from model_rollouts.report.figures import Panel, panels_of, png_bytes, render_all, render_panel
 
@@ -86,10 +87,30 @@ def result_rows(r: Report) -> list[list[str]]:
         return rows
     rows = [["metric", "kind", "value / difference", "interval", "threshold", "verdict"]]
     for m in st.get("lastAnalysis") or []:
-        d = m.get("details") or {}
-        ci = f"[{_fmt(d.get('ciLow'))}, {_fmt(d.get('ciHigh'))}]" if "ciLow" in d or "ciHigh" in d else "—"
+        c = comparison.numbers(m.get("details"))
+        bounded = c["ciLow"] is not None or c["ciHigh"] is not None
+        ci = f"[{_fmt(c['ciLow'])}, {_fmt(c['ciHigh'])}]" if bounded else "—"
         rows.append([str(m.get("name")), str(m.get("kind")), _fmt(m.get("value")), ci,
                      _fmt(m.get("threshold")), str(m.get("verdict"))])  # fmt: skip
+    return rows
+
+
+def comparison_rows(r: Report) -> list[list[str]]:
+    """Each comparison of the last analysis, the same columns for both kinds (candidate vs baseline)."""
+    rows = [["metric", "arm", "candidate", "baseline", "n candidate", "n baseline", "difference", "interval",
+             "p", "verdict"]]  # fmt: skip
+    for m in r.status.get("lastAnalysis") or []:
+        if m.get("kind") != "comparison":
+            continue
+        c = comparison.numbers(m.get("details"))
+        bounded = c["ciLow"] is not None or c["ciHigh"] is not None
+        ci = f"[{_fmt(c['ciLow'])}, {_fmt(c['ciHigh'])}]" if bounded else "—"
+        numbers = [_fmt(c[k]) for k in ("candidate", "baseline")] + [
+            _fmt(c[k], 6) for k in ("candidateN", "baselineN")
+        ]
+        rows.append([str(m.get("name")), str(m.get("variant") or ""), *numbers, _fmt(c["difference"]), ci,
+                     _fmt(c["adjustedPValue"] if c["adjustedPValue"] is not None else c["pValue"]),
+                     str(m.get("verdict"))])  # fmt: skip
     return rows
 
 
@@ -136,6 +157,7 @@ def to_html(r: Report, panels: list[Panel]) -> str:
         f'<table class="summary">{facts}</table>'
         "<h2>Decisions</h2>" + _html_table(decision_rows(r), "decisions") +
         "<h2>Last analysis</h2>" + _html_table(result_rows(r), "results") +
+        "<h2>Comparisons</h2>" + _html_table(comparison_rows(r), "comparisons") +
         "<h2>Over time</h2>" + "".join(figs) + "</body></html>\n"
     )  # fmt: skip
 
@@ -157,7 +179,8 @@ def to_markdown(r: Report, panels: list[Panel], images: list[str]) -> str:
     lines = [f"# Decision report: {r.title} ({r.phase})", ""]
     lines += [f"- **{k}**: {_md_cell(v)}" for k, v in summary_rows(r)]
     lines += ["", "## Decisions", "", _md_table(decision_rows(r)), "", "## Last analysis", ""]
-    lines += [_md_table(result_rows(r)), "", "## Over time", ""]
+    lines += [_md_table(result_rows(r)), "", "## Comparisons", "", _md_table(comparison_rows(r))]
+    lines += ["", "## Over time", ""]
     for i, (p, img) in enumerate(zip(panels, images, strict=True), 1):
         lines += [f"![{p.title}]({img})", "", f"*Figure {i}. {p.title}.* {p.caption}", ""]
     return "\n".join(lines)

@@ -1,57 +1,41 @@
-"""Gateway API router: weights of backendRefs in one rule of an HTTPRoute.
+"""Gateway API router: weights of backendRefs in one rule of an HTTPRoute; an arm's backend is the
+backendRef's (Service's) name.
 
 The patch is a JSON patch that first *tests* each backendRef's name at its index and then sets
 only its ``weight``: nothing the user owns in Git is rewritten, and a concurrent reorder of the
-backendRefs makes the patch fail (422) instead of weighting the wrong backend.
-
-**Opt-in.** A route's weights are written only when the route names the writing object in its
-``mlrollouts.io/managed-by`` annotation (``ModelRollout/<name>``, ``ModelExperiment/<name>``,
-comma-separated, or ``*`` for any ModelRollout or ModelExperiment in the route's namespace). Only
-someone who may edit the route can set it, so a tenant who may create a ModelRollout but not edit
-a route cannot re-weight that route through the operator. RBAC cannot grant ``patch`` by label or
-annotation, so this check, made on the route as read and repeated as a JSON-patch ``test`` of the
-annotation's value in the same write, is what enforces it.
+backendRefs makes the patch fail (422) instead of weighting the wrong backend. The route's opt-in
+(``mlrollouts.io/managed-by``, see :mod:`model_rollouts.traffic.optin`) is checked on the route as
+read and tested again in the same patch.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from collections.abc import Mapping
+from typing import Any, ClassVar, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from model_rollouts.traffic.router import NotOptedIn, RouterError
+from model_rollouts.traffic import optin, watched
+from model_rollouts.traffic.optin import OPT_IN, opted_in
+from model_rollouts.traffic.router import RETIRED, Arm, Capabilities, RouterError, RouterType, RouteState
+
+__all__ = ["FIELD", "OPT_IN", "ROUTER", "GatewayAPIRouter", "opted_in"]
 
 GROUP, VERSION, PLURAL = "gateway.networking.k8s.io", "v1", "httproutes"
-FIELD = "spec.trafficRouting.gatewayAPI.httpRoute"
+NAME = "gatewayAPI"
+FIELD = f"spec.trafficRouting.{NAME}.httpRoute"
 REQUEST_TIMEOUT = 10
-#: The annotation by which a route opts in to having its weights set by named objects.
-OPT_IN = "mlrollouts.io/managed-by"
-_ANY = "*"
-_KINDS = {"modelrollout": "ModelRollout", "modelexperiment": "ModelExperiment"}
-
-
-def opted_in(annotations: dict[str, str] | None, kind: str, name: str) -> bool:
-    """Whether a route with these annotations lets ``kind``/``name`` (in its namespace) set weights.
-
-    The value is a comma-separated list of ``Kind/name`` entries (kind case-insensitive) or ``*``.
-    Anything else (a missing annotation, an empty or malformed value) is no.
-    """
-    value = (annotations or {}).get(OPT_IN)
-    if not value:
-        return False
-    for entry in value.split(","):
-        entry = entry.strip()
-        if entry == _ANY:
-            return True
-        k, sep, n = entry.partition("/")
-        if sep and _KINDS.get(k.strip().lower()) == kind and n.strip() == name:
-            return True
-    return False
 
 
 class GatewayAPIRouter:
     """``owner`` is the (kind, name) of the object writing weights; None: read only (writes refused)."""
+
+    field: str = FIELD
+    #: An HTTPRoute rule holds at most 16 backendRefs; weights are integers (we write percents).
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        max_arms=16, granularity=1, mirroring=False, header_match=False
+    )
 
     def __init__(
         self,
@@ -67,7 +51,19 @@ class GatewayAPIRouter:
         self.rule_index = rule_index
         self.owner = owner
 
-    def _route(self) -> dict[str, Any]:
+    @property
+    def what(self) -> str:
+        return f"HTTPRoute {self.namespace}/{self.name}"
+
+    # -- the interface (one read, at most one write per tick) ---------------------------------------
+    def read(self) -> RouteState:
+        """The route from the operator's watch (traffic/watched.py) when it has it, else one GET."""
+        cached = watched.ROUTES.get(self.namespace, self.name)
+        if cached is not None:
+            return self._state(cached)
+        return self._fetch()
+
+    def _fetch(self) -> RouteState:
         try:
             route = cast(
                 dict[str, Any],
@@ -79,34 +75,12 @@ class GatewayAPIRouter:
             if e.status == 404:
                 raise RouterError(FIELD, f"HTTPRoute {self.namespace}/{self.name} not found") from e
             raise
-        return route
+        return self._state(route)
 
-    def _refs(self, route: dict[str, Any]) -> list[dict[str, Any]]:
-        rules = route.get("spec", {}).get("rules") or []
-        if self.rule_index >= len(rules):
-            raise RouterError(
-                "spec.trafficRouting.gatewayAPI.ruleIndex",
-                f"HTTPRoute {self.name} has {len(rules)} rule(s); index {self.rule_index} is missing",
-            )
-        refs: list[dict[str, Any]] = rules[self.rule_index].get("backendRefs") or []
-        return refs
-
-    def _check_opt_in(self, route: dict[str, Any]) -> None:
-        annotations = (route.get("metadata") or {}).get("annotations") or {}
-        if self.owner is None or not opted_in(annotations, *self.owner):
-            kind, name = self.owner or ("ModelRollout", "<name>")
-            raise NotOptedIn(
-                FIELD,
-                f"HTTPRoute {self.namespace}/{self.name} does not opt in to {kind} {name}: its "
-                f"annotation {OPT_IN} must list {kind}/{name} (or be *), set by someone who may "
-                "edit the route; its weights are left alone",
-            )
-
-    def check(self, services: list[str]) -> None:
-        route = self._route()
-        self._check_opt_in(route)
-        names = [r.get("name") for r in self._refs(route)]
-        missing = [s for s in services if s not in names]
+    def admit(self, state: RouteState, arms: list[Arm]) -> None:
+        optin.require(state.raw, self.owner, self.what, FIELD)
+        names = list(state.weights)
+        missing = [a.backend for a in arms if a.role != RETIRED and a.backend not in state.weights]
         if missing:
             raise RouterError(
                 FIELD,
@@ -114,46 +88,96 @@ class GatewayAPIRouter:
                 f"service(s) {', '.join(missing)} (has: {', '.join(map(str, names))})",
             )
 
-    def get_weights(self) -> dict[str, int]:
-        return self._weights(self._route())
+    def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
+        return self._write(state, weights, retry=True)
 
-    def _weights(self, route: dict[str, Any]) -> dict[str, int]:
-        # A backendRef without weight gets 1 per the Gateway API spec.
-        return {str(r.get("name")): int(r.get("weight", 1)) for r in self._refs(route)}
-
-    def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
-        route = self._route()
-        self._check_opt_in(route)
-        refs = self._refs(route)
-        ops: list[dict[str, Any]] = []
-        base = f"/spec/rules/{self.rule_index}/backendRefs"
-        for i, ref in enumerate(refs):
-            name = ref.get("name")
-            if name in weights and ref.get("weight") != weights[name]:
-                ops.append({"op": "test", "path": f"{base}/{i}/name", "value": name})
-                ops.append({"op": "add", "path": f"{base}/{i}/weight", "value": int(weights[name])})
+    def _write(self, state: RouteState, weights: Mapping[Arm, int], retry: bool) -> RouteState:
+        value = optin.require(state.raw, self.owner, self.what, FIELD)
+        self.capabilities.fit(FIELD, weights)
+        want = {a.backend: int(w) for a, w in weights.items()}
         # A Service without a backendRef already gets no traffic: asking for 0 there is satisfied.
-        unknown = {k for k, v in weights.items() if v != 0} - {r.get("name") for r in refs}
+        unknown = {k for k, v in want.items() if v != 0} - set(state.weights)
         if unknown:
             raise RouterError(
                 FIELD, f"HTTPRoute {self.name} has no backendRef for {', '.join(sorted(unknown))}"
             )
-        if ops:
-            # The opt-in as read must still be there when the write lands (else 422, nothing written).
-            pointer = "/metadata/annotations/" + OPT_IN.replace("~", "~0").replace("/", "~1")
-            value = route["metadata"]["annotations"][OPT_IN]
-            ops.insert(0, {"op": "test", "path": pointer, "value": value})
-            route = cast(
-                dict[str, Any],
-                self._co.patch_namespaced_custom_object(
-                    GROUP,
-                    VERSION,
-                    self.namespace,
-                    PLURAL,
-                    self.name,
-                    ops,
-                    _content_type="application/json-patch+json",
-                    _request_timeout=REQUEST_TIMEOUT,
-                ),
+        ops: list[dict[str, Any]] = []
+        base = f"/spec/rules/{self.rule_index}/backendRefs"
+        for i, ref in enumerate(self._refs(state.raw)):
+            name = ref.get("name")
+            if name in want and ref.get("weight") != want[name]:
+                ops.append({"op": "test", "path": f"{base}/{i}/name", "value": name})
+                ops.append({"op": "add", "path": f"{base}/{i}/weight", "value": want[name]})
+        if not ops:
+            return state  # already so: no request
+        # The opt-in as read must still be there when the write lands (else 422, nothing written).
+        try:
+            route = self._co.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                [optin.unchanged_op(value), *ops],
+                _content_type="application/json-patch+json",
+                _request_timeout=REQUEST_TIMEOUT,
             )
-        return self._weights(route)  # what the API server stored (the PATCH response), or already had
+        except ApiException as e:
+            if e.status != 422 or not retry:
+                raise
+            # A test op failed: the route changed since it was read (the watch's copy can be a moment
+            # behind). Once more from a fresh read, with the opt-in and every name checked again.
+            return self._write(self._fetch(), weights, retry=False)
+        watched.ROUTES.store(cast(dict[str, Any], route))
+        return self._state(cast(dict[str, Any], route))  # what the API server stored
+
+    # -- one-shot helpers (a read, then a check or a write) -----------------------------------------
+    def get_weights(self) -> dict[str, int]:
+        return self.read().weights
+
+    def set_weights(self, weights: dict[str, int]) -> dict[str, int]:
+        return self.write(self.read(), {Arm(s, s): w for s, w in weights.items()}).weights
+
+    def check(self, services: list[str]) -> None:
+        self.admit(self.read(), [Arm(s, s) for s in services])
+
+    # -- the HTTPRoute ------------------------------------------------------------------------------
+    def _refs(self, route: Mapping[str, Any]) -> list[dict[str, Any]]:
+        rules = (route.get("spec") or {}).get("rules") or []
+        if self.rule_index >= len(rules):
+            raise RouterError(
+                f"spec.trafficRouting.{NAME}.ruleIndex",
+                f"HTTPRoute {self.name} has {len(rules)} rule(s); index {self.rule_index} is missing",
+            )
+        refs: list[dict[str, Any]] = rules[self.rule_index].get("backendRefs") or []
+        return refs
+
+    def _state(self, route: dict[str, Any]) -> RouteState:
+        # A backendRef without weight gets 1 per the Gateway API spec.
+        weights = {str(r.get("name")): int(r.get("weight", 1)) for r in self._refs(route)}
+        return RouteState(weights=weights, raw=route)
+
+
+def claim(config: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The rule this config manages (HTTPRoute name, rule index), from the spec as stored (raw)."""
+    route = config.get("httpRoute")
+    if not isinstance(route, str) or not route:
+        return None
+    try:
+        return route, int(config.get("ruleIndex") or 0)
+    except (TypeError, ValueError):
+        return None
+
+
+def make(
+    api: client.ApiClient, namespace: str, config: Any, owner: tuple[str, str] | None
+) -> GatewayAPIRouter:
+    return GatewayAPIRouter(api, namespace, config.httpRoute, config.ruleIndex, owner=owner)
+
+
+def _describe(target: str, index: int) -> str:
+    return f"HTTPRoute {target} rule {index}"
+
+
+#: This router's entry in the registry (found there by this name: see traffic/registry.py).
+ROUTER = RouterType(NAME, GatewayAPIRouter.capabilities, make, claim, _describe, FIELD)

@@ -1,5 +1,8 @@
 """Which metric-provider addresses the operator may reach, and where provider credentials live.
 
+The operator's tenancy policy, read by metrics/ (provider addresses and Secrets) and notify/
+(notification provider Secrets): process infrastructure below both (see tests/unit/test_layers.py).
+
 Set once at start-up from the operator's flags (``--allowed-provider-address``,
 ``--provider-secret-namespace``). A tenant's inline ``analysis.prometheus.address`` is used only
 if it matches an allowlist entry or is the address of a ClusterMetricProvider; by default the list

@@ -1,0 +1,545 @@
+"""The per-object loop shared by the resource handlers: pacing from status, then one tick:
+validate, measure, read the route once, decide, write the route at most once, write status.
+
+The engine is the one source of weights: the route gets exactly what the engine's ``route_weights``
+says for the status it decided (retired Services at 0 where the route still has them), checked and
+written against the one read of the tick, and verified from the write's response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar, cast
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from model_rollouts import leader, telemetry
+from model_rollouts.api.common import (
+    GROUP,
+    VERSION,
+    ResourceSpec,
+    ResourceStatus,
+    dump,
+    set_condition,
+)
+from model_rollouts.api.errors import SpecError, validation_message
+from model_rollouts.api.provider import inline_query_fields, namespaced_template_fields
+from model_rollouts.engine.actions import LIMIT_REASONS, Event
+from model_rollouts.engine.status import bound_texts
+from model_rollouts.engine.status import invalid as invalid_status
+from model_rollouts.kube.client import api, get_object, now
+from model_rollouts.kube.events import post_event
+from model_rollouts.kube.status import write_status
+from model_rollouts.metrics import pools
+from model_rollouts.metrics.provider import MetricProvider, Result
+from model_rollouts.metrics.resolve import check_queries, make_provider
+from model_rollouts.notify import Notice
+from model_rollouts.notify import events as notify_events
+from model_rollouts.notify import sender as notify_sender
+from model_rollouts.traffic import registry
+from model_rollouts.traffic.registry import RouteOwners
+from model_rollouts.traffic.router import Arm, NotOptedIn, TrafficRouter
+
+
+class Measuring(Exception):
+    """The due analysis is being measured in its tenant's pool; a later wake-up picks up the result."""
+
+
+T = TypeVar("T")
+
+SpecT = TypeVar("SpecT", bound=ResourceSpec)
+StatusT = TypeVar("StatusT", bound=ResourceStatus)
+
+#: Seconds between re-checks of an object whose spec is invalid (an edit re-checks at once).
+INVALID_RECHECK = 15.0
+#: Longest backoff between attempts to apply a decision that failed.
+MAX_BACKOFF = 300.0
+
+
+def backoff(errors: int) -> float:
+    return min(MAX_BACKOFF, 2.0 ** max(0, errors - 1))
+
+
+def safe_error(e: BaseException) -> str:
+    """A fixed, sanitised description of an exception: never a response body or a header."""
+    if isinstance(e, ApiException):
+        return f"Kubernetes API answered HTTP {e.status} {str(e.reason or '')[:60]}".strip()
+    if isinstance(e, SpecError):  # RouterError or ProviderError: a fixed text naming the field
+        return str(e)[:300]
+    return type(e).__name__
+
+
+class Controller(Generic[SpecT, StatusT]):
+    """Per-object loop shared by the resource handlers; subclasses supply the kind-specific hooks.
+
+    Kopf calls :func:`wake` every half second for objects that are not finished. Pacing lives in
+    the object's status: a tick is due when the engine's ``next_due`` (one interval after
+    ``status.lastAnalysisTime``) has passed, after a failed write's backoff, or when the generation
+    or an action annotation changed. Nothing in memory decides when to measure or advance: a
+    restart, retry, conflict or second replica never adds an analysis. The only memory here is a
+    hint that saves API reads between due times.
+
+    A tick: measure (in the tenant's pool; a tick that only starts a measurement touches no route),
+    read the route once, check it, ask the engine, write the engine's ``route_weights`` for the
+    decided status at most once (none when the route already carries them) and verify them from the
+    write's response; then status; then Events. A failed or unverified route write keeps the old
+    status, adds ``ReconcileError`` and backs off.
+    """
+
+    kind = ""
+    plural = ""
+    phases: tuple[str, ...] = ()
+    terminal: tuple[str, ...] = ()
+    annotations: tuple[str, ...] = ()
+    spec_model: type[SpecT]
+    status_model: type[StatusT]
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self.namespace, self.name = namespace, name
+        self.logger = logging.getLogger(f"model_rollouts.{self.kind.lower()}")
+        self._last_key: tuple[Any, ...] | None = None
+        self._not_before = 0.0
+        self._invalid_checked = 0.0
+        #: The analysis being measured: (what it was asked for, its result to come).
+        self._measuring: tuple[Any, Future[Any], dt.datetime] | None = None
+        self._asked: Any = None
+        self._tick_now = now()
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def problem(self, spec: SpecT) -> str | None:
+        """A semantic problem the schema cannot express, naming the field; None if there is none."""
+        return None
+
+    def queries(self, spec: SpecT) -> list[tuple[str, str | None]]:
+        """(field, PromQL template) pairs to check for unknown placeholders."""
+        raise NotImplementedError
+
+    def arms(self, spec: SpecT, status: StatusT) -> list[Arm]:
+        """The arms the route must be able to weight (retired ones need not be there)."""
+        raise NotImplementedError
+
+    def due(self, spec: SpecT, status: StatusT, now: dt.datetime) -> bool:
+        """Whether the engine wants an analysis measured now (pacing from status)."""
+        raise NotImplementedError
+
+    def observe(self, spec: SpecT, status: StatusT, provider: MetricProvider, now: dt.datetime) -> Any:
+        """The observations of the analysis the engine says is due (None if none is): measured in
+        the tenant's pool, so this raises Measuring until they are ready (see :meth:`measured`)."""
+        raise NotImplementedError
+
+    def decide(
+        self,
+        spec: SpecT,
+        status: StatusT,
+        observations: Any,
+        now: dt.datetime,
+        generation: int,
+        annotations: dict[str, str],
+    ) -> tuple[StatusT, list[object]]:
+        """Ask the engine (and, for a rollout, the gates it asks about)."""
+        raise NotImplementedError
+
+    def weights(self, spec: SpecT, status: StatusT) -> tuple[dict[Arm, int], dict[str, int]] | None:
+        """(the engine's weight per arm for this status, the same per variant label for telemetry)
+        that the route must carry, or None."""
+        raise NotImplementedError
+
+    def arm_weights(self, spec: SpecT, status: StatusT, per_service: Mapping[str, int]) -> dict[Arm, int]:
+        """The engine's weights per Service as weights per arm (Services of no arm: retired)."""
+        raise NotImplementedError
+
+    def next_due(self, spec: SpecT, status: StatusT) -> dt.datetime | None:
+        """When the engine next wants a tick (from status); None: not until the object changes."""
+        raise NotImplementedError
+
+    def guard_weights(self, spec: SpecT, status: StatusT) -> dict[str, int] | None:
+        """After RolledBack/Aborted: weights a slow guard re-asserts if the route drifts."""
+        return None
+
+    def deletion_weights(self, spec: SpecT, status: StatusT) -> dict[str, int] | None:
+        """What the route gets when the object is deleted; None leaves it alone."""
+        return None
+
+    @staticmethod
+    def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
+        """The object needs the fast timer (finished objects do not)."""
+        raise NotImplementedError
+
+    # -- pacing -------------------------------------------------------------------------------------
+    def _status(self, obj: Mapping[str, Any]) -> StatusT:
+        return self.status_model.model_validate(
+            {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
+        )
+
+    def due_at(self, obj: Mapping[str, Any]) -> dt.datetime | None:
+        """When this object next needs a tick, read from its status alone."""
+        status = self._status(obj)
+        if status.phase == "Invalid":
+            return None  # re-checked on edits and every INVALID_RECHECK seconds
+        try:
+            spec = self.spec_model.model_validate(obj["spec"])
+        except ValidationError:
+            return None
+        due = self.next_due(spec, status)
+        if status.reconcileErrors and status.lastReconcileErrorTime is not None:
+            retry = status.lastReconcileErrorTime + dt.timedelta(seconds=backoff(status.reconcileErrors))
+            due = retry if due is None else max(due, retry)
+        return due
+
+    def _key(self, obj: Mapping[str, Any]) -> tuple[Any, ...]:
+        meta = obj["metadata"]
+        return (
+            meta.get("generation"),
+            tuple((meta.get("annotations") or {}).get(a) for a in self.annotations),
+        )
+
+    def _wait(self, obj: Mapping[str, Any]) -> float:
+        """Seconds until this object is due for a tick (<= 0: now), from its status alone."""
+        if (obj.get("status") or {}).get("phase") == "Invalid":
+            return INVALID_RECHECK - (time.monotonic() - self._invalid_checked)
+        due = self.due_at(obj)
+        return INVALID_RECHECK if due is None else (due - now()).total_seconds()
+
+    def wake(self, seen: Mapping[str, Any], owners: RouteOwners | None = None) -> None:
+        if not leader.ELECTOR.is_leader() or seen["metadata"].get("deletionTimestamp"):
+            return
+        key = self._key(seen)
+        changed = key != self._last_key
+        if not changed and time.monotonic() < self._not_before:
+            return
+        if not changed and self._measuring is not None and not self._measuring[1].done():
+            return  # a query is running in the tenant's pool: nothing to read or decide yet
+        try:
+            if not changed:
+                # Nothing due by the watch's copy: no API read at all (an Invalid object or one
+                # between analyses costs nothing at the API server until it is due).
+                wait = self._wait(seen)
+                if wait > 0:
+                    self._not_before = time.monotonic() + min(wait, 5.0)
+                    return
+            obj = get_object(self.plural, self.namespace, self.name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return
+            self._last_key = self._key(obj)
+            if not changed:
+                wait = self._wait(obj)  # the fresh read decides
+                if wait > 0:
+                    self._not_before = time.monotonic() + min(wait, 5.0)
+                    return
+            self._invalid_checked = time.monotonic()
+            self.tick(obj, owners)
+            self._not_before = time.monotonic() + 0.4
+        except Exception as e:
+            # Never the exception's text (an API or HTTP error may quote a body or a header): its
+            # class and where it was raised.
+            self.logger.error(
+                "%s/%s: tick failed: %s\n%s",
+                self.namespace,
+                self.name,
+                safe_error(e),
+                "".join(traceback.format_tb(e.__traceback__)).rstrip(),
+            )
+            self._not_before = time.monotonic() + 5.0
+            with contextlib.suppress(Exception):
+                obj = get_object(self.plural, self.namespace, self.name)
+                if obj is not None:
+                    self.reconcile_error(obj, self._status(obj), "ReconcileFailed", safe_error(e))
+
+    # -- the tick -----------------------------------------------------------------------------------
+    def tick(self, obj: dict[str, Any], owners: RouteOwners | None = None) -> None:
+        """Validate, measure, decide, apply. An unusable spec gives Valid=False and no traffic change.
+
+        ``owners``: who claims which route, from the operator's watch (see :func:`route_owners`)."""
+        t0 = time.monotonic()
+        meta = obj["metadata"]
+        generation = int(meta.get("generation") or 0)
+        annotations = dict(meta.get("annotations") or {})
+        status = self._status(obj)
+        if status.phase in self.terminal and not self.active(
+            obj.get("spec") or {}, obj.get("status") or {}, annotations
+        ):
+            return  # finished: nothing is re-validated, nothing can move traffic
+        now_ = now()
+        try:
+            spec = self.spec_model.model_validate(obj["spec"])
+        except ValidationError as e:
+            return self.write(obj, status, *invalid_status(status, validation_message(e), now_, generation))
+        problem = self.problem(spec)
+        if problem:
+            return self.write(obj, status, *invalid_status(status, problem, now_, generation))
+        try:
+            check_queries(self.queries(spec))
+            self.check_providers(spec)
+            if status.phase in ("Pending", "Invalid") or status.observedGeneration != generation:
+                self.check_owner(obj, spec, owners)
+            router = registry.make_router(api(), spec.trafficRouting, self.namespace, (self.kind, self.name))
+        except SpecError as e:  # a router, provider, template or Secret the object cannot use
+            return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
+        self._asked = (generation, json.dumps(dump(status), sort_keys=True))
+        pending = self._measuring
+        measured = pending is not None and pending[0] == self._asked
+        if pending is not None and measured:
+            now_ = pending[2]  # decided as of when it was measured: pacing as if measured inline
+        self._tick_now = now_
+        try:
+            if not measured and self.due(spec, status, now_):
+                # This tick only starts the measurement (in the tenant's pool): no route read; the
+                # wake-up that picks up the result reads, checks and writes the route.
+                self.observe(spec, status, self._provider(spec), now_)
+            # The one read of the route in this tick: checked, compared and written against.
+            state = router.read()
+            router.admit(state, self.arms(spec, status))
+            observations = self.observe(spec, status, self._provider(spec), now_)
+        except SpecError as e:  # a router, provider, template or Secret the object cannot use
+            return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
+        except Measuring:
+            return  # the handler thread never waits on a provider; the next wake-up reads the result
+        new, actions = self.decide(spec, status, observations, now_, generation, annotations)
+        finished_before = status.phase in self.terminal
+        route = None if finished_before and new.phase in self.terminal else self.weights(spec, new)
+        if route is not None:
+            desired, labels = route
+            try:
+                carried = router.write(state, desired)  # no request when the route already carries them
+            except Exception as e:
+                return self.reconcile_error(obj, status, "RouteWriteFailed", safe_error(e))
+            wrong = carried.wrong(desired)
+            if wrong:
+                want = {a.backend: w for a, w in desired.items()}
+                return self.reconcile_error(
+                    obj, status, "RouteNotVerified", f"route carries {wrong} after the write, not {want}"
+                )
+            for label, w in labels.items():
+                telemetry.WEIGHT.labels(self.kind, self.namespace, self.name, label).set(w)
+        if new.reconcileErrors:
+            new.reconcileErrors, new.lastReconcileErrorTime = 0, None
+            new.conditions = set_condition(
+                new.conditions,
+                "ReconcileError",
+                "False",
+                "Applied",
+                "the last decision was applied",
+                now_,
+                generation,
+            )
+        self.write(obj, status, new, actions)
+        telemetry.ANALYSIS_SECONDS.labels(self.kind).observe(time.monotonic() - t0)
+
+    def check_owner(self, obj: Mapping[str, Any], spec: SpecT, owners: RouteOwners | None) -> None:
+        """One route, one owner: another active object managing the same route rule wins if older.
+
+        Read from the operator's watch (the Kopf indices ``rollout_routes`` and ``experiment_routes``),
+        never from a LIST: checking costs nothing at the API server however many objects there are.
+        """
+        if owners is not None:
+            registry.check_owner(self.kind, self.namespace, obj["metadata"], spec.trafficRouting, owners)
+
+    def check_providers(self, spec: SpecT) -> None:
+        """SpecError naming the field of the first notification provider or gate that does not admit
+        this namespace (its allowedNamespaces / namespaceSelector): the object is Valid=False."""
+        named = [
+            *(
+                (f"spec.notifications[{i}].provider", r.provider)
+                for i, r in enumerate(getattr(spec, "notifications", None) or [])
+            ),
+            *(
+                (f"spec.gates[{i}].provider", g.provider)
+                for i, g in enumerate(getattr(spec, "gates", None) or [])
+            ),
+        ]
+        for field, provider in named:
+            why = notify_sender.check(provider, self.namespace)
+            if why is not None:
+                raise SpecError(field, why)
+
+    def measured(self, provider: MetricProvider, measure: Callable[[], T]) -> T:
+        """The result of ``measure`` for the status this tick was asked about, run in the pool of the
+        provider's budget key (the tenant's: provider and namespace, see metrics/pools.py); raises
+        Measuring until it is ready. A measurement asked for an older status or generation is dropped."""
+        pending = self._measuring
+        if pending is not None and pending[0] == self._asked:
+            if not pending[1].done():
+                raise Measuring()
+            self._measuring = None
+            return cast(T, pending[1].result())  # the measurement's own exception, if any, is raised here
+        key = str(getattr(provider, "key", None) or f"namespace@{self.namespace}")
+        self._measuring = (self._asked, pools.submit(key, measure), self._tick_now)
+        raise Measuring()
+
+    def count_errors(self, results: Iterable[Result]) -> None:
+        errors = sum(1 for r in results if r.outcome == "error")
+        if errors:
+            telemetry.MEASUREMENT_ERRORS.labels(self.kind, self.namespace, self.name).inc(errors)
+
+    def reconcile_error(self, obj: dict[str, Any], status: ResourceStatus, reason: str, message: str) -> None:
+        """Hold: keep the old status (so nothing advances), record the failure and back off."""
+        s = status.model_copy(deep=True)
+        s.reconcileErrors += 1
+        s.lastReconcileErrorTime = now()
+        wait = backoff(s.reconcileErrors)
+        msg = f"attempt {s.reconcileErrors}: {message}; holding, next attempt in {wait:.0f}s or later"
+        s.conditions = set_condition(
+            s.conditions,
+            "ReconcileError",
+            "True",
+            reason,
+            msg,
+            s.lastReconcileErrorTime,
+            s.observedGeneration,
+        )
+        telemetry.RECONCILE_ERRORS.labels(self.kind, self.namespace, self.name, reason).inc()
+        telemetry.record(self.kind, self.namespace, self.name, dump(s), obj.get("spec") or {})
+        self.logger.warning("%s/%s %s: %s", self.namespace, self.name, reason, msg)
+        self._not_before = time.monotonic() + wait
+        if write_status(self.plural, obj, dump(s)):
+            post_event(obj, "Warning", reason, msg)
+            errs = notify_events.reconcile_error(self.kind, self.namespace, self.name, s, reason, msg)
+            self.notify(obj, errs)
+
+    def write(
+        self, obj: dict[str, Any], old: ResourceStatus, status: ResourceStatus, actions: Iterable[object]
+    ) -> None:
+        """Status (the record; skipped when nothing changed), then Events and metrics."""
+        bound_texts(status)
+        if dump(status) != dump(old) and not write_status(self.plural, obj, dump(status)):
+            self._not_before = 0.0  # conflict: read again and decide afresh at the next wake-up
+            return
+        for e in actions:
+            if not isinstance(e, Event):
+                continue
+            post_event(obj, e.type, e.reason, e.message)
+            telemetry.DECISIONS.labels(self.kind, self.namespace, self.name, e.reason).inc()
+            if e.reason in LIMIT_REASONS:
+                telemetry.LIMITS.labels(self.kind, self.namespace, self.name, e.reason).inc()
+            log = self.logger.warning if e.type == "Warning" else self.logger.info
+            log(
+                "%s/%s %s: %s",
+                self.namespace,
+                self.name,
+                e.reason,
+                e.message,
+                extra={
+                    "namespace": self.namespace,
+                    "object": self.name,
+                    "kind": self.kind,
+                    "phase": status.phase,
+                    "revision": getattr(status, "revision", None),
+                    "weight": getattr(status, "weight", None),
+                    "decision": e.reason,
+                },
+            )
+        telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
+        telemetry.record(self.kind, self.namespace, self.name, dump(status), obj.get("spec") or {})
+        self.notify(obj, notify_events.notices(self.kind, self.namespace, self.name, old, status, actions))
+
+    def notify(self, obj: Mapping[str, Any], notices: list[Notice]) -> None:
+        """Queue the notifications of a written transition (spec.notifications); never blocks or raises."""
+        if not notices:
+            return
+        refs = notify_events.subscriptions(obj.get("spec"))
+        if refs:
+            try:
+                notify_sender.sender().publish(str(obj["metadata"].get("uid") or self.name), refs, notices)
+            except Exception as e:
+                self.logger.warning("%s/%s notifications: %s", self.namespace, self.name, safe_error(e))
+
+    def _provider(self, spec: SpecT) -> MetricProvider:
+        """The object's provider (ProviderError naming the field when it may not use one)."""
+        return make_provider(
+            spec.analysis,
+            self.namespace,
+            inline_query_fields(spec, "spec"),
+            namespaced_template_fields(spec, "spec"),
+        )
+
+    def _router(self, spec: SpecT) -> TrafficRouter:
+        return registry.make_router(api(), spec.trafficRouting, self.namespace, (self.kind, self.name))
+
+    # -- after the end ------------------------------------------------------------------------------
+    def guard(self, obj: Mapping[str, Any]) -> None:
+        """Slow timer for RolledBack/Aborted objects: a rolled-back candidate gets no traffic again."""
+        if not leader.ELECTOR.is_leader():
+            return
+        try:
+            spec = self.spec_model.model_validate(obj["spec"])
+            status = self._status(obj)
+            if not obj["metadata"].get("deletionTimestamp"):  # a new leader exports it too: the alert stays
+                telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
+                telemetry.record(self.kind, self.namespace, self.name, dump(status), dict(obj["spec"]))
+            want = self.guard_weights(spec, status)
+            if not want:
+                return
+            router = self._router(spec)
+            state = router.read()
+            current = state.weights
+            drift = {k: current[k] for k, v in want.items() if v == 0 and current.get(k, 0) > 0}
+            if not drift:
+                return
+            router.write(
+                state, self.arm_weights(spec, status, {k: v for k, v in want.items() if k in current})
+            )
+            msg = f"route gave traffic to {drift} after {status.phase}; set back to {want}"
+            post_event(dict(obj), "Warning", "RouteRestored", msg)
+            self.logger.warning("%s/%s RouteRestored: %s", self.namespace, self.name, msg)
+        except Exception as e:  # never Kopf's logging of the exception's text
+            self.logger.info("%s/%s guard: %s", self.namespace, self.name, safe_error(e))
+
+    def delete(self, spec_body: Mapping[str, Any], status_body: Mapping[str, Any], retry: int) -> None:
+        """Finalizer: move traffic only if the engine says so; a persistent failure ends bounded."""
+        if not leader.ELECTOR.is_leader():
+            raise kopf.TemporaryError("not the leader; the leader handles the deletion", delay=5)
+        telemetry.forget(self.kind, self.namespace, self.name)
+        try:
+            spec = self.spec_model.model_validate(dict(spec_body))
+            status = self.status_model.model_validate(
+                {k: v for k, v in dict(status_body).items() if k != "kopf"}
+            )
+        except ValidationError:
+            self.logger.warning(
+                "%s/%s deleted with an invalid spec: route left alone", self.namespace, self.name
+            )
+            return
+        want = self.deletion_weights(spec, status)
+        if not want:
+            self.logger.info(
+                "%s/%s deleted after %s: route left alone", self.namespace, self.name, status.phase
+            )
+            return
+        try:
+            router = self._router(spec)
+            state = router.read()
+            router.write(
+                state, self.arm_weights(spec, status, {k: v for k, v in want.items() if k in state.weights})
+            )
+            self.logger.info(
+                "%s/%s deleted while %s: route set to %s", self.namespace, self.name, status.phase, want
+            )
+        except NotOptedIn:  # permanent: the route's owner has withdrawn it; no retries
+            msg = "the route does not opt in to this object (any more): route left alone; deleting"
+            self.logger.warning("%s/%s %s", self.namespace, self.name, msg)
+            post_event({"apiVersion": f"{GROUP}/{VERSION}", "kind": self.kind,
+                        "metadata": {"name": self.name, "namespace": self.namespace}},
+                       "Warning", "RouteLeftAlone", msg)  # fmt: skip
+        except Exception as e:  # never Kopf's logging of the exception's text
+            if retry < DELETE_RETRIES:
+                raise kopf.TemporaryError(
+                    f"restoring the route failed: {safe_error(e)}", delay=2 + 2 * retry
+                ) from e
+            msg = f"gave up restoring the route after {retry + 1} attempts ({safe_error(e)}); deleting anyway"
+            self.logger.warning("%s/%s %s", self.namespace, self.name, msg)
+            post_event({"apiVersion": f"{GROUP}/{VERSION}", "kind": self.kind,
+                        "metadata": {"name": self.name, "namespace": self.namespace}},
+                       "Warning", "RouteRestoreFailed", msg)  # fmt: skip
+
+
+#: Attempts to restore a route on deletion before the finalizer is released anyway.
+DELETE_RETRIES = 4
