@@ -44,7 +44,7 @@ def _placeholders(v: Variant, namespace: str, window: str) -> dict[str, str]:
 
 
 def resolve(spec: ModelExperimentSpec, namespace: str) -> ModelExperimentSpec:
-    """The spec with every templateRef replaced by its template's queries (RouterError naming the field)."""
+    """The spec with every templateRef replaced by its template's queries (ProviderError naming the field)."""
     if not (spec.primaryMetric.templateRef or any(g.templateRef for g in spec.guardrails)):
         return spec
     guardrails = [
@@ -125,6 +125,9 @@ class ExperimentController(Controller[ModelExperimentSpec, ModelExperimentStatus
         roles.update({v.service: v.name for v in status.variants if v.service})
         return {Arm(roles.get(svc, RETIRED), svc): w for svc, w in per_service.items()}
 
+    def due(self, spec: ModelExperimentSpec, status: ModelExperimentStatus, now: datetime) -> bool:
+        return engine.analysis_due(spec, status, now)
+
     def observe(
         self,
         spec: ModelExperimentSpec,
@@ -132,7 +135,7 @@ class ExperimentController(Controller[ModelExperimentSpec, ModelExperimentStatus
         provider: MetricProvider,
         now: datetime,
     ) -> engine.Observations | None:
-        if not engine.analysis_due(spec, status, now):  # pacing lives in status
+        if not self.due(spec, status, now):  # pacing lives in status  # pacing lives in status
             return None
         observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
         self.count_errors(

@@ -58,7 +58,7 @@ def _placeholders(v: VariantRef, role: str, namespace: str, window: str) -> dict
 
 
 def resolve(spec: ModelRolloutSpec, namespace: str) -> ModelRolloutSpec:
-    """The spec with every templateRef replaced by its template's queries (RouterError naming the field)."""
+    """The spec with every templateRef replaced by its template's queries (ProviderError naming the field)."""
     a = spec.analysis
     if not (any(g.templateRef for g in a.guardrails) or any(c.templateRef for c in a.comparisons)):
         return spec
@@ -169,10 +169,13 @@ class RolloutController(Controller[ModelRolloutSpec, ModelRolloutStatus]):
         roles = {a.backend: a.role for a in reversed(self.arms(spec, status))}  # stable wins a tie
         return {Arm(roles.get(svc, RETIRED), svc): w for svc, w in per_service.items()}
 
+    def due(self, spec: ModelRolloutSpec, status: ModelRolloutStatus, now: datetime) -> bool:
+        return engine.needs_measurement(spec, status, now)
+
     def observe(
         self, spec: ModelRolloutSpec, status: ModelRolloutStatus, provider: MetricProvider, now: datetime
     ) -> engine.Observations | None:
-        if not engine.needs_measurement(spec, status, now):
+        if not self.due(spec, status, now):  # pacing lives in status
             return None
         observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
         self.count_errors(observations.guardrails.values())
