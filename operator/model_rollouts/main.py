@@ -14,10 +14,11 @@ from typing import Any, cast
 import kopf
 from prometheus_client import start_http_server
 
-from model_rollouts import __version__, health, kube, leader, policy
-from model_rollouts.api.common import action_annotations
+from model_rollouts import __version__, health, kube, leader, policy, sharding
+from model_rollouts.api.common import GROUP, action_annotations
 from model_rollouts.metrics import prometheus
 from model_rollouts.notify import sender as notify_sender
+from model_rollouts.traffic import watched
 
 #: Record attributes our decision log lines carry (``extra=``), copied into JSON lines.
 _FIELDS = ("namespace", "object", "kind", "phase", "revision", "weight", "decision")
@@ -52,6 +53,10 @@ class BoundedDiffBaseStorage(kopf.StatusDiffBaseStorage):
 
 #: Namespaces given with --namespace (empty: cluster-wide).
 WATCHED_NAMESPACES: list[str] = []
+#: The operator instance given with --instance ("" : the default instance, objects without the label).
+INSTANCE: list[str] = [""]
+#: The kinds a shard selects by label (every kind Kopf watches for us).
+SHARDED_PLURALS = ("modelrollouts", "modelexperiments")
 
 
 @kopf.on.startup()
@@ -66,8 +71,26 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Handlers run in this pool. A provider that stops answering holds at most one thread per address
     # (metrics/prometheus.py), so a few such providers cannot take every thread.
     settings.execution.max_workers = 32
+    # A timer stopped because its object finished (its when= filter no longer matches) is usually still
+    # in its last run. Kopf gives it a few zero-time loop cycles, then re-checks it 60 s later through
+    # a dummy status patch of its own: a write without a change, once per finished object. Waiting up
+    # to half a second (only this object's event processing waits) lets that last run end first.
+    settings.background.instant_exit_timeout = 0.5
+    # Routers read HTTPRoutes from the operator's watch (handlers/routes.py) instead of GETting them.
+    watched.ROUTES.enabled = True
     # Watching only the given namespaces: do not try to list all namespaces (a 403 in that mode).
     settings.scanning.disabled = bool(WATCHED_NAMESPACES)
+    # Sharding: the API server filters every list and watch by the instance label, so this replica
+    # set never receives, caches or handles another instance's objects.
+    selector = sharding.label_selector(INSTANCE[0])
+    for plural in SHARDED_PLURALS:
+        settings.watching.label_selectors[GROUP, plural] = selector
+    logging.getLogger("model_rollouts").info(
+        "instance %s: watching %s with the label selector %s",
+        repr(INSTANCE[0]) if INSTANCE[0] else "(default)",
+        ", ".join(WATCHED_NAMESPACES) or "all namespaces",
+        selector,
+    )
 
 
 @kopf.on.startup()
@@ -91,6 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         help="namespace to watch (repeatable); default: all namespaces",
+    )
+    parser.add_argument(
+        "--instance",
+        default="",
+        metavar="NAME",
+        help=f"act only on the ModelRollouts and ModelExperiments labelled {sharding.INSTANCE_LABEL}=NAME "
+        "(selected by the API server), with its own Lease (the election id + '-NAME'); default: the "
+        "default instance, which owns only the objects without that label",
     )
     parser.add_argument("--metrics-port", type=int, default=8080, help="port of /metrics; 0 disables")
     parser.add_argument("--metrics-address", default="0.0.0.0")
@@ -119,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("POD_NAMESPACE", "default"),
         help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
     )
-    parser.add_argument("--leader-election-id", default="model-rollouts", help="name of the Lease")
+    parser.add_argument(
+        "--leader-election-id",
+        default="model-rollouts",
+        help="name of the Lease (with --instance NAME: this name + '-NAME')",
+    )
     parser.add_argument(
         "--leader-election-lease-duration",
         type=float,
@@ -161,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         f"streams in, a failed measurement); default {prometheus.MAX_RESPONSE_BYTES}",
     )
     args = parser.parse_args(argv)
+    problem = sharding.validate_instance(args.instance)
+    if problem:
+        parser.error(f"--instance: {problem}")
     if args.max_query_response_bytes < 1024:
         parser.error("--max-query-response-bytes: at least 1024")
     prometheus.MAX_RESPONSE_BYTES = args.max_query_response_bytes
@@ -183,15 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     # Kopf reports every timer run at INFO; our own decisions are logged under model_rollouts.
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     WATCHED_NAMESPACES[:] = args.namespace
+    INSTANCE[0] = args.instance
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    from model_rollouts.handlers import experiment, rollout  # noqa: F401  (registers the handlers)
+    from model_rollouts.handlers import experiment, rollout, routes, shards  # noqa: F401  (registers the handlers)
 
     if args.leader_election:
         leader.ELECTOR = leader.Elector(
             kube.api(),
             args.leader_election_namespace,
-            args.leader_election_id,
+            sharding.lease_name(args.leader_election_id, args.instance),
             lease_seconds=args.leader_election_lease_duration,
             retry_seconds=args.leader_election_retry_period,
         )

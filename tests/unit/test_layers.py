@@ -41,7 +41,7 @@ LAYERS: list[tuple[frozenset[str], bool]] = [
     (frozenset({"", "api"}), True),
     (frozenset({"analysis"}), False),
     (frozenset({"engine"}), False),
-    (frozenset({"kube", "telemetry", "leader", "policy"}), True),
+    (frozenset({"kube", "telemetry", "leader", "policy", "sharding"}), True),
     (frozenset({"metrics", "traffic", "notify"}), False),
     (frozenset({"handlers"}), False),
     (frozenset({"main", "cli", "report", "health"}), True),

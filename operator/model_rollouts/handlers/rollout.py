@@ -29,7 +29,7 @@ from model_rollouts.api.rollout import (
     VariantRef,
 )
 from model_rollouts.engine import rollout as engine
-from model_rollouts.handlers import common
+from model_rollouts.handlers import common, shards
 from model_rollouts.handlers.controller import Controller
 from model_rollouts.kube.readiness import service_ready
 from model_rollouts.metrics.provider import MetricProvider, Result, render
@@ -335,14 +335,21 @@ def rollout_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], regi
     return registry.route_claim(KIND, body)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=_active)
+@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=shards.only_here(_active))
 def rollout_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
     # Kopf passes its indices (rollout_routes, experiment_routes) as keyword arguments.
     owners = registry.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
     _controller(namespace, name, uid).wake(body, owners)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=GUARD_INTERVAL, initial_delay=GUARD_INTERVAL, when=_guarded)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=GUARD_INTERVAL,
+    initial_delay=GUARD_INTERVAL,
+    when=shards.only_here(_guarded),
+)
 def rollout_guard(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
     """After a rollback the candidate gets no traffic again in that revision, whatever edits the route."""
     _controller(namespace, name, uid).guard(body)

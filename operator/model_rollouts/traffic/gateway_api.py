@@ -16,7 +16,7 @@ from typing import Any, ClassVar, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from model_rollouts.traffic import optin
+from model_rollouts.traffic import optin, watched
 from model_rollouts.traffic.optin import OPT_IN, opted_in
 from model_rollouts.traffic.router import RETIRED, Arm, Capabilities, RouterError, RouterType, RouteState
 
@@ -57,6 +57,13 @@ class GatewayAPIRouter:
 
     # -- the interface (one read, at most one write per tick) ---------------------------------------
     def read(self) -> RouteState:
+        """The route from the operator's watch (traffic/watched.py) when it has it, else one GET."""
+        cached = watched.ROUTES.get(self.namespace, self.name)
+        if cached is not None:
+            return self._state(cached)
+        return self._fetch()
+
+    def _fetch(self) -> RouteState:
         try:
             route = cast(
                 dict[str, Any],
@@ -82,6 +89,9 @@ class GatewayAPIRouter:
             )
 
     def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
+        return self._write(state, weights, retry=True)
+
+    def _write(self, state: RouteState, weights: Mapping[Arm, int], retry: bool) -> RouteState:
         value = optin.require(state.raw, self.owner, self.what, FIELD)
         self.capabilities.fit(FIELD, weights)
         want = {a.backend: int(w) for a, w in weights.items()}
@@ -101,16 +111,24 @@ class GatewayAPIRouter:
         if not ops:
             return state  # already so: no request
         # The opt-in as read must still be there when the write lands (else 422, nothing written).
-        route = self._co.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            self.namespace,
-            PLURAL,
-            self.name,
-            [optin.unchanged_op(value), *ops],
-            _content_type="application/json-patch+json",
-            _request_timeout=REQUEST_TIMEOUT,
-        )
+        try:
+            route = self._co.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                [optin.unchanged_op(value), *ops],
+                _content_type="application/json-patch+json",
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except ApiException as e:
+            if e.status != 422 or not retry:
+                raise
+            # A test op failed: the route changed since it was read (the watch's copy can be a moment
+            # behind). Once more from a fresh read, with the opt-in and every name checked again.
+            return self._write(self._fetch(), weights, retry=False)
+        watched.ROUTES.store(cast(dict[str, Any], route))
         return self._state(cast(dict[str, Any], route))  # what the API server stored
 
     # -- one-shot helpers (a read, then a check or a write) -----------------------------------------

@@ -85,7 +85,8 @@ class TrafficRouter(Protocol):
     capabilities: ClassVar[Capabilities]
 
     def read(self) -> RouteState:
-        """The route as the API server has it now: one GET. RouterError if it cannot be used at all."""
+        """The route as the API server has it: the operator's watch's copy where the router keeps one
+        (Gateway API: traffic/watched.py), else one GET. RouterError if it cannot be used at all."""
         ...
 
     def admit(self, state: RouteState, arms: list[Arm]) -> None:
