@@ -37,6 +37,9 @@ class Faults:
     latency_seconds: float = 1.0
     drop: float = 0.0
     writes_only: bool = True
+    #: Inject each fault with a probability > 0 at the first request it can apply to, then by chance:
+    #: a test that asserts each fault happened does not depend on how many writes the operator makes.
+    ensure_each: bool = False
 
 
 @dataclass
@@ -96,7 +99,9 @@ class FaultProxy:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=server_ctx).start()
 
-    def _roll(self, p: float) -> bool:
+    def _roll(self, p: float, kind: str = "") -> bool:
+        if p > 0 and self.faults.ensure_each and kind and not self.injected[kind]:
+            return True
         return p > 0 and self._rng.random() < p
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -108,15 +113,15 @@ class FaultProxy:
         if not is_watch and self._roll(f.latency):
             self.injected["latency"] += 1
             await asyncio.sleep(f.latency_seconds)
-        if eligible and self._roll(f.drop):
+        if eligible and self._roll(f.drop, "drop"):
             self.injected["drop"] += 1
             if request.transport is not None:
                 request.transport.close()
             raise web.HTTPInternalServerError()  # never reaches the client: the connection is gone
-        if eligible and self._roll(f.error5xx):
+        if eligible and self._roll(f.error5xx, "5xx"):
             self.injected["5xx"] += 1
             return _status(503, "ServiceUnavailable", "injected by the fault proxy")
-        if eligible and request.method in ("PATCH", "PUT") and self._roll(f.conflict409):
+        if eligible and request.method in ("PATCH", "PUT") and self._roll(f.conflict409, "409"):
             self.injected["409"] += 1
             return _status(409, "Conflict", "injected by the fault proxy: the object has been modified")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}

@@ -227,7 +227,9 @@ def test_fault_proxy_weights_follow_the_steps_and_no_analysis_comes_early(fresh:
     assert fresh.prom is not None and fresh.workdir is not None
     fresh.stop_operator()
     proxy = FaultProxy(upstream=fresh.cluster.server, pki=fresh.workdir / "pki")
-    proxy.faults = Faults(error5xx=0.15, conflict409=0.15, latency=0.1, latency_seconds=0.7, drop=0.05)
+    proxy.faults = Faults(
+        error5xx=0.15, conflict409=0.15, latency=0.1, latency_seconds=0.7, drop=0.05, ensure_each=True
+    )
     proxy.start()
     import yaml
 
