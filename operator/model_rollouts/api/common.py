@@ -185,6 +185,90 @@ class KServeRouting(Model):
     inferenceService: Name
 
 
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", max_length=128)]
+# RFC 6265 cookie-name (a token) and cookie-octets: nothing that needs escaping in a Cookie header.
+CookieName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", max_length=128)]
+CookieValue = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9!#$%&'()*+./:<=>?@^_`{|}~-]*$", max_length=256)
+]
+
+
+class HeaderMatch(Model):
+    """A request header a matching request carries."""
+
+    name: HeaderName = Field(description="Header name (not Cookie: use cookies).")
+    value: str = Field(min_length=1, max_length=1024, description="The value, or a regular expression (RE2).")
+    type: Literal["Exact", "RegularExpression"] = Field(
+        default="Exact", description="Exact, or RegularExpression matched against the whole value."
+    )
+
+
+class CookieMatch(Model):
+    """A cookie a matching request carries (matched in the Cookie header)."""
+
+    name: CookieName
+    value: CookieValue = Field(description="The cookie's exact value.")
+
+
+class RouteMatch(Model):
+    """Requests that go to the candidate (a ModelExperiment: to ``variant``) from the start: testers,
+    a beta cohort. The operator adds one route rule of its own for them and removes it at the end."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "size(self.headers) + size(self.cookies) >= 1",
+                    "match: name at least one header or cookie",
+                ),
+                cel(
+                    "self.headers.all(h, h.name.lowerAscii() != 'cookie')",
+                    "match.headers: match a cookie with match.cookies",
+                ),
+                cel(
+                    "self.headers.all(h, self.headers.filter(g, g.name.lowerAscii() == h.name.lowerAscii())"
+                    ".size() == 1)",
+                    "match.headers: each header at most once",
+                ),
+            ]
+        },
+    )
+    headers: list[HeaderMatch] = Field(
+        default_factory=list, max_length=8, description="All must be present (AND)."
+    )
+    cookies: list[CookieMatch] = Field(
+        default_factory=list,
+        max_length=1,
+        description="At most one cookie: a route match tests the Cookie header once.",
+    )
+    variant: Name | None = Field(
+        default=None,
+        description="ModelExperiment only (required there): the variant matching requests go to. "
+        "A ModelRollout's matching requests go to its candidate.",
+    )
+
+
+class Affinity(Model):
+    """Sticky cohorts: once sent to an arm, a user stays on it for the rollout or experiment."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.cookie) != has(self.header)", "affinity: set exactly one of cookie, header"),
+            ]
+        },
+    )
+    cookie: CookieName | None = Field(
+        default=None, description="Cookie the proxy sets on each weighted answer (NAME=<arm's backend>)."
+    )
+    header: HeaderName | None = Field(
+        default=None,
+        description="Response header carrying the arm's backend; clients that send it back stay on that arm.",
+    )
+
+
 class TrafficRouting(Model):
     model_config = ConfigDict(
         extra="forbid",
@@ -204,6 +288,16 @@ class TrafficRouting(Model):
     )
     replicas: ReplicaRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
     kserve: KServeRouting | None = Field(default=None, description="Not implemented yet: Valid=False.")
+    match: RouteMatch | None = Field(
+        default=None,
+        description="Requests with these headers/cookies go to the candidate (an experiment: match.variant) "
+        "while the rollout or experiment runs, through one route rule the operator adds and removes.",
+    )
+    affinity: Affinity | None = Field(
+        default=None,
+        description="Sticky cohorts: each user stays on the arm it was first sent to, by a cookie or header "
+        "the proxy sets per arm and route rules the operator adds and removes.",
+    )
 
 
 ArgValue = Annotated[str, StringConstraints(max_length=253)]

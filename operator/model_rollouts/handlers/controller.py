@@ -45,7 +45,7 @@ from model_rollouts.metrics.resolve import check_queries, make_provider
 from model_rollouts.notify import Notice
 from model_rollouts.notify import events as notify_events
 from model_rollouts.notify import sender as notify_sender
-from model_rollouts.traffic import registry
+from model_rollouts.traffic import registry, rules
 from model_rollouts.traffic.registry import RouteOwners
 from model_rollouts.traffic.router import Arm, NotOptedIn, TrafficRouter
 
@@ -282,6 +282,7 @@ class Controller(Generic[SpecT, StatusT]):
             if status.phase in ("Pending", "Invalid") or status.observedGeneration != generation:
                 self.check_owner(obj, spec, owners)
             router = registry.make_router(api(), spec.trafficRouting, self.namespace, (self.kind, self.name))
+            rules.check(self.kind, spec.trafficRouting, self.arms(spec, status))  # match.variant
         except SpecError as e:  # a router, provider, template or Secret the object cannot use
             return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
         self._asked = (generation, json.dumps(dump(status), sort_keys=True))
@@ -309,7 +310,8 @@ class Controller(Generic[SpecT, StatusT]):
         if route is not None:
             desired, labels = route
             try:
-                carried = router.write(state, desired)  # no request when the route already carries them
+                # No request when the route already carries them (and the operator's own rules).
+                carried = router.write(state, desired, self.owned(spec, new, desired))
             except Exception as e:
                 return self.reconcile_error(obj, status, "RouteWriteFailed", safe_error(e))
             wrong = carried.wrong(desired)
@@ -461,6 +463,14 @@ class Controller(Generic[SpecT, StatusT]):
             namespaced_template_fields(spec, "spec"),
         )
 
+    def owned(
+        self, spec: SpecT, status: StatusT, weights: Mapping[Arm, int], active: bool | None = None
+    ) -> rules.Owned:
+        """The operator's own match and sticky rules for these weights (traffic/rules.py): none once
+        the status is terminal (promotion, rollback, abort) or ``active`` is False (deletion)."""
+        live = status.phase not in self.terminal if active is None else active
+        return rules.desired(self.kind, self.namespace, self.name, spec.trafficRouting, weights, live)
+
     def _router(self, spec: SpecT) -> TrafficRouter:
         return registry.make_router(api(), spec.trafficRouting, self.namespace, (self.kind, self.name))
 
@@ -484,9 +494,8 @@ class Controller(Generic[SpecT, StatusT]):
             drift = {k: current[k] for k, v in want.items() if v == 0 and current.get(k, 0) > 0}
             if not drift:
                 return
-            router.write(
-                state, self.arm_weights(spec, status, {k: v for k, v in want.items() if k in current})
-            )
+            w = self.arm_weights(spec, status, {k: v for k, v in want.items() if k in current})
+            router.write(state, w, self.owned(spec, status, w))
             msg = f"route gave traffic to {drift} after {status.phase}; set back to {want}"
             post_event(dict(obj), "Warning", "RouteRestored", msg)
             self.logger.warning("%s/%s RouteRestored: %s", self.namespace, self.name, msg)
@@ -517,9 +526,8 @@ class Controller(Generic[SpecT, StatusT]):
         try:
             router = self._router(spec)
             state = router.read()
-            router.write(
-                state, self.arm_weights(spec, status, {k: v for k, v in want.items() if k in state.weights})
-            )
+            w = self.arm_weights(spec, status, {k: v for k, v in want.items() if k in state.weights})
+            router.write(state, w, self.owned(spec, status, w, active=False))  # and removes its own rules
             self.logger.info(
                 "%s/%s deleted while %s: route set to %s", self.namespace, self.name, status.phase, want
             )

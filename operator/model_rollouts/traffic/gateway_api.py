@@ -16,7 +16,7 @@ from typing import Any, ClassVar, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from model_rollouts.traffic import optin, watched
+from model_rollouts.traffic import optin, rules, watched
 from model_rollouts.traffic.optin import OPT_IN, opted_in
 from model_rollouts.traffic.router import RETIRED, Arm, Capabilities, RouterError, RouterType, RouteState
 
@@ -34,7 +34,7 @@ class GatewayAPIRouter:
     field: str = FIELD
     #: An HTTPRoute rule holds at most 16 backendRefs; weights are integers (we write percents).
     capabilities: ClassVar[Capabilities] = Capabilities(
-        max_arms=16, granularity=1, mirroring=False, header_match=False
+        max_arms=16, granularity=1, mirroring=False, header_match=True
     )
 
     def __init__(
@@ -88,10 +88,15 @@ class GatewayAPIRouter:
                 f"service(s) {', '.join(missing)} (has: {', '.join(map(str, names))})",
             )
 
-    def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
-        return self._write(state, weights, retry=True)
+    def write(
+        self, state: RouteState, weights: Mapping[Arm, int], owned: rules.Owned | None = None
+    ) -> RouteState:
+        """``owned``: the operator's own rules the route must carry (traffic/rules.py); None: leave them."""
+        return self._write(state, weights, retry=True, owned=owned)
 
-    def _write(self, state: RouteState, weights: Mapping[Arm, int], retry: bool) -> RouteState:
+    def _write(
+        self, state: RouteState, weights: Mapping[Arm, int], retry: bool, owned: rules.Owned | None = None
+    ) -> RouteState:
         value = optin.require(state.raw, self.owner, self.what, FIELD)
         self.capabilities.fit(FIELD, weights)
         want = {a.backend: int(w) for a, w in weights.items()}
@@ -108,6 +113,8 @@ class GatewayAPIRouter:
             if name in want and ref.get("weight") != want[name]:
                 ops.append({"op": "test", "path": f"{base}/{i}/name", "value": name})
                 ops.append({"op": "add", "path": f"{base}/{i}/weight", "value": want[name]})
+        if owned is not None:  # the match and sticky rules, in the same patch (after the weights)
+            ops += rules.gateway_ops(state.raw, self.rule_index, owned)
         if not ops:
             return state  # already so: no request
         # The opt-in as read must still be there when the write lands (else 422, nothing written).
@@ -127,8 +134,10 @@ class GatewayAPIRouter:
                 raise
             # A test op failed: the route changed since it was read (the watch's copy can be a moment
             # behind). Once more from a fresh read, with the opt-in and every name checked again.
-            return self._write(self._fetch(), weights, retry=False)
+            return self._write(self._fetch(), weights, retry=False, owned=owned)
         watched.ROUTES.store(cast(dict[str, Any], route))
+        if owned is not None and rules.gateway_ops(cast(dict[str, Any], route), self.rule_index, owned):
+            raise rules.RulesNotVerified(f"{self.what}: the operator's rules differ after the write")
         return self._state(cast(dict[str, Any], route))  # what the API server stored
 
     # -- one-shot helpers (a read, then a check or a write) -----------------------------------------

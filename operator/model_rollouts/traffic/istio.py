@@ -31,7 +31,7 @@ from typing import Any, ClassVar, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from model_rollouts.traffic import optin
+from model_rollouts.traffic import optin, rules
 from model_rollouts.traffic.router import RETIRED, Arm, Capabilities, RouterError, RouterType, RouteState
 
 GROUP, VERSION, PLURAL = "networking.istio.io", "v1", "virtualservices"
@@ -77,7 +77,7 @@ class IstioRouter:
     field: str = FIELD
     #: Any number of destinations; integer weights (we write percents).
     capabilities: ClassVar[Capabilities] = Capabilities(
-        max_arms=None, granularity=1, mirroring=False, header_match=False
+        max_arms=None, granularity=1, mirroring=False, header_match=True
     )
 
     def __init__(
@@ -123,7 +123,11 @@ class IstioRouter:
                 f"service(s) {', '.join(missing)} (has: {', '.join(state.weights)})",
             )
 
-    def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
+    def write(
+        self, state: RouteState, weights: Mapping[Arm, int], owned: rules.Owned | None = None
+    ) -> RouteState:
+        """``owned``: the operator's own routes the VirtualService must carry (traffic/rules.py); None:
+        leave them."""
         value = optin.require(state.raw, self.owner, self.what, FIELD)
         self.capabilities.fit(FIELD, weights)
         want = {a.backend: int(w) for a, w in weights.items()}
@@ -135,6 +139,8 @@ class IstioRouter:
             )
         index, route = self._http(state.raw)
         ops = self._ops(index, route, want)
+        if owned is not None:  # the match and sticky routes, in the same patch (after the weights)
+            ops += rules.istio_ops(state.raw, index, owned, self._name)
         if not ops:
             return state  # already so: no request
         # The opt-in as read must still be there when the write lands (else 422, nothing written).
@@ -148,7 +154,14 @@ class IstioRouter:
             _content_type="application/json-patch+json",
             _request_timeout=REQUEST_TIMEOUT,
         )
+        if owned is not None:
+            stored = cast(dict[str, Any], vs)
+            if rules.istio_ops(stored, self._http(stored)[0], owned, self._name):
+                raise rules.RulesNotVerified(f"{self.what}: the operator's routes differ after the write")
         return self._state(cast(dict[str, Any], vs))  # what the API server stored
+
+    def _name(self, destination: Mapping[str, Any]) -> str:
+        return destination_name(destination, self.namespace)
 
     # -- one-shot helpers (a read, then a check or a write) -----------------------------------------
     def get_weights(self) -> dict[str, int]:
@@ -165,12 +178,14 @@ class IstioRouter:
         """(index, entry) of the managed ``spec.http`` route."""
         routes = (vs.get("spec") or {}).get("http") or []
         if self.route_name is None:
-            if len(routes) != 1:
+            # The operator's own match and sticky routes (traffic/rules.py) do not count.
+            mine = [i for i, r in enumerate(routes) if not rules.owned_name(r.get("name"))]
+            if len(mine) != 1:
                 raise RouterError(
                     ROUTE_FIELD,
-                    f"VirtualService {self.name} has {len(routes)} http route(s); name the one to weight",
+                    f"VirtualService {self.name} has {len(mine)} http route(s); name the one to weight",
                 )
-            return 0, routes[0]
+            return mine[0], routes[mine[0]]
         for i, r in enumerate(routes):
             if r.get("name") == self.route_name:
                 return i, r

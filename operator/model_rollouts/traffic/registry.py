@@ -38,7 +38,7 @@ def _discover() -> dict[str, RouterType]:
 #: Implemented routers by their field under ``spec.trafficRouting``.
 ROUTERS: dict[str, RouterType] = _discover()
 #: Every router field the CRD offers, in its order; those not in ROUTERS answer "not implemented".
-OFFERED: tuple[str, ...] = tuple(TrafficRouting.model_fields)
+OFFERED: tuple[str, ...] = tuple(f for f in TrafficRouting.model_fields if f not in ("match", "affinity"))
 
 
 def selected(routing: TrafficRouting) -> tuple[RouterType, Any]:

@@ -93,10 +93,12 @@ class TrafficRouter(Protocol):
         """RouterError unless this object may write the route and it can weight every arm given."""
         ...
 
-    def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
+    def write(self, state: RouteState, weights: Mapping[Arm, int], owned: Any = None) -> RouteState:
         """Set the weight of each arm, touching nothing else: no request at all if ``state`` already
         carries them, else one write that fails (nothing written) if the route changed under it in a
-        way that matters. Returns the route as the API server stored it."""
+        way that matters. Returns the route as the API server stored it. ``owned``: the operator's own
+        match and sticky rules (a ``traffic.rules.Owned``) the route must carry after the same write; None
+        leaves them as they are."""
         ...
 
 
