@@ -223,12 +223,12 @@ class RouteMatch(Model):
                     "match: name at least one header or cookie",
                 ),
                 cel(
-                    "self.headers.all(h, h.name.lowerAscii() != 'cookie')",
+                    "!has(self.headers) || self.headers.all(h, h.name.lowerAscii() != 'cookie')",
                     "match.headers: match a cookie with match.cookies",
                 ),
                 cel(
-                    "self.headers.all(h, self.headers.filter(g, g.name.lowerAscii() == h.name.lowerAscii())"
-                    ".size() == 1)",
+                    "!has(self.headers) || self.headers.all(h, self.headers.filter(g, g.name.lowerAscii() == "
+                    "h.name.lowerAscii()).size() == 1)",
                     "match.headers: each header at most once",
                 ),
             ]
