@@ -250,7 +250,7 @@ def test_testers_reach_the_candidate_the_rest_follow_the_weights_and_the_rule_go
     during = env.rules(route)
     mine = ours(during)
     # Istio: the operator's route comes right before the weighted one; Gateway API: appended last.
-    idx = [i for i, r in enumerate(during) if r.get("name") == mine[0]][0]
+    idx = next(i for i, r in enumerate(during) if r.get("name") == mine[0])
     if env.router == "istio":
         assert during[idx + 1]["name"] == "primary", [r.get("name") for r in during]
     else:
@@ -291,9 +291,7 @@ def test_each_user_stays_on_one_arm_and_the_sticky_rules_go_at_promotion(fresh: 
     assert all(sum(s.values()) >= per_user for s in seen.values())
     on_candidate = sum(1 for s in seen.values() if CANDIDATE in s)
     assert 0.2 * users <= on_candidate <= 0.4 * users, on_candidate
-    print(
-        f"\n{env.router}: {users} users x {per_user} requests, each on one arm; {on_candidate} on the candidate"
-    )
+    print(f"\n{env.router}: {users} users x {per_user} requests, each on one arm; {on_candidate} on v2")
     assert len(env.rules(route)) == len(before) + 2
 
     stack.annotate(ROLLOUTS, "sticky", {"mlrollouts.io/promote-full": "test"})
@@ -309,3 +307,46 @@ def test_each_user_stays_on_one_arm_and_the_sticky_rules_go_at_promotion(fresh: 
     # Users with a stable cookie now follow the weights: all go to the promoted candidate.
     counted, _ = send(env, 200, users=20, cookies=True)
     assert counted == {STABLE: 0, CANDIDATE: 200}, counted
+
+
+def test_the_api_server_refuses_matches_and_affinities_it_cannot_route(env: Env) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    bad = [
+        ({"match": {}}, "at least one header or cookie"),
+        ({"match": {"headers": [{"name": "Cookie", "value": "a=1"}]}}, "match.cookies"),
+        (
+            {"match": {"headers": [{"name": "x-a", "value": "1"}, {"name": "X-A", "value": "2"}]}},
+            "at most once",
+        ),
+        ({"match": {"cookies": [{"name": "a", "value": "1"}, {"name": "b", "value": "2"}]}}, "cookies"),
+        ({"match": {"cookies": [{"name": "a", "value": "1; b=2"}]}}, "value"),
+        ({"affinity": {}}, "exactly one of cookie, header"),
+        ({"affinity": {"cookie": "a", "header": "b"}}, "exactly one of cookie, header"),
+    ]
+    co = client.CustomObjectsApi(env.stack.api)
+    for i, (routing, words) in enumerate(bad):
+        doc = _rollout(env, f"bad-{i}", **routing)
+        with pytest.raises(ApiException) as e:
+            co.create_namespaced_custom_object(
+                "mlrollouts.io", "v1alpha1", env.stack.namespace, ROLLOUTS, doc
+            )
+        assert e.value.status == 422 and words in str(e.value.body), (routing, e.value.body)
+
+
+def test_an_experiment_match_without_a_variant_is_invalid_naming_the_field(fresh: Env) -> None:
+    from tests.harness.objects import cond, experiment
+
+    env, stack = fresh, fresh.stack
+    before = env.route()["metadata"]["resourceVersion"]
+    assert stack.prom is not None
+    variants = [{"name": "control", "service": STABLE, "control": True}, {"name": "b", "service": CANDIDATE}]
+    doc = experiment("exp-match", stack.prom.url, variants, ROUTE)
+    doc["spec"]["trafficRouting"] = env.routing(match={"headers": [{"name": "x-t", "value": "1"}]})
+    stack.apply(doc)
+    obj = stack.wait_for(
+        "modelexperiments", "exp-match", lambda o: cond(o, "Valid").get("status") == "False", 60
+    )
+    assert "spec.trafficRouting.match.variant" in cond(obj, "Valid")["message"]
+    assert env.route()["metadata"]["resourceVersion"] == before  # traffic not touched
+    delete_all(stack, "modelexperiments")

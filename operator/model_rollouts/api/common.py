@@ -219,7 +219,8 @@ class RouteMatch(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "size(self.headers) + size(self.cookies) >= 1",
+                    "(has(self.headers) ? size(self.headers) : 0) + "
+                    "(has(self.cookies) ? size(self.cookies) : 0) >= 1",
                     "match: name at least one header or cookie",
                 ),
                 cel(
