@@ -308,3 +308,29 @@ def test_match_variant_is_required_on_experiments_and_refused_on_rollouts() -> N
         True,
     )
     assert exp.match is not None and exp.match[1] == V2
+
+
+def test_a_stale_or_trimmed_copy_of_the_route_never_duplicates_the_operators_rule() -> None:
+    from model_rollouts.traffic import watched
+
+    fake = Fake(httproute())
+    router = gw(fake)
+    old = watched.trim(fake.obj)  # what the watch kept, before the operator's rule existed
+    write(router, fake, 10, owned(10, match=MATCH))
+    for _ in range(3):
+        router.write(router._state(copy.deepcopy(old)), weights(10), owned(10, match=MATCH))
+    assert len([r for r in fake.obj["spec"]["rules"] if rules.owned_name(r.get("name"))]) == 1
+    # The end from the same stale copy still removes it.
+    router.write(router._state(copy.deepcopy(old)), weights(0), owned(0, active=False, match=MATCH))
+    assert fake.obj == httproute()
+
+
+def test_a_rule_list_changed_since_the_read_fails_the_patch() -> None:
+    fake = Fake(virtualservice())
+    router = istio(fake)
+    stale = router._state(copy.deepcopy(fake.obj))
+    fake.obj["spec"]["http"].insert(0, {"name": "new", "route": [{"destination": {"host": V1}}]})
+    before = copy.deepcopy(fake.obj)
+    with pytest.raises(ApiException):
+        router.write(stale, weights(10), owned(10, match=MATCH))
+    assert fake.obj == before

@@ -92,6 +92,8 @@ class GatewayAPIRouter:
         self, state: RouteState, weights: Mapping[Arm, int], owned: rules.Owned | None = None
     ) -> RouteState:
         """``owned``: the operator's own rules the route must carry (traffic/rules.py); None: leave them."""
+        if owned is not None and rules.involved(state.raw, owned, "rules"):
+            state = self._fetch()  # the watch's copy keeps only backendRefs and names: the whole route
         return self._write(state, weights, retry=True, owned=owned)
 
     def _write(
@@ -114,7 +116,8 @@ class GatewayAPIRouter:
                 ops.append({"op": "test", "path": f"{base}/{i}/name", "value": name})
                 ops.append({"op": "add", "path": f"{base}/{i}/weight", "value": want[name]})
         if owned is not None:  # the match and sticky rules, in the same patch (after the weights)
-            ops += rules.gateway_ops(state.raw, self.rule_index, owned)
+            mine = rules.gateway_ops(state.raw, self.rule_index, owned)
+            ops = [*rules.list_guard(mine, state.raw, "rules"), *ops, *mine]
         if not ops:
             return state  # already so: no request
         # The opt-in as read must still be there when the write lands (else 422, nothing written).

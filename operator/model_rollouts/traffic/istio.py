@@ -140,7 +140,8 @@ class IstioRouter:
         index, route = self._http(state.raw)
         ops = self._ops(index, route, want)
         if owned is not None:  # the match and sticky routes, in the same patch (after the weights)
-            ops += rules.istio_ops(state.raw, index, owned, self._name)
+            mine = rules.istio_ops(state.raw, index, owned, self._name)
+            ops = [*rules.list_guard(mine, state.raw, "http"), *ops, *mine]
         if not ops:
             return state  # already so: no request
         # The opt-in as read must still be there when the write lands (else 422, nothing written).

@@ -66,6 +66,8 @@ class Owned:
     arms: tuple[str, ...] = ()
     #: Backends with a sticky rule (arms with a positive weight).
     sticky: tuple[str, ...] = field(default=())
+    #: The spec sets match or affinity (even once finished: its rules must then be looked for).
+    uses: bool = False
 
     @property
     def prefix(self) -> str:
@@ -131,9 +133,10 @@ def desired(
 ) -> Owned:
     """The operator's rules for these weights: none once the object is finished (``active`` False)."""
     owner = f"{kind}/{namespace}/{name}"
-    if not active:
-        return Owned(owner)
     match_spec, affinity_spec = getattr(routing, "match", None), getattr(routing, "affinity", None)
+    uses = match_spec is not None or affinity_spec is not None
+    if not active:
+        return Owned(owner, uses=uses)
     match = None
     role = target_role(kind, routing)
     backend = next((a.backend for a in weights if a.role == role), None)
@@ -147,11 +150,11 @@ def desired(
     arms = tuple(dict.fromkeys(a.backend for a in weights if a.role != RETIRED))
     live = tuple(dict.fromkeys(a.backend for a, w in weights.items() if a.role != RETIRED and w > 0))
     if affinity_spec is None or len(live) < 2:
-        return Owned(owner, match)
+        return Owned(owner, match, uses=uses)
     aff = (
         ("cookie", affinity_spec.cookie) if affinity_spec.cookie else ("header", affinity_spec.header.lower())
     )
-    return Owned(owner, match, aff, arms, live)
+    return Owned(owner, match, aff, arms, live, uses)
 
 
 def _pointer(*parts: str | int) -> str:
@@ -401,6 +404,26 @@ def istio_ops(vs: Mapping[str, Any], index: int, owned: Owned, destination_name:
             )
     current = [(i, r) for i, r in enumerate(routes) if str(r.get("name") or "").startswith(owned.prefix)]
     return ops + _reorder(current, want_routes, ("spec", "http"), index)
+
+
+def involved(obj: Mapping[str, Any], owned: Owned, key: str) -> bool:
+    """Whether a write must look at the operator's rules: it wants some, or the route has some."""
+    if owned.uses or owned.match is not None or owned.affinity is not None:
+        return True
+    items = (obj.get("spec") or {}).get(key) or []
+    return any(str(r.get("name") or "").startswith(owned.prefix) for r in items if isinstance(r, Mapping))
+
+
+def list_guard(ops: list[dict[str, Any]], obj: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    """A test of the whole rule list as read, to go before every other op, when ``ops`` add or remove
+    a rule: a list that changed since the read (a stale copy, a concurrent edit) fails the patch."""
+    base = f"/spec/{key}/"
+    if not any(
+        op["op"] in ("add", "remove") and op["path"].startswith(base) and op["path"].count("/") == 3
+        for op in ops
+    ):
+        return []
+    return [{"op": "test", "path": f"/spec/{key}", "value": (obj.get("spec") or {}).get(key) or []}]
 
 
 def owned_name(name: Any) -> bool:
