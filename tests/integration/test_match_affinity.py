@@ -168,7 +168,7 @@ def send(env: Env, n: int, **kwargs: Any) -> tuple[dict[str, int], LoadGenerator
         namespace=env.stack.namespace,
         httproute=ROUTE,
         backends={svc: s.url for svc, s in env.stack.servers.items()},
-        rps=400,
+        rps=250,
         max_seconds=60,
         max_requests=n,
         feedback=False,
@@ -177,7 +177,7 @@ def send(env: Env, n: int, **kwargs: Any) -> tuple[dict[str, int], LoadGenerator
         **kwargs,
     ).start()
     assert gen.wait(90), "the load generator did not finish"
-    time.sleep(0.3)
+    time.sleep(0.5)
     after = served(env.stack)
     return {k: after[k] - before[k] for k in after}, gen
 
@@ -261,10 +261,19 @@ def test_testers_reach_the_candidate_the_rest_follow_the_weights_and_the_rule_go
 
     testers, tgen = send(env, 600, headers=TESTER)
     assert not any(tgen.errors.values()), tgen.errors
-    assert testers == {STABLE: 0, CANDIDATE: 600}, testers
-    rest, rgen = send(env, 2000)
-    assert sum(rest.values()) == 2000 and not any(rgen.errors.values()), (rest, rgen.errors)
-    share = 100.0 * rest[CANDIDATE] / 2000
+    # Counted at the servers: every tester request the proxy passed on reached the candidate (an
+    # open-loop generator may drop a few it could not send in time: it never sent those).
+    assert testers[STABLE] == 0 and testers[CANDIDATE] == sum(tgen.ok.values()) >= 570, (
+        testers,
+        tgen.stats(),
+    )
+    rest, rgen = send(env, 2100)
+    total = sum(rest.values())
+    assert total >= 2000 and total == sum(rgen.ok.values()) and not any(rgen.errors.values()), (
+        rest,
+        rgen.stats(),
+    )
+    share = 100.0 * rest[CANDIDATE] / total
     assert abs(share - 30) <= 3, rest
     print(f"\n{env.router}: testers {testers}; others {rest} ({share:.1f}% on the candidate at weight 30)")
 
@@ -272,8 +281,8 @@ def test_testers_reach_the_candidate_the_rest_follow_the_weights_and_the_rule_go
     stack.wait_for(ROLLOUTS, "testers", lambda o: phase(o) == "Aborted", 60)
     route = env.wait_route(lambda r: not ours(env.rules(r)) and env.weights() == {STABLE: 100, CANDIDATE: 0})
     assert env.rules(route) == before  # the operator's rule is gone; every other rule as it was
-    after, _ = send(env, 200, headers=TESTER)
-    assert after == {STABLE: 200, CANDIDATE: 0}, after
+    after, agen = send(env, 200, headers=TESTER)
+    assert after[CANDIDATE] == 0 and after[STABLE] == sum(agen.ok.values()) > 150, after
 
 
 def test_each_user_stays_on_one_arm_and_the_sticky_rules_go_at_promotion(fresh: Env) -> None:
@@ -282,13 +291,18 @@ def test_each_user_stays_on_one_arm_and_the_sticky_rules_go_at_promotion(fresh: 
     stack.apply(_rollout(env, "sticky", affinity={"cookie": "mlr-arm"}))
     route = env.wait_route(lambda r: len(ours(env.rules(r))) == 2 and env.weights()[CANDIDATE] == 30)
     users, per_user = 200, 20
-    counted, gen = send(env, users * per_user, users=users, cookies=True)
-    assert sum(counted.values()) == users * per_user and not any(gen.errors.values()), (counted, gen.errors)
+    counted, gen = send(env, users * (per_user + 2), users=users, cookies=True)
+    assert sum(counted.values()) == sum(gen.ok.values()) and not any(gen.errors.values()), (
+        counted,
+        gen.stats(),
+    )
     seen = gen.user_backends
     assert len(seen) == users
     mixed = {u: s for u, s in seen.items() if len(s) != 1}
     assert not mixed, f"{len(mixed)} users saw two arms, e.g. {list(mixed.items())[:3]}"
-    assert all(sum(s.values()) >= per_user for s in seen.values())
+    assert min(sum(s.values()) for s in seen.values()) >= per_user, sorted(
+        sum(s.values()) for s in seen.values()
+    )[:5]
     on_candidate = sum(1 for s in seen.values() if CANDIDATE in s)
     assert 0.2 * users <= on_candidate <= 0.4 * users, on_candidate
     print(f"\n{env.router}: {users} users x {per_user} requests, each on one arm; {on_candidate} on v2")
@@ -305,8 +319,8 @@ def test_each_user_stays_on_one_arm_and_the_sticky_rules_go_at_promotion(fresh: 
             ref.pop("weight", None)
     assert after == before  # no sticky rule, no response-header filter left; the rest untouched
     # Users with a stable cookie now follow the weights: all go to the promoted candidate.
-    counted, _ = send(env, 200, users=20, cookies=True)
-    assert counted == {STABLE: 0, CANDIDATE: 200}, counted
+    counted, pgen = send(env, 200, users=20, cookies=True)
+    assert counted[STABLE] == 0 and counted[CANDIDATE] == sum(pgen.ok.values()) > 150, counted
 
 
 def test_the_api_server_refuses_matches_and_affinities_it_cannot_route(env: Env) -> None:
