@@ -364,3 +364,39 @@ def test_an_experiment_match_without_a_variant_is_invalid_naming_the_field(fresh
     assert "spec.trafficRouting.match.variant" in cond(obj, "Valid")["message"]
     assert env.route()["metadata"]["resourceVersion"] == before  # traffic not touched
     delete_all(stack, "modelexperiments")
+
+
+def test_an_experiment_routes_its_beta_cohort_to_the_variant_keeps_users_sticky_and_cleans_up_on_delete(
+    fresh: Env,
+) -> None:
+    from tests.harness.objects import experiment
+
+    env, stack = fresh, fresh.stack
+    before = env.rules()
+    assert stack.prom is not None
+    variants = [{"name": "control", "service": STABLE, "control": True}, {"name": "b", "service": CANDIDATE}]
+    doc = experiment("ab", stack.prom.url, variants, ROUTE)
+    doc["spec"]["trafficRouting"] = env.routing(
+        match={"cookies": [{"name": "beta", "value": "1"}], "variant": "b"}, affinity={"cookie": "arm"}
+    )
+    stack.apply(doc)
+    env.wait_route(lambda r: len(ours(env.rules(r))) == 3 and env.weights() == {STABLE: 50, CANDIDATE: 50})
+    beta, bgen = send(env, 300, headers={"Cookie": "lang=en; beta=1"})
+    assert beta[STABLE] == 0 and beta[CANDIDATE] == sum(bgen.ok.values()) >= 280, beta
+    users, per_user = 200, 20
+    counted, gen = send(env, users * (per_user + 2), users=users, cookies=True)
+    assert sum(counted.values()) == sum(gen.ok.values()) and not any(gen.errors.values()), gen.stats()
+    seen = gen.user_backends
+    assert len(seen) == users and all(len(s) == 1 for s in seen.values()), [
+        s for s in seen.values() if len(s) > 1
+    ]
+    assert min(sum(s.values()) for s in seen.values()) >= per_user
+    on_b = sum(1 for s in seen.values() if CANDIDATE in s)
+    assert 0.35 * users <= on_b <= 0.65 * users, on_b
+    print(f"\n{env.router}: experiment: beta cohort {beta}; {users} users each on one arm, {on_b} on b")
+
+    client.CustomObjectsApi(stack.api).delete_namespaced_custom_object(
+        "mlrollouts.io", "v1alpha1", stack.namespace, "modelexperiments", "ab"
+    )
+    route = env.wait_route(lambda r: not ours(env.rules(r)) and env.weights() == {STABLE: 100, CANDIDATE: 0})
+    assert env.rules(route) == before
