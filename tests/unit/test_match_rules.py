@@ -334,3 +334,30 @@ def test_a_rule_list_changed_since_the_read_fails_the_patch() -> None:
     with pytest.raises(ApiException):
         router.write(stale, weights(10), owned(10, match=MATCH))
     assert fake.obj == before
+
+
+def test_the_controller_asks_for_rules_only_while_the_object_runs() -> None:
+    from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
+    from model_rollouts.handlers.rollout import RolloutController
+
+    spec = ModelRolloutSpec.model_validate(
+        {
+            "stable": {"service": V1},
+            "candidate": {"service": V2},
+            "trafficRouting": {
+                "gatewayAPI": {"httpRoute": "fraud"},
+                "match": MATCH,
+                "affinity": {"cookie": "a"},
+            },
+            "steps": [{"setWeight": 10}],
+            "analysis": {"interval": "5s", "provider": "prometheus"},
+        }
+    )
+    c = RolloutController("ml", "fraud")
+    running = c.owned(spec, ModelRolloutStatus(phase="Progressing"), weights(10))
+    assert running.match == owned(10, match=MATCH).match and running.sticky == (V1, V2)
+    for phase in ("Promoted", "RolledBack", "Aborted"):
+        done = c.owned(spec, ModelRolloutStatus(phase=phase), weights(0))
+        assert done.match is None and done.affinity is None and done.uses, phase
+    deleting = c.owned(spec, ModelRolloutStatus(phase="Progressing"), weights(0), active=False)
+    assert deleting.match is None and deleting.affinity is None
