@@ -361,3 +361,45 @@ def test_the_controller_asks_for_rules_only_while_the_object_runs() -> None:
         assert done.match is None and done.affinity is None and done.uses, phase
     deleting = c.owned(spec, ModelRolloutStatus(phase="Progressing"), weights(0), active=False)
     assert deleting.match is None and deleting.affinity is None
+
+
+@pytest.mark.parametrize("kind", ["gatewayAPI", "istio"])
+def test_the_argocd_ignore_expressions_hide_exactly_what_the_operator_adds(kind: str) -> None:
+    """Argo CD removes each jqPathExpression's paths from live and Git before it diffs (gojq; here jq)."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.skip("no jq binary on PATH (Debian package jq)")
+    app = yaml.safe_load(
+        (Path(__file__).parents[2] / "manifests" / "argocd" / "application-team-rollouts.yaml").read_text()
+    )
+    route_kind = "HTTPRoute" if kind == "gatewayAPI" else "VirtualService"
+    exprs = [
+        e for d in app["spec"]["ignoreDifferences"] if d["kind"] == route_kind for e in d["jqPathExpressions"]
+    ]
+
+    def normalized(obj: dict[str, Any]) -> Any:
+        program = " | ".join(f"del({e})" for e in exprs)  # one at a time, in order, as Argo CD does
+        out = subprocess.run(
+            [jq, "-c", program], input=json.dumps(obj), capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout)
+
+    git = httproute() if kind == "gatewayAPI" else virtualservice()
+    fake = Fake(copy.deepcopy(git))
+    router = gw(fake) if kind == "gatewayAPI" else istio(fake)
+    write(router, fake, 20, owned(20, match=MATCH, affinity={"cookie": "arm"}))
+    live = fake.obj
+    assert live != git
+    assert normalized(live) == normalized(git)  # no drift shown for the operator's rules and weights
+    # A change of the user's own rule still shows.
+    edited = copy.deepcopy(live)
+    key = "rules" if kind == "gatewayAPI" else "http"
+    next(r for r in edited["spec"][key] if r.get("name") == "debug")["name"] = "debug2"
+    assert normalized(edited) != normalized(git)
