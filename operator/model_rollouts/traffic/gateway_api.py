@@ -92,7 +92,8 @@ class GatewayAPIRouter:
         self, state: RouteState, weights: Mapping[Arm, int], owned: rules.Owned | None = None
     ) -> RouteState:
         """``owned``: the operator's own rules the route must carry (traffic/rules.py); None: leave them."""
-        if owned is not None and rules.involved(state.raw, owned, "rules"):
+        trimmed = "uid" not in (state.raw.get("metadata") or {})  # the watch's copy (traffic/watched.py)
+        if owned is not None and trimmed and rules.involved(state.raw, owned, "rules"):
             state = self._fetch()  # the watch's copy keeps only backendRefs and names: the whole route
         return self._write(state, weights, retry=True, owned=owned)
 
