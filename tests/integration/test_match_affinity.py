@@ -400,3 +400,37 @@ def test_an_experiment_routes_its_beta_cohort_to_the_variant_keeps_users_sticky_
     )
     route = env.wait_route(lambda r: not ours(env.rules(r)) and env.weights() == {STABLE: 100, CANDIDATE: 0})
     assert env.rules(route) == before
+
+
+def test_a_guardrail_rollback_removes_the_operators_rules_and_filters(fresh: Env) -> None:
+    env, stack = fresh, fresh.stack
+    before = env.rules()
+    stack.servers[CANDIDATE].set(error_rate=0.5)
+    try:
+        match = {"headers": [{"name": "X-Tester", "value": "yes"}]}
+        stack.apply(_rollout(env, "breach", match=match, affinity={"cookie": "arm"}))
+        env.wait_route(lambda r: len(ours(env.rules(r))) == 3 and env.weights()[CANDIDATE] == 30)
+        gen = LoadGenerator(
+            api=None,
+            namespace=stack.namespace,
+            httproute=ROUTE,
+            backends={svc: s.url for svc, s in stack.servers.items()},
+            rps=60,
+            max_seconds=90,
+            max_requests=60 * 90,
+            feedback=False,
+            via=env.gateway.url,
+            users=50,
+            cookies=True,
+        ).start()
+        try:
+            obj = stack.wait_for(ROLLOUTS, "breach", lambda o: phase(o) == "RolledBack", 80)
+        finally:
+            gen.stop()
+        assert "error-rate" in obj["status"]["message"]
+        route = env.wait_route(
+            lambda r: not ours(env.rules(r)) and env.weights() == {STABLE: 100, CANDIDATE: 0}
+        )
+        assert env.rules(route) == before
+    finally:
+        stack.servers[CANDIDATE].set(error_rate=0.0)
