@@ -7,6 +7,13 @@ predictors of a KServe InferenceService). A tick reads the route once (:meth:`Tr
 a :class:`RouteState`), checks and decides from that state, and writes at most once
 (:meth:`TrafficRouter.write`, which writes nothing when the state already carries the weights and
 returns what the API server stored, so the caller verifies instead of assuming).
+
+A router with ``Capabilities.mirroring`` also carries at most one **mirror** the operator owns: a copy
+of a share of the route's requests sent to one arm's backend, whose answers nobody sees (a rollout's
+shadow step). The operator owns a mirror on the managed rule whose target is one of the arms it
+writes; :meth:`TrafficRouter.write` with ``mirror=None`` removes such a mirror, so every write that
+ends a rollout (rollback, promotion, abort, deletion) also ends its shadow. Other mirrors are never
+written.
 """
 
 from __future__ import annotations
@@ -60,11 +67,31 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """A copy of ``percent`` % of the route's requests to ``arm``'s backend; its answers are dropped."""
+
+    arm: Arm
+    percent: int
+
+
+@dataclass(frozen=True)
 class RouteState:
-    """One read of a route: the weight per backend it carries, and the object as read (for the write)."""
+    """One read of a route: the weight per backend it carries, and the object as read (for the write).
+
+    ``mirrors``: backend -> percent of every mirror on the managed rule (a router that cannot
+    mirror leaves it empty)."""
 
     weights: dict[str, int]
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    mirrors: dict[str, int] = field(default_factory=dict)
+
+    def mirror_wrong(self, weights: Mapping[Arm, int], mirror: Mirror | None) -> dict[str, int] | None:
+        """The operator's mirrors (to the arms in ``weights``) this route carries, when they are not
+        exactly ``mirror``; None when they are."""
+        backends = {a.backend for a in weights} | ({mirror.arm.backend} if mirror else set())
+        ours = {b: p for b, p in self.mirrors.items() if b in backends}
+        want = {mirror.arm.backend: mirror.percent} if mirror else {}
+        return None if ours == want else ours
 
     def carries(self, weights: Mapping[Arm, int]) -> bool:
         """Whether this route already carries these weights (a retired arm it lacks carries 0)."""
@@ -93,10 +120,13 @@ class TrafficRouter(Protocol):
         """RouterError unless this object may write the route and it can weight every arm given."""
         ...
 
-    def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
-        """Set the weight of each arm, touching nothing else: no request at all if ``state`` already
-        carries them, else one write that fails (nothing written) if the route changed under it in a
-        way that matters. Returns the route as the API server stored it."""
+    def write(
+        self, state: RouteState, weights: Mapping[Arm, int], mirror: Mirror | None = None
+    ) -> RouteState:
+        """Set the weight of each arm (and the operator's mirror: ``mirror``, or none), touching nothing
+        else: no request at all if ``state`` already carries them, else one write that fails (nothing
+        written) if the route changed under it in a way that matters. Returns the route as the API
+        server stored it. A mirror asked of a router without ``mirroring`` is a RouterError."""
         ...
 
 
