@@ -404,7 +404,6 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.currentStep"},
     {"name": "Weight", "type": "integer", "jsonPath": ".status.weight"},
-    {"name": "Shadow", "type": "integer", "jsonPath": ".status.shadowPercent", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 0},
 ]

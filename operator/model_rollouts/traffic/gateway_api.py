@@ -9,7 +9,7 @@ read and tested again in the same patch.
 
 A shadow step's mirror is a ``RequestMirror`` filter (with ``percent``) on the same rule, to the
 backendRef of an arm (:func:`mirror_ops`): the operator owns a RequestMirror filter of that rule whose
-backendRef names one of the arms it weights, and writes the rule's ``filters`` list only with a test
+backendRef names the candidate arm it weights, and writes the rule's ``filters`` list only with a test
 of the list as read (or of the whole rule, when it has no ``filters``); other filters are kept as
 they are, and a list the operator's filter alone made is removed with it.
 """
@@ -32,6 +32,7 @@ from model_rollouts.traffic.router import (
     RouterError,
     RouterType,
     RouteState,
+    mirror_owned,
 )
 
 __all__ = ["FIELD", "OPT_IN", "ROUTER", "GatewayAPIRouter", "opted_in"]
@@ -207,7 +208,7 @@ def mirror_ops(
     Owned: a RequestMirror filter whose backendRef names an arm of ``weights`` (or the mirror's). The
     new ``filters`` list keeps every other filter as it is, in its place, with ours last; it is
     written after a test of the list as read (of the whole rule when it has none)."""
-    owned = {a.backend for a in weights} | ({mirror.arm.backend} if mirror else set())
+    owned = mirror_owned(weights, mirror)
     old: list[Any] = list(rule.get("filters") or [])
     keep = [f for f in old if (t := _mirror_target(f)) is None or t[0] not in owned]
     new = list(keep)

@@ -23,8 +23,8 @@ Which route: ``routeName`` names an entry of ``spec.http``; without it the Virtu
 exactly one ``http`` route.
 
 A shadow step's mirror is the route's ``mirror`` (a copy of the candidate's destination) with
-``mirrorPercentage`` (:func:`mirror_ops`). The operator owns the route's ``mirror`` when it names an
-arm it weights; it writes one only where the route has no ``mirror`` (a test of the whole route as
+``mirrorPercentage`` (:func:`mirror_ops`). The operator owns the route's ``mirror`` when it names the
+candidate arm it weights; it writes one only where the route has no ``mirror`` (a test of the whole route as
 read) or has its own (a test of that ``mirror``), and removes both fields at the end. A route that
 mirrors to anything else is refused (``mirror`` is one destination per route).
 """
@@ -46,6 +46,7 @@ from model_rollouts.traffic.router import (
     RouterError,
     RouterType,
     RouteState,
+    mirror_owned,
 )
 
 GROUP, VERSION, PLURAL = "networking.istio.io", "v1", "virtualservices"
@@ -241,7 +242,7 @@ def mirror_ops(
     route: Mapping[str, Any], index: int, weights: Mapping[Arm, int], mirror: Mirror | None, namespace: str
 ) -> list[dict[str, Any]]:
     """JSON-patch operations that make the route's operator-owned ``mirror`` be ``mirror`` (or none)."""
-    owned = {a.backend for a in weights} | ({mirror.arm.backend} if mirror else set())
+    owned = mirror_owned(weights, mirror)
     cur = route.get("mirror") if isinstance(route.get("mirror"), Mapping) else None
     name = destination_name(cur, namespace) if cur is not None else None
     pct = round(float((route.get("mirrorPercentage") or {}).get("value", 100))) if cur is not None else None

@@ -10,10 +10,10 @@ returns what the API server stored, so the caller verifies instead of assuming).
 
 A router with ``Capabilities.mirroring`` also carries at most one **mirror** the operator owns: a copy
 of a share of the route's requests sent to one arm's backend, whose answers nobody sees (a rollout's
-shadow step). The operator owns a mirror on the managed rule whose target is one of the arms it
-writes; :meth:`TrafficRouter.write` with ``mirror=None`` removes such a mirror, so every write that
-ends a rollout (rollback, promotion, abort, deletion) also ends its shadow. Other mirrors are never
-written.
+shadow step). The operator owns a mirror on the managed rule whose target is the backend of the
+``candidate`` arm it writes (:func:`mirror_owned`); :meth:`TrafficRouter.write` with ``mirror=None``
+removes such a mirror, so every write that ends a rollout (rollback, promotion, abort, deletion)
+also ends its shadow. Other mirrors are never written.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from model_rollouts.api.errors import SpecError
 #: The role of a Service an earlier revision or a removed variant used: weighted 0, and only when
 #: the route still has it (one already gone from the route carries no traffic).
 RETIRED = "retired"
+#: The role of a rollout's candidate: the only arm the operator mirrors to (a shadow step).
+CANDIDATE = "candidate"
 
 
 class RouterError(SpecError):
@@ -74,6 +76,12 @@ class Mirror:
     percent: int
 
 
+def mirror_owned(weights: Mapping[Arm, int], mirror: Mirror | None) -> set[str]:
+    """Backends whose mirror on the managed rule is the operator's: the candidate arm's (and the
+    asked mirror's)."""
+    return {a.backend for a in weights if a.role == CANDIDATE} | ({mirror.arm.backend} if mirror else set())
+
+
 @dataclass(frozen=True)
 class RouteState:
     """One read of a route: the weight per backend it carries, and the object as read (for the write).
@@ -88,7 +96,7 @@ class RouteState:
     def mirror_wrong(self, weights: Mapping[Arm, int], mirror: Mirror | None) -> dict[str, int] | None:
         """The operator's mirrors (to the arms in ``weights``) this route carries, when they are not
         exactly ``mirror``; None when they are."""
-        backends = {a.backend for a in weights} | ({mirror.arm.backend} if mirror else set())
+        backends = mirror_owned(weights, mirror)
         ours = {b: p for b, p in self.mirrors.items() if b in backends}
         want = {mirror.arm.backend: mirror.percent} if mirror else {}
         return None if ours == want else ours
