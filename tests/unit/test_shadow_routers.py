@@ -64,6 +64,8 @@ def httproute(filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     if filters is not None:
         rule["filters"] = filters
     return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
         "metadata": {"name": "fraud", "namespace": "ml", "annotations": {OPT_IN: "ModelRollout/fraud"}},
         "spec": {"parentRefs": [{"name": "gw"}], "rules": [rule]},
     }
@@ -144,6 +146,23 @@ def test_gateway_api_a_concurrent_edit_of_the_filters_fails_the_whole_patch() ->
     r.write(state, {STABLE: 90, CAND: 10}, Mirror(CAND, 10))
     assert len(fake.patches) == 2
     assert fake.obj["spec"]["rules"][0]["filters"][:2] == edited["spec"]["rules"][0]["filters"]
+
+
+def test_gateway_api_from_the_watchs_trimmed_copy_reads_afresh_to_add_the_first_filter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = Fake(httproute())
+    monkeypatch.setattr(watched.ROUTES, "enabled", True)
+    watched.ROUTES.store(fake.obj)  # what the operator's watch keeps: no parentRefs, no timeouts
+    r = gateway(fake)
+    state = r.read()
+    assert "kind" not in state.raw
+    r.write(state, SHADOW, Mirror(CAND, 10))
+    assert len(fake.patches) == 1  # tested against the rule as the API server has it: no 422
+    # The watch's copy keeps the filters: the end of the shadow is written from it.
+    assert r.read().mirrors == {"fraud-v2": 10}
+    r.write(r.read(), SHADOW)
+    assert fake.obj == httproute() and len(fake.patches) == 2
 
 
 def test_gateway_api_a_mirror_to_a_service_without_backend_ref_is_refused() -> None:

@@ -111,6 +111,10 @@ class GatewayAPIRouter:
     def _write(
         self, state: RouteState, weights: Mapping[Arm, int], retry: bool, mirror: Mirror | None = None
     ) -> RouteState:
+        if mirror is not None and not _whole(state.raw) and "filters" not in self._refs_rule(state.raw):
+            # The first filter of a rule is written after a test of the whole rule, which the watch's
+            # trimmed copy (traffic/watched.py) does not hold: once per shadow step, a fresh read.
+            state = self._fetch()
         value = optin.require(state.raw, self.owner, self.what, FIELD)
         self.capabilities.fit(FIELD, weights)
         want = {a.backend: int(w) for a, w in weights.items()}
@@ -127,8 +131,7 @@ class GatewayAPIRouter:
             if name in want and ref.get("weight") != want[name]:
                 ops.append({"op": "test", "path": f"{base}/{i}/name", "value": name})
                 ops.append({"op": "add", "path": f"{base}/{i}/weight", "value": want[name]})
-        rule = ((state.raw.get("spec") or {}).get("rules") or [])[self.rule_index]
-        ops = mirror_ops(rule, f"/spec/rules/{self.rule_index}", weights, mirror) + ops
+        ops = mirror_ops(self._refs_rule(state.raw), f"/spec/rules/{self.rule_index}", weights, mirror) + ops
         if not ops:
             return state  # already so: no request
         # The opt-in as read must still be there when the write lands (else 422, nothing written).
@@ -173,14 +176,23 @@ class GatewayAPIRouter:
         refs: list[dict[str, Any]] = rules[self.rule_index].get("backendRefs") or []
         return refs
 
+    def _refs_rule(self, route: Mapping[str, Any]) -> Mapping[str, Any]:
+        self._refs(route)  # RouterError naming ruleIndex when the rule is missing
+        rule: Mapping[str, Any] = route["spec"]["rules"][self.rule_index]
+        return rule
+
     def _state(self, route: dict[str, Any]) -> RouteState:
         # A backendRef without weight gets 1 per the Gateway API spec.
         weights = {str(r.get("name")): int(r.get("weight", 1)) for r in self._refs(route)}
-        rule = ((route.get("spec") or {}).get("rules") or [])[self.rule_index]
-        return RouteState(weights=weights, raw=route, mirrors=rule_mirrors(rule))
+        return RouteState(weights=weights, raw=route, mirrors=rule_mirrors(self._refs_rule(route)))
 
 
 # -- the shadow step's mirror (a RequestMirror filter on the managed rule) --------------------------
+def _whole(route: Mapping[str, Any]) -> bool:
+    """A route as the API server sent it, not the watch's trimmed copy (which has no ``kind``)."""
+    return "kind" in route
+
+
 def _mirror_target(f: Any) -> tuple[str, int] | None:
     """(backendRef name, percent) of a RequestMirror filter; None for any other filter."""
     if not isinstance(f, Mapping) or f.get("type") != "RequestMirror":
