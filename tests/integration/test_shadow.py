@@ -113,7 +113,7 @@ def test_shadow_mirrors_p_percent_to_the_candidate_nobody_sees_it_then_the_steps
     assert delta(answers["errors"], answers_before["errors"]).get(CANDIDATE, 0) == 0
 
     # After the duration, with healthy analyses, the mirror goes and the weights follow the steps.
-    obj = stack.wait_for(ROLLOUTS, "shadow", lambda o: phase(o) == "Promoted", 180)
+    obj = stack.wait_for(ROLLOUTS, "shadow", lambda o: phase(o) == "Promoted", 300)
     on.wait_weights({STABLE: 0, CANDIDATE: 100})
     assert mirrors(on) == {}
     route = on.reader().read().raw

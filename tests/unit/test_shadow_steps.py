@@ -111,3 +111,23 @@ def test_invalid_shadow_steps_are_refused_naming_the_field(bad: list[dict[str, A
 
 def test_a_shadow_after_a_weight_zero_step_is_fine() -> None:
     assert spec([{"setWeight": 0}, {"shadow": {"percent": 5, "duration": "1m"}}, {"setWeight": 100}])
+
+
+def test_a_comparison_without_data_in_shadow_does_not_hold_it_but_still_gates_full_traffic() -> None:
+    comparison = {"name": "feedback", "successes": "s", "trials": "t", "margin": 0.1}
+    d = Driver(spec(SHADOW_FIRST, analysis={"comparisons": [comparison]}))
+    no_feedback = eng.Observations(
+        guardrails={"errors": Result("value", 0.01)},
+        comparisons={"feedback": eng.ComparisonData(problem=Result("noData", message="no series"))},
+    )
+    for _ in range(8):
+        st = d.tick(obs=no_feedback)
+    # The shadow ended on its guardrails; the comparison, unmeasurable there, was undecided.
+    assert st.weight == 50 and st.shadowPercent is None, st.message
+    assert "ShadowEnded" in d.events
+    shadow_look = next(p for p in st.series if p.weight == 0)
+    assert shadow_look is not None
+    # Without data at 50% it holds as always: never full traffic without the comparison's pass.
+    for _ in range(8):
+        st = d.tick(obs=no_feedback)
+    assert st.weight == 50 and st.phase == "Progressing"

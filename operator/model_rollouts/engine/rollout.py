@@ -545,8 +545,18 @@ def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -
     for c in spec.analysis.comparisons:
         alpha = spec.analysis.alpha / max(m, 1)
         pooled = _compare(c, obs.comparisons.get(c.name), s.epochs.get(c.name, []), alpha, _share(s))
-        out.append(_segmented(c, pooled, obs, s, alpha))
+        out.append(_unseen_in_shadow(s, _segmented(c, pooled, obs, s, alpha)))
     return out
+
+
+def _unseen_in_shadow(s: ModelRolloutStatus, m: Measurement) -> Measurement:
+    """In a shadow step no user sees the candidate's answers, so a metric users make (feedback,
+    clicks) has no data there: such a comparison is undecided (not a hold, not a noData failure); it
+    is measured again from the first weight, and the gate before 100% still needs its pass."""
+    if s.weight or not s.shadowPercent or m.verdict != "noData":
+        return m
+    why = f"{m.message}; not measurable in a shadow step (no user sees the candidate's answers)"
+    return m.model_copy(update={"verdict": "inconclusive", "message": why})
 
 
 def _share(s: ModelRolloutStatus) -> int:
