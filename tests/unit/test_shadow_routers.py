@@ -238,3 +238,12 @@ def test_istio_a_concurrent_edit_of_the_route_fails_the_whole_patch() -> None:
     assert e.value.status == 422
     assert "mirror" not in fake.obj["spec"]["http"][1]
     assert fake.obj["spec"]["http"][1]["route"][1]["weight"] == 0
+
+
+def test_a_router_without_mirroring_refuses_a_mirror() -> None:
+    from model_rollouts.traffic.router import Capabilities
+
+    with pytest.raises(RouterError, match="cannot mirror"):
+        Capabilities(mirroring=False).fit_mirror("spec.trafficRouting.x", Mirror(CAND, 10))
+    Capabilities(mirroring=False).fit_mirror("spec.trafficRouting.x", None)
+    assert GatewayAPIRouter.capabilities.mirroring and IstioRouter.capabilities.mirroring

@@ -117,6 +117,7 @@ class GatewayAPIRouter:
             state = self._fetch()
         value = optin.require(state.raw, self.owner, self.what, FIELD)
         self.capabilities.fit(FIELD, weights)
+        self.capabilities.fit_mirror(FIELD, mirror)
         want = {a.backend: int(w) for a, w in weights.items()}
         # A Service without a backendRef already gets no traffic: asking for 0 there is satisfied.
         unknown = {k for k, v in want.items() if v != 0} - set(state.weights)

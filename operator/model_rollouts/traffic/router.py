@@ -56,6 +56,11 @@ class Capabilities:
     mirroring: bool = False
     header_match: bool = False
 
+    def fit_mirror(self, field: str, mirror: Mirror | None) -> None:
+        """RouterError naming ``field`` when a mirror is asked of a router that cannot mirror."""
+        if mirror is not None and not self.mirroring:
+            raise RouterError(field, "this router cannot mirror requests (a shadow step needs it)")
+
     def fit(self, field: str, weights: Mapping[Arm, int]) -> None:
         """RouterError naming ``field`` unless this router can carry these weights."""
         live = [a for a, w in weights.items() if a.role != RETIRED or w]
