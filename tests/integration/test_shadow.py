@@ -174,3 +174,27 @@ def test_the_api_server_refuses_a_shadow_step_after_a_weight(on: Routed) -> None
         with pytest.raises(ApiException) as e:
             on.stack.apply(on.rollout("bad-field", [{"shadow": shadow}]))
         assert e.value.status == 422 and "shadow" in str(e.value.body)
+
+
+@pytest.mark.parametrize("end", ["abort", "delete"])
+def test_abort_or_deletion_during_shadow_removes_the_mirror(on: Routed, end: str) -> None:
+    from kubernetes import client
+
+    stack = on.stack
+    stack.apply(on.rollout("ended", [{"shadow": {"percent": 10, "duration": "10m"}}, {"setWeight": 100}]))
+    stack.wait_for(ROLLOUTS, "ended", lambda o: (o.get("status") or {}).get("shadowPercent") == 10, 60)
+    wait_mirror(on, {CANDIDATE: 10})
+    co = client.CustomObjectsApi(stack.api)
+    if end == "abort":
+        co.patch_namespaced_custom_object(
+            "mlrollouts.io", "v1alpha1", stack.namespace, ROLLOUTS, "ended",
+            {"metadata": {"annotations": {"mlrollouts.io/abort": "shadow-test"}}},
+        )  # fmt: skip
+        stack.wait_for(ROLLOUTS, "ended", lambda o: phase(o) == "Aborted", 60)
+    else:
+        co.delete_namespaced_custom_object("mlrollouts.io", "v1alpha1", stack.namespace, ROLLOUTS, "ended")
+    wait_mirror(on, {}, timeout=30)
+    assert on.weights() == {STABLE: 100, CANDIDATE: 0}
+    quiet = settled(on)[CANDIDATE]
+    time.sleep(2.0)
+    assert served(stack)[CANDIDATE] == quiet, "nginx still mirrors to the candidate"

@@ -131,3 +131,19 @@ def test_a_comparison_without_data_in_shadow_does_not_hold_it_but_still_gates_fu
     for _ in range(8):
         st = d.tick(obs=no_feedback)
     assert st.weight == 50 and st.phase == "Progressing"
+
+
+def test_promote_ends_the_shadow_early_and_the_next_weight_follows() -> None:
+    from model_rollouts.api.rollout import ANNOTATION_PROMOTE
+
+    d = Driver(spec([{"shadow": {"percent": 20, "duration": "10m"}}, {"setWeight": 50}, {"setWeight": 100}]))
+    d.tick()
+    d.tick()
+    st = d.tick(annotations={ANNOTATION_PROMOTE: "t1"})
+    assert (st.weight, st.shadowPercent) == (50, None)
+    assert eng.route_mirror(d.spec, st) is None
+    assert [e for e in d.events if e in ("PromoteRequested", "ShadowEnded", "WeightChanged")] == [
+        "PromoteRequested",
+        "ShadowEnded",
+        "WeightChanged",
+    ]
