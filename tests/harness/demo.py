@@ -26,6 +26,7 @@ import yaml
 from model_rollouts.cli import render as plugin_render
 from model_rollouts.cli import view as plugin_view
 from model_rollouts.report import write as write_report
+from model_rollouts.traffic.gateway_api import GatewayAPIRouter
 from tests.harness.cluster import MissingComponent
 from tests.harness.gateway import Gateway, find_nginx
 from tests.harness.loadgen import LoadGenerator
@@ -108,9 +109,9 @@ class Narrator:
             if state + st.get("message", "") != self.last:
                 self.last = state + st.get("message", "")
                 # What the plugin shows at this progress point (compact: no step table, no conditions).
-                self.say(
-                    f"$ kubectl mlrollouts get fraud-scorer    # the HTTPRoute: {self.stack.route_weights()}"
-                )
+                mirrors = GatewayAPIRouter(self.stack.api, NS, ROUTE).read().mirrors
+                route = f"{self.stack.route_weights()}" + (f", mirror {mirrors}" if mirrors else "")
+                self.say(f"$ kubectl mlrollouts get fraud-scorer    # the HTTPRoute: {route}")
                 self.plugin_view(obj, compact=True)
             if st.get("phase") in until and st.get("observedGeneration", 0) >= generation:
                 return obj

@@ -8,7 +8,7 @@ backendRefs makes the patch fail (422) instead of weighting the wrong backend. T
 read and tested again in the same patch.
 
 A shadow step's mirror is a ``RequestMirror`` filter (with ``percent``) on the same rule, to the
-backendRef of an arm (:func:`mirror_ops`): the operator owns a RequestMirror filter of that rule whose
+candidate's backendRef (:func:`mirror_ops`): the operator owns a RequestMirror filter of that rule whose
 backendRef names the candidate arm it weights, and writes the rule's ``filters`` list only with a test
 of the list as read (or of the whole rule, when it has no ``filters``); other filters are kept as
 they are, and a list the operator's filter alone made is removed with it.
@@ -218,7 +218,8 @@ def mirror_ops(
 ) -> list[dict[str, Any]]:
     """JSON-patch operations that make the rule's operator-owned mirror ``mirror`` (or none).
 
-    Owned: a RequestMirror filter whose backendRef names an arm of ``weights`` (or the mirror's). The
+    Owned: a RequestMirror filter whose backendRef names the candidate arm of ``weights`` (or the
+    mirror's; :func:`~model_rollouts.traffic.router.mirror_owned`). The
     new ``filters`` list keeps every other filter as it is, in its place, with ours last; it is
     written after a test of the list as read (of the whole rule when it has none)."""
     owned = mirror_owned(weights, mirror)
