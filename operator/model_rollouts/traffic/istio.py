@@ -227,16 +227,12 @@ class IstioRouter:
 
 # -- the shadow step's mirror (the route's mirror and mirrorPercentage) ------------------------------
 def route_mirrors(route: Mapping[str, Any], namespace: str) -> dict[str, int]:
-    """Destination name -> percent of the route's ``mirror`` (and of each of its ``mirrors``)."""
-    out: dict[str, int] = {}
-    if isinstance(route.get("mirror"), Mapping):
-        pct = (route.get("mirrorPercentage") or {}).get("value", 100)
-        out[destination_name(route["mirror"], namespace)] = round(float(pct))
-    for m in route.get("mirrors") or []:
-        if isinstance(m, Mapping) and isinstance(m.get("destination"), Mapping):
-            pct = (m.get("percentage") or {}).get("value", 100)
-            out[destination_name(m["destination"], namespace)] = round(float(pct))
-    return out
+    """Destination name -> percent of the route's ``mirror`` (the one the operator may own; the newer
+    ``mirrors`` list is the user's and never read or written)."""
+    if not isinstance(route.get("mirror"), Mapping):
+        return {}
+    pct = (route.get("mirrorPercentage") or {}).get("value", 100)
+    return {destination_name(route["mirror"], namespace): round(float(pct))}
 
 
 def mirror_ops(
