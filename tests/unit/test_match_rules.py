@@ -120,7 +120,7 @@ def owned(w2: int, active: bool = True, **spec: Any) -> rules.Owned:
 
 
 def write(router: Any, fake: Fake, w2: int, own: rules.Owned) -> None:
-    router.write(router._state(copy.deepcopy(fake.obj)), weights(w2), own)
+    router.write(router._state(copy.deepcopy(fake.obj)), weights(w2), owned=own)
 
 
 def _others(obj: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -253,7 +253,7 @@ def test_a_concurrent_change_of_the_operators_rule_fails_the_whole_patch() -> No
     fake.obj["spec"]["http"][1]["name"] = "renamed-by-someone"  # the operator's route, renamed
     before = copy.deepcopy(fake.obj)
     with pytest.raises(ApiException):
-        router.write(stale, weights(0), owned(0, active=False, match=MATCH))
+        router.write(stale, weights(0), owned=owned(0, active=False, match=MATCH))
     assert fake.obj == before
 
 
@@ -318,10 +318,10 @@ def test_a_stale_or_trimmed_copy_of_the_route_never_duplicates_the_operators_rul
     old = watched.trim(fake.obj)  # what the watch kept, before the operator's rule existed
     write(router, fake, 10, owned(10, match=MATCH))
     for _ in range(3):
-        router.write(router._state(copy.deepcopy(old)), weights(10), owned(10, match=MATCH))
+        router.write(router._state(copy.deepcopy(old)), weights(10), owned=owned(10, match=MATCH))
     assert len([r for r in fake.obj["spec"]["rules"] if rules.owned_name(r.get("name"))]) == 1
     # The end from the same stale copy still removes it.
-    router.write(router._state(copy.deepcopy(old)), weights(0), owned(0, active=False, match=MATCH))
+    router.write(router._state(copy.deepcopy(old)), weights(0), owned=owned(0, active=False, match=MATCH))
     assert fake.obj == httproute()
 
 
@@ -332,7 +332,7 @@ def test_a_rule_list_changed_since_the_read_fails_the_patch() -> None:
     fake.obj["spec"]["http"].insert(0, {"name": "new", "route": [{"destination": {"host": V1}}]})
     before = copy.deepcopy(fake.obj)
     with pytest.raises(ApiException):
-        router.write(stale, weights(10), owned(10, match=MATCH))
+        router.write(stale, weights(10), owned=owned(10, match=MATCH))
     assert fake.obj == before
 
 

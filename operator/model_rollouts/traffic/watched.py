@@ -2,10 +2,11 @@
 
 A Kopf ``on.event`` handler on HTTPRoutes (handlers/routes.py) keeps it; a router stores the API
 server's answer to its own PATCH too. Only what a router reads is kept (name, resourceVersion, the
-opt-in annotation, each rule's backendRefs and name), so memory follows the number of routes, not their
-size. A copy is never older than one the cache already holds (resourceVersions compared as the
-integers the API server hands out; anything else is taken as newer). Off, and empty, unless the
-operator watches routes (``enabled``, set at its startup): a router anywhere else GETs as before.
+opt-in annotation and each rule's backendRefs, filters and name), so memory follows the number of
+routes, not their size. A copy is never older than one the cache already holds (resourceVersions
+compared as the integers the API server hands out; anything else is taken as newer). Off, and empty,
+unless the operator watches routes (``enabled``, set at its startup): a router anywhere else GETs as
+before.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def trim(body: Mapping[str, Any]) -> dict[str, Any]:
             "rules": [
                 {
                     "backendRefs": copy.deepcopy(list(r.get("backendRefs") or [])),
+                    # A shadow step's mirror is a filter of the rule (gateway_api.mirror_ops).
+                    **({"filters": copy.deepcopy(r["filters"])} if "filters" in r else {}),
                     # A rule's name tells the operator's own match/sticky rules (traffic/rules.py) apart.
                     **({"name": r["name"]} if "name" in r else {}),
                 }
