@@ -20,6 +20,7 @@ unlikely to end in a decision; ``Planned=False`` is a forecast, not a state of t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol
@@ -88,23 +89,28 @@ def _data(c: Comparison, arm: ArmCounts) -> Data:
     return stats.MeanData(arm.n, arm.total, arm.squares) if arm.n > 0 else stats.MeanData(0.0, 0.0, 0.0)
 
 
-def _equal_candidate_need(
+def _need(
     spec: ModelRolloutSpec, s: ModelRolloutStatus, c: Comparison, stable: Data, candidate: Data
-) -> float | None:
-    """The statistics' more samples for a candidate equal to stable on the same samples (all epochs)."""
+) -> float:
+    """More samples until a healthy candidate passes with ``plan.DECISION_PROBABILITY`` (all epochs).
+
+    nonInferiority: a candidate equal to stable on the same samples; superiority: the estimate so far,
+    with its own uncertainty (an estimate within noise of stable plans no pass).
+    """
     strata = [(_data(c, e.stable), _data(c, e.candidate)) for e in s.epochs.get(c.name, [])]
     strata.append((stable, candidate))
+    non_inferiority = c.test == "nonInferiority"
     test = sequential.SequentialSpec(
         alpha=spec.analysis.alpha / max(len(spec.analysis.comparisons), 1),
         better=c.better,
-        test="nonInferiority",
-        margin=c.margin or 0.0,
+        test=c.test,
+        margin=(c.margin or 0.0) if non_inferiority else 0.0,
         allocation=s.weight / 100.0,
     )
-    try:
-        return sequential.compare(test, plan.equal_candidate(strata)).more_samples_needed
-    except ValueError:  # counts the statistics refuse (they already gave the measurement its verdict)
-        return None
+    if non_inferiority:
+        strata = plan.equal_candidate(strata)
+        return plan.decisive_samples(test, strata, predictive=False)
+    return plan.decisive_samples(test, strata, predictive=True, probability=plan.PREDICTIVE_PROBABILITY)
 
 
 def _one(
@@ -115,8 +121,8 @@ def _one(
     c = next(c for c in spec.analysis.comparisons if c.name == name)
     if m is None or m.verdict != "inconclusive":
         more = None  # not measured (no data, an error): no need to plan from
-    elif c.test == "nonInferiority" and counts and counts.stable and counts.candidate:
-        more = _equal_candidate_need(spec, s, c, counts.stable, counts.candidate)
+    elif counts and counts.stable and counts.candidate:
+        more = _need(spec, s, c, counts.stable, counts.candidate)
     elapsed = (now - s.epochStartedAt).total_seconds() if s.epochStartedAt else 0.0
     n_stable, n_candidate = (_n(counts.stable), _n(counts.candidate)) if counts else (0.0, 0.0)
     rates = plan.Rates.observed(s.weight, n_stable, n_candidate, elapsed)
@@ -134,10 +140,17 @@ def _one(
     e = plan.estimate(more, rates, segments, hold, parse_duration(spec.progressDeadline) - held)
     by = " by a candidate equal to stable" if c.test == "nonInferiority" else ""
     at = ", ".join(f"{plan.human(t)} at weight {w}" for w, t in e.at_weights.items())
-    text = (
-        f"comparison {name}: about {more:,.0f} more samples needed{by}; at {rates.total:.3g} samples/s "
-        f"(both arms, weight {s.weight}) a decision is expected in ~{plan.human(e.seconds)} ({at})"
+    finite = math.isfinite(more)
+    need = (
+        f"about {more:,.0f} more samples needed{by} (for a pass with probability "
+        f"{plan.DECISION_PROBABILITY:g})"
+        if finite
+        else f"no amount of samples is expected to show {c.test}"
+        + (" at the estimate so far" if c.test == "superiority" else "")
     )
+    text = f"comparison {name}: {need}; at {rates.total:.3g} samples/s (both arms, weight {s.weight})"
+    if finite:
+        text += f" a decision is expected in ~{plan.human(e.seconds)} ({at})"
     if e.feasible:
         text += f", within the {plan.human(e.budget)} left"
     else:
@@ -148,11 +161,13 @@ def _one(
     return DecisionPlan(
         name=name,
         feasible=e.feasible,
-        expectedDecisionSeconds=round(e.seconds, 1) if e.seconds != float("inf") else None,
+        expectedDecisionSeconds=round(e.seconds, 1) if math.isfinite(e.seconds) else None,
         budgetSeconds=round(e.budget, 1),
         samplesPerSecond=round(rates.total, 4),
-        moreSamplesNeeded=round(more, 1),
-        atWeights=[WeightEstimate(weight=w, seconds=round(t, 1)) for w, t in e.at_weights.items()],
+        moreSamplesNeeded=round(more, 1) if finite else None,
+        atWeights=[
+            WeightEstimate(weight=w, seconds=round(t, 1)) for w, t in e.at_weights.items() if math.isfinite(t)
+        ],
         message=text,
     )
 
