@@ -137,12 +137,14 @@ class Run:
     budget: float | None
 
 
-def run_one(args: tuple[str, int, bool]) -> Run:
+def run_one(args: tuple[str, int, bool], requests: float | None = None) -> Run:
+    """One rollout of the family (healthy or bad) at ``requests`` per interval (default: drawn)."""
     name, seed, healthy = args
     f = FAMILIES[name]
     rng = np.random.default_rng(seed)
     lo, hi = f.requests
-    requests = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    drawn = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    requests = drawn if requests is None else requests
     effect = f.effect(healthy)
     sp = spec(f)
     status = eng.reconcile(sp, ModelRolloutStatus(), now=T0, generation=1).status
