@@ -13,7 +13,7 @@ def test_ample_traffic_is_planned_feasible_and_a_healthy_candidate_is_promoted()
 def test_scarce_traffic_is_planned_infeasible_and_ends_undecided() -> None:
     r = b.run_one(("mean_nonInferiority", 2, True), requests=100)
     assert r.feasible is False and r.outcome == "Inconclusive"
-    assert r.expected is None or r.budget is not None and r.expected > r.budget
+    assert r.expected is None or (r.budget is not None and r.expected > r.budget)
 
 
 def test_a_bad_candidate_is_rolled_back_on_evidence_at_ample_traffic() -> None:
