@@ -9,9 +9,12 @@ them up:
 - ``Unknown``/``Estimating``: a rate or a sample need cannot be told yet;
 - ``True``/``Decided``: every required comparison has passed.
 
-A non-inferiority comparison is planned for a candidate equal to stable (its interval must shrink to
-the margin), not at the current estimate: early estimates are noisy, and a lucky one would promise a
-decision that a healthy candidate will not get in time (:func:`model_rollouts.analysis.plan.equal_candidate`).
+A plan promises a pass with a stated probability, not a coin flip
+(:func:`model_rollouts.analysis.plan.decisive_samples`). A non-inferiority comparison is planned for a
+candidate equal to stable (:func:`model_rollouts.analysis.plan.equal_candidate`) at the design's power,
+not at the current estimate: early estimates are noisy, and a lucky one would promise a decision that
+a healthy candidate will not get in time. A superiority comparison is planned from the estimate so far
+with its own uncertainty (95%): an estimate within noise of stable plans no pass.
 
 ``Planned`` is its own condition, not a reason on ``Progressing``: the step runner rewrites
 ``Progressing`` every tick from the phase, and the rollout does keep progressing while its plan is
