@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tests.harness.queries import ERROR_RATE
 from tests.harness.stack import Stack
 
 if TYPE_CHECKING:
@@ -56,7 +55,8 @@ def rollout_doc(prom: str, stable: str, candidate: str) -> dict[str, Any]:
                 "interval": "5s",
                 "window": "15s",
                 "prometheus": {"address": prom, "timeout": "2s"},
-                "guardrails": [{"name": "error-rate", "query": ERROR_RATE, "max": 0.02, "failureLimit": 1}],
+                # No error-rate guardrail here: v3's errors from rollout 2 are still inside the window
+                # when this rollout starts, and this story is about the per-region comparison alone.
                 "comparisons": [comparison],
             },
         },
