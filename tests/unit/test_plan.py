@@ -286,3 +286,21 @@ def test_an_equal_candidate_under_a_superiority_test_is_unlikely_to_decide() -> 
     [p] = d.status.plan
     assert p.moreSamplesNeeded is None and p.expectedDecisionSeconds is None
     assert "no amount of samples" in p.message
+
+
+def test_a_segmented_comparison_is_planned_for_its_slowest_segment() -> None:
+    from tests.unit.test_segments_engine import _driver, _obs
+
+    equal = {r: (0.5, 0.5) for r in ("north", "south", "east", "west")}
+    plans = {}
+    for tooSmall in ("hold", "ignore"):  # ignore: a segment never blocks the pass, the pooled plan stands
+        d = _driver(
+            segments={"label": "region", "values": list(equal), "minSamples": 100, "tooSmall": tooSmall}
+        )
+        d.tick()  # to 50%
+        d.tick(_obs(equal, 40))
+        [plans[tooSmall]] = d.status.plan
+    segmented, pooled = plans["hold"], plans["ignore"]
+    assert segmented.moreSamplesNeeded is not None and pooled.moreSamplesNeeded is not None
+    # Each segment has a quarter of the samples and must pass on its own at power 0.8^(1/4).
+    assert segmented.moreSamplesNeeded > 4 * pooled.moreSamplesNeeded

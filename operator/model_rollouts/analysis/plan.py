@@ -16,7 +16,7 @@ at ``1 / (1/r_baseline + 1/r_candidate)``, so that is the rate compared across w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -193,7 +193,8 @@ def decisive_samples(
     *,
     predictive: bool,
     probability: float = DECISION_PROBABILITY,
-) -> float:
+    verdict: Callable[[list[Pair]], str] | None = None,
+) -> float | None:
     """More samples (both arms, at the current split) until the test passes with ``probability``.
 
     Future samples join the current (last) stratum. At information I the final estimate is taken at
@@ -201,14 +202,16 @@ def decisive_samples(
     truth is the strata's estimate, e.g. a candidate equal to stable) or, ``predictive``, the
     predictive sd given the estimate so far (the truth itself is uncertain: sd tends to the current
     standard error, so an estimate within z standard errors of the threshold never plans a pass).
-    The statistics' own test (``sequential.compare``) then says whether that estimate passes there.
-    ``math.inf`` when no amount of data (up to a million times the current) gets there.
+    The statistics' own test (``sequential.compare``, or ``verdict`` when given: e.g. a segment's
+    design) then says whether that estimate passes there.
+    ``math.inf`` when no amount of data (up to a million times the current) gets there; None when
+    the current samples carry no information yet (no variance: it cannot be told).
     """
     z = NormalDist().inv_cdf(probability)
     sign = 1.0 if test.better == "higher" else -1.0
     now = information(strata)
     if not now > 0 or not strata:
-        return math.inf
+        return None
 
     def passes(f: float) -> bool:
         grown = [*strata[:-1], (_scaled(strata[-1][0], f), _scaled(strata[-1][1], f))]
@@ -219,7 +222,7 @@ def decisive_samples(
             sd = 1.0 / math.sqrt(info)
         low = [(b, _shifted(c, -sign * z * sd)) for b, c in grown]
         try:
-            return sequential.compare(test, low).verdict == "pass"
+            return (verdict(low) if verdict else sequential.compare(test, low).verdict) == "pass"
         except ValueError:
             return False
 

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol
 
-from model_rollouts.analysis import plan, sequential, stats
+from model_rollouts.analysis import plan, segments, sequential, stats
 from model_rollouts.api.common import ArmCounts, get_condition, parse_duration, set_condition
 from model_rollouts.api.rollout import (
     Comparison,
@@ -93,13 +93,19 @@ def _data(c: Comparison, arm: ArmCounts) -> Data:
 
 
 def _need(
-    spec: ModelRolloutSpec, s: ModelRolloutStatus, c: Comparison, stable: Data, candidate: Data
-) -> float:
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    c: Comparison,
+    counts: Counts,
+    comparisons: Mapping[str, Counts],
+) -> float | None:
     """More samples until a healthy candidate passes with ``plan.DECISION_PROBABILITY`` (all epochs).
 
     nonInferiority: a candidate equal to stable on the same samples; superiority: the estimate so far,
     with its own uncertainty (an estimate within noise of stable plans no pass).
     """
+    stable, candidate = counts.stable, counts.candidate
+    assert stable is not None and candidate is not None
     strata = [(_data(c, e.stable), _data(c, e.candidate)) for e in s.epochs.get(c.name, [])]
     strata.append((stable, candidate))
     non_inferiority = c.test == "nonInferiority"
@@ -111,21 +117,66 @@ def _need(
         allocation=s.weight / 100.0,
     )
     if non_inferiority:
-        strata = plan.equal_candidate(strata)
-        return plan.decisive_samples(test, strata, predictive=False)
+        need = plan.decisive_samples(test, plan.equal_candidate(strata), predictive=False)
+        by_segment = _segments_need(s, c, test, comparisons, _n(stable) + _n(candidate))
+        return None if need is None or by_segment is None else max(need, by_segment)
     return plan.decisive_samples(test, strata, predictive=True, probability=plan.PREDICTIVE_PROBABILITY)
 
 
+def _segments_need(
+    s: ModelRolloutStatus,
+    c: Comparison,
+    test: sequential.SequentialSpec,
+    comparisons: Mapping[str, Counts],
+    pooled_n: float,
+) -> float | None:
+    """A segmented comparison passes only when every segment does: the largest segment's need, in
+    samples of the whole comparison (a segment gets its share of them), each segment at its own
+    design (``segments.segment_information_cap``) and power ``DEFAULT_POWER ** (1/k)``. None while a
+    segment's counts or share cannot be told yet. With ``tooSmall: ignore`` the pooled plan stands."""
+    if c.segments is None or c.segments.tooSmall == "ignore":
+        return 0.0
+    k = len(c.segments.values)
+    cap = segments.segment_information_cap(test.margin, k, test.alpha)
+    stratified = stats.compare_means_stratified if c.type == "mean" else stats.compare_proportions_stratified
+
+    def verdict(st: list[plan.Pair]) -> str:
+        kw = {"alpha": test.alpha, "better": test.better, "margin": test.margin, "max_information": cap}
+        return stratified(st, test="nonInferiority", **kw).verdict  # type: ignore[arg-type]
+
+    worst = 0.0
+    for v in c.segments.values:
+        key = segments.segment_key(c.name, v)
+        d = comparisons.get(key)
+        if d is None or d.stable is None or d.candidate is None or not pooled_n > 0:
+            return None
+        share = (_n(d.stable) + _n(d.candidate)) / pooled_n
+        strata = [(_data(c, e.stable), _data(c, e.candidate)) for e in s.epochs.get(key, [])]
+        strata = plan.equal_candidate([*strata, (d.stable, d.candidate)])
+        need = plan.decisive_samples(
+            test, strata, predictive=False, probability=stats.DEFAULT_POWER ** (1.0 / k), verdict=verdict
+        )
+        if need is None or not share > 0:
+            return None
+        worst = max(worst, need / share)
+    return worst
+
+
 def _one(
-    spec: ModelRolloutSpec, s: ModelRolloutStatus, name: str, counts: Counts | None, now: datetime
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    name: str,
+    comparisons: Mapping[str, Counts],
+    now: datetime,
 ) -> DecisionPlan:
+    counts = comparisons.get(name)
     m = next((x for x in s.lastAnalysis if x.kind == "comparison" and x.name == name), None)
     more = (m.details or {}).get("moreSamplesNeeded") if m is not None else None
     c = next(c for c in spec.analysis.comparisons if c.name == name)
     if m is None or m.verdict != "inconclusive":
         more = None  # not measured (no data, an error): no need to plan from
     elif counts and counts.stable and counts.candidate:
-        more = _need(spec, s, c, counts.stable, counts.candidate)
+        more = _need(spec, s, c, counts, comparisons)
     elapsed = (now - s.epochStartedAt).total_seconds() if s.epochStartedAt else 0.0
     n_stable, n_candidate = (_n(counts.stable), _n(counts.candidate)) if counts else (0.0, 0.0)
     rates = plan.Rates.observed(s.weight, n_stable, n_candidate, elapsed)
@@ -189,7 +240,7 @@ def update(
         return
     verdicts = {m.name: m.verdict for m in s.lastAnalysis if m.kind == "comparison"}
     open_ = [c.name for c in required if c.name not in s.passedComparisons and verdicts.get(c.name) != "pass"]
-    s.plan = [_one(spec, s, name, comparisons.get(name), now) for name in open_]
+    s.plan = [_one(spec, s, name, comparisons, now) for name in open_]
     late = [p for p in s.plan if p.feasible is False]
     if not open_:
         status, reason, msg = "True", "Decided", "every required comparison has passed"
