@@ -258,3 +258,21 @@ def test_a_spec_without_post_promotion_promotes_as_before() -> None:
         if d.tick().phase == "Promoted":
             break
     assert d.status.phase == "Promoted" and d.status.postPromotion is None and "Baking" not in d.events
+
+
+def test_a_bake_failure_is_notified_like_other_rollbacks_with_its_reason() -> None:
+    from model_rollouts.engine.actions import Event
+    from model_rollouts.notify import events as notify_events
+
+    d = Driver(baking({"bake": "10m"}))
+    to_bake(d)
+    d.tick(ok(0.2))
+    before = d.status
+    decision = eng.reconcile(d.spec, before, now=d.now, generation=1, observations=ok(0.3))
+    out = notify_events.notices("ModelRollout", "ml", "r", before, decision.status, decision.actions)
+    rolled = [n for n in out if n.event == "RolledBack"]
+    assert len(rolled) == 1 and rolled[0].reason == "BakeFailed" and rolled[0].severity == "warning"
+    assert rolled[0].weights == {"candidate": 0, "stable": 100}
+    assert any(
+        isinstance(a, Event) and a.reason == "BakeFailed" and a.type == "Warning" for a in decision.actions
+    )
