@@ -225,6 +225,7 @@ def test_holdout_keeps_p_percent_on_the_old_model_and_the_report_plots_the_effec
     assert during and all(abs(w[STABLE] - percent) <= 1 for w in during), routes
     assert abs(measured - percent) <= 4.0  # ~2,000 requests split at random: 4 points is > 3 sd
 
+    _capture(obj, "holdout-done")
     st = obj["status"]
     pp = st["postPromotion"]
     row = pp["holdout"][0]
@@ -238,8 +239,8 @@ def test_holdout_keeps_p_percent_on_the_old_model_and_the_report_plots_the_effec
     fresh.wait_route({STABLE: 0, CANDIDATE: 100})
 
     written = write_report(obj, "md", tmp_path / "holdout.md")
-    title = next((t for t in written.titles if t.startswith("Holdout positive-feedback")), None)
-    assert title is not None and f"gain {pp['gain']}" in title, written.titles
+    title = next((t for t in written.panels if t.startswith("Holdout positive-feedback")), None)
+    assert title is not None and f"gain {pp['gain']}" in title, written.panels
     text = written.path.read_text()
     assert "## Holdout after promotion" in text and "positive-feedback" in text
     assert any("holdout-positive-feedback" in i.name and i.stat().st_size > 5000 for i in written.images)

@@ -276,3 +276,33 @@ def test_a_bake_failure_is_notified_like_other_rollbacks_with_its_reason() -> No
     assert any(
         isinstance(a, Event) and a.reason == "BakeFailed" and a.type == "Warning" for a in decision.actions
     )
+
+
+def test_the_report_plots_the_holdout_effect_and_tabulates_the_gain(tmp_path: Any) -> None:
+    pytest.importorskip("matplotlib")
+    from model_rollouts.report.document import write
+
+    d = holdout_driver(percent=10)
+    n = 0.0
+    while d.status.phase == "Baking":
+        n += 6000
+        d.tick(comparison_obs((0.3 * n / 9, n / 9), (0.3 * n, n)))
+    obj = {
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelRollout",
+        "metadata": {"name": "r", "namespace": "ml"},
+        "spec": d.spec.model_dump(mode="json", exclude_none=True),
+        "status": d.status.model_dump(mode="json", exclude_none=True),
+    }
+    md = write(obj, "md", tmp_path / "r.md")
+    assert "Holdout ctr: effect over time, gain held" in md.panels
+    text = md.path.read_text()
+    assert "## Holdout after promotion" in text and "| ctr | held |" in text
+    assert "After promotion**: stage Done (replaced: v1), gain held" in text
+    image = next(i for i in md.images if "holdout-ctr" in i.name)
+    assert image.stat().st_size > 5000
+    html = write(obj, "html", tmp_path / "r.html").path.read_text()
+    assert 'id="holdout-ctr"' in html and "Holdout after promotion" in html
+    # Without a holdout there is no holdout panel.
+    del obj["status"]["postPromotion"]
+    assert not any(t.startswith("Holdout") for t in write(obj, "md", tmp_path / "s.md").panels)
