@@ -306,3 +306,23 @@ def test_the_report_plots_the_holdout_effect_and_tabulates_the_gain(tmp_path: An
     # Without a holdout there is no holdout panel.
     del obj["status"]["postPromotion"]
     assert not any(t.startswith("Holdout") for t in write(obj, "md", tmp_path / "s.md").panels)
+
+
+def test_the_plugin_says_what_a_baking_rollout_waits_for() -> None:
+    from model_rollouts.cli.view import rollout_view
+
+    d = Driver(baking({"bake": "60s"}, analysis={"comparisons": [COMPARISON]}))
+    for _ in range(30):
+        obs = comparison_obs((5000, 10000), (5000, 10000)) if 0 < d.status.weight < 100 else None
+        if d.tick(obs).phase == "Baking":
+            break
+    obj = {
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelRollout",
+        "metadata": {"name": "r", "namespace": "ml", "generation": 1},
+        "spec": d.spec.model_dump(mode="json", exclude_none=True),
+        "status": d.status.model_dump(mode="json", exclude_none=True),
+    }
+    waiting = rollout_view(obj, now=d.now)["waitingFor"]
+    assert any(w.startswith("the bake to end at") for w in waiting), waiting
+    assert not any("comparison" in w for w in waiting), waiting  # nothing waits for evidence any more
