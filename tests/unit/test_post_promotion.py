@@ -326,3 +326,23 @@ def test_the_plugin_says_what_a_baking_rollout_waits_for() -> None:
     waiting = rollout_view(obj, now=d.now)["waitingFor"]
     assert any(w.startswith("the bake to end at") for w in waiting), waiting
     assert not any("comparison" in w for w in waiting), waiting  # nothing waits for evidence any more
+
+
+@pytest.mark.parametrize("policy", ["rollback", "hold"])
+def test_a_bake_without_data_past_progress_deadline_follows_on_progress_deadline(policy: str) -> None:
+    d = Driver(baking({"bake": "20s"}, progressDeadline="1m", onProgressDeadline=policy))
+    to_bake(d)
+    no_data = eng.Observations(guardrails={"errors": Result("noData")})
+    for _ in range(7):  # 20 s of bake + 50 s late: not yet past 1m
+        d.tick(no_data)
+    assert d.status.phase == "Baking"
+    for _ in range(3):
+        d.tick(no_data)
+    if policy == "rollback":
+        assert d.status.phase == "RolledBack" and d.status.history[-1].reason == "BakeFailed"
+        assert eng.route_weights(d.spec, d.status) == {"v1": 100, "v2": 0}
+    else:
+        assert d.status.phase == "Baking" and d.events.count("ProgressDeadlineExceeded") == 1
+        assert "progressDeadline" in d.status.message
+        d.tick()
+        assert d.status.phase == "Promoted"

@@ -171,7 +171,34 @@ def tick(
             out.end = _done(spec, s, now, generation)
         return out
     _message(spec, s, now, passed)
+    out.end = _overdue(spec, s, now, obs is not None and not passed, out.events)
     return out
+
+
+def _overdue(
+    spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime, held: bool, events: list[Event]
+) -> End | None:
+    """A stage past its end without a passing analysis for progressDeadline (no data, failed
+    measurements): onProgressDeadline applies, as to any hold of the rollout."""
+    pp = s.postPromotion
+    assert pp is not None
+    if not held or pp.stageEndsAt is None:
+        return None
+    late = (now - pp.stageEndsAt).total_seconds()
+    if late < parse_duration(spec.progressDeadline):
+        return None
+    why = (
+        f"{_stage(pp)} ended {late:.0f}s ago without a passing analysis (progressDeadline "
+        f"{spec.progressDeadline})"
+    )
+    if spec.onProgressDeadline == "rollback":
+        reason = "BakeFailed" if pp.stage == "Bake" else "HoldoutFailed"
+        return End("RolledBack", 0, reason, f"{why}; all traffic back to {pp.previousStable}")
+    if "progressDeadline" not in (s.history[-1].message if s.history else ""):
+        events.append(Event("Warning", "ProgressDeadlineExceeded", why + "; holding"))
+        record(s, now, "ProgressDeadlineExceeded", "ProgressDeadlineExceeded", why)
+    s.message = f"{s.message}; {why}"
+    return None
 
 
 def _analyse(
