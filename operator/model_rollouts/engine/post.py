@@ -8,10 +8,11 @@ under ``noData: fail``, or the error limit under ``onErrorLimit: rollback``) sen
 the replaced model: phase RolledBack, reason ``BakeFailed`` (``HoldoutFailed`` in the holdout).
 
 Analyses stay paced by ``analysis.interval``; the bake ends at the first passing analysis at or after
-``bake`` (never without data). With ``holdout`` the replaced model
-then gets ``percent`` for ``duration`` while the comparisons keep being measured (within that single
-constant-weight epoch, pooled); each comparison's effect and confidence sequence is kept in status as a
-bounded trajectory and judged held / decayed / undecided. Then the rollout is Promoted as usual.
+``bake`` (never without data; ``progressDeadline`` after the stage's end, ``onProgressDeadline``
+applies). With ``holdout`` the replaced model then gets ``percent`` for ``duration`` while the
+comparisons keep being measured (within that single constant-weight epoch, pooled); each comparison's
+effect and confidence sequence is kept in status as a bounded trajectory and judged held / decayed /
+undecided. They are informational: only guardrails roll back. Then the rollout is Promoted as usual.
 
 Everything lives in ``status.postPromotion``: a restarted operator resumes the stage where it stood.
 """
