@@ -250,8 +250,13 @@ def rollouts() -> None:
                 ],
                 "paused-by-spec": [*promotable(True), ("abort", False), ("resume", True), ("retry", True)],
                 "promoted": [*promotable(False), ("abort", True), ("resume", True), ("retry", True)],
-                "baking": [("promote", True), ("promote-full", False), ("abort", False), ("resume", True),
-                           ("retry", True)],  # fmt: skip
+                "baking": [
+                    ("promote", True),
+                    ("promote-full", False),
+                    ("abort", False),
+                    ("resume", True),
+                    ("retry", True),
+                ],
                 "rolled-back": [*promotable(False), ("abort", True), ("resume", True), ("retry", False)],
                 "aborted": [*promotable(False), ("abort", True), ("resume", True), ("retry", False)],
                 "invalid": [*promotable(False), ("abort", False), ("resume", True), ("retry", True)],
