@@ -244,3 +244,37 @@ def test_holdout_keeps_p_percent_on_the_old_model_and_the_report_plots_the_effec
     text = written.path.read_text()
     assert "## Holdout after promotion" in text and "positive-feedback" in text
     assert any("holdout-positive-feedback" in i.name and i.stat().st_size > 5000 for i in written.images)
+
+
+@pytest.mark.parametrize(
+    ("post_promotion", "compare", "field", "words"),
+    [
+        ({"bake": "200h"}, True, "spec.postPromotion.bake", "at most 168h"),
+        (
+            {"bake": "1m", "holdout": {"percent": 60, "duration": "1h"}},
+            True,
+            "postPromotion.holdout.percent",
+            "",
+        ),
+        ({"bake": "1m", "holdout": {"percent": 5, "duration": "800h"}}, True, "holdout.duration", "720h"),
+        (
+            {"bake": "1m", "holdout": {"percent": 5, "duration": "1h"}},
+            False,
+            "postPromotion.holdout",
+            "comparison",
+        ),
+    ],
+)
+def test_bad_post_promotion_is_refused_by_the_api_server_naming_the_field(
+    stack: Stack, post_promotion: dict[str, Any], compare: bool, field: str, words: str
+) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    doc = rollout("bad-post", "http://127.0.0.1:9090", [{"setWeight": 10}], compare=compare)
+    doc["metadata"]["namespace"] = stack.namespace
+    doc["spec"]["postPromotion"] = post_promotion
+    with pytest.raises(ApiException) as e:
+        client.CustomObjectsApi(stack.api).create_namespaced_custom_object(
+            "mlrollouts.io", "v1alpha1", stack.namespace, "modelrollouts", doc
+        )
+    assert e.value.status == 422 and field in e.value.body and words in e.value.body, e.value.body
