@@ -346,3 +346,18 @@ def test_a_bake_without_data_past_progress_deadline_follows_on_progress_deadline
         assert "progressDeadline" in d.status.message
         d.tick()
         assert d.status.phase == "Promoted"
+
+
+def test_an_invalid_spec_during_the_bake_resumes_the_same_bake_when_valid_again() -> None:
+    from model_rollouts.engine.status import invalid
+
+    d = Driver(baking({"bake": "60s"}))
+    to_bake(d)
+    started = d.status.postPromotion.startedAt if d.status.postPromotion else None
+    d.status, _ = invalid(d.status, "spec.trafficRouting: route missing", d.now, 2)
+    assert d.status.phase == "Invalid"
+    st = d.tick()
+    assert st.phase == "Baking" and st.postPromotion is not None and st.postPromotion.startedAt == started
+    while d.status.phase == "Baking":
+        d.tick()
+    assert d.status.phase == "Promoted" and [h.reason for h in d.status.history].count("BakeStarted") == 1

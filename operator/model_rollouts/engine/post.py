@@ -63,7 +63,7 @@ class Observations(Protocol):
     def comparisons(self) -> Mapping[str, ComparisonData]: ...
 
 
-PHASE = "Baking"
+PHASE: Literal["Baking"] = "Baking"
 CONDITION = "Baking"
 #: Comparisons a holdout measures at most (the first ones of analysis.comparisons when not its own).
 MAX_HOLDOUT_COMPARISONS = 5
@@ -97,6 +97,11 @@ def comparisons(spec: ModelRolloutSpec) -> list[Comparison]:
     return own[:MAX_HOLDOUT_COMPARISONS]
 
 
+def running(status: ModelRolloutStatus) -> bool:
+    """A bake or holdout is under way (status.postPromotion, whatever the phase shows now)."""
+    return status.postPromotion is not None and status.postPromotion.stage != "Done"
+
+
 def measured_spec(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> ModelRolloutSpec:
     """The spec whose analysis the handler measures: in Baking, the post-promotion guardrails and (in
     the holdout) comparisons, pooled (no segments); otherwise the spec itself."""
@@ -113,7 +118,7 @@ def start(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime, generati
     assert spec.postPromotion is not None
     previous = s.stableService or spec.stable.service
     bake = parse_duration(spec.postPromotion.bake)
-    s.phase, s.weight, s.stepWeight, s.heldSince = PHASE, 100, None, None  # type: ignore[assignment]
+    s.phase, s.weight, s.stepWeight, s.heldSince = PHASE, 100, None, None
     s.postPromotion = PostPromotionStatus(
         stage="Bake",
         startedAt=now,

@@ -288,7 +288,7 @@ def _begin(t: _Tick, status: ModelRolloutStatus) -> tuple[ModelRolloutStatus, li
         _conditions(s, now, generation)
         return s, actions, Decision(s, actions)
     if s.phase == "Invalid":  # the spec became valid again: carry on where it stood
-        s.phase = "Progressing"
+        s.phase = post.PHASE if post.running(s) else "Progressing"
         _history(s, now, "Valid", "SpecValid", "spec is valid again; resuming")
 
     sh = steps_hash(spec)
