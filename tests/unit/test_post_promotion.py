@@ -361,3 +361,12 @@ def test_an_invalid_spec_during_the_bake_resumes_the_same_bake_when_valid_again(
     while d.status.phase == "Baking":
         d.tick()
     assert d.status.phase == "Promoted" and [h.reason for h in d.status.history].count("BakeStarted") == 1
+
+
+def test_the_bake_and_holdout_starts_are_step_notifications() -> None:
+    from model_rollouts.notify import events as notify_events
+
+    d = holdout_driver(percent=10)
+    reasons = [h.reason for h in d.status.history]
+    assert "BakeStarted" in reasons and "HoldoutStarted" in reasons
+    assert notify_events.event_of("BakeStarted") == "Step" == notify_events.event_of("HoldoutStarted")
