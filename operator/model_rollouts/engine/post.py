@@ -119,6 +119,7 @@ def start(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime, generati
     previous = s.stableService or spec.stable.service
     bake = parse_duration(spec.postPromotion.bake)
     s.phase, s.weight, s.stepWeight, s.heldSince = PHASE, 100, None, None
+    s.shadowPercent = None  # no mirror after reaching 100% (a shadow step ended before the last move)
     s.postPromotion = PostPromotionStatus(
         stage="Bake",
         startedAt=now,
