@@ -28,9 +28,9 @@ from model_rollouts.api.experiment import (
 from model_rollouts.api.rollout import ModelRolloutStatus, RolloutSeriesPoint
 
 #: At most this many points (analyses) are kept in status (the rest are in the archive).
-SERIES_LIMIT = 10
+SERIES_LIMIT = 5
 #: And at most this many bytes of JSON (the points as written to status), the newest point always kept.
-SERIES_MAX_BYTES = 16 * 1024
+SERIES_MAX_BYTES = 8 * 1024
 #: Numbers are kept to this many significant digits (plenty for a plot, a third of the bytes).
 DIGITS = 5
 
