@@ -146,13 +146,17 @@ def test_object_and_status_writes_stay_small_and_the_report_has_every_analysis(
         and (e.get("objectRef") or {}).get("name") == "long"
     ]
     assert all(e["verb"] == "patch" for e in writes), [e["verb"] for e in writes]
-    bodies = [len(json.dumps(e.get("requestObject") or {}, separators=(",", ":"))) for e in writes]
+    # Ours (Kopf's own progress patches of status.kopf, at creation, are not the operator's record).
+    ours = [e for e in writes if set((e.get("requestObject") or {}).get("status") or {}) - {"kopf"}]
+    bodies = [len(json.dumps(e.get("requestObject") or {}, separators=(",", ":"))) for e in ours]
     assert bodies and max(bodies) <= MAX_WRITE_BYTES, bodies
-    assert all("resourceVersion" in ((e.get("requestObject") or {}).get("metadata") or {}) for e in writes)
+    unguarded = [e.get("requestObject") for e in ours if "resourceVersion" not in
+                 (((e.get("requestObject") or {}).get("metadata")) or {})]  # fmt: skip
+    assert unguarded == [], str(unguarded)[:2000]
     late = bodies[len(bodies) // 2 :]
     print(f"status write bodies (bytes): first {bodies[:6]}, last {bodies[-6:]}, max {max(bodies)}")
     assert max(late) <= max(bodies[: len(bodies) // 2]) + 512, bodies
-    assert len(writes) <= len(analyses) + 6, (len(writes), len(analyses))
+    assert len(ours) <= len(analyses) + 6, (len(ours), len(analyses))
 
     # The archive: at most one ConfigMap write per analysis, each adding only the new analyses.
     cm_writes = [e for e in events if (e.get("objectRef") or {}).get("resource") == "configmaps"]
