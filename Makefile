@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: help venv system-deps kube-bins setup crds crds-check lint test test-unit test-integration test-repeat \
-        demo bench-stats bench-rollback bench-scale cluster-up cluster-down clean \
+        demo bench-stats bench-rollback bench-scale bench-status-size cluster-up cluster-down clean \
         tools image manifests chart e2e argocd-testdata
 
 help:
@@ -72,6 +72,9 @@ bench-stats: venv ## seeded simulation of our engine vs Flagger/Argo/Kayenta-sty
 
 bench-rollback: setup ## breach-to-weight-0 latency on the real stack (5 runs, 5s interval)
 	$(PY) -m tests.bench.bench_rollback
+
+bench-status-size: venv ## bytes of an object as LISTed and per status write after 500 analyses, before/after (JSON last line)
+	$(PY) -m tests.bench.bench_status_size
 
 bench-scale: N = 1000
 bench-scale: setup ## N rollouts at a manual gate on the real stack: operator CPU, RSS, API/Prometheus load, probe latency; active, finished, deleted (JSON last line): make bench-scale N=1000 [BENCH_ARGS=--window 180]

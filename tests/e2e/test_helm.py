@@ -72,12 +72,15 @@ NAMESPACED_YES = [
     ("get", "metrictemplates.mlrollouts.io"),
     ("list", "endpointslices.discovery.k8s.io"),
     ("get", "services"),
+    ("create", "configmaps"),  # the series archive: written, never read
+    ("patch", "configmaps"),
 ]
 NEVER = [
     ("get", "secrets"),  # Secrets only in the release namespace
     ("create", "modelrollouts.mlrollouts.io"),
     ("delete", "modelrollouts.mlrollouts.io"),
     ("list", "secrets"),
+    ("list", "configmaps"),
     ("update", "httproutes.gateway.networking.k8s.io"),
     ("delete", "httproutes.gateway.networking.k8s.io"),
     ("create", "deployments.apps"),

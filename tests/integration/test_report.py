@@ -20,7 +20,9 @@ import pytest
 from kubernetes import client
 from PIL import Image
 
+from model_rollouts.kube import series_store
 from model_rollouts.report import write
+from model_rollouts.report.data import load
 from model_rollouts.report.figures import DPI, PANEL_HEIGHT_IN, WIDTH_IN
 from tests.harness import objects
 from tests.harness.objects import CANDIDATE, GROUP, ROUTE, STABLE, VERSION, phase, rollout, wait_none
@@ -154,7 +156,8 @@ def test_report_of_a_promoted_rollout_from_the_cluster(stack: Stack, tmp_path: P
     stack.apply(rollout("good", stack.prom.url, [{"setWeight": 20}, {"analysis": {"duration": "10s"}},
                                                  {"setWeight": 60}]))  # fmt: skip
     obj = stack.wait_for("modelrollouts", "good", lambda o: phase(o) == "Promoted", 180)
-    series = obj["status"]["series"]
+    # Every analysis: status.series keeps the last 5, the series ConfigMaps the rest.
+    series = load(obj, series_store.read(stack.api, obj)).series
     assert [p["weight"] for p in series][-1] == 100 and {20, 60} <= {p["weight"] for p in series}
     assert any(v["kind"] == "comparison" and "ciLow" in v for p in series for v in p["values"])
     # The plugin's path: read from the API server with a kubeconfig, as a user would.

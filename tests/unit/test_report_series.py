@@ -97,13 +97,13 @@ def test_rollout_series_ends_with_the_breach_that_rolled_back_at_weight_zero() -
     assert len(status.series) == len(seen)
 
 
-def test_series_keeps_the_last_120_points_oldest_dropped() -> None:
+def test_series_keeps_the_last_5_points_oldest_dropped() -> None:
     pts: list[Any] = []
     for i in range(300):
         point = RolloutSeriesPoint(time=T0 + timedelta(seconds=i), weight=i % 100, step=0, phase="P")
         series.append(pts, point)
-    assert len(pts) == series.SERIES_LIMIT == 120
-    assert pts[0].time == T0 + timedelta(seconds=300 - 120) and pts[-1].time == T0 + timedelta(seconds=299)
+    assert len(pts) == series.SERIES_LIMIT == 5
+    assert pts[0].time == T0 + timedelta(seconds=300 - 5) and pts[-1].time == T0 + timedelta(seconds=299)
 
 
 def experiment_spec(n_variants: int, n_guardrails: int, min_samples: int = 100000) -> ModelExperimentSpec:
@@ -150,7 +150,7 @@ def test_experiment_points_carry_each_variants_numbers_srm_and_guardrails() -> N
     spec = experiment_spec(3, 1, min_samples=1000)
     status = drive_experiment(spec, 12, {"control": 0.10, "variant-1": 0.11, "variant-2": 0.10})
     assert status.phase == "Running"
-    assert len(status.series) == 11  # every tick after the start analysed
+    assert len(status.series) == series.SERIES_LIMIT  # the window: the last 5 of 11 analyses
     last = status.series[-1]
     by = {v.name: v for v in last.variants}
     assert set(by) == {"control", "variant-1", "variant-2"}
@@ -166,20 +166,35 @@ def test_experiment_points_carry_each_variants_numbers_srm_and_guardrails() -> N
     # Holm: the adjusted p-values are what the status says now.
     assert by["variant-1"].adjustedPValue == float(f"{now_status['variant-1'].adjustedPValue:.5g}")
     assert last.srm == "SplitMatches" and last.srmPValue == float(f"{status.srmPValue:.5g}")
-    assert [p.srm for p in status.series][:2] == ["CountingStarted", "NotEnoughSamples"]
+    early = drive_experiment(spec, 4, {"control": 0.10, "variant-1": 0.11, "variant-2": 0.10})
+    assert [p.srm for p in early.series][:2] == ["CountingStarted", "NotEnoughSamples"]
     assert [(g.variant, g.name) for g in last.values] == [
         (v, "guardrail-number-0") for v in ("control", "variant-1", "variant-2")
     ]
 
 
 def test_status_stays_far_below_the_etcd_limit_at_the_largest_spec() -> None:
-    """10 variants x 20 guardrails, 150 analyses: the series is cut by bytes, not only by count."""
+    """10 variants x 20 guardrails, 150 analyses: the series is cut by bytes, not only by count, and
+    the newest point is kept even when it alone is larger than the byte bound."""
     spec = experiment_spec(10, 20)
     status = drive_experiment(spec, 150, {"control": 0.1})
-    size = len(json.dumps([dump(p) for p in status.series], separators=(",", ":")))
-    assert size <= series.SERIES_MAX_BYTES
+    sizes = [series.point_bytes(p) for p in status.series]
     assert len(status.series) < series.SERIES_LIMIT  # the byte bound applied
-    assert len(status.series) >= 10
+    assert len(status.series) >= 1
+    assert sum(sizes) <= max(series.SERIES_MAX_BYTES, sizes[-1])
     assert status.series[-1].time == T0 + timedelta(seconds=5 * 149)  # the newest kept
     whole = len(json.dumps(dump(status)))
-    assert whole < ETCD_LIMIT / 4, whole
+    assert whole < ETCD_LIMIT / 16, whole
+
+
+def test_status_size_does_not_grow_with_the_length_of_a_run() -> None:
+    """The object's status after 500 analyses is no larger than after 20 (the window, not the run)."""
+    spec = experiment_spec(3, 2, min_samples=10**8)
+    rates = {"control": 0.1, "variant-1": 0.1, "variant-2": 0.1}
+    short, long = drive_experiment(spec, 21, rates), drive_experiment(spec, 501, rates)
+    assert long.phase == short.phase == "Running"
+    assert len(long.series) == series.SERIES_LIMIT
+    assert long.series[-1].time == T0 + timedelta(seconds=5 * 500)
+    size_short, size_long = len(json.dumps(dump(short))), len(json.dumps(dump(long)))
+    assert size_long <= size_short * 1.1 + 512, (size_short, size_long)
+    assert size_long < 32 * 1024

@@ -53,6 +53,8 @@ class Driver:
         self.spec, self.status, self.now = s, ModelRolloutStatus(), T0
         self.weights: list[int] = [0]
         self.events: list[str] = []
+        #: Every analysis's series point, as the operator archives them (status.series keeps the last 5).
+        self.points: list[Any] = []
 
     def tick(self, obs: eng.Observations | None = None, advance: float = 10, **kw: Any) -> ModelRolloutStatus:
         if obs is None and eng.needs_measurement(self.spec, self.status, self.now):
@@ -60,6 +62,8 @@ class Driver:
         if obs is not None and not eng.needs_measurement(self.spec, self.status, self.now):
             obs = None  # the handler measures only when an analysis is due
         d = eng.reconcile(self.spec, self.status, now=self.now, generation=1, observations=obs, **kw)
+        seen = {p.time for p in self.status.series}
+        self.points += [p for p in d.status.series if p.time not in seen]
         self.status = d.status
         if d.status.revision is not None and (not self.weights or self.weights[-1] != d.status.weight):
             self.weights.append(d.status.weight)

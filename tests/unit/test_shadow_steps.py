@@ -37,8 +37,8 @@ def test_a_shadow_step_mirrors_at_weight_zero_is_analysed_then_ends_before_the_f
     assert all(m is None for w, m in mirrors if w > 0)
     assert d.events.index("ShadowStarted") < d.events.index("ShadowEnded") < d.events.index("WeightChanged")
     # Analyses ran during the shadow (weight 0): the ones before the 30 s were up (10 s interval).
-    analysed = [h for h in d.status.series if h.weight == 0]
-    assert len(analysed) >= 2, d.status.series
+    analysed = [h for h in d.points if h.weight == 0]
+    assert len(analysed) >= 2, d.points
     assert d.status.shadowPercent is None
 
 
@@ -125,7 +125,7 @@ def test_a_comparison_without_data_in_shadow_does_not_hold_it_but_still_gates_fu
     # The shadow ended on its guardrails; the comparison, unmeasurable there, was undecided.
     assert st.weight == 50 and st.shadowPercent is None, st.message
     assert "ShadowEnded" in d.events
-    shadow_look = next(p for p in st.series if p.weight == 0)
+    shadow_look = next(p for p in d.points if p.weight == 0)
     assert shadow_look is not None
     # Without data at 50% it holds as always: never full traffic without the comparison's pass.
     for _ in range(8):

@@ -73,6 +73,12 @@ class FakeApi:
         FakeApi.statuses.append(args[5]["status"])
         return args[5]
 
+    def patch_namespaced_custom_object_status(self, *args: Any, **_: Any) -> Any:
+        # A merge patch against an object without status: the patch is the whole status.
+        FakeApi.calls.append(("status", args[:5]))
+        FakeApi.statuses.append(args[5]["status"])
+        return args[5]
+
     def create_namespaced_event(self, namespace: str, body: Any, **_: Any) -> Any:
         FakeApi.events.append(body)
         return body

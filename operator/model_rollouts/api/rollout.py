@@ -563,8 +563,9 @@ class ModelRolloutStatus(ResourceStatus):
     )
     series: list[RolloutSeriesPoint] = Field(
         default_factory=list,
-        description="The last analyses, oldest first (at most 120 points and 256 KiB; older ones are "
-        "dropped): for `kubectl mlrollouts report`. Informational: nothing reads it back.",
+        description="The last analyses, oldest first (at most 5 points and 8 KiB): every analysis "
+        "is also archived in ConfigMaps owned by this object (label mlrollouts.io/series-of=<uid>), "
+        "read by `kubectl mlrollouts report`. Informational: nothing reads it back.",
     )
 
 

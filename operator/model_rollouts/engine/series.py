@@ -1,12 +1,14 @@
-"""status.series: a bounded record of every analysis, for the decision report (pure).
+"""status.series: the last analyses, a small window of the record of every analysis (pure).
 
 Each analysis appends one small point (its time, the weights that followed from it, and each
 metric's number: a guardrail's value, a comparison's difference with its interval, each
-experiment variant's estimate, Holm-adjusted p-value and P(best), the SRM p-value). The list is
-bounded twice, oldest points dropped first: at most :data:`SERIES_LIMIT` points and at most
-:data:`SERIES_MAX_BYTES` of JSON, so however many metrics and variants a spec has (20 guardrails
-x 10 variants), status stays far below etcd's 1.5 MiB object limit. Nothing in the operator reads
-the series back: it only explains the decisions after the fact.
+experiment variant's estimate, Holm-adjusted p-value and P(best), the SRM p-value). The list is a
+window bounded twice, oldest points dropped first: at most :data:`SERIES_LIMIT` points and at most
+:data:`SERIES_MAX_BYTES` of JSON (the newest point is always kept), so what a LIST of the objects
+or a status write carries does not grow with the length of a run. Every point is also archived,
+once, when the status write that adds it succeeds (``kube/series_store.py``: ConfigMaps owned by
+the object, per revision); the decision report reads the whole record from there. Nothing in the
+operator reads the series back: it only explains the decisions after the fact.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from model_rollouts.api.experiment import (
 )
 from model_rollouts.api.rollout import ModelRolloutStatus, RolloutSeriesPoint
 
-#: At most this many points (analyses) are kept.
-SERIES_LIMIT = 120
-#: And at most this many bytes of JSON (the points as written to status).
-SERIES_MAX_BYTES = 256 * 1024
+#: At most this many points (analyses) are kept in status (the rest are in the archive).
+SERIES_LIMIT = 5
+#: And at most this many bytes of JSON (the points as written to status), the newest point always kept.
+SERIES_MAX_BYTES = 8 * 1024
 #: Numbers are kept to this many significant digits (plenty for a plot, a third of the bytes).
 DIGITS = 5
 

@@ -1,7 +1,9 @@
 """``kubectl mlrollouts report``: a decision report (plots and tables) of a rollout or an experiment.
 
-Rendered from the object alone (``status.series``, ``status.history``, the spec's thresholds), so it
-works on a saved object (``--from-file``) as well as on a live cluster.
+Rendered from the object (``status.history``, the spec's thresholds, the last analyses in
+``status.series``) and the series ConfigMaps that hold every analysis of its revision, so it works on
+a live cluster and on a saved object (``--from-file``; save the ConfigMaps in the same file with
+``kubectl get cm -l mlrollouts.io/series-of=<uid>`` for every analysis).
 """
 
 from __future__ import annotations

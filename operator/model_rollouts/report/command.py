@@ -13,8 +13,9 @@ from model_rollouts.cli.kube import connection_options
 from model_rollouts.report.data import ReportError
 
 
-def _from_file(path: str, ref: tuple[str, ...]) -> dict[str, Any]:
-    """The object in a saved YAML/JSON file (one object, a List, or several documents; NAME picks one)."""
+def _from_file(path: str, ref: tuple[str, ...]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """The object in a saved YAML/JSON file (one object, a List, or several documents; NAME picks one),
+    and the points of the series ConfigMaps saved beside it, if any (None when there are none)."""
     try:
         with open(path, encoding="utf-8") as f:
             docs = [d for d in yaml.safe_load_all(f) if d]
@@ -23,6 +24,8 @@ def _from_file(path: str, ref: tuple[str, ...]) -> dict[str, Any]:
     objs: list[dict[str, Any]] = []
     for d in docs:
         objs += d.get("items") or [] if isinstance(d, dict) and d.get("kind") == "List" else [d]
+    maps = [o for o in objs if isinstance(o, dict) and o.get("kind") == "ConfigMap"]
+    objs = [o for o in objs if not (isinstance(o, dict) and o.get("kind") == "ConfigMap")]
     want = ref[-1].split("/")[-1] if ref else None
     if want is not None:
         objs = [o for o in objs if isinstance(o, dict) and (o.get("metadata") or {}).get("name") == want]
@@ -30,17 +33,39 @@ def _from_file(path: str, ref: tuple[str, ...]) -> dict[str, Any]:
         what = f"named {want!r}" if want else "(give NAME to choose)"
         msg = f"{path}: expected one object {what}, found {len(objs)}"
         raise click.BadParameter(msg, param_hint="--from-file")
-    return objs[0]
+    from model_rollouts.kube.series_store import points_of
+
+    points = points_of(objs[0], maps)
+    return objs[0], points or None
 
 
-def _from_cluster(ref: tuple[str, ...], connection: dict[str, Any]) -> Any:
+def _archived(kube: Any, obj: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str]:
+    """The object's archived analyses from the cluster (None and why when they cannot be read)."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    from model_rollouts.kube.series_store import read
+
+    try:
+        return read(kube.api, obj, kube.timeout), ""
+    except ApiException as e:
+        return None, f"listing ConfigMaps answered HTTP {e.status}"
+    except urllib3.exceptions.HTTPError:
+        return None, "listing ConfigMaps failed"
+
+
+def _from_cluster(
+    ref: tuple[str, ...], connection: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None, str]:
     import urllib3  # with the kubernetes client: loaded only for a report from the cluster
 
     from model_rollouts.cli.kube import CliError, Kube, parse_ref
 
     try:
         kind, name = parse_ref(ref)
-        return Kube.connect(**connection).find(kind, name)
+        kube = Kube.connect(**connection)
+        obj = kube.find(kind, name)
+        return (obj, *_archived(kube, obj))
     except CliError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -91,9 +116,13 @@ def report(
 
     if not ref and not from_file:
         raise click.UsageError("give NAME (or --from-file FILE)")
-    obj = _from_file(from_file, ref) if from_file else _from_cluster(ref, connection)
+    if from_file:
+        obj, archived = _from_file(from_file, ref)
+        note = "" if archived is not None else "none saved in the file"
+    else:
+        obj, archived, note = _from_cluster(ref, connection)
     try:
-        w = write(obj, fmt, out)
+        w = write(obj, fmt, out, archived, note)
     except ReportError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)

@@ -1,8 +1,10 @@
 """What a decision report shows, read from one ModelRollout or ModelExperiment object (a plain dict).
 
-Only the object is needed (``kubectl get -o yaml`` of it is enough): the spec gives thresholds and
-margins, ``status.series`` the per-analysis numbers, ``status.history`` the decisions and
-``metadata.annotations`` / ``status.handled`` who asked for them.
+The spec gives thresholds and margins, the per-analysis numbers come from the series ConfigMaps
+the operator archives every analysis to (``kube/series_store.py``) together with the last few in
+``status.series``, ``status.history`` gives the decisions and ``metadata.annotations`` /
+``status.handled`` who asked for them. Without the ConfigMaps (a saved object alone, or no right to
+list them) the report covers the analyses ``status.series`` still holds, and says so.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class Report:
     annotations: dict[str, str]
     series: list[dict[str, Any]]
     decisions: list[Decision] = field(default_factory=list)
+    #: How many analyses came from the archive (None: it was not read; see :attr:`archive_note`).
+    archived: int | None = None
+    archive_note: str = ""
 
     @property
     def phase(self) -> str:
@@ -106,8 +111,9 @@ def trigger_of(reason: str, message: str, kind: str) -> str:
     return "operator: analysis" if reason not in ("InvalidSpec", "SpecValid") else "operator: validation"
 
 
-def load(obj: dict[str, Any]) -> Report:
-    """The report's data from a ModelRollout or ModelExperiment object."""
+def load(obj: dict[str, Any], archived: list[dict[str, Any]] | None = None, note: str = "") -> Report:
+    """The report's data from a ModelRollout or ModelExperiment object and, when they could be read,
+    the points archived for its current revision (``archived``; None: not read, ``note`` says why)."""
     if not isinstance(obj, dict):
         raise ReportError("the object must be a mapping (a Kubernetes object)")
     kind = obj.get("kind")
@@ -130,7 +136,9 @@ def load(obj: dict[str, Any]) -> Report:
         spec=obj.get("spec") or {},
         status=status,
         annotations={str(k): str(v) for k, v in (meta.get("annotations") or {}).items()},
-        series=sorted(series, key=lambda p: parse_time(p["time"])),
+        series=_merged(archived or [], series),
+        archived=None if archived is None else len(archived),
+        archive_note=note,
     )
     # The report covers the current revision: its series (status.series restarts with each revision)
     # and the decisions since it started (status.history spans revisions).
@@ -160,6 +168,18 @@ def load(obj: dict[str, Any]) -> Report:
             )
         )
     return r
+
+
+def _merged(archived: list[dict[str, Any]], window: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per analysis time, oldest first; status's copy wins over the archive's."""
+    out: dict[datetime, dict[str, Any]] = {}
+    for i, p in enumerate(archived):
+        if not isinstance(p, dict) or "time" not in p:
+            raise ReportError(f"archived series point {i}: time is missing")
+        out[parse_time(p["time"])] = p
+    for p in window:
+        out[parse_time(p["time"])] = p
+    return [out[t] for t in sorted(out)]
 
 
 def rollout_weights(r: Report) -> list[tuple[datetime, int]]:

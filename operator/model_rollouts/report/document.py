@@ -57,7 +57,12 @@ def summary_rows(r: Report) -> list[tuple[str, str]]:
             rows.append(
                 ("After promotion", f"stage {pp.get('stage')} (replaced: {pp.get('previousStable')}){gain}")
             )
-    rows.append(("Analyses in the report", f"{len(r.series)} (status.series keeps the last 120)"))
+    if r.archived is not None:
+        where = f"{len(r.series)} (every analysis of this revision: the series ConfigMaps and status.series)"
+    else:
+        why = f"; {r.archive_note}" if r.archive_note else ""
+        where = f"{len(r.series)} (only the last ones, from status.series: series ConfigMaps not read{why})"
+    rows.append(("Analyses in the report", where))
     ours = r.annotations_of_ours()
     if ours:
         rows.append(("Annotations", ", ".join(f"{k}={v}" for k, v in ours.items())))
@@ -228,11 +233,18 @@ def to_markdown(r: Report, panels: list[Panel], images: list[str]) -> str:
 # -- entry ---------------------------------------------------------------------------------------------
 
 
-def write(obj: dict[str, Any], fmt: str, out: Path | None = None) -> Written:
-    """Render the report of ``obj`` as ``fmt`` (html, png, md) to ``out`` (default: NAME-report.EXT)."""
+def write(
+    obj: dict[str, Any],
+    fmt: str,
+    out: Path | None = None,
+    archived: list[dict[str, Any]] | None = None,
+    note: str = "",
+) -> Written:
+    """Render the report of ``obj`` as ``fmt`` (html, png, md) to ``out`` (default: NAME-report.EXT),
+    with its archived analyses (``archived``, see :func:`model_rollouts.report.data.load`)."""
     if fmt not in FORMATS:
         raise ValueError(f"-o: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    r = load(obj)
+    r = load(obj, archived, note)
     panels = panels_of(r)
     path = out if out is not None else Path(f"{r.name}-report.{fmt}")
     if path.is_dir() or not path.suffix:  # a directory (existing, or a name without an extension)

@@ -1,0 +1,229 @@
+"""The long record of analyses, out of the hot object: ConfigMaps owned by the object, per revision.
+
+``status.series`` keeps only the last few analyses (engine/series.py: :data:`SERIES_LIMIT` points and
+:data:`SERIES_MAX_BYTES`), so what a LIST of the objects or a status write carries is bounded per
+object, however long a run is. Every analysis is also kept here, for the decision report
+(``kubectl mlrollouts report``) and for anyone who wants the whole trajectory:
+
+- ConfigMaps named ``<mro|mexp>-<name>-series-<revision>-<chunk>`` in the object's namespace,
+  labelled ``mlrollouts.io/series-of=<uid>`` and ``mlrollouts.io/series-revision=<revision>``, with an
+  ownerReference to the object (the garbage collector deletes them with it);
+- one key per analysis, ``t<epoch seconds>``, whose value is the point's JSON, exactly as in
+  ``status.series``.
+
+The operator only ever writes them (RBAC: ``create`` and ``patch`` on ConfigMaps), never reads them:
+after a status write that added analyses to ``status.series``, one JSON merge patch adds those keys
+(nothing else is sent; a 404 creates the ConfigMap). That is at most one ConfigMap write per
+analysis, none between analyses. A write that fails is logged and retried with the next status
+write (the points are still in the window); if it keeps failing for as many analyses as the window
+holds, those points are only missing from the long record, never from a decision.
+
+A chunk holds at most :data:`CHUNK_BYTES` of points (ConfigMaps are limited to 1 MiB): the chunk
+number is the point's time divided by ``interval x points-per-chunk``, where points-per-chunk comes
+from the size of the point being written. Readers list by label and sort by time, so the naming
+only has to keep each ConfigMap small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from model_rollouts.api.common import parse_duration
+from model_rollouts.kube.client import REQUEST_TIMEOUT, api
+
+log = logging.getLogger("model_rollouts.series")
+
+LABEL_OF = "mlrollouts.io/series-of"
+LABEL_REVISION = "mlrollouts.io/series-revision"
+#: At most this many bytes of points per ConfigMap (the API server's limit is 1 MiB).
+CHUNK_BYTES = 512 * 1024
+#: And at most this many points.
+CHUNK_POINTS = 1000
+SHORT = {"ModelRollout": "mro", "ModelExperiment": "mexp"}
+#: Objects whose last archive write failed: their window is sent again with the next status write.
+_retry: OrderedDict[str, None] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _time(p: Mapping[str, Any]) -> datetime:
+    return datetime.fromisoformat(str(p["time"]).replace("Z", "+00:00"))
+
+
+def key_of(point: Mapping[str, Any]) -> str:
+    """The ConfigMap key of a point: ``t`` and its time in whole epoch seconds."""
+    return f"t{int(_time(point).timestamp())}"
+
+
+def revision_of(status: Mapping[str, Any]) -> str:
+    return str(status.get("revision") or "0")
+
+
+def chunk_of(point: Mapping[str, Any], interval_s: float) -> int:
+    """Which chunk a point goes to: at most CHUNK_BYTES / CHUNK_POINTS of points of this size each."""
+    size = len(json.dumps(point, separators=(",", ":"))) + 16
+    per_chunk = max(1, min(CHUNK_POINTS, CHUNK_BYTES // size))
+    return int(_time(point).timestamp() // (max(interval_s, 1.0) * per_chunk))
+
+
+def configmap_name(kind: str, name: str, revision: str, chunk: int) -> str:
+    """A DNS-subdomain name (at most 253 characters; a long object name is cut and hashed)."""
+    tail = f"-series-{revision}-{chunk}"
+    head = f"{SHORT.get(kind, 'obj')}-{name}"
+    if len(head) + len(tail) > 253:
+        head = f"{head[: 253 - len(tail) - 11]}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+    return head + tail
+
+
+def _interval(obj: Mapping[str, Any]) -> float:
+    try:
+        return parse_duration(str(((obj.get("spec") or {}).get("analysis") or {}).get("interval") or "30s"))
+    except ValueError:
+        return 30.0
+
+
+def new_points(obj: Mapping[str, Any], status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The points of ``status.series`` that the write from ``obj``'s status added (by time), or the
+    whole window when the last archive of this object failed."""
+    uid = str(obj["metadata"].get("uid") or "")
+    pts = [p for p in (status.get("series") or []) if isinstance(p, dict) and "time" in p]
+    with _lock:
+        if uid in _retry:
+            return pts
+    old = obj.get("status") or {}
+    if revision_of(old) != revision_of(status):
+        return pts
+    seen = {str(p.get("time")) for p in (old.get("series") or []) if isinstance(p, dict)}
+    return [p for p in pts if str(p["time"]) not in seen]
+
+
+def archive_written(obj: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+    """After a successful status write: add its new analyses to the object's series ConfigMaps.
+    Never raises (the status write has already recorded the decision)."""
+    try:
+        pts = new_points(obj, status)
+        if not pts:
+            return
+        ok = archive(obj, revision_of(status), pts)
+    except Exception as e:  # never the exception's text: it may quote a response body
+        log.warning("archiving the series of %s failed: %s", obj["metadata"].get("name"), type(e).__name__)
+        ok = False
+    uid = str(obj["metadata"].get("uid") or "")
+    with _lock:
+        if ok:
+            _retry.pop(uid, None)
+        else:
+            _retry[uid] = None
+            while len(_retry) > 10000:
+                _retry.popitem(last=False)
+
+
+def archive(obj: Mapping[str, Any], revision: str, points: Iterable[Mapping[str, Any]]) -> bool:
+    """Write ``points`` (one merge patch per chunk they fall in; create on 404). True if all landed."""
+    meta = obj["metadata"]
+    chunks: dict[int, dict[str, str]] = {}
+    interval = _interval(obj)
+    for p in points:
+        chunks.setdefault(chunk_of(p, interval), {})[key_of(p)] = json.dumps(p, separators=(",", ":"))
+    core = client.CoreV1Api(api())
+    ok = True
+    for chunk, data in sorted(chunks.items()):
+        name = configmap_name(str(obj.get("kind")), meta["name"], revision, chunk)
+        try:
+            _patch_or_create(core, obj, name, revision, data)
+        except ApiException as e:
+            log.warning("archiving the series of %s/%s: HTTP %s", meta["namespace"], meta["name"], e.status)
+            ok = False
+    return ok
+
+
+def _patch_or_create(
+    core: client.CoreV1Api, obj: Mapping[str, Any], name: str, revision: str, data: dict[str, str]
+) -> None:
+    meta = obj["metadata"]
+    ns = meta["namespace"]
+    for _ in range(2):
+        try:
+            core.patch_namespaced_config_map(
+                name, ns, {"data": data}, _content_type="application/merge-patch+json",
+                _request_timeout=REQUEST_TIMEOUT,
+            )  # fmt: skip
+            return
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "labels": {
+                    LABEL_OF: str(meta.get("uid") or ""),
+                    LABEL_REVISION: revision,
+                    "app.kubernetes.io/managed-by": "model-rollouts",
+                },
+                "ownerReferences": [
+                    {
+                        "apiVersion": obj["apiVersion"],
+                        "kind": obj["kind"],
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                    }
+                ],
+            },
+            "data": data,
+        }
+        try:
+            core.create_namespaced_config_map(ns, body, _request_timeout=REQUEST_TIMEOUT)  # type: ignore[arg-type]
+            return
+        except ApiException as e:
+            if e.status != 409:  # created meanwhile (another replica): patch it
+                raise
+
+
+def points_of(obj: Mapping[str, Any], configmaps: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The points in those of ``configmaps`` that archive ``obj``'s current revision, oldest first."""
+    meta = obj.get("metadata") or {}
+    revision = revision_of(obj.get("status") or {})
+    points: dict[str, dict[str, Any]] = {}
+    for cm in configmaps:
+        labels = (cm.get("metadata") or {}).get("labels") or {}
+        if labels.get(LABEL_OF) != meta.get("uid") or labels.get(LABEL_REVISION) != revision:
+            continue
+        for k, v in (cm.get("data") or {}).items():
+            try:
+                p = json.loads(v)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(p, dict) and "time" in p:
+                points[k] = p
+    return sorted(points.values(), key=_time)
+
+
+def read(
+    api_client: client.ApiClient, obj: Mapping[str, Any], timeout: float | None = None
+) -> list[dict[str, Any]]:
+    """Every archived point of the object's current revision, oldest first (one LIST by label).
+    ApiException (e.g. 403 when the reader may not list ConfigMaps) is the caller's to handle."""
+    meta = obj["metadata"]
+    selector = f"{LABEL_OF}={meta.get('uid')},{LABEL_REVISION}={revision_of(obj.get('status') or {})}"
+    got = client.CoreV1Api(api_client).list_namespaced_config_map(
+        meta.get("namespace") or "default",
+        label_selector=selector,
+        _request_timeout=timeout or REQUEST_TIMEOUT,
+    )
+    maps = [
+        {"metadata": {"labels": (cm.metadata.labels if cm.metadata else None) or {}}, "data": cm.data or {}}
+        for cm in got.items
+    ]
+    return points_of(obj, maps)
