@@ -1,0 +1,357 @@
+"""The prediction-shift and calibration judges wired into ModelRollout: the spec fields, the vector
+query (provider and Prometheus answer), the handler's measurement (one query per judge and arm) and the
+engine's use of the findings (a fail rolls back naming the judge, noData and too few samples hold,
+a pass lets the steps go on, looks are counted in status)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from model_rollouts.analysis import calibration, model_judges
+from model_rollouts.analysis.assess import Policy, assess
+from model_rollouts.api.common import Measurement
+from model_rollouts.api.provider import inline_query_fields
+from model_rollouts.api.shift import ARM_SLOT_RE
+from model_rollouts.engine import rollout as eng
+from model_rollouts.handlers import rollout as handler
+from model_rollouts.handlers.common import check_queries
+from model_rollouts.metrics.errors import ProviderError
+from model_rollouts.metrics.prometheus import interpret_vector
+from model_rollouts.metrics.provider import Budgeted, Result, Vector
+from tests.unit.test_rollout_engine import Driver, ok, spec
+
+BUCKETS = 'sum by (le) (increase(score_bucket{service="{{ service }}"}[{{ window }}]))'
+OUTCOMES = 'sum by (bin, outcome) (increase(cal_total{service="{{ service }}"}[{{ window }}]))'
+SUMS = 'sum by (bin) (increase(cal_sum{service="{{ service }}"}[{{ window }}]))'
+SHIFT = {"name": "scores", "buckets": BUCKETS}
+CAL = {"name": "cal", "outcomes": OUTCOMES, "scoreSums": SUMS}
+EDGES = [0.1 * i for i in range(1, 11)]
+
+
+# -- spec ---------------------------------------------------------------------------------------------
+def test_the_judges_are_fields_of_the_analysis_with_their_limits() -> None:
+    s = spec([{"setWeight": 50}], analysis={"predictionShift": [SHIFT], "calibration": [CAL]})
+    assert s.analysis.predictionShift[0].maxPSI == 0.1 and s.analysis.predictionShift[0].minSamples == 500
+    assert s.analysis.calibration[0].margin == 0.05
+    for bad in ({"maxPSI": 0}, {"minSamples": 0}, {"extra": 1}):
+        with pytest.raises(ValidationError):
+            spec([{"setWeight": 50}], analysis={"predictionShift": [{**SHIFT, **bad}]})
+    for bad in ({"margin": 0}, {"margin": 1}, {"minSamples": 0}):
+        with pytest.raises(ValidationError):
+            spec([{"setWeight": 50}], analysis={"calibration": [{**CAL, **bad}]})
+
+
+def test_the_crd_lists_them_by_name_and_requires_a_query_that_selects_one_arm() -> None:
+    crd = yaml.safe_load(Path("crds/modelrollouts.yaml").read_text())
+    analysis = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "analysis"
+    ]["properties"]
+    for field, query in (("predictionShift", "buckets"), ("calibration", "outcomes")):
+        prop = analysis[field]
+        assert prop["x-kubernetes-list-type"] == "map" and prop["x-kubernetes-list-map-keys"] == ["name"]
+        rules = prop["items"]["x-kubernetes-validations"]
+        rule = next(r for r in rules if r.get("fieldPath") == f".{query}")
+        assert ARM_SLOT_RE in rule["rule"] and "{{ service }}" in rule["message"]
+    # The same expression, read as RE2 reads it: a placeholder of one arm, spaces optional.
+    assert re.search(ARM_SLOT_RE, BUCKETS) and re.search(ARM_SLOT_RE, "x{variant='{{variant}}'}")
+    assert not re.search(ARM_SLOT_RE, "sum by (le) (score_bucket)")
+    assert not re.search(ARM_SLOT_RE, "x{ns='{{ namespace }}'}")
+
+
+def test_their_queries_are_checked_like_others_and_count_as_inline_queries() -> None:
+    s = spec([{"setWeight": 50}], analysis={"predictionShift": [SHIFT], "calibration": [CAL]})
+    fields = dict(handler._queries(s))
+    assert fields["spec.analysis.predictionShift[0].buckets"] == BUCKETS
+    assert fields["spec.analysis.calibration[0].scoreSums"] == SUMS
+    check_queries(handler._queries(s))
+    bad = spec(
+        [{"setWeight": 50}], analysis={"calibration": [{**CAL, "outcomes": OUTCOMES + "{{ segment }}"}]}
+    )
+    with pytest.raises(ProviderError, match=r"spec\.analysis\.calibration\[0\]\.outcomes"):
+        check_queries(handler._queries(bad))
+    inline = inline_query_fields(s, "spec")
+    assert "spec.analysis.predictionShift[0].buckets" in inline
+    assert (
+        "spec.analysis.calibration[0].outcomes" in inline
+        and "spec.analysis.calibration[0].scoreSums" in inline
+    )
+
+
+# -- the vector query -----------------------------------------------------------------------------------
+def _series(labels: dict[str, str], value: str) -> dict[str, Any]:
+    return {"metric": labels, "value": [1.0, value]}
+
+
+def test_a_vector_answer_is_keyed_by_the_asked_labels() -> None:
+    v = interpret_vector([_series({"le": "0.5"}, "3"), _series({"le": "+Inf"}, "7")], ("le",))
+    assert v.ok and v.series == {("0.5",): 3.0, ("+Inf",): 7.0}
+    two = interpret_vector(
+        [_series({"bin": "0.1", "outcome": "positive", "job": "x"}, "2")], ("bin", "outcome")
+    )
+    assert two.series == {("0.1", "positive"): 2.0}
+
+
+@pytest.mark.parametrize(
+    ("data", "outcome", "text"),
+    [
+        ([], "noData", "no series"),
+        ([1.0, "3"], "error", "scalar"),
+        ([_series({}, "3")], "error", "no label le"),
+        ([_series({"le": "1", "a": "x"}, "1"), _series({"le": "1", "a": "y"}, "2")], "error", "aggregate"),
+        ([_series({"le": "1"}, "NaN")], "nan", "NaN"),
+        ([_series({"le": "1"}, "x")], "error", "non-numeric"),
+        ("oops", "error", "unexpected"),
+    ],
+)
+def test_a_vector_answer_that_cannot_be_used_is_never_a_value(data: Any, outcome: str, text: str) -> None:
+    v = interpret_vector(data, ("le",))
+    assert v.outcome == outcome and not v.ok and not v.series
+    assert text.lower() in v.message.lower()
+    assert v.problem().outcome == outcome
+
+
+def test_a_vector_query_after_the_analysis_budget_fails_at_once() -> None:
+    class Slow:
+        calls = 0
+
+        def query(self, promql: str) -> Result:
+            return Result("value", 1.0)
+
+        def query_vector(self, promql: str, labels: tuple[str, ...]) -> Vector:
+            Slow.calls += 1
+            return Vector("value", {("1",): 1.0})
+
+    b = Budgeted(Slow(), 0.0)
+    v = b.query_vector("q", ("le",))
+    assert v.outcome == "error" and "budget" in v.message and Slow.calls == 0
+
+
+# -- the handler's measurement ----------------------------------------------------------------------
+class Fake:
+    """Answers a vector query by the first (service, metric) key found in it; records every query."""
+
+    def __init__(self, answers: dict[tuple[str, str], Vector]) -> None:
+        self.answers = answers
+        self.queries: list[str] = []
+
+    def query(self, promql: str) -> Result:
+        return Result("value", 0.0)
+
+    def query_vector(self, promql: str, labels: tuple[str, ...]) -> Vector:
+        self.queries.append(promql)
+        for (svc, metric), v in self.answers.items():
+            if f'service="{svc}"' in promql and metric in promql:
+                return v
+        return Vector("noData", message="the query returned no series")
+
+
+def _arms() -> dict[str, dict[str, str]]:
+    return {
+        role: handler._placeholders(ref, role, "ns", "60s")
+        for role, ref in (
+            ("stable", handler.VariantRef(service="v1")),
+            ("candidate", handler.VariantRef(service="v2")),
+        )
+    }
+
+
+def _cal_vector(pos: dict[str, float], neg: dict[str, float], sums: dict[str, float]) -> Vector:
+    series = {(b, "positive"): x for b, x in pos.items()}
+    series |= {(b, "negative"): x for b, x in neg.items()}
+    series |= {(b, "scoreSum"): x for b, x in sums.items()}
+    return Vector("value", series)
+
+
+def test_one_vector_query_per_judge_and_arm() -> None:
+    s = spec([{"setWeight": 50}], analysis={"predictionShift": [SHIFT], "calibration": [CAL]})
+    hist = Vector("value", {("0.5",): 10.0, ("1",): 20.0, ("+Inf",): 20.0})
+    cal = _cal_vector({"0.5": 4, "1": 8}, {"0.5": 6, "1": 2}, {"0.5": 4.5, "1": 8.0})
+    p = Fake({(svc, m): v for svc in ("v1", "v2") for m, v in (("score_bucket", hist), ("cal_total", cal))})
+    data = handler.measure_judges(s, p, _arms())  # type: ignore[arg-type]
+    assert len(p.queries) == 4  # two judges x two arms: the score sums ride in the outcomes' query
+    d = data[model_judges.key("predictionShift", "scores")]
+    assert d.problem is None and d.baseline == {"0.5": 10.0, "1": 20.0, "+Inf": 20.0}
+    # The calibration query: the user's outcomes, or the score sums relabelled outcome="scoreSum".
+    cal_q = [q for q in p.queries if "cal_total" in q]
+    assert len(cal_q) == 2 and all(
+        "label_replace((" in q and '"scoreSum"' in q and "cal_sum" in q for q in cal_q
+    )
+    assert all("[60s]" in q for q in p.queries)  # the epoch's window
+
+
+def test_calibration_counts_become_bins_with_their_mean_predictions() -> None:
+    v = _cal_vector({"0.5": 4, "1": 8}, {"0.5": 6, "1": 2}, {"0.5": 4.5, "1": 8.0})
+    b = handler._to_bins(v, True)
+    assert isinstance(b, calibration.CalibrationBins)
+    assert b.upper == (0.5, 1.0) and b.positives == (4.0, 8.0) and b.totals == (10.0, 10.0)
+    assert list(b.confidence()) == [0.45, 0.8]
+    no_sums = handler._to_bins(Vector("value", {("0.5", "true"): 1.0, ("0.5", "false"): 1.0}), False)
+    assert isinstance(no_sums, calibration.CalibrationBins) and no_sums.score_sums is None
+    odd = handler._to_bins(Vector("value", {("0.5", "maybe"): 1.0}), False)
+    assert (
+        isinstance(odd, Result) and odd.outcome == "error" and "neither positive nor negative" in odd.message
+    )
+    bad_bin = handler._to_bins(Vector("value", {("7", "positive"): 1.0}), False)
+    assert isinstance(bad_bin, Result) and bad_bin.outcome == "error"
+    only_sums = handler._to_bins(Vector("value", {("0.5", "scoreSum"): 1.0}), True)
+    assert isinstance(only_sums, Result) and only_sums.outcome == "noData"
+
+
+def test_a_stable_without_data_is_a_problem_named_by_arm_and_the_candidate_is_not_asked() -> None:
+    s = spec([{"setWeight": 50}], analysis={"predictionShift": [SHIFT]})
+    hist = Vector("value", {("1",): 1.0, ("+Inf",): 1.0})
+    p = Fake({("v2", "score_bucket"): hist})
+    d = handler.measure_judges(s, p, _arms())[model_judges.key("predictionShift", "scores")]  # type: ignore[arg-type]
+    assert d.problem is not None and d.problem.outcome == "noData" and d.problem.message.startswith("stable ")
+    assert len(p.queries) == 1
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+def _hist(probs: np.ndarray[Any, Any], n: int) -> dict[str, float]:
+    counts = np.round(np.asarray(probs) * n)
+    cum = np.cumsum(counts)
+    out = {f"{e:.1f}": float(c) for e, c in zip(EDGES, cum, strict=True)}
+    out["+Inf"] = float(cum[-1])
+    return out
+
+
+BASE = np.array([0.0, 0.0, 0.05, 0.1, 0.2, 0.3, 0.2, 0.1, 0.05, 0.0])
+WIDE = np.array([0.05, 0.07, 0.08, 0.1, 0.1, 0.1, 0.1, 0.1, 0.15, 0.15])
+
+
+def _shift_obs(cand: np.ndarray[Any, Any], n: int, n_stable: int | None = None) -> eng.Observations:
+    data = model_judges.JudgeData(baseline=_hist(BASE, n_stable or n), candidate=_hist(cand, n))
+    return eng.Observations(
+        guardrails=ok().guardrails, judges={model_judges.key("predictionShift", "scores"): data}
+    )
+
+
+def _driver(**analysis: Any) -> Driver:
+    return Driver(spec([{"setWeight": 20}, {"setWeight": 100}], analysis=analysis))
+
+
+def test_a_shifted_candidate_is_rolled_back_naming_the_judge() -> None:
+    d = _driver(predictionShift=[SHIFT])
+    d.tick()  # to 20%
+    st = d.tick(_shift_obs(WIDE, 2000))
+    assert st.phase == "RolledBack" and st.weight == 0
+    assert st.history[-1].reason == "PredictionShifted"
+    assert (st.message or "").startswith("prediction-shift judge scores: PSI")
+    m = next(x for x in st.lastAnalysis if x.kind == "predictionShift")
+    assert m.verdict == "fail" and m.details is not None
+    assert m.details["psi"] > 0.1 and m.details["looks"] == 1 and "pValue" in m.details
+    assert max(d.weights) == 20
+
+
+def test_too_few_samples_and_no_data_hold_and_never_promote() -> None:
+    d = _driver(predictionShift=[SHIFT])
+    d.tick()
+    for _ in range(4):
+        st = d.tick(_shift_obs(BASE, 100))  # fewer than minSamples 500
+        assert st.phase == "Progressing" and st.weight == 20
+        assert "not enough scores yet" in (st.message or "")
+    m = next(x for x in st.lastAnalysis if x.kind == "predictionShift")
+    assert m.verdict == "inconclusive" and (m.details or {})["looks"] == 0  # nothing tested: no alpha spent
+    no_data = eng.Observations(
+        guardrails=ok().guardrails,
+        judges={model_judges.key("predictionShift", "scores"): model_judges.JudgeData(
+            problem=Result("noData", message="candidate the query returned no series"))},
+    )  # fmt: skip
+    for _ in range(3):
+        st = d.tick(no_data)
+        assert st.weight == 20 and st.phase == "Progressing"
+    assert "scores: candidate the query returned no series" in (st.message or "")
+    m = next(x for x in st.lastAnalysis if x.kind == "predictionShift")
+    assert m.verdict == "noData" and m.outcome == "noData"
+    # Missing entirely (not measured) is an error, not a pass.
+    st = d.tick(eng.Observations(guardrails=ok().guardrails, judges={}))
+    assert (
+        st.weight == 20 and next(x for x in st.lastAnalysis if x.kind == "predictionShift").verdict == "error"
+    )
+
+
+def test_an_unshifted_candidate_passes_and_its_last_verdict_is_carried_at_full_weight() -> None:
+    d = _driver(predictionShift=[SHIFT])
+    d.tick()
+    st = d.tick(_shift_obs(BASE, 2000, 8000))
+    m = next(x for x in st.lastAnalysis if x.kind == "predictionShift")
+    assert m.verdict == "pass" and st.weight == 100
+    st = d.tick(ok())  # at 100 the stable has no traffic: not measured, the pass is carried
+    carried = next(x for x in st.lastAnalysis if x.kind == "predictionShift")
+    assert carried.carried and carried.verdict == "pass"
+    assert st.phase == "Promoted"
+
+
+def test_looks_are_counted_in_status_and_spend_less_alpha_each() -> None:
+    d = _driver(predictionShift=[SHIFT])
+    d.tick()
+    alphas = []
+    # A small shift: neither shown material nor shown below maxPSI, so the judge keeps looking.
+    mid = 0.88 * BASE + 0.12 * WIDE
+    for _ in range(3):
+        st = d.tick(_shift_obs(mid, 600))
+        m = next(x for x in st.lastAnalysis if x.kind == "predictionShift")
+        assert m.verdict == "inconclusive" and st.weight == 20
+        alphas.append((m.details or {})["alpha"])
+    assert (m.details or {})["looks"] == 3
+    assert alphas == pytest.approx([0.05 / 2, 0.05 / 6, 0.05 / 12])
+
+
+def test_two_judges_share_alpha_and_a_miscalibrated_candidate_rolls_back() -> None:
+    def bins(bias: float) -> calibration.CalibrationBins:
+        upper = (0.5, 0.6, 0.7, 0.8)
+        totals = (1000.0, 1000.0, 1000.0, 1000.0)
+        rates = (0.45, 0.55, 0.65, 0.75)
+        return calibration.CalibrationBins(
+            upper,
+            tuple(r * n for r, n in zip(rates, totals, strict=True)),
+            totals,
+            tuple((r + bias) * n for r, n in zip(rates, totals, strict=True)),
+        )
+
+    d = _driver(predictionShift=[SHIFT], calibration=[{**CAL, "minSamples": 1000}])
+    d.tick()
+    judges = {
+        model_judges.key("predictionShift", "scores"): model_judges.JudgeData(
+            baseline=_hist(BASE, 4000), candidate=_hist(BASE, 4000)
+        ),
+        model_judges.key("calibration", "cal"): model_judges.JudgeData(
+            baseline=bins(0.0), candidate=bins(0.1)
+        ),
+    }
+    st = d.tick(eng.Observations(guardrails=ok().guardrails, judges=judges))
+    assert st.phase == "RolledBack" and st.history[-1].reason == "CalibrationWorse"
+    assert (st.message or "").startswith("calibration judge cal: ECE candidate")
+    m = next(x for x in st.lastAnalysis if x.kind == "calibration")
+    assert m.details is not None and m.details["alpha"] == pytest.approx(0.05 / 2 / 2)  # 2 judges, look 1
+    assert m.details["eceCandidate"] == pytest.approx(0.1) and m.details["eceBaseline"] == pytest.approx(0.0)
+
+
+def test_assess_holds_on_an_inconclusive_judge_and_reports_a_failing_one() -> None:
+    s = spec([{"setWeight": 50}])
+    policy = Policy(s.analysis, [], per_arm=False, breach_holds=True, breach_unhealthy=False)
+
+    def m(kind: str, verdict: str, carried: bool | None = None) -> Measurement:
+        return Measurement(name="j", kind=kind, outcome="value", verdict=verdict, message=f"j {verdict}",
+                           carried=carried)  # type: ignore[arg-type]  # fmt: skip
+
+    a = assess(policy, {"candidate": [m("calibration", "inconclusive")]}, {}, 0)
+    assert a.hold_reasons() == ["j inconclusive"] and a.stopped is None
+    a = assess(policy, {"candidate": [m("predictionShift", "fail")]}, {}, 0)
+    assert a.stopped is not None and a.worse is None
+    carried = assess(
+        policy,
+        {"candidate": [m("predictionShift", "fail", True), m("calibration", "inconclusive", True)]},
+        {},
+        0,
+    )
+    assert carried.stopped is None and carried.hold_reasons() == []
+    # A comparison's inconclusive verdict still does not hold (its evidence gate is at promotion).
+    assert assess(policy, {"candidate": [m("comparison", "inconclusive")]}, {}, 0).hold_reasons() == []
