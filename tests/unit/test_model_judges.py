@@ -355,3 +355,25 @@ def test_assess_holds_on_an_inconclusive_judge_and_reports_a_failing_one() -> No
     assert carried.stopped is None and carried.hold_reasons() == []
     # A comparison's inconclusive verdict still does not hold (its evidence gate is at promotion).
     assert assess(policy, {"candidate": [m("comparison", "inconclusive")]}, {}, 0).hold_reasons() == []
+
+
+def test_the_plugin_shows_each_judge_with_its_numbers() -> None:
+    from model_rollouts.api.common import dump
+    from model_rollouts.cli import render, view
+
+    d = _driver(predictionShift=[SHIFT])
+    d.tick()
+    st = d.tick(_shift_obs(WIDE, 2000))
+    obj = {
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelRollout",
+        "metadata": {"name": "r", "namespace": "ns", "generation": 1},
+        "spec": dump(d.spec),
+        "status": dump(st),
+    }
+    v = view.rollout_view(obj)
+    [j] = v["modelJudges"]
+    assert j["kind"] == "predictionShift" and j["verdict"] == "fail" and j["details"]["psi"] > 0.1
+    text = render.to_text(render.view(v))
+    assert "Model judges: candidate vs stable" in text and "scores" in text and "fail" in text
+    assert f"{j['details']['psi']:.4g}" in text and "2,000/2,000" in text
