@@ -377,3 +377,25 @@ def test_the_plugin_shows_each_judge_with_its_numbers() -> None:
     text = render.to_text(render.view(v))
     assert "Model judges: candidate vs stable" in text and "scores" in text and "fail" in text
     assert f"{j['details']['psi']:.4g}" in text and "2,000/2,000" in text
+
+
+def test_lint_knows_the_judges() -> None:
+    from model_rollouts.cli import lint
+    from tests.integration.test_rollout import rollout
+
+    crds = lint.load_crds()
+
+    def errors(judge: dict[str, Any]) -> list[str]:
+        doc = rollout("r", "http://prom:9090", [{"setWeight": 50}], analysis={"predictionShift": [judge]})
+        return [
+            f"{f.field} {f.message}"
+            for f in lint.lint_document(doc, crds, "t.yaml", 0)
+            if f.severity == "error"
+        ]
+
+    assert errors(SHIFT) == []
+    same = errors({**SHIFT, "buckets": "sum by (le) (x_bucket[{{ window }}])"})
+    assert len(same) == 1 and "predictionShift[0].buckets" in same[0] and "{{ service }}" in same[0]
+    unknown = errors({**SHIFT, "buckets": BUCKETS + " * {{ segment }}"})
+    assert len(unknown) == 1 and "predictionShift[0].buckets" in unknown[0] and "segment" in unknown[0]
+    assert any("maxPSI" in e for e in errors({**SHIFT, "maxPSI": -1}))
