@@ -399,3 +399,24 @@ def test_lint_knows_the_judges() -> None:
     unknown = errors({**SHIFT, "buckets": BUCKETS + " * {{ segment }}"})
     assert len(unknown) == 1 and "predictionShift[0].buckets" in unknown[0] and "segment" in unknown[0]
     assert any("maxPSI" in e for e in errors({**SHIFT, "maxPSI": -1}))
+
+
+def test_the_report_lists_each_judge_in_the_last_numbers() -> None:
+    from model_rollouts.api.common import dump
+    from model_rollouts.report import data, document
+
+    d = _driver(predictionShift=[SHIFT])
+    d.tick()
+    st = d.tick(_shift_obs(WIDE, 2000))
+    obj = {
+        "apiVersion": "mlrollouts.io/v1alpha1",
+        "kind": "ModelRollout",
+        "metadata": {"name": "r", "namespace": "ns", "generation": 1},
+        "spec": dump(d.spec),
+        "status": dump(st),
+    }
+    rows = document.result_rows(data.load(obj))
+    [row] = [r for r in rows if r[1] == "predictionShift"]
+    assert row[0] == "scores" and row[-1] == "fail" and row[4] == "PSI < 0.1"
+    psi = next(m for m in st.lastAnalysis if m.kind == "predictionShift").value
+    assert psi is not None and abs(float(row[2]) - psi) < 0.01
