@@ -203,7 +203,13 @@ class Comparison(CountMetric):
 class Analysis(AnalysisBase):
     guardrails: list[Guardrail] = Field(default_factory=list, max_length=20, json_schema_extra=list_map())
     comparisons: list[Comparison] = Field(default_factory=list, max_length=10, json_schema_extra=list_map())
-    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise error rate of the comparisons.")
+    alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=0.5,
+        description="Family-wise error rate of the comparisons; separately, of the prediction-shift and "
+        "calibration judges (each gets alpha / their number).",
+    )
     onInconclusive: Literal["rollback", "hold", "promote"] = Field(
         default="hold",
         description="What happens when progressDeadline passes while a required comparison has been "
