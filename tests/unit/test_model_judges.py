@@ -256,7 +256,9 @@ def test_too_few_samples_and_no_data_hold_and_never_promote() -> None:
     for _ in range(4):
         st = d.tick(_shift_obs(BASE, 100))  # fewer than minSamples 500
         assert st.phase == "Progressing" and st.weight == 20
-        assert "not enough scores yet" in (st.message or "")
+        assert "prediction-shift judge scores: " in (st.message or "") and "not enough scores yet" in (
+            st.message or ""
+        )
     m = next(x for x in st.lastAnalysis if x.kind == "predictionShift")
     assert m.verdict == "inconclusive" and (m.details or {})["looks"] == 0  # nothing tested: no alpha spent
     no_data = eng.Observations(

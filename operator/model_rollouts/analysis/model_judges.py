@@ -101,7 +101,8 @@ def _judged(
     )
     m = measurement(f, spec.name, kind, "candidate")
     details = {**(m.details or {}), "looks": float(looks + (1 if tested else 0))}
-    return m.model_copy(update={"details": details})
+    # Named as a judge wherever it is quoted (a hold, a rollback, the plugin).
+    return m.model_copy(update={"details": details, "message": f"{KINDS[kind]} {m.message}"})
 
 
 def _finding(
@@ -123,5 +124,5 @@ def _bins(x: object) -> calibration.CalibrationBins | None:
 
 
 def ended(m: Measurement) -> tuple[str, str]:
-    """(reason, message) of a rollout ended by a failing model judge, naming the judge."""
-    return REASONS[m.kind], f"{KINDS[m.kind]} {m.message}"
+    """(reason, message) of a rollout ended by a failing model judge (its message names the judge)."""
+    return REASONS[m.kind], m.message
