@@ -13,6 +13,7 @@ calibration counters; per test the candidate's score distribution is changed thr
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -67,6 +68,12 @@ def _weights_set(obj: dict[str, Any]) -> list[int]:
     return [h["weight"] for h in status(obj).get("history") or [] if h.get("reason") == "StepAdvanced"]
 
 
+def _seconds(obj: dict[str, Any]) -> float:
+    """From the rollout's start to its last transition, by its own history."""
+    times = [datetime.fromisoformat(h["time"].replace("Z", "+00:00")) for h in status(obj)["history"]]
+    return (times[-1] - times[0]).total_seconds()
+
+
 def _finished(o: dict[str, Any]) -> bool:
     return phase(o) in ("Promoted", "RolledBack", "Aborted")
 
@@ -91,7 +98,10 @@ def test_a_shifted_score_distribution_is_stopped_at_its_first_weight(fresh: Stac
     assert d["psi"] >= 0.1 and d["psiDebiased"] >= 0.1 and d["pValue"] <= d["alpha"]
     assert d["baselineN"] >= 500 and d["candidateN"] >= 500
     assert fresh.route_weights()[CANDIDATE] == 0
-    print(f"\nshifted: PSI {d['psi']:.3f}, p {d['pValue']:.2g}, n {d['baselineN']:.0f}/{d['candidateN']:.0f}")
+    n = f"{d['baselineN']:.0f}/{d['candidateN']:.0f}"
+    print(
+        f"\nshifted: PSI {d['psi']:.3f}, p {d['pValue']:.2g}, n {n}, rolled back after {_seconds(obj):.0f}s"
+    )
 
 
 def test_an_unshifted_calibrated_candidate_passes_both_judges_and_is_promoted(fresh: Stack) -> None:
@@ -117,7 +127,7 @@ def test_an_unshifted_calibrated_candidate_passes_both_judges_and_is_promoted(fr
     assert shift["details"]["psi"] < 0.1
     assert abs(cal["details"]["eceCandidate"] - cal["details"]["eceBaseline"]) < 0.05
     print(f"\nunshifted: PSI {shift['details']['psi']:.4f}; ECE {cal['details']['eceCandidate']:.3f} vs "
-          f"{cal['details']['eceBaseline']:.3f}; verdicts seen {sorted(set(verdicts))}")  # fmt: skip
+          f"{cal['details']['eceBaseline']:.3f}; promoted after {_seconds(obj):.0f}s")  # fmt: skip
 
 
 def test_a_miscalibrated_candidate_is_rolled_back_by_the_calibration_judge(fresh: Stack) -> None:
@@ -144,8 +154,9 @@ def test_a_miscalibrated_candidate_is_rolled_back_by_the_calibration_judge(fresh
     assert d["difference"] >= 0.05 and d["ciLow"] > 0
     assert 0.07 <= d["eceCandidate"] <= 0.15 and d["eceCandidate"] > d["eceBaseline"]
     assert fresh.route_weights()[CANDIDATE] == 0
-    print(f"\nmiscalibrated: ECE {d['eceCandidate']:.3f} vs {d['eceBaseline']:.3f}, interval "
-          f"[{d['ciLow']:+.3f}, {d['ciHigh']:+.3f}]")  # fmt: skip
+    ci = f"[{d['ciLow']:+.3f}, {d['ciHigh']:+.3f}]"
+    print(f"\nmiscalibrated: ECE {d['eceCandidate']:.3f} vs {d['eceBaseline']:.3f}, interval {ci}, "
+          f"rolled back after {_seconds(obj):.0f}s")  # fmt: skip
 
 
 def test_the_api_server_refuses_a_judge_query_that_reads_the_same_series_for_both_arms(fresh: Stack) -> None:
