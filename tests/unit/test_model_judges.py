@@ -422,3 +422,22 @@ def test_the_report_lists_each_judge_in_the_last_numbers() -> None:
     assert row[0] == "scores" and row[-1] == "fail" and row[4] == "PSI < 0.1"
     psi = next(m for m in st.lastAnalysis if m.kind == "predictionShift").value
     assert psi is not None and abs(float(row[2]) - psi) < 0.01
+
+
+def test_a_vector_query_runs_within_the_tenants_budget_key() -> None:
+    from model_rollouts.metrics.resolve import Measurement as Measured
+    from model_rollouts.metrics.resolve import Scoped
+
+    seen: list[tuple[str, tuple[str, ...], str | None]] = []
+
+    class Inner:
+        def query(self, promql: str, budget: str | None = None) -> Result:
+            return Result("value", 1.0)
+
+        def query_vector(self, promql: str, labels: tuple[str, ...], budget: str | None = None) -> Vector:
+            seen.append((promql, labels, budget))
+            return Vector("value", {("1",): 1.0})
+
+    p = Measured(Scoped(Inner(), "prom@team-a"), 30.0)  # type: ignore[arg-type]
+    assert p.query_vector("q", ("le",)).ok
+    assert seen == [("q", ("le",), "prom@team-a")]
