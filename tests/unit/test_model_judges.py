@@ -441,3 +441,35 @@ def test_a_vector_query_runs_within_the_tenants_budget_key() -> None:
     p = Measured(Scoped(Inner(), "prom@team-a"), 30.0)  # type: ignore[arg-type]
     assert p.query_vector("q", ("le",)).ok
     assert seen == [("q", ("le",), "prom@team-a")]
+
+
+def test_the_prometheus_provider_answers_a_vector_query_over_http() -> None:
+    import json as json_
+
+    from model_rollouts.metrics.prometheus import PrometheusProvider
+    from tests.harness.tenancy import RecordingServer
+
+    answer = {
+        "status": "success",
+        "data": {
+            "resultType": "vector",
+            "result": [
+                {"metric": {"le": "0.5"}, "value": [1.0, "4"]},
+                {"metric": {"le": "+Inf"}, "value": [1.0, "9"]},
+            ],
+        },
+    }
+    server = RecordingServer(status=200, body=json_.dumps(answer)).start()
+    try:
+        v = PrometheusProvider(server.url, timeout_s=2).query_vector("sum by (le) (x)", ("le",))
+        scalar = PrometheusProvider(server.url, timeout_s=2).query("sum by (le) (x)")
+    finally:
+        server.close()
+    assert v.ok and v.series == {("0.5",): 4.0, ("+Inf",): 9.0}
+    assert scalar.outcome == "error" and "2 series" in scalar.message  # the scalar query refuses it
+    refused = RecordingServer(status=503, body="secret page").start()
+    try:
+        bad = PrometheusProvider(refused.url, timeout_s=2).query_vector("x", ("le",))
+    finally:
+        refused.close()
+    assert bad.outcome == "error" and "secret" not in bad.message and "503" in bad.message
