@@ -20,6 +20,7 @@ from model_rollouts.api.common import Measurement
 from model_rollouts.api.provider import inline_query_fields
 from model_rollouts.api.shift import ARM_SLOT_RE
 from model_rollouts.engine import rollout as eng
+from model_rollouts.handlers import judges
 from model_rollouts.handlers import rollout as handler
 from model_rollouts.handlers.common import check_queries
 from model_rollouts.metrics.errors import ProviderError
@@ -162,6 +163,11 @@ def _arms() -> dict[str, dict[str, str]]:
     }
 
 
+def _measure(s: Any, p: Fake) -> dict[str, model_judges.JudgeData]:
+    arms = _arms()
+    return judges.measure_judges(s.analysis, p, arms["stable"], {"candidate": arms["candidate"]})["candidate"]  # type: ignore[arg-type]
+
+
 def _cal_vector(pos: dict[str, float], neg: dict[str, float], sums: dict[str, float]) -> Vector:
     series = {(b, "positive"): x for b, x in pos.items()}
     series |= {(b, "negative"): x for b, x in neg.items()}
@@ -174,7 +180,7 @@ def test_one_vector_query_per_judge_and_arm() -> None:
     hist = Vector("value", {("0.5",): 10.0, ("1",): 20.0, ("+Inf",): 20.0})
     cal = _cal_vector({"0.5": 4, "1": 8}, {"0.5": 6, "1": 2}, {"0.5": 4.5, "1": 8.0})
     p = Fake({(svc, m): v for svc in ("v1", "v2") for m, v in (("score_bucket", hist), ("cal_total", cal))})
-    data = handler.measure_judges(s, p, _arms())  # type: ignore[arg-type]
+    data = _measure(s, p)
     assert len(p.queries) == 4  # two judges x two arms: the score sums ride in the outcomes' query
     d = data[model_judges.key("predictionShift", "scores")]
     assert d.problem is None and d.baseline == {"0.5": 10.0, "1": 20.0, "+Inf": 20.0}
@@ -188,19 +194,19 @@ def test_one_vector_query_per_judge_and_arm() -> None:
 
 def test_calibration_counts_become_bins_with_their_mean_predictions() -> None:
     v = _cal_vector({"0.5": 4, "1": 8}, {"0.5": 6, "1": 2}, {"0.5": 4.5, "1": 8.0})
-    b = handler._to_bins(v, True)
+    b = judges.to_bins(v, True)
     assert isinstance(b, calibration.CalibrationBins)
     assert b.upper == (0.5, 1.0) and b.positives == (4.0, 8.0) and b.totals == (10.0, 10.0)
     assert list(b.confidence()) == [0.45, 0.8]
-    no_sums = handler._to_bins(Vector("value", {("0.5", "true"): 1.0, ("0.5", "false"): 1.0}), False)
+    no_sums = judges.to_bins(Vector("value", {("0.5", "true"): 1.0, ("0.5", "false"): 1.0}), False)
     assert isinstance(no_sums, calibration.CalibrationBins) and no_sums.score_sums is None
-    odd = handler._to_bins(Vector("value", {("0.5", "maybe"): 1.0}), False)
+    odd = judges.to_bins(Vector("value", {("0.5", "maybe"): 1.0}), False)
     assert (
         isinstance(odd, Result) and odd.outcome == "error" and "neither positive nor negative" in odd.message
     )
-    bad_bin = handler._to_bins(Vector("value", {("7", "positive"): 1.0}), False)
+    bad_bin = judges.to_bins(Vector("value", {("7", "positive"): 1.0}), False)
     assert isinstance(bad_bin, Result) and bad_bin.outcome == "error"
-    only_sums = handler._to_bins(Vector("value", {("0.5", "scoreSum"): 1.0}), True)
+    only_sums = judges.to_bins(Vector("value", {("0.5", "scoreSum"): 1.0}), True)
     assert isinstance(only_sums, Result) and only_sums.outcome == "noData"
 
 
@@ -208,7 +214,7 @@ def test_a_stable_without_data_is_a_problem_named_by_arm_and_the_candidate_is_no
     s = spec([{"setWeight": 50}], analysis={"predictionShift": [SHIFT]})
     hist = Vector("value", {("1",): 1.0, ("+Inf",): 1.0})
     p = Fake({("v2", "score_bucket"): hist})
-    d = handler.measure_judges(s, p, _arms())[model_judges.key("predictionShift", "scores")]  # type: ignore[arg-type]
+    d = _measure(s, p)[model_judges.key("predictionShift", "scores")]
     assert d.problem is not None and d.problem.outcome == "noData" and d.problem.message.startswith("stable ")
     assert len(p.queries) == 1
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 import kopf
 
-from model_rollouts.analysis import calibration, model_judges, segments, stats
+from model_rollouts.analysis import segments, stats
 from model_rollouts.analysis.delay import label_window
-from model_rollouts.api.calibration import Calibration
 from model_rollouts.api.common import GROUP, VERSION, format_duration, parse_duration
 from model_rollouts.api.notification import Gate
 from model_rollouts.api.rollout import (
@@ -33,8 +31,9 @@ from model_rollouts.api.rollout import (
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common, shards
 from model_rollouts.handlers.controller import Controller
+from model_rollouts.handlers.judges import measure_judges
 from model_rollouts.kube.readiness import service_ready
-from model_rollouts.metrics.provider import MetricProvider, Result, Vector, redact, render
+from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.notify import sender as notify_sender
 from model_rollouts.traffic import registry
 from model_rollouts.traffic.router import RETIRED, Arm
@@ -137,93 +136,15 @@ def measure(
             "stable": _placeholders(stable_ref, "stable", namespace, since),
             "candidate": _placeholders(spec.candidate, "candidate", namespace, since),
         }
-        judges = measure_judges(spec, provider, arms)
+        judges = measure_judges(spec.analysis, provider, arms["stable"], {"candidate": arms["candidate"]})[
+            "candidate"
+        ]
     return engine.Observations(
         guardrails=guardrails,
         comparisons=comparisons,
         candidate_ready=candidate_ready(spec, namespace),
         judges=judges,
     )
-
-
-# -- the model judges (prediction shift, calibration): one vector query per judge and arm ------------
-#: Outcome label values read as a positive / a negative label.
-POSITIVE_OUTCOMES = ("positive", "true", "1")
-NEGATIVE_OUTCOMES = ("negative", "false", "0")
-#: The ``outcome`` value the score sums are given in the calibration judge's one query.
-SCORE_SUM = "scoreSum"
-
-
-def measure_judges(
-    spec: ModelRolloutSpec, provider: MetricProvider, arms: dict[str, dict[str, str]]
-) -> dict[str, model_judges.JudgeData]:
-    """Both arms' observations of every model judge in the current epoch (``{{ window }}``: since it
-    started). One vector query per judge and arm; the stable's first (a problem there skips the other)."""
-    out: dict[str, model_judges.JudgeData] = {}
-    for p in spec.analysis.predictionShift:
-        read_buckets = partial(_buckets, provider, p.buckets)
-        out[model_judges.key("predictionShift", p.name)] = _judge_data(arms, read_buckets)
-    for c in spec.analysis.calibration:
-        out[model_judges.key("calibration", c.name)] = _judge_data(arms, partial(_bins, provider, c))
-    return out
-
-
-def _judge_data(
-    arms: dict[str, dict[str, str]], read: Callable[[dict[str, str]], object]
-) -> model_judges.JudgeData:
-    got: dict[str, object] = {}
-    for role in ("stable", "candidate"):
-        x = read(arms[role])
-        if isinstance(x, Result):
-            return model_judges.JudgeData(problem=Result(x.outcome, message=f"{role} {x.message}"))
-        got[role] = x
-    return model_judges.JudgeData(baseline=got["stable"], candidate=got["candidate"])  # type: ignore[arg-type]
-
-
-def _buckets(provider: MetricProvider, template: str, values: dict[str, str]) -> dict[str, float] | Result:
-    """One arm's cumulative histogram buckets by ``le``."""
-    v = provider.query_vector(render(template, values), ("le",))
-    return {le: x for (le,), x in v.series.items()} if v.ok else v.problem()
-
-
-def _bins(
-    provider: MetricProvider, c: Calibration, values: dict[str, str]
-) -> calibration.CalibrationBins | Result:
-    """One arm's calibration bins: outcomes by (bin, outcome) and, with scoreSums, the score sums by bin
-    in the same query (``or``, as outcome="scoreSum")."""
-    q = render(c.outcomes, values)
-    if c.scoreSums:
-        sums = render(c.scoreSums, values)
-        q = f'(\n{q}\n) or label_replace((\n{sums}\n), "outcome", "{SCORE_SUM}", "", "")'
-    return _to_bins(provider.query_vector(q, ("bin", "outcome")), c.scoreSums is not None)
-
-
-def _to_bins(v: Vector, with_sums: bool) -> calibration.CalibrationBins | Result:
-    if not v.ok:
-        return v.problem()
-    pos: dict[str, float] = {}
-    neg: dict[str, float] = {}
-    sums: dict[str, float] = {}
-    for (b, outcome), x in v.series.items():
-        kind = outcome.lower()
-        into = (
-            pos
-            if kind in POSITIVE_OUTCOMES
-            else neg
-            if kind in NEGATIVE_OUTCOMES
-            else sums
-            if kind == SCORE_SUM.lower()
-            else None
-        )
-        if into is None:
-            return Result("error", message=f"outcome {redact(outcome)} is neither positive nor negative")
-        into[b] = into.get(b, 0.0) + x
-    if not pos and not neg:
-        return Result("noData", message="no labelled predictions")
-    try:
-        return calibration.calibration_bins(pos, neg, sums if with_sums else None)
-    except ValueError as e:
-        return Result("error", message=f"bad calibration bins: {redact(str(e))}")
 
 
 def _measure_comparison(
