@@ -479,3 +479,66 @@ def test_the_prometheus_provider_answers_a_vector_query_over_http() -> None:
     finally:
         refused.close()
     assert bad.outcome == "error" and "secret" not in bad.message and "503" in bad.message
+
+
+# -- ModelExperiment: each variant against the control ---------------------------------------------------
+def _exp_obs(shifted: set[str], n: int, names: tuple[str, ...] = ("control", "v1", "v2")) -> Any:
+    from model_rollouts.analysis.stats import ProportionData
+    from model_rollouts.engine.experiment import Observations, VariantObservation
+
+    # The primary metric far from any decision (the judges' scores are another count).
+    primary, g = ProportionData(50, 100), {"error-rate": Result("value", 0.0)}
+    variants = {v: VariantObservation(primary=primary, guardrails=g) for v in names}
+    judged = {
+        v: {
+            model_judges.key("predictionShift", "scores"): model_judges.JudgeData(
+                baseline=_hist(BASE, n), candidate=_hist(WIDE if v in shifted else BASE, n)
+            )
+        }
+        for v in names
+        if v != "control"
+    }
+    return Observations(variants=variants, judges=judged)
+
+
+def test_an_experiment_drops_a_shifted_variant_and_holds_while_the_judges_are_undecided() -> None:
+    from tests.unit.test_experiment_engine import events, make_spec, start, step, weights
+
+    spec = make_spec(3, analysis={"predictionShift": [SHIFT]})
+    d = start(spec)
+    d = step(spec, d, 5, _exp_obs(set(), 100))  # fewer than minSamples: the decision holds
+    assert d.status.phase == "Running" and "model judges undecided" in (d.status.message or "")
+    assert "v1: prediction-shift judge scores: " in (d.status.message or "")
+    d = step(spec, d, 10, _exp_obs({"v2"}, 3000))
+    v2 = next(v for v in d.status.variants if v.name == "v2")
+    assert not v2.active and "v2: prediction-shift judge scores: PSI" in (v2.reason or "")
+    assert weights(d) == {"control": 50, "v1": 50, "v2": 0} and "VariantDropped" in events(d)
+    judged = [m for m in d.status.lastAnalysis if m.kind == "predictionShift"]
+    assert {(m.variant, m.verdict) for m in judged} >= {("v1", "pass")}
+    # Each variant counts its own looks (v1 judged twice: once too small, once tested).
+    v1 = next(m for m in judged if m.variant == "v1")
+    assert (v1.details or {})["looks"] == 1
+
+
+def test_an_experiments_judges_are_measured_once_for_the_control() -> None:
+    from model_rollouts.handlers import experiment as exp_handler
+
+    spec = exp_spec = _exp_spec()
+    hist = Vector("value", {("0.5",): 10.0, ("+Inf",): 20.0})
+    p = Fake({(svc, "score_bucket"): hist for svc in ("svc-a", "svc-b", "svc-c")})
+    control = exp_handler._placeholders(spec.variants[0], "ns", "60s")
+    others = {v.name: exp_handler._placeholders(v, "ns", "60s") for v in exp_spec.variants[1:]}
+    out = judges.measure_judges(spec.analysis, p, control, others, baseline_name="control control")
+    assert len(p.queries) == 3 and set(out) == {"v1", "v2"}
+    assert ("spec.analysis.predictionShift[0].buckets", BUCKETS) in exp_handler._queries(spec)
+    p_bad = Fake({})
+    bad = judges.measure_judges(spec.analysis, p_bad, control, others, baseline_name="control control")
+    assert len(p_bad.queries) == 1  # the control failed: the variants are not asked
+    problem = bad["v1"][model_judges.key("predictionShift", "scores")].problem
+    assert problem is not None and problem.message.startswith("control control ")
+
+
+def _exp_spec() -> Any:
+    from tests.unit.test_experiment_engine import make_spec
+
+    return make_spec(3, analysis={"predictionShift": [SHIFT]})

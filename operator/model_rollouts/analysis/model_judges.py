@@ -57,9 +57,13 @@ def measurements(
     alpha: float,
     data: Mapping[str, JudgeData] | None,
     previous: Sequence[Measurement],
+    variant: str = "candidate",
 ) -> list[Measurement]:
-    """This analysis's measurement of every model judge; ``data`` None: not measured (carry the last)."""
-    last: dict[tuple[str, str], Measurement] = {(m.kind, m.name): m for m in previous if m.kind in KINDS}
+    """This analysis's measurement of every model judge of ``variant`` (a rollout's candidate, an
+    experiment's variant); ``data`` None: not measured (carry the last)."""
+    last: dict[tuple[str, str], Measurement] = {
+        (m.kind, m.name): m for m in previous if m.kind in KINDS and (m.variant or "candidate") == variant
+    }
     if data is None:
         return [
             last[(kind, s.name)].model_copy(update={"carried": True})
@@ -70,9 +74,9 @@ def measurements(
     each = alpha / max(1, len(shifts) + len(calibrations))
     out = []
     for s in shifts:
-        out.append(_judged("predictionShift", s, s.minSamples, each, data, last))
+        out.append(_judged("predictionShift", s, s.minSamples, each, data, last, variant))
     for c in calibrations:
-        out.append(_judged("calibration", c, c.minSamples, each, data, last))
+        out.append(_judged("calibration", c, c.minSamples, each, data, last, variant))
     return out
 
 
@@ -83,6 +87,7 @@ def _judged(
     alpha: float,
     data: Mapping[str, JudgeData],
     last: Mapping[tuple[str, str], Measurement],
+    variant: str,
 ) -> Measurement:
     prev = last.get((kind, spec.name))
     looks = int((prev.details or {}).get("looks", 0)) if prev is not None else 0
@@ -99,10 +104,11 @@ def _judged(
         f.verdict == "inconclusive"
         and min(f.numbers.get("baselineN", 0.0), f.numbers.get("candidateN", 0.0)) >= min_samples
     )
-    m = measurement(f, spec.name, kind, "candidate")
+    m = measurement(f, spec.name, kind, variant)
     details = {**(m.details or {}), "looks": float(looks + (1 if tested else 0))}
-    # Named as a judge wherever it is quoted (a hold, a rollback, the plugin).
-    return m.model_copy(update={"details": details, "message": f"{KINDS[kind]} {m.message}"})
+    # Named as a judge (and, in an experiment, with its variant) wherever it is quoted.
+    text = f"{KINDS[kind]} {m.message}" if variant == "candidate" else f"{variant}: {KINDS[kind]} {m.message}"
+    return m.model_copy(update={"details": details, "message": text})
 
 
 def _finding(

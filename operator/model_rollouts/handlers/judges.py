@@ -27,6 +27,17 @@ class HasJudges(Protocol):
     def calibration(self) -> Sequence[Calibration]: ...
 
 
+def judge_queries(analysis: HasJudges) -> list[tuple[str, str | None]]:
+    """(field, query) of every model judge's query, for the template checks."""
+    out: list[tuple[str, str | None]] = [
+        (f"spec.analysis.predictionShift[{i}].buckets", p.buckets)
+        for i, p in enumerate(analysis.predictionShift)
+    ]
+    for i, k in enumerate(analysis.calibration):
+        out += [(f"spec.analysis.calibration[{i}].{f}", getattr(k, f)) for f in ("outcomes", "scoreSums")]
+    return out
+
+
 def measure_judges(
     analysis: HasJudges,
     provider: MetricProvider,

@@ -31,7 +31,7 @@ from model_rollouts.api.rollout import (
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common, shards
 from model_rollouts.handlers.controller import Controller
-from model_rollouts.handlers.judges import measure_judges
+from model_rollouts.handlers.judges import judge_queries, measure_judges
 from model_rollouts.kube.readiness import service_ready
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.notify import sender as notify_sender
@@ -90,15 +90,7 @@ def _queries(spec: ModelRolloutSpec, namespace: str = "default") -> list[tuple[s
             for fs in common.METRIC_FIELDS.values()
             for f in fs
         ]
-    out += [
-        (f"spec.analysis.predictionShift[{i}].buckets", p.buckets)
-        for i, p in enumerate(spec.analysis.predictionShift)
-    ]
-    for i, k in enumerate(spec.analysis.calibration):
-        out += [
-            (f"spec.analysis.calibration[{i}].outcomes", k.outcomes),
-            (f"spec.analysis.calibration[{i}].scoreSums", k.scoreSums),
-        ]
+    out += judge_queries(spec.analysis)
     return out
 
 
