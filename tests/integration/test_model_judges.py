@@ -20,7 +20,17 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from tests.harness.cluster import ControlPlane
-from tests.harness.objects import CANDIDATE, ROUTE, STABLE, delete_all, phase, rollout, status
+from tests.harness.objects import (
+    CANDIDATE,
+    EXPERIMENTS,
+    ROUTE,
+    STABLE,
+    delete_all,
+    experiment,
+    phase,
+    rollout,
+    status,
+)
 from tests.harness.stack import Stack, httproute
 
 P = "modelrollouts"
@@ -57,7 +67,7 @@ def fresh(stack: Stack) -> Iterator[Stack]:
     stack.servers[CANDIDATE].set(score_concentration=STABLE_CONCENTRATION, score_bias=0.0)
     stack.apply(httproute(ROUTE, stack.namespace, {STABLE: 100, CANDIDATE: 0}))
     yield stack
-    delete_all(stack, P)
+    delete_all(stack, P, EXPERIMENTS)
 
 
 def _judged(obj: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -193,3 +203,30 @@ def test_a_judge_without_data_holds_the_weight_and_never_promotes(fresh: Stack) 
     assert m["verdict"] == "noData" and "stable the query returned no series" in m["message"]
     assert "score-shape: stable the query returned no series" in st["message"]
     assert fresh.route_weights()[CANDIDATE] == 40
+
+
+def test_an_experiment_drops_a_variant_whose_scores_shifted(fresh: Stack) -> None:
+    assert fresh.prom is not None
+    fresh.servers[CANDIDATE].set(score_concentration=3.0)
+    variants = [
+        {"name": "control", "service": STABLE, "control": True},
+        {"name": "wide", "service": CANDIDATE},
+    ]
+    doc = experiment(
+        "shifted-exp",
+        fresh.prom.url,
+        variants,
+        ROUTE,
+        analysis={"predictionShift": [SHIFT]},
+        stoppingRules={"minSamplesPerVariant": 100000},  # no primary-metric decision in this test
+    )
+    fresh.apply(doc)
+    obj = fresh.wait_for(EXPERIMENTS, "shifted-exp", lambda o: phase(o) in ("RolledBack", "Concluded"), 180)
+    st = status(obj)
+    wide = next(v for v in st["variants"] if v["name"] == "wide")
+    assert not wide["active"] and wide["weight"] == 0
+    assert "wide: prediction-shift judge score-shape: PSI" in wide["reason"]
+    assert st["phase"] == "RolledBack", st.get("message")
+    m = next(m for m in st["lastAnalysis"] if m["kind"] == "predictionShift")
+    assert m["variant"] == "wide" and m["verdict"] == "fail" and m["details"]["psi"] >= 0.1
+    assert fresh.route_weights()[CANDIDATE] == 0
