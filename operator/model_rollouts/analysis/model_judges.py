@@ -1,6 +1,8 @@
 """The model judges of one analysis: prediction shift (:mod:`.shift`) and calibration (:mod:`.calibration`).
 
-Pure: from both arms' observations (measured by the handler) to one :class:`Measurement` per judge.
+Pure: from both arms' observations (measured by the handler) to one :class:`Measurement` per judge
+and judged arm: a rollout's candidate against its stable, or each experiment variant against the
+control (``variant``; each keeps its own look count).
 
 - Each judge runs at ``alpha / J`` (J: the number of model judges of the object; Bonferroni, apart from
   the comparisons' family) and spends it over looks (``alpha / (k (k + 1))`` at look k), so it may be
