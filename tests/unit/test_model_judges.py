@@ -542,3 +542,33 @@ def _exp_spec() -> Any:
     from tests.unit.test_experiment_engine import make_spec
 
     return make_spec(3, analysis={"predictionShift": [SHIFT]})
+
+
+# -- shadow steps ---------------------------------------------------------------------------------------
+SHADOW = [{"shadow": {"percent": 20, "duration": "30s"}}, {"setWeight": 50}, {"setWeight": 100}]
+
+
+def test_a_shifted_candidate_is_stopped_in_a_shadow_step() -> None:
+    d = Driver(spec(SHADOW, analysis={"predictionShift": [SHIFT], "calibration": [CAL]}))
+    d.tick()  # the shadow starts: weight 0, 20% mirrored
+    assert d.status.shadowPercent == 20
+    st = d.tick(_shift_obs(WIDE, 1000, 5000))  # no calibration data: labels need users
+    assert st.phase == "RolledBack" and st.history[-1].reason == "PredictionShifted"
+    assert "prediction-shift judge scores" in (st.message or "") and "shadow step" in (st.message or "")
+    assert max(d.weights) == 0  # no user ever got the candidate's answers
+
+
+def test_in_a_shadow_step_calibration_waits_for_the_first_weight_and_the_shift_judge_decides() -> None:
+    d = Driver(spec(SHADOW, analysis={"predictionShift": [SHIFT], "calibration": [CAL]}))
+    d.tick()
+    for _ in range(6):
+        st = d.tick(_shift_obs(BASE, 1000, 5000))
+        if st.weight:
+            break
+        kinds = {m.kind for m in st.lastAnalysis if not m.carried}
+        assert "calibration" not in kinds and "predictionShift" in kinds
+    assert st.weight == 50  # the shadow ended after its 30 s: nothing held it
+    # From the first weight the calibration judge is measured, and it holds until it has labels.
+    st = d.tick(_shift_obs(BASE, 1000, 5000))
+    cal = next(m for m in st.lastAnalysis if m.kind == "calibration")
+    assert cal.verdict == "error" and st.weight == 50  # not measured here: never a pass

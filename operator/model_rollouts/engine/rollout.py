@@ -538,7 +538,10 @@ def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -
     """
     out = [threshold.measure(g, obs.guardrails.get(g.name), "candidate") for g in spec.analysis.guardrails]
     a = spec.analysis
-    out += model_judges.measurements(a.predictionShift, a.calibration, a.alpha, obs.judges, s.lastAnalysis)
+    judged = model_judges.measurements(a.predictionShift, a.calibration, a.alpha, obs.judges, s.lastAnalysis)
+    # In a shadow step no user sees the candidate's answers, so none is labelled: calibration is
+    # judged from the first weight (the prediction shift, from the model's own scores, in shadow too).
+    out += [m for m in judged if m.kind != "calibration"] if in_shadow(s) else judged
     m = len(spec.analysis.comparisons)
     if not measure_comparisons(s):
         prev = {x.name: x for x in s.lastAnalysis if x.kind == "comparison"}
@@ -563,6 +566,11 @@ def _unseen_in_shadow(s: ModelRolloutStatus, m: Measurement) -> Measurement:
         return m
     why = f"{m.message}; not measurable in a shadow step (no user sees the candidate's answers)"
     return m.model_copy(update={"verdict": "inconclusive", "message": why})
+
+
+def in_shadow(s: ModelRolloutStatus) -> bool:
+    """A shadow step runs: candidate weight 0, mirrored copies only."""
+    return not s.weight and bool(s.shadowPercent)
 
 
 def _share(s: ModelRolloutStatus) -> int:

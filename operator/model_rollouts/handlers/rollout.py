@@ -128,7 +128,13 @@ def measure(
             "stable": _placeholders(stable_ref, "stable", namespace, since),
             "candidate": _placeholders(spec.candidate, "candidate", namespace, since),
         }
-        judges = measure_judges(spec.analysis, provider, arms["stable"], {"candidate": arms["candidate"]})[
+        # In a shadow step the candidate's answers are labelled by no one: no calibration query.
+        judged = (
+            spec.analysis.model_copy(update={"calibration": []})
+            if engine.in_shadow(status)
+            else spec.analysis
+        )
+        judges = measure_judges(judged, provider, arms["stable"], {"candidate": arms["candidate"]})[
             "candidate"
         ]
     return engine.Observations(
