@@ -65,9 +65,8 @@ def measure_judges(
                 continue
             x = read(values)
             if isinstance(x, Result):
-                role = "candidate" if name == "candidate" else name
                 out[name][key] = model_judges.JudgeData(
-                    problem=Result(x.outcome, message=f"{role} {x.message}")
+                    problem=Result(x.outcome, message=f"{name} {x.message}")
                 )
             else:
                 out[name][key] = model_judges.JudgeData(baseline=base, candidate=x)  # type: ignore[arg-type]
