@@ -28,6 +28,7 @@ from model_rollouts.api.rollout import (
     ModelRolloutStatus,
     VariantRef,
 )
+from model_rollouts.engine import post
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common, shards
 from model_rollouts.handlers.controller import Controller
@@ -40,7 +41,17 @@ from model_rollouts.traffic.router import CANDIDATE, RETIRED, Arm, Mirror
 
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
-PHASES = ("Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid", "Idle")
+PHASES = (
+    "Pending",
+    "Progressing",
+    "Paused",
+    "Baking",
+    "Promoted",
+    "RolledBack",
+    "Aborted",
+    "Invalid",
+    "Idle",
+)
 ANNOTATIONS = (
     ANNOTATION_PROMOTE,
     ANNOTATION_PROMOTE_FULL,
@@ -91,6 +102,27 @@ def _queries(spec: ModelRolloutSpec, namespace: str = "default") -> list[tuple[s
             for f in fs
         ]
     out += judge_queries(spec.analysis)
+    return out + _post_queries(spec, namespace)
+
+
+def _post_queries(spec: ModelRolloutSpec, namespace: str) -> list[tuple[str, str | None]]:
+    """The queries of spec.postPromotion (its own guardrails and comparisons), named by their field."""
+    pp = spec.postPromotion
+    if pp is None:
+        return []
+    at = "spec.postPromotion"
+    gs = [
+        common.resolve_metric(g, f"{at}.guardrails[{i}]", namespace, ("query",))
+        for i, g in enumerate(pp.guardrails)
+    ]
+    out: list[tuple[str, str | None]] = [(f"{at}.guardrails[{i}].query", g.query) for i, g in enumerate(gs)]
+    for i, c in enumerate(pp.comparisons):
+        c = common.resolve_metric(c, f"{at}.comparisons[{i}]", namespace, common.METRIC_FIELDS[c.type])
+        out += [
+            (f"{at}.comparisons[{i}].{f}", _segment_free(c, getattr(c, f)))
+            for fs in common.METRIC_FIELDS.values()
+            for f in fs
+        ]
     return out
 
 
@@ -121,7 +153,9 @@ def measure(
             refs = {"stable": stable_ref, "candidate": spec.candidate}
             comparisons.update(_measure_comparison(c, provider, refs, namespace, started))
     judges = None
-    if (spec.analysis.predictionShift or spec.analysis.calibration) and status.weight < 100:
+    # Below weight 100 while rolling out (a shadow step included); not after promotion (bake, holdout).
+    judged_now = status.weight < 100 and status.phase != post.PHASE
+    if (spec.analysis.predictionShift or spec.analysis.calibration) and judged_now:
         started = status.epochStartedAt or status.revisionStartedAt or common.now()
         since = format_duration((common.now() - started).total_seconds())
         arms = {
@@ -260,7 +294,9 @@ class RolloutController(Controller[ModelRolloutSpec, ModelRolloutStatus]):
     ) -> engine.Observations | None:
         if not self.due(spec, status, now):  # pacing lives in status
             return None
-        observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
+        # In the bake and holdout, the post-promotion guardrails and comparisons (engine/post.py).
+        measured = post.measured_spec(spec, status)
+        observations = self.measured(provider, lambda: measure(measured, status, provider, self.namespace))
         self.count_errors(observations.guardrails.values())
         self.count_errors(d.problem for d in observations.comparisons.values() if d.problem is not None)
         return observations
