@@ -9,6 +9,9 @@
   toward ``errorLimit`` consecutive analyses; it never fails by itself. Reaching the limit applies
   ``onErrorLimit`` (rollback, or hold with ``Healthy=False``).
 - A fresh comparison that fails (the candidate is worse) is reported; the engine decides what it means.
+- A model judge (prediction shift, calibration): a fresh fail is reported (``stopped``) like a failing
+  comparison; a fresh inconclusive one (too few samples, not enough evidence yet) holds, like missing
+  data: nothing advances, promotes or is decided on it, and it is never a pass.
 - Healthy: ErrorLimitReached (False) > an engine-specific failing reason (False) > a failed arm or,
   where ``breach_unhealthy``, any breach (False, GuardrailBreached) > missing data (Unknown,
   MeasurementError or NoData) > AnalysisPassing (True).
@@ -27,6 +30,8 @@ from typing import Literal
 from model_rollouts.api.common import AnalysisBase, Guardrail, Measurement
 
 HealthStatus = Literal["True", "False", "Unknown"]
+#: The measurement kinds of the model judges (analysis/model_judges.py).
+MODEL_JUDGE_KINDS = ("predictionShift", "calibration")
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class Assessment:
     no_data_fail: dict[str, Measurement] = field(default_factory=dict)
     #: The first fresh comparison that failed.
     worse: Measurement | None = None
+    #: The first fresh model judge (prediction shift, calibration) that failed.
+    stopped: Measurement | None = None
 
     @property
     def fresh(self) -> list[Measurement]:
@@ -94,6 +101,16 @@ class Assessment:
             if arms is None or arm in arms
             for m in ms
             if not m.carried and m.verdict in ("noData", "error")
+        ]
+
+    def undecided_judges(self, arms: Sequence[str] | None = None) -> list[Measurement]:
+        """Fresh model-judge measurements that are inconclusive (of ``arms``, default all): they hold."""
+        return [
+            m
+            for arm, ms in self.by_arm.items()
+            if arms is None or arm in arms
+            for m in ms
+            if not m.carried and m.kind in MODEL_JUDGE_KINDS and m.verdict == "inconclusive"
         ]
 
     @property
@@ -144,6 +161,7 @@ class Assessment:
     def hold_reasons(self, arms: Sequence[str] | None = None) -> list[str]:
         """Why nothing may advance, promote or be decided on this analysis (empty: nothing holds)."""
         out = [m.message for m in self.missing(arms)]
+        out += [m.message for m in self.undecided_judges(arms)]
         if self.policy.breach_holds:
             out += [b.text() for b in self.breached() if arms is None or b.arm in arms]
         return out
@@ -200,5 +218,6 @@ def assess(
         if no_data is not None and policy.analysis.noData == "fail":
             a.no_data_fail[arm] = no_data
     a.worse = next((m for m in a.fresh if m.kind == "comparison" and m.verdict == "fail"), None)
+    a.stopped = next((m for m in a.fresh if m.kind in MODEL_JUDGE_KINDS and m.verdict == "fail"), None)
     a.consecutive_errors = consecutive_errors + 1 if a.error else 0
     return a

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model_rollouts.api.common import ArmCounts, Measurement, Outcome, VariantVerdict, Verdict
+from model_rollouts.api.common import (
+    ArmCounts,
+    Measurement,
+    MeasurementKind,
+    Outcome,
+    VariantVerdict,
+    Verdict,
+)
 
 __all__ = [
     "ROLES",
@@ -51,9 +58,7 @@ class Finding:
     numbers: dict[str, float] = field(default_factory=dict)
 
 
-def measurement(
-    f: Finding, name: str, kind: Literal["guardrail", "comparison"], variant: str | None
-) -> Measurement:
+def measurement(f: Finding, name: str, kind: MeasurementKind, variant: str | None) -> Measurement:
     """A finding as it is stored in status (``lastAnalysis``)."""
     return Measurement(
         name=name,

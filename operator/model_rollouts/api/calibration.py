@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from model_rollouts.api.common import Model, Name, PromQL
+from model_rollouts.api.common import Model, Name, PromQL, cel
+from model_rollouts.api.shift import ARM_SLOT_RE, arm_rule
 
 DEFAULT_MARGIN = 0.05
 DEFAULT_MIN_SAMPLES = 500
@@ -12,6 +13,20 @@ DEFAULT_MIN_SAMPLES = 500
 
 class Calibration(Model):
     """Roll back a candidate whose predicted probabilities are less calibrated than the stable's."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                arm_rule("outcomes"),
+                cel(
+                    f"!has(self.scoreSums) || self.scoreSums.matches('{ARM_SLOT_RE}')",
+                    "scoreSums must select one arm with {{ service }} (or {{ variant }}, {{ deployment }})",
+                    ".scoreSums",
+                ),
+            ]
+        },
+    )
 
     name: Name
     outcomes: PromQL = Field(

@@ -486,11 +486,15 @@ class SegmentRow(Model):
     )
 
 
+#: What judged a measurement: a guardrail, a comparison, or a model judge (prediction shift, calibration).
+MeasurementKind = Literal["guardrail", "comparison", "predictionShift", "calibration"]
+
+
 class Measurement(Model):
     """One evaluated metric with the numbers behind its verdict."""
 
     name: str
-    kind: Literal["guardrail", "comparison"]
+    kind: MeasurementKind
     variant: str | None = None
     outcome: Outcome
     value: float | None = None
@@ -511,7 +515,7 @@ class SeriesValue(Model):
     """One metric of one analysis in status.series (numbers rounded to 5 significant digits)."""
 
     name: str
-    kind: Literal["guardrail", "comparison"]
+    kind: MeasurementKind
     variant: str | None = None
     verdict: str
     value: float | None = Field(

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
+from model_rollouts.api.calibration import Calibration
 from model_rollouts.api.common import (
     AnalysisBase,
     CountMetric,
@@ -25,6 +26,7 @@ from model_rollouts.api.common import (
     list_map,
 )
 from model_rollouts.api.notification import NOTIFICATIONS_FIELD, NotificationRef
+from model_rollouts.api.shift import PredictionShift
 
 KIND = "ModelExperiment"
 PLURAL = "modelexperiments"
@@ -125,6 +127,22 @@ class ExperimentAnalysis(AnalysisBase):
         default="drop",
         description="drop: after noDataTimeout a variant without data is dropped to weight 0 like a "
         "breaching one (the control: onFailure applies). hold: keep holding the whole experiment.",
+    )
+    predictionShift: list[PredictionShift] = Field(
+        default_factory=list,
+        max_length=5,
+        json_schema_extra=list_map(),
+        description="Compare each variant's prediction-score distribution (histogram buckets) with the "
+        "control's since the start: a significant shift with PSI >= maxPSI drops the variant; too few "
+        "scores or not enough evidence holds the decision.",
+    )
+    calibration: list[Calibration] = Field(
+        default_factory=list,
+        max_length=5,
+        json_schema_extra=list_map(),
+        description="Compare each variant's expected calibration error with the control's since the start: "
+        "significantly worse by margin or more drops the variant; too few labels or not enough evidence "
+        "holds the decision.",
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model_rollouts.api.calibration import Calibration
 from model_rollouts.api.common import (
     MAX_TIMEOUT,
     Address,
@@ -22,6 +23,7 @@ from model_rollouts.api.common import (
     cel,
     check_timeout,
 )
+from model_rollouts.api.shift import PredictionShift
 
 PROVIDER_KIND = "ClusterMetricProvider"
 PROVIDER_PLURAL = "clustermetricproviders"
@@ -69,12 +71,14 @@ class ClusterMetricProviderSpec(Model):
 _QUERY_FIELDS: tuple[tuple[type[BaseModel], tuple[str, ...]], ...] = (
     (Guardrail, ("query",)),
     (CountMetric, ("successes", "trials", "sum", "count", "sumSquares")),
+    (PredictionShift, ("buckets",)),
+    (Calibration, ("outcomes", "scoreSums")),
 )
 
 
 def _metrics(model: BaseModel, path: str) -> list[tuple[str, BaseModel]]:
-    """(path, item) of every Guardrail or CountMetric in ``model``, walked generically, so a new place
-    that holds one is covered."""
+    """(path, item) of every Guardrail, CountMetric or model judge in ``model``, walked generically, so a
+    new place that holds one is covered."""
     out: list[tuple[str, BaseModel]] = []
     for name in type(model).model_fields:
         value = getattr(model, name)
@@ -83,7 +87,7 @@ def _metrics(model: BaseModel, path: str) -> list[tuple[str, BaseModel]]:
             if not isinstance(item, BaseModel):
                 continue
             sub = f"{path}.{name}" if i is None else f"{path}.{name}[{i}]"
-            if isinstance(item, (Guardrail, CountMetric)):
+            if isinstance(item, tuple(cls for cls, _ in _QUERY_FIELDS)):
                 out.append((sub, item))
             out += _metrics(item, sub)
     return out

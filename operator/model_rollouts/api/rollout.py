@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from model_rollouts.api.calibration import Calibration
 from model_rollouts.api.common import (
     COUNT_METRIC_RULES,
     AnalysisBase,
@@ -28,6 +29,7 @@ from model_rollouts.api.common import (
 )
 from model_rollouts.api.notification import GATES_FIELD, NOTIFICATIONS_FIELD, Gate, GateState, NotificationRef
 from model_rollouts.api.segments import Segments
+from model_rollouts.api.shift import PredictionShift
 
 KIND = "ModelRollout"
 PLURAL = "modelrollouts"
@@ -241,13 +243,37 @@ class Comparison(CountMetric):
 class Analysis(AnalysisBase):
     guardrails: list[Guardrail] = Field(default_factory=list, max_length=20, json_schema_extra=list_map())
     comparisons: list[Comparison] = Field(default_factory=list, max_length=10, json_schema_extra=list_map())
-    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise error rate of the comparisons.")
+    alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=0.5,
+        description="Family-wise error rate of the comparisons; separately, of the prediction-shift and "
+        "calibration judges (each gets alpha / their number).",
+    )
     onInconclusive: Literal["rollback", "hold", "promote"] = Field(
         default="hold",
         description="What happens when progressDeadline passes while a required comparison has been "
         "measured but has not yet shown what its test asks: hold (default: keep the weight and keep "
         "testing; condition Progressing=False, reason Inconclusive), rollback, or promote (full traffic "
         "without that evidence). Missing data is not inconclusive: onProgressDeadline applies.",
+    )
+    predictionShift: list[PredictionShift] = Field(
+        default_factory=list,
+        max_length=5,
+        json_schema_extra=list_map(),
+        description="Compare the candidate's prediction-score distribution (histogram buckets) with the "
+        "stable's in the current epoch, at every analysis below weight 100: a significant shift with PSI "
+        ">= maxPSI rolls back (reason PredictionShifted); too few scores or not enough evidence holds the "
+        "weight; a pass lets the steps go on.",
+    )
+    calibration: list[Calibration] = Field(
+        default_factory=list,
+        max_length=5,
+        json_schema_extra=list_map(),
+        description="Compare the candidate's expected calibration error (from counts of labelled predictions "
+        "by predicted-probability bin) with the stable's in the current epoch: significantly worse by margin "
+        "or more rolls back (reason CalibrationWorse); too few labels or not enough evidence holds the "
+        "weight.",
     )
 
 

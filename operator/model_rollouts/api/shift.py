@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from model_rollouts.api.common import Model, Name, PromQL
+from model_rollouts.api.common import JsonDict, Model, Name, PromQL, cel
+
+#: A judge's query must select one arm (else both arms read the same series and nothing is compared).
+ARM_SLOT_RE = "[{][{] *(service|variant|deployment) *[}][}]"
+ARM_SLOT_MESSAGE = "must select one arm with {{ service }} (or {{ variant }}, {{ deployment }})"
+
+
+def arm_rule(field: str) -> JsonDict:
+    """The CEL rule that a query field selects one arm (checked by the API server; the pydantic model
+    does not repeat it, so a judge can be built from a bare query in the pure core)."""
+    return cel(f"self.{field}.matches('{ARM_SLOT_RE}')", f"{field} {ARM_SLOT_MESSAGE}", f".{field}")
+
 
 DEFAULT_MAX_PSI = 0.1
 DEFAULT_MIN_SAMPLES = 500
@@ -12,6 +23,10 @@ DEFAULT_MIN_SAMPLES = 500
 
 class PredictionShift(Model):
     """Stop a candidate whose prediction-score distribution has moved away from the stable's."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"x-kubernetes-validations": [arm_rule("buckets")]}
+    )
 
     name: Name
     buckets: PromQL = Field(

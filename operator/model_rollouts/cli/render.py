@@ -174,10 +174,34 @@ def rollout(v: dict[str, Any], compact: bool = False) -> RenderableType:
             t.add_row(c["name"], test, *_arms(c), ci, num(c.get("pValue"), 3), verdict)
         parts.append(t)
         parts += [_segments(c) for c in v["comparisons"] if c.get("segments")]
+    if v.get("modelJudges"):
+        parts.append(_model_judges(v["modelJudges"]))
     for extra in (_guardrails(v), None if compact else _conditions(v)):
         if extra is not None:
             parts.append(extra)
     return Group(*parts)
+
+
+def _model_judges(judges: list[dict[str, Any]]) -> RenderableType:
+    """Prediction-shift and calibration judges: the shift's PSI and p-value, each arm's ECE."""
+    t = _table("Model judges: candidate vs stable")
+    for col, j in (("judge", "left"), ("kind", "left"), ("candidate", "right"), ("stable", "right"),
+                   ("n cand/stable", "right"), ("PSI / ECE diff", "right"), ("p / CI", "right"),
+                   ("verdict", "left")):  # fmt: skip
+        t.add_column(col, justify=j)  # type: ignore[arg-type]
+    for m in judges:
+        d = m.get("details") or {}
+        n = f"{count(d.get('candidateN'))}/{count(d.get('baselineN'))}"
+        verdict = verdict_text(str(m.get("verdict")))
+        if m.get("carried"):
+            verdict.append(" (carried)", style="dim")
+        if m.get("kind") == "predictionShift":
+            row = ("", "", n, num(d.get("psi")), num(d.get("pValue"), 3))
+        else:
+            ci = interval(d.get("ciLow"), d.get("ciHigh"))
+            row = (num(d.get("eceCandidate")), num(d.get("eceBaseline")), n, signed(d.get("difference")), ci)
+        t.add_row(str(m.get("name")), str(m.get("kind")), *row, verdict)
+    return t
 
 
 def _segments(c: dict[str, Any]) -> RenderableType:

@@ -270,6 +270,11 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
     view["conditions"] = _conditions(raw_status)
     view["history"] = (raw_status.get("history") or [])[-6:]
     view["plan"] = raw_status.get("plan") or []
+    view["modelJudges"] = [
+        {k: m.get(k) for k in ("name", "kind", "verdict", "carried", "message", "details")}
+        for m in last
+        if m.get("kind") in ("predictionShift", "calibration")
+    ]
 
     # What it waits for, from the engine's own rules.
     waiting: list[str] = []

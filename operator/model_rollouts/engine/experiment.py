@@ -74,8 +74,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from model_rollouts.analysis import sequential, srm, stats, threshold
-from model_rollouts.analysis.assess import Assessment, Policy, assess
+from model_rollouts.analysis import model_judges, sequential, srm, stats, threshold
+from model_rollouts.analysis.assess import MODEL_JUDGE_KINDS, Assessment, Policy, assess
 from model_rollouts.analysis.comparison import EXPERIMENT_NAMES
 from model_rollouts.analysis.vocabulary import Result
 from model_rollouts.api.common import (
@@ -143,6 +143,8 @@ class VariantObservation:
 @dataclass(frozen=True)
 class Observations:
     variants: dict[str, VariantObservation] = field(default_factory=dict)
+    #: Per non-control variant, its model judges' observations against the control (``model_judges.key``).
+    judges: dict[str, dict[str, model_judges.JudgeData]] = field(default_factory=dict)
     #: Per variant: does its Service have a ready endpoint? None (or absent): unknown, nothing changes.
     ready: dict[str, bool | None] = field(default_factory=dict)
 
@@ -815,7 +817,7 @@ def _analyse(
         s.lastAnalysis = [m for ms in per_variant.values() for m in ms]
         s.message = f"holding: the control {x.control} has no ready endpoints (it is never set to 0)"
         return None
-    if holding := a.missing(active_names):
+    if holding := a.missing(active_names) + a.undecided_judges(active_names):
         s.lastAnalysis = [m for ms in per_variant.values() for m in ms]
         return _hold(x, holding)
     # 3. Sample-ratio mismatch.
@@ -840,6 +842,13 @@ def _observe(
             vs.n = _n(o.primary)
         if vs.active:
             per_variant[v.name] = _variant_measurements(spec, v.name, o, v.name in data)
+            if not v.control:
+                an = spec.analysis
+                judged = obs.judges.get(v.name, {})
+                alpha = spec.successCriteria.alpha
+                per_variant[v.name] += model_judges.measurements(
+                    an.predictionShift, an.calibration, alpha, judged, s.lastAnalysis, v.name
+                )
     return data, per_variant
 
 
@@ -866,6 +875,9 @@ def _failed(x: _Analysis) -> dict[str, list[str]]:
     for name, ms in x.a.by_arm.items():
         vs = x.variant(name)
         why = list(shared.get(name, []))
+        why += [
+            m.message for m in ms if m.kind in MODEL_JUDGE_KINDS and m.verdict == "fail" and not m.carried
+        ]
         if any(m.verdict == "noData" for m in ms):
             vs.noDataSince = vs.noDataSince or x.now
             silent = (x.now - vs.noDataSince).total_seconds()
@@ -954,7 +966,13 @@ def _error_limit(x: _Analysis) -> Decision | None:
 def _hold(x: _Analysis, holding: list[Measurement]) -> Decision | None:
     """Missing measurements hold the analysis; the deadline still holds (missing evidence never makes
     a winner)."""
-    kind = "measurement error" if any(m.verdict == "error" for m in holding) else "no data"
+    kind = (
+        "measurement error"
+        if any(m.verdict == "error" for m in holding)
+        else "no data"
+        if any(m.verdict == "noData" for m in holding)
+        else "model judges undecided"
+    )
     x.s.message = f"holding ({kind}): " + "; ".join(m.message for m in holding)
     elapsed = (x.now - x.s.startedAt).total_seconds() if x.s.startedAt else 0.0
     if elapsed < parse_duration(x.spec.stoppingRules.maxDuration):
@@ -968,7 +986,7 @@ def _decide_and_allocate(x: _Analysis, active_names: list[str]) -> Decision | No
     # 4. The decision, on the confirmation's own samples during a Thompson confirmation.
     cmp_data = _confirmation_data(s, data) if s.confirmation is not None else data
     comparisons = _compare_all(spec, s, cmp_data, active_names)
-    s.lastAnalysis = [m for m in x.a.fresh if m.kind == "guardrail"] + comparisons
+    s.lastAnalysis = [m for m in x.a.fresh if m.kind in ("guardrail", *MODEL_JUDGE_KINDS)] + comparisons
     _sample_size(spec, s, cmp_data, active_names)
     if spec.paused or _srm_held(s):
         return None

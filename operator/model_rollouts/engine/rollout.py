@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from model_rollouts.analysis import segments, sequential, stats, threshold
+from model_rollouts.analysis import model_judges, segments, sequential, stats, threshold
 from model_rollouts.analysis.assess import Policy, assess
 from model_rollouts.analysis.comparison import ROLLOUT_NAMES
 from model_rollouts.analysis.vocabulary import Result
@@ -64,6 +64,8 @@ class Observations:
     guardrails: dict[str, Result] = field(default_factory=dict)
     comparisons: dict[str, ComparisonData] = field(default_factory=dict)
     candidate_ready: bool | None = None  # None: readiness unknown (no EndpointSlices visible)
+    #: Prediction-shift and calibration judges' observations (``model_judges.key``); None: not measured.
+    judges: dict[str, model_judges.JudgeData] | None = None
 
 
 @dataclass
@@ -528,6 +530,8 @@ def _measure(
         end = ("GuardrailFailed", f"guardrail {limit[0].text()}")
     elif a.worse is not None:
         end = ("ComparisonFailed", f"candidate is worse than stable: {a.worse.message}")
+    elif a.stopped is not None:
+        end = model_judges.ended(a.stopped)
     elif "candidate" in a.no_data_fail:
         end = ("NoData", f"{a.no_data_fail['candidate'].message} and analysis.noData is fail")
     elif a.error_limit_reached and spec.analysis.onErrorLimit == "rollback":
@@ -558,6 +562,11 @@ def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -
     measurement is carried (marked ``carried``) and does not gate anything.
     """
     out = [threshold.measure(g, obs.guardrails.get(g.name), "candidate") for g in spec.analysis.guardrails]
+    a = spec.analysis
+    judged = model_judges.measurements(a.predictionShift, a.calibration, a.alpha, obs.judges, s.lastAnalysis)
+    # In a shadow step no user sees the candidate's answers, so none is labelled: calibration is
+    # judged from the first weight (the prediction shift, from the model's own scores, in shadow too).
+    out += [m for m in judged if m.kind != "calibration"] if in_shadow(s) else judged
     m = len(spec.analysis.comparisons)
     if not measure_comparisons(s):
         prev = {x.name: x for x in s.lastAnalysis if x.kind == "comparison"}
@@ -582,6 +591,11 @@ def _unseen_in_shadow(s: ModelRolloutStatus, m: Measurement) -> Measurement:
         return m
     why = f"{m.message}; not measurable in a shadow step (no user sees the candidate's answers)"
     return m.model_copy(update={"verdict": "inconclusive", "message": why})
+
+
+def in_shadow(s: ModelRolloutStatus) -> bool:
+    """A shadow step runs: candidate weight 0, mirrored copies only."""
+    return not s.weight and bool(s.shadowPercent)
 
 
 def _share(s: ModelRolloutStatus) -> int:

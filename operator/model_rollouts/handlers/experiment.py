@@ -9,6 +9,7 @@ from typing import Any
 
 import kopf
 
+from model_rollouts.analysis import model_judges
 from model_rollouts.api.common import GROUP, VERSION, format_duration
 from model_rollouts.api.experiment import (
     PLURAL,
@@ -20,6 +21,7 @@ from model_rollouts.api.experiment import (
 from model_rollouts.engine import experiment as engine
 from model_rollouts.handlers import common, shards
 from model_rollouts.handlers.controller import Controller
+from model_rollouts.handlers.judges import judge_queries, measure_judges
 from model_rollouts.kube.readiness import service_ready
 from model_rollouts.metrics.provider import MetricProvider, render
 from model_rollouts.traffic import registry
@@ -64,6 +66,7 @@ def _queries(spec: ModelExperimentSpec, namespace: str = "default") -> list[tupl
         (f"spec.guardrails[{i}].query", g.query) for i, g in enumerate(spec.guardrails)
     ]
     out.append(("spec.analysis.requests", spec.analysis.requests))
+    out += judge_queries(spec.analysis)
     out += [
         (f"spec.primaryMetric.{f}", getattr(spec.primaryMetric, f))
         for fs in common.METRIC_FIELDS.values()
@@ -99,7 +102,16 @@ def measure(
             primary=primary, problem=problem, guardrails=guardrails, requests=requests
         )
     ready = {v.name: service_ready(namespace, v.service) for v in spec.variants if v.name in active}
-    return engine.Observations(variants=out, ready=ready)
+    judged: dict[str, dict[str, model_judges.JudgeData]] = {}
+    if spec.analysis.predictionShift or spec.analysis.calibration:
+        control = engine.control_of(spec)
+        others = {v.name: _placeholders(v, namespace, since) for v in spec.variants if v.name in active}
+        others.pop(control.name, None)
+        base = _placeholders(control, namespace, since)
+        judged = measure_judges(
+            spec.analysis, provider, base, others, baseline_name=f"control {control.name}"
+        )
+    return engine.Observations(variants=out, ready=ready, judges=judged)
 
 
 class ExperimentController(Controller[ModelExperimentSpec, ModelExperimentStatus]):

@@ -32,6 +32,7 @@ from model_rollouts.engine import post
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common, shards
 from model_rollouts.handlers.controller import Controller
+from model_rollouts.handlers.judges import judge_queries, measure_judges
 from model_rollouts.kube.readiness import service_ready
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.notify import sender as notify_sender
@@ -100,6 +101,7 @@ def _queries(spec: ModelRolloutSpec, namespace: str = "default") -> list[tuple[s
             for fs in common.METRIC_FIELDS.values()
             for f in fs
         ]
+    out += judge_queries(spec.analysis)
     return out + _post_queries(spec, namespace)
 
 
@@ -150,8 +152,30 @@ def measure(
         for c in spec.analysis.comparisons:
             refs = {"stable": stable_ref, "candidate": spec.candidate}
             comparisons.update(_measure_comparison(c, provider, refs, namespace, started))
+    judges = None
+    # Below weight 100 while rolling out (a shadow step included); not after promotion (bake, holdout).
+    judged_now = status.weight < 100 and status.phase != post.PHASE
+    if (spec.analysis.predictionShift or spec.analysis.calibration) and judged_now:
+        started = status.epochStartedAt or status.revisionStartedAt or common.now()
+        since = format_duration((common.now() - started).total_seconds())
+        arms = {
+            "stable": _placeholders(stable_ref, "stable", namespace, since),
+            "candidate": _placeholders(spec.candidate, "candidate", namespace, since),
+        }
+        # In a shadow step the candidate's answers are labelled by no one: no calibration query.
+        judged = (
+            spec.analysis.model_copy(update={"calibration": []})
+            if engine.in_shadow(status)
+            else spec.analysis
+        )
+        judges = measure_judges(judged, provider, arms["stable"], {"candidate": arms["candidate"]})[
+            "candidate"
+        ]
     return engine.Observations(
-        guardrails=guardrails, comparisons=comparisons, candidate_ready=candidate_ready(spec, namespace)
+        guardrails=guardrails,
+        comparisons=comparisons,
+        candidate_ready=candidate_ready(spec, namespace),
+        judges=judges,
     )
 
 

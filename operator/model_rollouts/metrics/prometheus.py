@@ -14,7 +14,7 @@ import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
-from model_rollouts.metrics.provider import Result
+from model_rollouts.metrics.provider import MAX_SERIES, Result, Vector, redact
 
 #: Largest query response (after decompression) that is read; a longer one is refused while it is
 #: being read, never held or parsed whole (``--max-query-response-bytes``). One series is a few
@@ -99,35 +99,47 @@ class PrometheusProvider:
         """One instant query, within the ``budget`` (a tenant's key, e.g. provider and namespace; default:
         the address): a key that timed out or was refused is not waited on again (see _Gate), and that
         cool-down, concurrency and "slow" mark are the key's alone, never another tenant's."""
+        data, failed = self._ask(promql, budget)
+        return failed if failed is not None else interpret(data)
+
+    def query_vector(self, promql: str, labels: tuple[str, ...], budget: str | None = None) -> Vector:
+        """One instant query answered by one series per combination of ``labels`` (see
+        :func:`interpret_vector`), within the ``budget`` as :meth:`query`."""
+        data, failed = self._ask(promql, budget)
+        if failed is not None:
+            return Vector(failed.outcome, message=failed.message)
+        return interpret_vector(data, labels)
+
+    def _ask(self, promql: str, budget: str | None) -> tuple[object, Result | None]:
+        """The parsed answer, or the failure as an ``error`` Result with a fixed text."""
         if self.unusable:
-            return Result("error", message=self.unusable)
+            return None, Result("error", message=self.unusable)
         gate = _gate(budget or _address_key(self.address))
         ticket, why = _enter(gate)
         if ticket is None:
-            return Result("error", message=f"query failed: {why}")
+            return None, Result("error", message=f"query failed: {why}")
         failure = None
         try:
-            data = self._client.custom_query(promql)
+            return self._client.custom_query(promql), None
         except ResponseTooLarge:
-            return Result(
+            return None, Result(
                 "error",
                 message=f"query failed: the response is larger than {MAX_RESPONSE_BYTES} bytes; "
-                "aggregate the query to one series (sum)",
+                "aggregate the query (sum, or sum by the labels it needs)",
             )
         except PrometheusApiClientException as e:
             # The exception text quotes the response body: only the HTTP status is kept.
-            return Result("error", message=f"query failed: {type(e).__name__}{_status(str(e))}")
+            return None, Result("error", message=f"query failed: {type(e).__name__}{_status(str(e))}")
         except requests.exceptions.SSLError as e:  # this provider's TLS settings, not the address's health
-            return Result("error", message=f"query failed: {type(e).__name__}")
+            return None, Result("error", message=f"query failed: {type(e).__name__}")
         except (requests.Timeout, requests.ConnectionError) as e:
             failure = type(e).__name__
-            return Result("error", message=f"query failed: {failure}")
+            return None, Result("error", message=f"query failed: {failure}")
         except Exception as e:
             # A fixed description only: a remote body or a header never reaches status or logs.
-            return Result("error", message=f"query failed: {type(e).__name__}")
+            return None, Result("error", message=f"query failed: {type(e).__name__}")
         finally:
             _leave(gate, ticket, failure)
-        return interpret(data)
 
     def close(self) -> None:
         self._client.close()
@@ -242,3 +254,43 @@ def interpret(data: object) -> Result:
     if not math.isfinite(value):
         return Result("nan", value=None, message=f"the query returned {value}")
     return Result("value", value=value)
+
+
+def interpret_vector(data: object, labels: tuple[str, ...]) -> Vector:
+    """Turn an instant-vector answer into one of the four outcomes, keyed by the values of ``labels``.
+
+    ``error`` for a scalar, a series without one of ``labels``, two series with the same values of them
+    (the query did not aggregate by them), a non-numeric value or more than MAX_SERIES series; ``nan``
+    if any value is NaN or infinite; ``noData`` without series.
+    """
+    if not isinstance(data, list):
+        return Vector("error", message=f"unexpected result type {type(data).__name__}")
+    if not data:
+        return Vector("noData", message="the query returned no series")
+    by = ", ".join(labels)
+    if not isinstance(data[0], dict):
+        return Vector("error", message=f"the query returned a scalar; it must return one series per ({by})")
+    if len(data) > MAX_SERIES:
+        return Vector("error", message=f"the query returned {len(data)} series, more than {MAX_SERIES}")
+    out: dict[tuple[str, ...], float] = {}
+    for item in data:
+        metric = item.get("metric") if isinstance(item, dict) else None
+        sample = item.get("value") if isinstance(item, dict) else None
+        if not isinstance(metric, dict) or not isinstance(sample, list) or len(sample) != 2:
+            return Vector("error", message="malformed sample")
+        values = [metric.get(name) for name in labels]
+        missing = next((n for n, v in zip(labels, values, strict=True) if not isinstance(v, str)), None)
+        if missing is not None:
+            return Vector("error", message=f"a series has no label {missing}; aggregate with sum by ({by})")
+        key = tuple(str(v) for v in values)
+        if key in out:
+            shown = redact(",".join(key))
+            return Vector("error", message=f"two series share ({by}) = {shown}; aggregate with sum by ({by})")
+        try:
+            value = float(sample[1])
+        except (TypeError, ValueError):
+            return Vector("error", message="non-numeric value")
+        if not math.isfinite(value):
+            return Vector("nan", message=f"the series ({by}) = {redact(','.join(key))} is {value}")
+        out[key] = value
+    return Vector("value", series=out)

@@ -4,13 +4,21 @@ A measurement has exactly one of four outcomes; none of them crashes the caller 
 ``value`` can ever pass a check: ``value`` (a finite number), ``noData`` (the query matched
 no series), ``nan`` (the series exists but is NaN or infinite, e.g. 0/0 with no traffic) and
 ``error`` (the provider could not be asked: timeout, connection refused, bad query).
+
+A vector query (:meth:`MetricProvider.query_vector`, for judges that read one series per label value,
+such as histogram buckets by ``le``) has the same four outcomes for the answer as a whole: ``value``
+(every series has each named label, no two share their values, every value is finite), ``noData`` (no
+series), ``nan`` (a series is NaN or infinite: nothing of that answer is used) and ``error`` (the
+provider failed, a scalar came back, a series lacks a named label or repeats another's, more than
+:data:`MAX_SERIES` series).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from model_rollouts.analysis.vocabulary import Outcome as Outcome
@@ -27,6 +35,25 @@ _BARE_FIELD = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_.]*\s*\}")
 _SAFE_VALUE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$|^[0-9]+(ms|s|m|h)$")
 #: Longest snippet of anything from outside that a message may carry.
 SNIPPET_MAX = 64
+#: Most series a vector query may return (a histogram has tens of buckets).
+MAX_SERIES = 500
+
+
+@dataclass(frozen=True)
+class Vector:
+    """One vector query's answer: each series' value keyed by its values of the asked labels."""
+
+    outcome: Outcome
+    series: Mapping[tuple[str, ...], float] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "value"
+
+    def problem(self) -> Result:
+        """The answer as a scalar-style Result (for a measurement that could not be made)."""
+        return Result(self.outcome, message=self.message or self.outcome)
 
 
 class TemplateError(ValueError):
@@ -169,6 +196,10 @@ class MetricProvider(Protocol):
         """Evaluate an instant query that should return a single scalar-like value."""
         ...
 
+    def query_vector(self, promql: str, labels: tuple[str, ...]) -> Vector:
+        """Evaluate an instant query that returns one series per combination of ``labels``."""
+        ...
+
 
 class Budgeted:
     """One object's analysis: queries after ``seconds`` have passed fail at once, so a provider that
@@ -184,3 +215,10 @@ class Budgeted:
                 "error", message=f"query skipped: this analysis used its {self.seconds:.0f}s budget"
             )
         return self.inner.query(promql)
+
+    def query_vector(self, promql: str, labels: tuple[str, ...]) -> Vector:
+        if time.monotonic() >= self.deadline:
+            return Vector(
+                "error", message=f"query skipped: this analysis used its {self.seconds:.0f}s budget"
+            )
+        return self.inner.query_vector(promql, labels)

@@ -45,7 +45,7 @@ from model_rollouts.api.template import (
 from model_rollouts.kube.client import REQUEST_TIMEOUT, api
 from model_rollouts.metrics.errors import ProviderError
 from model_rollouts.metrics.prometheus import PrometheusProvider
-from model_rollouts.metrics.provider import Budgeted, Result, TemplateError, check_template
+from model_rollouts.metrics.provider import Budgeted, Result, TemplateError, Vector, check_template
 from model_rollouts.metrics.templates import check_platform_template, fill
 
 #: Seconds a list of ClusterMetricProviders (for the inline-address allowlist) is reused.
@@ -136,6 +136,9 @@ class Scoped:
 
     def query(self, promql: str) -> Result:
         return self.inner.query(promql, budget=self.key)
+
+    def query_vector(self, promql: str, labels: tuple[str, ...]) -> Vector:
+        return self.inner.query_vector(promql, labels, budget=self.key)
 
 
 class Measurement(Budgeted):
