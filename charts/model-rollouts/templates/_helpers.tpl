@@ -75,7 +75,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 What the operator does in each watched namespace: its own resources and their status, HTTPRoute
 and Istio VirtualService weights (get and patch only; only on routes that opt in with the mlrollouts.io/managed-by annotation: RBAC cannot grant
 by annotation, so the operator checks it before every write), Events, candidate readiness
-(Services, EndpointSlices) and the namespace's MetricTemplates. No Secrets: those are read only in
+(Services; EndpointSlices, watched) and the namespace's MetricTemplates. No Secrets: those are read only in
 the release namespace (model-rollouts.secretsRole). Shared by the ClusterRole (cluster-wide mode)
 and each Role (namespaced mode).
 */}}
@@ -103,7 +103,7 @@ and each Role (namespaced mode).
   verbs: [get, list]
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
-  verbs: [get, list]
+  verbs: [get, list, watch]
 {{- end }}
 
 {{/* The platform's cluster-scoped metric and notification kinds, read only. */}}
