@@ -145,7 +145,8 @@ def test_no_timer_per_object_and_an_object_that_left_is_no_longer_scheduled() ->
         "spec": {},
         "status": {"phase": "Progressing"},
     }
-    for kind, event in (("modelrollouts", shards.rollout_event), ("modelexperiments", shards.experiment_event)):
+    events = (("modelrollouts", shards.rollout_event), ("modelexperiments", shards.experiment_event))
+    for kind, event in events:
         event(type="ADDED", body=body)
         assert (kind, "u-moving") in scheduler.SCHEDULER.pending()
         event(type="DELETED", body=body)
