@@ -5,7 +5,9 @@
    a real Prometheus every second, and a traffic generator that splits requests by the
    HTTPRoute weights the operator writes.
 3. The operator, as a separate process.
-4. Rollout 1: v1 -> v2, progresses step by step and is promoted.
+4. Rollout 1: v1 -> v2: first a shadow step (20% of requests mirrored to v2 through Debian's nginx
+   following the HTTPRoute, v2's answers dropped, v2 judged on them at weight 0), then step by
+   step, and is promoted.
    Rollout 2: the team ships v3 (stable v2 -> candidate v3); its error rate breaches the
    guardrail and it is rolled back.
 Everything listens on 127.0.0.1 and is stopped at the end.
@@ -13,6 +15,7 @@ Everything listens on 127.0.0.1 and is stopped at the end.
 
 from __future__ import annotations
 
+import atexit
 import sys
 import time
 from pathlib import Path
@@ -23,6 +26,10 @@ import yaml
 from model_rollouts.cli import render as plugin_render
 from model_rollouts.cli import view as plugin_view
 from model_rollouts.report import write as write_report
+from model_rollouts.traffic.gateway_api import GatewayAPIRouter
+from tests.harness.cluster import MissingComponent
+from tests.harness.gateway import Gateway, find_nginx
+from tests.harness.loadgen import LoadGenerator
 from tests.harness.queries import DRIFT, ERROR_RATE, FEEDBACK, P95_LATENCY, POSITIVE
 from tests.harness.stack import Stack
 
@@ -30,7 +37,12 @@ NS, ROUTE = "ml", "fraud-scorer"
 V1, V2, V3 = "fraud-scorer-v1", "fraud-scorer-v2", "fraud-scorer-v3"
 
 
-def rollout_doc(prom: str, stable: str, candidate: str, version: str) -> dict[str, Any]:
+#: The promoted rollout's first step: v2 answers a mirrored copy of 20% of live requests; nobody
+#: sees its answers (needs the nginx data plane: without it the step is left out).
+SHADOW_STEP = {"shadow": {"percent": 20, "duration": "20s"}}
+
+
+def rollout_doc(prom: str, stable: str, candidate: str, version: str, shadow: bool = False) -> dict[str, Any]:
     return {
         "apiVersion": "mlrollouts.io/v1alpha1",
         "kind": "ModelRollout",
@@ -41,6 +53,7 @@ def rollout_doc(prom: str, stable: str, candidate: str, version: str) -> dict[st
             "trafficRouting": {"gatewayAPI": {"httpRoute": ROUTE}},
             "maxWeightStep": 25,
             "steps": [
+                *([SHADOW_STEP] if shadow else []),
                 {"setWeight": 10},
                 {"pause": {"duration": "10s"}},
                 {"setWeight": 50},
@@ -96,9 +109,9 @@ class Narrator:
             if state + st.get("message", "") != self.last:
                 self.last = state + st.get("message", "")
                 # What the plugin shows at this progress point (compact: no step table, no conditions).
-                self.say(
-                    f"$ kubectl mlrollouts get fraud-scorer    # the HTTPRoute: {self.stack.route_weights()}"
-                )
+                mirrors = GatewayAPIRouter(self.stack.api, NS, ROUTE).read().mirrors
+                route = f"{self.stack.route_weights()}" + (f", mirror {mirrors}" if mirrors else "")
+                self.say(f"$ kubectl mlrollouts get fraud-scorer    # the HTTPRoute: {route}")
                 self.plugin_view(obj, compact=True)
             if st.get("phase") in until and st.get("observedGeneration", 0) >= generation:
                 return obj
@@ -128,13 +141,25 @@ def main() -> int:
             f"control plane {stack.cluster.server}, Prometheus {stack.prom.url}, "
             f"kubeconfig {stack.cluster.kubeconfig}"
         )
+        gateway = through_nginx(stack)
+        shadow = gateway is not None
         stack.start_operator()
-        n.say("operator started; applying ModelRollout fraud-scorer: v1 -> v2 (a better model)")
-        stack.apply(rollout_doc(stack.prom.url, V1, V2, "2.0.0"))
+        n.say(
+            "operator started; applying ModelRollout fraud-scorer: v1 -> v2 (a better model)"
+            + (
+                ", first as a shadow: 20% of requests mirrored to v2 for 20s, v2 at weight 0"
+                if shadow
+                else ""
+            )
+        )
+        stack.apply(rollout_doc(stack.prom.url, V1, V2, "2.0.0", shadow=shadow))
         t1 = time.monotonic()
         first = n.watch(("Promoted", "RolledBack", "Aborted"), 240)
         d1 = time.monotonic() - t1
         n.say(f"==> rollout 1 ended {first['status']['phase']} after {d1:.0f}s")
+        for h in first["status"]["history"]:
+            if h["event"] in ("ShadowStarted", "ShadowEnded"):
+                n.say(f"    {h['event']}: {h['message'][:140]}")
 
         n.say("the team ships v3: Git now says stable=v2, candidate=v3 (v3 has an 8% error rate)")
         doc = rollout_doc(stack.prom.url, V2, V3, "3.0.0")
@@ -172,8 +197,30 @@ def main() -> int:
                 print(f"decision report, rollout {i} ({fmt}): {written.path}")
         ok = first["status"]["phase"] == "Promoted" and second["status"]["phase"] == "RolledBack"
         print("demo result:", "OK (one promoted, one rolled back)" if ok else "UNEXPECTED")
+        if gateway is not None:
+            gateway.close()
     print("all processes stopped.")
     return 0 if ok else 1
+
+
+def through_nginx(stack: Stack) -> Gateway | None:
+    """Every request through Debian's nginx following the HTTPRoute (weights and the shadow step's
+    mirror), instead of the generator's own split; None (and the plain generator) without nginx."""
+    try:
+        find_nginx()
+    except MissingComponent as e:
+        print(f"no nginx data plane ({e}): the shadow step is left out", flush=True)
+        return None
+    assert stack.loadgen is not None and stack.workdir is not None
+    stack.loadgen.stop()
+    backends = {svc: s.url for svc, s in stack.servers.items()}
+    gateway = Gateway(stack.api, NS, ROUTE, backends, workdir=stack.workdir / "gateway").start()
+    stack.loadgen = LoadGenerator(
+        api=None, namespace=NS, httproute=ROUTE, backends=backends, rps=40, max_seconds=600,
+        max_requests=40 * 600, workers=8, via=gateway.url,
+    ).start()  # fmt: skip
+    atexit.register(gateway.close)  # stopped with the demo, whatever ends it (close is idempotent)
+    return gateway
 
 
 if __name__ == "__main__":

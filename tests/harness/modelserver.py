@@ -700,6 +700,12 @@ class ModelHTTPServer(ThreadingHTTPServer):
         self.verbose = verbose
         super().__init__(address, ModelRequestHandler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A proxy (nginx) closing an idle keep-alive connection is not an error worth a traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionResetError | BrokenPipeError):
+            return
+        super().handle_error(request, client_address)
+
 
 # ---- command line -------------------------------------------------------------------------------
 

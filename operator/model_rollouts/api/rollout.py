@@ -67,14 +67,25 @@ class AnalysisStep(Model):
     duration: Duration = Field(description="Hold the current weight and analyse for this long.")
 
 
+class ShadowStep(Model):
+    percent: int = Field(
+        ge=1, le=100, description="Share of live requests (1..100) the route mirrors to the candidate."
+    )
+    duration: Duration = Field(
+        description="How long the candidate answers mirrored requests (nobody sees its answers) while "
+        "the analysis judges it, before the next step."
+    )
+
+
 class Step(Model):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "[has(self.setWeight), has(self.pause), has(self.analysis)].filter(x, x).size() == 1",
-                    "each step sets exactly one of setWeight, pause, analysis",
+                    "[has(self.setWeight), has(self.pause), has(self.analysis), has(self.shadow)]"
+                    ".filter(x, x).size() == 1",
+                    "each step sets exactly one of setWeight, pause, analysis, shadow",
                 ),
             ]
         },
@@ -82,6 +93,33 @@ class Step(Model):
     setWeight: int | None = Field(default=None, ge=0, le=100, description="Candidate traffic percentage.")
     pause: Pause | None = None
     analysis: AnalysisStep | None = None
+    shadow: ShadowStep | None = Field(
+        default=None,
+        description="Mirror percent% of live requests to the candidate for duration, at candidate "
+        "weight 0: users get only the stable's answers. Only before the first setWeight above 0.",
+    )
+
+
+#: The same rule for the API server (Kubernetes' CEL list library: indexOf, lastIndexOf).
+SHADOW_ORDER_RULE = (
+    "!self.exists(s, has(s.shadow)) || !self.exists(s, has(s.setWeight) && s.setWeight > 0) || "
+    "self.map(s, has(s.shadow)).lastIndexOf(true) < "
+    "self.map(s, has(s.setWeight) && s.setWeight > 0).indexOf(true)"
+)
+SHADOW_ORDER_MESSAGE = "a shadow step must come before the first setWeight above 0"
+
+
+def shadow_problem(steps: list[Step]) -> str | None:
+    """Why these steps cannot run (naming the field), or None: a shadow step comes before any
+    setWeight above 0 (a candidate users already see gains nothing from a mirror)."""
+    first = next((i for i, st in enumerate(steps) if st.setWeight), None)
+    for i, st in enumerate(steps):
+        if st.shadow is not None and first is not None and i > first:
+            return (
+                f"spec.steps[{i}].shadow: a shadow step must come before the first setWeight above 0 "
+                f"(spec.steps[{first}])"
+            )
+    return None
 
 
 #: A non-inferiority test at margin 0 can never pass for a candidate equal to stable (it would have
@@ -215,7 +253,11 @@ class ModelRolloutSpec(ResourceSpec):
     stable: VariantRef
     candidate: VariantRef
     trafficRouting: TrafficRouting
-    steps: list[Step] = Field(min_length=1, max_length=100)
+    steps: list[Step] = Field(
+        min_length=1,
+        max_length=100,
+        json_schema_extra={"x-kubernetes-validations": [cel(SHADOW_ORDER_RULE, SHADOW_ORDER_MESSAGE)]},
+    )
     analysis: Analysis
     maxWeightStep: int | None = Field(
         default=None, ge=1, le=100, description="Split larger weight jumps into steps of at most this."
@@ -237,6 +279,14 @@ class ModelRolloutSpec(ResourceSpec):
     )
     notifications: list[NotificationRef] = NOTIFICATIONS_FIELD
     gates: list[Gate] = GATES_FIELD
+
+    @field_validator("steps")
+    @classmethod
+    def _shadow_before_weights(cls, v: list[Step]) -> list[Step]:
+        why = shadow_problem(v)
+        if why is not None:
+            raise ValueError(why)
+        return v
 
 
 class Handled(Model):
@@ -301,6 +351,11 @@ class ModelRolloutStatus(ResourceStatus):
     stepStartedAt: datetime | None = None
     stepWeight: int | None = Field(default=None, description="Intermediate weight while a jump is split.")
     weight: int = 0
+    shadowPercent: int | None = Field(
+        default=None,
+        description="During a shadow step: the share of live requests mirrored to the candidate "
+        "(its weight stays 0). Unset otherwise.",
+    )
     candidateUnready: bool = Field(
         default=False,
         description="The candidate has no ready endpoint: the route gives it 0 (the stable the rest) "

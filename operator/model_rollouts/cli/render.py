@@ -132,6 +132,9 @@ def rollout(v: dict[str, Any], compact: bool = False) -> RenderableType:
         stable, candidate = "stable", "candidate"
     split = {stable: w["stable"], candidate: w["candidate"]}
     parts.append(Text.assemble(("Weights: ", "bold"), bar(split)))
+    if v.get("shadowPercent"):
+        mirrored = f"{v['shadowPercent']}% of requests mirrored to {candidate} (users see only {stable})"
+        parts.append(Text.assemble(("Shadow:  ", "bold"), mirrored))
     if compact:
         now = next((s for s in v["steps"] if s["state"] == "current"), None)
         where = f"#{now['index']} {now['step']}  (steps #0..#{len(v['steps']) - 1})" if now else "—"

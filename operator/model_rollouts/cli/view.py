@@ -113,6 +113,9 @@ def step_text(step: dict[str, Any]) -> str:
         return f"pause {d}" if d else "pause (until resumed)"
     if "analysis" in step:
         return f"analysis {(step.get('analysis') or {}).get('duration')}"
+    if "shadow" in step:
+        sh = step.get("shadow") or {}
+        return f"shadow {sh.get('percent')}% {sh.get('duration')} (mirrored, weight 0)"
     return "?"
 
 
@@ -226,6 +229,7 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
         weights={"stable": 100 - weight, "candidate": weight},
         currentStep=current,
         stepWeight=raw_status.get("stepWeight"),
+        shadowPercent=raw_status.get("shadowPercent"),
         finished=finished(obj),
     )
     view["steps"] = [
@@ -297,15 +301,16 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
                 f"a resume at the manual gate of step {current} "
                 f"(`kubectl mlrollouts resume {name}` or `promote {name}`; `promote --full` skips the rest)"
             )
-        elif step is not None and (step.pause or step.analysis) and status.stepStartedAt:
-            d = parse_duration((step.pause.duration if step.pause else step.analysis.duration) or "0s")  # type: ignore[union-attr]
+        elif step is not None and (step.pause or step.analysis or step.shadow) and status.stepStartedAt:
+            timed = step.pause or step.analysis or step.shadow
+            d = parse_duration(timed.duration or "0s")  # type: ignore[union-attr]
             left = d - (now - status.stepStartedAt).total_seconds()
             if left > 0:
                 waiting.append(
                     f"step {current} ({step_text(steps[current])}) to end: {human_seconds(left)} left "
                     f"(`kubectl mlrollouts promote {name}` ends it at the next analysis)"
                 )
-        if status.weight > 0:
+        if status.weight > 0 or status.shadowPercent:
             due = rollout_engine.next_due(spec, status)
             if due is not None and due != rollout_engine.EPOCH:
                 waiting.append(

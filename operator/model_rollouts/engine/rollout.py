@@ -45,7 +45,7 @@ from model_rollouts.engine import planning, series, steps
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.status import EPOCH
-from model_rollouts.engine.steps import GateAnswer
+from model_rollouts.engine.steps import GateAnswer, exposure
 
 
 @dataclass(frozen=True)
@@ -104,18 +104,20 @@ def analysis_due(spec: ModelRolloutSpec, status: ModelRolloutStatus, now: dateti
 
 
 def needs_measurement(spec: ModelRolloutSpec, status: ModelRolloutStatus, now: datetime) -> bool:
-    """Metrics are read only while the candidate gets traffic in an active rollout, once per interval."""
+    """Metrics are read only while the candidate gets traffic (or a shadow step's mirrored copies) in
+    an active rollout, once per interval."""
     return (
         status.phase not in (*TERMINAL_PHASES, "Invalid")
-        and status.weight > 0
+        and exposure(status) > 0
         and status.revision == revision_of(spec)
         and analysis_due(spec, status, now)
     )
 
 
 def measure_comparisons(status: ModelRolloutStatus) -> bool:
-    """Comparisons need both arms: at weight 100 the stable arm gets no traffic."""
-    return 0 < status.weight < 100
+    """Comparisons need both arms: at weight 100 the stable arm gets no traffic. In a shadow step
+    (weight 0) the candidate answers the mirrored copies and the stable every request."""
+    return 0 < status.weight < 100 or (status.weight == 0 and bool(status.shadowPercent))
 
 
 def next_due(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> datetime | None:
@@ -162,6 +164,19 @@ def candidate_weight(status: ModelRolloutStatus) -> int:
     return 0 if status.candidateUnready and status.phase not in TERMINAL_PHASES else status.weight
 
 
+def route_mirror(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> tuple[str, int] | None:
+    """(candidate Service, percent) the route must mirror to during a shadow step; None: no mirror
+    (every other status, so a rollback, promotion, abort or new revision removes it)."""
+    if (
+        status.shadowPercent
+        and status.phase not in (*TERMINAL_PHASES, "Invalid")
+        and status.revision == revision_of(spec)
+        and spec.candidate.service != (status.stableService or spec.stable.service)
+    ):
+        return spec.candidate.service, status.shadowPercent
+    return None
+
+
 def guard_weights(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict[str, int] | None:
     """After a rollback or abort the candidate stays at 0 in this revision, whatever edits the route."""
     if status.phase in ("RolledBack", "Aborted") and status.revision == revision_of(spec):
@@ -176,7 +191,7 @@ def deletion_weights(spec: ModelRolloutSpec, status: ModelRolloutStatus) -> dict
     stable = status.stableService or spec.stable.service
     if stable == spec.candidate.service:
         return None
-    if spec.revertOnDeletion or (status.phase not in (*TERMINAL_PHASES, "Pending") and status.weight > 0):
+    if spec.revertOnDeletion or (status.phase not in (*TERMINAL_PHASES, "Pending") and exposure(status) > 0):
         return {stable: 100, spec.candidate.service: 0}
     return None
 
@@ -235,17 +250,17 @@ def _reconcile(
 
     # Measurements: guardrails at every interval, comparisons against stable within the epoch.
     hold_reasons: list[str] = []
-    measured = observations is not None and s.weight > 0
+    measured = observations is not None and exposure(s) > 0
     if measured:
         assert observations is not None
         ended, hold_reasons = _measure(spec, s, observations, actions, now, generation)
         if ended is not None:
             return ended
         planning.update(spec, s, observations.comparisons, actions, now, generation)
-    elif s.weight > 0 and s.lastAnalysisTime is None:
+    elif exposure(s) > 0 and s.lastAnalysisTime is None:
         hold_reasons.append("waiting for the first analysis at this weight")
     analysed_here = measured and not hold_reasons
-    if not measured and s.weight > 0:
+    if not measured and exposure(s) > 0:
         # Between analyses nothing moves; the next analysis is due at lastAnalysisTime + interval.
         _conditions(s, now, generation)
         return Decision(s, actions)
@@ -448,6 +463,7 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.passedComparisons = []
     s.heldSince = None
     s.candidateUnready = False
+    s.shadowPercent = None
     s.guardrailFailures = {}
     s.consecutiveErrors = 0
     s.lastAnalysis = []
@@ -528,9 +544,26 @@ def _analyse(spec: ModelRolloutSpec, s: ModelRolloutStatus, obs: Observations) -
         return out + carried
     for c in spec.analysis.comparisons:
         alpha = spec.analysis.alpha / max(m, 1)
-        pooled = _compare(c, obs.comparisons.get(c.name), s.epochs.get(c.name, []), alpha, s.weight)
-        out.append(_segmented(c, pooled, obs, s, alpha))
+        pooled = _compare(c, obs.comparisons.get(c.name), s.epochs.get(c.name, []), alpha, _share(s))
+        out.append(_unseen_in_shadow(s, _segmented(c, pooled, obs, s, alpha)))
     return out
+
+
+def _unseen_in_shadow(s: ModelRolloutStatus, m: Measurement) -> Measurement:
+    """In a shadow step no user sees the candidate's answers, so a metric users make (feedback,
+    clicks) has no data there: such a comparison is undecided (not a hold, not a noData failure); it
+    is measured again from the first weight, and the gate before 100% still needs its pass."""
+    if s.weight or not s.shadowPercent or m.verdict != "noData":
+        return m
+    why = f"{m.message}; not measurable in a shadow step (no user sees the candidate's answers)"
+    return m.model_copy(update={"verdict": "inconclusive", "message": why})
+
+
+def _share(s: ModelRolloutStatus) -> int:
+    """The candidate's percent of the samples both arms get: its weight, or in a shadow step at P%
+    (the stable answers every request, the candidate P% copies) 100·P/(100+P)."""
+    p = s.shadowPercent or 0
+    return s.weight or round(100 * p / (100 + p))
 
 
 def _segmented(
@@ -648,7 +681,7 @@ def _variant(v: object) -> str:
 
 def current_epoch(s: ModelRolloutStatus, observations: Observations | None) -> dict[str, EpochCounts]:
     """The counts of the epoch in progress, per comparison: what a weight change closes."""
-    if observations is None or not 0 < s.weight < 100:
+    if observations is None or not measure_comparisons(s):
         return {}
     return {
         name: EpochCounts(weight=s.weight, stable=_to_arm(d.stable), candidate=_to_arm(d.candidate))
@@ -668,6 +701,14 @@ def _finish(
     message: str,
     values: dict[str, float] | None = None,
 ) -> Decision:
+    if s.shadowPercent:  # the mirror goes in the same route write; users never saw the candidate
+        message = (
+            f"{message} (during the shadow step: {s.shadowPercent}% of requests mirrored, "
+            "candidate weight 0; no user saw its answers)"
+            if phase == "RolledBack"
+            else message
+        )
+        s.shadowPercent = None
     s.phase = phase  # type: ignore[assignment]
     s.weight = weight
     s.stepWeight = None

@@ -2,8 +2,14 @@
 
 :func:`run` is what :func:`model_rollouts.engine.rollout.reconcile` does once the analysis of
 this tick is known: spec.paused, the resume and promote annotations, then the walk (setWeight,
-pause and analysis steps, manual gates, ``maxWeightStep``, the promotion evidence gate, the
+pause, analysis and shadow steps, manual gates, ``maxWeightStep``, the promotion evidence gate, the
 webhook gates), then the progress deadline. At most one weight change per tick.
+
+A **shadow step** (``shadow: {percent, duration}``) keeps the candidate's weight at 0 and sets
+``status.shadowPercent``: the route mirrors that share of live requests to the candidate (its answers
+are dropped), and the analysis measures the candidate on them as at any weight (see
+:func:`exposure`). Starting it starts an epoch; after ``duration`` and a passing analysis it ends
+(``shadowPercent`` unset, the mirror removed in the same route write as the next weight).
 
 It changes the status in place and says in a :class:`StepOutcome` how the tick ends: a terminal
 phase to enter (the rollout engine applies it), or the reason the Progressing condition gets.
@@ -103,6 +109,12 @@ class _Walk:
     evidence_only: bool = False
 
 
+def exposure(s: ModelRolloutStatus) -> int:
+    """The candidate's share of live requests that the analysis sees: its weight, or during a shadow
+    step (weight 0) the share mirrored to it."""
+    return s.weight or (s.shadowPercent or 0)
+
+
 def run(s: ModelRolloutStatus, ctx: StepContext) -> StepOutcome:
     """Pausing, the annotations, then the steps while nothing blocks, then the progress deadline."""
     w = _Walk(events=[], holds=list(ctx.hold_reasons))
@@ -111,7 +123,7 @@ def run(s: ModelRolloutStatus, ctx: StepContext) -> StepOutcome:
     _early_annotations(ctx, s, w)
     _readiness(ctx, s, w)
     # Steps: advance while nothing blocks; at most one weight change per analysis.
-    w.ok = not w.holds and (ctx.analysed or s.weight == 0)
+    w.ok = not w.holds and (ctx.analysed or exposure(s) == 0)
     finish = _walk(ctx, s, w)
     if finish is not None:
         return StepOutcome(w.events, finish=finish)
@@ -200,6 +212,8 @@ def _walk(ctx: StepContext, s: ModelRolloutStatus, w: _Walk) -> Finish | None:
     """Advance through the steps while nothing blocks; stops at the first hold or weight change."""
     spec = ctx.spec
     while True:
+        if _shadow(ctx, s, w):
+            return None  # the mirror starts with this tick's route write; analysed from the next
         if s.currentStep >= len(spec.steps):
             target = 100
         else:
@@ -230,12 +244,19 @@ def _timed_or_gated_step(ctx: StepContext, s: ModelRolloutStatus, w: _Walk, step
         return True
     if step.pause is not None and step.pause.duration is None:
         return _manual_gate(ctx, s, w)
-    spec_duration = step.pause.duration if step.pause else (step.analysis and step.analysis.duration)
+    spec_duration = (
+        step.pause.duration
+        if step.pause
+        else (step.shadow.duration if step.shadow else (step.analysis and step.analysis.duration))
+    )
     duration = parse_duration(spec_duration or "0s")
     elapsed = (ctx.now - (s.stepStartedAt or ctx.now)).total_seconds()
-    kind = "pause" if step.pause else "analysis"
+    kind = "pause" if step.pause else ("shadow" if step.shadow else "analysis")
     if elapsed < duration:
-        s.message = f"step {s.currentStep}: {kind} at weight {s.weight}, {duration - elapsed:.0f}s left"
+        where = f"weight {s.weight}"
+        if step.shadow:
+            where += f", {s.shadowPercent}% of requests mirrored to {ctx.spec.candidate.service}"
+        s.message = f"step {s.currentStep}: {kind} at {where}, {duration - elapsed:.0f}s left"
         if w.holds:
             s.message += f" ({'; '.join(w.holds)})"
         return False
@@ -252,7 +273,7 @@ def _skip_by_promote(ctx: StepContext, s: ModelRolloutStatus, w: _Walk, step: St
     s.handled.promote = promote
     w.promote_step = None
     gate = step.pause and step.pause.duration is None
-    kind = "manual gate" if gate else ("pause" if step.pause else "analysis")
+    kind = "manual gate" if gate else ("pause" if step.pause else ("shadow" if step.shadow else "analysis"))
     msg = (
         f"{kind} step {s.currentStep} skipped by annotation {ANNOTATION_PROMOTE}={promote}; "
         "later steps are analysed as usual"
@@ -262,6 +283,41 @@ def _skip_by_promote(ctx: StepContext, s: ModelRolloutStatus, w: _Walk, step: St
     if s.phase == "Paused":
         s.phase = "Progressing"
     _advance(s, ctx.now)
+
+
+def _shadow(ctx: StepContext, s: ModelRolloutStatus, w: _Walk) -> bool:
+    """Start the current step's shadow (True: the walk stops here this tick), or end a shadow the
+    walk has moved past. Each opens an epoch: the shadow's comparison counts are a stratum of their own."""
+    steps = ctx.spec.steps
+    step = steps[s.currentStep] if s.currentStep < len(steps) else None
+    want = step.shadow.percent if step is not None and step.shadow is not None else None
+    if want == s.shadowPercent:
+        return False
+    cand = ctx.spec.candidate.service
+    if s.shadowPercent is not None:
+        msg = (
+            f"shadow ended: {s.shadowPercent}% of requests no longer mirrored to {cand} "
+            f"(weight {s.weight}, step {s.currentStep})"
+        )
+        w.events.append(Event("Normal", "ShadowEnded", msg))
+        record(s, ctx.now, "ShadowEnded", "ShadowEnded", msg)
+        close_epoch(s, ctx.epoch, ctx.now)
+        ctx.epoch.clear()  # closed here: a weight set in this same tick must not close it again
+        s.shadowPercent = None
+        s.message = msg
+    if want is None:
+        return False
+    assert step is not None and step.shadow is not None
+    msg = (
+        f"step {s.currentStep}: shadow: {want}% of requests mirrored to {cand} for {step.shadow.duration}; "
+        "users get only the stable's answers (candidate weight 0)"
+    )
+    close_epoch(s, ctx.epoch, ctx.now)
+    s.shadowPercent, s.message, s.heldSince = want, msg, None
+    s.stepStartedAt = ctx.now
+    w.events.append(Event("Normal", "ShadowStarted", msg))
+    record(s, ctx.now, "ShadowStarted", "StepAdvanced", msg)
+    return True
 
 
 def _manual_gate(ctx: StepContext, s: ModelRolloutStatus, w: _Walk) -> bool:

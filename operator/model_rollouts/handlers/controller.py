@@ -47,7 +47,7 @@ from model_rollouts.notify import events as notify_events
 from model_rollouts.notify import sender as notify_sender
 from model_rollouts.traffic import registry
 from model_rollouts.traffic.registry import RouteOwners
-from model_rollouts.traffic.router import Arm, NotOptedIn, TrafficRouter
+from model_rollouts.traffic.router import Arm, Mirror, NotOptedIn, TrafficRouter
 
 
 class Measuring(Exception):
@@ -167,6 +167,11 @@ class Controller(Generic[SpecT, StatusT]):
     def arm_weights(self, spec: SpecT, status: StatusT, per_service: Mapping[str, int]) -> dict[Arm, int]:
         """The engine's weights per Service as weights per arm (Services of no arm: retired)."""
         raise NotImplementedError
+
+    def mirror(self, spec: SpecT, status: StatusT) -> Mirror | None:
+        """The operator's mirror the route must carry for this status (a rollout's shadow step); None:
+        none (an operator-owned mirror on the route is removed by the same write)."""
+        return None
 
     def next_due(self, spec: SpecT, status: StatusT) -> dt.datetime | None:
         """When the engine next wants a tick (from status); None: not until the object changes."""
@@ -337,11 +342,18 @@ class Controller(Generic[SpecT, StatusT]):
         route = None if finished_before and new.phase in self.terminal else self.weights(spec, new)
         if route is not None:
             desired, labels = route
+            mirror = self.mirror(spec, new)
             try:
-                carried = router.write(state, desired)  # no request when the route already carries them
+                carried = router.write(state, desired, mirror)  # no request when the route carries them
             except Exception as e:
                 return self.reconcile_error(obj, status, "RouteWriteFailed", safe_error(e))
             wrong = carried.wrong(desired)
+            mirrored = carried.mirror_wrong(desired, mirror)
+            if mirrored is not None:
+                want_m = {mirror.arm.backend: mirror.percent} if mirror else {}
+                return self.reconcile_error(
+                    obj, status, "RouteNotVerified", f"route mirrors {mirrored} after the write, not {want_m}"
+                )
             if wrong:
                 want = {a.backend: w for a, w in desired.items()}
                 return self.reconcile_error(
@@ -517,12 +529,12 @@ class Controller(Generic[SpecT, StatusT]):
             state = router.read()
             current = state.weights
             drift = {k: current[k] for k, v in want.items() if v == 0 and current.get(k, 0) > 0}
-            if not drift:
+            arms = self.arm_weights(spec, status, {k: v for k, v in want.items() if k in current})
+            if not drift and state.mirror_wrong(arms, None) is None:
                 return
-            router.write(
-                state, self.arm_weights(spec, status, {k: v for k, v in want.items() if k in current})
-            )
-            msg = f"route gave traffic to {drift} after {status.phase}; set back to {want}"
+            router.write(state, arms)  # and no mirror to the candidate
+            what = drift or state.mirrors
+            msg = f"route gave traffic (or a mirror) to {what} after {status.phase}; set back to {want}"
             post_event(dict(obj), "Warning", "RouteRestored", msg)
             self.logger.warning("%s/%s RouteRestored: %s", self.namespace, self.name, msg)
         except Exception as e:  # never Kopf's logging of the exception's text

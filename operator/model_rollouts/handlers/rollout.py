@@ -35,7 +35,7 @@ from model_rollouts.kube.readiness import service_ready
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.notify import sender as notify_sender
 from model_rollouts.traffic import registry
-from model_rollouts.traffic.router import RETIRED, Arm
+from model_rollouts.traffic.router import CANDIDATE, RETIRED, Arm, Mirror
 
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
@@ -296,6 +296,10 @@ class RolloutController(Controller[ModelRolloutSpec, ModelRolloutStatus]):
         w = self.arm_weights(spec, status, engine.route_weights(spec, status))
         cw = engine.candidate_weight(status)
         return w, {"stable": 100 - cw, "candidate": cw}
+
+    def mirror(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> Mirror | None:
+        m = engine.route_mirror(spec, status)
+        return None if m is None else Mirror(Arm(CANDIDATE, m[0]), m[1])
 
     def next_due(self, spec: ModelRolloutSpec, status: ModelRolloutStatus) -> datetime | None:
         return engine.next_due(spec, status)

@@ -6,6 +6,12 @@ only its ``weight``: nothing the user owns in Git is rewritten, and a concurrent
 backendRefs makes the patch fail (422) instead of weighting the wrong backend. The route's opt-in
 (``mlrollouts.io/managed-by``, see :mod:`model_rollouts.traffic.optin`) is checked on the route as
 read and tested again in the same patch.
+
+A shadow step's mirror is a ``RequestMirror`` filter (with ``percent``) on the same rule, to the
+candidate's backendRef (:func:`mirror_ops`): the operator owns a RequestMirror filter of that rule whose
+backendRef names the candidate arm it weights, and writes the rule's ``filters`` list only with a test
+of the list as read (or of the whole rule, when it has no ``filters``); other filters are kept as
+they are, and a list the operator's filter alone made is removed with it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,16 @@ from kubernetes.client.exceptions import ApiException
 
 from model_rollouts.traffic import optin, watched
 from model_rollouts.traffic.optin import OPT_IN, opted_in
-from model_rollouts.traffic.router import RETIRED, Arm, Capabilities, RouterError, RouterType, RouteState
+from model_rollouts.traffic.router import (
+    RETIRED,
+    Arm,
+    Capabilities,
+    Mirror,
+    RouterError,
+    RouterType,
+    RouteState,
+    mirror_owned,
+)
 
 __all__ = ["FIELD", "OPT_IN", "ROUTER", "GatewayAPIRouter", "opted_in"]
 
@@ -34,7 +49,7 @@ class GatewayAPIRouter:
     field: str = FIELD
     #: An HTTPRoute rule holds at most 16 backendRefs; weights are integers (we write percents).
     capabilities: ClassVar[Capabilities] = Capabilities(
-        max_arms=16, granularity=1, mirroring=False, header_match=False
+        max_arms=16, granularity=1, mirroring=True, header_match=False
     )
 
     def __init__(
@@ -88,12 +103,21 @@ class GatewayAPIRouter:
                 f"service(s) {', '.join(missing)} (has: {', '.join(map(str, names))})",
             )
 
-    def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
-        return self._write(state, weights, retry=True)
+    def write(
+        self, state: RouteState, weights: Mapping[Arm, int], mirror: Mirror | None = None
+    ) -> RouteState:
+        return self._write(state, weights, retry=True, mirror=mirror)
 
-    def _write(self, state: RouteState, weights: Mapping[Arm, int], retry: bool) -> RouteState:
+    def _write(
+        self, state: RouteState, weights: Mapping[Arm, int], retry: bool, mirror: Mirror | None = None
+    ) -> RouteState:
+        if mirror is not None and not _whole(state.raw) and "filters" not in self._refs_rule(state.raw):
+            # The first filter of a rule is written after a test of the whole rule, which the watch's
+            # trimmed copy (traffic/watched.py) does not hold: once per shadow step, a fresh read.
+            state = self._fetch()
         value = optin.require(state.raw, self.owner, self.what, FIELD)
         self.capabilities.fit(FIELD, weights)
+        self.capabilities.fit_mirror(FIELD, mirror)
         want = {a.backend: int(w) for a, w in weights.items()}
         # A Service without a backendRef already gets no traffic: asking for 0 there is satisfied.
         unknown = {k for k, v in want.items() if v != 0} - set(state.weights)
@@ -108,6 +132,7 @@ class GatewayAPIRouter:
             if name in want and ref.get("weight") != want[name]:
                 ops.append({"op": "test", "path": f"{base}/{i}/name", "value": name})
                 ops.append({"op": "add", "path": f"{base}/{i}/weight", "value": want[name]})
+        ops = mirror_ops(self._refs_rule(state.raw), f"/spec/rules/{self.rule_index}", weights, mirror) + ops
         if not ops:
             return state  # already so: no request
         # The opt-in as read must still be there when the write lands (else 422, nothing written).
@@ -127,7 +152,7 @@ class GatewayAPIRouter:
                 raise
             # A test op failed: the route changed since it was read (the watch's copy can be a moment
             # behind). Once more from a fresh read, with the opt-in and every name checked again.
-            return self._write(self._fetch(), weights, retry=False)
+            return self._write(self._fetch(), weights, retry=False, mirror=mirror)
         watched.ROUTES.store(cast(dict[str, Any], route))
         return self._state(cast(dict[str, Any], route))  # what the API server stored
 
@@ -152,10 +177,75 @@ class GatewayAPIRouter:
         refs: list[dict[str, Any]] = rules[self.rule_index].get("backendRefs") or []
         return refs
 
+    def _refs_rule(self, route: Mapping[str, Any]) -> Mapping[str, Any]:
+        self._refs(route)  # RouterError naming ruleIndex when the rule is missing
+        rule: Mapping[str, Any] = route["spec"]["rules"][self.rule_index]
+        return rule
+
     def _state(self, route: dict[str, Any]) -> RouteState:
         # A backendRef without weight gets 1 per the Gateway API spec.
         weights = {str(r.get("name")): int(r.get("weight", 1)) for r in self._refs(route)}
-        return RouteState(weights=weights, raw=route)
+        return RouteState(weights=weights, raw=route, mirrors=rule_mirrors(self._refs_rule(route)))
+
+
+# -- the shadow step's mirror (a RequestMirror filter on the managed rule) --------------------------
+def _whole(route: Mapping[str, Any]) -> bool:
+    """A route as the API server sent it, not the watch's trimmed copy (which has no ``kind``)."""
+    return "kind" in route
+
+
+def _mirror_target(f: Any) -> tuple[str, int] | None:
+    """(backendRef name, percent) of a RequestMirror filter; None for any other filter."""
+    if not isinstance(f, Mapping) or f.get("type") != "RequestMirror":
+        return None
+    m = f.get("requestMirror") or {}
+    name = str((m.get("backendRef") or {}).get("name") or "")
+    if "percent" in m:
+        return name, int(m["percent"])
+    frac = m.get("fraction")
+    if isinstance(frac, Mapping):
+        return name, round(100 * int(frac.get("numerator", 0)) / int(frac.get("denominator") or 100))
+    return name, 100
+
+
+def rule_mirrors(rule: Mapping[str, Any]) -> dict[str, int]:
+    """Backend -> percent of every RequestMirror filter on a rule."""
+    return {t[0]: t[1] for f in rule.get("filters") or [] if (t := _mirror_target(f)) is not None}
+
+
+def mirror_ops(
+    rule: Mapping[str, Any], at: str, weights: Mapping[Arm, int], mirror: Mirror | None
+) -> list[dict[str, Any]]:
+    """JSON-patch operations that make the rule's operator-owned mirror ``mirror`` (or none).
+
+    Owned: a RequestMirror filter whose backendRef names the candidate arm of ``weights`` (or the
+    mirror's; :func:`~model_rollouts.traffic.router.mirror_owned`). The
+    new ``filters`` list keeps every other filter as it is, in its place, with ours last; it is
+    written after a test of the list as read (of the whole rule when it has none)."""
+    owned = mirror_owned(weights, mirror)
+    old: list[Any] = list(rule.get("filters") or [])
+    keep = [f for f in old if (t := _mirror_target(f)) is None or t[0] not in owned]
+    new = list(keep)
+    if mirror is not None:
+        ref = next((r for r in rule.get("backendRefs") or [] if r.get("name") == mirror.arm.backend), None)
+        if ref is None:
+            raise RouterError(FIELD, f"the rule has no backendRef for {mirror.arm.backend} to mirror to")
+        target = {k: ref[k] for k in ("group", "kind", "name", "namespace", "port") if k in ref}
+        new.append(
+            {"type": "RequestMirror", "requestMirror": {"backendRef": target, "percent": int(mirror.percent)}}
+        )
+    ours = [t for f in old if (t := _mirror_target(f)) is not None and t[0] in owned]
+    if ours == ([(mirror.arm.backend, int(mirror.percent))] if mirror else []):
+        return []  # already so (wherever the filter stands in the list)
+    if "filters" not in rule:
+        return [
+            {"op": "test", "path": at, "value": rule},
+            {"op": "add", "path": f"{at}/filters", "value": new},
+        ]
+    test = {"op": "test", "path": f"{at}/filters", "value": rule["filters"]}
+    if not new:  # the operator's filter alone made the list: leave none
+        return [test, {"op": "remove", "path": f"{at}/filters"}]
+    return [test, {"op": "replace", "path": f"{at}/filters", "value": new}]
 
 
 def claim(config: Mapping[str, Any]) -> tuple[str, int] | None:

@@ -21,6 +21,12 @@ carries 100 when it is the route's only destination and 0 otherwise (Istio's rea
 
 Which route: ``routeName`` names an entry of ``spec.http``; without it the VirtualService must have
 exactly one ``http`` route.
+
+A shadow step's mirror is the route's ``mirror`` (a copy of the candidate's destination) with
+``mirrorPercentage`` (:func:`mirror_ops`). The operator owns the route's ``mirror`` when it names the
+candidate arm it weights; it writes one only where the route has no ``mirror`` (a test of the whole route as
+read) or has its own (a test of that ``mirror``), and removes both fields at the end. A route that
+mirrors to anything else is refused (``mirror`` is one destination per route).
 """
 
 from __future__ import annotations
@@ -32,7 +38,16 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from model_rollouts.traffic import optin
-from model_rollouts.traffic.router import RETIRED, Arm, Capabilities, RouterError, RouterType, RouteState
+from model_rollouts.traffic.router import (
+    RETIRED,
+    Arm,
+    Capabilities,
+    Mirror,
+    RouterError,
+    RouterType,
+    RouteState,
+    mirror_owned,
+)
 
 GROUP, VERSION, PLURAL = "networking.istio.io", "v1", "virtualservices"
 NAME = "istio"
@@ -77,7 +92,7 @@ class IstioRouter:
     field: str = FIELD
     #: Any number of destinations; integer weights (we write percents).
     capabilities: ClassVar[Capabilities] = Capabilities(
-        max_arms=None, granularity=1, mirroring=False, header_match=False
+        max_arms=None, granularity=1, mirroring=True, header_match=False
     )
 
     def __init__(
@@ -123,9 +138,12 @@ class IstioRouter:
                 f"service(s) {', '.join(missing)} (has: {', '.join(state.weights)})",
             )
 
-    def write(self, state: RouteState, weights: Mapping[Arm, int]) -> RouteState:
+    def write(
+        self, state: RouteState, weights: Mapping[Arm, int], mirror: Mirror | None = None
+    ) -> RouteState:
         value = optin.require(state.raw, self.owner, self.what, FIELD)
         self.capabilities.fit(FIELD, weights)
+        self.capabilities.fit_mirror(FIELD, mirror)
         want = {a.backend: int(w) for a, w in weights.items()}
         # A Service without a destination already gets no traffic: asking for 0 there is satisfied.
         unknown = {k for k, v in want.items() if v != 0} - set(state.weights)
@@ -134,7 +152,7 @@ class IstioRouter:
                 FIELD, f"VirtualService {self.name} has no destination for {', '.join(sorted(unknown))}"
             )
         index, route = self._http(state.raw)
-        ops = self._ops(index, route, want)
+        ops = mirror_ops(route, index, weights, mirror, self.namespace) + self._ops(index, route, want)
         if not ops:
             return state  # already so: no request
         # The opt-in as read must still be there when the write lands (else 422, nothing written).
@@ -182,7 +200,9 @@ class IstioRouter:
 
     def _state(self, vs: dict[str, Any]) -> RouteState:
         _, route = self._http(vs)
-        return RouteState(weights=route_weights(route, self.namespace), raw=vs)
+        return RouteState(
+            weights=route_weights(route, self.namespace), raw=vs, mirrors=route_mirrors(route, self.namespace)
+        )
 
     def _ops(self, index: int, route: Mapping[str, Any], want: Mapping[str, int]) -> list[dict[str, Any]]:
         """Test-then-set operations for every destination whose weight must change."""
@@ -203,6 +223,62 @@ class IstioRouter:
                 0, {"op": "test", "path": _pointer("spec", "http", index, "name"), "value": route["name"]}
             )
         return ops
+
+
+# -- the shadow step's mirror (the route's mirror and mirrorPercentage) ------------------------------
+def route_mirrors(route: Mapping[str, Any], namespace: str) -> dict[str, int]:
+    """Destination name -> percent of the route's ``mirror`` (the one the operator may own; the newer
+    ``mirrors`` list is the user's and never read or written)."""
+    if not isinstance(route.get("mirror"), Mapping):
+        return {}
+    pct = (route.get("mirrorPercentage") or {}).get("value", 100)
+    return {destination_name(route["mirror"], namespace): round(float(pct))}
+
+
+def mirror_ops(
+    route: Mapping[str, Any], index: int, weights: Mapping[Arm, int], mirror: Mirror | None, namespace: str
+) -> list[dict[str, Any]]:
+    """JSON-patch operations that make the route's operator-owned ``mirror`` be ``mirror`` (or none)."""
+    owned = mirror_owned(weights, mirror)
+    cur = route.get("mirror") if isinstance(route.get("mirror"), Mapping) else None
+    name = destination_name(cur, namespace) if cur is not None else None
+    pct = round(float((route.get("mirrorPercentage") or {}).get("value", 100))) if cur is not None else None
+    at = ("spec", "http", index)
+    if mirror is None:
+        if name is None or name not in owned:
+            return []
+        ops = [{"op": "test", "path": _pointer(*at, "mirror"), "value": cur}]
+        ops.append({"op": "remove", "path": _pointer(*at, "mirror")})
+        if "mirrorPercentage" in route:
+            ops.append({"op": "remove", "path": _pointer(*at, "mirrorPercentage")})
+        return ops
+    if name is not None and name not in owned:
+        raise RouterError(
+            FIELD, f"the route already mirrors to {name}, not the operator's: it cannot also mirror to "
+            f"{mirror.arm.backend}",
+        )  # fmt: skip
+    if (name, pct) == (mirror.arm.backend, int(mirror.percent)):
+        return []
+    dest = next(
+        (
+            d.get("destination") or {}
+            for d in route.get("route") or []
+            if destination_name(d.get("destination") or {}, namespace) == mirror.arm.backend
+        ),
+        None,
+    )
+    if dest is None:
+        raise RouterError(FIELD, f"the route has no destination for {mirror.arm.backend} to mirror to")
+    test = (
+        {"op": "test", "path": _pointer(*at, "mirror"), "value": cur}
+        if cur is not None
+        else {"op": "test", "path": _pointer(*at), "value": route}
+    )
+    return [
+        test,
+        {"op": "add", "path": _pointer(*at, "mirror"), "value": dict(dest)},
+        {"op": "add", "path": _pointer(*at, "mirrorPercentage"), "value": {"value": float(mirror.percent)}},
+    ]
 
 
 def claim(config: Mapping[str, Any]) -> tuple[str, int] | None:

@@ -2,7 +2,7 @@
 
 A Kopf ``on.event`` handler on HTTPRoutes (handlers/routes.py) keeps it; a router stores the API
 server's answer to its own PATCH too. Only what a router reads is kept (name, resourceVersion, the
-opt-in annotation and each rule's backendRefs), so memory follows the number of routes, not their
+opt-in annotation and each rule's backendRefs and filters), so memory follows the number of routes, not their
 size. A copy is never older than one the cache already holds (resourceVersions compared as the
 integers the API server hands out; anything else is taken as newer). Off, and empty, unless the
 operator watches routes (``enabled``, set at its startup): a router anywhere else GETs as before.
@@ -39,7 +39,11 @@ def trim(body: Mapping[str, Any]) -> dict[str, Any]:
         },
         "spec": {
             "rules": [
-                {"backendRefs": copy.deepcopy(list(r.get("backendRefs") or []))}
+                {
+                    "backendRefs": copy.deepcopy(list(r.get("backendRefs") or [])),
+                    # A shadow step's mirror is a filter of the rule (gateway_api.mirror_ops).
+                    **({"filters": copy.deepcopy(r["filters"])} if "filters" in r else {}),
+                }
                 for r in rules
                 if isinstance(r, Mapping)
             ]
