@@ -187,7 +187,7 @@ class Controller(Generic[SpecT, StatusT]):
 
     @staticmethod
     def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
-        """The object needs the fast timer (finished objects do not)."""
+        """The object needs ticks (finished objects do not: the scheduler wakes only their guard)."""
         raise NotImplementedError
 
     # -- pacing -------------------------------------------------------------------------------------
