@@ -32,6 +32,10 @@ configured baseline, in units of the scenario's margin; kayenta: the tolerance f
 once, by bisection, so that the peer's false-rollback rate in ``prop_even`` equals ours, and carried
 unchanged into every other scenario.
 
+Planning (``tests/bench/bench_plan.py``, under ``planning`` in the JSON): per comparison family, the
+share of healthy candidates undecided at the end of plans the operator called feasible, and the share
+of 2x-margin-worse candidates still at weight >= 50 when their plan ended.
+
 Metrics per scenario and judge: ``false_rollback`` (candidate as good as stable: rolled back, or any
 false verdict), ``bad_promoted`` (candidate 2x the margin worse: promoted), ``miss`` (the same: not
 rolled back by the end), ``median_looks_to_rollback`` (the same: analyses until the rollback),
@@ -58,7 +62,7 @@ from model_rollouts.analysis import stats
 from model_rollouts.api.rollout import ModelRolloutSpec, ModelRolloutStatus
 from model_rollouts.engine import rollout as eng
 from model_rollouts.engine.bandit import thompson_weights
-from tests.bench import bench_lifecycle
+from tests.bench import bench_lifecycle, bench_plan
 
 ALPHA = 0.05
 SRM_ALPHA = 0.001
@@ -681,6 +685,7 @@ class Settings:
     workers: int = 2
     lifecycle_null_runs: int = 1000
     lifecycle_bad_runs: int = 500
+    plan_runs: int = 400  # healthy rollouts per planning family (and half as many bad ones)
 
 
 def run_benchmark(cfg: Settings) -> dict[str, Any]:
@@ -733,6 +738,7 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
     results.update(
         bench_lifecycle.run_all(cfg.lifecycle_null_runs, cfg.lifecycle_bad_runs, cfg.seed, cfg.workers)
     )
+    planning = bench_plan.run_all(cfg.plan_runs, cfg.seed, cfg.workers)
     settings = {
         "seed": cfg.seed,
         "interval_seconds": INTERVAL,
@@ -761,6 +767,9 @@ def run_benchmark(cfg: Settings) -> dict[str, Any]:
         # stats-level stratified alternative for Thompson winners.
         "peers_at_documented_tolerance": documented,
         "thompson_stratified_stats_level": thompson_stratified,
+        # Per comparison family: does a plan the operator calls feasible end in a decision?
+        # (tests/bench/bench_plan.py: undecided_when_feasible, goal <= 0.05; bad_high_weight_at_end)
+        "planning": planning,
         "settings": settings,
     }
 
@@ -834,6 +843,8 @@ def format_table(res: dict[str, Any]) -> str:
         f"data: {th['pooled_false_winner']:.4f} false winners ({th['runs']['null']} runs)"
     )
     lines += lifecycle_lines(res["scenarios"])
+    lines.append("planning (steps 10% 5m, 50% 10m, progressDeadline 15m; the first Planned=True/False):")
+    lines += ["  " + x for x in bench_plan.lines(res["planning"])]
     lines.append(f"elapsed {s['seconds']} s")
     return "\n".join(lines)
 
@@ -869,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = Settings(seed=args.seed, workers=args.workers)
     if args.quick:
-        cfg = Settings(40, 30, 30, 10, 400, args.seed, args.workers, 60, 40)
+        cfg = Settings(40, 30, 30, 10, 400, args.seed, args.workers, 60, 40, 40)
     res = run_benchmark(cfg)
     print(format_table(res))
     print(json.dumps(res, default=float))

@@ -27,6 +27,7 @@ from model_rollouts.cli import render as plugin_render
 from model_rollouts.cli import view as plugin_view
 from model_rollouts.report import write as write_report
 from model_rollouts.traffic.gateway_api import GatewayAPIRouter
+from tests.harness import demo_segments
 from tests.harness.cluster import MissingComponent
 from tests.harness.gateway import Gateway, find_nginx
 from tests.harness.loadgen import LoadGenerator
@@ -169,6 +170,7 @@ def main() -> int:
         second = n.watch(("RolledBack", "Promoted", "Aborted"), 180, generation)
         d2 = time.monotonic() - t2
         n.say(f"==> rollout 2 ended {second['status']['phase']} after {d2:.0f}s")
+        third_ok = demo_segments.story(stack, n, V2, V3)  # rollout 3: harmed in one region, rolled back
 
         print("\n================ summary ================")
         print(f"rollout 1 (v1 -> v2): {first['status']['phase']:<10} in {d1:4.0f}s")
@@ -195,8 +197,8 @@ def main() -> int:
             for fmt in ("html", "png"):
                 written = write_report(obj, fmt, out / f"{label}.{fmt}")
                 print(f"decision report, rollout {i} ({fmt}): {written.path}")
-        ok = first["status"]["phase"] == "Promoted" and second["status"]["phase"] == "RolledBack"
-        print("demo result:", "OK (one promoted, one rolled back)" if ok else "UNEXPECTED")
+        ok = first["status"]["phase"] == "Promoted" and second["status"]["phase"] == "RolledBack" and third_ok
+        print("demo result:", "OK (one promoted, two rolled back)" if ok else "UNEXPECTED")
         if gateway is not None:
             gateway.close()
     print("all processes stopped.")

@@ -37,6 +37,7 @@ HEALTH = {
     "Progressing": "Progressing",
     "Running": "Progressing",
     "Paused": "Suspended",
+    "Baking": "Progressing",
     "Promoted": "Healthy",
     "Concluded": "Healthy",
     "Idle": "Healthy",
@@ -222,6 +223,9 @@ def rollouts() -> None:
         )
         cap.wait_phase("good", ("Promoted", "RolledBack"), 180)
         cap.save("promoted", "good")
+        on_route("baking", [{"setWeight": 100}], postPromotion={"bake": "10m"})
+        cap.wait_phase("baking", ("Baking",), 120)
+        cap.save("baking", "baking")
         co = client.CustomObjectsApi(s.api)
         co.delete_namespaced_custom_object(GROUP, "v1alpha1", s.namespace, "modelrollouts", "good")
         time.sleep(3)
@@ -246,6 +250,13 @@ def rollouts() -> None:
                 ],
                 "paused-by-spec": [*promotable(True), ("abort", False), ("resume", True), ("retry", True)],
                 "promoted": [*promotable(False), ("abort", True), ("resume", True), ("retry", True)],
+                "baking": [
+                    ("promote", True),
+                    ("promote-full", False),
+                    ("abort", False),
+                    ("resume", True),
+                    ("retry", True),
+                ],
                 "rolled-back": [*promotable(False), ("abort", True), ("resume", True), ("retry", False)],
                 "aborted": [*promotable(False), ("abort", True), ("resume", True), ("retry", False)],
                 "invalid": [*promotable(False), ("abort", False), ("resume", True), ("retry", True)],

@@ -106,6 +106,7 @@ EXPECTED = {
     "Progressing": "Progressing",
     "Running": "Progressing",
     "Paused": "Suspended",
+    "Baking": "Progressing",  # a rollout's bake or holdout after reaching 100%: it can still roll back
     "Promoted": "Healthy",
     "Concluded": "Healthy",
     "Idle": "Healthy",

@@ -224,3 +224,83 @@ def test_a_comparison_without_data_is_estimating_not_unlikely() -> None:
     assert planned(d.status) == ("Unknown", "Estimating")
     assert "not measured" in d.status.plan[0].message and d.status.plan[0].feasible is None
     assert ("Warning", "DecisionUnlikely") not in d.events
+
+
+# -- a feasible plan decides: the information planned for (analysis/plan.decisive_samples) ------------
+
+
+def _ni_test(alpha: float = 0.05) -> Any:
+    from model_rollouts.analysis import sequential
+
+    return sequential.SequentialSpec(
+        alpha=alpha, better="higher", test="nonInferiority", margin=0.01, allocation=0.5
+    )
+
+
+def _terminal_pass_share(n_per_arm: float, runs: int = 400) -> float:
+    """Healthy candidates (equal to stable, rate 0.1) judged once at ``n_per_arm``: the share passing."""
+    import numpy as np
+
+    from model_rollouts.analysis import sequential
+
+    rng = np.random.default_rng(5)
+    n = round(n_per_arm)
+    passed = 0
+    for _ in range(runs):
+        a, b = rng.binomial(n, 0.1, size=2)
+        r = sequential.compare(_ni_test(), [(ProportionData(a, n), ProportionData(b, n))])
+        passed += r.verdict == "pass"
+    return passed / runs
+
+
+def test_a_non_inferiority_plan_is_for_the_designs_power_not_a_coin_flip() -> None:
+    from model_rollouts.analysis import sequential
+
+    now = [(ProportionData(200, 2000), ProportionData(200, 2000))]
+    median = sequential.compare(_ni_test(), now).more_samples_needed  # half-width = margin: ~50% pass
+    planned_more = plan.decisive_samples(_ni_test(), now, predictive=False)
+    assert median is not None and planned_more > 1.3 * median
+    # Judged once at each (the running test looks more often, so it decides at least this often):
+    assert _terminal_pass_share(2000 + median / 2) < 0.65
+    assert _terminal_pass_share(2000 + planned_more / 2) >= 0.75
+
+
+def test_a_superiority_estimate_within_noise_plans_no_pass() -> None:
+    from model_rollouts.analysis import sequential
+
+    test = sequential.SequentialSpec(alpha=0.05, better="higher", test="superiority", allocation=0.5)
+    noise = [(ProportionData(200, 2000), ProportionData(210, 2000))]  # +0.005, se ~0.0095
+    clear = [(ProportionData(200, 2000), ProportionData(300, 2000))]  # +0.05: five standard errors
+    assert plan.decisive_samples(test, noise, predictive=True) == float("inf")
+    assert 0 <= plan.decisive_samples(test, clear, predictive=True) < 20_000
+
+
+def test_an_equal_candidate_under_a_superiority_test_is_unlikely_to_decide() -> None:
+    s = spec(margin=0.05, deadline="30m")
+    c = s.analysis.comparisons[0].model_copy(update={"test": "superiority", "margin": None})
+    s = s.model_copy(update={"analysis": s.analysis.model_copy(update={"comparisons": [c]})})
+    d = Traffic(s, rate=50)
+    d.tick()
+    d.tick()
+    assert planned(d.status) == ("False", "DecisionUnlikely")
+    [p] = d.status.plan
+    assert p.moreSamplesNeeded is None and p.expectedDecisionSeconds is None
+    assert "no amount of samples" in p.message
+
+
+def test_a_segmented_comparison_is_planned_for_its_slowest_segment() -> None:
+    from tests.unit.test_segments_engine import _driver, _obs
+
+    equal = {r: (0.5, 0.5) for r in ("north", "south", "east", "west")}
+    plans = {}
+    for tooSmall in ("hold", "ignore"):  # ignore: a segment never blocks the pass, the pooled plan stands
+        d = _driver(
+            segments={"label": "region", "values": list(equal), "minSamples": 100, "tooSmall": tooSmall}
+        )
+        d.tick()  # to 50%
+        d.tick(_obs(equal, 40))
+        [plans[tooSmall]] = d.status.plan
+    segmented, pooled = plans["hold"], plans["ignore"]
+    assert segmented.moreSamplesNeeded is not None and pooled.moreSamplesNeeded is not None
+    # Each segment has a quarter of the samples and must pass on its own at power 0.8^(1/4).
+    assert segmented.moreSamplesNeeded > 4 * pooled.moreSamplesNeeded

@@ -16,10 +16,11 @@ at ``1 / (1/r_baseline + 1/r_candidate)``, so that is the rate compared across w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
-from model_rollouts.analysis import stats
+from model_rollouts.analysis import sequential, stats
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,114 @@ def equal_candidate(
         else:
             out.append((base, cand))
     return out
+
+
+#: A feasible plan promises a decision for a healthy candidate with this probability, not a coin flip.
+#: nonInferiority plans for a candidate equal to stable at the design's own power (the information
+#: where its final estimate, at its lower 20% quantile, still passes); superiority plans from the
+#: estimate so far, whose own uncertainty (a lucky early estimate) needs the stricter 95%. Measured by
+#: ``make bench-stats`` (tests/bench/bench_plan.py): the share of feasible plans that end undecided.
+DECISION_PROBABILITY = stats.DEFAULT_POWER
+PREDICTIVE_PROBABILITY = 0.95
+Pair = tuple[stats.ProportionData | stats.MeanData, stats.ProportionData | stats.MeanData]
+
+
+def _variance(d: stats.ProportionData | stats.MeanData) -> float:
+    if isinstance(d, stats.ProportionData):
+        p = d.successes / d.trials if d.trials > 0 else 0.0
+        return p * (1.0 - p)
+    return d.variance if d.count >= 2 else 0.0
+
+
+def information(strata: Sequence[Pair]) -> float:
+    """1 / Var(difference) over the strata (inverse-variance combined; 0 when nothing is known)."""
+    total = 0.0
+    for base, cand in strata:
+        nb, nc = _count(base), _count(cand)
+        v = max(_variance(base), _variance(cand))  # the larger arm variance: the test floors the smaller
+        if nb > 0 and nc > 0 and v > 0:
+            total += 1.0 / (v / nb + v / nc)
+    return total
+
+
+def _count(d: stats.ProportionData | stats.MeanData) -> float:
+    return d.trials if isinstance(d, stats.ProportionData) else d.count
+
+
+def _scaled(d: stats.ProportionData | stats.MeanData, f: float) -> stats.ProportionData | stats.MeanData:
+    if isinstance(d, stats.ProportionData):
+        return stats.ProportionData(d.successes * f, d.trials * f)
+    return stats.MeanData(d.count * f, d.total * f, d.sum_squares * f)
+
+
+def _shifted(d: stats.ProportionData | stats.MeanData, delta: float) -> stats.ProportionData | stats.MeanData:
+    """The same samples with the estimate moved by ``delta`` (a mean keeps its variance)."""
+    if isinstance(d, stats.ProportionData):
+        rate = d.successes / d.trials if d.trials > 0 else 0.0
+        return stats.ProportionData(min(max(rate + delta, 0.0), 1.0) * d.trials, d.trials)
+    if d.count <= 0:
+        return d
+    n, mean = d.count, d.mean + delta
+    return stats.MeanData(n, n * mean, _variance(d) * (n - 1) + n * mean * mean)
+
+
+def decisive_samples(
+    test: sequential.SequentialSpec,
+    strata: Sequence[Pair],
+    *,
+    predictive: bool,
+    probability: float = DECISION_PROBABILITY,
+    verdict: Callable[[list[Pair]], str] | None = None,
+) -> float | None:
+    """More samples (both arms, at the current split) until the test passes with ``probability``.
+
+    Future samples join the current (last) stratum. At information I the final estimate is taken at
+    its lower ``1 - probability`` quantile: the current estimate minus z sd, with sd = 1/sqrt(I) (the
+    truth is the strata's estimate, e.g. a candidate equal to stable) or, ``predictive``, the
+    predictive sd given the estimate so far (the truth itself is uncertain: sd tends to the current
+    standard error, so an estimate within z standard errors of the threshold never plans a pass).
+    The statistics' own test (``sequential.compare``, or ``verdict`` when given: e.g. a segment's
+    design) then says whether that estimate passes there.
+    ``math.inf`` when no amount of data (up to a million times the current) gets there; None when
+    the current samples carry no information yet (no variance: it cannot be told).
+    """
+    z = NormalDist().inv_cdf(probability)
+    sign = 1.0 if test.better == "higher" else -1.0
+    now = information(strata)
+    if not now > 0 or not strata:
+        return None
+
+    def passes(f: float) -> bool:
+        grown = [*strata[:-1], (_scaled(strata[-1][0], f), _scaled(strata[-1][1], f))]
+        info = information(grown)
+        if predictive:
+            sd = math.sqrt((info - now) ** 2 / (info * info * now) + (info - now) / (info * info))
+        else:
+            sd = 1.0 / math.sqrt(info)
+        low = [(b, _shifted(c, -sign * z * sd)) for b, c in grown]
+        try:
+            return (verdict(low) if verdict else sequential.compare(test, low).verdict) == "pass"
+        except ValueError:
+            return False
+
+    # Geometric steps (the capped boundary jumps up after its cap, so doubling could step over the
+    # stretch where it passes), then bisection between the last miss and the first pass.
+    lo, hi = 1.0, None
+    if passes(1.0):
+        return 0.0
+    f = 1.0
+    while f < 1e6:
+        f *= 1.25
+        if passes(f):
+            hi = f
+            break
+        lo = f
+    if hi is None:
+        return math.inf
+    for _ in range(16):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return (hi - 1.0) * (_count(strata[-1][0]) + _count(strata[-1][1]))
 
 
 def human(seconds: float) -> str:

@@ -44,7 +44,9 @@ ANNOTATION_ABORT = "mlrollouts.io/abort"
 ANNOTATION_RESUME = "mlrollouts.io/resume"
 ANNOTATION_RETRY = "mlrollouts.io/retry"
 
-Phase = Literal["Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid", "Idle"]
+Phase = Literal[
+    "Pending", "Progressing", "Paused", "Baking", "Promoted", "RolledBack", "Aborted", "Invalid", "Idle"
+]
 #: Left only by a new revision (a changed candidate) or the retry annotation.
 TERMINAL_PHASES = ("Promoted", "RolledBack", "Aborted", "Idle")
 
@@ -249,7 +251,108 @@ class Analysis(AnalysisBase):
     )
 
 
+#: Longest bake and holdout a spec may ask for (the operator keeps analysing every interval meanwhile).
+MAX_BAKE_SECONDS = 7 * 86400
+MAX_HOLDOUT_SECONDS = 30 * 86400
+#: Points of a holdout comparison's effect trajectory kept in status (thinned evenly when full).
+TRAJECTORY_POINTS = 48
+HOLDOUT_NEEDS_COMPARISONS = (
+    "postPromotion.holdout needs a comparison to keep measuring: set postPromotion.comparisons or "
+    "analysis.comparisons"
+)
+
+
+class Holdout(Model):
+    """After the bake, keep ``percent`` of the traffic on the replaced model for ``duration`` and keep
+    comparing: does the gain hold or decay?"""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "duration(self.duration) >= duration('1s') && "
+                    "duration(self.duration) <= duration('720h')",
+                    "holdout.duration must be between 1s and 720h (30 days)",
+                    ".duration",
+                ),
+            ]
+        },
+    )
+    percent: int = Field(
+        ge=1, le=50, description="Share of traffic (1-50) the replaced model keeps during the holdout."
+    )
+    duration: Duration = Field(description="How long the holdout lasts (at most 720h, 30 days).")
+
+    @field_validator("duration")
+    @classmethod
+    def _duration_bounds(cls, v: str) -> str:
+        if not 1 <= parse_duration(v) <= MAX_HOLDOUT_SECONDS:
+            raise ValueError("holdout.duration must be between 1s and 720h (30 days)")
+        return v
+
+
+class PostPromotion(Model):
+    """What happens after the candidate reaches 100%: a bake (the replaced model stays in the route at
+    weight 0, guardrails keep running; a breach sends all traffic back to it), then an optional holdout."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "duration(self.bake) <= duration('168h')",
+                    "postPromotion.bake must be at most 168h (7 days)",
+                    ".bake",
+                ),
+            ]
+        },
+    )
+    bake: Duration = Field(
+        description="How long the candidate runs at 100% with the replaced model kept at weight 0 and the "
+        "guardrails watched (at most 168h). It ends at the first passing analysis at or after this time."
+    )
+    guardrails: list[Guardrail] = Field(
+        default_factory=list,
+        max_length=20,
+        json_schema_extra=list_map(),
+        description="Guardrails during the bake and holdout; empty: analysis.guardrails.",
+    )
+    comparisons: list[Comparison] = Field(
+        default_factory=list,
+        max_length=5,
+        json_schema_extra=list_map(),
+        description="Comparisons measured during the holdout (pooled, informational); empty: "
+        "analysis.comparisons (their first 5).",
+    )
+    holdout: Holdout | None = Field(
+        default=None, description="After the bake: keep a share of traffic on the replaced model."
+    )
+
+    @field_validator("bake")
+    @classmethod
+    def _bake_at_most_a_week(cls, v: str) -> str:
+        if parse_duration(v) > MAX_BAKE_SECONDS:
+            raise ValueError("postPromotion.bake must be at most 168h (7 days)")
+        return v
+
+
 class ModelRolloutSpec(ResourceSpec):
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.postPromotion) || !has(self.postPromotion.holdout) || "
+                    "(has(self.postPromotion.comparisons) && size(self.postPromotion.comparisons) > 0) || "
+                    "(has(self.analysis.comparisons) && size(self.analysis.comparisons) > 0)",
+                    HOLDOUT_NEEDS_COMPARISONS,
+                    ".postPromotion.holdout",
+                ),
+            ]
+        },
+    )
     stable: VariantRef
     candidate: VariantRef
     trafficRouting: TrafficRouting
@@ -279,6 +382,18 @@ class ModelRolloutSpec(ResourceSpec):
     )
     notifications: list[NotificationRef] = NOTIFICATIONS_FIELD
     gates: list[Gate] = GATES_FIELD
+    postPromotion: PostPromotion | None = Field(
+        default=None,
+        description="After the candidate reaches 100%: bake (phase Baking, the replaced model kept at "
+        "weight 0; a guardrail breach rolls back with reason BakeFailed) and an optional holdout.",
+    )
+
+    @model_validator(mode="after")
+    def _holdout_needs_a_comparison(self) -> ModelRolloutSpec:
+        pp = self.postPromotion
+        if pp is not None and pp.holdout is not None and not (pp.comparisons or self.analysis.comparisons):
+            raise ValueError(HOLDOUT_NEEDS_COMPARISONS)
+        return self
 
     @field_validator("steps")
     @classmethod
@@ -343,6 +458,55 @@ class DecisionPlan(Model):
     message: str = ""
 
 
+class EffectPoint(Model):
+    """A holdout comparison's effect (candidate minus the replaced model, on the metric's scale) with its
+    always-valid (1 - alpha) confidence sequence, at one analysis."""
+
+    time: datetime
+    effect: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+    samples: float = Field(default=0, description="Samples of both arms so far in the holdout.")
+
+
+GainVerdict = Literal["held", "decayed", "undecided"]
+
+
+class HoldoutComparison(Model):
+    name: str
+    gain: GainVerdict = Field(
+        default="undecided",
+        description="held: the holdout shows again what the comparison's test asks (non-inferiority or "
+        "superiority); decayed: its confidence sequence shows the candidate worse than the test allows, "
+        "or lies wholly below the effect's lower bound at promotion; undecided: neither yet.",
+    )
+    message: str = ""
+    atPromotion: EffectPoint | None = Field(
+        default=None, description="The rollout's last estimate before promotion (for reference)."
+    )
+    trajectory: list[EffectPoint] = Field(
+        default_factory=list,
+        max_length=TRAJECTORY_POINTS,
+        description=f"The effect over the holdout, oldest first (at most {TRAJECTORY_POINTS} points: when "
+        "full, the inner point closest to its neighbours is dropped, so it spans the whole holdout).",
+    )
+
+
+class PostPromotionStatus(Model):
+    stage: Literal["Bake", "Holdout", "Done"] = "Bake"
+    startedAt: datetime = Field(description="When the candidate got 100% and the bake began.")
+    stageStartedAt: datetime
+    stageEndsAt: datetime | None = Field(
+        default=None, description="The stage ends at the first passing analysis at or after this time."
+    )
+    previousStable: str = Field(description="The replaced model: kept at weight 0 (bake) or P% (holdout).")
+    holdout: list[HoldoutComparison] = Field(default_factory=list, max_length=10)
+    gain: GainVerdict | None = Field(
+        default=None,
+        description="After a holdout: decayed if any comparison decayed, held if all held, else undecided.",
+    )
+
+
 class ModelRolloutStatus(ResourceStatus):
     phase: Phase = "Pending"
     revision: str | None = None
@@ -392,6 +556,10 @@ class ModelRolloutStatus(ResourceStatus):
     )
     gates: list[GateState] = Field(
         default_factory=list, description="The last answer of each gate asked in this revision."
+    )
+    postPromotion: PostPromotionStatus | None = Field(
+        default=None,
+        description="The bake and holdout after the candidate reached 100% (spec.postPromotion).",
     )
     series: list[RolloutSeriesPoint] = Field(
         default_factory=list,

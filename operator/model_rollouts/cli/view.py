@@ -310,6 +310,14 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
                     f"step {current} ({step_text(steps[current])}) to end: {human_seconds(left)} left "
                     f"(`kubectl mlrollouts promote {name}` ends it at the next analysis)"
                 )
+        pp = status.postPromotion
+        if phase == "Baking" and pp is not None and pp.stageEndsAt is not None:
+            stage = (
+                "bake"
+                if pp.stage == "Bake"
+                else f"holdout ({pp.previousStable} keeps {100 - status.weight}%)"
+            )
+            waiting.append(f"the {stage} to end at {_iso(pp.stageEndsAt)} ({_when(pp.stageEndsAt, now)})")
         if status.weight > 0 or status.shadowPercent:
             due = rollout_engine.next_due(spec, status)
             if due is not None and due != rollout_engine.EPOCH:
@@ -319,7 +327,8 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
         elif phase in ("Pending", "Progressing"):
             waiting.append("the first weight change (at the next tick)")
         n_so_far = {c["name"]: (c.get("baselineN") or 0) + (c.get("candidateN") or 0) for c in comparisons}
-        for c in comparisons:
+        baking = phase == "Baking"  # promoted to 100% already: nothing waits for comparisons
+        for c in [] if baking else comparisons:
             cs = specs.get(c["name"], {})
             if c["passed"] or cs.get("advisory") or c["verdict"] == "pass":
                 continue
@@ -328,7 +337,7 @@ def rollout_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str, 
                 f"comparison {c['name']} to pass its {c['test']} test before full traffic"
                 + (f": {eta}" if eta else "")
             )
-        for cmp in spec.analysis.comparisons:
+        for cmp in [] if baking else spec.analysis.comparisons:
             if any(x["name"] == cmp.name for x in comparisons) or cmp.advisory:
                 continue
             waiting.append(f"comparison {cmp.name}: its first measurement")

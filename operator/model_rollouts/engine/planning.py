@@ -9,9 +9,12 @@ them up:
 - ``Unknown``/``Estimating``: a rate or a sample need cannot be told yet;
 - ``True``/``Decided``: every required comparison has passed.
 
-A non-inferiority comparison is planned for a candidate equal to stable (its interval must shrink to
-the margin), not at the current estimate: early estimates are noisy, and a lucky one would promise a
-decision that a healthy candidate will not get in time (:func:`model_rollouts.analysis.plan.equal_candidate`).
+A plan promises a pass with a stated probability, not a coin flip
+(:func:`model_rollouts.analysis.plan.decisive_samples`). A non-inferiority comparison is planned for a
+candidate equal to stable (:func:`model_rollouts.analysis.plan.equal_candidate`) at the design's power,
+not at the current estimate: early estimates are noisy, and a lucky one would promise a decision that
+a healthy candidate will not get in time. A superiority comparison is planned from the estimate so far
+with its own uncertainty (95%): an estimate within noise of stable plans no pass.
 
 ``Planned`` is its own condition, not a reason on ``Progressing``: the step runner rewrites
 ``Progressing`` every tick from the phase, and the rollout does keep progressing while its plan is
@@ -20,11 +23,12 @@ unlikely to end in a decision; ``Planned=False`` is a forecast, not a state of t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol
 
-from model_rollouts.analysis import plan, sequential, stats
+from model_rollouts.analysis import plan, segments, sequential, stats
 from model_rollouts.api.common import ArmCounts, get_condition, parse_duration, set_condition
 from model_rollouts.api.rollout import (
     Comparison,
@@ -88,35 +92,91 @@ def _data(c: Comparison, arm: ArmCounts) -> Data:
     return stats.MeanData(arm.n, arm.total, arm.squares) if arm.n > 0 else stats.MeanData(0.0, 0.0, 0.0)
 
 
-def _equal_candidate_need(
-    spec: ModelRolloutSpec, s: ModelRolloutStatus, c: Comparison, stable: Data, candidate: Data
+def _need(
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    c: Comparison,
+    counts: Counts,
+    comparisons: Mapping[str, Counts],
 ) -> float | None:
-    """The statistics' more samples for a candidate equal to stable on the same samples (all epochs)."""
+    """More samples until a healthy candidate passes with ``plan.DECISION_PROBABILITY`` (all epochs).
+
+    nonInferiority: a candidate equal to stable on the same samples; superiority: the estimate so far,
+    with its own uncertainty (an estimate within noise of stable plans no pass).
+    """
+    stable, candidate = counts.stable, counts.candidate
+    assert stable is not None and candidate is not None
     strata = [(_data(c, e.stable), _data(c, e.candidate)) for e in s.epochs.get(c.name, [])]
     strata.append((stable, candidate))
+    non_inferiority = c.test == "nonInferiority"
     test = sequential.SequentialSpec(
         alpha=spec.analysis.alpha / max(len(spec.analysis.comparisons), 1),
         better=c.better,
-        test="nonInferiority",
-        margin=c.margin or 0.0,
+        test=c.test,
+        margin=(c.margin or 0.0) if non_inferiority else 0.0,
         allocation=s.weight / 100.0,
     )
-    try:
-        return sequential.compare(test, plan.equal_candidate(strata)).more_samples_needed
-    except ValueError:  # counts the statistics refuse (they already gave the measurement its verdict)
-        return None
+    if non_inferiority:
+        need = plan.decisive_samples(test, plan.equal_candidate(strata), predictive=False)
+        by_segment = _segments_need(s, c, test, comparisons, _n(stable) + _n(candidate))
+        return None if need is None or by_segment is None else max(need, by_segment)
+    return plan.decisive_samples(test, strata, predictive=True, probability=plan.PREDICTIVE_PROBABILITY)
+
+
+def _segments_need(
+    s: ModelRolloutStatus,
+    c: Comparison,
+    test: sequential.SequentialSpec,
+    comparisons: Mapping[str, Counts],
+    pooled_n: float,
+) -> float | None:
+    """A segmented comparison passes only when every segment does: the largest segment's need, in
+    samples of the whole comparison (a segment gets its share of them), each segment at its own
+    design (``segments.segment_information_cap``) and power ``DEFAULT_POWER ** (1/k)``. None while a
+    segment's counts or share cannot be told yet. With ``tooSmall: ignore`` the pooled plan stands."""
+    if c.segments is None or c.segments.tooSmall == "ignore":
+        return 0.0
+    k = len(c.segments.values)
+    cap = segments.segment_information_cap(test.margin, k, test.alpha)
+    stratified = stats.compare_means_stratified if c.type == "mean" else stats.compare_proportions_stratified
+
+    def verdict(st: list[plan.Pair]) -> str:
+        kw = {"alpha": test.alpha, "better": test.better, "margin": test.margin, "max_information": cap}
+        return stratified(st, test="nonInferiority", **kw).verdict  # type: ignore[arg-type]
+
+    worst = 0.0
+    for v in c.segments.values:
+        key = segments.segment_key(c.name, v)
+        d = comparisons.get(key)
+        if d is None or d.stable is None or d.candidate is None or not pooled_n > 0:
+            return None
+        share = (_n(d.stable) + _n(d.candidate)) / pooled_n
+        strata = [(_data(c, e.stable), _data(c, e.candidate)) for e in s.epochs.get(key, [])]
+        strata = plan.equal_candidate([*strata, (d.stable, d.candidate)])
+        need = plan.decisive_samples(
+            test, strata, predictive=False, probability=stats.DEFAULT_POWER ** (1.0 / k), verdict=verdict
+        )
+        if need is None or not share > 0:
+            return None
+        worst = max(worst, need / share)
+    return worst
 
 
 def _one(
-    spec: ModelRolloutSpec, s: ModelRolloutStatus, name: str, counts: Counts | None, now: datetime
+    spec: ModelRolloutSpec,
+    s: ModelRolloutStatus,
+    name: str,
+    comparisons: Mapping[str, Counts],
+    now: datetime,
 ) -> DecisionPlan:
+    counts = comparisons.get(name)
     m = next((x for x in s.lastAnalysis if x.kind == "comparison" and x.name == name), None)
     more = (m.details or {}).get("moreSamplesNeeded") if m is not None else None
     c = next(c for c in spec.analysis.comparisons if c.name == name)
     if m is None or m.verdict != "inconclusive":
         more = None  # not measured (no data, an error): no need to plan from
-    elif c.test == "nonInferiority" and counts and counts.stable and counts.candidate:
-        more = _equal_candidate_need(spec, s, c, counts.stable, counts.candidate)
+    elif counts and counts.stable and counts.candidate:
+        more = _need(spec, s, c, counts, comparisons)
     elapsed = (now - s.epochStartedAt).total_seconds() if s.epochStartedAt else 0.0
     n_stable, n_candidate = (_n(counts.stable), _n(counts.candidate)) if counts else (0.0, 0.0)
     rates = plan.Rates.observed(s.weight, n_stable, n_candidate, elapsed)
@@ -134,10 +194,17 @@ def _one(
     e = plan.estimate(more, rates, segments, hold, parse_duration(spec.progressDeadline) - held)
     by = " by a candidate equal to stable" if c.test == "nonInferiority" else ""
     at = ", ".join(f"{plan.human(t)} at weight {w}" for w, t in e.at_weights.items())
-    text = (
-        f"comparison {name}: about {more:,.0f} more samples needed{by}; at {rates.total:.3g} samples/s "
-        f"(both arms, weight {s.weight}) a decision is expected in ~{plan.human(e.seconds)} ({at})"
+    finite = math.isfinite(more)
+    need = (
+        f"about {more:,.0f} more samples needed{by} (for a pass with probability "
+        f"{plan.DECISION_PROBABILITY:g})"
+        if finite
+        else f"no amount of samples is expected to show {c.test}"
+        + (" at the estimate so far" if c.test == "superiority" else "")
     )
+    text = f"comparison {name}: {need}; at {rates.total:.3g} samples/s (both arms, weight {s.weight})"
+    if finite:
+        text += f" a decision is expected in ~{plan.human(e.seconds)} ({at})"
     if e.feasible:
         text += f", within the {plan.human(e.budget)} left"
     else:
@@ -148,11 +215,13 @@ def _one(
     return DecisionPlan(
         name=name,
         feasible=e.feasible,
-        expectedDecisionSeconds=round(e.seconds, 1) if e.seconds != float("inf") else None,
+        expectedDecisionSeconds=round(e.seconds, 1) if math.isfinite(e.seconds) else None,
         budgetSeconds=round(e.budget, 1),
         samplesPerSecond=round(rates.total, 4),
-        moreSamplesNeeded=round(more, 1),
-        atWeights=[WeightEstimate(weight=w, seconds=round(t, 1)) for w, t in e.at_weights.items()],
+        moreSamplesNeeded=round(more, 1) if finite else None,
+        atWeights=[
+            WeightEstimate(weight=w, seconds=round(t, 1)) for w, t in e.at_weights.items() if math.isfinite(t)
+        ],
         message=text,
     )
 
@@ -171,7 +240,7 @@ def update(
         return
     verdicts = {m.name: m.verdict for m in s.lastAnalysis if m.kind == "comparison"}
     open_ = [c.name for c in required if c.name not in s.passedComparisons and verdicts.get(c.name) != "pass"]
-    s.plan = [_one(spec, s, name, comparisons.get(name), now) for name in open_]
+    s.plan = [_one(spec, s, name, comparisons, now) for name in open_]
     late = [p for p in s.plan if p.feasible is False]
     if not open_:
         status, reason, msg = "True", "Decided", "every required comparison has passed"

@@ -41,7 +41,7 @@ from model_rollouts.api.rollout import (
     ModelRolloutSpec,
     ModelRolloutStatus,
 )
-from model_rollouts.engine import planning, series, steps
+from model_rollouts.engine import planning, post, series, steps
 from model_rollouts.engine import status as status_
 from model_rollouts.engine.actions import LIMIT_REASONS, Event
 from model_rollouts.engine.status import EPOCH
@@ -247,6 +247,8 @@ def _reconcile(
     s, actions, early = _begin(tick, status)
     if early is not None:
         return early
+    if s.phase == post.PHASE:  # after the candidate reached 100%: bake and holdout (engine/post.py)
+        return _post(tick, s, actions)
 
     # Measurements: guardrails at every interval, comparisons against stable within the epoch.
     hold_reasons: list[str] = []
@@ -301,11 +303,11 @@ def _begin(t: _Tick, status: ModelRolloutStatus) -> tuple[ModelRolloutStatus, li
         _conditions(s, now, generation)
         return s, actions, Decision(s, actions)
     if s.phase == "Invalid":  # the spec became valid again: carry on where it stood
-        s.phase = "Progressing"
+        s.phase = post.PHASE if post.running(s) else "Progressing"
         _history(s, now, "Valid", "SpecValid", "spec is valid again; resuming")
 
     sh = steps_hash(spec)
-    if s.stepsHash != sh:
+    if s.stepsHash != sh and s.phase != post.PHASE:  # the steps are behind a baking rollout
         if s.stepsHash is not None:
             msg = f"spec.steps changed: restarting the steps from step 0 at weight {s.weight}"
             actions.append(Event("Normal", "StepsChanged", msg))
@@ -383,12 +385,30 @@ def _steps(
     actions += out.events
     if out.finish is not None:
         f = out.finish
+        if f.phase == "Promoted" and t.spec.postPromotion is not None:
+            actions += post.start(t.spec, s, now, generation)
+            _conditions(s, now, generation)
+            return Decision(s, actions)
         return _finish(s, actions, now, generation, f.phase, f.weight, f.reason, f.message, f.values)
     if out.progressing is not None:
         reason, message = out.progressing
         _conditions(s, now, generation, progressing_reason=reason, progressing_message=message)
     else:
         _conditions(s, now, generation)
+    return Decision(s, actions)
+
+
+def _post(t: _Tick, s: ModelRolloutStatus, actions: list[Event]) -> Decision:
+    """A tick of the bake or holdout (engine/post.py); its end is a finish like any other."""
+    obs = t.observations if t.observations is not None and s.weight > 0 else None
+    out = post.tick(t.spec, s, obs, t.now, t.generation)
+    actions += out.events
+    if out.end is not None:
+        e = out.end
+        if e.phase == "RolledBack":  # the distinct reason as its own Event (the notification says it too)
+            actions.append(Event("Warning", e.reason, e.message))
+        return _finish(s, actions, t.now, t.generation, e.phase, e.weight, e.reason, e.message, e.values)
+    _conditions(s, t.now, t.generation)
     return Decision(s, actions)
 
 
@@ -407,9 +427,11 @@ def _new_revision(
 ) -> ModelRolloutStatus:
     first = s.revision is None
     serving = s.stableService or spec.stable.service
-    keep = (serving, spec.candidate.service)
     # After a promotion everything but the serving version was set to 0 in its last write.
     previous = [] if s.phase == "Promoted" else [*s.retiredServices, s.candidateService or ""]
+    if s.phase == post.PHASE and s.candidateService:  # a new candidate mid-bake: the baked one serves
+        serving, previous = s.candidateService, [*s.retiredServices, s.stableService or ""]
+    keep = (serving, spec.candidate.service)
     retired = [] if first else [svc for svc in previous if svc and svc not in keep]
     new = ModelRolloutStatus(
         revision=rev,
@@ -469,7 +491,10 @@ def _restart(spec: ModelRolloutSpec, s: ModelRolloutStatus, now: datetime) -> No
     s.lastAnalysis = []
     s.lastAnalysisTime = None
     s.plan = []
-    s.conditions = [c for c in s.conditions if c.type != planning.CONDITION]  # the old revision's forecast
+    s.postPromotion = None
+    s.conditions = [
+        c for c in s.conditions if c.type not in (planning.CONDITION, post.CONDITION)
+    ]  # the old revision's forecast
     s.gates = []
     s.stepsHash = steps_hash(spec)
 
@@ -715,6 +740,7 @@ def _finish(
     s.heldSince = None
     s.candidateUnready = False
     s.message = message
+    post.ended(s, reason, message, now, generation)
     if phase == "Promoted":
         replaced = s.stableService
         s.stableService = s.candidateService
@@ -756,6 +782,9 @@ def _conditions(
         c = set_condition(c, "Promoted", "True", reason or "Promoted", s.message, now, generation)
     elif s.phase in ("RolledBack", "Aborted"):
         c = set_condition(c, "Promoted", "False", reason or s.phase, s.message, now, generation)
+    elif s.phase == post.PHASE:
+        msg = "the candidate has 100%; promoted when the post-promotion bake (and holdout) pass"
+        c = set_condition(c, "Promoted", "False", "Baking", msg, now, generation)
     elif s.phase != "Idle":
         c = set_condition(c, "Promoted", "False", "InProgress", "not promoted yet", now, generation)
     if s.phase == "RolledBack":

@@ -28,6 +28,7 @@ from model_rollouts.api.rollout import (
     ModelRolloutStatus,
     VariantRef,
 )
+from model_rollouts.engine import post
 from model_rollouts.engine import rollout as engine
 from model_rollouts.handlers import common, scheduler
 from model_rollouts.handlers.controller import Controller
@@ -39,7 +40,17 @@ from model_rollouts.traffic.router import CANDIDATE, RETIRED, Arm, Mirror
 
 KIND = "ModelRollout"
 logger = logging.getLogger("model_rollouts.rollout")
-PHASES = ("Pending", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted", "Invalid", "Idle")
+PHASES = (
+    "Pending",
+    "Progressing",
+    "Paused",
+    "Baking",
+    "Promoted",
+    "RolledBack",
+    "Aborted",
+    "Invalid",
+    "Idle",
+)
 ANNOTATIONS = (
     ANNOTATION_PROMOTE,
     ANNOTATION_PROMOTE_FULL,
@@ -84,6 +95,27 @@ def _queries(spec: ModelRolloutSpec, namespace: str = "default") -> list[tuple[s
     for i, c in enumerate(spec.analysis.comparisons):
         out += [
             (f"spec.analysis.comparisons[{i}].{f}", _segment_free(c, getattr(c, f)))
+            for fs in common.METRIC_FIELDS.values()
+            for f in fs
+        ]
+    return out + _post_queries(spec, namespace)
+
+
+def _post_queries(spec: ModelRolloutSpec, namespace: str) -> list[tuple[str, str | None]]:
+    """The queries of spec.postPromotion (its own guardrails and comparisons), named by their field."""
+    pp = spec.postPromotion
+    if pp is None:
+        return []
+    at = "spec.postPromotion"
+    gs = [
+        common.resolve_metric(g, f"{at}.guardrails[{i}]", namespace, ("query",))
+        for i, g in enumerate(pp.guardrails)
+    ]
+    out: list[tuple[str, str | None]] = [(f"{at}.guardrails[{i}].query", g.query) for i, g in enumerate(gs)]
+    for i, c in enumerate(pp.comparisons):
+        c = common.resolve_metric(c, f"{at}.comparisons[{i}]", namespace, common.METRIC_FIELDS[c.type])
+        out += [
+            (f"{at}.comparisons[{i}].{f}", _segment_free(c, getattr(c, f)))
             for fs in common.METRIC_FIELDS.values()
             for f in fs
         ]
@@ -236,7 +268,9 @@ class RolloutController(Controller[ModelRolloutSpec, ModelRolloutStatus]):
     ) -> engine.Observations | None:
         if not self.due(spec, status, now):  # pacing lives in status
             return None
-        observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
+        # In the bake and holdout, the post-promotion guardrails and comparisons (engine/post.py).
+        measured = post.measured_spec(spec, status)
+        observations = self.measured(provider, lambda: measure(measured, status, provider, self.namespace))
         self.count_errors(observations.guardrails.values())
         self.count_errors(d.problem for d in observations.comparisons.values() if d.problem is not None)
         return observations

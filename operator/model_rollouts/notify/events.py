@@ -23,7 +23,9 @@ from model_rollouts.notify import Notice
 
 #: Event reasons that start (or restart) a rollout or experiment.
 STARTED_REASONS = ("Started", "NewRevision", "RetryRequested", "Retried")
-STEP_REASONS = ("WeightChanged", "WeightsChanged")
+#: BakeStarted: the candidate has 100% (postPromotion's bake begins); HoldoutStarted: the replaced
+#: model gets its holdout share back.
+STEP_REASONS = ("WeightChanged", "WeightsChanged", "BakeStarted", "HoldoutStarted")
 SRM_REASONS = ("SampleRatioMismatch",)
 #: Error notifications: limits reached, a spec that cannot be acted on, a decision not applied.
 ERROR_REASONS = (*LIMIT_REASONS, "InvalidSpec", "ReconcileFailed", "RouteWriteFailed", "RouteNotVerified")

@@ -51,6 +51,12 @@ def summary_rows(r: Report) -> list[tuple[str, str]]:
             ("Candidate", str((spec.get("candidate") or {}).get("service", ""))),
             ("Weight", f"{st.get('weight', 0)}% at step {st.get('currentStep', 0)}"),
         ]
+        pp = st.get("postPromotion") or {}
+        if pp:
+            gain = f", gain {pp['gain']}" if pp.get("gain") else ""
+            rows.append(
+                ("After promotion", f"stage {pp.get('stage')} (replaced: {pp.get('previousStable')}){gain}")
+            )
     rows.append(("Analyses in the report", f"{len(r.series)} (status.series keeps the last 120)"))
     ours = r.annotations_of_ours()
     if ours:
@@ -114,6 +120,18 @@ def comparison_rows(r: Report) -> list[list[str]]:
     return rows
 
 
+def holdout_rows(r: Report) -> list[list[str]]:
+    """Each holdout comparison: its gain, the latest effect and band, and the estimate at promotion."""
+    rows = [["metric", "gain", "effect now", "confidence sequence", "at promotion", "samples", "points"]]
+    for h in (r.status.get("postPromotion") or {}).get("holdout") or []:
+        traj = h.get("trajectory") or []
+        last, then = (traj[-1] if traj else {}), h.get("atPromotion") or {}
+        ci = f"[{_fmt(last.get('lower'))}, {_fmt(last.get('upper'))}]" if traj else "—"
+        rows.append([str(h.get("name")), str(h.get("gain")), _fmt(last.get("effect")), ci,
+                     _fmt(then.get("effect")), _fmt(last.get("samples"), 6), str(len(traj))])  # fmt: skip
+    return rows
+
+
 def segment_rows(r: Report) -> list[list[str]]:
     """Each segment of each segmented comparison of the last analysis (only the header without any)."""
     rows = [["metric", "segment", "status", "n candidate", "n baseline", "difference", "interval", "Holm p"]]
@@ -163,6 +181,8 @@ def to_html(r: Report, panels: list[Panel]) -> str:
         )
     seg = segment_rows(r)
     segments = "<h2>Segments</h2>" + _html_table(seg, "segments") if len(seg) > 1 else ""
+    hold = holdout_rows(r)
+    segments += "<h2>Holdout after promotion</h2>" + _html_table(hold, "holdout") if len(hold) > 1 else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>Decision report: {html.escape(r.title)}</title><style>{_CSS}</style></head><body>"
@@ -197,6 +217,8 @@ def to_markdown(r: Report, panels: list[Panel], images: list[str]) -> str:
     lines += [_md_table(result_rows(r)), "", "## Comparisons", "", _md_table(comparison_rows(r))]
     if len(seg := segment_rows(r)) > 1:
         lines += ["", "## Segments", "", _md_table(seg)]
+    if len(hold := holdout_rows(r)) > 1:
+        lines += ["", "## Holdout after promotion", "", _md_table(hold)]
     lines += ["", "## Over time", ""]
     for i, (p, img) in enumerate(zip(panels, images, strict=True), 1):
         lines += [f"![{p.title}]({img})", "", f"*Figure {i}. {p.title}.* {p.caption}", ""]

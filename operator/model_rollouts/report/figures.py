@@ -19,6 +19,7 @@ from model_rollouts.report.data import (
     Report,
     control_of,
     experiment_variants,
+    parse_time,
     rollout_weights,
     series_of,
     values_of,
@@ -173,7 +174,71 @@ def rollout_panels(r: Report) -> list[Panel]:
         panels.append(_comparison_panel(r, c, start))
     for g in analysis.get("guardrails") or []:
         panels.append(_guardrail_panel(r, g, start, variants=["candidate"]))
-    return panels
+    return panels + holdout_panels(r)
+
+
+def holdout_panels(r: Report) -> list[Panel]:
+    """One panel per holdout comparison (status.postPromotion.holdout): its effect trajectory."""
+    pp = r.status.get("postPromotion") or {}
+    post = r.spec.get("postPromotion") or {}
+    specs = post.get("comparisons") or (r.spec.get("analysis") or {}).get("comparisons") or []
+    by_name = {str(c.get("name")): c for c in specs}
+    return [
+        _holdout_panel(
+            row, by_name.get(str(row.get("name"))) or {}, str(pp.get("previousStable") or "stable")
+        )
+        for row in pp.get("holdout") or []
+        if row.get("trajectory")
+    ]
+
+
+def _holdout_panel(row: dict[str, Any], c: dict[str, Any], previous: str) -> Panel:
+    """The effect (candidate - the replaced model) over the holdout with its confidence band, the
+    estimate at promotion for reference, and the test's threshold."""
+    name, gain = str(row.get("name")), str(row.get("gain") or "undecided")
+    test, margin = str(c.get("test") or "nonInferiority"), float(c.get("margin") or 0.0)
+    better = str(c.get("better") or "higher")
+    scale, unit = (
+        (100.0, "percentage points")
+        if (c.get("type") or "proportion") == "proportion"
+        else (1.0, "metric units")
+    )
+    threshold = ((-1.0 if better == "higher" else 1.0) * margin if test == "nonInferiority" else 0.0) * scale
+    pts = [p for p in row.get("trajectory") or [] if p.get("effect") is not None]
+    times = [parse_time(p["time"]) for p in pts]
+
+    def draw(ax: Axes) -> None:
+        xs = _x(times)
+        eff = _nums([p.get("effect") for p in pts], scale)
+        lo, hi = _nums([p.get("lower") for p in pts], scale), _nums([p.get("upper") for p in pts], scale)
+        ax.fill_between(xs, lo, hi, color=PALETTE[2], alpha=0.2, label="confidence sequence")
+        ax.plot(xs, eff, color=PALETTE[2], marker="o", markersize=3, label=f"effect (candidate - {previous})")
+        keep = [0.0, threshold, *eff, lo[-1], hi[-1]]
+        then = row.get("atPromotion") or {}
+        if then.get("effect") is not None:
+            y = float(then["effect"]) * scale
+            ax.axhline(
+                y, color=PALETTE[1], linestyle=":", linewidth=1.4, label=f"estimate at promotion {y:+.3g}"
+            )
+            keep.append(y)
+        ax.axhline(0.0, color="#333", linewidth=0.8, label="no difference")
+        if threshold:
+            ax.axhline(
+                threshold, color="#D55E00", linestyle="--", linewidth=1.2, label=f"margin {threshold:+.3g}"
+            )
+        _zoom(ax, keep)
+        ax.set_ylabel(f"effect ({unit})")
+        _fmt_time_axis(ax, times[0] if times else None)
+        _legend(ax)
+
+    return Panel(
+        f"holdout-{name}",
+        f"Holdout {name}: effect over time, gain {gain}",
+        f"The candidate's effect against {previous}, which kept a share of traffic after promotion, with "
+        "its always-valid confidence sequence at each analysis (at most 48 points, evenly thinned); held "
+        f"when the band clears the {test} threshold again, decayed when it shows the candidate worse.",
+        draw,
+    )
 
 
 def _comparison_panel(r: Report, c: dict[str, Any], start: datetime | None) -> Panel:

@@ -6,7 +6,8 @@
 -- (Valid=False), a hold past progressDeadline or an inconclusive comparison held by policy
 -- (Progressing=False), an error limit held (Healthy=False), and a decision the operator failed to
 -- apply 3 times in a row (ReconcileError=True), each with its reason. Suspended while paused (a
--- manual gate, spec.paused) or held by a closed gate; Progressing otherwise.
+-- manual gate, spec.paused) or held by a closed gate; Progressing otherwise, the bake and holdout
+-- after reaching 100% (phase Baking) included: a baking rollout can still roll back.
 local hs = {}
 local status = obj.status
 local generation = obj.metadata and obj.metadata.generation

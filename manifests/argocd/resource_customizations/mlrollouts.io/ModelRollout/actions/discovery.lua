@@ -9,7 +9,9 @@ local finished = phase == "Promoted" or phase == "RolledBack" or phase == "Abort
 -- promote: move past the current pause or analysis step (analysis and guardrails still apply after
 -- it); promote-full: skip the remaining steps, analysis and gates to 100%; abort: all traffic back
 -- to stable.
-actions["promote"] = {["disabled"] = finished or phase == "Invalid"}
+-- In the bake after reaching 100% (phase Baking) there is no step left to promote past; promote-full
+-- ends the bake.
+actions["promote"] = {["disabled"] = finished or phase == "Invalid" or phase == "Baking"}
 actions["promote-full"] = {["disabled"] = finished or phase == "Invalid"}
 actions["abort"] = {["disabled"] = finished}
 -- resume: release a manual gate (a pause step without duration). spec.paused is Git's to clear.
