@@ -71,6 +71,7 @@ NAMESPACED_YES = [
     ("create", "events.events.k8s.io"),
     ("get", "metrictemplates.mlrollouts.io"),
     ("list", "endpointslices.discovery.k8s.io"),
+    ("watch", "endpointslices.discovery.k8s.io"),
     ("get", "services"),
     ("create", "configmaps"),  # the series archive: written, never read
     ("patch", "configmaps"),

@@ -56,10 +56,19 @@ def stack(real_components: None) -> Iterator[Stack]:
         yield s
 
 
+#: Set by a test that made the candidate fail: the next test waits until the guardrail's window
+#: (objects.rollout: 10 s) no longer holds those errors.
+_ERRORS_IN_WINDOW = [False]
+ERROR_WINDOW_S = 12.0
+
+
 @pytest.fixture()
 def fresh(stack: Stack) -> Iterator[Stack]:
     for svc in (V1, V2, V3):
         stack.servers[svc].set(error_rate=0.0, positive_rate=0.6)
+    if _ERRORS_IN_WINDOW[0]:
+        time.sleep(ERROR_WINDOW_S)  # a guard that acts at once leaves no time for the window to pass
+        _ERRORS_IN_WINDOW[0] = False
     if stack.operator is None:
         stack.start_operator()
     stack.apply(httproute(ROUTE, stack.namespace, {V1: 100, V2: 0, V3: 0}))
@@ -376,6 +385,7 @@ def test_two_replicas_exactly_one_acts_and_the_standby_takes_over(fresh: Stack) 
 def _rolled_back(s: Stack, name: str, **extra: Any) -> dict[str, Any]:
     assert s.prom is not None
     s.servers[V2].set(error_rate=0.5)
+    _ERRORS_IN_WINDOW[0] = True
     s.apply(rollout(name, s.prom.url, [{"setWeight": 30}, {"pause": {}}], **extra))
     obj = wait(s, name, lambda o: phase(o) == "RolledBack", 60)
     s.servers[V2].set(error_rate=0.0)
@@ -391,6 +401,7 @@ def test_after_rollback_the_candidate_gets_no_traffic_again(fresh: Stack) -> Non
         assert fresh.prom is not None
         fresh.apply(cluster_provider("faults-prom", fresh.prom.url, token_secret="prom-token"))
         fresh.servers[V2].set(error_rate=0.5)
+        _ERRORS_IN_WINDOW[0] = True
         doc = rollout("bad", fresh.prom.url, [{"setWeight": 30}, {"pause": {}}])
         del doc["spec"]["analysis"]["prometheus"]
         doc["spec"]["analysis"]["provider"] = "faults-prom"

@@ -129,28 +129,32 @@ def test_an_object_that_left_is_not_here_until_it_comes_back() -> None:
     assert shards.here(uid="u-4")
 
 
-def test_every_timer_of_both_kinds_stops_for_an_object_that_left() -> None:
-    """Kopf keeps a forgotten object's timers on its last body; a timer whose ``when=`` did not
-    include ``here`` would keep ticking an object relabelled to another shard."""
-    from model_rollouts.handlers import experiment, rollout, shards  # noqa: F401  (registers them)
+def test_no_timer_per_object_and_an_object_that_left_is_no_longer_scheduled() -> None:
+    """No Kopf timer per object (the one scheduler wakes them), and an object relabelled to another
+    shard (the watch says DELETED, it still exists) is dropped from the scheduler with its due time."""
+    from model_rollouts.handlers import experiment, rollout, scheduler, shards  # noqa: F401  (registers them)
 
     timers = [
         h
         for h in kopf.get_default_registry()._spawning.get_all_handlers()
         if type(h).__name__ == "TimerHandler"
     ]
-    assert len(timers) == 4, timers
-    shards._left.add("u-left")
-    try:
-        for h in timers:
-            assert h.when is not None
-            statuses = [{"phase": p} for p in ("Progressing", "Aborted", "RolledBack")]
-            kw: dict[str, Any] = {"spec": {}, "annotations": {}}
-            matching = [st for st in statuses if h.when(uid="u-here", status=st, **kw)]
-            assert matching, h.id
-            assert not any(h.when(uid="u-left", status=st, **kw) for st in matching), h.id
-    finally:
-        shards._left.discard("u-left")
+    assert timers == []
+    body = {
+        "metadata": {"name": "moving", "namespace": "ml", "uid": "u-moving", "resourceVersion": "5"},
+        "spec": {},
+        "status": {"phase": "Progressing"},
+    }
+    events = (("modelrollouts", shards.rollout_event), ("modelexperiments", shards.experiment_event))
+    for kind, event in events:
+        event(type="ADDED", body=body)
+        assert (kind, "u-moving") in scheduler.SCHEDULER.pending()
+        event(type="DELETED", body=body)
+        assert (kind, "u-moving") not in scheduler.SCHEDULER.pending()
+        assert not shards.here(uid="u-moving")
+        event(type="MODIFIED", body=body)  # relabelled back: scheduled again
+        assert (kind, "u-moving") in scheduler.SCHEDULER.pending()
+        scheduler.SCHEDULER.drop((kind, "u-moving"))
 
 
 def test_a_stopped_timer_gets_time_to_end_instead_of_a_dummy_status_patch(instance: list[str]) -> None:

@@ -75,7 +75,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 What the operator does in each watched namespace: its own resources and their status, HTTPRoute
 and Istio VirtualService weights (get and patch only; only on routes that opt in with the mlrollouts.io/managed-by annotation: RBAC cannot grant
 by annotation, so the operator checks it before every write), Events, candidate readiness
-(Services, EndpointSlices), the namespace's MetricTemplates, and the ConfigMaps that archive each
+(Services; EndpointSlices, watched), the namespace's MetricTemplates, and the ConfigMaps that archive each
 object's analyses (create and patch only: the operator never reads them; they carry an
 ownerReference to their object and the label mlrollouts.io/series-of). No Secrets: those are read only in
 the release namespace (model-rollouts.secretsRole). Shared by the ClusterRole (cluster-wide mode)
@@ -105,7 +105,7 @@ and each Role (namespaced mode).
   verbs: [get, list]
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
-  verbs: [get, list]
+  verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create, patch]

@@ -63,6 +63,11 @@ StatusT = TypeVar("StatusT", bound=ResourceStatus)
 INVALID_RECHECK = 15.0
 #: Longest backoff between attempts to apply a decision that failed.
 MAX_BACKOFF = 300.0
+#: Seconds a wake-up waits for the watch to bring back the object's own status write before it reads
+#: the object once instead.
+STALE_WAIT = 5.0
+#: Fewest seconds between two ticks of one object that is due all the time (a rollout waiting to start).
+MIN_GAP = 0.4
 
 
 def backoff(errors: int) -> float:
@@ -81,12 +86,13 @@ def safe_error(e: BaseException) -> str:
 class Controller(Generic[SpecT, StatusT]):
     """Per-object loop shared by the resource handlers; subclasses supply the kind-specific hooks.
 
-    Kopf calls :func:`wake` every half second for objects that are not finished. Pacing lives in
-    the object's status: a tick is due when the engine's ``next_due`` (one interval after
+    The scheduler (handlers/scheduler.py) calls :func:`wake` with the watch's latest body when the
+    object changed or when :func:`wake` last said it would be due. Pacing lives in the object's
+    status: a tick is due when the engine's ``next_due`` (one interval after
     ``status.lastAnalysisTime``) has passed, after a failed write's backoff, or when the generation
     or an action annotation changed. Nothing in memory decides when to measure or advance: a
     restart, retry, conflict or second replica never adds an analysis. The only memory here is a
-    hint that saves API reads between due times.
+    hint that saves wake-ups between due times.
 
     A tick: measure (in the tenant's pool; a tick that only starts a measurement touches no route),
     read the route once, check it, ask the engine, write the engine's ``route_weights`` for the
@@ -113,6 +119,11 @@ class Controller(Generic[SpecT, StatusT]):
         self._measuring: tuple[Any, Future[Any], dt.datetime] | None = None
         self._asked: Any = None
         self._tick_now = now()
+        #: The resourceVersion of the copy this object's last status write was made from (stale now).
+        self._stale_rv: str | None = None
+        self._stale_since = 0.0
+        #: Called when a measurement this object started has ended (the scheduler wakes it then).
+        self.ready: Callable[[], None] = lambda: None
 
     # -- hooks --------------------------------------------------------------------------------------
     def problem(self, spec: SpecT) -> str | None:
@@ -176,7 +187,7 @@ class Controller(Generic[SpecT, StatusT]):
 
     @staticmethod
     def active(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:
-        """The object needs the fast timer (finished objects do not)."""
+        """The object needs ticks (finished objects do not: the scheduler wakes only their guard)."""
         raise NotImplementedError
 
     # -- pacing -------------------------------------------------------------------------------------
@@ -214,35 +225,47 @@ class Controller(Generic[SpecT, StatusT]):
         due = self.due_at(obj)
         return INVALID_RECHECK if due is None else (due - now()).total_seconds()
 
-    def wake(self, seen: Mapping[str, Any], owners: RouteOwners | None = None) -> None:
+    def wake(self, seen: Mapping[str, Any], owners: RouteOwners | None = None) -> float | None:
+        """One wake-up from the scheduler (handlers/scheduler.py) with the watch's latest body: tick if
+        due, and answer in how many seconds the object next wants one (None: not before an event or
+        the end of its running measurement wakes it)."""
         if not leader.ELECTOR.is_leader() or seen["metadata"].get("deletionTimestamp"):
-            return
+            return None
         key = self._key(seen)
         changed = key != self._last_key
-        if not changed and time.monotonic() < self._not_before:
-            return
+        left = self._not_before - time.monotonic()
+        if not changed and left > 0:
+            return left
         if not changed and self._measuring is not None and not self._measuring[1].done():
-            return  # a query is running in the tenant's pool: nothing to read or decide yet
+            return None  # a query is running in the tenant's pool: its end wakes the object
         try:
+            obj = dict(seen)
+            if self._stale_rv is not None and seen["metadata"].get("resourceVersion") == self._stale_rv:
+                # The watch has not yet brought back this object's own last status write (or what
+                # made it conflict): deciding from this copy would decide that analysis again.
+                behind = time.monotonic() - self._stale_since
+                if behind < STALE_WAIT:
+                    return STALE_WAIT - behind  # the watch event wakes it first
+                fresh = get_object(self.plural, self.namespace, self.name)  # the watch is far behind
+                if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                    return None
+                obj, key = fresh, self._key(fresh)
+                changed = key != self._last_key
+            self._stale_rv = None
             if not changed:
                 # Nothing due by the watch's copy: no API read at all (an Invalid object or one
                 # between analyses costs nothing at the API server until it is due).
-                wait = self._wait(seen)
+                wait = self._wait(obj)
                 if wait > 0:
-                    self._not_before = time.monotonic() + min(wait, 5.0)
-                    return
-            obj = get_object(self.plural, self.namespace, self.name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return
-            self._last_key = self._key(obj)
-            if not changed:
-                wait = self._wait(obj)  # the fresh read decides
-                if wait > 0:
-                    self._not_before = time.monotonic() + min(wait, 5.0)
-                    return
+                    return wait
+            self._last_key = key
             self._invalid_checked = time.monotonic()
             self.tick(obj, owners)
-            self._not_before = time.monotonic() + 0.4
+            if self._measuring is not None and not self._measuring[1].done():
+                return None
+            if self._stale_rv is not None:
+                return STALE_WAIT  # status written: the watch's next copy wakes it
+            return max(MIN_GAP, self._not_before - time.monotonic(), self._wait(obj))
         except Exception as e:
             # Never the exception's text (an API or HTTP error may quote a body or a header): its
             # class and where it was raised.
@@ -255,9 +278,15 @@ class Controller(Generic[SpecT, StatusT]):
             )
             self._not_before = time.monotonic() + 5.0
             with contextlib.suppress(Exception):
-                obj = get_object(self.plural, self.namespace, self.name)
-                if obj is not None:
-                    self.reconcile_error(obj, self._status(obj), "ReconcileFailed", safe_error(e))
+                fresh = get_object(self.plural, self.namespace, self.name)
+                if fresh is not None:
+                    self.reconcile_error(fresh, self._status(fresh), "ReconcileFailed", safe_error(e))
+            return max(5.0, self._not_before - time.monotonic())
+
+    def _written(self, obj: Mapping[str, Any]) -> None:
+        """This object's status was written (or its write conflicted) from ``obj``: that copy is stale."""
+        self._stale_rv = obj["metadata"].get("resourceVersion")
+        self._stale_since = time.monotonic()
 
     # -- the tick -----------------------------------------------------------------------------------
     def tick(self, obj: dict[str, Any], owners: RouteOwners | None = None) -> None:
@@ -386,7 +415,9 @@ class Controller(Generic[SpecT, StatusT]):
             self._measuring = None
             return cast(T, pending[1].result())  # the measurement's own exception, if any, is raised here
         key = str(getattr(provider, "key", None) or f"namespace@{self.namespace}")
-        self._measuring = (self._asked, pools.submit(key, measure), self._tick_now)
+        future = pools.submit(key, measure)
+        self._measuring = (self._asked, future, self._tick_now)
+        future.add_done_callback(lambda _: self.ready())
         raise Measuring()
 
     def count_errors(self, results: Iterable[Result]) -> None:
@@ -414,6 +445,7 @@ class Controller(Generic[SpecT, StatusT]):
         telemetry.record(self.kind, self.namespace, self.name, dump(s), obj.get("spec") or {})
         self.logger.warning("%s/%s %s: %s", self.namespace, self.name, reason, msg)
         self._not_before = time.monotonic() + wait
+        self._written(obj)
         if write_status(self.plural, obj, dump(s)):
             post_event(obj, "Warning", reason, msg)
             errs = notify_events.reconcile_error(self.kind, self.namespace, self.name, s, reason, msg)
@@ -424,9 +456,11 @@ class Controller(Generic[SpecT, StatusT]):
     ) -> None:
         """Status (the record; skipped when nothing changed), then Events and metrics."""
         bound_texts(status)
-        if dump(status) != dump(old) and not write_status(self.plural, obj, dump(status)):
-            self._not_before = 0.0  # conflict: read again and decide afresh at the next wake-up
-            return
+        if dump(status) != dump(old):
+            self._written(obj)  # written or conflicting: the watch's next copy is the one to decide from
+            if not write_status(self.plural, obj, dump(status)):
+                self._not_before = 0.0  # conflict: decide afresh from the watch's next copy
+                return
         for e in actions:
             if not isinstance(e, Event):
                 continue
@@ -488,7 +522,8 @@ class Controller(Generic[SpecT, StatusT]):
 
     # -- after the end ------------------------------------------------------------------------------
     def guard(self, obj: Mapping[str, Any]) -> None:
-        """Slow timer for RolledBack/Aborted objects: a rolled-back candidate gets no traffic again."""
+        """After RolledBack/Aborted (the scheduler runs it when the route or the object changes): a
+        rolled-back candidate gets no traffic again."""
         if not leader.ELECTOR.is_leader():
             return
         try:

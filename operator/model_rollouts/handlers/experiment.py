@@ -19,7 +19,7 @@ from model_rollouts.api.experiment import (
     Variant,
 )
 from model_rollouts.engine import experiment as engine
-from model_rollouts.handlers import common, shards
+from model_rollouts.handlers import common, scheduler
 from model_rollouts.handlers.controller import Controller
 from model_rollouts.handlers.judges import judge_queries, measure_judges
 from model_rollouts.kube.readiness import service_ready
@@ -30,8 +30,6 @@ from model_rollouts.traffic.router import RETIRED, Arm
 KIND = "ModelExperiment"
 PHASES = ("Pending", "Running", "Paused", "Concluded", "RolledBack", "Aborted", "Invalid")
 ANNOTATIONS = (engine.ANNOTATION_ABORT, engine.ANNOTATION_RESUME, engine.ANNOTATION_RETRY)
-#: Seconds between checks that, after RolledBack/Aborted, only the control gets traffic.
-GUARD_INTERVAL = 30.0
 
 logger = logging.getLogger("model_rollouts.modelexperiment")
 
@@ -208,14 +206,6 @@ def _controller(namespace: str | None, name: str, uid: str) -> ExperimentControl
     return _controllers.setdefault(uid, ExperimentController(namespace or "default", name))
 
 
-def _active(spec: kopf.Spec, status: kopf.Status, annotations: kopf.Annotations, **_: Any) -> bool:
-    return engine.active(spec, status, annotations)
-
-
-def _guarded(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") in ("RolledBack", "Aborted")
-
-
 @kopf.index(GROUP, VERSION, PLURAL)
 def experiment_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], registry.RouteClaim] | None:
     """Which route rule each ModelExperiment claims, kept from the watch (the one-owner check
@@ -223,24 +213,10 @@ def experiment_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], r
     return registry.route_claim(KIND, body)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=shards.only_here(_active))
-def experiment_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
-    # Kopf passes its indices (rollout_routes, experiment_routes) as keyword arguments.
-    owners = registry.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
-    _controller(namespace, name, uid).wake(body, owners)
-
-
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=GUARD_INTERVAL,
-    initial_delay=GUARD_INTERVAL,
-    when=shards.only_here(_guarded),
+# No Kopf timer per object: the one scheduler wakes it from the watch (handlers/shards.py feeds it).
+scheduler.SCHEDULER.register(
+    scheduler.Kind(PLURAL, _controller, engine.active, lambda uid: _controllers.pop(uid, None))
 )
-def experiment_guard(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    """After RolledBack/Aborted only the control gets traffic in this revision, whatever edits the route."""
-    _controller(namespace, name, uid).guard(body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -30,7 +30,7 @@ from model_rollouts.api.rollout import (
 )
 from model_rollouts.engine import post
 from model_rollouts.engine import rollout as engine
-from model_rollouts.handlers import common, shards
+from model_rollouts.handlers import common, scheduler
 from model_rollouts.handlers.controller import Controller
 from model_rollouts.handlers.judges import judge_queries, measure_judges
 from model_rollouts.kube.readiness import service_ready
@@ -59,8 +59,6 @@ ANNOTATIONS = (
     ANNOTATION_RESUME,
     ANNOTATION_RETRY,
 )
-#: Seconds between checks that a rolled-back candidate still gets no traffic.
-GUARD_INTERVAL = 30.0
 
 
 def _placeholders(v: VariantRef, role: str, namespace: str, window: str) -> dict[str, str]:
@@ -382,14 +380,6 @@ def _controller(namespace: str | None, name: str, uid: str) -> RolloutController
     return _controllers.setdefault(uid, RolloutController(namespace or "default", name))
 
 
-def _active(spec: kopf.Spec, status: kopf.Status, annotations: kopf.Annotations, **_: Any) -> bool:
-    return engine.active(spec, status, annotations)
-
-
-def _guarded(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") in ("RolledBack", "Aborted")
-
-
 @kopf.index(GROUP, VERSION, PLURAL)
 def rollout_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], registry.RouteClaim] | None:
     """Which route rule each ModelRollout claims, kept from the watch (the one-owner check
@@ -397,24 +387,10 @@ def rollout_routes(body: kopf.Body, **_: Any) -> dict[tuple[str, str, int], regi
     return registry.route_claim(KIND, body)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=0.5, sharp=False, when=shards.only_here(_active))
-def rollout_timer(body: kopf.Body, namespace: str | None, name: str, uid: str, **kwargs: Any) -> None:
-    # Kopf passes its indices (rollout_routes, experiment_routes) as keyword arguments.
-    owners = registry.route_owners(kwargs["rollout_routes"], kwargs["experiment_routes"])
-    _controller(namespace, name, uid).wake(body, owners)
-
-
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=GUARD_INTERVAL,
-    initial_delay=GUARD_INTERVAL,
-    when=shards.only_here(_guarded),
+# No Kopf timer per object: the one scheduler wakes it from the watch (handlers/shards.py feeds it).
+scheduler.SCHEDULER.register(
+    scheduler.Kind(PLURAL, _controller, engine.active, lambda uid: _controllers.pop(uid, None))
 )
-def rollout_guard(body: kopf.Body, namespace: str | None, name: str, uid: str, **_: Any) -> None:
-    """After a rollback the candidate gets no traffic again in that revision, whatever edits the route."""
-    _controller(namespace, name, uid).guard(body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

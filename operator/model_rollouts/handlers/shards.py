@@ -1,23 +1,23 @@
 """An object that leaves this operator instance (deleted, or relabelled to another shard).
 
 With a label selector on the watch (see sharding.py), the API server sends a DELETED event for an
-object that no longer matches, although it still exists (relabelled to another instance). Kopf then
-forgets the object but would keep its timers running on the last body it saw, so a relabelled
-rollout would go on being ticked here. This module records such objects: ``here`` is part of the
-timers' ``when=`` filters, which Kopf re-evaluates on that same event (after the ``on.event``
-handlers) and so stops their timers. The object's per-object series go with it: it is the other
-instance's to export from then on. An event that shows the object again (relabelled back) undoes it.
+object that no longer matches, although it still exists (relabelled to another instance). This
+module's ``on.event`` handlers feed every event to the one scheduler (handlers/scheduler.py), which
+drops such an object with its due time, so it is ticked here no more, and record it (``here``). The
+object's per-object series go with it: it is the other instance's to export from then on. An event
+that shows the object again (relabelled back) undoes it and wakes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from model_rollouts import telemetry
 from model_rollouts.api.common import GROUP, VERSION
+from model_rollouts.handlers import scheduler
 
 #: uids of objects that left this instance's watch while they still exist.
 _left: set[str] = set()
@@ -26,17 +26,8 @@ MAX_LEFT = 100_000
 
 
 def here(uid: str | None = None, **_: Any) -> bool:
-    """A Kopf ``when=`` filter: False once the object left this instance (its timers then stop)."""
+    """False once the object left this instance (until it comes back)."""
     return uid not in _left
-
-
-def only_here(when: Callable[..., bool]) -> Callable[..., bool]:
-    """A timer's ``when=`` filter that is also False once the object left this instance."""
-
-    def filtered(**kwargs: Any) -> bool:
-        return here(**kwargs) and when(**kwargs)
-
-    return filtered
 
 
 def seen(kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -56,10 +47,14 @@ def seen(kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, "modelrollouts")
-def rollout_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+def rollout_event(type: str | None, body: kopf.Body, **kwargs: Any) -> None:
     seen("ModelRollout", type, body)
+    scheduler.capture_owners(kwargs)
+    scheduler.SCHEDULER.seen("modelrollouts", type, body)
 
 
 @kopf.on.event(GROUP, VERSION, "modelexperiments")
-def experiment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+def experiment_event(type: str | None, body: kopf.Body, **kwargs: Any) -> None:
     seen("ModelExperiment", type, body)
+    scheduler.capture_owners(kwargs)
+    scheduler.SCHEDULER.seen("modelexperiments", type, body)
