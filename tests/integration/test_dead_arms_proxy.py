@@ -166,6 +166,11 @@ def test_a_killed_variant_stops_getting_user_requests_through_nginx_and_gets_the
         assert calm["total_errors"] == before["total_errors"], (before["errors"], calm["errors"])
         assert calm["ok"].get(C, 0) > before["ok"].get(C, 0), "nginx sent nothing to the victim before"
 
+        # Kill right after an analysis: the worst case, a whole interval until the next one looks.
+        tick = status(stack.get(PLURAL, "dead-arm-proxy"))["lastAnalysisTime"]
+        stack.wait_for(
+            PLURAL, "dead-arm-proxy", lambda o: status(o).get("lastAnalysisTime") != tick, 30, poll=0.1
+        )
         victim = stack.servers[C]
         port = victim.port
         killed_at = time.monotonic()
