@@ -100,7 +100,7 @@ class ErrorClock:
 
     gen: LoadGenerator
     max_seconds: float = 150.0
-    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, total errors, errors of C)
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (time, client errors so far)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -111,7 +111,7 @@ class ErrorClock:
         deadline = time.monotonic() + self.max_seconds
         while time.monotonic() < deadline:
             s = self.gen.stats()
-            self.samples.append((time.monotonic(), s["total_errors"], s["errors"].get(C, 0)))
+            self.samples.append((time.monotonic(), s["total_errors"]))
             if self._stop.wait(0.2):
                 return
 
@@ -121,23 +121,20 @@ class ErrorClock:
 
     def errors_between(self, t0: float, t1: float) -> int:
         """Errors counted after the last sample taken at or before t0, up to the last one at or before t1."""
-        upto = [n for t, n, _ in self.samples if t <= t1]
-        start = [n for t, n, _ in self.samples if t <= t0] or [self.samples[0][1]]
+        upto = [n for t, n in self.samples if t <= t1]
+        start = [n for t, n in self.samples if t <= t0] or [self.samples[0][1]]
         return upto[-1] - start[-1] if upto else 0
 
     def last_error_at(self) -> float | None:
         """The time of the first sample that saw the last increase of the error count."""
         last = None
-        for (_, before, _), (t, now, _) in zip(self.samples, self.samples[1:], strict=False):
+        for (_, before), (t, now) in zip(self.samples, self.samples[1:], strict=False):
             if now > before:
                 last = t
         return last
 
     def per_second(self, since: float, seconds: int) -> list[int]:
-        out = []
-        for k in range(seconds):
-            out.append(self.errors_between(since + k, since + k + 1.0))
-        return out
+        return [self.errors_between(since + k, since + k + 1.0) for k in range(seconds)]
 
 
 def test_a_killed_variant_stops_getting_user_requests_through_nginx_and_gets_them_back(
