@@ -125,7 +125,12 @@ def test_breach_during_bake_sends_all_traffic_back_to_the_old_stable_within_inte
     assert st["history"][-1]["reason"] == "BakeFailed" and "error-rate" in st["message"]
     assert cond(obj, "Baking")["status"] == "False" and cond(obj, "Baking")["reason"] == "BakeFailed"
     assert cond(obj, "Promoted")["status"] == "False"
-    assert {"BakeStarted", "BakeFailed", "RolledBack"} <= _events(fresh, "bake-breach")
+    # Events are sent after the status write that the phase came with: give them a moment.
+    want = {"BakeStarted", "BakeFailed", "RolledBack"}
+    until = time.monotonic() + 15
+    while not want <= _events(fresh, "bake-breach") and time.monotonic() < until:
+        time.sleep(0.5)
+    assert want <= _events(fresh, "bake-breach")
 
 
 def test_clean_bake_survives_a_sigkill_and_finishes_promoted_with_the_old_stable_at_0(fresh: Stack) -> None:

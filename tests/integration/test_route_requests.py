@@ -68,12 +68,9 @@ def ticks(stack: Stack, since: int, plural: str, name: str) -> list[dict[str, in
         ref = e.get("objectRef") or {}
         if ref.get("resource") == "httproutes" and ref.get("name") == ROUTE and e["verb"] in tick:
             tick[e["verb"]] += 1
-        elif (ref.get("resource"), ref.get("subresource"), ref.get("name"), e["verb"]) == (
-            plural,
-            "status",
-            name,
-            "update",
-        ):  # the tick's end (a 409 too: the next tick reads afresh)
+        elif (ref.get("resource"), ref.get("subresource"), ref.get("name")) == (plural, "status", name) and e[
+            "verb"
+        ] in ("patch", "update"):  # the tick's end, its status write (a 409 too: the next tick reads afresh)
             out.append(tick)
             tick = {"get": 0, "patch": 0}
     return out

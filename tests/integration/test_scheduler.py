@@ -128,8 +128,9 @@ def test_an_active_rollout_costs_no_object_get_and_no_endpointslice_list_per_tic
     slice_reads = [c for c in calls if "endpointslices" in c and not c.startswith("watch")]
     assert object_gets == [], calls
     assert slice_reads == [], calls
-    # ... and nothing else per tick but its status writes (at most one per analysis), Events and
-    # the Lease (and the inline address's allowlist check: one LIST of ClusterMetricProviders per
+    # ... and nothing else per tick but its status writes (at most one per analysis), the analysis'
+    # archive (kube/series_store.py: at most one ConfigMap patch per analysis, never a read), Events
+    # and the Lease (and the inline address's allowlist check: one LIST of ClusterMetricProviders per
     # 10 s for the whole process, metrics/resolve.py, not per object).
     other = [
         c
@@ -137,9 +138,12 @@ def test_an_active_rollout_costs_no_object_get_and_no_endpointslice_list_per_tic
         if c.split()[0] != "watch"
         and c.split()[1] not in ("leases", "events", f"{P}/status")
         and c != "list clustermetricproviders"
+        and not c.startswith(("patch configmaps ", "create configmaps "))
     ]
     assert other == [], calls
     assert len([c for c in calls if c.split()[1] == f"{P}/status"]) <= len(in_window), calls
+    archive = [c for c in calls if c.split()[1] == "configmaps"]
+    assert len(archive) <= len(in_window), calls
 
 
 def test_a_rolled_back_candidate_given_traffic_by_a_route_edit_is_set_back_at_once(fresh: Stack) -> None:

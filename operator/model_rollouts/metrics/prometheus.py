@@ -125,7 +125,7 @@ class PrometheusProvider:
             return None, Result(
                 "error",
                 message=f"query failed: the response is larger than {MAX_RESPONSE_BYTES} bytes; "
-                "aggregate the query (sum, or sum by the labels it needs)",
+                "aggregate the query to one series (sum; a judge's query: sum by the labels it needs)",
             )
         except PrometheusApiClientException as e:
             # The exception text quotes the response body: only the HTTP status is kept.
