@@ -443,5 +443,9 @@ def test_thompson_leader_is_confirmed_on_a_fixed_split_before_it_wins(fresh: Sta
     assert st["confirmation"]["variant"] == "c"
     assert {A: 50, B: 0, C: 50} in routes, routes  # the confirmation's fixed split was served
     assert "confirmation of c" in st["decisionReason"]
-    assert {"ConfirmationStarted", "WinnerPromoted"} <= event_reasons(fresh, "bandit")
+    # Events are sent after the status write the phase came with: give them a moment.
+    until = time.monotonic() + 15
+    while not {"ConfirmationStarted", "WinnerPromoted"} <= event_reasons(fresh, "bandit"):
+        assert time.monotonic() < until, event_reasons(fresh, "bandit")
+        time.sleep(0.5)
     fresh.wait_route({A: 0, B: 0, C: 100})
