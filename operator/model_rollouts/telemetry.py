@@ -59,8 +59,13 @@ NOTIFICATIONS = Counter(
 
 
 def set_phase(kind: str, namespace: str, name: str, phase: str, all_phases: tuple[str, ...]) -> None:
+    """One series per object: its current phase, value 1 (the other phases' series are removed, so
+    an object costs one series here, and ``== 1`` selects the same as before)."""
     for p in all_phases:
-        PHASE.labels(kind, namespace, name, p).set(1 if p == phase else 0)
+        if p != phase:
+            with contextlib.suppress(KeyError):
+                PHASE.remove(kind, namespace, name, p)
+    PHASE.labels(kind, namespace, name, phase).set(1)
 
 
 # -- The latest analysis, per object ---------------------------------------------------------------
@@ -155,21 +160,6 @@ PER_OBJECT: tuple[MetricWrapperBase, ...] = (
 )
 
 
-def _series(metric: MetricWrapperBase, kind: str, namespace: str, name: str) -> set[tuple[str, ...]]:
-    """Label values of the object's existing series of ``metric``."""
-    names = metric._labelnames  # the declared order, which remove() takes
-    out = set()
-    for family in metric.collect():
-        for s in family.samples:
-            if (s.labels.get("kind"), s.labels.get("namespace"), s.labels.get("name")) == (
-                kind,
-                namespace,
-                name,
-            ):
-                out.add(tuple(s.labels[n] for n in names))
-    return out
-
-
 #: Per object, the label values each analysis gauge was last given (what the next record replaces).
 _exported: dict[tuple[str, str, str], dict[Gauge, set[tuple[str, ...]]]] = {}
 _lock = threading.Lock()
@@ -250,18 +240,36 @@ def analysis_values(
     return out
 
 
-def record(kind: str, namespace: str, name: str, status: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
-    """Export the object's latest analysis (estimates, intervals, guardrails, SRM, deadline, errors)."""
+#: What a finished object keeps of the analysis gauges: what an alert reads (the deadline and
+#: sample-ratio-mismatch flags); its phase, weights and counters stay until it is deleted.
+FINISHED_KEEP: tuple[Gauge, ...] = (DEADLINE, SRM_MISMATCH)
+
+
+def record(
+    kind: str,
+    namespace: str,
+    name: str,
+    status: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    finished: bool = False,
+) -> None:
+    """Export the object's latest analysis (estimates, intervals, guardrails, SRM, deadline, errors).
+    A ``finished`` object (promoted, rolled back, aborted, concluded) keeps only ``FINISHED_KEEP``:
+    its other analysis series go, so a thousand finished objects cost a few series each."""
     for gauge, values in analysis_values(kind, status, spec).items():
-        _replace(gauge, kind, namespace, name, values)
+        _replace(gauge, kind, namespace, name, values if not finished or gauge in FINISHED_KEEP else {})
 
 
 def forget(kind: str, namespace: str, name: str, metrics: Iterable[MetricWrapperBase] = PER_OBJECT) -> None:
-    """Remove every series of a deleted object."""
+    """Remove every series of a deleted object: a walk over each metric's label values (no samples
+    rendered), so deleting N objects costs N walks of the series, not N renderings of them."""
     with _lock:
         _exported.pop((kind, namespace, name), None)
+    obj = (kind, namespace, name)
     for metric in metrics:
-        for labels in _series(metric, kind, namespace, name):
+        with metric._lock:  # the children's dict, keyed by label values in declared order
+            mine = [labels for labels in metric._metrics if labels[:3] == obj]
+        for labels in mine:
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
 

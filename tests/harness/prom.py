@@ -25,6 +25,8 @@ class Target:
     job: str
     address: str  # host:port
     labels: dict[str, str] = field(default_factory=dict)
+    #: This job's scrape interval (None: the Prometheus's own, 1 s in tests).
+    scrape_interval: str | None = None
 
 
 def find_prometheus() -> Path:
@@ -34,6 +36,15 @@ def find_prometheus() -> Path:
     if not found:
         raise MissingComponent("prometheus not found on PATH: `apt-get install prometheus` (Debian package)")
     return Path(found)
+
+
+def _seconds(duration: str) -> float:
+    """Seconds of a Prometheus duration such as "1s", "30s", "2m"."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in ("ms", "s", "m", "h"):
+        if duration.endswith(unit) and duration[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(duration[: -len(unit)]) * units[unit]
+    raise ValueError(f"not a duration: {duration!r}")
 
 
 def render_config(targets: list[Target], scrape_interval: str = "1s", rule_files: Sequence[Path] = ()) -> str:
@@ -46,8 +57,10 @@ def render_config(targets: list[Target], scrape_interval: str = "1s", rule_files
         "scrape_configs": [
             {
                 "job_name": job,
-                "scrape_interval": scrape_interval,
-                "scrape_timeout": scrape_interval,
+                "scrape_interval": ts[0].scrape_interval or scrape_interval,
+                "scrape_timeout": min(
+                    ts[0].scrape_interval or scrape_interval, scrape_interval, key=_seconds
+                ),
                 "static_configs": [{"targets": [t.address], "labels": t.labels} for t in ts],
             }
             for job, ts in jobs.items()

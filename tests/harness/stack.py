@@ -71,6 +71,9 @@ class Stack:
     #: Prometheus rules files (e.g. dashboards/alerts.rules.yaml) the stack's Prometheus evaluates.
     prometheus_rules: list[Path] = field(default_factory=list)
     controller_manager: bool = False
+    #: How often Prometheus scrapes the operator's /metrics (the chart's ServiceMonitor default is
+    #: 30s; tests read the operator's series within seconds, so 1s unless a benchmark says otherwise).
+    operator_scrape_interval: str = "1s"
     #: Also install Istio's CRDs (VirtualService, DestinationRule, ...): about 5 s more at start.
     istio: bool = False
     cluster: ControlPlane = field(default_factory=ControlPlane)
@@ -103,7 +106,13 @@ class Stack:
                 Target("model", f"127.0.0.1:{s.port}", {"service": svc, "namespace": self.namespace})
                 for svc, s in self.servers.items()
             ]
-            targets.append(Target("model-rollouts", f"127.0.0.1:{self.operator_metrics_port}"))
+            targets.append(
+                Target(
+                    "model-rollouts",
+                    f"127.0.0.1:{self.operator_metrics_port}",
+                    scrape_interval=self.operator_scrape_interval,
+                )
+            )
             assert self.workdir is not None
             self.prom = Prometheus(
                 targets, workdir=self.workdir / "prometheus", rule_files=self.prometheus_rules

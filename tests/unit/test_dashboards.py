@@ -340,3 +340,33 @@ def test_an_experiments_variants_and_srm_are_exported() -> None:
     assert value("mlrollouts_progress_deadline_exceeded", **obj) is None  # rollouts only
     telemetry.forget(**obj)
     assert not [k for k in scrape() if ("namespace", "t2") in k[1]]
+
+
+def test_an_object_has_one_phase_series_and_a_finished_one_keeps_only_what_an_alert_reads() -> None:
+    """Issue 18: per-object series are bounded; a finished object keeps its phase (the RolledBack
+    alert), its deadline flag, weights and counters, and drops its analysis gauges."""
+    spec = {"analysis": {"guardrails": [{"name": "error-rate", "query": "q", "max": 0.05}]}}
+    obj = {"kind": "ModelRollout", "namespace": "t3", "name": "r3"}
+    phases = ("Progressing", "Paused", "RolledBack", "Promoted")
+    telemetry.set_phase(*obj.values(), "Progressing", phases)
+    telemetry.set_phase(*obj.values(), "Paused", phases)
+    mine = [k for k in scrape() if k[0] == "mlrollouts_phase" and ("namespace", "t3") in k[1]]
+    assert mine == [("mlrollouts_phase", frozenset({**obj, "phase": "Paused"}.items()))]
+    telemetry.record(**obj, status=rollout_status(0.02), spec=spec)
+    telemetry.WEIGHT.labels(*obj.values(), "candidate").set(0)
+    telemetry.DECISIONS.labels(*obj.values(), "RolledBack").inc()
+    before = {k[0] for k in scrape() if ("namespace", "t3") in k[1]}
+    assert "mlrollouts_comparison_estimate" in before and "mlrollouts_guardrail_value" in before
+    telemetry.set_phase(*obj.values(), "RolledBack", phases)
+    telemetry.record(**obj, status=rollout_status(0.02), spec=spec, finished=True)
+    after = {k[0] for k in scrape() if ("namespace", "t3") in k[1]}
+    assert after == {
+        "mlrollouts_phase",
+        "mlrollouts_weight",
+        "mlrollouts_decisions_total",
+        "mlrollouts_progress_deadline_exceeded",
+    } | ({"mlrollouts_decisions_created"} & before)
+    assert value("mlrollouts_phase", **obj, phase="RolledBack") == 1
+    assert value("mlrollouts_progress_deadline_exceeded", **obj) == 1
+    telemetry.forget(**obj)
+    assert not [k for k in scrape() if ("namespace", "t3") in k[1]]

@@ -107,12 +107,12 @@ def test_an_object_that_leaves_the_instance_takes_its_series_with_it() -> None:
     telemetry.set_phase("ModelRollout", "ml", "moved", "Paused", phases)
     telemetry.WEIGHT.labels("ModelRollout", "ml", "moved", "candidate").set(20)
     telemetry.set_phase("ModelExperiment", "ml", "moved-exp", "Progressing", phases)
-    assert _series("moved") == 3
+    assert _series("moved") == 2  # its phase (one series: the current one) and its weight
     shards.rollout_event(type="MODIFIED", body=_body("moved", "u-1"))
-    assert _series("moved") == 3
+    assert _series("moved") == 2
     shards.rollout_event(type="DELETED", body=_body("moved", "u-1"))
     assert _series("moved") == 0
-    assert _series("moved-exp") == 2
+    assert _series("moved-exp") == 1
     shards.experiment_event(type="DELETED", body=_body("moved-exp", "u-2"))
     assert _series("moved-exp") == 0
 

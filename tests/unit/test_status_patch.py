@@ -152,6 +152,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeCustomObjects.conflicts, FakeCustomObjects.calls, FakeCustomObjects.fresh = 0, [], None
     FakeCore.maps, FakeCore.calls, FakeCore.fail = {}, [], None
     series_store._retry.clear()
+    series_store._archived.clear()
     monkeypatch.setattr(client, "CustomObjectsApi", FakeCustomObjects)
     monkeypatch.setattr(client, "CoreV1Api", FakeCore)
     monkeypatch.setattr(kube_client, "_api", object())
@@ -232,8 +233,19 @@ def test_each_written_analysis_is_archived_once_in_a_configmap_owned_by_the_obje
         # An unchanged write (a reconcile error, say) archives nothing.
         assert kstatus.write_status("modelrollouts", _obj(copy.deepcopy(status)), {**status, "message": "x"})
     patches = [c for c in FakeCore.calls if c[0] == "patch"]
-    assert len(patches) == 25  # one per analysis, none for the other writes
+    # In batches, before the window of 5 can lose a point: the first two at once, then every 4th
+    # analysis (6, 10, 14, 18, 22) sends the 4 not yet archived; none for the other writes.
+    assert len(patches) == 7
     (name,) = FakeCore.maps
+    assert len(FakeCore.maps[name]["data"]) == 22
+    # The report merges the archive with the window: every analysis, before the run has ended...
+    pts = series_store.points_of(_obj(status), [FakeCore.maps[name]])
+    assert len(load(_obj(status), pts).series) == 25
+    # ...and a finished run archives what is left at once.
+    final = {**status, "phase": "Promoted"}
+    assert kstatus.write_status("modelrollouts", _obj(copy.deepcopy(status)), final)
+    assert len([c for c in FakeCore.calls if c[0] == "patch"]) == 8
+    status = final
     cm = FakeCore.maps[name]
     assert name == "mro-fraud-series-r1-" + name.rsplit("-", 1)[1]
     assert cm["metadata"]["labels"][series_store.LABEL_OF] == "u-1"
@@ -290,3 +302,23 @@ def test_points_of_takes_only_this_objects_current_revision() -> None:
              "data": {"t6": json.dumps(_point(6))}}  # fmt: skip
     pts = series_store.points_of(obj, [mine, old, other])
     assert [p["time"] for p in pts] == [_point(0)["time"], _point(1)["time"]]
+
+
+@pytest.mark.usefixtures("fake")
+def test_after_a_restart_the_whole_window_is_archived_again_and_nothing_is_lost() -> None:
+    window: list[dict[str, Any]] = []
+    status: dict[str, Any] = {"phase": "Progressing", "revision": "r1", "series": []}
+    for i in range(9):
+        if i == 4:
+            series_store._archived.clear()  # a new process: nothing known of what was archived
+        obj = _obj(copy.deepcopy(status), rv=str(i))
+        window = [*window, _point(i)][-5:]
+        status = {**status, "series": window}
+        assert kstatus.write_status("modelrollouts", obj, status)
+    (cm,) = FakeCore.maps.values()
+    archived = series_store.points_of(_obj(status), [cm])
+    # Points 0-1 at once, 0-4 again after the restart (the same keys), 5-8 when 5 became the
+    # window's second oldest: every point once, no gap.
+    assert [p["time"] for p in archived] == [_point(i)["time"] for i in range(9)]
+    assert [c[0] for c in FakeCore.calls].count("patch") == 4
+    assert len(load(_obj(status), archived).series) == 9

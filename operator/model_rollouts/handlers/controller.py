@@ -486,7 +486,8 @@ class Controller(Generic[SpecT, StatusT]):
                 },
             )
         telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
-        telemetry.record(self.kind, self.namespace, self.name, dump(status), obj.get("spec") or {})
+        finished = status.phase in self.terminal
+        telemetry.record(self.kind, self.namespace, self.name, dump(status), obj.get("spec") or {}, finished)
         self.notify(obj, notify_events.notices(self.kind, self.namespace, self.name, old, status, actions))
 
     def notify(self, obj: Mapping[str, Any], notices: list[Notice]) -> None:
@@ -531,7 +532,7 @@ class Controller(Generic[SpecT, StatusT]):
             status = self._status(obj)
             if not obj["metadata"].get("deletionTimestamp"):  # a new leader exports it too: the alert stays
                 telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
-                telemetry.record(self.kind, self.namespace, self.name, dump(status), dict(obj["spec"]))
+                telemetry.record(self.kind, self.namespace, self.name, dump(status), dict(obj["spec"]), True)
             want = self.guard_weights(spec, status)
             if not want:
                 return

@@ -11,12 +11,18 @@ object, however long a run is. Every analysis is also kept here, for the decisio
 - one key per analysis, ``t<epoch seconds>``, whose value is the point's JSON, exactly as in
   ``status.series``.
 
-The operator only ever writes them (RBAC: ``create`` and ``patch`` on ConfigMaps), never reads them:
-after a status write that added analyses to ``status.series``, one JSON merge patch adds those keys
-(nothing else is sent; a 404 creates the ConfigMap). That is at most one ConfigMap write per
-analysis, none between analyses. A write that fails is logged and retried with the next status
-write (the points are still in the window); if it keeps failing for as many analyses as the window
-holds, those points are only missing from the long record, never from a decision.
+The operator only ever writes them (RBAC: ``create`` and ``patch`` on ConfigMaps), never reads them.
+Points are archived in batches, before the window can lose them: after a status write, if one of
+the two oldest points of ``status.series`` is not archived yet (the next analysis may push it out;
+a byte-trimmed window may drop two), one JSON merge patch adds every point not yet archived
+(nothing else is sent; a 404 creates the ConfigMap). With a window of 5 that is one ConfigMap write
+per 4 analyses in a long run (the first two points go at once), none between analyses; a finished
+object (a terminal phase) archives the rest at once. Which points are archived is remembered in
+memory only: after a restart the whole window is written again (the same keys, so nothing changes).
+Until then the newest points are in ``status.series``, which the report merges with the archive.
+A write that fails is logged and retried with the next status write (the points are still in the
+window); if it keeps failing for as many analyses as the window holds, those points are only
+missing from the long record, never from a decision.
 
 A chunk holds at most :data:`CHUNK_BYTES` of points (ConfigMaps are limited to 1 MiB): the chunk
 number is the point's time divided by ``interval x points-per-chunk``, where points-per-chunk comes
@@ -39,6 +45,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from model_rollouts.api.common import parse_duration
+from model_rollouts.api.experiment import TERMINAL_PHASES as EXPERIMENT_TERMINAL
+from model_rollouts.api.rollout import TERMINAL_PHASES as ROLLOUT_TERMINAL
 from model_rollouts.kube.client import REQUEST_TIMEOUT, api
 
 log = logging.getLogger("model_rollouts.series")
@@ -52,6 +60,12 @@ CHUNK_POINTS = 1000
 SHORT = {"ModelRollout": "mro", "ModelExperiment": "mexp"}
 #: Objects whose last archive write failed: their window is sent again with the next status write.
 _retry: OrderedDict[str, None] = OrderedDict()
+#: Per object uid: the revision and the time of the newest point archived (what the next batch
+#: starts after). Memory only; a restart archives the window again.
+_archived: OrderedDict[str, tuple[str, datetime]] = OrderedDict()
+MAX_TRACKED = 100_000
+#: Phases after which nothing is added to the series: archive what is left at once.
+FINAL_PHASES = frozenset({*ROLLOUT_TERMINAL, *EXPERIMENT_TERMINAL})
 _lock = threading.Lock()
 
 
@@ -92,18 +106,34 @@ def _interval(obj: Mapping[str, Any]) -> float:
 
 
 def new_points(obj: Mapping[str, Any], status: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The points of ``status.series`` that the write from ``obj``'s status added (by time), or the
-    whole window when the last archive of this object failed."""
+    """The points of ``status.series`` to archive now: every point not archived yet, when one of the
+    window's two oldest is among them or the phase is terminal; else none (they wait for a batch).
+    The whole window when this object's archive state is unknown (a restart) or its last write failed."""
     uid = str(obj["metadata"].get("uid") or "")
     pts = [p for p in (status.get("series") or []) if isinstance(p, dict) and "time" in p]
+    if not pts:
+        return []
+    revision = revision_of(status)
     with _lock:
         if uid in _retry:
             return pts
-    old = obj.get("status") or {}
-    if revision_of(old) != revision_of(status):
+        done = _archived.get(uid)
+    if done is None or done[0] != revision:
         return pts
-    seen = {str(p.get("time")) for p in (old.get("series") or []) if isinstance(p, dict)}
-    return [p for p in pts if str(p["time"]) not in seen]
+    pending = [p for p in pts if _time(p) > done[1]]
+    if not pending:
+        return []
+    if status.get("phase") in FINAL_PHASES or any(p is pending[0] for p in pts[:2]):
+        return pending
+    return []
+
+
+def _archived_to(uid: str, revision: str, points: list[dict[str, Any]]) -> None:
+    with _lock:
+        _archived[uid] = (revision, max(_time(p) for p in points))
+        _archived.move_to_end(uid)
+        while len(_archived) > MAX_TRACKED:
+            _archived.popitem(last=False)
 
 
 def archive_written(obj: Mapping[str, Any], status: Mapping[str, Any]) -> None:
@@ -118,6 +148,8 @@ def archive_written(obj: Mapping[str, Any], status: Mapping[str, Any]) -> None:
         log.warning("archiving the series of %s failed: %s", obj["metadata"].get("name"), type(e).__name__)
         ok = False
     uid = str(obj["metadata"].get("uid") or "")
+    if ok:
+        _archived_to(uid, revision_of(status), pts)
     with _lock:
         if ok:
             _retry.pop(uid, None)
