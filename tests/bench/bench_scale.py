@@ -193,9 +193,11 @@ def result(
     gap_p95_s: float | None,
     finished: Mapping[str, float | None],
     after_delete: Mapping[str, float | None],
+    start: Mapping[str, float | None] | None = None,
 ) -> dict[str, Any]:
-    """The JSON of issue 18, keys in its order."""
-    return {
+    """The JSON of issue 18, keys in its order; then ``start`` (applying all N until all are at their
+    first gate: seconds, and the API server's and the operator's CPU in cores meanwhile)."""
+    out = {
         "n": n,
         "interval_s": interval_s,
         "active": {
@@ -213,6 +215,10 @@ def result(
         "finished": {k: finished.get(k) for k in ("cpu_s_per_min", "api_requests_per_min")},
         "after_delete": {k: after_delete.get(k) for k in ("cpu_s_per_min", "series_left")},
     }
+    if start is not None:
+        keys = ("applied_s", "all_at_first_gate_s", "apiserver_cores", "operator_cores")
+        out["start"] = {k: start.get(k) for k in keys}
+    return out
 
 
 # -- the real stack --------------------------------------------------------------------------------
@@ -392,6 +398,7 @@ class Bench:
         self.args = args
         self.budget = Budget(args.max_minutes)
         self.names = [f"scale-{i}" for i in range(args.n)]
+        self.start: dict[str, float | None] | None = None
 
     def measure(self, seconds: float) -> Window | None:
         """A window of ``seconds`` (None if the budget does not allow it)."""
@@ -492,6 +499,8 @@ class Bench:
                 co.create_namespaced_custom_object(*GATEWAY[:2], ns, GATEWAY[2], route)
             co.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc)
 
+        op_pid, api_pid = s.operator.pid, s.cluster.pids["kube-apiserver"]
+        cpu0 = (cpu_of(op_pid), cpu_of(api_pid))
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=a.apply_clients) as pool:
             list(pool.map(apply_one, range(a.n)))
@@ -502,10 +511,20 @@ class Bench:
 
         all_gated = self.budget.wait(lambda: watcher.count(at_gate, self.names) == a.n, a.gate_timeout, 1)
         gated = watcher.count(at_gate, self.names)
+        took = time.monotonic() - t0
+        api_cores = (cpu_of(api_pid) - cpu0[1]) / took
+        op_cores = (cpu_of(op_pid) - cpu0[0]) / took
+        self.start = {
+            "applied_s": round(applied, 1),
+            "all_at_first_gate_s": round(took, 1) if all_gated else None,
+            "apiserver_cores": round(api_cores, 2),
+            "operator_cores": round(op_cores, 2),
+        }
         print(
             f"applied {a.n} rollouts + routes in {applied:.1f}s; {gated}/{a.n} at their first gate "
-            f"{time.monotonic() - t0:.1f}s after the first apply"
-            + ("" if all_gated else f" (stopped waiting after {a.gate_timeout:.0f}s or the budget)"),
+            f"{took:.1f}s after the first apply"
+            + ("" if all_gated else f" (stopped waiting after {a.gate_timeout:.0f}s or the budget)")
+            + f"; meanwhile the API server used {api_cores:.2f} cores, the operator {op_cores:.2f}",
             flush=True,
         )
 
@@ -584,7 +603,7 @@ class Bench:
                 left = series_left(self.operator_metrics(), ns, gone_names)
                 after = {"cpu_s_per_min": round(gone.operator_cpu_s_per_min, 2), "series_left": left}
                 print(f"after delete: {left} per-object series left on the operator's /metrics", flush=True)
-        return result(a.n, a.interval, active, probe, gap, finished, after)
+        return result(a.n, a.interval, active, probe, gap, finished, after, self.start)
 
     def probe(self, co: Any) -> dict[str, float | None]:
         """One more rollout at a 5 s interval: apply -> first weight, visible breach -> weight 0."""
