@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import copy
 import datetime as dt
 import json
 import logging
@@ -12,7 +14,8 @@ import re
 from typing import Any, cast
 
 import kopf
-from prometheus_client import start_http_server
+from kopf._cogs.structs import dicts as kopf_dicts
+from prometheus_client import disable_created_metrics, start_http_server
 
 from model_rollouts import __version__, health, kube, leader, policy, sharding
 from model_rollouts.api.common import GROUP, action_annotations
@@ -43,11 +46,22 @@ class BoundedDiffBaseStorage(kopf.StatusDiffBaseStorage):
     annotations (bounded): Kopf would otherwise copy every annotation, of any size, into status."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
-        essence = cast(dict[str, Any], super().build(body=body, extra_fields=extra_fields))
-        essence.pop("metadata", None)
+        if extra_fields:  # no handler of ours asks for status fields; Kopf's path if one ever does
+            essence = cast(dict[str, Any], super().build(body=body, extra_fields=extra_fields))
+            essence.pop("metadata", None)
+        else:
+            # The same essence without Kopf's deep copy of the whole body first: it copied status
+            # (history, series) on every watch event only to drop it, a tenth of the operator's CPU
+            # at a thousand objects.
+            skip = ("apiVersion", "kind", "metadata", "status")
+            essence = {k: copy.deepcopy(v) for k, v in body.items() if k not in skip}
         kept = action_annotations(body.metadata.annotations)
         if kept:
             essence["metadata"] = {"annotations": kept}
+        self.remove_empty_stanzas(cast(kopf.BodyEssence, essence))
+        for ignored in self.ignored_fields:
+            with contextlib.suppress(TypeError, KeyError):
+                kopf_dicts.remove(essence, ignored)
         return cast(kopf.BodyEssence, essence)
 
 
@@ -223,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     WATCHED_NAMESPACES[:] = args.namespace
     INSTANCE[0] = args.instance
     if args.metrics_port:
+        # No `_created` sample beside every counter's `_total`: nothing reads them, and at a thousand
+        # objects they were a sixth of what each scrape rendered.
+        disable_created_metrics()
         start_http_server(args.metrics_port, addr=args.metrics_address)
     from model_rollouts.handlers import experiment, rollout, routes, shards  # noqa: F401  (registers the handlers)
 

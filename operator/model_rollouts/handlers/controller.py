@@ -121,6 +121,7 @@ class Controller(Generic[SpecT, StatusT]):
         self._tick_now = now()
         #: The resourceVersion of the copy this object's last status write was made from (stale now).
         self._stale_rv: str | None = None
+        self._due_of: tuple[str, dt.datetime | None] | None = None  # (resourceVersion, due) last computed
         self._stale_since = 0.0
         #: Called when a measurement this object started has ended (the scheduler wakes it then).
         self.ready: Callable[[], None] = lambda: None
@@ -197,7 +198,17 @@ class Controller(Generic[SpecT, StatusT]):
         )
 
     def due_at(self, obj: Mapping[str, Any]) -> dt.datetime | None:
-        """When this object next needs a tick, read from its status alone."""
+        """When this object next needs a tick, read from its status alone (remembered for the
+        object's resourceVersion: the wake-up at the due time parses nothing again)."""
+        rv = obj["metadata"].get("resourceVersion")
+        cached = self._due_of
+        if rv and cached is not None and cached[0] == rv:
+            return cached[1]
+        due = self._due_at(obj)
+        self._due_of = (str(rv), due) if rv else None
+        return due
+
+    def _due_at(self, obj: Mapping[str, Any]) -> dt.datetime | None:
         status = self._status(obj)
         if status.phase == "Invalid":
             return None  # re-checked on edits and every INVALID_RECHECK seconds
