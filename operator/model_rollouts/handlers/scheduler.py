@@ -50,7 +50,7 @@ logger = logging.getLogger("model_rollouts.scheduler")
 GUARD_INTERVAL = 30.0
 #: Worker threads that run wake-ups (a tick never waits on a provider: measurements run in the
 #: tenant's pool; a gate's webhook is bounded by its timeout).
-WORKERS = 8
+WORKERS = 16
 #: Seconds a standby (or a scheduler with nothing due) sleeps between looks at the Lease.
 IDLE = 0.5
 
