@@ -10,7 +10,7 @@ from typing import Any
 from kubernetes import client
 
 from model_rollouts.api.common import MAX_MESSAGE, truncate
-from model_rollouts.kube.client import REQUEST_TIMEOUT, api
+from model_rollouts.kube.client import REQUEST_TIMEOUT, api, sent
 
 
 def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) -> None:
@@ -39,6 +39,8 @@ def post_event(obj: dict[str, Any], event_type: str, reason: str, message: str) 
         reporting_instance="model-rollouts",
     )
     with contextlib.suppress(Exception):  # Events are best effort; status holds the record.
-        client.CoreV1Api(api()).create_namespaced_event(
-            meta["namespace"], ev, _request_timeout=REQUEST_TIMEOUT
+        sent(
+            client.CoreV1Api(api()).create_namespaced_event(
+                meta["namespace"], ev, _request_timeout=REQUEST_TIMEOUT, _preload_content=False
+            )
         )

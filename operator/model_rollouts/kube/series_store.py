@@ -47,7 +47,7 @@ from kubernetes.client.exceptions import ApiException
 from model_rollouts.api.common import parse_duration
 from model_rollouts.api.experiment import TERMINAL_PHASES as EXPERIMENT_TERMINAL
 from model_rollouts.api.rollout import TERMINAL_PHASES as ROLLOUT_TERMINAL
-from model_rollouts.kube.client import REQUEST_TIMEOUT, api
+from model_rollouts.kube.client import REQUEST_TIMEOUT, api, sent
 
 log = logging.getLogger("model_rollouts.series")
 
@@ -185,10 +185,10 @@ def _patch_or_create(
     ns = meta["namespace"]
     for _ in range(2):
         try:
-            core.patch_namespaced_config_map(
+            sent(core.patch_namespaced_config_map(
                 name, ns, {"data": data}, _content_type="application/merge-patch+json",
-                _request_timeout=REQUEST_TIMEOUT,
-            )  # fmt: skip
+                _request_timeout=REQUEST_TIMEOUT, _preload_content=False,
+            ))  # fmt: skip
             return
         except ApiException as e:
             if e.status != 404:
@@ -216,7 +216,13 @@ def _patch_or_create(
             "data": data,
         }
         try:
-            core.create_namespaced_config_map(ns, body, _request_timeout=REQUEST_TIMEOUT)  # type: ignore[arg-type]
+            made = core.create_namespaced_config_map(
+                ns,
+                body,  # type: ignore[arg-type]
+                _request_timeout=REQUEST_TIMEOUT,
+                _preload_content=False,
+            )
+            sent(made)
             return
         except ApiException as e:
             if e.status != 409:  # created meanwhile (another replica): patch it

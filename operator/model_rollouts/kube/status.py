@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from model_rollouts.api.common import GROUP, VERSION
 from model_rollouts.kube import series_store
-from model_rollouts.kube.client import REQUEST_TIMEOUT, api, get_object
+from model_rollouts.kube.client import REQUEST_TIMEOUT, api, get_object, sent
 
 log = logging.getLogger("model_rollouts.status")
 
@@ -73,7 +73,7 @@ def write_status(plural: str, obj: dict[str, Any], status: dict[str, Any]) -> bo
     for attempt in range(3):
         body = {"metadata": {"resourceVersion": rv}, "status": patch}
         try:
-            client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
+            resp = client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
                 GROUP,
                 VERSION,
                 meta["namespace"],
@@ -82,7 +82,9 @@ def write_status(plural: str, obj: dict[str, Any], status: dict[str, Any]) -> bo
                 body,
                 _content_type="application/merge-patch+json",
                 _request_timeout=REQUEST_TIMEOUT,
+                _preload_content=False,
             )
+            sent(resp)
             series_store.archive_written(obj, status)
             return True
         except ApiException as e:
