@@ -66,7 +66,7 @@ class FakeApi:
 
     def list_cluster_custom_object(self, group: str, version: str, plural: str, **_: Any) -> Any:
         self.calls[f"list {plural}"] += 1
-        return {"items": list(self.providers.values())}
+        return {"metadata": {"resourceVersion": "10"}, "items": list(self.providers.values())}
 
     # CoreV1Api
     def read_namespaced_secret(self, name: str, namespace: str, **_: Any) -> Any:
@@ -207,6 +207,27 @@ def test_the_inline_allowlist_lists_providers_once_then_follows_the_watch(kube: 
     watched.PROVIDERS.seen("DELETED", provider_body("prom", "12"))
     with pytest.raises(ProviderError, match=r"spec\.analysis\.prometheus\.address"):
         resolve.provider_for(inline, "ml")
+    assert kube.calls == Counter({"list clustermetricproviders": 1})
+
+
+def test_a_deletion_the_watch_missed_is_found_by_a_read_after_confirm_seconds(
+    kube: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kopf lists again after a watch that cannot resume, without reporting what was deleted meanwhile.
+    watched.PROVIDERS.seen(None, provider_body("prom", "5"))
+    resolve.provider_for(analysis(provider="prom"), "ml")
+    assert kube.calls == Counter()
+    monkeypatch.setattr(watched, "CONFIRM_SECONDS", 0.0)
+    with pytest.raises(ProviderError, match="ClusterMetricProvider prom not found"):
+        resolve.provider_for(analysis(provider="prom"), "ml")
+    assert kube.calls == Counter({"get clustermetricproviders": 1})
+
+
+def test_a_new_listing_drops_providers_it_lacks(kube: FakeApi) -> None:
+    kube.providers["a"] = provider_body("a", "5", "http://a.monitoring:9090")
+    watched.PROVIDERS.seen(None, provider_body("b", "4", "http://b.monitoring:9090"))  # deleted, unseen
+    assert [name for name, _ in resolve._cluster_providers()] == ["a"]
+    assert [name for name, _ in resolve._cluster_providers()] == ["a"]
     assert kube.calls == Counter({"list clustermetricproviders": 1})
 
 

@@ -62,11 +62,11 @@ def _cluster_providers() -> list[tuple[str, ClusterMetricProviderSpec]]:
     """(name, spec) of every valid ClusterMetricProvider; [] if they cannot be listed.
 
     From the operator's watch (metrics/watched.py) once one listing has been merged into it (the
-    first call lists, then the watch keeps it: no request); without the watch, listed and reused for
-    PROVIDER_CACHE_SECONDS."""
+    first call lists, then the watch keeps it: no request; listed again after CONFIRM_SECONDS);
+    without the watch, listed and reused for PROVIDER_CACHE_SECONDS."""
     cache = watched.PROVIDERS
     if cache.enabled and cache.listed:
-        return sorted((name, e.value) for name, e in cache.items() if e.value is not None)
+        return _watched_providers()
     global _provider_list
     at, found = _provider_list
     if time.monotonic() - at < PROVIDER_CACHE_SECONDS:
@@ -76,17 +76,24 @@ def _cluster_providers() -> list[tuple[str, ClusterMetricProviderSpec]]:
         listing = client.CustomObjectsApi(api()).list_cluster_custom_object(
             GROUP, VERSION, PROVIDER_PLURAL, _request_timeout=REQUEST_TIMEOUT
         )
-        for i in cast(dict[str, Any], listing)["items"]:
-            spec = cache.store(i) if cache.enabled else _valid_provider(i)
+        items = cast(dict[str, Any], listing)["items"]
+        if cache.enabled:
+            cache.relisted(
+                items, (cast(dict[str, Any], listing).get("metadata") or {}).get("resourceVersion")
+            )
+            return _watched_providers()
+        for i in items:
+            spec = _valid_provider(i)
             if spec is not None:
                 found.append((str(i["metadata"]["name"]), spec))
-        if cache.enabled:
-            cache.listed = True
-            return _cluster_providers()
     except Exception:
         found = []
     _provider_list = (time.monotonic(), found)
     return found
+
+
+def _watched_providers() -> list[tuple[str, ClusterMetricProviderSpec]]:
+    return sorted((name, e.value) for name, e in watched.PROVIDERS.items() if e.value is not None)
 
 
 def _valid_provider(body: dict[str, Any]) -> ClusterMetricProviderSpec | None:

@@ -10,7 +10,7 @@ cluster-wide, and Secrets may be listed only in the operator's namespace).
 Every entry carries the resourceVersion it came from. A copy older than the one held, or than a
 deletion the watch reported, is dropped (resourceVersions compared as the integers the API server
 hands out; anything else is taken as newer), so a slow GET never brings back a deleted or replaced
-object. Only what resolution reads is kept: a provider's or template's parsed spec (``None`` when the
+object; a provider or template no event or read has confirmed for CONFIRM_SECONDS is read again. Only what resolution reads is kept: a provider's or template's parsed spec (``None`` when the
 spec is invalid), a Secret's ``data``, and only for the Secrets a look-up has asked for (never, say,
 the Helm release Secrets of the namespace). Off, and empty, unless the operator runs the watches
 (``enabled``, set at its startup): anywhere else every look-up GETs.
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 from kubernetes import client, watch
@@ -53,6 +54,8 @@ def _rv(value: Any) -> int | None:
 class Entry(Generic[V]):
     rv: int | None
     value: V
+    #: time.monotonic() when a watch event or a read last brought this copy.
+    at: float = field(default_factory=time.monotonic)
 
 
 class Versioned(Generic[K, V]):
@@ -119,15 +122,43 @@ def _spec(model: Callable[[Any], V], body: Mapping[str, Any]) -> V | None:
         return None
 
 
+#: Seconds an entry of a Kopf-watched kind is used without a new event or read. Kopf lists again
+#: after a watch that cannot resume (HTTP 410) without reporting what was deleted meanwhile; such an
+#: entry is read again (one GET) after this long instead of being served for ever.
+CONFIRM_SECONDS = 600.0
+
+
 class ObjectCache(Versioned[K, V | None]):
     """A kind kept from Kopf's watch: ``seen`` takes one event (``None`` for the initial listing)."""
 
     def __init__(self, model: Callable[[Any], V], key: Callable[[Mapping[str, Any]], K]) -> None:
         super().__init__()
         self.model, self.key = model, key
-        #: True once a full listing has been merged in (see resolve._cluster_providers): the whole
-        #: kind, not only what look-ups asked for, can be read from here.
-        self.listed = False
+        #: time.monotonic() of the last full listing merged in (see resolve._cluster_providers), or
+        #: None: until CONFIRM_SECONDS after it, the whole kind can be read from here.
+        self.listed_at: float | None = None
+
+    @property
+    def listed(self) -> bool:
+        return self.listed_at is not None and time.monotonic() - self.listed_at < CONFIRM_SECONDS
+
+    def get(self, key: K) -> Entry[V | None] | None:
+        entry = super().get(key)
+        if entry is not None and time.monotonic() - entry.at >= CONFIRM_SECONDS:
+            return None
+        return entry
+
+    def relisted(self, bodies: list[Mapping[str, Any]], list_rv: Any) -> None:
+        """A full listing: each copy kept, and what it lacks (and no newer event brought) gone."""
+        present = set()
+        for body in bodies:
+            self.store(body)
+            present.add(self.key(body))
+        gone = _rv(list_rv)
+        for key, entry in self.items():
+            if key not in present and (gone is None or entry.rv is None or entry.rv < gone):
+                self.delete(key, list_rv)
+        self.listed_at = time.monotonic()
 
     def seen(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -146,7 +177,7 @@ class ObjectCache(Versioned[K, V | None]):
 
     def clear(self) -> None:
         super().clear()
-        self.listed = False
+        self.listed_at = None
 
 
 def _name(body: Mapping[str, Any]) -> str:
