@@ -10,9 +10,10 @@ cluster-wide, and Secrets may be listed only in the operator's namespace).
 Every entry carries the resourceVersion it came from. A copy older than the one held, or than a
 deletion the watch reported, is dropped (resourceVersions compared as the integers the API server
 hands out; anything else is taken as newer), so a slow GET never brings back a deleted or replaced
-object; a provider or template no event or read has confirmed for CONFIRM_SECONDS is read again. Only what resolution reads is kept: a provider's or template's parsed spec (``None`` when the
-spec is invalid), a Secret's ``data``, and only for the Secrets a look-up has asked for (never, say,
-the Helm release Secrets of the namespace). Off, and empty, unless the operator runs the watches
+object; a provider or template no event or read has confirmed for CONFIRM_SECONDS is read again.
+Only what resolution reads is kept: a provider's or template's parsed spec (``None`` when the spec
+is invalid), a Secret's ``data``, and only for the Secrets a look-up has asked for (never, say, the
+Helm release Secrets of the namespace). Off, and empty, unless the operator runs the watches
 (``enabled``, set at its startup): anywhere else every look-up GETs.
 """
 
