@@ -312,3 +312,53 @@ def test_a_platform_template_that_does_not_bind_the_namespace_is_refused_from_th
     )
     with pytest.raises(ProviderError, match="must also match"):
         resolve._template(TemplateRef(kind="ClusterMetricTemplate", name="loose"), "ml", "f")
+
+
+# -- what is watched ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("denied", "providers", "templates"),
+    [
+        (set(), True, True),
+        # rbac.clusterMetricKinds false / manifests/namespace-install.yaml: no failing watch, GETs as before.
+        ({"clustermetricproviders", "clustermetrictemplates"}, False, False),
+        ({"metrictemplates"}, True, False),  # one cache serves both template kinds
+    ],
+)
+def test_only_the_kinds_rbac_lets_the_operator_watch_are_watched(
+    monkeypatch: pytest.MonkeyPatch, denied: set[str], providers: bool, templates: bool
+) -> None:
+    from model_rollouts.handlers import providers as handlers
+
+    asked: list[tuple[str, str, str | None]] = []
+
+    class Authz:
+        def __init__(self, *_: object) -> None:
+            pass
+
+        def create_self_subject_access_review(self, review: Any, **_: Any) -> Any:
+            a = review.spec.resource_attributes
+            asked.append((a.verb, a.resource, a.namespace))
+
+            class Answer:
+                class status:
+                    allowed = a.resource not in denied
+
+            return Answer()
+
+    registered: list[str] = []
+    monkeypatch.setattr(handlers.client, "AuthorizationV1Api", Authz)
+    monkeypatch.setattr(handlers.kopf.on, "event", lambda g, v, plural: lambda fn: registered.append(plural))
+    monkeypatch.setattr(handlers.kopf.on, "startup", lambda: lambda fn: fn)
+    monkeypatch.setattr(handlers.kopf.on, "cleanup", lambda: lambda fn: fn)
+    try:
+        handlers.register(lambda: None, ["team-a", "team-b"])
+        assert watched.PROVIDERS.enabled is providers and watched.TEMPLATES.enabled is templates
+        assert ("clustermetricproviders" in registered) is providers
+        assert ("metrictemplates" in registered) is templates
+        # MetricTemplates are asked for where they are watched: the watched namespaces.
+        assert {ns for _, r, ns in asked if r == "metrictemplates"} <= {"team-a", "team-b"}
+        if not denied:
+            assert ("watch", "metrictemplates", "team-b") in asked
+        assert ("list", "clustermetricproviders", None) in asked
+    finally:
+        watched.PROVIDERS.enabled = watched.TEMPLATES.enabled = False
