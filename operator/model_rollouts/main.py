@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         # objects they were a sixth of what each scrape rendered.
         disable_created_metrics()
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    from model_rollouts.handlers import experiment, rollout, routes, shards  # noqa: F401  (registers the handlers)
+    from model_rollouts.handlers import experiment, providers, rollout, routes, shards  # noqa: F401  (registers the handlers)
+
+    providers.register(kube.api, list(args.namespace))  # the provider and template watches RBAC allows
 
     if args.leader_election:
         leader.ELECTOR = leader.Elector(
