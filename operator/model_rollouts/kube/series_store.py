@@ -139,15 +139,20 @@ def _archived_to(uid: str, revision: str, points: list[dict[str, Any]]) -> None:
 def archive_written(obj: Mapping[str, Any], status: Mapping[str, Any]) -> None:
     """After a successful status write: add its new analyses to the object's series ConfigMaps.
     Never raises (the status write has already recorded the decision)."""
+    uid = str(obj["metadata"].get("uid") or "")
     try:
         pts = new_points(obj, status)
         if not pts:
             return
-        ok = archive(obj, revision_of(status), pts)
+        revision = revision_of(status)
+        with _lock:
+            known = (_archived.get(uid) or ("",))[0] == revision
+        # A revision's first points, none archived by this process: most likely no ConfigMap yet.
+        first = not known and len(status.get("series") or []) <= 2
+        ok = archive(obj, revision, pts, create_first=first)
     except Exception as e:  # never the exception's text: it may quote a response body
         log.warning("archiving the series of %s failed: %s", obj["metadata"].get("name"), type(e).__name__)
         ok = False
-    uid = str(obj["metadata"].get("uid") or "")
     if ok:
         _archived_to(uid, revision_of(status), pts)
     with _lock:
@@ -159,8 +164,11 @@ def archive_written(obj: Mapping[str, Any], status: Mapping[str, Any]) -> None:
                 _retry.popitem(last=False)
 
 
-def archive(obj: Mapping[str, Any], revision: str, points: Iterable[Mapping[str, Any]]) -> bool:
-    """Write ``points`` (one merge patch per chunk they fall in; create on 404). True if all landed."""
+def archive(
+    obj: Mapping[str, Any], revision: str, points: Iterable[Mapping[str, Any]], create_first: bool = False
+) -> bool:
+    """Write ``points`` (one merge patch per chunk they fall in; create on 404, or first when
+    ``create_first``). True if all landed."""
     meta = obj["metadata"]
     chunks: dict[int, dict[str, str]] = {}
     interval = _interval(obj)
@@ -171,7 +179,7 @@ def archive(obj: Mapping[str, Any], revision: str, points: Iterable[Mapping[str,
     for chunk, data in sorted(chunks.items()):
         name = configmap_name(str(obj.get("kind")), meta["name"], revision, chunk)
         try:
-            _patch_or_create(core, obj, name, revision, data)
+            _patch_or_create(core, obj, name, revision, data, create_first)
         except ApiException as e:
             log.warning("archiving the series of %s/%s: HTTP %s", meta["namespace"], meta["name"], e.status)
             ok = False
@@ -179,20 +187,28 @@ def archive(obj: Mapping[str, Any], revision: str, points: Iterable[Mapping[str,
 
 
 def _patch_or_create(
-    core: client.CoreV1Api, obj: Mapping[str, Any], name: str, revision: str, data: dict[str, str]
+    core: client.CoreV1Api,
+    obj: Mapping[str, Any],
+    name: str,
+    revision: str,
+    data: dict[str, str],
+    create_first: bool = False,
 ) -> None:
+    """Patch the ConfigMap, creating it on 404; ``create_first`` (a revision's first points) tries
+    the create first, so a new object's first archive is one request, not a 404 and a create."""
     meta = obj["metadata"]
     ns = meta["namespace"]
-    for _ in range(2):
-        try:
-            sent(core.patch_namespaced_config_map(
-                name, ns, {"data": data}, _content_type="application/merge-patch+json",
-                _request_timeout=REQUEST_TIMEOUT, _preload_content=False,
-            ))  # fmt: skip
-            return
-        except ApiException as e:
-            if e.status != 404:
-                raise
+    for attempt in range(2):
+        if attempt > 0 or not create_first:
+            try:
+                sent(core.patch_namespaced_config_map(
+                    name, ns, {"data": data}, _content_type="application/merge-patch+json",
+                    _request_timeout=REQUEST_TIMEOUT, _preload_content=False,
+                ))  # fmt: skip
+                return
+            except ApiException as e:
+                if e.status != 404:
+                    raise
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
