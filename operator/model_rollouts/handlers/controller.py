@@ -122,6 +122,7 @@ class Controller(Generic[SpecT, StatusT]):
         #: The resourceVersion of the copy this object's last status write was made from (stale now).
         self._stale_rv: str | None = None
         self._due_of: tuple[str, dt.datetime | None] | None = None  # (resourceVersion, due) last computed
+        self._spec_of: tuple[Any, SpecT] | None = None  # (generation, parsed spec) last parsed
         self._stale_since = 0.0
         #: Called when a measurement this object started has ended (the scheduler wakes it then).
         self.ready: Callable[[], None] = lambda: None
@@ -192,6 +193,17 @@ class Controller(Generic[SpecT, StatusT]):
         raise NotImplementedError
 
     # -- pacing -------------------------------------------------------------------------------------
+    def _spec(self, obj: Mapping[str, Any]) -> SpecT:
+        """The parsed spec, remembered for its generation (a spec change raises it): the ticks of an
+        analysis and the look at its due time parse it once. ValidationError as the model raises it."""
+        generation = obj["metadata"].get("generation")
+        cached = self._spec_of
+        if generation is not None and cached is not None and cached[0] == generation:
+            return cached[1]
+        spec = self.spec_model.model_validate(obj["spec"])
+        self._spec_of = (generation, spec) if generation is not None else None
+        return spec
+
     def _status(self, obj: Mapping[str, Any]) -> StatusT:
         return self.status_model.model_validate(
             {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
@@ -213,7 +225,7 @@ class Controller(Generic[SpecT, StatusT]):
         if status.phase == "Invalid":
             return None  # re-checked on edits and every INVALID_RECHECK seconds
         try:
-            spec = self.spec_model.model_validate(obj["spec"])
+            spec = self._spec(obj)
         except ValidationError:
             return None
         due = self.next_due(spec, status)
@@ -315,7 +327,7 @@ class Controller(Generic[SpecT, StatusT]):
             return  # finished: nothing is re-validated, nothing can move traffic
         now_ = now()
         try:
-            spec = self.spec_model.model_validate(obj["spec"])
+            spec = self._spec(obj)
         except ValidationError as e:
             return self.write(obj, status, *invalid_status(status, validation_message(e), now_, generation))
         problem = self.problem(spec)
