@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     INSTANCE[0] = args.instance
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    from model_rollouts.handlers import experiment, rollout, routes, shards  # noqa: F401  (registers the handlers)
+    from model_rollouts.handlers import experiment, providers, rollout, routes, shards  # noqa: F401  (registers the handlers)
+
+    providers.register(kube.api, list(args.namespace))  # the provider and template watches RBAC allows
 
     if args.leader_election:
         leader.ELECTOR = leader.Elector(

@@ -176,7 +176,9 @@ def test_cluster_wide_rbac(cluster: Cluster) -> None:
         ("create", "leases.coordination.k8s.io", "team-a"): False,
         ("create", "customresourcedefinitions.apiextensions.k8s.io", None): False,
         ("get", "secrets", NS): True,
+        ("watch", "secrets", NS): True,  # provider Secrets are watched there (issue 18)
         ("get", "secrets", None): False,
+        ("list", "secrets", None): False,
         ("get", "clustermetricproviders.mlrollouts.io", None): True,
         ("create", "clustermetricproviders.mlrollouts.io", None): False,
     }

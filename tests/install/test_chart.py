@@ -96,7 +96,11 @@ def _rules(docs: list[dict[str, Any]], resource: str) -> list[tuple[str, str | N
 )
 def test_secrets_are_read_only_in_the_release_namespace(values: dict[str, Any]) -> None:
     docs = render(values, release="mr", namespace="ops")
-    assert _rules(docs, "secrets") == [("Role", "ops", ["get"])]
+    # Watched there (issue 18): the operator keeps the ones its providers name.
+    assert _rules(docs, "secrets") == [("Role", "ops", ["get", "list", "watch"])]
+    # Narrowed to named Secrets: get only (RBAC cannot grant a watch of named Secrets).
+    named = render({**values, "rbac": {"secretNames": ["prom-token"]}}, release="mr", namespace="ops")
+    assert _rules(named, "secrets") == [("Role", "ops", ["get"])]
 
 
 def test_namespaced_mode_patches_routes_only_in_watched_namespaces() -> None:

@@ -120,9 +120,12 @@ def can(stack: Stack, user: str, verb: str, resource: str, namespace: str | None
 
 # (who, verb, resource, namespace or None for all, group, allowed)
 CLUSTER_MODE = [
-    # Secrets: provider credentials, in the operator's own namespace only.
+    # Secrets: provider credentials, in the operator's own namespace only (watched there, issue 18).
     (OPERATOR, "get", "secrets", "model-rollouts", "", True),
-    (OPERATOR, "list", "secrets", "model-rollouts", "", False),
+    (OPERATOR, "list", "secrets", "model-rollouts", "", True),
+    (OPERATOR, "watch", "secrets", "model-rollouts", "", True),
+    (OPERATOR, "list", "secrets", NS, "", False),
+    (OPERATOR, "list", "secrets", None, "", False),
     (OPERATOR, "get", "secrets", NS, "", False),
     (OPERATOR, "get", "secrets", "kube-system", "", False),
     (OPERATOR, "get", "secrets", None, "", False),
@@ -155,7 +158,8 @@ NAMESPACED_MODE = [
     (SOLO_OPERATOR, "patch", "httproutes", "kube-system", GW, False),
     (SOLO_OPERATOR, "patch", "httproutes", None, GW, False),
     (SOLO_OPERATOR, "get", "secrets", SOLO, "", True),
-    (SOLO_OPERATOR, "list", "secrets", SOLO, "", False),
+    (SOLO_OPERATOR, "list", "secrets", SOLO, "", True),
+    (SOLO_OPERATOR, "list", "secrets", NS, "", False),
     (SOLO_OPERATOR, "get", "secrets", NS, "", False),
     (SOLO_OPERATOR, "get", "secrets", "model-rollouts", "", False),
     (SOLO_OPERATOR, "patch", "modelrollouts/status", SOLO, G, True),

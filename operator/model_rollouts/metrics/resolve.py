@@ -4,12 +4,14 @@ What an object may measure with is decided here: an inline Prometheus address (a
 with a credential) or a ClusterMetricProvider (its credentials read from the operator's own
 namespace), each scoped to the object's namespace; and its templateRefs resolved to queries. Every
 refusal is a :class:`ProviderError` naming the spec field, so the object is ``Valid=False``.
+
+Providers, templates and Secrets are read from the operator's watches (metrics/watched.py) when
+they hold them, so a tick sends no request for them; a miss GETs as without the watch.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import tempfile
 import threading
@@ -43,6 +45,7 @@ from model_rollouts.api.template import (
     MetricTemplateSpec,
 )
 from model_rollouts.kube.client import REQUEST_TIMEOUT, api
+from model_rollouts.metrics import watched
 from model_rollouts.metrics.errors import ProviderError
 from model_rollouts.metrics.prometheus import PrometheusProvider
 from model_rollouts.metrics.provider import Budgeted, Result, TemplateError, Vector, check_template
@@ -56,7 +59,14 @@ _providers_lock = threading.Lock()
 
 
 def _cluster_providers() -> list[tuple[str, ClusterMetricProviderSpec]]:
-    """(name, spec) of every valid ClusterMetricProvider (cached briefly); [] if they cannot be listed."""
+    """(name, spec) of every valid ClusterMetricProvider; [] if they cannot be listed.
+
+    From the operator's watch (metrics/watched.py) once one listing has been merged into it (the
+    first call lists, then the watch keeps it: no request; listed again after CONFIRM_SECONDS);
+    without the watch, listed and reused for PROVIDER_CACHE_SECONDS."""
+    cache = watched.PROVIDERS
+    if cache.enabled and cache.listed:
+        return _watched_providers()
     global _provider_list
     at, found = _provider_list
     if time.monotonic() - at < PROVIDER_CACHE_SECONDS:
@@ -66,18 +76,31 @@ def _cluster_providers() -> list[tuple[str, ClusterMetricProviderSpec]]:
         listing = client.CustomObjectsApi(api()).list_cluster_custom_object(
             GROUP, VERSION, PROVIDER_PLURAL, _request_timeout=REQUEST_TIMEOUT
         )
-        for i in cast(dict[str, Any], listing)["items"]:
-            with contextlib.suppress(ValidationError):
-                found.append(
-                    (
-                        str(i["metadata"]["name"]),
-                        ClusterMetricProviderSpec.model_validate(i.get("spec") or {}),
-                    )
-                )
+        items = cast(dict[str, Any], listing)["items"]
+        if cache.enabled:
+            cache.relisted(
+                items, (cast(dict[str, Any], listing).get("metadata") or {}).get("resourceVersion")
+            )
+            return _watched_providers()
+        for i in items:
+            spec = _valid_provider(i)
+            if spec is not None:
+                found.append((str(i["metadata"]["name"]), spec))
     except Exception:
         found = []
     _provider_list = (time.monotonic(), found)
     return found
+
+
+def _watched_providers() -> list[tuple[str, ClusterMetricProviderSpec]]:
+    return sorted((name, e.value) for name, e in watched.PROVIDERS.items() if e.value is not None)
+
+
+def _valid_provider(body: dict[str, Any]) -> ClusterMetricProviderSpec | None:
+    try:
+        return ClusterMetricProviderSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return None
 
 
 def _server(address: str) -> tuple[str, str, int | None]:
@@ -92,21 +115,30 @@ def _server(address: str) -> tuple[str, str, int | None]:
 
 
 def _secret_value(ref: SecretKeyRef, field: str, what: str) -> str:
-    """A key of a Secret in the operator's own namespace; ProviderError (fixed text) if it cannot be had."""
+    """A key of a Secret in the operator's own namespace; ProviderError (fixed text) if it cannot be had.
+
+    From the operator's watch of its namespace's Secrets when it holds this one (no request); else
+    one GET, kept for the next look-ups (the watch keeps it current from then on)."""
     namespace = policy.POLICY.secret_namespace
-    try:
-        secret = client.CoreV1Api(api()).read_namespaced_secret(
-            ref.name, namespace, _request_timeout=REQUEST_TIMEOUT
-        )
-    except ApiException as e:
-        raise ProviderError(field, f"{what}: its Secret cannot be read (HTTP {e.status})") from None
-    except Exception as e:
-        raise ProviderError(field, f"{what}: its Secret cannot be read ({type(e).__name__})") from None
-    data = (secret.data or {}).get(ref.key)
-    if data is None:
+    hit = watched.SECRETS.want(ref.name)
+    if hit is not None:
+        data: dict[str, str] = hit.value
+    else:
+        try:
+            secret: Any = client.CoreV1Api(api()).read_namespaced_secret(
+                ref.name, namespace, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as e:
+            raise ProviderError(field, f"{what}: its Secret cannot be read (HTTP {e.status})") from None
+        except Exception as e:
+            raise ProviderError(field, f"{what}: its Secret cannot be read ({type(e).__name__})") from None
+        data = dict(secret.data or {})
+        watched.SECRETS.put(ref.name, secret.metadata.resource_version, data)
+    value = data.get(ref.key)
+    if value is None:
         raise ProviderError(field, f"{what}: its Secret has no key {ref.key!r}")
     try:
-        return base64.b64decode(data).decode()
+        return base64.b64decode(value).decode()
     except ValueError:
         raise ProviderError(field, f"{what}: its Secret's key {ref.key!r} is not UTF-8 text") from None
 
@@ -116,6 +148,9 @@ def _cached_provider(key: tuple[Any, ...], make: Callable[[], PrometheusProvider
     with _providers_lock:
         p = _providers.get(key)
         if p is None:
+            # A provider's earlier configuration (its spec or Secret changed) is not used again.
+            for old_key in [k for k in _providers if k[:2] == key[:2] and key[0] == "provider"]:
+                del _providers[old_key]
             if len(_providers) >= 256:
                 for old in _providers.values():
                     old.close()
@@ -213,18 +248,7 @@ def provider_for(
     if name is None:
         raise ProviderError("spec.analysis", "set provider (a ClusterMetricProvider) or prometheus")
     field = "spec.analysis.provider"
-    try:
-        raw = client.CustomObjectsApi(api()).get_cluster_custom_object(
-            GROUP, VERSION, PROVIDER_PLURAL, name, _request_timeout=REQUEST_TIMEOUT
-        )
-    except ApiException as e:
-        if e.status == 404:
-            raise ProviderError(field, f"ClusterMetricProvider {name} not found") from None
-        raise ProviderError(field, f"ClusterMetricProvider {name} cannot be read (HTTP {e.status})") from None
-    try:
-        spec = ClusterMetricProviderSpec.model_validate(cast(dict[str, Any], raw).get("spec") or {})
-    except ValidationError:
-        raise ProviderError(field, f"ClusterMetricProvider {name} has an invalid spec") from None
+    spec = _provider_spec(name, field)
     prom = spec.prometheus
     what = f"ClusterMetricProvider {name}"
     if inline and not spec.allowInlineQueries:
@@ -251,6 +275,36 @@ def provider_for(
     if p.unusable:
         raise ProviderError(field, f"{what}: {p.unusable}; it is never sent")
     return Scoped(p, f"provider/{name}@{namespace}")
+
+
+def _provider_spec(name: str, field: str) -> ClusterMetricProviderSpec:
+    """A ClusterMetricProvider's spec: from the operator's watch (no request), else one GET (kept)."""
+    hit = watched.PROVIDERS.get(name)
+    if hit is not None:
+        spec = hit.value
+    else:
+        try:
+            raw = client.CustomObjectsApi(api()).get_cluster_custom_object(
+                GROUP, VERSION, PROVIDER_PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as e:
+            if e.status == 404:
+                raise ProviderError(field, f"ClusterMetricProvider {name} not found") from None
+            raise ProviderError(
+                field, f"ClusterMetricProvider {name} cannot be read (HTTP {e.status})"
+            ) from None
+        body = cast(dict[str, Any], raw)
+        spec = watched.PROVIDERS.store(body) if watched.PROVIDERS.enabled else _valid_provider(body)
+    if spec is None:
+        raise ProviderError(field, f"ClusterMetricProvider {name} has an invalid spec")
+    return spec
+
+
+def forget_provider(name: str) -> None:
+    """Drop the providers (HTTP sessions) made for a ClusterMetricProvider that was deleted."""
+    with _providers_lock:
+        for key in [k for k in _providers if k[:2] == ("provider", name)]:
+            del _providers[key]
 
 
 def _ca_file(pem: str) -> str:
@@ -289,7 +343,11 @@ M = TypeVar("M", bound=Model)
 
 
 def _template(ref: TemplateRef, namespace: str, field: str) -> MetricTemplateSpec:
+    """A metric template's spec: from the operator's watch when it holds it (no request), else one
+    GET (kept by the watch's cache; without the watch, in ``_templates`` for TEMPLATE_CACHE_SECONDS)."""
     key = (ref.kind, namespace if ref.kind == TEMPLATE_KIND else "", ref.name)
+    if watched.TEMPLATES.enabled:
+        return _watched_template(ref, key, namespace, field)
     t = time.monotonic()
     with _templates_lock:
         for k in [k for k, (at, _, _) in _templates.items() if t - at >= TEMPLATE_CACHE_SECONDS]:
@@ -298,6 +356,36 @@ def _template(ref: TemplateRef, namespace: str, field: str) -> MetricTemplateSpe
         if hit is not None:
             _templates.move_to_end(key)
             return hit[2]
+    obj = _get_template(ref, namespace, field)
+    rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+    try:
+        spec = MetricTemplateSpec.model_validate(obj.get("spec") or {})
+    except ValidationError:
+        raise ProviderError(field, f"{ref.kind} {ref.name} has an invalid spec") from None
+    if ref.kind != TEMPLATE_KIND:
+        check_platform_template(spec, f"{field} ({ref.kind} {ref.name})")
+    with _templates_lock:
+        _templates[key] = (time.monotonic(), rv, spec)
+        _templates.move_to_end(key)
+        while len(_templates) > TEMPLATE_CACHE_MAX:
+            _templates.popitem(last=False)
+    return spec
+
+
+def _watched_template(
+    ref: TemplateRef, key: tuple[str, str, str], namespace: str, field: str
+) -> MetricTemplateSpec:
+    hit = watched.TEMPLATES.get(key)
+    spec = hit.value if hit is not None else watched.TEMPLATES.store(_get_template(ref, namespace, field))
+    if spec is None:
+        raise ProviderError(field, f"{ref.kind} {ref.name} has an invalid spec")
+    if ref.kind != TEMPLATE_KIND:
+        check_platform_template(spec, f"{field} ({ref.kind} {ref.name})")
+    return spec
+
+
+def _get_template(ref: TemplateRef, namespace: str, field: str) -> dict[str, Any]:
+    """One GET of a metric template; ProviderError naming ``field`` if it cannot be read."""
     co = client.CustomObjectsApi(api())
     try:
         if ref.kind == TEMPLATE_KIND:
@@ -312,20 +400,7 @@ def _template(ref: TemplateRef, namespace: str, field: str) -> MetricTemplateSpe
         if e.status == 404:
             raise ProviderError(field, f"{ref.kind} {ref.name} not found") from None
         raise ProviderError(field, f"{ref.kind} {ref.name} cannot be read (HTTP {e.status})") from None
-    obj = cast(dict[str, Any], raw)
-    rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-    try:
-        spec = MetricTemplateSpec.model_validate(obj.get("spec") or {})
-    except ValidationError:
-        raise ProviderError(field, f"{ref.kind} {ref.name} has an invalid spec") from None
-    if ref.kind != TEMPLATE_KIND:
-        check_platform_template(spec, f"{field} ({ref.kind} {ref.name})")
-    with _templates_lock:
-        _templates[key] = (time.monotonic(), rv, spec)
-        _templates.move_to_end(key)
-        while len(_templates) > TEMPLATE_CACHE_MAX:
-            _templates.popitem(last=False)
-    return spec
+    return cast(dict[str, Any], raw)
 
 
 def resolve_metric(metric: M, field: str, namespace: str, names: tuple[str, ...]) -> M:
