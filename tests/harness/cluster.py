@@ -16,6 +16,7 @@ By hand::
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import json
 import os
@@ -171,6 +172,20 @@ def make_pki(d: Path) -> None:
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
 
 
+_PKI: list[Path] = []
+
+
+def _copy_pki(d: Path) -> None:
+    """``make_pki`` once per process (four RSA keys cost about a second on a loaded machine), copied
+    into each control plane's ``d``: each still has its own admin token, ports and workdir."""
+    if not _PKI:
+        made = Path(tempfile.mkdtemp(prefix="mr-pki-")) / "pki"
+        make_pki(made)
+        atexit.register(shutil.rmtree, made.parent, True)
+        _PKI.append(made)
+    shutil.copytree(_PKI[0], d, dirs_exist_ok=True)
+
+
 def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> None:
     ca_data = base64.b64encode(ca.read_bytes()).decode()
     cfg = {
@@ -212,7 +227,7 @@ class ControlPlane:
         wd = self.workdir
         wd.mkdir(parents=True, exist_ok=True)
         pki = wd / "pki"
-        make_pki(pki)
+        _copy_pki(pki)
         self.token = secrets.token_hex(16)
         (pki / "tokens.csv").write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
         try:
@@ -418,7 +433,7 @@ def install_crds(api, paths: list[Path], timeout: float = 30.0) -> None:  # type
     docs = [
         d
         for p in paths
-        for d in yaml.safe_load_all(p.read_text())
+        for d in yaml.load_all(p.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         if d and d.get("kind") == "CustomResourceDefinition"
     ]
     kubectl_apply(api, docs)

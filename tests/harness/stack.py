@@ -294,14 +294,22 @@ class Stack:
         )
 
     def close(self) -> None:
-        self.stop_operator()
+        """Stop the operator, the traffic, the model servers and Prometheus at once (each waits for its
+        own process), then the control plane; the first error, if any, after everything stopped."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        stops: list[Callable[[], object]] = [self.stop_operator]
         if self.loadgen is not None:
-            self.loadgen.stop()
-        for s in self.servers.values():
-            s.stop()
+            stops.append(self.loadgen.stop)
+        stops += [s.stop for s in self.servers.values()]
         if self.prom is not None:
-            self.prom.close()
+            stops.append(self.prom.close)
+        with ThreadPoolExecutor(max_workers=len(stops)) as pool:
+            futures = [pool.submit(stop) for stop in stops]
         self.cluster.stop()
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> Stack:
         return self.start()

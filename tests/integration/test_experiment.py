@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from model_rollouts.metrics.provider import render
 from tests.harness import objects
 from tests.harness.objects import delete_all, event_reasons, items, merge_sections, status
-from tests.harness.queries import REQUESTS
+from tests.harness.queries import FEEDBACK, REQUESTS
 from tests.harness.stack import Stack, httproute
 
 pytestmark = pytest.mark.integration
@@ -369,7 +370,12 @@ def test_a_variant_without_data_is_dropped_after_the_no_data_timeout(fresh: Stac
     assert fresh.prom is not None and fresh.loadgen is not None
     fresh.loadgen.set_skew({C: 0.0})
     start_split(fresh, {A: 34, B: 33, C: 33})
-    time.sleep(30)  # c's rate window empties
+    # c's 10 s window empties: Prometheus has neither a request nor feedback of c's in it.
+    quiet = [render(q, {"service": C, "window": "10s"}) for q in (REQUESTS, FEEDBACK)]
+    deadline = time.monotonic() + 60
+    while any(float(r[0]["value"][1]) > 0 for q in quiet if (r := fresh.prom.query(q))):
+        assert time.monotonic() < deadline, "c's requests never left the 10 s window"
+        time.sleep(0.5)
     t0 = time.monotonic()
     fresh.apply(
         experiment(
@@ -377,7 +383,7 @@ def test_a_variant_without_data_is_dropped_after_the_no_data_timeout(fresh: Stac
             fresh.prom.url,
             [A, B, C],
             stoppingRules={"minSamplesPerVariant": 100000},
-            analysis={"noDataTimeout": "15s"},
+            analysis={"noDataTimeout": "15s", "window": "10s"},
         )
     )
     held = fresh.wait_for(PLURAL, "silent", lambda o: "holding (no data)" in status(o).get("message", ""), 30)

@@ -21,6 +21,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from model_rollouts.metrics.provider import render
 from tests.harness import objects
 from tests.harness.cluster import kubectl_apply, write_kubeconfig
 from tests.harness.faultproxy import FaultProxy, Faults
@@ -62,12 +63,26 @@ _ERRORS_IN_WINDOW = [False]
 ERROR_WINDOW_S = 12.0
 
 
+def _wait_errors_left_the_window(stack: Stack, timeout: float = 4 * ERROR_WINDOW_S) -> None:
+    """Until Prometheus answers the guardrail's own query (10 s window) for the candidate with no breach:
+    no series, NaN (no traffic since) or at most the guardrail's 5%."""
+    assert stack.prom is not None
+    q = render(ERROR_RATE, {"service": V2, "window": "10s"})
+    deadline = time.monotonic() + timeout
+    while True:
+        res = stack.prom.query(q)
+        if not res or not float(res[0]["value"][1]) > 0.05:
+            return
+        assert time.monotonic() < deadline, f"{V2}'s errors stayed in the guardrail's window: {res}"
+        time.sleep(0.5)
+
+
 @pytest.fixture()
 def fresh(stack: Stack) -> Iterator[Stack]:
     for svc in (V1, V2, V3):
         stack.servers[svc].set(error_rate=0.0, positive_rate=0.6)
     if _ERRORS_IN_WINDOW[0]:
-        time.sleep(ERROR_WINDOW_S)  # a guard that acts at once leaves no time for the window to pass
+        _wait_errors_left_the_window(stack)  # a guard that acts at once leaves no time for it to pass
         _ERRORS_IN_WINDOW[0] = False
     if stack.operator is None:
         stack.start_operator()
