@@ -255,3 +255,29 @@ def test_readiness_from_the_endpointslice_watch_without_a_request(monkeypatch: p
     cache.seen("DELETED", sl("v2-a", "v2"))
     cache.seen("DELETED", sl("v2-b", "v2"))
     assert readiness.service_ready("ml", "v2") is None
+
+
+def test_a_new_object_or_an_annotation_runs_before_the_analyses_already_queued(setup: Any) -> None:
+    """Issue 18: one more rollout's first weight (or an abort) does not wait behind a thousand due
+    analyses queued for the workers; a status echo of the operator's own write is not urgent."""
+    s, clock, controllers = setup
+    for uid in ("a", "b", "c"):
+        s.seen("modelrollouts", "ADDED", body(uid))
+    controllers["c"] = FakeController(60.0)
+    for key in s.due():
+        s.run_one(key)  # running objects now: a and b next due in 30 s, c in 60 s
+    clock.t += 30
+    busy = [body(u, rv=2) for u in ("a", "b")]
+    for b in busy:
+        s.seen("modelrollouts", "MODIFIED", b)  # status-only changes (the operator's own writes)
+    queued = s.due()
+    assert sorted(queued) == [("modelrollouts", "a"), ("modelrollouts", "b")]
+    aborted = body("c", rv=3)
+    aborted["metadata"]["annotations"] = {"mlrollouts.io/abort": "true"}
+    s.seen("modelrollouts", "MODIFIED", aborted)
+    s.seen("modelrollouts", "ADDED", body("new"))
+    for key in [*queued, *s.due()]:
+        s._submit(key)
+    order = [s._queue.get_nowait()[2] for _ in range(4)]
+    assert order[:2] == [("modelrollouts", "c"), ("modelrollouts", "new")]
+    assert sorted(order[2:]) == [("modelrollouts", "a"), ("modelrollouts", "b")]

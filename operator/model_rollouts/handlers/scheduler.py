@@ -25,14 +25,15 @@ shard, or deleted) is dropped with its due time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import heapq
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -102,13 +103,17 @@ class Scheduler:
         self._heap: list[tuple[float, int, Key]] = []
         self._due: dict[Key, float] = {}  # each object's one current due time (older heap entries are stale)
         self._running: set[Key] = set()
+        #: Woken by a new object, a spec change, an annotation or a deletion: run before the wake-ups
+        #: that are merely due (a user's apply or abort never waits behind a thousand analyses).
+        self._urgent: set[Key] = set()
+        self._queue: queue.PriorityQueue[tuple[int, int, Key | None]] = queue.PriorityQueue()
+        self._threads: list[threading.Thread] = []
         self._again: set[Key] = set()  # woken while running: run once more when the current run ends
         self._routes: dict[tuple[str, str], set[Key]] = {}  # route -> objects whose guard it wakes
         self._route_of: dict[Key, tuple[str, str]] = {}
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._workers = workers
-        self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._leading = False
@@ -138,6 +143,8 @@ class Scheduler:
                 return  # never older than what is kept
             self._bodies[key] = copied
             self._index_route(key, route[0] if route else None)
+            if old is None or _asked(old) != _asked(copied):
+                self._urgent.add(key)  # someone asked for something: ahead of the analyses due
         self.wake(key)
 
     def route_event(self, namespace: str, name: str) -> None:
@@ -152,6 +159,7 @@ class Scheduler:
             self._bodies.pop(key, None)
             self._due.pop(key, None)
             self._again.discard(key)
+            self._urgent.discard(key)
             self._index_route(key, None)
         kind = self._kinds.get(key[0])
         if kind is not None:
@@ -250,8 +258,21 @@ class Scheduler:
             return None if route is not None and route[1] else GUARD_INTERVAL
         return None
 
+    def _work(self) -> None:
+        """One worker: the most urgent queued wake-up first, then in the order they fell due."""
+        while True:
+            _, _, key = self._queue.get()
+            if key is None:
+                return
+            self.run_one(key)
+
+    def _submit(self, key: Key) -> None:
+        with self._cond:
+            urgent = key in self._urgent
+            self._urgent.discard(key)
+        self._queue.put((0 if urgent else 1, next(self._seq), key))
+
     def _loop(self) -> None:
-        assert self._pool is not None
         while not self._stop.is_set():
             leading = leader.ELECTOR.is_leader()
             if leading and not self._leading:
@@ -261,7 +282,7 @@ class Scheduler:
                 self._stop.wait(IDLE)
                 continue
             for key in self.due():
-                self._pool.submit(self.run_one, key)
+                self._submit(key)
             with self._cond:
                 at = self._heap[0][0] if self._heap else None
                 wait = IDLE if at is None else min(IDLE, max(0.0, at - self.clock()))
@@ -278,7 +299,12 @@ class Scheduler:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="wake")
+        self._queue = queue.PriorityQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"wake-{i}", daemon=True) for i in range(self._workers)
+        ]
+        for t in self._threads:
+            t.start()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -289,10 +315,21 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        # Queued wake-ups are dropped (the next leader, or this one when it starts again, wakes every
+        # object once); each worker ends after its current run.
+        while not self._queue.empty():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get_nowait()
+        for _ in self._threads:
+            self._queue.put((-1, -1, None))
+        self._threads = []
         self._leading = False
+
+
+def _asked(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a user (or a tool) asks of an object: its spec's generation, annotations, deletion."""
+    meta = body.get("metadata") or {}
+    return (meta.get("generation"), meta.get("annotations"), meta.get("deletionTimestamp"))
 
 
 def _rv(body: Mapping[str, Any]) -> int | None:
