@@ -224,6 +224,8 @@ class Scheduler:
     def run_one(self, key: Key) -> None:
         """One wake-up of one object (a worker thread); then its next due time, if it wants one."""
         delay: float | None = None
+        with self._cond:
+            self._urgent.discard(key)  # served (also when a test or a caller runs it directly)
         try:
             delay = self._run(key)
         except Exception as e:  # the controller logs its own; never let a worker die
