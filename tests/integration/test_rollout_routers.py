@@ -418,13 +418,20 @@ def test_an_experiment_writes_its_allocation_and_nginx_splits_by_it(fresh: Route
         {"name": "control", "service": STABLE, "control": True, "weight": 60},
         {"name": "b", "service": CANDIDATE, "weight": 40},
     ]
-    doc = experiment("ab", stack.prom.url, variants, ROUTE)
+    # The servers have carried traffic for minutes, so a 30 s window has enough samples at the
+    # first analysis: without a sample floor the experiment can conclude (and move the weights)
+    # inside the measurement below.
+    doc = experiment("ab", stack.prom.url, variants, ROUTE, stoppingRules={"minSamplesPerVariant": 1000000})
     doc["spec"]["trafficRouting"] = fresh.routing()
     stack.apply(doc)
     fresh.wait_weights({STABLE: 60, CANDIDATE: 40}, timeout=60)
+    version = fresh.resource_version()
     t0 = served(stack)
     time.sleep(8)  # 50 requests/s through nginx
     after = served(stack)
+    # The split measured is the one written: the route did not change during the window.
+    assert fresh.resource_version() == version and fresh.weights() == {STABLE: 60, CANDIDATE: 40}
+    assert phase(stack.get(EXPERIMENTS, "ab")) in ("Running", "Paused")
     counted = {svc: after[svc] - t0[svc] for svc in after}
     share = counted[CANDIDATE] / max(1, sum(counted.values()))
     print(
