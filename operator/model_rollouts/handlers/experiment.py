@@ -23,6 +23,7 @@ from model_rollouts.handlers import common, scheduler
 from model_rollouts.handlers.controller import Controller
 from model_rollouts.handlers.judges import judge_queries, measure_judges
 from model_rollouts.kube.readiness import service_ready
+from model_rollouts.metrics.batch import in_one_request
 from model_rollouts.metrics.provider import MetricProvider, render
 from model_rollouts.traffic import registry
 from model_rollouts.traffic.router import RETIRED, Arm
@@ -74,12 +75,17 @@ def _queries(spec: ModelExperimentSpec, namespace: str = "default") -> list[tupl
 
 
 def measure(
-    spec: ModelExperimentSpec, status: ModelExperimentStatus, provider: MetricProvider, namespace: str
+    spec: ModelExperimentSpec,
+    status: ModelExperimentStatus,
+    provider: MetricProvider,
+    namespace: str,
+    now: datetime | None = None,
 ) -> engine.Observations:
     """Primary metric and guardrails of every active variant; the primary metric (and requests)
-    cumulative since the experiment started, guardrails over ``analysis.window``."""
+    cumulative since the experiment started (until ``now``, default the clock's), guardrails over
+    ``analysis.window``."""
     spec = resolve(spec, namespace)
-    now = common.now()
+    now = now or common.now()
     since = format_duration((now - (status.startedAt or now)).total_seconds())
     active = {v.name for v in status.variants if v.active}
     out: dict[str, engine.VariantObservation] = {}
@@ -147,9 +153,14 @@ class ExperimentController(Controller[ModelExperimentSpec, ModelExperimentStatus
         provider: MetricProvider,
         now: datetime,
     ) -> engine.Observations | None:
-        if not self.due(spec, status, now):  # pacing lives in status  # pacing lives in status
+        if not self.due(spec, status, now):  # pacing lives in status
             return None
-        observations = self.measured(provider, lambda: measure(spec, status, provider, self.namespace))
+
+        def run() -> engine.Observations:  # in the tenant's pool; its queries in one request
+            at = common.now()
+            return in_one_request(provider, lambda p: measure(spec, status, p, self.namespace, at))
+
+        observations = self.measured(provider, run)
         self.count_errors(
             r
             for o in observations.variants.values()

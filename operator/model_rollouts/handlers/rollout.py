@@ -34,6 +34,7 @@ from model_rollouts.handlers import common, scheduler
 from model_rollouts.handlers.controller import Controller
 from model_rollouts.handlers.judges import judge_queries, measure_judges
 from model_rollouts.kube.readiness import service_ready
+from model_rollouts.metrics.batch import in_one_request
 from model_rollouts.metrics.provider import MetricProvider, Result, render
 from model_rollouts.notify import sender as notify_sender
 from model_rollouts.traffic import registry
@@ -135,9 +136,15 @@ def _segment_free(c: Comparison, query: str | None) -> str | None:
 
 
 def measure(
-    spec: ModelRolloutSpec, status: ModelRolloutStatus, provider: MetricProvider, namespace: str
+    spec: ModelRolloutSpec,
+    status: ModelRolloutStatus,
+    provider: MetricProvider,
+    namespace: str,
+    now: datetime | None = None,
 ) -> engine.Observations:
-    """Guardrails on the candidate over ``analysis.window``; comparisons within the current epoch."""
+    """Guardrails on the candidate over ``analysis.window``; comparisons within the current epoch
+    (as of ``now``, default the clock's: every window of one analysis is rendered from one instant)."""
+    now = now or common.now()
     spec = resolve(spec, namespace)
     window = spec.analysis.window
     stable = status.stableService or spec.stable.service
@@ -146,16 +153,16 @@ def measure(
     guardrails = {g.name: provider.query(render(g.query or "", cand)) for g in spec.analysis.guardrails}
     comparisons: dict[str, engine.ComparisonData] = {}
     if spec.analysis.comparisons and engine.measure_comparisons(status):
-        started = status.epochStartedAt or status.revisionStartedAt or common.now()
+        started = status.epochStartedAt or status.revisionStartedAt or now
         for c in spec.analysis.comparisons:
             refs = {"stable": stable_ref, "candidate": spec.candidate}
-            comparisons.update(_measure_comparison(c, provider, refs, namespace, started))
+            comparisons.update(_measure_comparison(c, provider, refs, namespace, started, now))
     judges = None
     # Below weight 100 while rolling out (a shadow step included); not after promotion (bake, holdout).
     judged_now = status.weight < 100 and status.phase != post.PHASE
     if (spec.analysis.predictionShift or spec.analysis.calibration) and judged_now:
-        started = status.epochStartedAt or status.revisionStartedAt or common.now()
-        since = format_duration((common.now() - started).total_seconds())
+        started = status.epochStartedAt or status.revisionStartedAt or now
+        since = format_duration((now - started).total_seconds())
         arms = {
             "stable": _placeholders(stable_ref, "stable", namespace, since),
             "candidate": _placeholders(spec.candidate, "candidate", namespace, since),
@@ -183,6 +190,7 @@ def _measure_comparison(
     refs: dict[str, VariantRef],
     namespace: str,
     started: datetime,
+    now: datetime,
 ) -> dict[str, engine.ComparisonData]:
     """One comparison's counts in the current epoch (and its segments').
 
@@ -191,9 +199,9 @@ def _measure_comparison(
     ``offset``) shifts the trials' window back by the delay. Before the first labels of the epoch
     are complete there are no counts to compare (zero: no verdict), and nothing is queried.
     """
-    since, extra = format_duration((common.now() - started).total_seconds()), {}
+    since, extra = format_duration((now - started).total_seconds()), {}
     if c.labelDelay:
-        win = label_window(started, common.now(), parse_duration(c.labelDelay))
+        win = label_window(started, now, parse_duration(c.labelDelay))
         if win is None:
             zero = engine.ComparisonData(stable=_zero(c), candidate=_zero(c))
             keys = [c.name] + [
@@ -294,7 +302,12 @@ class RolloutController(Controller[ModelRolloutSpec, ModelRolloutStatus]):
             return None
         # In the bake and holdout, the post-promotion guardrails and comparisons (engine/post.py).
         measured = post.measured_spec(spec, status)
-        observations = self.measured(provider, lambda: measure(measured, status, provider, self.namespace))
+
+        def run() -> engine.Observations:  # in the tenant's pool; its queries in one request
+            at = common.now()
+            return in_one_request(provider, lambda p: measure(measured, status, p, self.namespace, at))
+
+        observations = self.measured(provider, run)
         self.count_errors(observations.guardrails.values())
         self.count_errors(d.problem for d in observations.comparisons.values() if d.problem is not None)
         return observations

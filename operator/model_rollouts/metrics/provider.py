@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -200,6 +200,20 @@ class MetricProvider(Protocol):
         """Evaluate an instant query that returns one series per combination of ``labels``."""
         ...
 
+    def query_many(self, promqls: Sequence[str]) -> list[Result]:
+        """Each query's :meth:`query` outcome, in order; a provider that can asks them in one request
+        (metrics/batch.py). Call it through :func:`ask_many`, which loops over :meth:`query` for a
+        provider without it."""
+        ...
+
+
+def ask_many(provider: MetricProvider, promqls: Sequence[str]) -> list[Result]:
+    """``provider.query_many(promqls)``, or each query in turn where the provider has no query_many."""
+    many = getattr(provider, "query_many", None)
+    if many is None:
+        return [provider.query(q) for q in promqls]
+    return list(many(promqls))
+
 
 class Budgeted:
     """One object's analysis: queries after ``seconds`` have passed fail at once, so a provider that
@@ -211,10 +225,16 @@ class Budgeted:
 
     def query(self, promql: str) -> Result:
         if time.monotonic() >= self.deadline:
-            return Result(
-                "error", message=f"query skipped: this analysis used its {self.seconds:.0f}s budget"
-            )
+            return self._skipped()
         return self.inner.query(promql)
+
+    def query_many(self, promqls: Sequence[str]) -> list[Result]:
+        if time.monotonic() >= self.deadline:
+            return [self._skipped()] * len(promqls)
+        return ask_many(self.inner, promqls)
+
+    def _skipped(self) -> Result:
+        return Result("error", message=f"query skipped: this analysis used its {self.seconds:.0f}s budget")
 
     def query_vector(self, promql: str, labels: tuple[str, ...]) -> Vector:
         if time.monotonic() >= self.deadline:

@@ -172,6 +172,9 @@ class Scoped:
     def query(self, promql: str) -> Result:
         return self.inner.query(promql, budget=self.key)
 
+    def query_many(self, promqls: Sequence[str]) -> list[Result]:
+        return self.inner.query_many(promqls, budget=self.key)
+
     def query_vector(self, promql: str, labels: tuple[str, ...]) -> Vector:
         return self.inner.query_vector(promql, labels, budget=self.key)
 
