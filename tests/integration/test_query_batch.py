@@ -74,7 +74,7 @@ def test_batched_answers_equal_single_answers_on_real_series(fresh: Stack) -> No
     assert batched == alone
 
     # A scalar subquery: label_replace refuses it (400), so each query is asked alone.
-    scalar = f"scalar(sum(model_requests_total{{service=\"{STABLE}\"}} @ {t}))"
+    scalar = f'scalar(sum(model_requests_total{{service="{STABLE}"}} @ {t}))'
     with_scalar = [*queries[:2], scalar, queries[5]]
     before = query_requests(fresh)
     got = p.query_many(with_scalar, budget="it-batch")
