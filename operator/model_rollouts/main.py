@@ -204,10 +204,28 @@ def main(argv: list[str] | None = None) -> None:
         help="largest Prometheus query response read (decompressed; a longer one is refused while it "
         f"streams in, a failed measurement); default {prometheus.MAX_RESPONSE_BYTES}",
     )
+    parser.add_argument(
+        "--kube-api-qps",
+        type=float,
+        default=kube.client.QPS,
+        help="average Kubernetes API requests per second the operator's reconciles may send (a token "
+        f"bucket; leader election and probes are outside it; 0: no limit); default {kube.client.QPS:g}",
+    )
+    parser.add_argument(
+        "--kube-api-burst",
+        type=int,
+        default=kube.client.BURST,
+        help=f"requests the operator may send at once above --kube-api-qps; default {kube.client.BURST}",
+    )
     args = parser.parse_args(argv)
     problem = sharding.validate_instance(args.instance)
     if problem:
         parser.error(f"--instance: {problem}")
+    if args.kube_api_qps < 0:
+        parser.error("--kube-api-qps: at least 0 (0: no limit)")
+    if args.kube_api_burst < 1:
+        parser.error("--kube-api-burst: at least 1")
+    kube.configure_rate(args.kube_api_qps, args.kube_api_burst)
     if args.max_query_response_bytes < 1024:
         parser.error("--max-query-response-bytes: at least 1024")
     prometheus.MAX_RESPONSE_BYTES = args.max_query_response_bytes
@@ -242,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.leader_election:
         leader.ELECTOR = leader.Elector(
-            kube.api(),
+            kube.api_unlimited(),  # a burst of reconcile requests never delays a renewal
             args.leader_election_namespace,
             sharding.lease_name(args.leader_election_id, args.instance),
             lease_seconds=args.leader_election_lease_duration,
@@ -254,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             health.serve(args.liveness)
         except ValueError as e:
             parser.error(f"--liveness: {e}")
-        health.PROBES.list_check = health.list_check(kube.api(), list(args.namespace))
+        health.PROBES.list_check = health.list_check(kube.api_unlimited(), list(args.namespace))
         health.PROBES.start_list_checks()
 
     kopf.run(
