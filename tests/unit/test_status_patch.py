@@ -235,20 +235,20 @@ def test_each_written_analysis_is_archived_once_in_a_configmap_owned_by_the_obje
         # An unchanged write (a reconcile error, say) archives nothing.
         assert kstatus.write_status("modelrollouts", _obj(copy.deepcopy(status)), {**status, "message": "x"})
     patches = [c for c in FakeCore.calls if c[0] == "patch"]
-    # In batches, before the window of 5 can lose a point: the first two at once (the first one
-    # creates the ConfigMap: one request, no 404 first), then every 4th analysis (6, 10, 14, 18, 22)
-    # sends the 4 not yet archived; none for the other writes.
-    assert [c[0] for c in FakeCore.calls[:2]] == ["create", "patch"]
-    assert len(patches) == 6
+    # In batches, before the window of 5 can lose a point within the next two analyses: the 4th
+    # analysis sends the first 4 (creating the ConfigMap: one request, no 404 first), then every 4th
+    # (8, 12, 16, 20, 24) sends the 4 not yet archived; none for the other writes.
+    assert [c[0] for c in FakeCore.calls] == ["create"] + ["patch"] * 5
+    assert len(patches) == 5
     (name,) = FakeCore.maps
-    assert len(FakeCore.maps[name]["data"]) == 22
+    assert len(FakeCore.maps[name]["data"]) == 24
     # The report merges the archive with the window: every analysis, before the run has ended...
     pts = series_store.points_of(_obj(status), [FakeCore.maps[name]])
     assert len(load(_obj(status), pts).series) == 25
     # ...and a finished run archives what is left at once.
     final = {**status, "phase": "Promoted"}
     assert kstatus.write_status("modelrollouts", _obj(copy.deepcopy(status)), final)
-    assert len([c for c in FakeCore.calls if c[0] == "patch"]) == 7
+    assert len([c for c in FakeCore.calls if c[0] == "patch"]) == 6
     status = final
     cm = FakeCore.maps[name]
     assert name == "mro-fraud-series-r1-" + name.rsplit("-", 1)[1]
@@ -267,15 +267,20 @@ def test_each_written_analysis_is_archived_once_in_a_configmap_owned_by_the_obje
 
 @pytest.mark.usefixtures("fake")
 def test_a_failed_archive_is_retried_with_the_next_write_and_never_fails_the_status_write() -> None:
-    FakeCore.fail = 403
-    s0: dict[str, Any] = {"phase": "Progressing", "revision": "r1", "series": [_point(0)]}
+    # Three analyses: none at risk yet, nothing sent.
+    s0: dict[str, Any] = {"phase": "Progressing", "revision": "r1", "series": [_point(i) for i in range(3)]}
     assert kstatus.write_status("modelrollouts", _obj({"phase": "Progressing", "revision": "r1"}), s0)
+    assert FakeCore.calls == []
+    # The fourth: the oldest could leave within two analyses; the archive write fails (RBAC, say).
+    FakeCore.fail = 403
+    s1 = {**s0, "series": [_point(i) for i in range(4)]}
+    assert kstatus.write_status("modelrollouts", _obj(copy.deepcopy(s0)), s1)
     assert FakeCore.maps == {}
     FakeCore.fail = None
-    s1 = {**s0, "series": [_point(0), _point(1)]}
-    assert kstatus.write_status("modelrollouts", _obj(copy.deepcopy(s0)), s1)
+    s2 = {**s0, "series": [_point(i) for i in range(5)]}
+    assert kstatus.write_status("modelrollouts", _obj(copy.deepcopy(s1)), s2)
     (cm,) = FakeCore.maps.values()
-    assert len(cm["data"]) == 2  # the point whose archive failed came along
+    assert len(cm["data"]) == 5  # the points whose archive failed came along
 
 
 def test_configmap_names_are_valid_and_chunks_stay_under_the_limit() -> None:
@@ -321,8 +326,21 @@ def test_after_a_restart_the_whole_window_is_archived_again_and_nothing_is_lost(
         assert kstatus.write_status("modelrollouts", obj, status)
     (cm,) = FakeCore.maps.values()
     archived = series_store.points_of(_obj(status), [cm])
-    # Points 0-1 at once, 0-4 again after the restart (the same keys), 5-8 when 5 became the
-    # window's second oldest: every point once, no gap.
+    # Points 0-3 at the 4th analysis, the whole window (0-4, the same keys) right after the restart
+    # (its oldest could leave within two analyses), 5-8 when 5 came within two of leaving: every
+    # point, no gap.
     assert [p["time"] for p in archived] == [_point(i)["time"] for i in range(9)]
-    assert [c[0] for c in FakeCore.calls] == ["create", "patch", "patch", "patch"]
+    assert [c[0] for c in FakeCore.calls] == ["create", "patch", "patch"]
     assert len(load(_obj(status), archived).series) == 9
+
+
+def test_large_points_are_archived_before_the_byte_bound_can_drop_them() -> None:
+    """The window is bounded by bytes too: points of 3 kB leave an 8 kB window after two analyses,
+    so they count as at risk at once; small points only when the count bound comes within two."""
+    small = [_point(i) for i in range(3)]
+    assert series_store.at_risk(small) == 0
+    assert series_store.at_risk([*small, _point(3)]) == 1
+    assert series_store.at_risk([*small, _point(3), _point(4)]) == 2
+    big = [_point(i, pad="x" * 3000) for i in range(2)]
+    assert series_store.at_risk(big[:1]) == 1
+    assert series_store.at_risk(big) == 2

@@ -39,6 +39,10 @@ ACTION_ANNOTATIONS = (
 #: Longest free text (status.message, a condition's or history entry's message, a notification's
 #: message) the operator writes; a longer one is cut and ends with TRUNCATED.
 MAX_MESSAGE = 1024
+#: ``status.series`` keeps at most this many points (analyses; the rest are in the series archive)...
+SERIES_LIMIT = 5
+#: ...and at most this many bytes of JSON (the points as written to status), the newest point always kept.
+SERIES_MAX_BYTES = 8 * 1024
 TRUNCATED = "…[truncated]"
 
 

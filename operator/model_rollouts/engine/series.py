@@ -19,7 +19,14 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from model_rollouts.api.common import Measurement, ResourceStatus, SeriesValue, get_condition
+from model_rollouts.api.common import (
+    SERIES_LIMIT,
+    SERIES_MAX_BYTES,
+    Measurement,
+    ResourceStatus,
+    SeriesValue,
+    get_condition,
+)
 from model_rollouts.api.experiment import (
     ExperimentSeriesPoint,
     ModelExperimentStatus,
@@ -27,10 +34,6 @@ from model_rollouts.api.experiment import (
 )
 from model_rollouts.api.rollout import ModelRolloutStatus, RolloutSeriesPoint
 
-#: At most this many points (analyses) are kept in status (the rest are in the archive).
-SERIES_LIMIT = 5
-#: And at most this many bytes of JSON (the points as written to status), the newest point always kept.
-SERIES_MAX_BYTES = 8 * 1024
 #: Numbers are kept to this many significant digits (plenty for a plot, a third of the bytes).
 DIGITS = 5
 

@@ -123,6 +123,8 @@ class Controller(Generic[SpecT, StatusT]):
         self._stale_rv: str | None = None
         self._due_of: tuple[str, dt.datetime | None] | None = None  # (resourceVersion, due) last computed
         self._spec_of: tuple[Any, SpecT] | None = None  # (generation, parsed spec) last parsed
+        self._queries_checked: int | None = None  # the generation whose queries passed check_queries
+        self._asked_of: tuple[str, tuple[int, str]] | None = None  # (resourceVersion, _asked) last made
         self._stale_since = 0.0
         #: Called when a measurement this object started has ended (the scheduler wakes it then).
         self.ready: Callable[[], None] = lambda: None
@@ -203,6 +205,17 @@ class Controller(Generic[SpecT, StatusT]):
         spec = self.spec_model.model_validate(obj["spec"])
         self._spec_of = (generation, spec) if generation is not None else None
         return spec
+
+    def _asked_for(self, obj: Mapping[str, Any], generation: int, status: StatusT) -> tuple[int, str]:
+        """What a measurement is asked for: the generation and the status, as text. Remembered per
+        resourceVersion: the wake-up that picks a measurement up reads the copy that started it."""
+        rv = str(obj["metadata"].get("resourceVersion") or "")
+        cached = self._asked_of
+        if rv and cached is not None and cached[0] == rv and cached[1][0] == generation:
+            return cached[1]
+        asked = (generation, json.dumps(dump(status), sort_keys=True))
+        self._asked_of = (rv, asked) if rv else None
+        return asked
 
     def _status(self, obj: Mapping[str, Any]) -> StatusT:
         return self.status_model.model_validate(
@@ -334,7 +347,9 @@ class Controller(Generic[SpecT, StatusT]):
         if problem:
             return self.write(obj, status, *invalid_status(status, problem, now_, generation))
         try:
-            check_queries(self.queries(spec))
+            if self._queries_checked != generation:  # the queries are the spec's: once per generation
+                check_queries(self.queries(spec))
+                self._queries_checked = generation
             self.check_providers(spec)
             if status.phase in ("Pending", "Invalid") or status.observedGeneration != generation:
                 self.check_owner(obj, spec, owners)
@@ -342,7 +357,7 @@ class Controller(Generic[SpecT, StatusT]):
             rules.check(self.kind, spec.trafficRouting, self.arms(spec, status))  # match.variant
         except SpecError as e:  # a router, provider, template or Secret the object cannot use
             return self.write(obj, status, *invalid_status(status, str(e), now_, generation))
-        self._asked = (generation, json.dumps(dump(status), sort_keys=True))
+        self._asked = self._asked_for(obj, generation, status)
         pending = self._measuring
         measured = pending is not None and pending[0] == self._asked
         if pending is not None and measured:
@@ -479,9 +494,10 @@ class Controller(Generic[SpecT, StatusT]):
     ) -> None:
         """Status (the record; skipped when nothing changed), then Events and metrics."""
         bound_texts(status)
-        if dump(status) != dump(old):
+        dumped = dump(status)
+        if dumped != dump(old):
             self._written(obj)  # written or conflicting: the watch's next copy is the one to decide from
-            if not write_status(self.plural, obj, dump(status)):
+            if not write_status(self.plural, obj, dumped):
                 self._not_before = 0.0  # conflict: decide afresh from the watch's next copy
                 return
         for e in actions:
@@ -510,7 +526,7 @@ class Controller(Generic[SpecT, StatusT]):
             )
         telemetry.set_phase(self.kind, self.namespace, self.name, status.phase, self.phases)
         finished = status.phase in self.terminal
-        telemetry.record(self.kind, self.namespace, self.name, dump(status), obj.get("spec") or {}, finished)
+        telemetry.record(self.kind, self.namespace, self.name, dumped, obj.get("spec") or {}, finished)
         self.notify(obj, notify_events.notices(self.kind, self.namespace, self.name, old, status, actions))
 
     def notify(self, obj: Mapping[str, Any], notices: list[Notice]) -> None:

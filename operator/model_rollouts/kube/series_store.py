@@ -12,13 +12,14 @@ object, however long a run is. Every analysis is also kept here, for the decisio
   ``status.series``.
 
 The operator only ever writes them (RBAC: ``create`` and ``patch`` on ConfigMaps), never reads them.
-Points are archived in batches, before the window can lose them: after a status write, if one of
-the two oldest points of ``status.series`` is not archived yet (the next analysis may push it out;
-a byte-trimmed window may drop two), one JSON merge patch adds every point not yet archived
-(nothing else is sent; a 404 creates the ConfigMap). With a window of 5 that is one ConfigMap write
-per 4 analyses in a long run (the first two points go at once), none between analyses; a finished
-object (a terminal phase) archives the rest at once. Which points are archived is remembered in
-memory only: after a restart the whole window is written again (the same keys, so nothing changes).
+Points are archived in batches, before the window can lose them: after a status write, if a point
+of ``status.series`` not archived yet could leave the window within the next two analyses (the
+count and byte bounds, with points as large as the largest now), one JSON merge patch adds every
+point not yet archived (nothing else is sent; a 404 creates the ConfigMap). With a window of 5 that
+is one ConfigMap write per 4 analyses, the first after the 4th analysis (a rollout that finishes
+sooner archives at its terminal phase), none between analyses; a finished object (a terminal phase)
+archives the rest at once. Which points are archived is remembered in memory only: after a restart
+the window counts as not archived and goes with the next batch (the same keys, so nothing changes).
 Until then the newest points are in ``status.series``, which the report merges with the archive.
 A write that fails is logged and retried with the next status write (the points are still in the
 window); if it keeps failing for as many analyses as the window holds, those points are only
@@ -44,7 +45,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from model_rollouts.api.common import parse_duration
+from model_rollouts.api.common import SERIES_LIMIT, SERIES_MAX_BYTES, parse_duration
 from model_rollouts.api.experiment import TERMINAL_PHASES as EXPERIMENT_TERMINAL
 from model_rollouts.api.rollout import TERMINAL_PHASES as ROLLOUT_TERMINAL
 from model_rollouts.kube.client import REQUEST_TIMEOUT, api, sent
@@ -105,10 +106,32 @@ def _interval(obj: Mapping[str, Any]) -> float:
         return 30.0
 
 
+#: Analyses ahead the archive looks when it decides whether a window point is at risk: one more than
+#: the next, so a failed archive write is retried before its points can leave the window.
+LOOKAHEAD = 2
+
+
+def at_risk(points: list[dict[str, Any]], lookahead: int = LOOKAHEAD) -> int:
+    """How many of the window's oldest ``points`` the next ``lookahead`` analyses could push out,
+    assuming each adds a point as large as the largest now (an object's points keep their shape)."""
+    sizes = [len(json.dumps(p, separators=(",", ":"))) for p in points]
+    if not sizes:
+        return 0
+    sizes += [max(sizes)] * lookahead
+    kept = sizes[-SERIES_LIMIT:]
+    total, drop = sum(kept), 0
+    while total > SERIES_MAX_BYTES and drop < len(kept) - 1:
+        total -= kept[drop]
+        drop += 1
+    return min(len(points), len(sizes) - len(kept) + drop)
+
+
 def new_points(obj: Mapping[str, Any], status: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The points of ``status.series`` to archive now: every point not archived yet, when one of the
-    window's two oldest is among them or the phase is terminal; else none (they wait for a batch).
-    The whole window when this object's archive state is unknown (a restart) or its last write failed."""
+    """The points of ``status.series`` to archive now: every point not archived yet, when one of them
+    could leave the window within the next :data:`LOOKAHEAD` analyses (engine/series.py's count and
+    byte bounds) or the phase is terminal; else none (they wait for a batch). When this object's
+    archive state is unknown (a restart) every point of the window counts as not archived; after a
+    failed write the whole window is sent with the next status write."""
     uid = str(obj["metadata"].get("uid") or "")
     pts = [p for p in (status.get("series") or []) if isinstance(p, dict) and "time" in p]
     if not pts:
@@ -118,12 +141,10 @@ def new_points(obj: Mapping[str, Any], status: Mapping[str, Any]) -> list[dict[s
         if uid in _retry:
             return pts
         done = _archived.get(uid)
-    if done is None or done[0] != revision:
-        return pts
-    pending = [p for p in pts if _time(p) > done[1]]
+    pending = pts if done is None or done[0] != revision else [p for p in pts if _time(p) > done[1]]
     if not pending:
         return []
-    if status.get("phase") in FINAL_PHASES or any(p is pending[0] for p in pts[:2]):
+    if status.get("phase") in FINAL_PHASES or any(p is pending[0] for p in pts[: at_risk(pts)]):
         return pending
     return []
 
@@ -147,8 +168,9 @@ def archive_written(obj: Mapping[str, Any], status: Mapping[str, Any]) -> None:
         revision = revision_of(status)
         with _lock:
             known = (_archived.get(uid) or ("",))[0] == revision
-        # A revision's first points, none archived by this process: most likely no ConfigMap yet.
-        first = not known and len(status.get("series") or []) <= 2
+        # A revision's first points, none archived by this process: most likely no ConfigMap yet
+        # (its first archive comes when the window is about to lose its oldest point).
+        first = not known and len(status.get("series") or []) < SERIES_LIMIT
         ok = archive(obj, revision, pts, create_first=first)
     except Exception as e:  # never the exception's text: it may quote a response body
         log.warning("archiving the series of %s failed: %s", obj["metadata"].get("name"), type(e).__name__)
