@@ -123,6 +123,7 @@ class Controller(Generic[SpecT, StatusT]):
         self._stale_rv: str | None = None
         self._due_of: tuple[str, dt.datetime | None] | None = None  # (resourceVersion, due) last computed
         self._spec_of: tuple[Any, SpecT] | None = None  # (generation, parsed spec) last parsed
+        self._status_of: tuple[str, StatusT] | None = None  # (resourceVersion, parsed status) last parsed
         self._queries_checked: int | None = None  # the generation whose queries passed check_queries
         self._asked_of: tuple[str, tuple[int, str]] | None = None  # (resourceVersion, _asked) last made
         self._stale_since = 0.0
@@ -218,9 +219,18 @@ class Controller(Generic[SpecT, StatusT]):
         return asked
 
     def _status(self, obj: Mapping[str, Any]) -> StatusT:
-        return self.status_model.model_validate(
+        """The parsed status, remembered for the copy's resourceVersion: the wake-up that picks up a
+        measurement reads the same copy as the one that started it. Read-only (the engine decides on
+        a deep copy)."""
+        rv = str(obj["metadata"].get("resourceVersion") or "")
+        cached = self._status_of
+        if rv and cached is not None and cached[0] == rv:
+            return cached[1]
+        status = self.status_model.model_validate(
             {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
         )
+        self._status_of = (rv, status) if rv else None
+        return status
 
     def due_at(self, obj: Mapping[str, Any]) -> dt.datetime | None:
         """When this object next needs a tick, read from its status alone (remembered for the
